@@ -1,0 +1,40 @@
+"""Test setup. TRITON_INTERPRET=1 must be set before anything imports triton: the kernels then run on
+CPU tensors through the interpreter (the real kernels, not a re-implementation)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+# CI profile: few examples (the interpreter is slow); "dev" for longer local runs: HYPOTHESIS_PROFILE=dev
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=150, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Fixed tolerances per dtype (atol, rtol) against a float64 reference; never scaled with the size.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+    torch.float64: (1e-10, 1e-10),
+}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tuner(tmp_path, monkeypatch):
+    """Every test starts with an empty autotune cache in a private folder."""
+    from triton_bn.autotune import tuner
+    monkeypatch.setenv("TRITON_BN_CACHE_DIR", str(tmp_path / "autotune-cache"))
+    tuner.reset()
+    yield
+    tuner.reset()

@@ -1,0 +1,13 @@
+"""triton_bn: fused batch normalization for PyTorch on Triton kernels.
+
+Public API: ``batch_norm`` (functional), ``BatchNorm1d/2d/3d`` (modules), ``convert_model``,
+``SUPPORTED_ACTIVATIONS``. Set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU
+tensors through the Triton interpreter.
+"""
+from .activations import SUPPORTED_ACTIVATIONS
+from .functional import batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SUPPORTED_ACTIVATIONS", "__version__"]

@@ -1,0 +1,245 @@
+"""Every tile configuration, tuning key and heuristic of the library, in one place.
+
+Four tunables, one per (layout family, kind of pass):
+
+    channels_last.reduce       stats partial / backward partial   (BLOCK_R, BLOCK_C, num_warps)
+    channels_last.elementwise  apply / dx                         (BLOCK_R, BLOCK_C, num_warps)
+    channels_first.reduce                                         (BLOCK_N, BLOCK_S, num_warps)
+    channels_first.elementwise                                    (BLOCK_N, BLOCK_S, num_warps)
+
+How a configuration is picked (``Tuner.select``):
+1. a configuration forced by a test (``forced_config``) wins;
+2. without tuning (under the CPU interpreter, where nothing can be benchmarked, or with
+   ``TRITON_BN_AUTOTUNE=0``) ``heuristic_config`` decides;
+3. otherwise the choice cached for this key in memory or on disk is used, and only a key never seen
+   on this GPU and triton version is benchmarked, once, over ``candidate_configs``.
+
+Safe for state by construction: only the partial-reduction and elementwise kernels are tuned. They
+write scratch partials or the op's own output, so running them once per candidate changes nothing
+the caller can see. The finalize kernel, the only one that writes running statistics, is never
+tuned: it runs once per forward (``tests/test_autotune.py`` counts this).
+
+Keys leave the batch size out where it does not change the best tile: the channel count, the
+spatial size and the dtype matter; the number of rows only through its power-of-two bucket.
+"""
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Finalize kernels: one program per FINALIZE_BLOCK_C channels, fixed (never tuned).
+FINALIZE_BLOCK_C = 128
+# Under the interpreter there are no multiprocessors; pretend there are two, so that small test
+# shapes still span several splits and the Chan merge across splits is exercised.
+INTERPRETER_SM_COUNT = 2
+# Reduction grids aim at this many programs per multiprocessor (enough to hide memory latency).
+PROGRAMS_PER_SM = 4
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_a: int  # BLOCK_R (channels-last) or BLOCK_N (channels-first)
+    block_b: int  # BLOCK_C (channels-last) or BLOCK_S (channels-first)
+    num_warps: int = 4
+
+    def launch_kwargs(self, family: str) -> dict:
+        names = ("BLOCK_R", "BLOCK_C") if family == "channels_last" else ("BLOCK_N", "BLOCK_S")
+        kwargs = {names[0]: self.block_a, names[1]: self.block_b}
+        if not INTERPRET:
+            kwargs["num_warps"] = self.num_warps
+        return kwargs
+
+
+def _warps(elements: int) -> int:
+    return 8 if elements >= 4096 else 4
+
+
+def _declared(family: str) -> List[TileConfig]:
+    if family == "channels_last":
+        shapes = [(16, 128), (32, 64), (32, 128), (64, 32), (64, 64), (128, 16), (128, 32), (256, 16)]
+    else:
+        shapes = [(1, 1024), (1, 2048), (1, 4096), (2, 1024), (4, 256), (8, 64), (16, 64), (32, 16)]
+    return [TileConfig(a, b, _warps(a * b)) for a, b in shapes]
+
+
+DECLARED_CONFIGS: Dict[str, List[TileConfig]] = {
+    family: _declared(family) for family in ("channels_last", "channels_first")
+}
+KINDS = ("reduce", "elementwise")
+
+
+def problem_extent(family: str, plan) -> Tuple[int, int]:
+    """(extent of block_a, extent of block_b): the sizes a tile should not overshoot."""
+    if family == "channels_last":
+        return plan.rows, plan.channels
+    return plan.batch, plan.spatial
+
+
+def candidate_configs(family: str, plan) -> List[TileConfig]:
+    """The declared configurations that fit the problem (a tile much larger than the problem only
+    masks lanes off); never empty."""
+    extent_a, extent_b = problem_extent(family, plan)
+    fitting = [
+        cfg for cfg in DECLARED_CONFIGS[family]
+        if cfg.block_a <= triton.next_power_of_2(max(extent_a, 1))
+        and cfg.block_b <= max(16, triton.next_power_of_2(max(extent_b, 1)))
+    ]
+    return fitting or [heuristic_config(family, "elementwise", plan, 4)]
+
+
+def heuristic_config(family: str, kind: str, plan, element_size: int) -> TileConfig:
+    """A good tile without benchmarking: about 4096 elements (16 KiB of fp32) per tile, channels-last
+    tiles wider in C for 2-byte dtypes (so one row of the tile is still >= 128 contiguous bytes)."""
+    extent_a, extent_b = problem_extent(family, plan)
+    if family == "channels_last":
+        block_b = min(triton.next_power_of_2(max(extent_b, 1)), 64 if element_size >= 4 else 128)
+        block_b = max(block_b, 16)
+    else:
+        block_b = max(16, min(triton.next_power_of_2(max(extent_b, 1)), 2048))
+    block_a = max(1, min(4096 // block_b, triton.next_power_of_2(max(extent_a, 1))))
+    return TileConfig(block_a, block_b, _warps(block_a * block_b))
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SM_COUNT
+
+
+def split_count(work_items: int, parallel_programs: int, device: torch.device) -> int:
+    """How many splits the reduction dimension gets: enough programs in total to fill the GPU
+    (parallel_programs already run side by side: channel blocks or channels), never more splits than
+    there are work items (row blocks or tiles)."""
+    target = PROGRAMS_PER_SM * sm_count(device)
+    return max(1, min(work_items, triton.cdiv(target, max(parallel_programs, 1))))
+
+
+def tuning_key(family: str, kind: str, plan, dtype: torch.dtype) -> str:
+    if family == "channels_last":
+        shape = f"C={plan.channels},rows~{triton.next_power_of_2(max(plan.rows, 1))}"
+    else:
+        shape = f"C={plan.channels},S={plan.spatial},N~{triton.next_power_of_2(max(plan.batch, 1))}"
+    return f"{family}.{kind}|{str(dtype).replace('torch.', '')}|{shape}"
+
+
+def _default_benchmark(run: Callable[[], None]) -> float:
+    return triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
+
+
+class Tuner:
+    """Chooses, caches (memory + one JSON file per GPU and triton version) and reports configurations."""
+
+    def __init__(self):
+        self.memory: Dict[str, TileConfig] = {}
+        self.report: List[dict] = []  # every benchmarked candidate: kernel key, config, ms, chosen
+        self.benchmark: Callable[[Callable[[], None]], float] = _default_benchmark
+        self.tune_on_cpu = False  # test hook: benchmark through the interpreter with self.benchmark
+        self._forced: Dict[str, TileConfig] = {}
+        self._disk_loaded = False
+
+    # -- policy ---------------------------------------------------------------------------------------
+    def enabled(self, device: torch.device) -> bool:
+        if os.environ.get("TRITON_BN_AUTOTUNE", "1") == "0":
+            return False
+        return self.tune_on_cpu if device.type != "cuda" else not INTERPRET
+
+    def select(self, family: str, kind: str, plan, x: torch.Tensor,
+               run: Callable[[TileConfig], None]) -> TileConfig:
+        """The configuration for this problem. ``run(config)`` launches the tuned kernel once with
+        that configuration; it is called only while benchmarking."""
+        forced = self._forced.get(f"{family}.{kind}") or self._forced.get(family)
+        if forced is not None:
+            return forced
+        if not self.enabled(x.device):
+            return heuristic_config(family, kind, plan, x.element_size())
+        key = tuning_key(family, kind, plan, x.dtype)
+        self._load_disk(x.device)
+        if key not in self.memory:
+            self.memory[key] = self._benchmark(key, candidate_configs(family, plan), run)
+            self._save_disk(x.device)
+        return self.memory[key]
+
+    def _benchmark(self, key: str, candidates: Sequence[TileConfig], run) -> TileConfig:
+        timings = []
+        for cfg in candidates:
+            try:
+                ms = self.benchmark(lambda: run(cfg))
+            except Exception as exc:  # a configuration that fails to compile (e.g. out of resources)
+                ms = float("inf")
+                self.report.append({"key": key, **asdict(cfg), "ms": ms, "chosen": False, "error": str(exc)[:200]})
+                continue
+            timings.append((ms, cfg))
+        if not timings:
+            raise RuntimeError(f"triton_bn: no configuration ran for {key}")
+        best_ms, best = min(timings, key=lambda t: t[0])
+        for ms, cfg in timings:
+            self.report.append({"key": key, **asdict(cfg), "ms": ms, "chosen": cfg == best})
+        return best
+
+    # -- disk cache -------------------------------------------------------------------------------------
+    def cache_file(self, device: torch.device) -> Path:
+        root = Path(os.environ.get("TRITON_BN_CACHE_DIR", Path.home() / ".cache" / "triton_bn"))
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+        safe = "".join(ch if ch.isalnum() else "-" for ch in name)
+        return root / f"autotune-{safe}-triton{triton.__version__}.json"
+
+    def _load_disk(self, device: torch.device) -> None:
+        if self._disk_loaded:
+            return
+        self._disk_loaded = True
+        path = self.cache_file(device)
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        for key, cfg in stored.items():
+            self.memory.setdefault(key, TileConfig(**cfg))
+
+    def _save_disk(self, device: torch.device) -> None:
+        path = self.cache_file(device)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({k: asdict(v) for k, v in sorted(self.memory.items())}, indent=1))
+            tmp.replace(path)  # atomic: concurrent processes never read half a file
+        except OSError:
+            pass  # a read-only home directory only costs a re-tune in the next process
+
+    def reset(self) -> None:
+        """Forget everything in memory (the disk cache is re-read on next use)."""
+        self.memory.clear()
+        self.report.clear()
+        self._disk_loaded = False
+
+
+tuner = Tuner()
+
+
+@contextlib.contextmanager
+def forced_config(name: str, config: TileConfig):
+    """Test hook: use ``config`` for ``name`` (a family such as "channels_last", or one tunable such
+    as "channels_first.reduce") while the block runs."""
+    previous = tuner._forced.get(name)
+    tuner._forced[name] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            tuner._forced.pop(name, None)
+        else:
+            tuner._forced[name] = previous
+
+
+def wall_clock_benchmark(run: Callable[[], None]) -> float:
+    """A benchmark usable on the CPU (tests): one run, timed with the host clock, in ms."""
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e3

@@ -1,0 +1,117 @@
+"""``triton_bn.batch_norm``: ``torch.nn.functional.batch_norm`` argument for argument, plus a fused
+activation and residual add. Every argument is checked here, before anything is written: a bad call
+raises and leaves the input, the parameters and the running statistics exactly as they were."""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers the torch.ops.triton_bn operators)
+from .activations import activation_id
+from .launch import uses_kernels
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: Optional[float] = 0.1, eps: float = 1e-5, *, activation: Optional[str] = None,
+               negative_slope: float = 0.01, residual: Optional[Tensor] = None,
+               num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """Batch normalization over dim 1 of ``input`` ([N, C, *]), then ``act(... + residual)``.
+
+    Args:
+        input: [N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W]; fp32, fp16 or bf16 (float64 only on
+            the CPU's pure-PyTorch path); any memory format.
+        running_mean, running_var: [C] buffers or both None. Updated in place when ``training``.
+        weight, bias: [C] or None. May be fp32 while ``input`` is fp16/bf16.
+        training: use batch statistics (and update the running ones); else use the running ones.
+        momentum: weight of the new batch in the running average. None means a cumulative average,
+            which needs ``num_batches_tracked``.
+        eps: added to the variance.
+        activation: None, "relu", "leaky_relu", "relu6", "silu", "gelu", "gelu_tanh", "hardswish" or
+            "sigmoid" (``triton_bn.SUPPORTED_ACTIVATIONS``).
+        negative_slope: the slope of "leaky_relu".
+        residual: a tensor of input's shape and dtype added before the activation.
+        num_batches_tracked: a 1-element int64 tensor (the module's buffer). When given in training
+            with running statistics it is incremented, as ``nn.BatchNorm`` does.
+    Returns: a tensor of input's shape, dtype and memory format.
+    """
+    act = _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                           activation, residual, num_batches_tracked)
+    # -- nothing above writes; everything below may --
+    if not training:
+        return torch.ops.triton_bn.batch_norm_apply(input, running_mean, running_var, weight, bias, residual,
+                                                    eps, False, act, float(negative_slope))
+    cumulative = momentum is None
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    mean, invstd = torch.ops.triton_bn.batch_stats(
+        input.detach(), running_mean, running_var, num_batches_tracked if cumulative else None,
+        0.0 if cumulative else float(momentum), cumulative, float(eps))
+    return torch.ops.triton_bn.batch_norm_apply(input, mean, invstd, weight, bias, residual, float(eps), True, act,
+                                                float(negative_slope))
+
+
+def _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                     residual, num_batches_tracked) -> int:
+    """All validation, in one place; returns the activation's kernel id."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm: expected an input of at least 2 dimensions [N, C, *], got shape "
+                         f"{tuple(input.shape)}")
+    if not input.is_floating_point():
+        raise TypeError(f"batch_norm: unsupported input dtype {input.dtype}; expected float32, float16 or bfloat16")
+    if input.dtype not in KERNEL_DTYPES and (uses_kernels(input) or input.dtype != torch.float64):
+        raise TypeError(f"batch_norm: unsupported input dtype {input.dtype} on the Triton path; expected "
+                        f"float32, float16 or bfloat16")
+    act = activation_id(activation)
+    channels = input.shape[1]
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm: running_mean and running_var must be given together (or both None)")
+    if not training and running_mean is None:
+        raise ValueError("batch_norm: running_mean and running_var are required when training=False")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"batch_norm: {name} must have shape ({channels},) to match input's {channels} "
+                             f"channels, got {tuple(t.shape)}")
+        if not t.is_floating_point() or t.is_complex():
+            raise TypeError(f"batch_norm: {name} must be floating point, got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"batch_norm: {name} is on {t.device} but input is on {input.device}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise ValueError(f"batch_norm: residual shape {tuple(residual.shape)} differs from input shape "
+                             f"{tuple(input.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"batch_norm: residual dtype {residual.dtype} differs from input dtype {input.dtype}")
+        if residual.device != input.device:
+            raise RuntimeError(f"batch_norm: residual is on {residual.device} but input is on {input.device}")
+    if training:
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"batch_norm: eps must be > 0 in training, got {eps}")
+        if input.numel() > 0 and input.numel() // channels == 1:
+            # PyTorch's own message (torch.nn.functional._verify_batch_size)
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        if running_mean is not None:
+            if momentum is None:
+                if num_batches_tracked is None:
+                    raise ValueError("batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
+            elif not (isinstance(momentum, (int, float)) and math.isfinite(momentum)):
+                raise ValueError(f"batch_norm: momentum must be a finite number or None, got {momentum!r}")
+    elif not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"batch_norm: eps must be >= 0, got {eps}")
+    if num_batches_tracked is not None and (not isinstance(num_batches_tracked, Tensor)
+                                            or num_batches_tracked.numel() != 1
+                                            or num_batches_tracked.device != input.device):
+        raise ValueError("batch_norm: num_batches_tracked must be a 1-element tensor on input's device")
+    return act

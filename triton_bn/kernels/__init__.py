@@ -1,0 +1,1 @@
+"""Triton kernels. Nothing here knows about modules, autograd or grids: see ``triton_bn/launch.py``."""

@@ -1,0 +1,94 @@
+"""Activation epilogues as compile-time selected ``(act, act_grad)`` pairs.
+
+``ACTIVATION`` is a ``tl.constexpr`` id (the table lives in ``triton_bn/activations.py``), so every
+branch below except one is removed at compile time: the identity costs nothing.
+
+Both functions take the pre-activation ``z`` in fp32. The backward never stores ``z``: it recomputes
+it from x and the per-channel statistics and calls ``activation_grad(z)`` (see the module docstrings
+of ``channels_last.py`` / ``channels_first.py``).
+
+NaN handling follows PyTorch: relu-like activations are written with ``tl.where(z < 0, ...)`` so that
+a NaN (for which every comparison is false) passes through unchanged, as ``torch.relu(nan)`` does.
+Subgradients at kinks follow PyTorch's own backward formulas (relu'(0) = 0, leaky_relu'(0) = slope,
+relu6' = 0 at 0 and 6, hardswish'(±3) from the middle branch).
+"""
+import triton
+import triton.language as tl
+
+# Keep in step with triton_bn/activations.py (checked by tests/test_activations.py).
+IDENTITY: tl.constexpr = 0
+RELU: tl.constexpr = 1
+LEAKY_RELU: tl.constexpr = 2
+RELU6: tl.constexpr = 3
+SILU: tl.constexpr = 4
+GELU: tl.constexpr = 5
+GELU_TANH: tl.constexpr = 6
+HARDSWISH: tl.constexpr = 7
+SIGMOID: tl.constexpr = 8
+
+_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 * pi)
+_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
+_GELU_TANH_COEF = 0.044715
+
+
+@triton.jit
+def _sigmoid(z):
+    # exp(-z) overflows to inf for z < -88 in fp32, and 1 / (1 + inf) = 0 is the right limit.
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): both limits are exact in fp32 (exp -> inf gives 1, exp -> 0 gives -1).
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def apply_activation(z, ACTIVATION: tl.constexpr, negative_slope):
+    """act(z) for fp32 ``z``."""
+    out = z
+    if ACTIVATION == 1:  # relu
+        out = tl.where(z < 0.0, 0.0, z)
+    elif ACTIVATION == 2:  # leaky_relu
+        out = tl.where(z < 0.0, z * negative_slope, z)
+    elif ACTIVATION == 3:  # relu6
+        out = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))
+    elif ACTIVATION == 4:  # silu
+        out = z * _sigmoid(z)
+    elif ACTIVATION == 5:  # gelu (erf)
+        out = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACTIVATION == 6:  # gelu (tanh approximation)
+        out = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_COEF * z * z * z)))
+    elif ACTIVATION == 7:  # hardswish
+        out = z * tl.where(z < -3.0, 0.0, tl.where(z > 3.0, 6.0, z + 3.0)) / 6.0
+    elif ACTIVATION == 8:  # sigmoid
+        out = _sigmoid(z)
+    return out
+
+
+@triton.jit
+def activation_grad(z, ACTIVATION: tl.constexpr, negative_slope):
+    """d act(z) / dz for fp32 ``z``, with PyTorch's choices at the kinks."""
+    out = tl.full(z.shape, 1.0, tl.float32)
+    if ACTIVATION == 1:  # relu: torch uses (result > 0), so 0 at z == 0
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 2:  # leaky_relu: torch uses (z > 0 ? 1 : slope)
+        out = tl.where(z > 0.0, 1.0, negative_slope)
+    elif ACTIVATION == 3:  # relu6 = hardtanh(0, 6): zero gradient at and beyond both ends
+        out = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)
+    elif ACTIVATION == 4:  # silu
+        s = _sigmoid(z)
+        out = s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == 5:  # gelu (erf)
+        out = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 6:  # gelu (tanh)
+        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_COEF * z * z * z))
+        inner_grad = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_COEF * z * z)
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * inner_grad
+    elif ACTIVATION == 7:  # hardswish: torch's branches are z < -3, -3 <= z <= 3, z > 3
+        out = tl.where(z < -3.0, 0.0, tl.where(z > 3.0, 1.0, z / 3.0 + 0.5))
+    elif ACTIVATION == 8:  # sigmoid
+        s = _sigmoid(z)
+        out = s * (1.0 - s)
+    return out

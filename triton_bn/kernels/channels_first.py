@@ -1,0 +1,158 @@
+"""Spatial-contiguous family: NCHW, NCDHW and ``(N, C, L)`` inputs, viewed as ``x[N, C, S]`` with
+strides ``(stride_n, stride_c, 1)``: every channel is N planes of S contiguous elements.
+
+The formulas are those of ``channels_last.py``; only the tiling differs. A program works on one
+channel and on ``[BLOCK_N, BLOCK_S]`` tiles of its (N, S) plane, so when S is small (7x7, 14x14) a
+tile still spans several images and the loads stay long; when S is large the tile is one long run of
+a plane. The tiles of a channel are numbered t = n_block * num_s_blocks + s_block.
+
+    _bn_fwd_stats_partial_channels_first  grid (C * splits): per-lane Welford over a range of tiles
+    _bn_fwd_apply_channels_first          grid (C * tiles)
+    _bn_bwd_reduce_partial_channels_first grid (C * splits)
+    _bn_bwd_dx_channels_first             grid (C * tiles)
+Grids are 1-D (axis 0 allows 2^31 - 1 programs; axes 1 and 2 only 65535, which C could pass).
+The partials are laid out [splits, C] exactly as in the channels-last family, so both share the
+finalize kernels of ``welford.py``.
+"""
+import triton
+import triton.language as tl
+
+from .activations import apply_activation
+from .common import chan_combine, grad_pre_activation, load_channel_coefficients, welford_update
+
+
+@triton.jit
+def _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks,
+                  BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """int64 offsets and mask of tile number ``tile`` of one channel's (N, S) plane."""
+    n_idx = (tile // num_s_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    s_idx = (tile % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (n_idx < N)[:, None] & (s_idx < S)[None, :]
+    offs = n_idx.to(tl.int64)[:, None] * stride_n + channel.to(tl.int64) * stride_c + s_idx[None, :]
+    return offs, mask
+
+
+@triton.jit
+def _bn_fwd_stats_partial_channels_first(
+    x_ptr,  # [N, C, S] input, strides (stride_n, stride_c, 1)
+    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partial (count, mean, M2)
+    N, C, S, stride_n, stride_c,
+    num_s_blocks, num_tiles, num_splits, tiles_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    channel = pid // num_splits
+    split = pid % num_splits
+    tile_begin = split * tiles_per_split
+    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    count = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    mean = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    m2 = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    for tile in range(tile_begin, tile_end):
+        offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        count, mean, m2 = welford_update(count, mean, m2, x, mask)
+    count, mean, m2 = tl.reduce(
+        (tl.reshape(count, [BLOCK_N * BLOCK_S]), tl.reshape(mean, [BLOCK_N * BLOCK_S]),
+         tl.reshape(m2, [BLOCK_N * BLOCK_S])), 0, chan_combine)
+    out = split * C + channel
+    tl.store(count_ptr + out, count)
+    tl.store(mean_ptr + out, mean)
+    tl.store(m2_ptr + out, m2)
+
+
+@triton.jit
+def _bn_fwd_apply_channels_first(
+    x_ptr, residual_ptr, y_ptr,  # [N, C, S], same strides (residual may be a dummy)
+    mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C]; stat is invstd, or running var (STATS_ARE_RUNNING)
+    N, C, S, stride_n, stride_c, num_s_blocks, num_tiles,
+    eps, negative_slope,
+    STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    channel = pid // num_tiles
+    mean, _, scale, shift = load_channel_coefficients(
+        mean_ptr, stat_ptr, weight_ptr, bias_ptr, channel, channel < C, eps,
+        STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
+    offs, mask = _tile_offsets(pid % num_tiles, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
+    z = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale + shift
+    if HAS_RESIDUAL:
+        z += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = apply_activation(z, ACTIVATION, negative_slope)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_bwd_reduce_partial_channels_first(
+    grad_y_ptr, x_ptr, residual_ptr,  # [N, C, S], same strides
+    mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C]
+    sum_dz_part_ptr, sum_dz_xhat_part_ptr,  # [num_splits, C] fp32 outputs
+    N, C, S, stride_n, stride_c,
+    num_s_blocks, num_tiles, num_splits, tiles_per_split,
+    eps, negative_slope,
+    STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    channel = pid // num_splits
+    split = pid % num_splits
+    mean, invstd, scale, shift = load_channel_coefficients(
+        mean_ptr, stat_ptr, weight_ptr, bias_ptr, channel, channel < C, eps,
+        STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
+    tile_begin = split * tiles_per_split
+    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    acc_dz = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    acc_dz_xhat = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    for tile in range(tile_begin, tile_end):
+        offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        res = x
+        if HAS_RESIDUAL:
+            res = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.where(mask, grad_pre_activation(dy, x, res, mean, scale, shift, negative_slope,
+                                                ACTIVATION, HAS_RESIDUAL), 0.0)
+        acc_dz += dz
+        acc_dz_xhat += dz * ((x - mean) * invstd)
+    out = split * C + channel
+    tl.store(sum_dz_part_ptr + out, tl.sum(tl.reshape(acc_dz, [BLOCK_N * BLOCK_S]), axis=0))
+    tl.store(sum_dz_xhat_part_ptr + out, tl.sum(tl.reshape(acc_dz_xhat, [BLOCK_N * BLOCK_S]), axis=0))
+
+
+@triton.jit
+def _bn_bwd_dx_channels_first(
+    grad_y_ptr, x_ptr, residual_ptr,  # [N, C, S] inputs, same strides
+    grad_x_ptr, grad_residual_ptr,  # [N, C, S] outputs (either may be a dummy)
+    mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C]
+    sum_dz_ptr, sum_dz_xhat_ptr,  # [C] fp32 (read only when BATCH_STATS)
+    N, C, S, stride_n, stride_c, num_s_blocks, num_tiles, inv_count,  # 1 / (N x spatial), computed on the host in float64
+    eps, negative_slope,
+    BATCH_STATS: tl.constexpr,
+    STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    WRITE_GRAD_X: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    channel = pid // num_tiles
+    mean, invstd, scale, shift = load_channel_coefficients(
+        mean_ptr, stat_ptr, weight_ptr, bias_ptr, channel, channel < C, eps,
+        STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
+    offs, mask = _tile_offsets(pid % num_tiles, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    res = x
+    if HAS_RESIDUAL:
+        res = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dz = grad_pre_activation(dy, x, res, mean, scale, shift, negative_slope, ACTIVATION, HAS_RESIDUAL)
+    if WRITE_GRAD_RESIDUAL:
+        tl.store(grad_residual_ptr + offs, dz.to(grad_residual_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD_X:
+        if BATCH_STATS:
+            mean_dz = tl.load(sum_dz_ptr + channel) * inv_count
+            mean_dz_xhat = tl.load(sum_dz_xhat_ptr + channel) * inv_count
+            dz = dz - mean_dz - (x - mean) * invstd * mean_dz_xhat
+        tl.store(grad_x_ptr + offs, (dz * scale).to(grad_x_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,164 @@
+"""Channels-contiguous family: channels_last, channels_last_3d and 2-D ``(N, C)`` inputs, viewed as a
+matrix ``x[R, C]`` with R = N x spatial rows (row stride ``stride_r``) and channels innermost
+(stride 1). Every kernel works on ``[BLOCK_R, BLOCK_C]`` tiles, so the loads along a row are
+contiguous and vectorise (this is the column-reduction pattern of the Triton layer-norm tutorial).
+
+Forward, training (per channel c, n = R):
+    mean_c = sum_r x / n            var_c = sum_r (x - mean_c)^2 / n           (biased)
+    invstd_c = 1 / sqrt(var_c + eps)
+    y = act((x - mean_c) * scale_c + b_c [+ residual]),  scale_c = w_c * invstd_c
+
+Backward (z is the pre-activation, recomputed; xhat = (x - mean) * invstd):
+    dz      = dy * act'(z)                      d residual = dz
+    dbias_c = sum_r dz                          dweight_c  = sum_r dz * xhat
+    training: dx = w * invstd * (dz - dbias_c / n - xhat * dweight_c / n)
+    eval:     dx = w * invstd * dz               (statistics are constants)
+
+Kernels, in launch order:
+    _bn_fwd_stats_partial_channels_last  grid (splits, C blocks): per-lane Welford over a row range
+    (welford._bn_fwd_stats_finalize)    grid (C blocks): Chan merge of the splits, running stats
+    _bn_fwd_apply_channels_last          grid (R blocks, C blocks): normalise + affine + epilogue
+    _bn_bwd_reduce_partial_channels_last grid (splits, C blocks): partial sums of dz and dz * xhat
+    (welford._bn_bwd_reduce_finalize)   grid (C blocks)
+    _bn_bwd_dx_channels_last             grid (R blocks, C blocks)
+Bytes: the training forward reads x twice and writes y once (3 tensor passes); the backward reads
+x and dy twice and writes dx once (5 passes). Offsets are int64: R * stride_r can pass 2^31.
+"""
+import triton
+import triton.language as tl
+
+from .activations import apply_activation
+from .common import chan_combine, grad_pre_activation, load_channel_coefficients, welford_update
+
+
+@triton.jit
+def _bn_fwd_stats_partial_channels_last(
+    x_ptr,  # [R, C] input, row stride stride_r, channel stride 1
+    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partial (count, mean, M2)
+    R, C, stride_r,
+    rows_per_split,  # a multiple of BLOCK_R
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    split = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    row_begin = split.to(tl.int64) * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, R)
+    # One Welford accumulator per lane: no reduction inside the loop, one tree merge at the end.
+    count = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for r0 in range(row_begin, row_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < row_end)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        count, mean, m2 = welford_update(count, mean, m2, x, mask)
+    count, mean, m2 = tl.reduce((count, mean, m2), 0, chan_combine)
+    offs = split * C + cols
+    tl.store(count_ptr + offs, count, mask=cmask)
+    tl.store(mean_ptr + offs, mean, mask=cmask)
+    tl.store(m2_ptr + offs, m2, mask=cmask)
+
+
+@triton.jit
+def _bn_fwd_apply_channels_last(
+    x_ptr, residual_ptr, y_ptr,  # [R, C], all with row stride stride_r (residual may be a dummy)
+    mean_ptr, stat_ptr,  # [C] fp32 mean and invstd, or the running mean / var (STATS_ARE_RUNNING)
+    weight_ptr, bias_ptr,  # [C] or dummies
+    R, C, stride_r,
+    eps, negative_slope,
+    STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean, _, scale, shift = load_channel_coefficients(
+        mean_ptr, stat_ptr, weight_ptr, bias_ptr, cols, cmask, eps, STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
+    mask = (rows < R)[:, None] & cmask[None, :]
+    offs = rows[:, None] * stride_r + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        z += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = apply_activation(z, ACTIVATION, negative_slope)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_bwd_reduce_partial_channels_last(
+    grad_y_ptr, x_ptr, residual_ptr,  # [R, C], row stride stride_r (residual: only with an activation)
+    mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C], as in the apply kernel
+    sum_dz_part_ptr, sum_dz_xhat_part_ptr,  # [num_splits, C] fp32 outputs
+    R, C, stride_r, rows_per_split,
+    eps, negative_slope,
+    STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    split = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean, invstd, scale, shift = load_channel_coefficients(
+        mean_ptr, stat_ptr, weight_ptr, bias_ptr, cols, cmask, eps, STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
+    row_begin = split.to(tl.int64) * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, R)
+    acc_dz = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    acc_dz_xhat = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for r0 in range(row_begin, row_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < row_end)[:, None] & cmask[None, :]
+        offs = rows[:, None] * stride_r + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        res = x
+        if HAS_RESIDUAL:
+            res = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dz = grad_pre_activation(dy, x, res, mean[None, :], scale[None, :], shift[None, :], negative_slope,
+                                 ACTIVATION, HAS_RESIDUAL)
+        dz = tl.where(mask, dz, 0.0)
+        acc_dz += dz
+        acc_dz_xhat += dz * ((x - mean[None, :]) * invstd[None, :])
+    offs = split * C + cols
+    tl.store(sum_dz_part_ptr + offs, tl.sum(acc_dz, axis=0), mask=cmask)
+    tl.store(sum_dz_xhat_part_ptr + offs, tl.sum(acc_dz_xhat, axis=0), mask=cmask)
+
+
+@triton.jit
+def _bn_bwd_dx_channels_last(
+    grad_y_ptr, x_ptr, residual_ptr,  # [R, C] inputs, row stride stride_r
+    grad_x_ptr, grad_residual_ptr,  # [R, C] outputs (either may be a dummy)
+    mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C]
+    sum_dz_ptr, sum_dz_xhat_ptr,  # [C] fp32 from the reduction (read only when BATCH_STATS)
+    R, C, stride_r, inv_count,  # 1 / (N x spatial), computed on the host in float64
+    eps, negative_slope,
+    BATCH_STATS: tl.constexpr,  # training: the statistics are functions of x
+    STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    WRITE_GRAD_X: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean, invstd, scale, shift = load_channel_coefficients(
+        mean_ptr, stat_ptr, weight_ptr, bias_ptr, cols, cmask, eps, STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
+    mask = (rows < R)[:, None] & cmask[None, :]
+    offs = rows[:, None] * stride_r + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    res = x
+    if HAS_RESIDUAL:
+        res = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dz = grad_pre_activation(dy, x, res, mean[None, :], scale[None, :], shift[None, :], negative_slope,
+                             ACTIVATION, HAS_RESIDUAL)
+    if WRITE_GRAD_RESIDUAL:
+        tl.store(grad_residual_ptr + offs, dz.to(grad_residual_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD_X:
+        if BATCH_STATS:
+            mean_dz = tl.load(sum_dz_ptr + cols, mask=cmask, other=0.0) * inv_count
+            mean_dz_xhat = tl.load(sum_dz_xhat_ptr + cols, mask=cmask, other=0.0) * inv_count
+            xhat = (x - mean[None, :]) * invstd[None, :]
+            dz = dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]
+        tl.store(grad_x_ptr + offs, (dz * scale[None, :]).to(grad_x_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,70 @@
+"""Helpers shared by both layout families: per-lane Welford, the per-channel coefficients, and the
+recomputed gradient of the activation."""
+import triton
+import triton.language as tl
+
+from .activations import activation_grad
+from .welford import chan_merge
+
+
+@triton.jit
+def welford_update(count, mean, m2, x, mask):
+    """One Welford step per lane. Masked lanes get weight zero (count unchanged, delta 0), so a
+    tile that does not fill the block leaves no trace in the statistics."""
+    count = count + mask.to(tl.float32)
+    delta = tl.where(mask, x - mean, 0.0)
+    mean = mean + delta / tl.maximum(count, 1.0)
+    m2 = m2 + tl.where(mask, delta * (x - mean), 0.0)
+    return count, mean, m2
+
+
+@triton.jit
+def load_channel_coefficients(
+    mean_ptr, stat_ptr, weight_ptr, bias_ptr, channels, channel_mask, eps,
+    STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Per-channel fp32 (mean, invstd, scale, shift) with z = (x - mean) * scale + shift.
+
+    Why not the single FMA x * scale + (bias - mean * scale): with a mean of 1e4 and a std of 1 the two
+    terms are ~1e4 and cancel, leaving ~1e-3 absolute error in fp32; x - mean is exact there
+    (Sterbenz), so this form keeps the result as accurate as PyTorch's.
+
+    ``stat_ptr`` holds the saved invstd (training) or the running variance (eval, STATS_ARE_RUNNING):
+    in eval the "precomputed table" scale = weight * rsqrt(running_var + eps) is computed here, at
+    the head of each program, from the live buffers: it costs a few flops per channel, needs no extra
+    launch, and can never be stale."""
+    mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+    stat = tl.load(stat_ptr + channels, mask=channel_mask, other=1.0).to(tl.float32)
+    if STATS_ARE_RUNNING:
+        invstd = tl.math.rsqrt(stat + eps)
+    else:
+        invstd = stat
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+    shift = tl.zeros_like(scale)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+    return mean, invstd, scale, shift
+
+
+@triton.jit
+def grad_pre_activation(grad_y, x, residual, mean, scale, shift, negative_slope,
+                        ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """dL/dz where z = (x - mean) * scale + shift (+ residual) is the pre-activation: recomputed with exactly
+    the forward's arithmetic, so act'(z) is taken at the same z the forward saw (this matters at the
+    kinks of relu-like activations)."""
+    if ACTIVATION == 0:
+        grad_z = grad_y
+    else:
+        z = (x - mean) * scale + shift
+        if HAS_RESIDUAL:
+            z = z + residual
+        grad_z = grad_y * activation_grad(z, ACTIVATION, negative_slope)
+    return grad_z
+
+
+@triton.jit
+def chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """``tl.reduce`` combine function: Chan's merge of two lanes."""
+    return chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b)

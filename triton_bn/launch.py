@@ -1,0 +1,228 @@
+"""Launchers: plain functions that pick the layout family, allocate (statistics always in fp32),
+compute grids and call the kernels. No autograd and no nn here; arguments arrive validated by
+``functional.py`` and the ops of ``ops.py``.
+
+CUDA tensors run the compiled kernels; CPU tensors run the same kernels through the Triton
+interpreter when ``TRITON_INTERPRET=1`` was set before import, and otherwise the pure-PyTorch path of
+``reference.py`` (same semantics, so a CPU-only user still gets a working library).
+
+Three entry points, matching the three custom ops:
+    batch_stats(...)          -> (mean, invstd)            partial Welford + finalize (2 launches)
+    batch_norm_apply(...)     -> y                         1 launch
+    batch_norm_backward(...)  -> (dx, dweight, dbias, dresidual)   reduce + finalize + dx (<= 3 launches)
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+
+from . import reference
+from .autotune import FINALIZE_BLOCK_C, INTERPRET, TileConfig, split_count, tuner
+from .kernels import channels_first as cf
+from .kernels import channels_last as cl
+from .kernels.welford import _bn_bwd_reduce_finalize, _bn_fwd_stats_finalize
+from .layout import ChannelsLastPlan, empty_like_input, like_input, plan_layout
+
+_dummies = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """A private 1-element buffer for pointer arguments a kernel's flags switch off. Never the input:
+    a kernel that wrote through such a pointer by mistake would corrupt only this scratch."""
+    if device not in _dummies:
+        _dummies[device] = torch.empty(1, dtype=torch.float32, device=device)
+    return _dummies[device]
+
+
+def uses_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda or INTERPRET
+
+
+def _family(plan) -> str:
+    return "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
+
+
+def _channel_vector(t: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Read-only per-channel vectors are passed with stride 1 (a strided view is copied)."""
+    return _dummy(device) if t is None else t.contiguous()
+
+
+# -- reduction grids ------------------------------------------------------------------------------------
+def _reduction_grid(plan, cfg: TileConfig, device):
+    """(num_splits, grid, split-size arguments) of a partial-reduction kernel."""
+    if isinstance(plan, ChannelsLastPlan):
+        row_blocks = triton.cdiv(plan.rows, cfg.block_a)
+        channel_blocks = triton.cdiv(plan.channels, cfg.block_b)
+        splits = split_count(row_blocks, channel_blocks, device)
+        rows_per_split = triton.cdiv(row_blocks, splits) * cfg.block_a
+        splits = triton.cdiv(plan.rows, rows_per_split)
+        return splits, (splits, channel_blocks), (plan.rows, plan.channels, plan.row_stride, rows_per_split)
+    num_s_blocks = triton.cdiv(plan.spatial, cfg.block_b)
+    num_tiles = triton.cdiv(plan.batch, cfg.block_a) * num_s_blocks
+    splits = split_count(num_tiles, plan.channels, device)
+    tiles_per_split = triton.cdiv(num_tiles, splits)
+    splits = triton.cdiv(num_tiles, tiles_per_split)
+    size_args = (plan.batch, plan.channels, plan.spatial, plan.batch_stride, plan.channel_stride,
+                 num_s_blocks, num_tiles, splits, tiles_per_split)
+    return splits, (plan.channels * splits,), size_args
+
+
+def _elementwise_grid(plan, cfg: TileConfig):
+    if isinstance(plan, ChannelsLastPlan):
+        grid = (triton.cdiv(plan.rows, cfg.block_a), triton.cdiv(plan.channels, cfg.block_b))
+        return grid, (plan.rows, plan.channels, plan.row_stride)
+    num_s_blocks = triton.cdiv(plan.spatial, cfg.block_b)
+    num_tiles = triton.cdiv(plan.batch, cfg.block_a) * num_s_blocks
+    grid = (plan.channels * num_tiles,)
+    return grid, (plan.batch, plan.channels, plan.spatial, plan.batch_stride, plan.channel_stride,
+                  num_s_blocks, num_tiles)
+
+
+def _finalize_grid(channels: int):
+    return (triton.cdiv(channels, FINALIZE_BLOCK_C),)
+
+
+# -- forward --------------------------------------------------------------------------------------------
+def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                num_batches_tracked: Optional[torch.Tensor], momentum: float, cumulative: bool,
+                eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and invstd (fp32, [C]) of x, and the running-statistics update (once)."""
+    if not uses_kernels(x):
+        return reference.batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+    channels = x.shape[1]
+    mean = torch.empty(channels, dtype=torch.float32, device=x.device)
+    invstd = torch.empty_like(mean)
+    if x.numel() == 0:  # PyTorch leaves the running statistics alone on an empty batch
+        return mean.zero_(), invstd.fill_(float("nan"))
+    x, plan = plan_layout(x)
+    family = _family(plan)
+    partial_kernel = (cl._bn_fwd_stats_partial_channels_last if family == "channels_last"
+                      else cf._bn_fwd_stats_partial_channels_first)
+
+    def run_partials(cfg: TileConfig):
+        splits, grid, size_args = _reduction_grid(plan, cfg, x.device)
+        partials = torch.empty((3, splits, channels), dtype=torch.float32, device=x.device)
+        partial_kernel[grid](x, partials[0], partials[1], partials[2], *size_args, **cfg.launch_kwargs(family))
+        return splits, partials
+
+    splits, partials = run_partials(tuner.select(family, "reduce", plan, x, run_partials))
+    count = x.numel() // channels
+    update = running_mean is not None
+    _bn_fwd_stats_finalize[_finalize_grid(channels)](
+        partials[0], partials[1], partials[2], mean, invstd,
+        running_mean if update else _dummy(x.device), running_var if update else _dummy(x.device),
+        num_batches_tracked if (update and cumulative) else _dummy(x.device),
+        channels, splits, 1.0 / count, count / (count - 1) if count > 1 else float("nan"),
+        running_mean.stride(0) if update else 0, running_var.stride(0) if update else 0,
+        eps, momentum,
+        UPDATE_RUNNING=update, CUMULATIVE=cumulative, BLOCK_C=FINALIZE_BLOCK_C,
+    )
+    return mean, invstd
+
+
+def _epilogue_flags(weight, bias, residual, batch_stats: bool, activation: int) -> dict:
+    return dict(STATS_ARE_RUNNING=not batch_stats, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                HAS_RESIDUAL=residual is not None, ACTIVATION=activation)
+
+
+def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float,
+                     batch_stats: bool, activation: int, negative_slope: float) -> torch.Tensor:
+    """y = act(x * scale + shift [+ residual]). ``stat`` is invstd (batch_stats) or the running variance."""
+    if not uses_kernels(x):
+        return reference.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, batch_stats,
+                                          activation, negative_slope)
+    x, plan = plan_layout(x)
+    y = empty_like_input(x)
+    if x.numel() == 0:
+        return y
+    device = x.device
+    residual = like_input(residual, x) if residual is not None else None
+    family = _family(plan)
+    kernel = cl._bn_fwd_apply_channels_last if family == "channels_last" else cf._bn_fwd_apply_channels_first
+    tensors = (x, residual if residual is not None else _dummy(device), y,
+               _channel_vector(mean, device), _channel_vector(stat, device),
+               _channel_vector(weight, device), _channel_vector(bias, device))
+    flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
+
+    def run(cfg: TileConfig):
+        grid, size_args = _elementwise_grid(plan, cfg)
+        kernel[grid](*tensors, *size_args, eps, negative_slope, **flags, **cfg.launch_kwargs(family))
+
+    run(tuner.select(family, "elementwise", plan, x, run))
+    return y
+
+
+# -- backward -------------------------------------------------------------------------------------------
+def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        residual: Optional[torch.Tensor], eps: float, batch_stats: bool, activation: int,
+                        negative_slope: float, output_mask: List[bool]):
+    """(dx, dweight, dbias, dresidual), each None unless asked for by ``output_mask``.
+
+    ``residual`` is only needed (and only saved by the autograd formula) when an activation follows
+    the add: it is part of the pre-activation whose derivative is recomputed."""
+    if not uses_kernels(x):
+        return reference.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
+                                             activation, negative_slope, output_mask)
+    want_dx, want_dweight, want_dbias, want_dresidual = output_mask
+    want_dweight = want_dweight and weight is not None
+    want_dbias = want_dbias and bias is not None
+    channels = x.shape[1]
+    device = x.device
+    if x.numel() == 0:
+        zeros = lambda p: torch.zeros_like(p) if p is not None else None  # noqa: E731
+        return (torch.zeros_like(x) if want_dx else None, zeros(weight) if want_dweight else None,
+                zeros(bias) if want_dbias else None, torch.zeros_like(x) if want_dresidual else None)
+    x, plan = plan_layout(x)
+    grad_y = like_input(grad_y, x)
+    residual = like_input(residual, x) if residual is not None else None
+    family = _family(plan)
+    per_channel = (_channel_vector(mean, device), _channel_vector(stat, device),
+                   _channel_vector(weight, device), _channel_vector(bias, device))
+    flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
+    residual_arg = residual if residual is not None else _dummy(device)
+    grad_weight = torch.empty_like(weight) if want_dweight else None
+    grad_bias = torch.empty_like(bias) if want_dbias else None
+
+    # Pass 1 (only when needed): per-channel sums of dz and dz * xhat.
+    sums = (_dummy(device), _dummy(device))
+    if (want_dx and batch_stats) or want_dweight or want_dbias:
+        partial_kernel = (cl._bn_bwd_reduce_partial_channels_last if family == "channels_last"
+                          else cf._bn_bwd_reduce_partial_channels_first)
+
+        def run_partials(cfg: TileConfig):
+            splits, grid, size_args = _reduction_grid(plan, cfg, device)
+            partials = torch.empty((2, splits, channels), dtype=torch.float32, device=device)
+            partial_kernel[grid](grad_y, x, residual_arg, *per_channel, partials[0], partials[1], *size_args,
+                                 eps, negative_slope, **flags, **cfg.launch_kwargs(family))
+            return splits, partials
+
+        splits, partials = run_partials(tuner.select(family, "reduce", plan, x, run_partials))
+        sums = torch.empty((2, channels), dtype=torch.float32, device=device)
+        _bn_bwd_reduce_finalize[_finalize_grid(channels)](
+            partials[0], partials[1], sums[0], sums[1],
+            grad_weight if want_dweight else _dummy(device), grad_bias if want_dbias else _dummy(device),
+            channels, splits, WRITE_GRAD_WEIGHT=want_dweight, WRITE_GRAD_BIAS=want_dbias,
+            BLOCK_C=FINALIZE_BLOCK_C)
+
+    # Pass 2 (only when needed): the elementwise dx and d residual.
+    grad_x = empty_like_input(x) if want_dx else None
+    grad_residual = empty_like_input(x) if want_dresidual else None
+    if want_dresidual and not want_dx and activation == 0:
+        grad_residual.copy_(grad_y)  # act = identity: d residual = dy, no kernel needed
+    elif want_dx or want_dresidual:
+        kernel = cl._bn_bwd_dx_channels_last if family == "channels_last" else cf._bn_bwd_dx_channels_first
+        count = x.numel() // channels
+
+        def run_dx(cfg: TileConfig):
+            grid, size_args = _elementwise_grid(plan, cfg)
+            kernel[grid](grad_y, x, residual_arg,
+                         grad_x if want_dx else _dummy(device),
+                         grad_residual if want_dresidual else _dummy(device),
+                         *per_channel, sums[0], sums[1], *size_args, 1.0 / count, eps, negative_slope,
+                         BATCH_STATS=batch_stats, **flags, WRITE_GRAD_X=want_dx,
+                         WRITE_GRAD_RESIDUAL=want_dresidual, **cfg.launch_kwargs(family))
+
+        run_dx(tuner.select(family, "elementwise", plan, x, run_dx))
+    return grad_x, grad_weight, grad_bias, grad_residual

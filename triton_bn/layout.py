@@ -1,0 +1,78 @@
+"""Which layout family a tensor belongs to, and its 2-D / 3-D view.
+
+- channels-contiguous (channels_last, channels_last_3d, 2-D ``(N, C)``): viewed as ``[R, C]``,
+  R = N x spatial, channel stride 1. ``ChannelsLastPlan``.
+- spatial-contiguous (NCHW, NCDHW, ``(N, C, L)``): viewed as ``[N, C, S]``, element stride 1 inside a
+  plane. ``ChannelsFirstPlan``.
+Anything else (a slice with gaps, an arbitrary permutation) is copied once into the layout it is
+closest to, so the kernels only ever see these two shapes.
+
+Every tensor that a kernel reads or writes next to x (y, the residual, grad_y, dx) is given exactly
+x's strides (``like_input``), so a kernel takes one set of strides for all of them.
+"""
+import math
+from dataclasses import dataclass
+from typing import Tuple, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChannelsLastPlan:
+    rows: int  # R = N x spatial
+    channels: int
+    row_stride: int
+
+
+@dataclass(frozen=True)
+class ChannelsFirstPlan:
+    batch: int  # N
+    channels: int
+    spatial: int  # S = prod(spatial dims), 1 for (N, C)
+    batch_stride: int
+    channel_stride: int
+
+
+LayoutPlan = Union[ChannelsLastPlan, ChannelsFirstPlan]
+
+
+def _plan_without_copy(x: torch.Tensor):
+    n, c, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    if x.is_contiguous() and spatial > 1:
+        view = x.reshape(n, c, spatial)
+        return ChannelsFirstPlan(n, c, spatial, view.stride(0), view.stride(1))
+    channels_innermost = x.movedim(1, -1)
+    if channels_innermost.is_contiguous():
+        view = channels_innermost.reshape(-1, c)
+        return ChannelsLastPlan(view.shape[0], c, view.stride(0))
+    return None
+
+
+def plan_layout(x: torch.Tensor) -> Tuple[torch.Tensor, LayoutPlan]:
+    """``(x_dense, plan)``: x itself when it is in one of the two families, else one copy of it."""
+    plan = _plan_without_copy(x)
+    if plan is None:
+        x = x.contiguous(memory_format=_closest_memory_format(x))
+        plan = _plan_without_copy(x)
+    return x, plan
+
+
+def _closest_memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() in (4, 5) and x.shape[1] > 1:
+        # the channel stride is the smallest of the non-trivial dims: the tensor is "mostly" channels-last
+        other_strides = [s for d, s in enumerate(x.stride()) if d != 1 and x.shape[d] > 1]
+        if other_strides and x.stride(1) < min(other_strides):
+            return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (same shape as x) with exactly x's strides: t itself when they match, else a copy."""
+    if t.stride() == x.stride() or t.numel() <= 1:
+        return t
+    out = torch.empty_strided(x.shape, x.stride(), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+def empty_like_input(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty_strided(x.shape, x.stride(), dtype=dtype or x.dtype, device=x.device)

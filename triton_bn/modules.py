@@ -1,0 +1,64 @@
+"""Drop-in modules: ``BatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``, so ``isinstance``,
+``state_dict`` keys, ``load_state_dict`` both ways, ``reset_parameters``, ``train()``/``eval()`` and
+``_check_input_dim`` are PyTorch's own. Only ``forward`` differs: it calls ``triton_bn.batch_norm``
+with an optional fused activation and residual."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .activations import activation_id
+from .functional import batch_norm
+
+
+class _FusedBatchNormMixin:
+    """The shared part of the three modules (PyTorch's own _BatchNorm.forward logic, but with no host
+    read of num_batches_tracked: momentum=None is resolved on the device)."""
+
+    def _init_fused(self, activation: Optional[str], negative_slope: float) -> None:
+        activation_id(activation)  # ValueError naming the supported values
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        self._check_input_dim(input)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight, self.bias, bn_training,
+            self.momentum, self.eps,
+            activation=self.activation, negative_slope=self.negative_slope, residual=residual,
+            num_batches_tracked=self.num_batches_tracked if (self.training and self.track_running_stats) else None,
+        )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                text += f", negative_slope={self.negative_slope}"
+        return text
+
+
+def _fused_module(torch_class, doc_dims):
+    class Fused(_FusedBatchNormMixin, torch_class):
+        def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                     affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                     activation: Optional[str] = None, negative_slope: float = 0.01) -> None:
+            torch_class.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+            self._init_fused(activation, negative_slope)
+
+    Fused.__name__ = Fused.__qualname__ = torch_class.__name__
+    Fused.__module__ = __name__
+    Fused.__doc__ = (f"``torch.nn.{torch_class.__name__}`` on Triton kernels, for inputs {doc_dims}, with an "
+                     "optional fused ``activation`` and ``forward(input, residual=None)`` computing "
+                     "``act(bn(input) + residual)``.")
+    return Fused
+
+
+BatchNorm1d = _fused_module(torch.nn.BatchNorm1d, "(N, C) or (N, C, L)")
+BatchNorm2d = _fused_module(torch.nn.BatchNorm2d, "(N, C, H, W)")
+BatchNorm3d = _fused_module(torch.nn.BatchNorm3d, "(N, C, D, H, W)")

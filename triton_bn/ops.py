@@ -1,0 +1,75 @@
+"""The library's PyTorch custom operators (namespace ``triton_bn``).
+
+    triton_bn::batch_stats(x, running_mean!, running_var!, num_batches_tracked, momentum, cumulative, eps)
+        -> (mean, invstd)        fp32 [C]; updates the running statistics in place (declared mutated)
+    triton_bn::batch_norm_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+                                negative_slope) -> y
+        differentiable: its autograd formula is ``autograd.BatchNormFunction``
+    triton_bn::batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
+                                   activation, negative_slope, output_mask) -> (dx, dweight, dbias, dresidual)
+
+Why two forward ops: an op that mutates its arguments can not carry an autograd formula, and the
+statistics need none of their own. ``batch_stats`` runs on ``x.detach()``; ``batch_norm_apply`` with
+``batch_stats=True`` knows that mean/invstd are x's batch statistics, so its backward returns the
+full gradient through them. Every op has a fake (meta) implementation, so ``torch.compile`` traces
+models that use them without graph breaks.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import launch
+from .autograd import BatchNormFunction
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("triton_bn::batch_stats", mutates_args=("running_mean", "running_var"))
+def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                num_batches_tracked: Optional[Tensor], momentum: float, cumulative: bool,
+                eps: float) -> Tuple[Tensor, Tensor]:
+    return launch.batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+
+
+@batch_stats.register_fake
+def _(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps):
+    return (x.new_empty(x.shape[1], dtype=_stats_dtype(x)), x.new_empty(x.shape[1], dtype=_stats_dtype(x)))
+
+
+@torch.library.custom_op("triton_bn::batch_norm_apply", mutates_args=())
+def batch_norm_apply(x: Tensor, mean: Tensor, stat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     residual: Optional[Tensor], eps: float, batch_stats: bool, activation: int,
+                     negative_slope: float) -> Tensor:
+    return launch.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+                                   negative_slope)
+
+
+@batch_norm_apply.register_fake
+def _(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("triton_bn::batch_norm_backward", mutates_args=())
+def batch_norm_backward(grad_y: Tensor, x: Tensor, mean: Tensor, stat: Tensor, weight: Optional[Tensor],
+                        bias: Optional[Tensor], residual: Optional[Tensor], eps: float, batch_stats: bool,
+                        activation: int, negative_slope: float,
+                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = launch.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
+                                       activation, negative_slope, output_mask)
+    # A custom op returns tensors only: an output that was not asked for is an empty placeholder.
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@batch_norm_backward.register_fake
+def _(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope, output_mask):
+    want_dx, want_dweight, want_dbias, want_dresidual = output_mask
+    return (torch.empty_like(x) if want_dx else x.new_empty(0),
+            torch.empty_like(weight) if (want_dweight and weight is not None) else x.new_empty(0),
+            torch.empty_like(bias) if (want_dbias and bias is not None) else x.new_empty(0),
+            torch.empty_like(x) if want_dresidual else x.new_empty(0))
+
+
+batch_norm_apply.register_autograd(BatchNormFunction.backward, setup_context=BatchNormFunction.setup_context)
