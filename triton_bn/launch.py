@@ -101,15 +101,17 @@ def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_v
 
     def run_partials(cfg: TileConfig):
         splits, grid, size_args = _reduction_grid(plan, cfg, x.device)
-        partials = torch.empty((3, splits, channels), dtype=torch.float32, device=x.device)
-        partial_kernel[grid](x, partials[0], partials[1], partials[2], *size_args, **cfg.launch_kwargs(family))
+        # rows 0-2: count, mean - pivot, M2 per split; row 3, split 0: the per-channel pivot
+        partials = torch.empty((4, splits, channels), dtype=torch.float32, device=x.device)
+        partial_kernel[grid](x, partials[0], partials[1], partials[2], partials[3], *size_args,
+                             **cfg.launch_kwargs(family))
         return splits, partials
 
     splits, partials = run_partials(tuner.select(family, "reduce", plan, x, run_partials))
     count = x.numel() // channels
     update = running_mean is not None
     _bn_fwd_stats_finalize[_finalize_grid(channels)](
-        partials[0], partials[1], partials[2], mean, invstd,
+        partials[0], partials[1], partials[2], partials[3], mean, invstd,
         running_mean if update else _dummy(x.device), running_var if update else _dummy(x.device),
         num_batches_tracked if (update and cumulative) else _dummy(x.device),
         channels, splits, 1.0 / count, count / (count - 1) if count > 1 else float("nan"),

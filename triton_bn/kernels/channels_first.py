@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .activations import apply_activation
-from .common import chan_combine, grad_pre_activation, load_channel_coefficients, welford_update
+from .common import grad_pre_activation, load_channel_coefficients, merge_lanes, welford_update
 
 
 @triton.jit
@@ -35,7 +35,8 @@ def _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks,
 @triton.jit
 def _bn_fwd_stats_partial_channels_first(
     x_ptr,  # [N, C, S] input, strides (stride_n, stride_c, 1)
-    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partial (count, mean, M2)
+    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partial (count, mean - pivot, M2)
+    pivot_ptr,  # [C] fp32: the channel's first element, written by split 0 (see channels_last.py)
     N, C, S, stride_n, stride_c,
     num_s_blocks, num_tiles, num_splits, tiles_per_split,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -43,6 +44,9 @@ def _bn_fwd_stats_partial_channels_first(
     pid = tl.program_id(0)
     channel = pid // num_splits
     split = pid % num_splits
+    pivot = tl.load(x_ptr + channel.to(tl.int64) * stride_c).to(tl.float32)
+    if split == 0:
+        tl.store(pivot_ptr + channel, pivot)
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
     count = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
@@ -51,10 +55,9 @@ def _bn_fwd_stats_partial_channels_first(
     for tile in range(tile_begin, tile_end):
         offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        count, mean, m2 = welford_update(count, mean, m2, x, mask)
-    count, mean, m2 = tl.reduce(
-        (tl.reshape(count, [BLOCK_N * BLOCK_S]), tl.reshape(mean, [BLOCK_N * BLOCK_S]),
-         tl.reshape(m2, [BLOCK_N * BLOCK_S])), 0, chan_combine)
+        count, mean, m2 = welford_update(count, mean, m2, x - pivot, mask)
+    count, mean, m2 = merge_lanes(tl.reshape(count, [BLOCK_N * BLOCK_S]), tl.reshape(mean, [BLOCK_N * BLOCK_S]),
+                                  tl.reshape(m2, [BLOCK_N * BLOCK_S]), 0)
     out = split * C + channel
     tl.store(count_ptr + out, count)
     tl.store(mean_ptr + out, mean)

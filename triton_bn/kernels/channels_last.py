@@ -15,7 +15,8 @@ Backward (z is the pre-activation, recomputed; xhat = (x - mean) * invstd):
     eval:     dx = w * invstd * dz               (statistics are constants)
 
 Kernels, in launch order:
-    _bn_fwd_stats_partial_channels_last  grid (splits, C blocks): per-lane Welford over a row range
+    _bn_fwd_stats_partial_channels_last  grid (splits, C blocks): per-lane Welford over a row range,
+                                         lanes merged at the end (common.merge_lanes)
     (welford._bn_fwd_stats_finalize)    grid (C blocks): Chan merge of the splits, running stats
     _bn_fwd_apply_channels_last          grid (R blocks, C blocks): normalise + affine + epilogue
     _bn_bwd_reduce_partial_channels_last grid (splits, C blocks): partial sums of dz and dz * xhat
@@ -28,13 +29,14 @@ import triton
 import triton.language as tl
 
 from .activations import apply_activation
-from .common import chan_combine, grad_pre_activation, load_channel_coefficients, welford_update
+from .common import grad_pre_activation, load_channel_coefficients, merge_lanes, welford_update
 
 
 @triton.jit
 def _bn_fwd_stats_partial_channels_last(
     x_ptr,  # [R, C] input, row stride stride_r, channel stride 1
-    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partial (count, mean, M2)
+    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partial (count, mean - pivot, M2)
+    pivot_ptr,  # [C] fp32: x[0, c], written by split 0
     R, C, stride_r,
     rows_per_split,  # a multiple of BLOCK_R
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -42,6 +44,11 @@ def _bn_fwd_stats_partial_channels_last(
     split = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    # Accumulate x - pivot: with a mean of 1e4 the accumulators then stay of the size of the spread, and
+    # the pivot (added back once, in the finalize) costs one rounding instead of one per step.
+    pivot = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if split == 0:
+        tl.store(pivot_ptr + cols, pivot, mask=cmask)
     row_begin = split.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_begin + rows_per_split, R)
     # One Welford accumulator per lane: no reduction inside the loop, one tree merge at the end.
@@ -52,8 +59,8 @@ def _bn_fwd_stats_partial_channels_last(
         rows = r0 + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & cmask[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        count, mean, m2 = welford_update(count, mean, m2, x, mask)
-    count, mean, m2 = tl.reduce((count, mean, m2), 0, chan_combine)
+        count, mean, m2 = welford_update(count, mean, m2, x - pivot[None, :], mask)
+    count, mean, m2 = merge_lanes(count, mean, m2, 0)
     offs = split * C + cols
     tl.store(count_ptr + offs, count, mask=cmask)
     tl.store(mean_ptr + offs, mean, mask=cmask)

@@ -4,7 +4,6 @@ import triton
 import triton.language as tl
 
 from .activations import activation_grad
-from .welford import chan_merge
 
 
 @triton.jit
@@ -65,6 +64,16 @@ def grad_pre_activation(grad_y, x, residual, mean, scale, shift, negative_slope,
 
 
 @triton.jit
-def chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-    """``tl.reduce`` combine function: Chan's merge of two lanes."""
-    return chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b)
+def merge_lanes(count, mean, m2, axis: tl.constexpr):
+    """Merge per-lane Welford triples along ``axis`` in one step (Chan's merge of k parts):
+
+        n = sum n_i      mean = sum n_i mean_i / n      M2 = sum M2_i + sum n_i (mean_i - mean)^2
+
+    Exact like the pairwise merge, and stable for the same reason (only deviations from the mean are
+    squared); unlike a ``tl.reduce`` with a Python combine function it is plain vectorised sums, fast on
+    the GPU and in the interpreter alike. Empty lanes (n_i = 0) contribute nothing."""
+    total = tl.sum(count, axis)
+    merged_mean = tl.sum(count * mean, axis) / tl.maximum(total, 1.0)
+    deviation = mean - tl.expand_dims(merged_mean, axis)
+    merged_m2 = tl.sum(m2, axis) + tl.sum(count * deviation * deviation, axis)
+    return total, merged_mean, merged_m2

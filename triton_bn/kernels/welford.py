@@ -30,6 +30,7 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 @triton.jit
 def _bn_fwd_stats_finalize(
     count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partials from a *_stats_partial kernel
+    pivot_ptr,  # [C] fp32: the partial means are relative to this per-channel pivot
     save_mean_ptr, save_invstd_ptr,  # [C] fp32 outputs: batch mean and 1 / sqrt(biased var + eps)
     running_mean_ptr, running_var_ptr,  # [C] (strided) running buffers, updated in place, or dummies
     num_batches_ptr,  # [1] int64 num_batches_tracked (read only when CUMULATIVE), or a dummy
@@ -57,6 +58,7 @@ def _bn_fwd_stats_finalize(
             tl.load(mean_ptr + offs, mask=cmask, other=0.0),
             tl.load(m2_ptr + offs, mask=cmask, other=0.0),
         )
+    mean += tl.load(pivot_ptr + cols, mask=cmask, other=0.0)
     var_biased = m2 * inv_count
     tl.store(save_mean_ptr + cols, mean, mask=cmask)
     tl.store(save_invstd_ptr + cols, tl.math.rsqrt(var_biased + eps), mask=cmask)

@@ -1,0 +1,214 @@
+"""[core] The kernels against PyTorch in float64: every layout family, dtype and mode."""
+import pytest
+import torch
+
+import triton_bn
+from helpers import LAYOUTS, assert_close, make_input, reference_batch_norm
+
+SHAPES = [
+    (4, 3, 5, 3),  # odd spatial 5x3
+    (2, 1, 7, 7),  # C = 1, 7x7
+    (6, 5, 1, 1),  # spatial 1
+    (9, 4),  # (N, C)
+    (3, 6, 10),  # (N, C, L)
+    (2, 3, 3, 4, 5),  # (N, C, D, H, W)
+    (1, 4, 6, 6),  # N = 1 with spatial > 1
+    (40, 3, 9, 11),  # rows span several splits of the reduction
+    (3, 70, 2, 3),  # more channels than one channel block
+]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def run_case(shape, dtype, device, layout="contiguous", training=True, activation=None, negative_slope=0.01,
+             with_residual=False, affine=True, running=True, momentum=0.1, eps=1e-5, offset=0.0, scale=1.0,
+             param_dtype=torch.float32, grad_layout=None, seed=0):
+    """Forward + backward of triton_bn.batch_norm against the float64 reference; every output compared."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    x = make_input(shape, dtype, device, layout, offset, scale, gen).requires_grad_()
+    weight = bias = None
+    if affine:
+        weight = (torch.rand(channels, generator=gen) + 0.5).to(device, param_dtype).requires_grad_()
+        bias = torch.randn(channels, generator=gen).to(device, param_dtype).requires_grad_()
+    rm = rv = None
+    if running:
+        rm = torch.randn(channels, generator=gen).to(device, param_dtype)
+        rv = (torch.rand(channels, generator=gen) + 0.5).to(device, param_dtype)
+    residual = make_input(shape, dtype, device, "contiguous", generator=gen).requires_grad_() if with_residual else None
+
+    ref_y, (xd, wd, bd, rd), (ref_rm, ref_rv) = reference_batch_norm(
+        x, rm, rv, weight, bias, training, momentum, eps, activation, negative_slope, residual)
+    rm_before = None if rm is None else rm.clone()
+    y = triton_bn.batch_norm(x, rm, rv, weight, bias, training, momentum, eps, activation=activation,
+                             negative_slope=negative_slope, residual=residual)
+
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if layout == "contiguous":
+        assert y.is_contiguous()
+    elif layout == "channels_last" and len(shape) in (4, 5):
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        assert y.is_contiguous(memory_format=fmt)
+    assert_close(y, ref_y, dtype, "y")
+    if running:
+        if training:
+            assert_close(rm, ref_rm, param_dtype, "running_mean")
+            assert_close(rv, ref_rv, param_dtype, "running_var")
+        else:
+            assert torch.equal(rm, rm_before), "eval must not touch the running statistics"
+
+    grad = make_input(shape, dtype, device, grad_layout or "contiguous", generator=gen)
+    y.backward(grad)
+    ref_y.backward(grad.double())
+    assert_close(x.grad, xd.grad, dtype, "dx")
+    if affine:
+        assert_close(weight.grad, wd.grad, param_dtype, "dweight")
+        assert_close(bias.grad, bd.grad, param_dtype, "dbias")
+    if with_residual:
+        assert_close(residual.grad, rd.grad, dtype, "dresidual")
+    return y
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_matches_pytorch(shape, layout, dtype, training, device):
+    run_case(shape, dtype, device, layout, training)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_offset_where_naive_variance_fails(layout, device):
+    """mean 1e4, std 1: E[x^2] - E[x]^2 in fp32 has no correct digit left; the kernels must stay at the
+    accuracy the input itself has. fp32 spacing at 1e4 is 1e-3, and the fp32 mean alone is off by up to
+    5e-4, so this case gets a fixed tolerance of 1e-3 (the naive formula misses it by 100x)."""
+    gen = torch.Generator().manual_seed(3)
+    x = make_input((16, 3, 8, 8), torch.float32, device, layout, offset=1e4, generator=gen)
+    true_var = x.double().var((0, 2, 3), unbiased=False)
+    naive = (x.double() ** 2).float().mean((0, 2, 3)) - x.float().mean((0, 2, 3)) ** 2
+    assert (naive.double() - true_var).abs().max() > 0.1  # the trap is real
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = triton_bn.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    torch.testing.assert_close(y.double(), ref, atol=1e-3, rtol=0)
+    torch.testing.assert_close(rv.double(), true_var * 1024 / 1023, atol=1e-3, rtol=0)
+    torch.testing.assert_close(rm.double(), x.double().mean((0, 2, 3)), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parameters_in_input_dtype(dtype, device):
+    """A module converted with .half()/.bfloat16() has weight, bias and running stats in that dtype."""
+    run_case((4, 5, 3, 3), dtype, device, "channels_last", param_dtype=dtype)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_affine_false_and_no_running_stats(training, device):
+    run_case((4, 5, 3, 3), torch.float32, device, training=training, affine=False, running=not training or False)
+    run_case((4, 5, 3, 3), torch.float32, device, training=True, affine=True, running=False)
+
+
+def test_grad_output_layout_differs_from_input(device):
+    run_case((4, 6, 3, 5), torch.float32, device, "channels_last", grad_layout="contiguous")
+    run_case((4, 6, 3, 5), torch.float32, device, "contiguous", grad_layout="channels_last")
+
+
+def test_saved_statistics_are_fp32(device):
+    """The saved mean/invstd are fp32 even for bf16 input (PyTorch does the same)."""
+    from torch.autograd.graph import saved_tensors_hooks
+    saved = []
+    x = torch.randn(4, 3, 5, 5, dtype=torch.bfloat16, device=device, requires_grad=True)
+    with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        triton_bn.batch_norm(x, None, None, None, None, training=True)
+    per_channel = [t for t in saved if t.dim() == 1]
+    assert per_channel and all(t.dtype == torch.float32 for t in per_channel)
+
+
+def test_only_needed_gradients_are_computed(device):
+    x = torch.randn(4, 3, 5, 5, device=device, requires_grad=True)
+    w = torch.ones(3, device=device)  # no grad
+    b = torch.zeros(3, device=device, requires_grad=True)
+    triton_bn.batch_norm(x, None, None, w, b, training=True).sum().backward()
+    assert w.grad is None and b.grad is not None and x.grad is not None
+    x2 = torch.randn(4, 3, 5, 5, device=device)  # only the parameters need grads
+    w2 = torch.ones(3, device=device, requires_grad=True)
+    y = triton_bn.batch_norm(x2, None, None, w2, None, training=True)
+    (y * torch.arange(y.numel(), device=device).reshape(y.shape)).sum().backward()
+    assert w2.grad is not None and torch.isfinite(w2.grad).all()
+
+
+# -- modules ------------------------------------------------------------------------------------------
+MODULES = [(triton_bn.BatchNorm1d, torch.nn.BatchNorm1d, (6, 4, 5)),
+           (triton_bn.BatchNorm2d, torch.nn.BatchNorm2d, (3, 4, 5, 3)),
+           (triton_bn.BatchNorm3d, torch.nn.BatchNorm3d, (2, 4, 3, 3, 2))]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
+@pytest.mark.parametrize("ours,theirs,shape", MODULES, ids=["1d", "2d", "3d"])
+def test_module_matches_torch_over_steps(ours, theirs, shape, momentum, device):
+    torch.manual_seed(0)
+    ref = theirs(shape[1], momentum=momentum).to(device)
+    mod = ours(shape[1], momentum=momentum).to(device)
+    assert isinstance(mod, theirs)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-1, 1)
+    mod.load_state_dict(ref.state_dict())
+    for step in range(3):
+        x = torch.randn(shape, device=device) * (step + 1) + step
+        torch.testing.assert_close(mod(x), ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mod.running_mean, ref.running_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mod.running_var, ref.running_var, atol=1e-5, rtol=1e-5)
+    assert mod.num_batches_tracked.item() == ref.num_batches_tracked.item() == 3
+    mod.eval()
+    ref.eval()
+    x = torch.randn(shape, device=device)
+    torch.testing.assert_close(mod(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_round_trip_both_ways(device):
+    ref = torch.nn.BatchNorm2d(5).to(device)
+    ref(torch.randn(4, 5, 3, 3, device=device))
+    mod = triton_bn.BatchNorm2d(5).to(device)
+    assert list(mod.state_dict().keys()) == list(ref.state_dict().keys()) == [
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    mod.load_state_dict(ref.state_dict())
+    back = torch.nn.BatchNorm2d(5).to(device)
+    back.load_state_dict(mod.state_dict())
+    for key, value in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+    mod.reset_parameters()
+    assert torch.equal(mod.running_var, torch.ones(5, device=device)) and mod.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("affine,track", [(False, True), (True, False), (False, False)])
+def test_module_flags_match_torch(affine, track, device):
+    torch.manual_seed(1)
+    ref = torch.nn.BatchNorm2d(3, affine=affine, track_running_stats=track).to(device)
+    mod = triton_bn.BatchNorm2d(3, affine=affine, track_running_stats=track).to(device)
+    assert (mod.weight is None) == (not affine) and (mod.running_mean is None) == (not track)
+    for train in (True, False):
+        mod.train(train)
+        ref.train(train)
+        x = torch.randn(4, 3, 5, 5, device=device)
+        torch.testing.assert_close(mod(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_one_value_per_channel_in_training_raises(device):
+    mod = triton_bn.BatchNorm2d(3).to(device)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        mod(torch.randn(1, 3, 1, 1, device=device))
+    assert mod.num_batches_tracked.item() == 0 and torch.equal(mod.running_mean, torch.zeros(3, device=device))
+    mod.eval()
+    assert mod(torch.randn(1, 3, 1, 1, device=device)).shape == (1, 3, 1, 1)  # fine in eval
+
+
+def test_check_input_dim_is_torchs(device):
+    with pytest.raises(ValueError, match="expected 4D input"):
+        triton_bn.BatchNorm2d(3).to(device)(torch.randn(2, 3, device=device))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        triton_bn.BatchNorm1d(3).to(device)(torch.randn(2, 3, 4, 4, device=device))
+
+
+def test_version_and_public_api():
+    assert isinstance(triton_bn.__version__, str)
+    for name in ("batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"):
+        assert name in triton_bn.__all__
