@@ -5,9 +5,10 @@ Public API: ``batch_norm`` (functional), ``BatchNorm1d/2d/3d`` (modules), ``conv
 tensors through the Triton interpreter.
 """
 from .activations import SUPPORTED_ACTIVATIONS
+from .convert import FusionReport, convert_model
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SUPPORTED_ACTIVATIONS", "__version__"]
+__all__ = ["batch_norm", "convert_model", "FusionReport", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SUPPORTED_ACTIVATIONS", "__version__"]

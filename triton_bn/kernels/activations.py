@@ -10,7 +10,7 @@ of ``channels_last.py`` / ``channels_first.py``).
 NaN handling follows PyTorch: relu-like activations are written with ``tl.where(z < 0, ...)`` so that
 a NaN (for which every comparison is false) passes through unchanged, as ``torch.relu(nan)`` does.
 Subgradients at kinks follow PyTorch's own backward formulas (relu'(0) = 0, leaky_relu'(0) = slope,
-relu6' = 0 at 0 and 6, hardswish'(±3) from the middle branch).
+relu6' = 0 at 0 and 6, hardswish'(-3) = 0 and hardswish'(3) = 1).
 """
 import triton
 import triton.language as tl
@@ -86,8 +86,8 @@ def activation_grad(z, ACTIVATION: tl.constexpr, negative_slope):
         t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_COEF * z * z * z))
         inner_grad = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_COEF * z * z)
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * inner_grad
-    elif ACTIVATION == 7:  # hardswish: torch's branches are z < -3, -3 <= z <= 3, z > 3
-        out = tl.where(z < -3.0, 0.0, tl.where(z > 3.0, 1.0, z / 3.0 + 0.5))
+    elif ACTIVATION == 7:  # hardswish: torch gives 0 for z <= -3 and 1 for z >= 3 (checked in the tests)
+        out = tl.where(z <= -3.0, 0.0, tl.where(z >= 3.0, 1.0, z / 3.0 + 0.5))
     elif ACTIVATION == 8:  # sigmoid
         s = _sigmoid(z)
         out = s * (1.0 - s)

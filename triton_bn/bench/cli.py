@@ -1,0 +1,179 @@
+"""``triton-bn bench``: measure triton_bn against eager PyTorch (cuDNN on and off) and torch.compile.
+
+On a GPU it times with ``triton.testing.do_bench`` (median of many runs, L2 flushed between them). On a
+machine without a GPU it re-runs itself under the Triton interpreter with tiny shapes: the files are
+the same, but those timings are interpreter timings and say nothing about GPU speed.
+"""
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="triton-bn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="run the benchmark and write CSV, markdown, plots, autotune report")
+    bench.add_argument("--quick", action="store_true", help="fp32 NCHW + bf16 channels_last, one pass of each set")
+    bench.add_argument("--sets", default=None, help="comma-separated shape sets (resnet50,small,bn1d,latency,tiny)")
+    bench.add_argument("--cases", default=None, help="comma-separated cases (default: all)")
+    bench.add_argument("--providers", default=None, help="comma-separated providers (default: all available)")
+    bench.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16")
+    bench.add_argument("--layouts", default=None, help="comma-separated: nchw,channels_last")
+    bench.add_argument("--out", default=None, help="output folder (default perf/results/<gpu>-<date>)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    import torch
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter must be chosen before triton is imported: start again with it switched on.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        os.execve(sys.executable, [sys.executable, "-m", "triton_bn", *argv], env)
+    args = _parse(argv)
+    return run_bench(args)
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _time_ms(fn, on_gpu: bool):
+    """(median, p20, p80) in ms."""
+    if on_gpu:
+        import triton
+        times = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="all")
+    else:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    times = sorted(times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return statistics.median(times), pick(0.2), pick(0.8)
+
+
+def measure_copy_gbps(device: str, on_gpu: bool) -> float:
+    """Device-to-device copy bandwidth (bytes read + written), the efficiency reference of this run."""
+    import torch
+    numel = (256 << 20) if on_gpu else (4 << 20)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = _time_ms(lambda: dst.copy_(src), on_gpu)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def run_bench(args) -> int:
+    import torch
+    import triton_bn
+    from triton_bn.autotune import tuner
+    from . import cases as C
+    from . import report
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    split = lambda s: [v for v in s.split(",") if v] if s else None  # noqa: E731
+    if on_gpu:
+        sets = split(args.sets) or list(C.QUICK_SETS)
+        combos = ([("fp32", "nchw"), ("bf16", "channels_last")] if args.quick else
+                  [(d, l) for d in C.DTYPES for l in C.LAYOUTS])
+        providers = split(args.providers) or list(C.PROVIDERS)
+        gpu_name = torch.cuda.get_device_name()
+        mode = "gpu"
+    else:
+        sets = split(args.sets) or ["tiny"]
+        combos = [("fp32", "nchw"), ("fp32", "channels_last")]
+        providers = split(args.providers) or ["triton_bn", "eager_native", "torch_compile"]
+        gpu_name = "cpu-interpreter"
+        mode = "interpreter"
+        print("No GPU: running tiny shapes through the Triton interpreter. These timings are interpreter "
+              "timings, NOT GPU figures; use them only to check that the tool and its files work.")
+    if args.dtypes or args.layouts:
+        dtypes = split(args.dtypes) or sorted({d for d, _ in combos})
+        layouts = split(args.layouts) or sorted({l for _, l in combos})
+        combos = [(d, l) for d in dtypes for l in layouts]
+    case_names = split(args.cases) or list(C.CASES)
+    unknown = [p for p in providers if p not in C.PROVIDERS] + [c for c in case_names if c not in C.CASES]
+    if unknown:
+        raise SystemExit(f"triton-bn bench: unknown provider/case {unknown}")
+    if not on_gpu and "eager_cudnn" in providers:
+        providers.remove("eager_cudnn")  # cuDNN is a CUDA library
+
+    stamp = datetime.date.today().isoformat()
+    safe_gpu = "".join(ch if ch.isalnum() else "-" for ch in gpu_name).strip("-").lower()
+    out = Path(args.out or Path("perf") / "results" / f"{safe_gpu}-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    copy_gbps = measure_copy_gbps(device, on_gpu)
+    print(f"device: {gpu_name}; torch {torch.__version__}; triton_bn {triton_bn.__version__}; "
+          f"copy bandwidth {copy_gbps:.1f} GB/s")
+    jobs = []
+    for set_name in sets:
+        for shape in C.SHAPE_SETS[set_name]:
+            for case in case_names:
+                if set_name == "latency" and case not in C.LATENCY_CASES:
+                    continue
+                for dtype_name, layout in combos:
+                    if layout == "channels_last" and len(shape) != 4:
+                        if (dtype_name, "nchw") in combos:
+                            continue  # (N, C) has one layout: measure it once
+                    jobs.append((case, shape, dtype_name, layout))
+
+    rows = []
+    total = len(jobs) * len(providers)
+    done = 0
+    for case, shape, dtype_name, layout in jobs:
+        dtype = C.DTYPES[dtype_name]
+        shape_text = "x".join(map(str, shape))
+        reference_output = None
+        results = {}
+        for provider in providers:
+            _progress(done, total, f"{case} {shape_text} {dtype_name} {layout} {provider}")
+            try:
+                work = C.build(case, provider, shape, dtype, layout, device)
+                output = work.output()
+                if provider in ("eager_cudnn",) or (reference_output is None and provider.startswith("eager")):
+                    reference_output = output.float()
+                results[provider] = (work, output)
+            except Exception as exc:  # a provider that can not run this case is reported, not fatal
+                print(f"\n  {provider} failed on {case} {shape_text} {dtype_name} {layout}: {exc}")
+            done += 1
+        for provider, (work, output) in results.items():
+            try:
+                ms, p20, p80 = _time_ms(work.run, on_gpu)
+            except Exception as exc:
+                print(f"\n  {provider} failed to time {case} {shape_text}: {exc}")
+                continue
+            rel_err = float("nan")
+            if reference_output is not None:
+                rel_err = ((output.float() - reference_output).norm() / reference_output.norm().clamp_min(1e-30)).item()
+            rows.append(dict(case=case, shape=shape_text, dtype=dtype_name, layout=layout, provider=provider,
+                             ms=ms, ms_p20=p20, ms_p80=p80, bytes=C.minimal_bytes(case, shape, dtype),
+                             gbps=C.minimal_bytes(case, shape, dtype) / (ms * 1e-3) / 1e9,
+                             efficiency=C.efficiency(case, shape, dtype, ms, copy_gbps), rel_err=rel_err,
+                             device=gpu_name, mode=mode))
+    _progress(total, total, "done")
+    report.add_speedups(rows, providers)
+    frame = report.write_csv(rows, out / "results.csv")
+    header = (f"# triton-bn bench: {gpu_name}, {stamp}\n\n"
+              f"torch {torch.__version__}, triton {__import__('triton').__version__}, python {platform.python_version()}; "
+              f"copy bandwidth {copy_gbps:.1f} GB/s (read + write); efficiency = minimal bytes / copy bandwidth / time."
+              + ("\n\n**Interpreter run: these are CPU interpreter timings, not GPU figures.**" if mode != "gpu" else ""))
+    (out / "summary.md").write_text(report.summary_markdown(frame, header))
+    report.write_plots(frame, out)
+    report.write_autotune_report(tuner.report, out)
+    print(f"wrote {out}/results.csv, summary.md, autotune.md/.csv and {len(list(out.glob('*.png')))} plots")
+    return 0
