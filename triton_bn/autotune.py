@@ -84,15 +84,18 @@ def problem_extent(family: str, plan) -> Tuple[int, int]:
 
 
 def candidate_configs(family: str, plan) -> List[TileConfig]:
-    """The declared configurations that fit the problem (a tile much larger than the problem only
-    masks lanes off); never empty."""
+    """The declared configurations, each dimension clamped to the problem (a tile much larger than the
+    problem only masks lanes off), duplicates removed; never empty."""
     extent_a, extent_b = problem_extent(family, plan)
-    fitting = [
-        cfg for cfg in DECLARED_CONFIGS[family]
-        if cfg.block_a <= triton.next_power_of_2(max(extent_a, 1))
-        and cfg.block_b <= max(16, triton.next_power_of_2(max(extent_b, 1)))
-    ]
-    return fitting or [heuristic_config(family, "elementwise", plan, 4)]
+    cap_a = triton.next_power_of_2(max(extent_a, 1))
+    cap_b = max(16, triton.next_power_of_2(max(extent_b, 1)))
+    clamped = []
+    for cfg in DECLARED_CONFIGS[family]:
+        a, b = min(cfg.block_a, cap_a), min(cfg.block_b, cap_b)
+        candidate = TileConfig(a, b, _warps(a * b))
+        if candidate not in clamped:
+            clamped.append(candidate)
+    return clamped
 
 
 def heuristic_config(family: str, kind: str, plan, element_size: int) -> TileConfig:

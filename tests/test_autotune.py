@@ -1,0 +1,98 @@
+"""[perf] Autotuning: every declared configuration is correct, tuning is safe for running statistics,
+and choices are cached on disk."""
+import json
+
+import pytest
+import torch
+
+import triton_bn
+from triton_bn import autotune
+from triton_bn.autotune import DECLARED_CONFIGS, forced_config, tuner, wall_clock_benchmark
+from test_core import run_case
+
+FAMILY_CASES = {"channels_last": ((33, 20, 3, 3), "channels_last"), "channels_first": ((5, 3, 9, 13), "contiguous")}
+
+
+@pytest.mark.parametrize("family,config", [(f, c) for f, cs in DECLARED_CONFIGS.items() for c in cs],
+                         ids=lambda v: v if isinstance(v, str) else f"{v.block_a}x{v.block_b}")
+def test_every_declared_configuration_is_correct(family, config):
+    """Each tile shape's masking, on shapes that no tile divides evenly, forward and backward."""
+    shape, layout = FAMILY_CASES[family]
+    with forced_config(family, config):
+        run_case(shape, torch.float32, "cpu", layout, training=True, activation="relu", with_residual=True)
+
+
+@pytest.fixture
+def cpu_tuning(monkeypatch):
+    monkeypatch.setattr(tuner, "tune_on_cpu", True)
+    monkeypatch.setattr(tuner, "benchmark", wall_clock_benchmark)
+
+
+def _fresh_module():
+    torch.manual_seed(0)
+    mod = triton_bn.BatchNorm2d(6, activation="relu")
+    ref = torch.nn.BatchNorm2d(6)
+    ref.load_state_dict(mod.state_dict())
+    return mod, ref
+
+
+def test_tuning_updates_running_statistics_once_and_never_writes_the_input(cpu_tuning):
+    mod, ref = _fresh_module()
+    x = torch.randn(8, 6, 5, 5).requires_grad_()
+    x_before = x.detach().clone()
+    y = mod(x)
+    y.sum().backward()
+    assert len(tuner.report) > 2, "tuning should have benchmarked several configurations"
+    keys = {row["key"] for row in tuner.report}
+    assert {k.split("|")[0] for k in keys} == {"channels_first.reduce", "channels_first.elementwise"}
+    assert torch.equal(x.detach(), x_before)
+    ref(x_before)
+    torch.testing.assert_close(mod.running_mean, ref.running_mean)  # one update, not one per candidate
+    torch.testing.assert_close(mod.running_var, ref.running_var)
+    assert mod.num_batches_tracked.item() == 1
+    torch.testing.assert_close(y, torch.relu(torch.nn.functional.batch_norm(
+        x_before, None, None, mod.weight, mod.bias, True)), atol=1e-5, rtol=1e-5)
+
+
+def test_choices_are_cached_on_disk_and_reused(cpu_tuning):
+    mod, _ = _fresh_module()
+    mod(torch.randn(8, 6, 5, 5))
+    path = tuner.cache_file(torch.device("cpu"))
+    stored = json.loads(path.read_text())
+    assert stored and all(set(cfg) == {"block_a", "block_b", "num_warps"} for cfg in stored.values())
+    assert "interpreter" in path.name and "triton" in path.name
+    tuner.reset()  # what a new process sees: an empty memory, the file on disk
+    mod(torch.randn(8, 6, 5, 5))
+    assert tuner.report == [], "a second process must not tune again"
+    mod(torch.randn(7, 6, 5, 5))  # another batch size in the same bucket: no new tune either
+    assert tuner.report == []
+
+
+def test_autotune_off_uses_the_heuristic(cpu_tuning, monkeypatch):
+    monkeypatch.setenv("TRITON_BN_AUTOTUNE", "0")
+    mod, _ = _fresh_module()
+    mod(torch.randn(8, 6, 5, 5))
+    assert tuner.report == []
+    assert not tuner.cache_file(torch.device("cpu")).exists()
+
+
+def test_keys_ignore_the_exact_batch_size():
+    from triton_bn.layout import plan_layout
+    _, a = plan_layout(torch.empty(128, 64, 7, 7))
+    _, b = plan_layout(torch.empty(100, 64, 7, 7))
+    _, c = plan_layout(torch.empty(128, 64, 14, 14))
+    key = lambda p: autotune.tuning_key("channels_first", "reduce", p, torch.float32)  # noqa: E731
+    assert key(a) == key(b) and key(a) != key(c)
+
+
+def test_heuristic_tiles_are_powers_of_two_and_bounded():
+    from triton_bn.layout import ChannelsLastPlan, plan_layout
+    for shape, fmt in [((4, 3, 5, 5), torch.contiguous_format), ((4, 300, 5, 5), torch.channels_last),
+                       ((2, 7), torch.contiguous_format), ((3, 5, 4000), torch.contiguous_format)]:
+        _, plan = plan_layout(torch.empty(shape).contiguous(memory_format=fmt))
+        family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
+        for element_size in (2, 4):
+            cfg = autotune.heuristic_config(family, "reduce", plan, element_size)
+            for v in (cfg.block_a, cfg.block_b):
+                assert v >= 1 and v & (v - 1) == 0
+            assert cfg.block_a * cfg.block_b <= 4096

@@ -1,0 +1,74 @@
+"""[perf] The benchmark tool: efficiency arithmetic, report writers, CSV schema and a tiny end-to-end run."""
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from triton_bn.bench import cases, report
+
+
+def test_minimal_bytes_and_efficiency():
+    shape = (128, 64, 112, 112)
+    numel = math.prod(shape)
+    assert cases.minimal_bytes("train_fwd_relu", shape, torch.float32) == 2 * 4 * numel
+    assert cases.minimal_bytes("train_fwdbwd_relu", shape, torch.bfloat16) == 5 * 2 * numel
+    assert cases.minimal_bytes("train_add_relu_fwdbwd", shape, torch.float16) == 7 * 2 * numel
+    assert cases.minimal_bytes("eval_fwd", shape, torch.float32) == 2 * 4 * numel
+    # the anchor table's first row: 0.1923 ms floor at 4274.8 GB/s means efficiency 1.0 at that time
+    floor_ms = 2 * 4 * numel / 4274.8e9 * 1e3
+    assert abs(floor_ms - 0.1923) < 1e-3
+    assert abs(cases.efficiency("train_fwd", shape, torch.float32, floor_ms, 4274.8) - 1.0) < 1e-9
+    assert abs(cases.efficiency("train_fwd", shape, torch.float32, 2 * floor_ms, 4274.8) - 0.5) < 1e-9
+
+
+def _rows():
+    rows = []
+    for provider, ms in (("triton_bn", 1.0), ("eager_cudnn", 2.0), ("torch_compile", 1.5)):
+        rows.append(dict(case="train_fwd", shape="2x3x4x4", dtype="fp32", layout="nchw", provider=provider, ms=ms,
+                         ms_p20=ms, ms_p80=ms, bytes=100, gbps=1.0, efficiency=0.5 / ms, rel_err=0.0,
+                         device="test", mode="gpu"))
+    return rows
+
+
+def test_speedups_summary_and_csv_schema(tmp_path):
+    rows = report.add_speedups(_rows(), ["triton_bn", "eager_cudnn", "torch_compile"])
+    ours = next(r for r in rows if r["provider"] == "triton_bn")
+    assert ours["speedup_vs_eager_cudnn"] == 2.0 and ours["speedup_vs_torch_compile"] == 1.5
+    frame = report.write_csv(rows + rows[:1], tmp_path / "r.csv")  # a duplicate key is dropped
+    back = pd.read_csv(tmp_path / "r.csv")
+    assert len(back) == 3 and set(report.COLUMNS) <= set(back.columns)
+    text = report.summary_markdown(frame, "# t")
+    assert "1.50x" in text and "geomean speedup vs best anchor: 1.50x; worst row: 1.50x" in text
+    assert report.geomean([1.0, 4.0]) == pytest.approx(2.0)
+
+
+def test_plots_and_autotune_report(tmp_path):
+    frame = pd.DataFrame(report.add_speedups(_rows(), ["triton_bn"]))
+    paths = report.write_plots(frame, tmp_path)
+    assert paths and all(p.stat().st_size > 1000 for p in paths)
+    report.write_autotune_report([{"key": "k", "block_a": 1, "block_b": 2, "num_warps": 4, "ms": 0.1, "chosen": True},
+                                  {"key": "k", "block_a": 2, "block_b": 2, "num_warps": 4, "ms": 0.2, "chosen": False}],
+                                 tmp_path)
+    assert "**yes**" in (tmp_path / "autotune.md").read_text()
+    assert len(pd.read_csv(tmp_path / "autotune.csv")) == 2
+
+
+def test_bench_end_to_end_on_cpu(tmp_path):
+    """The README's main command, cut down: a tiny interpreter run that writes every file."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--sets", "tiny",
+                           "--cases", "train_fwdbwd_relu,eval_fwd_relu", "--providers", "triton_bn,eager_native",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "interpreter timings" in proc.stdout
+    frame = pd.read_csv(out / "results.csv")
+    assert set(frame["provider"]) == {"triton_bn", "eager_native"}
+    assert set(frame["case"]) == {"train_fwdbwd_relu", "eval_fwd_relu"}
+    ours = frame[frame["provider"] == "triton_bn"]
+    assert (ours["rel_err"] < 1e-5).all(), "a fast wrong kernel must not hide"
+    assert (frame["efficiency"] > 0).all() and (frame["ms"] > 0).all()
+    assert (out / "summary.md").read_text().count("###") >= 2
+    assert list(out.glob("efficiency_*.png")) and (out / "autotune.md").exists()
