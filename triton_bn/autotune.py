@@ -166,6 +166,11 @@ class Tuner:
         key = tuning_key(family, kind, plan, x.dtype)
         self._load_disk(x.device)
         if key not in self.memory:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"triton_bn: {key} is seen for the first time inside a CUDA graph capture, where it can not "
+                    "be autotuned (or compiled). Warm up first: run the same step once (forward and backward) "
+                    "before capturing, or set TRITON_BN_AUTOTUNE=0.")
             self.memory[key] = self._benchmark(key, candidate_configs(family, plan), run)
             self._save_disk(x.device)
         return self.memory[key]

@@ -86,7 +86,8 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _OURS) or super().is_leaf_module(m, qualname)
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def trace_model(model: nn.Module) -> fx.GraphModule:
+    """fx-trace ``model`` keeping torch.nn and triton_bn modules as call sites (shared by fold.py)."""
     graph = _Tracer().trace(model)
     return fx.GraphModule(model, graph, type(model).__name__)
 
@@ -185,7 +186,7 @@ def convert_model(module: nn.Module, fuse_activations: bool = True) -> nn.Module
             total = _swap_batch_norms(model)
     if fuse_activations and not isinstance(model, _OURS):
         try:
-            traced = _trace(model)
+            traced = trace_model(model)
         except Exception as exc:  # fx can not trace data-dependent control flow and the like
             warnings.warn(f"triton_bn.convert_model: torch.fx could not trace the model ({type(exc).__name__}: "
                           f"{exc}); BN modules were replaced and only nn.Sequential neighbours were fused")
