@@ -6,9 +6,10 @@ tensors through the Triton interpreter.
 """
 from .activations import SUPPORTED_ACTIVATIONS
 from .convert import FusionReport, convert_model
+from .fold import FrozenBatchNorm, fold_batch_norms
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "convert_model", "FusionReport", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SUPPORTED_ACTIVATIONS", "__version__"]
+__all__ = ["batch_norm", "convert_model", "FusionReport", "fold_batch_norms", "FrozenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SUPPORTED_ACTIVATIONS", "__version__"]

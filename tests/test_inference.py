@@ -1,0 +1,150 @@
+"""[inference] Eval is one elementwise pass whose per-channel table is never stale; BN folding into
+Conv/ConvTranspose/Linear; frozen scale/shift for the rest."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import triton_bn
+from test_epilogue import TinyResNet, Untraceable
+
+
+def _randomize_bn_stats(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _bn_count(model):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _check(model, x, expected_bns=0, atol=1e-5):
+    model = _randomize_bn_stats(model).eval()
+    snapshot = copy.deepcopy(model.state_dict())
+    folded = triton_bn.fold_batch_norms(model)
+    torch.testing.assert_close(folded(x), model(x), atol=atol, rtol=atol)
+    for key, value in model.state_dict().items():  # the input model is untouched
+        assert torch.equal(value, snapshot[key]), key
+    assert _bn_count(folded) == expected_bns
+    return folded
+
+
+def test_eval_launches_one_pass_and_table_is_never_stale(device):
+    """The scale/shift table is computed in each program from the live buffers: change them in place
+    or through load_state_dict and the next call sees the change."""
+    mod = triton_bn.BatchNorm2d(4, activation="relu").to(device).eval()
+    ref = nn.BatchNorm2d(4).to(device).eval()
+    x = torch.randn(2, 4, 3, 3, device=device)
+    torch.testing.assert_close(mod(x), torch.relu(ref(x)))
+    with torch.no_grad():
+        mod.running_var.mul_(4.0)  # in-place change of a buffer
+        ref.running_var.mul_(4.0)
+    torch.testing.assert_close(mod(x), torch.relu(ref(x)))
+    other = nn.BatchNorm2d(4).to(device)
+    with torch.no_grad():
+        other.running_mean.uniform_(-2, 2)
+        other.weight.uniform_(0.1, 3)
+    mod.load_state_dict(other.state_dict())
+    torch.testing.assert_close(mod(x), torch.relu(other.eval()(x)))
+    with torch.no_grad():
+        mod.bias.add_(1.0)  # a parameter change
+    torch.testing.assert_close(mod(x), torch.relu(other(x) + 1.0))
+
+
+def test_training_mode_is_refused():
+    with pytest.raises(RuntimeError, match="training mode"):
+        triton_bn.fold_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+
+
+def test_resnet_like_model_folds_every_bn(device):
+    model = TinyResNet().to(device)
+    folded = _check(model, torch.randn(2, 3, 8, 8, device=device), expected_bns=0, atol=1e-4)
+    assert not any(isinstance(m, triton_bn.FrozenBatchNorm) for m in folded.modules())  # all folded (Linear too)
+
+
+def test_converted_resnet_keeps_its_fused_activations(device):
+    model = triton_bn.convert_model(TinyResNet().to(device))
+    folded = _check(model, torch.randn(2, 3, 8, 8, device=device), expected_bns=0, atol=1e-4)
+    frozen = [m for m in folded.modules() if isinstance(m, triton_bn.FrozenBatchNorm)]
+    assert len(frozen) == 6 and all(m.activation == "relu" for m in frozen)  # act / residual forms survive
+    assert all(torch.equal(m.scale, torch.ones_like(m.scale)) for m in frozen)  # only the epilogue is left
+
+
+@pytest.mark.parametrize("layer,bn,x_shape", [
+    (lambda: nn.Conv2d(4, 6, 3, bias=False), lambda: nn.BatchNorm2d(6), (2, 4, 7, 7)),
+    (lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2), lambda: nn.BatchNorm2d(6), (2, 4, 7, 7)),
+    (lambda: nn.Conv1d(3, 5, 3), lambda: nn.BatchNorm1d(5), (2, 3, 9)),
+    (lambda: nn.Conv3d(2, 4, 2), lambda: nn.BatchNorm3d(4), (2, 2, 4, 4, 4)),
+    (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), lambda: nn.BatchNorm2d(6), (2, 4, 5, 5)),
+    (lambda: nn.ConvTranspose1d(3, 4, 3, bias=False), lambda: nn.BatchNorm1d(4), (2, 3, 6)),
+    (lambda: nn.Linear(7, 5), lambda: nn.BatchNorm1d(5), (6, 7)),
+], ids=["conv-nobias", "conv-groups-dilation", "conv1d", "conv3d", "convT-groups", "convT1d-nobias", "linear"])
+def test_fold_each_layer_kind(layer, bn, x_shape, device):
+    model = nn.Sequential(layer(), bn()).to(device)
+    _check(model, torch.randn(x_shape, device=device), expected_bns=0)
+
+
+class MultiUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y  # conv output has another user: folding would change it
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.conv(x)))  # the conv is called twice: its weights serve both
+
+
+def test_multi_user_and_shared_layers_are_not_folded(device):
+    for cls in (MultiUser, Shared):
+        model = cls().to(device)
+        conv_weight = model.conv.weight.detach().clone()
+        folded = _check(model, torch.randn(2, 3 if cls is MultiUser else 4, 5, 5, device=device), expected_bns=0)
+        assert torch.equal(folded.conv.weight, conv_weight), cls.__name__
+        assert isinstance(folded.bn, triton_bn.FrozenBatchNorm)
+
+
+def test_untraceable_model_folds_sequential_neighbours(device):
+    model = _randomize_bn_stats(Untraceable().to(device)).eval()
+    with torch.no_grad():
+        model.body[0].bias.fill_(0.3)  # so that y.sum() > 0 takes one branch for both models
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folded = triton_bn.fold_batch_norms(model)
+    assert any("could not trace" in str(w.message) for w in caught)
+    assert isinstance(folded.body[1], nn.Identity) and isinstance(folded.bn, triton_bn.FrozenBatchNorm)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_batch_norm_dtypes_and_layouts(device):
+    bn = _randomize_bn_stats(triton_bn.BatchNorm2d(5, activation="hardswish").to(device)).eval()
+    frozen = getattr(triton_bn.fold_batch_norms(nn.Sequential(bn).eval()), "0")  # a GraphModule now
+    assert isinstance(frozen, triton_bn.FrozenBatchNorm) and "hardswish" in repr(frozen)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 4, 4, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        y = frozen(x)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y.float(), bn(x.float()), atol=3e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   rtol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    with pytest.raises(ValueError, match="expected input of shape"):
+        frozen(torch.randn(3, 4, 2, 2, device=device))
