@@ -9,7 +9,9 @@ from .convert import FusionReport, convert_model
 from .fold import FrozenBatchNorm, fold_batch_norms
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "convert_model", "FusionReport", "fold_batch_norms", "FrozenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SUPPORTED_ACTIVATIONS", "__version__"]
+__all__ = ["batch_norm", "convert_model", "FusionReport", "fold_batch_norms", "FrozenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+           "convert_sync_batchnorm", "SUPPORTED_ACTIVATIONS", "__version__"]

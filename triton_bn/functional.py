@@ -55,8 +55,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 
 def _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-                     residual, num_batches_tracked) -> int:
-    """All validation, in one place; returns the activation's kernel id."""
+                     residual, num_batches_tracked, check_batch_size: bool = True) -> int:
+    """All validation, in one place; returns the activation's kernel id. SyncBatchNorm passes
+    ``check_batch_size=False``: there the count that matters is the global one."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
     if input.dim() < 2:
@@ -99,7 +100,7 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
     if training:
         if not (isinstance(eps, (int, float)) and eps > 0):
             raise ValueError(f"batch_norm: eps must be > 0 in training, got {eps}")
-        if input.numel() > 0 and input.numel() // channels == 1:
+        if check_batch_size and input.numel() > 0 and input.numel() // channels == 1:
             # PyTorch's own message (torch.nn.functional._verify_batch_size)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         if running_mean is not None:

@@ -94,6 +94,27 @@ def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_v
     invstd = torch.empty_like(mean)
     if x.numel() == 0:  # PyTorch leaves the running statistics alone on an empty batch
         return mean.zero_(), invstd.fill_(float("nan"))
+    _merged_statistics(x, mean, invstd, None, running_mean, running_var, num_batches_tracked, momentum, cumulative,
+                       eps)
+    return mean, invstd
+
+
+def batch_moments(x: torch.Tensor) -> torch.Tensor:
+    """Local ``(count, mean, M2)`` per channel, packed as one fp32 [3, C] tensor (what SyncBatchNorm
+    all-gathers). An empty x gives count 0, which weighs nothing in the merge."""
+    if not uses_kernels(x):
+        return reference.batch_moments(x)
+    channels = x.shape[1]
+    moments = torch.zeros((3, channels), dtype=torch.float32, device=x.device)
+    if x.numel() > 0:
+        _merged_statistics(x, moments[1], torch.empty_like(moments[1]), moments, None, None, None, 0.0, False, 1e-5)
+    return moments
+
+
+def _merged_statistics(x, mean, invstd, moments, running_mean, running_var, num_batches_tracked, momentum: float,
+                       cumulative: bool, eps: float) -> None:
+    """Partial Welford over splits, then the finalize kernel (merge, invstd, running statistics)."""
+    channels = x.shape[1]
     x, plan = plan_layout(x)
     family = _family(plan)
     partial_kernel = (cl._bn_fwd_stats_partial_channels_last if family == "channels_last"
@@ -110,16 +131,18 @@ def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_v
     splits, partials = run_partials(tuner.select(family, "reduce", plan, x, run_partials))
     count = x.numel() // channels
     update = running_mean is not None
+    dummy = _dummy(x.device)
     _bn_fwd_stats_finalize[_finalize_grid(channels)](
         partials[0], partials[1], partials[2], partials[3], mean, invstd,
-        running_mean if update else _dummy(x.device), running_var if update else _dummy(x.device),
-        num_batches_tracked if (update and cumulative) else _dummy(x.device),
+        moments[0] if moments is not None else dummy, moments[2] if moments is not None else dummy,
+        running_mean if update else dummy, running_var if update else dummy,
+        num_batches_tracked if (update and cumulative) else dummy,
         channels, splits, 1.0 / count, count / (count - 1) if count > 1 else float("nan"),
         running_mean.stride(0) if update else 0, running_var.stride(0) if update else 0,
         eps, momentum,
-        UPDATE_RUNNING=update, CUMULATIVE=cumulative, BLOCK_C=FINALIZE_BLOCK_C,
+        UPDATE_RUNNING=update, CUMULATIVE=cumulative, WRITE_MOMENTS=moments is not None,
+        BLOCK_C=FINALIZE_BLOCK_C,
     )
-    return mean, invstd
 
 
 def _epilogue_flags(weight, bias, residual, batch_stats: bool, activation: int) -> dict:
@@ -156,75 +179,113 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, we
 
 
 # -- backward -------------------------------------------------------------------------------------------
-def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
-                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                        residual: Optional[torch.Tensor], eps: float, batch_stats: bool, activation: int,
-                        negative_slope: float, output_mask: List[bool]):
-    """(dx, dweight, dbias, dresidual), each None unless asked for by ``output_mask``.
-
-    ``residual`` is only needed (and only saved by the autograd formula) when an activation follows
-    the add: it is part of the pre-activation whose derivative is recomputed."""
+def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
+                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                  eps: float, batch_stats: bool, activation: int, negative_slope: float,
+                  grad_weight: Optional[torch.Tensor] = None, grad_bias: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+    """Pass 1 of the backward: fp32 [2, C] = (sum dz, sum dz * xhat) per channel, also written to
+    ``grad_bias`` / ``grad_weight`` when given (in the parameters' dtype)."""
     if not uses_kernels(x):
-        return reference.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
-                                             activation, negative_slope, output_mask)
-    want_dx, want_dweight, want_dbias, want_dresidual = output_mask
-    want_dweight = want_dweight and weight is not None
-    want_dbias = want_dbias and bias is not None
-    channels = x.shape[1]
-    device = x.device
+        return reference.backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+                                       negative_slope, grad_weight, grad_bias)
+    channels, device = x.shape[1], x.device
+    sums = torch.empty((2, channels), dtype=torch.float32, device=device)
     if x.numel() == 0:
-        zeros = lambda p: torch.zeros_like(p) if p is not None else None  # noqa: E731
-        return (torch.zeros_like(x) if want_dx else None, zeros(weight) if want_dweight else None,
-                zeros(bias) if want_dbias else None, torch.zeros_like(x) if want_dresidual else None)
+        sums.zero_()
+        for out, row in ((grad_weight, 1), (grad_bias, 0)):
+            if out is not None:
+                out.copy_(sums[row])
+        return sums
     x, plan = plan_layout(x)
     grad_y = like_input(grad_y, x)
     residual = like_input(residual, x) if residual is not None else None
     family = _family(plan)
+    partial_kernel = (cl._bn_bwd_reduce_partial_channels_last if family == "channels_last"
+                      else cf._bn_bwd_reduce_partial_channels_first)
     per_channel = (_channel_vector(mean, device), _channel_vector(stat, device),
                    _channel_vector(weight, device), _channel_vector(bias, device))
     flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
     residual_arg = residual if residual is not None else _dummy(device)
-    grad_weight = torch.empty_like(weight) if want_dweight else None
-    grad_bias = torch.empty_like(bias) if want_dbias else None
 
-    # Pass 1 (only when needed): per-channel sums of dz and dz * xhat.
-    sums = (_dummy(device), _dummy(device))
-    if (want_dx and batch_stats) or want_dweight or want_dbias:
-        partial_kernel = (cl._bn_bwd_reduce_partial_channels_last if family == "channels_last"
-                          else cf._bn_bwd_reduce_partial_channels_first)
+    def run_partials(cfg: TileConfig):
+        splits, grid, size_args = _reduction_grid(plan, cfg, device)
+        partials = torch.empty((2, splits, channels), dtype=torch.float32, device=device)
+        partial_kernel[grid](grad_y, x, residual_arg, *per_channel, partials[0], partials[1], *size_args,
+                             eps, negative_slope, **flags, **cfg.launch_kwargs(family))
+        return splits, partials
 
-        def run_partials(cfg: TileConfig):
-            splits, grid, size_args = _reduction_grid(plan, cfg, device)
-            partials = torch.empty((2, splits, channels), dtype=torch.float32, device=device)
-            partial_kernel[grid](grad_y, x, residual_arg, *per_channel, partials[0], partials[1], *size_args,
-                                 eps, negative_slope, **flags, **cfg.launch_kwargs(family))
-            return splits, partials
+    splits, partials = run_partials(tuner.select(family, "reduce", plan, x, run_partials))
+    _bn_bwd_reduce_finalize[_finalize_grid(channels)](
+        partials[0], partials[1], sums[0], sums[1],
+        grad_weight if grad_weight is not None else _dummy(device),
+        grad_bias if grad_bias is not None else _dummy(device),
+        channels, splits, WRITE_GRAD_WEIGHT=grad_weight is not None, WRITE_GRAD_BIAS=grad_bias is not None,
+        BLOCK_C=FINALIZE_BLOCK_C)
+    return sums
 
-        splits, partials = run_partials(tuner.select(family, "reduce", plan, x, run_partials))
-        sums = torch.empty((2, channels), dtype=torch.float32, device=device)
-        _bn_bwd_reduce_finalize[_finalize_grid(channels)](
-            partials[0], partials[1], sums[0], sums[1],
-            grad_weight if want_dweight else _dummy(device), grad_bias if want_dbias else _dummy(device),
-            channels, splits, WRITE_GRAD_WEIGHT=want_dweight, WRITE_GRAD_BIAS=want_dbias,
-            BLOCK_C=FINALIZE_BLOCK_C)
 
-    # Pass 2 (only when needed): the elementwise dx and d residual.
+def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
+                         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         residual: Optional[torch.Tensor], sums: Optional[torch.Tensor], inv_count: float,
+                         eps: float, batch_stats: bool, activation: int, negative_slope: float,
+                         want_dx: bool, want_dresidual: bool):
+    """Pass 2 of the backward: (dx, d residual), each None unless wanted. With batch statistics, dx
+    uses ``sums * inv_count`` (the mean of dz and of dz * xhat over the batch; SyncBatchNorm passes
+    all-reduced sums already divided by the global count, with inv_count = 1)."""
+    if not uses_kernels(x):
+        return reference.backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps,
+                                              batch_stats, activation, negative_slope, want_dx, want_dresidual)
+    device = x.device
+    if x.numel() == 0:
+        return (torch.zeros_like(x) if want_dx else None, torch.zeros_like(x) if want_dresidual else None)
+    x, plan = plan_layout(x)
+    grad_y = like_input(grad_y, x)
     grad_x = empty_like_input(x) if want_dx else None
     grad_residual = empty_like_input(x) if want_dresidual else None
     if want_dresidual and not want_dx and activation == 0:
         grad_residual.copy_(grad_y)  # act = identity: d residual = dy, no kernel needed
-    elif want_dx or want_dresidual:
-        kernel = cl._bn_bwd_dx_channels_last if family == "channels_last" else cf._bn_bwd_dx_channels_first
-        count = x.numel() // channels
+        return grad_x, grad_residual
+    residual = like_input(residual, x) if residual is not None else None
+    family = _family(plan)
+    kernel = cl._bn_bwd_dx_channels_last if family == "channels_last" else cf._bn_bwd_dx_channels_first
+    per_channel = (_channel_vector(mean, device), _channel_vector(stat, device),
+                   _channel_vector(weight, device), _channel_vector(bias, device))
+    flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
+    sums = sums if sums is not None else torch.zeros((2, 1), dtype=torch.float32, device=device)
 
-        def run_dx(cfg: TileConfig):
-            grid, size_args = _elementwise_grid(plan, cfg)
-            kernel[grid](grad_y, x, residual_arg,
-                         grad_x if want_dx else _dummy(device),
-                         grad_residual if want_dresidual else _dummy(device),
-                         *per_channel, sums[0], sums[1], *size_args, 1.0 / count, eps, negative_slope,
-                         BATCH_STATS=batch_stats, **flags, WRITE_GRAD_X=want_dx,
-                         WRITE_GRAD_RESIDUAL=want_dresidual, **cfg.launch_kwargs(family))
+    def run_dx(cfg: TileConfig):
+        grid, size_args = _elementwise_grid(plan, cfg)
+        kernel[grid](grad_y, x, residual if residual is not None else _dummy(device),
+                     grad_x if want_dx else _dummy(device), grad_residual if want_dresidual else _dummy(device),
+                     *per_channel, sums[0], sums[1], *size_args, inv_count, eps, negative_slope,
+                     BATCH_STATS=batch_stats, **flags, WRITE_GRAD_X=want_dx,
+                     WRITE_GRAD_RESIDUAL=want_dresidual, **cfg.launch_kwargs(family))
 
-        run_dx(tuner.select(family, "elementwise", plan, x, run_dx))
+    run_dx(tuner.select(family, "elementwise", plan, x, run_dx))
+    return grad_x, grad_residual
+
+
+def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        residual: Optional[torch.Tensor], eps: float, batch_stats: bool, activation: int,
+                        negative_slope: float, output_mask: List[bool]):
+    """(dx, dweight, dbias, dresidual), each None unless asked for by ``output_mask``. Runs pass 1 only
+    when something needs the per-channel sums, pass 2 only when dx or d residual is wanted.
+
+    ``residual`` is only needed (and only saved by the autograd formula) when an activation follows
+    the add: it is part of the pre-activation whose derivative is recomputed."""
+    want_dx, want_dweight, want_dbias, want_dresidual = output_mask
+    grad_weight = torch.empty_like(weight) if (want_dweight and weight is not None) else None
+    grad_bias = torch.empty_like(bias) if (want_dbias and bias is not None) else None
+    sums = None
+    if (want_dx and batch_stats) or grad_weight is not None or grad_bias is not None:
+        sums = backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+                             negative_slope, grad_weight, grad_bias)
+    grad_x = grad_residual = None
+    if want_dx or want_dresidual:
+        count = max(x.numel() // max(x.shape[1], 1), 1)
+        grad_x, grad_residual = backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, 1.0 / count,
+                                                     eps, batch_stats, activation, negative_slope, want_dx,
+                                                     want_dresidual)
     return grad_x, grad_weight, grad_bias, grad_residual

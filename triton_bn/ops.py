@@ -73,3 +73,45 @@ def _(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activatio
 
 
 batch_norm_apply.register_autograd(BatchNormFunction.backward, setup_context=BatchNormFunction.setup_context)
+
+
+# -- the pieces SyncBatchNorm needs between its collectives ---------------------------------------------
+@torch.library.custom_op("triton_bn::batch_moments", mutates_args=())
+def batch_moments(x: Tensor) -> Tensor:
+    """fp32 [3, C]: local (count, mean, M2) per channel."""
+    return launch.batch_moments(x)
+
+
+@batch_moments.register_fake
+def _(x):
+    return x.new_empty((3, x.shape[1]), dtype=_stats_dtype(x))
+
+
+@torch.library.custom_op("triton_bn::batch_norm_backward_sums", mutates_args=())
+def batch_norm_backward_sums(grad_y: Tensor, x: Tensor, mean: Tensor, stat: Tensor, weight: Optional[Tensor],
+                             bias: Optional[Tensor], residual: Optional[Tensor], eps: float, batch_stats: bool,
+                             activation: int, negative_slope: float) -> Tensor:
+    """fp32 [2, C]: local (sum dz, sum dz * xhat) per channel."""
+    return launch.backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+                                negative_slope)
+
+
+@batch_norm_backward_sums.register_fake
+def _(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
+    return x.new_empty((2, x.shape[1]), dtype=_stats_dtype(x))
+
+
+@torch.library.custom_op("triton_bn::batch_norm_backward_elementwise", mutates_args=())
+def batch_norm_backward_elementwise(grad_y: Tensor, x: Tensor, mean: Tensor, stat: Tensor, weight: Optional[Tensor],
+                                    bias: Optional[Tensor], residual: Optional[Tensor], mean_sums: Tensor, eps: float,
+                                    activation: int, negative_slope: float,
+                                    want_dresidual: bool) -> Tuple[Tensor, Tensor]:
+    """(dx, d residual) in training, given ``mean_sums`` = the batch means of (dz, dz * xhat) [2, C]."""
+    grad_x, grad_residual = launch.backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, mean_sums, 1.0,
+                                                        eps, True, activation, negative_slope, True, want_dresidual)
+    return grad_x, grad_residual if grad_residual is not None else x.new_empty(0)
+
+
+@batch_norm_backward_elementwise.register_fake
+def _(grad_y, x, mean, stat, weight, bias, residual, mean_sums, eps, activation, negative_slope, want_dresidual):
+    return torch.empty_like(x), (torch.empty_like(x) if want_dresidual else x.new_empty(0))

@@ -59,32 +59,55 @@ def batch_norm_apply(x, mean, stat, weight, bias, residual, eps: float, batch_st
     return torch_activation(_ACTIVATION_NAMES[activation], negative_slope)(z).to(x.dtype)
 
 
-def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool,
-                        activation: int, negative_slope: float, output_mask: List[bool]):
+def batch_moments(x):
+    dtype = _compute_dtype(x)
+    channels = x.shape[1]
+    if x.numel() == 0:
+        return torch.zeros((3, channels), dtype=dtype, device=x.device)
+    var, mean = torch.var_mean(x.to(dtype), dim=_reduce_dims(x), unbiased=False)
+    count = x.numel() // channels
+    return torch.stack([torch.full_like(mean, count), mean, var * count])
+
+
+def _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+                         negative_slope):
     dtype = _compute_dtype(x)
     invstd, scale, shift = _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype)
     xf = x.to(dtype)
     grad_z = grad_y.to(dtype)
     if activation != 0:
-        z = ((xf - _per_channel(mean, x, dtype)) * scale + shift + (residual.to(dtype) if residual is not None else 0)).detach().requires_grad_()
+        z = ((xf - _per_channel(mean, x, dtype)) * scale + shift
+             + (residual.to(dtype) if residual is not None else 0)).detach().requires_grad_()
         with torch.enable_grad():
             out = torch_activation(_ACTIVATION_NAMES[activation], negative_slope)(z)
         grad_z, = torch.autograd.grad(out, z, grad_z)
-    dims = _reduce_dims(x)
     xhat = (xf - _per_channel(mean, x, dtype)) * invstd
-    sum_dz = grad_z.sum(dims)
-    sum_dz_xhat = (grad_z * xhat).sum(dims)
-    grad_x = grad_weight = grad_bias = grad_residual = None
-    if output_mask[0]:
+    return grad_z, xhat, scale, dtype
+
+
+def backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope,
+                  grad_weight=None, grad_bias=None):
+    grad_z, xhat, _, _ = _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
+                                              activation, negative_slope)
+    dims = _reduce_dims(x)
+    sums = torch.stack([grad_z.sum(dims), (grad_z * xhat).sum(dims)])
+    if grad_weight is not None:
+        grad_weight.copy_(sums[1])
+    if grad_bias is not None:
+        grad_bias.copy_(sums[0])
+    return sums
+
+
+def backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps, batch_stats,
+                         activation, negative_slope, want_dx, want_dresidual):
+    grad_z, xhat, scale, dtype = _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps,
+                                                      batch_stats, activation, negative_slope)
+    grad_x = grad_residual = None
+    if want_dx:
         g = grad_z
         if batch_stats:
-            n = x.numel() // x.shape[1]
-            g = g - _per_channel(sum_dz, x, dtype) / n - xhat * _per_channel(sum_dz_xhat, x, dtype) / n
+            g = g - _per_channel(sums[0], x, dtype) * inv_count - xhat * _per_channel(sums[1], x, dtype) * inv_count
         grad_x = (g * scale).to(x.dtype)
-    if output_mask[1] and weight is not None:
-        grad_weight = sum_dz_xhat.to(weight.dtype)
-    if output_mask[2] and bias is not None:
-        grad_bias = sum_dz.to(bias.dtype)
-    if output_mask[3]:
+    if want_dresidual:
         grad_residual = grad_z.to(x.dtype)
-    return grad_x, grad_weight, grad_bias, grad_residual
+    return grad_x, grad_residual

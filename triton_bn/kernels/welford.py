@@ -32,6 +32,7 @@ def _bn_fwd_stats_finalize(
     count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partials from a *_stats_partial kernel
     pivot_ptr,  # [C] fp32: the partial means are relative to this per-channel pivot
     save_mean_ptr, save_invstd_ptr,  # [C] fp32 outputs: batch mean and 1 / sqrt(biased var + eps)
+    save_count_ptr, save_m2_ptr,  # [C] fp32 outputs (WRITE_MOMENTS): the merged count and M2, for SyncBatchNorm
     running_mean_ptr, running_var_ptr,  # [C] (strided) running buffers, updated in place, or dummies
     num_batches_ptr,  # [1] int64 num_batches_tracked (read only when CUMULATIVE), or a dummy
     C, num_splits,
@@ -40,6 +41,7 @@ def _bn_fwd_stats_finalize(
     eps, momentum,
     UPDATE_RUNNING: tl.constexpr,  # write running_mean / running_var
     CUMULATIVE: tl.constexpr,  # momentum=None: the weight of this batch is 1 / num_batches_tracked
+    WRITE_MOMENTS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Merge the split partials of BLOCK_C channels in split order (deterministic), then update the
@@ -62,6 +64,9 @@ def _bn_fwd_stats_finalize(
     var_biased = m2 * inv_count
     tl.store(save_mean_ptr + cols, mean, mask=cmask)
     tl.store(save_invstd_ptr + cols, tl.math.rsqrt(var_biased + eps), mask=cmask)
+    if WRITE_MOMENTS:
+        tl.store(save_count_ptr + cols, count, mask=cmask)
+        tl.store(save_m2_ptr + cols, m2, mask=cmask)
     if UPDATE_RUNNING:
         if CUMULATIVE:
             factor = 1.0 / tl.load(num_batches_ptr).to(tl.float32)

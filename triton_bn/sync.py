@@ -1,0 +1,138 @@
+"""SyncBatchNorm on ``torch.distributed`` (NCCL on GPUs, gloo on CPUs) with the fused kernels.
+
+Forward (training, world size > 1): each rank computes its local ``(count, mean, M2)`` per channel
+with the statistics kernels, packs them into one [3, C] tensor, and one ``all_gather_into_tensor``
+brings every rank's triple; Chan's merge of the k parts runs on the device:
+
+    n = sum n_r      mean = sum n_r mean_r / n      M2 = sum M2_r + sum n_r (mean_r - mean)^2
+
+Ranks with no samples have n_r = 0 and weigh nothing. The running statistics use the global n
+(unbiased variance M2 / (n - 1)). Then the usual fused apply kernel (activation, residual).
+
+Backward: the local sums (sum dz, sum dz * xhat) are packed into one [2, C] tensor and all-reduced
+once; dx then uses their global means. dweight and dbias are the local sums, as in
+``torch.nn.SyncBatchNorm`` (DistributedDataParallel then reduces them like any parameter gradient).
+
+No value crosses to the host: counts stay on the device, so there is no synchronisation beyond the
+two collectives. Eval, world size 1 and an uninitialised process group take the local path.
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .functional import _check_arguments
+from .modules import _FusedBatchNormMixin
+
+
+def merge_moments(gathered: Tensor):
+    """[world, 3, C] of (count, mean, M2) -> global (count, mean, M2), each [C]."""
+    counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    count = counts.sum(0)
+    mean = (counts * means).sum(0) / count.clamp_min(1.0)
+    m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
+    return count, mean, m2
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """act(bn(x) + residual) with statistics over every rank of ``process_group``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, eps,
+                activation, negative_slope, process_group, world_size):
+        moments = torch.ops.triton_bn.batch_moments(x.detach())
+        gathered = moments.new_empty((world_size * moments.shape[0], moments.shape[1]))  # gloo wants it flat
+        dist.all_gather_into_tensor(gathered, moments, group=process_group)  # the one forward collective
+        count, mean, m2 = merge_moments(gathered.view(world_size, *moments.shape))
+        invstd = torch.rsqrt(m2 / count.clamp_min(1.0) + eps)
+        if running_mean is not None:
+            factor = (1.0 / num_batches_tracked.to(torch.float32)) if momentum is None else momentum
+            unbiased = m2 / (count - 1.0).clamp_min(1.0)
+            running_mean.copy_((running_mean.float() * (1 - factor) + mean * factor).to(running_mean.dtype))
+            running_var.copy_((running_var.float() * (1 - factor) + unbiased * factor).to(running_var.dtype))
+        y = torch.ops.triton_bn.batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation,
+                                                 negative_slope)
+        keep_residual = residual if (residual is not None and activation != 0) else None
+        ctx.save_for_backward(x, weight, bias, keep_residual, mean, invstd, count)
+        ctx.config = (eps, activation, negative_slope, process_group, residual is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
+        eps, activation, negative_slope, process_group, has_residual = ctx.config
+        needs = ctx.needs_input_grad
+        sums = torch.ops.triton_bn.batch_norm_backward_sums(grad_y, x, mean, invstd, weight, bias, residual, eps, True,
+                                                            activation, negative_slope)
+        grad_weight = sums[1].to(weight.dtype) if (weight is not None and needs[1]) else None
+        grad_bias = sums[0].to(bias.dtype) if (bias is not None and needs[2]) else None
+        grad_x = grad_residual = None
+        if needs[0] or (has_residual and needs[3]):
+            global_sums = sums.clone()
+            dist.all_reduce(global_sums, group=process_group)  # the one backward collective
+            grad_x, grad_residual = torch.ops.triton_bn.batch_norm_backward_elementwise(
+                grad_y, x, mean, invstd, weight, bias, residual, global_sums / count.clamp_min(1.0), eps, activation,
+                negative_slope, bool(has_residual and needs[3]))
+            grad_residual = grad_residual if (has_residual and needs[3]) else None
+        return (grad_x, grad_weight, grad_bias, grad_residual) + (None,) * 9
+
+
+class SyncBatchNorm(_FusedBatchNormMixin, nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on the fused kernels, with ``activation`` and
+    ``forward(input, residual=None)``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 activation: Optional[str] = None, negative_slope: float = 0.01) -> None:
+        nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats, process_group,
+                                  device, dtype)
+        self._init_fused(activation, negative_slope)
+
+    def _world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        world_size = self._world_size() if self.training else 1
+        if world_size == 1:
+            return super().forward(input, residual)
+        track = self.track_running_stats
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+        num_batches = self.num_batches_tracked if track else None
+        act = _check_arguments(input, running_mean, running_var, self.weight, self.bias, True, self.momentum, self.eps,
+                               self.activation, residual, num_batches, check_batch_size=False)
+        if num_batches is not None:
+            num_batches.add_(1)
+        return SyncBatchNormFunction.apply(input, self.weight, self.bias, residual, running_mean, running_var,
+                                           num_batches, self.momentum, float(self.eps), act,
+                                           float(self.negative_slope), self.process_group, world_size)
+
+
+_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # triton_bn's modules subclass these
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every ``torch.nn.BatchNorm*d`` and ``triton_bn.BatchNorm*d`` in ``module`` (in place, like
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) by ``triton_bn.SyncBatchNorm``, keeping the
+    fused activation (and so the residual form of converted models), parameters, buffers and mode."""
+    out = module
+    if isinstance(module, _CONVERTIBLE) and not isinstance(module, nn.SyncBatchNorm):
+        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group,
+                            activation=getattr(module, "activation", None),
+                            negative_slope=getattr(module, "negative_slope", 0.01))
+        out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+        if hasattr(module, "qconfig"):
+            out.qconfig = module.qconfig
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, process_group))
+    return out
+
