@@ -212,3 +212,44 @@ def test_version_and_public_api():
     assert isinstance(triton_bn.__version__, str)
     for name in ("batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"):
         assert name in triton_bn.__all__
+
+
+PURE_PYTORCH_SCRIPT = r"""
+import torch, triton_bn
+from triton_bn import launch
+assert not launch.uses_kernels(torch.empty(1)), "the interpreter should be off in this process"
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float64):
+    for act in (None, "relu", "gelu_tanh"):
+        mod = triton_bn.BatchNorm2d(4, activation=act).to(dtype)
+        ref = torch.nn.BatchNorm2d(4).to(dtype)
+        with torch.no_grad():
+            mod.weight.uniform_(0.5, 1.5); mod.bias.uniform_(-1, 1)
+        ref.load_state_dict(mod.state_dict())
+        f = triton_bn.activations.torch_activation(act)
+        x = torch.randn(3, 4, 5, 5, dtype=dtype).to(memory_format=torch.channels_last)
+        r = torch.randn_like(x)
+        xa, xb, ra, rb = [t.clone().requires_grad_() for t in (x, x, r, r)]
+        ya, yb = mod(xa, residual=ra), f(ref(xb) + rb)
+        g = torch.randn_like(ya)
+        ya.backward(g); yb.backward(g)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+        for a, b in ((ya, yb), (xa.grad, xb.grad), (ra.grad, rb.grad), (mod.weight.grad, ref.weight.grad),
+                     (mod.bias.grad, ref.bias.grad), (mod.running_var, ref.running_var)):
+            torch.testing.assert_close(a, b, **tol)
+        assert ya.is_contiguous(memory_format=torch.channels_last)
+        mod.eval(); ref.eval()
+        torch.testing.assert_close(mod(x), f(ref(x)), **tol)
+print("pure-pytorch-ok")
+"""
+
+
+def test_pure_pytorch_path_without_the_interpreter():
+    """CPU tensors without TRITON_INTERPRET take reference.py: same semantics, float64 included."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", PURE_PYTORCH_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "pure-pytorch-ok" in proc.stdout, proc.stderr[-3000:]
