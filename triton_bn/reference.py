@@ -109,5 +109,5 @@ def backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, in
             g = g - _per_channel(sums[0], x, dtype) * inv_count - xhat * _per_channel(sums[1], x, dtype) * inv_count
         grad_x = (g * scale).to(x.dtype)
     if want_dresidual:
-        grad_residual = grad_z.to(x.dtype)
+        grad_residual = grad_z.to(x.dtype, copy=True)  # never an alias of grad_y (custom-op outputs must not alias)
     return grad_x, grad_residual
