@@ -1,5 +1,6 @@
 """The activation registry: user-facing names, the constexpr ids the kernels branch on, and the
 PyTorch function each one must match (used by the pure-PyTorch path and by ``convert_model``)."""
+import math
 from typing import Callable, Optional
 
 import torch
@@ -43,5 +44,33 @@ def torch_activation(name: Optional[str], negative_slope: float = 0.01) -> Calla
         "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
         "hardswish": F.hardswish,
         "sigmoid": torch.sigmoid,
+    }
+    return table[name]
+
+
+def torch_activation_grad(name: Optional[str], negative_slope: float = 0.01) -> Callable[[torch.Tensor], torch.Tensor]:
+    """d act(z) / dz written with torch ops (the pure-PyTorch path runs inside a custom op, where autograd
+    is off), with PyTorch's own choices at the kinks, as in the kernels."""
+    activation_id(name)
+    sqrt_2_over_pi, coef = math.sqrt(2.0 / math.pi), 0.044715
+
+    def gelu_tanh_grad(z):
+        t = torch.tanh(sqrt_2_over_pi * (z + coef * z ** 3))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * sqrt_2_over_pi * (1 + 3 * coef * z * z)
+
+    def silu_grad(z):
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+    table = {
+        None: torch.ones_like,
+        "relu": lambda z: (z > 0).to(z.dtype),
+        "leaky_relu": lambda z: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, negative_slope)),
+        "relu6": lambda z: ((z > 0) & (z < 6)).to(z.dtype),
+        "silu": silu_grad,
+        "gelu": lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2.0))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi),
+        "gelu_tanh": gelu_tanh_grad,
+        "hardswish": lambda z: torch.where(z <= -3, torch.zeros_like(z), torch.where(z >= 3, torch.ones_like(z), z / 3 + 0.5)),
+        "sigmoid": lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)),
     }
     return table[name]

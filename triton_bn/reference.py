@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from .activations import ACTIVATION_IDS, torch_activation
+from .activations import ACTIVATION_IDS, torch_activation, torch_activation_grad
 
 _ACTIVATION_NAMES = {v: k for k, v in ACTIVATION_IDS.items()}
 
@@ -76,11 +76,10 @@ def _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps, bat
     xf = x.to(dtype)
     grad_z = grad_y.to(dtype)
     if activation != 0:
-        z = ((xf - _per_channel(mean, x, dtype)) * scale + shift
-             + (residual.to(dtype) if residual is not None else 0)).detach().requires_grad_()
-        with torch.enable_grad():
-            out = torch_activation(_ACTIVATION_NAMES[activation], negative_slope)(z)
-        grad_z, = torch.autograd.grad(out, z, grad_z)
+        z = (xf - _per_channel(mean, x, dtype)) * scale + shift
+        if residual is not None:
+            z = z + residual.to(dtype)
+        grad_z = grad_z * torch_activation_grad(_ACTIVATION_NAMES[activation], negative_slope)(z)
     xhat = (xf - _per_channel(mean, x, dtype)) * invstd
     return grad_z, xhat, scale, dtype
 
