@@ -1,0 +1,66 @@
+"""Step through the statistics kernel: what each program of the split reduction computes.
+
+Runs on a CPU through the Triton interpreter (set here, before triton is imported) or compiled on a
+GPU. Prints each program's partial (count, mean, M2) and the merged result next to torch's.
+
+    python examples/step_through.py            # tiny NCHW tensor
+    python examples/step_through.py --layout channels_last
+"""
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must happen before triton is imported
+
+import triton_bn  # noqa: E402
+from triton_bn import launch  # noqa: E402
+from triton_bn.autotune import heuristic_config  # noqa: E402
+from triton_bn.layout import ChannelsLastPlan, plan_layout  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    parser.add_argument("--shape", default="6,3,5,5", help="N,C,H,W")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = tuple(int(v) for v in args.shape.split(","))
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 2 + 3).to(device)
+    if args.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x, plan = plan_layout(x)
+    family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
+    cfg = heuristic_config(family, "reduce", plan, x.element_size())
+    splits, grid, size_args = launch._reduction_grid(plan, cfg, x.device)
+    print(f"triton_bn {triton_bn.__version__}: x {tuple(x.shape)} {args.layout} -> family {family}, plan {plan}")
+    print(f"tile {cfg.block_a}x{cfg.block_b}, {splits} splits, grid {grid}")
+
+    channels = x.shape[1]
+    partials = torch.empty((4, splits, channels), dtype=torch.float32, device=x.device)
+    kernel = (launch.cl._bn_fwd_stats_partial_channels_last if family == "channels_last"
+              else launch.cf._bn_fwd_stats_partial_channels_first)
+    kernel[grid](x, partials[0], partials[1], partials[2], partials[3], *size_args, **cfg.launch_kwargs(family))
+    pivot = partials[3, 0]
+    print("\nper split (count, mean, M2) for each channel; means are stored relative to the pivot "
+          "(the channel's first value) and shown here with it added back:")
+    for split in range(splits):
+        row = ", ".join(f"c{c}: ({partials[0, split, c]:.0f}, {partials[1, split, c] + pivot[c]:.4f}, "
+                        f"{partials[2, split, c]:.4f})" for c in range(channels))
+        print(f"  split {split}: {row}")
+
+    moments = launch.batch_moments(x)  # the same partials, merged by the finalize kernel
+    dims = [d for d in range(x.dim()) if d != 1]
+    print("\nmerged (Chan) vs torch:")
+    for c in range(channels):
+        torch_mean = x[:, c].double().mean().item()
+        torch_m2 = (x[:, c].double().var(unbiased=False) * moments[0, c].double()).item()
+        print(f"  c{c}: count {moments[0, c]:.0f}  mean {moments[1, c]:.6f} (torch {torch_mean:.6f})  "
+              f"M2 {moments[2, c]:.5f} (torch {torch_m2:.5f})")
+    assert torch.allclose(moments[1].double(), x.double().mean(dims), atol=1e-5)
+
+
+if __name__ == "__main__":
+    main()
