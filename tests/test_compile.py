@@ -117,9 +117,13 @@ def test_no_graph_breaks():
     mod = triton_bn.BatchNorm2d(4, activation="relu", momentum=None)
     explanation = torch._dynamo.explain(mod)(torch.randn(2, 4, 3, 3), residual=torch.randn(2, 4, 3, 3))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    code = explanation.graphs[0].code  # traced code goes through the custom ops (eager skips them)
+    assert "triton_bn.batch_stats" in code and "triton_bn.batch_norm_apply" in code
 
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def cuda_only(test):
+    """GPU-only: skipped (and reported as skipped) without CUDA; marked ``gpu`` for perf/gpu_check.sh."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 class SmallNet(nn.Module):

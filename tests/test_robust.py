@@ -182,7 +182,9 @@ def test_property_module_momentum_none(momentum_none, steps, training_first):
     torch.testing.assert_close(mod.running_var, ref.running_var, atol=1e-5, rtol=1e-5)
 
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def cuda_only(test):
+    """GPU-only: skipped (and reported as skipped) without CUDA; marked ``gpu`` for perf/gpu_check.sh."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @cuda_only

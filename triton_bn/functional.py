@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers the torch.ops.triton_bn operators)
+from . import launch, ops  # noqa: F401  (ops registers the torch.ops.triton_bn operators)
 from .activations import activation_id
+from .autograd import BatchNormFunction
 from .launch import uses_kernels
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,17 +42,20 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     act = _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps,
                            activation, residual, num_batches_tracked)
     # -- nothing above writes; everything below may --
+    # Traced code (torch.compile) goes through the custom ops; eager code calls the launchers directly
+    # (same kernels, same autograd formula, without the op dispatch's per-call cost).
+    tracing = torch.compiler.is_compiling()
+    apply = torch.ops.triton_bn.batch_norm_apply if tracing else BatchNormFunction.apply
     if not training:
-        return torch.ops.triton_bn.batch_norm_apply(input, running_mean, running_var, weight, bias, residual,
-                                                    eps, False, act, float(negative_slope))
+        return apply(input, running_mean, running_var, weight, bias, residual, float(eps), False, act,
+                     float(negative_slope))
     cumulative = momentum is None
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    mean, invstd = torch.ops.triton_bn.batch_stats(
-        input.detach(), running_mean, running_var, num_batches_tracked if cumulative else None,
-        0.0 if cumulative else float(momentum), cumulative, float(eps))
-    return torch.ops.triton_bn.batch_norm_apply(input, mean, invstd, weight, bias, residual, float(eps), True, act,
-                                                float(negative_slope))
+    stats = torch.ops.triton_bn.batch_stats if tracing else launch.batch_stats
+    mean, invstd = stats(input.detach(), running_mean, running_var, num_batches_tracked if cumulative else None,
+                         0.0 if cumulative else float(momentum), cumulative, float(eps))
+    return apply(input, mean, invstd, weight, bias, residual, float(eps), True, act, float(negative_slope))
 
 
 def _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,

@@ -29,6 +29,8 @@ CASES: Dict[str, Tuple[bool, bool, Optional[str], bool, int]] = {
 }
 LATENCY_CASES = ("eval_fwd", "eval_fwd_relu")
 PROVIDERS = ("triton_bn", "eager_cudnn", "eager_native", "torch_compile")
+# the latency set on a GPU also times these, each captured in a CUDA graph and replayed
+GRAPH_PROVIDERS = ("triton_bn", "eager_cudnn")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = ("nchw", "channels_last")
 
@@ -50,65 +52,92 @@ class Workload:
     output: Callable[[], torch.Tensor]  # the forward output of one fresh call, for the error check
 
 
-def _module(shape, device, activation, provider):
+def _torch_batch_norm(x, running_mean, running_var, weight, bias, residual, training: bool, relu: bool):
+    """PyTorch's BN (+ add) (+ ReLU), the anchors' function. Module state arrives as tensors, so one
+    compiled version of it serves every module and (with dynamic shapes) every size of a case."""
+    z = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+    if residual is not None:
+        z = z + residual
+    return F.relu(z) if relu else z
+
+
+def _triton_batch_norm(x, running_mean, running_var, weight, bias, residual, training: bool, relu: bool):
     import triton_bn
-    channels = shape[1]
-    if provider == "triton_bn":
-        cls = triton_bn.BatchNorm1d if len(shape) in (2, 3) else triton_bn.BatchNorm2d
-        return cls(channels, activation=activation).to(device)
-    cls = torch.nn.BatchNorm1d if len(shape) in (2, 3) else torch.nn.BatchNorm2d
-    return cls(channels).to(device)
+    return triton_bn.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5,
+                                activation="relu" if relu else None, residual=residual)
 
 
-def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, device: str,
-          seed: int = 0) -> Workload:
+_COMPILED: Dict[tuple, Callable] = {}
+
+
+def compiled_torch_batch_norm(dynamic: Optional[bool]) -> Callable:
+    """One torch.compile'd anchor per dynamic setting (recompiles per case are bounded by dynamo's limit,
+    raised in ``cli.py``)."""
+    if dynamic not in _COMPILED:
+        _COMPILED[dynamic] = torch.compile(_torch_batch_norm, dynamic=dynamic)
+    return _COMPILED[dynamic]
+
+
+def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, device: str, seed: int = 0,
+          compile_dynamic: Optional[bool] = None, cuda_graph: bool = False) -> Workload:
     training, backward, activation, with_residual, _ = CASES[case]
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    if layout == "channels_last" and len(shape) == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    residual = torch.randn(shape, generator=gen).to(device=device, dtype=dtype) if with_residual else None
-    if residual is not None and layout == "channels_last" and len(shape) == 4:
-        residual = residual.contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if (layout == "channels_last" and len(shape) == 4) else torch.contiguous_format
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    residual = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+                if with_residual else None)
     grad = torch.randn_like(x) if backward else None
-    module = _module(shape, device, activation, provider).train(training)  # parameters stay fp32
-    with torch.no_grad():  # the same parameters for every provider, so outputs can be compared
-        module.weight.copy_(torch.rand(shape[1], generator=gen) + 0.5)
-        module.bias.copy_(torch.rand(shape[1], generator=gen) - 0.5)
-
+    channels = shape[1]
+    # the same fp32 parameters and statistics for every provider, so outputs can be compared
+    weight = (torch.rand(channels, generator=gen) + 0.5).to(device)
+    bias = (torch.rand(channels, generator=gen) - 0.5).to(device)
+    running_mean = (torch.randn(channels, generator=gen) * 0.1).to(device)
+    running_var = (torch.rand(channels, generator=gen) + 0.5).to(device)
+    if backward:
+        weight.requires_grad_()
+        bias.requires_grad_()
+    relu = activation == "relu"
     if provider == "triton_bn":
-        def forward(inp, res):
-            return module(inp, residual=res)
+        fn = _triton_batch_norm
+    elif provider == "torch_compile":
+        fn = compiled_torch_batch_norm(compile_dynamic)
     else:
-        act = F.relu if activation == "relu" else (lambda t: t)
-
-        def forward(inp, res):
-            z = module(inp)
-            return act(z + res if res is not None else z)
-        if provider == "torch_compile":
-            # every workload closes over other modules: start dynamo afresh so each gets its own
-            # compile instead of running into the recompile limit
-            torch._dynamo.reset()
-            forward = torch.compile(forward)
-
+        fn = _torch_batch_norm
     cudnn = provider != "eager_native"
 
     def call():
         with torch.backends.cudnn.flags(enabled=cudnn):
             if not backward:
                 with torch.no_grad():
-                    return forward(x, residual)
+                    return fn(x, running_mean, running_var, weight, bias, residual, training, relu)
             inp = x.detach().requires_grad_()
             res = residual.detach().requires_grad_() if residual is not None else None
-            y = forward(inp, res)
+            y = fn(inp, running_mean, running_var, weight, bias, res, training, relu)
             y.backward(grad)
             return y
 
     def output():
+        saved = (running_mean.clone(), running_var.clone())
         with torch.backends.cudnn.flags(enabled=cudnn), torch.no_grad():
-            state = {k: v.clone() for k, v in module.state_dict().items()}
-            y = forward(x, residual)
-            module.load_state_dict(state)
-            return y
+            y = fn(x, running_mean, running_var, weight, bias, residual, training, relu)
+        running_mean.copy_(saved[0])
+        running_var.copy_(saved[1])
+        return y
 
+    if cuda_graph:
+        call = _graph_replay(call)
     return Workload(call, output)
+
+
+def _graph_replay(call: Callable[[], object]) -> Callable[[], object]:
+    """Capture ``call`` in a CUDA graph after a warm-up on a side stream; return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay

@@ -41,6 +41,10 @@ def main(argv=None) -> int:
 
 
 def _progress(done: int, total: int, label: str) -> None:
+    if not sys.stderr.isatty():  # a log file gets a line every tenth of the run instead of a live bar
+        if done == total or done % max(1, total // 10) == 0:
+            sys.stderr.write(f"[{done}/{total}] {label}\n")
+        return
     width = 30
     filled = int(width * done / max(total, 1))
     sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}")
@@ -111,6 +115,13 @@ def run_bench(args) -> int:
         raise SystemExit(f"triton-bn bench: unknown provider/case {unknown}")
     if not on_gpu and "eager_cudnn" in providers:
         providers.remove("eager_cudnn")  # cuDNN is a CUDA library
+    # --quick compiles the anchor once per case with dynamic shapes (bounded compile time); the full run
+    # compiles every shape statically, as a user with one fixed shape would
+    compile_dynamic = True if args.quick else False
+    import torch._dynamo
+    for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):  # never let the anchor fall back to eager silently
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 512))
 
     stamp = datetime.date.today().isoformat()
     safe_gpu = "".join(ch if ch.isalnum() else "-" for ch in gpu_name).strip("-").lower()
@@ -130,26 +141,32 @@ def run_bench(args) -> int:
                     if layout == "channels_last" and len(shape) != 4:
                         if (dtype_name, "nchw") in combos:
                             continue  # (N, C) has one layout: measure it once
-                    jobs.append((case, shape, dtype_name, layout))
+                    jobs.append((case, shape, dtype_name, layout, set_name))
 
     rows = []
-    total = len(jobs) * len(providers)
+    graph_variants = [p for p in C.GRAPH_PROVIDERS if p in providers] if on_gpu else []
+    total = sum(len(providers) + (len(graph_variants) if job[4] == "latency" else 0) for job in jobs)
     done = 0
-    for case, shape, dtype_name, layout in jobs:
+    for case, shape, dtype_name, layout, set_name in jobs:
         dtype = C.DTYPES[dtype_name]
         shape_text = "x".join(map(str, shape))
         reference_output = None
         results = {}
-        for provider in providers:
-            _progress(done, total, f"{case} {shape_text} {dtype_name} {layout} {provider}")
+        variants = [(p, False) for p in providers]
+        if set_name == "latency":
+            variants += [(p, True) for p in graph_variants]
+        for provider, graphed in variants:
+            name = provider + ("+cudagraph" if graphed else "")
+            _progress(done, total, f"{case} {shape_text} {dtype_name} {layout} {name}")
             try:
-                work = C.build(case, provider, shape, dtype, layout, device)
+                work = C.build(case, provider, shape, dtype, layout, device, compile_dynamic=compile_dynamic,
+                               cuda_graph=graphed)
                 output = work.output()
                 if provider in ("eager_cudnn",) or (reference_output is None and provider.startswith("eager")):
                     reference_output = output.float()
-                results[provider] = (work, output)
+                results[name] = (work, output)
             except Exception as exc:  # a provider that can not run this case is reported, not fatal
-                print(f"\n  {provider} failed on {case} {shape_text} {dtype_name} {layout}: {exc}")
+                print(f"\n  {name} failed on {case} {shape_text} {dtype_name} {layout}: {exc}")
             done += 1
         for provider, (work, output) in results.items():
             try:
@@ -166,7 +183,7 @@ def run_bench(args) -> int:
                              efficiency=C.efficiency(case, shape, dtype, ms, copy_gbps), rel_err=rel_err,
                              device=gpu_name, mode=mode))
     _progress(total, total, "done")
-    report.add_speedups(rows, providers)
+    report.add_speedups(rows, sorted({row["provider"] for row in rows}))
     frame = report.write_csv(rows, out / "results.csv")
     header = (f"# triton-bn bench: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}, python {platform.python_version()}; "

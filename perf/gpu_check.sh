@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (perf/NOTES.md says why and what to look at). Run from the repository root
+# on the GPU machine, where nothing can be installed: torch/triton/pandas/matplotlib/pytest are the image's.
+#   OUT=/some/folder bash perf/gpu_check.sh
+# Writes at most 5 files to $OUT (the device tool brings back 8): gpu.txt, tests-cuda.txt, bench.log,
+# bench.tgz (the whole triton-bn bench output folder), summary.md (a copy, readable at once).
+set -uo pipefail
+OUT=${OUT:-/tmp/triton-bn-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_INTERPRET=0  # compiled kernels on CUDA tensors
+{ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/gpu.txt" 2>&1
+# CUDA-parametrised tests and GPU-only tests (with the interpreter off, CPU cases would take reference.py)
+timeout 200 python3 -m pytest -q -x -p no:cacheprovider -k "cuda or gpu" tests > "$OUT/tests-cuda.txt" 2>&1
+echo "tests exit $?" >> "$OUT/tests-cuda.txt"
+timeout 330 python3 -m triton_bn bench --quick --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+echo "bench exit $?" >> "$OUT/bench.log"
+cp "$OUT/bench/summary.md" "$OUT/summary.md" 2>/dev/null
+tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+tail -5 "$OUT/tests-cuda.txt"; tail -3 "$OUT/bench.log"
