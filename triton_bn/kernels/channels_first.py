@@ -17,8 +17,8 @@ finalize kernels of ``welford.py``.
 import triton
 import triton.language as tl
 
-from .activations import apply_activation
-from .common import grad_pre_activation, load_channel_coefficients, merge_lanes, welford_update
+from .common import (load_channel_coefficients, load_grad_pre_activation, merge_lanes, normalize_tile,
+                     welford_update)
 
 
 @triton.jit
@@ -80,11 +80,7 @@ def _bn_fwd_apply_channels_first(
         mean_ptr, stat_ptr, weight_ptr, bias_ptr, channel, channel < C, eps,
         STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
     offs, mask = _tile_offsets(pid % num_tiles, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
-    z = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale + shift
-    if HAS_RESIDUAL:
-        z += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = apply_activation(z, ACTIVATION, negative_slope)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    normalize_tile(x_ptr, residual_ptr, y_ptr, offs, mask, mean, scale, shift, negative_slope, ACTIVATION, HAS_RESIDUAL)
 
 
 @triton.jit
@@ -111,13 +107,8 @@ def _bn_bwd_reduce_partial_channels_first(
     acc_dz_xhat = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
     for tile in range(tile_begin, tile_end):
         offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        res = x
-        if HAS_RESIDUAL:
-            res = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dz = tl.where(mask, grad_pre_activation(dy, x, res, mean, scale, shift, negative_slope,
-                                                ACTIVATION, HAS_RESIDUAL), 0.0)
+        x, dz = load_grad_pre_activation(grad_y_ptr, x_ptr, residual_ptr, offs, mask, mean, scale, shift,
+                                         negative_slope, ACTIVATION, HAS_RESIDUAL)
         acc_dz += dz
         acc_dz_xhat += dz * ((x - mean) * invstd)
     out = split * C + channel
@@ -145,12 +136,8 @@ def _bn_bwd_dx_channels_first(
         mean_ptr, stat_ptr, weight_ptr, bias_ptr, channel, channel < C, eps,
         STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
     offs, mask = _tile_offsets(pid % num_tiles, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    res = x
-    if HAS_RESIDUAL:
-        res = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dz = grad_pre_activation(dy, x, res, mean, scale, shift, negative_slope, ACTIVATION, HAS_RESIDUAL)
+    x, dz = load_grad_pre_activation(grad_y_ptr, x_ptr, residual_ptr, offs, mask, mean, scale, shift,
+                                     negative_slope, ACTIVATION, HAS_RESIDUAL)
     if WRITE_GRAD_RESIDUAL:
         tl.store(grad_residual_ptr + offs, dz.to(grad_residual_ptr.dtype.element_ty), mask=mask)
     if WRITE_GRAD_X:

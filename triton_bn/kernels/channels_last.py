@@ -28,8 +28,8 @@ x and dy twice and writes dx once (5 passes). Offsets are int64: R * stride_r ca
 import triton
 import triton.language as tl
 
-from .activations import apply_activation
-from .common import grad_pre_activation, load_channel_coefficients, merge_lanes, welford_update
+from .common import (load_channel_coefficients, load_grad_pre_activation, merge_lanes, normalize_tile,
+                     welford_update)
 
 
 @triton.jit
@@ -85,12 +85,8 @@ def _bn_fwd_apply_channels_last(
         mean_ptr, stat_ptr, weight_ptr, bias_ptr, cols, cmask, eps, STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
     mask = (rows < R)[:, None] & cmask[None, :]
     offs = rows[:, None] * stride_r + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = (x - mean[None, :]) * scale[None, :] + shift[None, :]
-    if HAS_RESIDUAL:
-        z += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = apply_activation(z, ACTIVATION, negative_slope)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    normalize_tile(x_ptr, residual_ptr, y_ptr, offs, mask, mean[None, :], scale[None, :], shift[None, :],
+                   negative_slope, ACTIVATION, HAS_RESIDUAL)
 
 
 @triton.jit
@@ -117,14 +113,8 @@ def _bn_bwd_reduce_partial_channels_last(
         rows = r0 + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & cmask[None, :]
         offs = rows[:, None] * stride_r + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        res = x
-        if HAS_RESIDUAL:
-            res = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dz = grad_pre_activation(dy, x, res, mean[None, :], scale[None, :], shift[None, :], negative_slope,
-                                 ACTIVATION, HAS_RESIDUAL)
-        dz = tl.where(mask, dz, 0.0)
+        x, dz = load_grad_pre_activation(grad_y_ptr, x_ptr, residual_ptr, offs, mask, mean[None, :], scale[None, :],
+                                         shift[None, :], negative_slope, ACTIVATION, HAS_RESIDUAL)
         acc_dz += dz
         acc_dz_xhat += dz * ((x - mean[None, :]) * invstd[None, :])
     offs = split * C + cols
@@ -153,13 +143,8 @@ def _bn_bwd_dx_channels_last(
         mean_ptr, stat_ptr, weight_ptr, bias_ptr, cols, cmask, eps, STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
     mask = (rows < R)[:, None] & cmask[None, :]
     offs = rows[:, None] * stride_r + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    res = x
-    if HAS_RESIDUAL:
-        res = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dz = grad_pre_activation(dy, x, res, mean[None, :], scale[None, :], shift[None, :], negative_slope,
-                             ACTIVATION, HAS_RESIDUAL)
+    x, dz = load_grad_pre_activation(grad_y_ptr, x_ptr, residual_ptr, offs, mask, mean[None, :], scale[None, :],
+                                     shift[None, :], negative_slope, ACTIVATION, HAS_RESIDUAL)
     if WRITE_GRAD_RESIDUAL:
         tl.store(grad_residual_ptr + offs, dz.to(grad_residual_ptr.dtype.element_ty), mask=mask)
     if WRITE_GRAD_X:

@@ -3,7 +3,7 @@ recomputed gradient of the activation."""
 import triton
 import triton.language as tl
 
-from .activations import activation_grad
+from .activations import activation_grad, apply_activation
 
 
 @triton.jit
@@ -77,3 +77,30 @@ def merge_lanes(count, mean, m2, axis: tl.constexpr):
     deviation = mean - tl.expand_dims(merged_mean, axis)
     merged_m2 = tl.sum(m2, axis) + tl.sum(count * deviation * deviation, axis)
     return total, merged_mean, merged_m2
+
+
+@triton.jit
+def load_grad_pre_activation(grad_y_ptr, x_ptr, residual_ptr, offs, mask, mean, scale, shift, negative_slope,
+                             ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """Load one tile of x and dy (and the residual when the activation needs it) and return
+    ``(x, dz)`` in fp32, dz = 0 on masked lanes. ``mean``, ``scale`` and ``shift`` broadcast against the
+    tile (a [1, BLOCK_C] row in channels-last, scalars in channels-first)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    residual = x
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dz = grad_pre_activation(dy, x, residual, mean, scale, shift, negative_slope, ACTIVATION, HAS_RESIDUAL)
+    return x, tl.where(mask, dz, 0.0)
+
+
+@triton.jit
+def normalize_tile(x_ptr, residual_ptr, y_ptr, offs, mask, mean, scale, shift, negative_slope,
+                   ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The forward epilogue of one tile: y = act((x - mean) * scale + shift [+ residual]), computed in
+    fp32 and cast once at the store. Per-channel values broadcast against the tile."""
+    z = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * scale + shift
+    if HAS_RESIDUAL:
+        z += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = apply_activation(z, ACTIVATION, negative_slope)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
