@@ -33,7 +33,7 @@ def main() -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     x, plan = plan_layout(x)
     family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
-    cfg = heuristic_config(family, "reduce", plan, x.element_size())
+    cfg = heuristic_config(family, "stats", plan, x.element_size())
     splits, grid, size_args = launch._reduction_grid(plan, cfg, x.device)
     print(f"triton_bn {triton_bn.__version__}: x {tuple(x.shape)} {args.layout} -> family {family}, plan {plan}")
     print(f"tile {cfg.block_a}x{cfg.block_b}, {splits} splits, grid {grid}")

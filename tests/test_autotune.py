@@ -44,7 +44,8 @@ def test_tuning_updates_running_statistics_once_and_never_writes_the_input(cpu_t
     y.sum().backward()
     assert len(tuner.report) > 2, "tuning should have benchmarked several configurations"
     keys = {row["key"] for row in tuner.report}
-    assert {k.split("|")[0] for k in keys} == {"channels_first.reduce", "channels_first.elementwise"}
+    assert {k.split("|")[0] for k in keys} == {f"channels_first.{kind}" for kind in autotune.KINDS}
+    assert {(row["programs_per_sm"], row["num_stages"]) for row in tuner.report} >= {(2, 3), (4, 3), (8, 3)}
     assert torch.equal(x.detach(), x_before)
     ref(x_before)
     torch.testing.assert_close(mod.running_mean, ref.running_mean)  # one update, not one per candidate
@@ -59,7 +60,8 @@ def test_choices_are_cached_on_disk_and_reused(cpu_tuning):
     mod(torch.randn(8, 6, 5, 5))
     path = tuner.cache_file(torch.device("cpu"))
     stored = json.loads(path.read_text())
-    assert stored and all(set(cfg) == {"block_a", "block_b", "num_warps"} for cfg in stored.values())
+    assert stored and all(set(cfg) == {"block_a", "block_b", "num_warps", "num_stages", "programs_per_sm"}
+                          for cfg in stored.values())
     assert "interpreter" in path.name and "triton" in path.name
     tuner.reset()  # what a new process sees: an empty memory, the file on disk
     mod(torch.randn(8, 6, 5, 5))
@@ -81,7 +83,7 @@ def test_keys_ignore_the_exact_batch_size():
     _, a = plan_layout(torch.empty(128, 64, 7, 7))
     _, b = plan_layout(torch.empty(100, 64, 7, 7))
     _, c = plan_layout(torch.empty(128, 64, 14, 14))
-    key = lambda p: autotune.tuning_key("channels_first", "reduce", p, torch.float32)  # noqa: E731
+    key = lambda p: autotune.tuning_key("channels_first", "stats", p, torch.float32)  # noqa: E731
     assert key(a) == key(b) and key(a) != key(c)
 
 
@@ -92,7 +94,7 @@ def test_heuristic_tiles_are_powers_of_two_and_bounded():
         _, plan = plan_layout(torch.empty(shape).contiguous(memory_format=fmt))
         family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
         for element_size in (2, 4):
-            cfg = autotune.heuristic_config(family, "reduce", plan, element_size)
+            cfg = autotune.heuristic_config(family, "stats", plan, element_size)
             for v in (cfg.block_a, cfg.block_b):
                 assert v >= 1 and v & (v - 1) == 0
             assert cfg.block_a * cfg.block_b <= 4096

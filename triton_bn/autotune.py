@@ -1,11 +1,14 @@
 """Every tile configuration, tuning key and heuristic of the library, in one place.
 
-Four tunables, one per (layout family, kind of pass):
+One tunable per (layout family, kernel role), eight in all:
 
-    channels_last.reduce       stats partial / backward partial   (BLOCK_R, BLOCK_C, num_warps)
-    channels_last.elementwise  apply / dx                         (BLOCK_R, BLOCK_C, num_warps)
-    channels_first.reduce                                         (BLOCK_N, BLOCK_S, num_warps)
-    channels_first.elementwise                                    (BLOCK_N, BLOCK_S, num_warps)
+    {channels_last, channels_first} x {stats, bwd_reduce}   tile, num_warps, num_stages, programs_per_sm
+    {channels_last, channels_first} x {apply, bwd_dx}       tile, num_warps
+
+The tile is (BLOCK_R, BLOCK_C) for channels-last and (BLOCK_N, BLOCK_S) for channels-first. For the
+reductions, ``programs_per_sm`` sets the split count (how many programs share a channel's rows) and
+``num_stages`` the software pipelining of their loop; the elementwise kernels have no loop and no
+splits.
 
 How a configuration is picked (``Tuner.select``):
 1. a configuration forced by a test (``forced_config``) wins;
@@ -49,12 +52,15 @@ class TileConfig:
     block_a: int  # BLOCK_R (channels-last) or BLOCK_N (channels-first)
     block_b: int  # BLOCK_C (channels-last) or BLOCK_S (channels-first)
     num_warps: int = 4
+    num_stages: int = 3  # software pipelining of a reduction's loop (no effect on loop-free kernels)
+    programs_per_sm: int = PROGRAMS_PER_SM  # reductions: programs per multiprocessor, sets the split count
 
     def launch_kwargs(self, family: str) -> dict:
         names = ("BLOCK_R", "BLOCK_C") if family == "channels_last" else ("BLOCK_N", "BLOCK_S")
         kwargs = {names[0]: self.block_a, names[1]: self.block_b}
         if not INTERPRET:
             kwargs["num_warps"] = self.num_warps
+            kwargs["num_stages"] = self.num_stages
         return kwargs
 
 
@@ -73,7 +79,11 @@ def _declared(family: str) -> List[TileConfig]:
 DECLARED_CONFIGS: Dict[str, List[TileConfig]] = {
     family: _declared(family) for family in ("channels_last", "channels_first")
 }
-KINDS = ("reduce", "elementwise")
+REDUCTION_KINDS = ("stats", "bwd_reduce")
+ELEMENTWISE_KINDS = ("apply", "bwd_dx")
+KINDS = REDUCTION_KINDS + ELEMENTWISE_KINDS
+# Reductions also try other split counts and pipelining depths (runtime arguments or cheap recompiles).
+REDUCTION_VARIANTS = ((2, 3), (8, 3), (4, 2))  # (programs_per_sm, num_stages), besides the default (4, 3)
 
 
 def problem_extent(family: str, plan) -> Tuple[int, int]:
@@ -83,9 +93,10 @@ def problem_extent(family: str, plan) -> Tuple[int, int]:
     return plan.batch, plan.spatial
 
 
-def candidate_configs(family: str, plan) -> List[TileConfig]:
-    """The declared configurations, each dimension clamped to the problem (a tile much larger than the
-    problem only masks lanes off), duplicates removed; never empty."""
+def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
+    """The declared tiles, each dimension clamped to the problem (a tile much larger than the problem
+    only masks lanes off), duplicates removed, never empty; for reductions, each tile also with the
+    split-count and pipelining variants of ``REDUCTION_VARIANTS``."""
     extent_a, extent_b = problem_extent(family, plan)
     cap_a = triton.next_power_of_2(max(extent_a, 1))
     cap_b = max(16, triton.next_power_of_2(max(extent_b, 1)))
@@ -95,6 +106,9 @@ def candidate_configs(family: str, plan) -> List[TileConfig]:
         candidate = TileConfig(a, b, _warps(a * b))
         if candidate not in clamped:
             clamped.append(candidate)
+    if kind in REDUCTION_KINDS:
+        clamped += [TileConfig(c.block_a, c.block_b, c.num_warps, stages, per_sm)
+                    for c in list(clamped) for per_sm, stages in REDUCTION_VARIANTS]
     return clamped
 
 
@@ -117,11 +131,12 @@ def sm_count(device: torch.device) -> int:
     return INTERPRETER_SM_COUNT
 
 
-def split_count(work_items: int, parallel_programs: int, device: torch.device) -> int:
+def split_count(work_items: int, parallel_programs: int, device: torch.device,
+                programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """How many splits the reduction dimension gets: enough programs in total to fill the GPU
     (parallel_programs already run side by side: channel blocks or channels), never more splits than
     there are work items (row blocks or tiles)."""
-    target = PROGRAMS_PER_SM * sm_count(device)
+    target = programs_per_sm * sm_count(device)
     return max(1, min(work_items, triton.cdiv(target, max(parallel_programs, 1))))
 
 
@@ -171,7 +186,7 @@ class Tuner:
                     f"triton_bn: {key} is seen for the first time inside a CUDA graph capture, where it can not "
                     "be autotuned (or compiled). Warm up first: run the same step once (forward and backward) "
                     "before capturing, or set TRITON_BN_AUTOTUNE=0.")
-            self.memory[key] = self._benchmark(key, candidate_configs(family, plan), run)
+            self.memory[key] = self._benchmark(key, candidate_configs(family, kind, plan), run)
             self._save_disk(x.device)
         return self.memory[key]
 

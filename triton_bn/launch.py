@@ -53,13 +53,13 @@ def _reduction_grid(plan, cfg: TileConfig, device):
     if isinstance(plan, ChannelsLastPlan):
         row_blocks = triton.cdiv(plan.rows, cfg.block_a)
         channel_blocks = triton.cdiv(plan.channels, cfg.block_b)
-        splits = split_count(row_blocks, channel_blocks, device)
+        splits = split_count(row_blocks, channel_blocks, device, cfg.programs_per_sm)
         rows_per_split = triton.cdiv(row_blocks, splits) * cfg.block_a
         splits = triton.cdiv(plan.rows, rows_per_split)
         return splits, (splits, channel_blocks), (plan.rows, plan.channels, plan.row_stride, rows_per_split)
     num_s_blocks = triton.cdiv(plan.spatial, cfg.block_b)
     num_tiles = triton.cdiv(plan.batch, cfg.block_a) * num_s_blocks
-    splits = split_count(num_tiles, plan.channels, device)
+    splits = split_count(num_tiles, plan.channels, device, cfg.programs_per_sm)
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)
     size_args = (plan.batch, plan.channels, plan.spatial, plan.batch_stride, plan.channel_stride,
@@ -128,7 +128,7 @@ def _merged_statistics(x, mean, invstd, moments, running_mean, running_var, num_
                              **cfg.launch_kwargs(family))
         return splits, partials
 
-    splits, partials = run_partials(tuner.select(family, "reduce", plan, x, run_partials))
+    splits, partials = run_partials(tuner.select(family, "stats", plan, x, run_partials))
     count = x.numel() // channels
     update = running_mean is not None
     dummy = _dummy(x.device)
@@ -174,7 +174,7 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, we
         grid, size_args = _elementwise_grid(plan, cfg)
         kernel[grid](*tensors, *size_args, eps, negative_slope, **flags, **cfg.launch_kwargs(family))
 
-    run(tuner.select(family, "elementwise", plan, x, run))
+    run(tuner.select(family, "apply", plan, x, run))
     return y
 
 
@@ -215,7 +215,7 @@ def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, sta
                              eps, negative_slope, **flags, **cfg.launch_kwargs(family))
         return splits, partials
 
-    splits, partials = run_partials(tuner.select(family, "reduce", plan, x, run_partials))
+    splits, partials = run_partials(tuner.select(family, "bwd_reduce", plan, x, run_partials))
     _bn_bwd_reduce_finalize[_finalize_grid(channels)](
         partials[0], partials[1], sums[0], sums[1],
         grad_weight if grad_weight is not None else _dummy(device),
@@ -262,7 +262,7 @@ def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tens
                      BATCH_STATS=batch_stats, **flags, WRITE_GRAD_X=want_dx,
                      WRITE_GRAD_RESIDUAL=want_dresidual, **cfg.launch_kwargs(family))
 
-    run_dx(tuner.select(family, "elementwise", plan, x, run_dx))
+    run_dx(tuner.select(family, "bwd_dx", plan, x, run_dx))
     return grad_x, grad_residual
 
 
