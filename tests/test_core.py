@@ -253,3 +253,49 @@ def test_pure_pytorch_path_without_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", PURE_PYTORCH_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "pure-pytorch-ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def _count_launches(monkeypatch):
+    """Wrap every kernel the launchers use, counting launches by name."""
+    from triton_bn import launch
+    counts = {}
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            counts[self.name] = counts.get(self.name, 0) + 1
+            return self.kernel[grid]
+
+    for module in (launch.cl, launch.cf):
+        for name in dir(module):
+            if name.startswith("_bn_"):
+                monkeypatch.setattr(module, name, Counting(name, getattr(module, name)))
+    for name in ("_bn_fwd_stats_finalize", "_bn_bwd_reduce_finalize"):
+        monkeypatch.setattr(launch, name, Counting(name, getattr(launch, name)))
+    return counts
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_launch_counts(layout, monkeypatch):
+    """Few launches keep host overhead small: eval is one pass, a training forward three (partials,
+    finalize, apply), a training backward three; passes nobody needs are skipped."""
+    counts = _count_launches(monkeypatch)
+    mod = triton_bn.BatchNorm2d(4, activation="relu")
+    x = make_input((3, 4, 5, 5), torch.float32, "cpu", layout).requires_grad_()
+    y = mod(x)
+    assert sum(counts.values()) == 3 and any("finalize" in k for k in counts)
+    counts.clear()
+    y.sum().backward()
+    assert sum(counts.values()) == 3
+    counts.clear()
+    mod.eval()
+    with torch.no_grad():
+        mod(x)
+    assert sum(counts.values()) == 1 and all("apply" in k for k in counts)
+    counts.clear()
+    mod.weight.requires_grad_(False)
+    mod.bias.requires_grad_(False)
+    mod(x).sum().backward()  # eval, no parameter gradients: the dx pass alone
+    assert sum(counts.values()) == 2 and list(counts.values()).count(1) == 2  # apply + dx
