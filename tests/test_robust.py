@@ -40,6 +40,8 @@ BAD_CALLS = [
      TypeError, "unsupported input dtype"),
     ("float64 on the kernel path", lambda a: a.update(input=a["input"].double()), TypeError, "Triton path"),
     ("unknown activation", lambda a: a.update(activation="mish"), ValueError, "unsupported activation 'mish'"),
+    ("negative_slope not a number", lambda a: a.update(activation="leaky_relu", negative_slope="0.1"), TypeError,
+     "negative_slope must be a number"),
     ("eps zero in training", lambda a: a.update(eps=0.0), ValueError, "eps must be > 0"),
     ("residual shape", lambda a: a.update(residual=torch.randn(4, 3, 5, 4, device=a["input"].device)), ValueError,
      "residual shape"),

@@ -10,7 +10,6 @@ from torch import Tensor
 from . import launch, ops  # noqa: F401  (ops registers the torch.ops.triton_bn operators)
 from .activations import activation_id
 from .autograd import BatchNormFunction
-from .launch import uses_kernels
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,6 +40,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     act = _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps,
                            activation, residual, num_batches_tracked)
+    if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
+        raise TypeError(f"batch_norm: negative_slope must be a number, got {type(negative_slope).__name__}")
     # -- nothing above writes; everything below may --
     # Traced code (torch.compile) goes through the custom ops; eager code calls the launchers directly
     # (same kernels, same autograd formula, without the op dispatch's per-call cost).
@@ -69,7 +70,7 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
                          f"{tuple(input.shape)}")
     if not input.is_floating_point():
         raise TypeError(f"batch_norm: unsupported input dtype {input.dtype}; expected float32, float16 or bfloat16")
-    if input.dtype not in KERNEL_DTYPES and (uses_kernels(input) or input.dtype != torch.float64):
+    if input.dtype not in KERNEL_DTYPES and (launch.uses_kernels(input) or input.dtype != torch.float64):
         raise TypeError(f"batch_norm: unsupported input dtype {input.dtype} on the Triton path; expected "
                         f"float32, float16 or bfloat16")
     act = activation_id(activation)
