@@ -6,10 +6,13 @@ CUDA tensors run the compiled kernels; CPU tensors run the same kernels through 
 interpreter when ``TRITON_INTERPRET=1`` was set before import, and otherwise the pure-PyTorch path of
 ``reference.py`` (same semantics, so a CPU-only user still gets a working library).
 
-Three entry points, matching the three custom ops:
-    batch_stats(...)          -> (mean, invstd)            partial Welford + finalize (2 launches)
-    batch_norm_apply(...)     -> y                         1 launch
-    batch_norm_backward(...)  -> (dx, dweight, dbias, dresidual)   reduce + finalize + dx (<= 3 launches)
+Entry points (each also behind a custom op of ``ops.py``):
+    batch_stats(...)           -> (mean, invstd)         partial Welford + finalize (2 launches)
+    batch_moments(x)           -> [3, C] (count, mean, M2), for SyncBatchNorm (2 launches)
+    batch_norm_apply(...)      -> y                      1 launch
+    batch_norm_backward(...)   -> (dx, dweight, dbias, dresidual): backward_sums (reduce + finalize) when
+                                  the sums are needed, then backward_elementwise (dx) when dx or
+                                  d residual is wanted: at most 3 launches
 """
 from typing import List, Optional, Tuple
 
