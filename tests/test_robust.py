@@ -65,6 +65,14 @@ def test_bad_input_raises_and_changes_nothing(name, mutate, error, match, device
     assert _unchanged(before, *watched)
 
 
+def test_double_backward_raises_instead_of_dropping_terms(device):
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    y = triton_bn.batch_norm(x, None, None, training=True, activation="silu")
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
 def test_module_wrong_rank_changes_nothing(device):
     mod = triton_bn.BatchNorm3d(3).to(device)
     before = _state(*mod.state_dict().values())

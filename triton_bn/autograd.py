@@ -14,6 +14,7 @@ z = bn(x) + residual, so the residual tensor is kept by reference (no copy). Wit
 activation nothing is kept for it (d residual = dy).
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import launch
 
@@ -58,6 +59,7 @@ class BatchNormFunction(torch.autograd.Function):
                                        negative_slope)
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiable again: say so, never drop terms
     def backward(ctx, grad_y):
         return _gradients(ctx, grad_y, launch.batch_norm_backward)
 
