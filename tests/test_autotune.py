@@ -10,11 +10,13 @@ from triton_bn import autotune
 from triton_bn.autotune import DECLARED_CONFIGS, forced_config, tuner, wall_clock_benchmark
 from test_core import run_case
 
-FAMILY_CASES = {"channels_last": ((33, 20, 3, 3), "channels_last"), "channels_first": ((5, 3, 9, 13), "contiguous")}
+# shapes that no tile divides evenly; the channels-first one has 1260 elements per channel, so flat tiles
+# of 1024 span two tiles (and two splits) and every flat tile crosses image boundaries (S = 63)
+FAMILY_CASES = {"channels_last": ((33, 20, 3, 3), "channels_last"), "channels_first": ((20, 3, 7, 9), "contiguous")}
 
 
 @pytest.mark.parametrize("family,config", [(f, c) for f, cs in DECLARED_CONFIGS.items() for c in cs],
-                         ids=lambda v: v if isinstance(v, str) else f"{v.block_a}x{v.block_b}")
+                         ids=lambda v: v if isinstance(v, str) else f"{v.block_a}x{v.block_b}{'-flat' if v.flat else ''}")
 def test_every_declared_configuration_is_correct(family, config):
     """Each tile shape's masking, on shapes that no tile divides evenly, forward and backward."""
     shape, layout = FAMILY_CASES[family]
@@ -46,6 +48,7 @@ def test_tuning_updates_running_statistics_once_and_never_writes_the_input(cpu_t
     keys = {row["key"] for row in tuner.report}
     assert {k.split("|")[0] for k in keys} == {f"channels_first.{kind}" for kind in autotune.KINDS}
     assert {(row["programs_per_sm"], row["num_stages"]) for row in tuner.report} >= {(2, 3), (4, 3), (8, 3)}
+    assert {row["flat"] for row in tuner.report} == {False, True}  # both channels-first tilings measured
     assert torch.equal(x.detach(), x_before)
     ref(x_before)
     torch.testing.assert_close(mod.running_mean, ref.running_mean)  # one update, not one per candidate
@@ -60,7 +63,7 @@ def test_choices_are_cached_on_disk_and_reused(cpu_tuning):
     mod(torch.randn(8, 6, 5, 5))
     path = tuner.cache_file(torch.device("cpu"))
     stored = json.loads(path.read_text())
-    assert stored and all(set(cfg) == {"block_a", "block_b", "num_warps", "num_stages", "programs_per_sm"}
+    assert stored and all(set(cfg) == {"block_a", "block_b", "num_warps", "num_stages", "programs_per_sm", "flat"}
                           for cfg in stored.values())
     assert "interpreter" in path.name and "triton" in path.name
     tuner.reset()  # what a new process sees: an empty memory, the file on disk

@@ -49,7 +49,7 @@ def test_plots_and_autotune_report(tmp_path):
     frame = pd.DataFrame(report.add_speedups(_rows(), ["triton_bn"]))
     paths = report.write_plots(frame, tmp_path)
     assert paths and all(p.stat().st_size > 1000 for p in paths)
-    common = {"key": "k", "block_b": 2, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
+    common = {"key": "k", "block_b": 2, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4, "flat": False}
     report.write_autotune_report([dict(common, block_a=1, ms=0.1, chosen=True),
                                   dict(common, block_a=2, ms=0.2, chosen=False)], tmp_path)
     assert "**yes**" in (tmp_path / "autotune.md").read_text()

@@ -54,10 +54,13 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3  # software pipelining of a reduction's loop (no effect on loop-free kernels)
     programs_per_sm: int = PROGRAMS_PER_SM  # reductions: programs per multiprocessor, sets the split count
+    flat: bool = False  # channels-first only: tile the flattened (N x S) plane (see kernels/channels_first.py)
 
     def launch_kwargs(self, family: str) -> dict:
         names = ("BLOCK_R", "BLOCK_C") if family == "channels_last" else ("BLOCK_N", "BLOCK_S")
         kwargs = {names[0]: self.block_a, names[1]: self.block_b}
+        if family == "channels_first":
+            kwargs["FLAT"] = self.flat
         if not INTERPRET:
             kwargs["num_warps"] = self.num_warps
             kwargs["num_stages"] = self.num_stages
@@ -73,6 +76,9 @@ def _declared(family: str) -> List[TileConfig]:
         shapes = [(16, 128), (32, 64), (32, 128), (64, 32), (64, 64), (128, 16), (128, 32), (256, 16)]
     else:
         shapes = [(1, 1024), (1, 2048), (1, 4096), (2, 1024), (4, 256), (8, 64), (16, 64), (32, 16)]
+        # flat tiles of the (N x S) plane: only the element count matters
+        flat = [TileConfig(1, n, _warps(n), flat=True) for n in (1024, 2048, 4096)]
+        return [TileConfig(a, b, _warps(a * b)) for a, b in shapes] + flat
     return [TileConfig(a, b, _warps(a * b)) for a, b in shapes]
 
 
@@ -102,12 +108,17 @@ def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
     cap_b = max(16, triton.next_power_of_2(max(extent_b, 1)))
     clamped = []
     for cfg in DECLARED_CONFIGS[family]:
-        a, b = min(cfg.block_a, cap_a), min(cfg.block_b, cap_b)
-        candidate = TileConfig(a, b, _warps(a * b))
+        if cfg.flat:
+            if extent_a * extent_b >= 2 ** 31:  # the flat index is int32
+                continue
+            a, b = 1, min(cfg.block_b, max(16, triton.next_power_of_2(extent_a * extent_b)))
+        else:
+            a, b = min(cfg.block_a, cap_a), min(cfg.block_b, cap_b)
+        candidate = TileConfig(a, b, _warps(a * b), flat=cfg.flat)
         if candidate not in clamped:
             clamped.append(candidate)
     if kind in REDUCTION_KINDS:
-        clamped += [TileConfig(c.block_a, c.block_b, c.num_warps, stages, per_sm)
+        clamped += [TileConfig(c.block_a, c.block_b, c.num_warps, stages, per_sm, c.flat)
                     for c in list(clamped) for per_sm, stages in REDUCTION_VARIANTS]
     return clamped
 

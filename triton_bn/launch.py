@@ -60,8 +60,7 @@ def _reduction_grid(plan, cfg: TileConfig, device):
         rows_per_split = triton.cdiv(row_blocks, splits) * cfg.block_a
         splits = triton.cdiv(plan.rows, rows_per_split)
         return splits, (splits, channel_blocks), (plan.rows, plan.channels, plan.row_stride, rows_per_split)
-    num_s_blocks = triton.cdiv(plan.spatial, cfg.block_b)
-    num_tiles = triton.cdiv(plan.batch, cfg.block_a) * num_s_blocks
+    num_s_blocks, num_tiles = _channels_first_tiles(plan, cfg)
     splits = split_count(num_tiles, plan.channels, device, cfg.programs_per_sm)
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)
@@ -70,12 +69,19 @@ def _reduction_grid(plan, cfg: TileConfig, device):
     return splits, (plan.channels * splits,), size_args
 
 
+def _channels_first_tiles(plan, cfg: TileConfig):
+    """(tiles per row of a plane, tiles per channel) of a channels-first tiling (2-D or flat)."""
+    if cfg.flat:
+        return 1, triton.cdiv(plan.batch * plan.spatial, cfg.block_a * cfg.block_b)
+    num_s_blocks = triton.cdiv(plan.spatial, cfg.block_b)
+    return num_s_blocks, triton.cdiv(plan.batch, cfg.block_a) * num_s_blocks
+
+
 def _elementwise_grid(plan, cfg: TileConfig):
     if isinstance(plan, ChannelsLastPlan):
         grid = (triton.cdiv(plan.rows, cfg.block_a), triton.cdiv(plan.channels, cfg.block_b))
         return grid, (plan.rows, plan.channels, plan.row_stride)
-    num_s_blocks = triton.cdiv(plan.spatial, cfg.block_b)
-    num_tiles = triton.cdiv(plan.batch, cfg.block_a) * num_s_blocks
+    num_s_blocks, num_tiles = _channels_first_tiles(plan, cfg)
     grid = (plan.channels * num_tiles,)
     return grid, (plan.batch, plan.channels, plan.spatial, plan.batch_stride, plan.channel_stride,
                   num_s_blocks, num_tiles)

@@ -102,7 +102,7 @@ def write_autotune_report(entries: List[dict], folder: Path) -> None:
     """Every configuration benchmarked per kernel key, its time and the one chosen (CSV + markdown)."""
     import pandas as pd
     frame = pd.DataFrame(entries, columns=["key", "block_a", "block_b", "num_warps", "num_stages", "programs_per_sm",
-                                           "ms", "chosen"])
+                                           "flat", "ms", "chosen"])
     frame.to_csv(folder / "autotune.csv", index=False)
     lines = ["# Autotune report", ""]
     if frame.empty:
@@ -110,10 +110,10 @@ def write_autotune_report(entries: List[dict], folder: Path) -> None:
                      "TRITON_BN_AUTOTUNE=0) or every key was already in the on-disk cache; "
                      "the heuristic or cached choice was used.")
     for key, group in frame.groupby("key", sort=True):
-        lines += [f"## {key}", "", "| block_a | block_b | warps | stages | programs/SM | ms | chosen |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"## {key}", "", "| block_a | block_b | flat | warps | stages | programs/SM | ms | chosen |",
+                  "|---|---|---|---|---|---|---|---|"]
         for _, row in group.sort_values("ms").iterrows():
-            lines.append(f"| {row['block_a']} | {row['block_b']} | {row['num_warps']} | {row['num_stages']} | "
+            lines.append(f"| {row['block_a']} | {row['block_b']} | {bool(row['flat'])} | {row['num_warps']} | {row['num_stages']} | "
                          f"{row['programs_per_sm']} | {row['ms']:.4f} | {'**yes**' if row['chosen'] else ''} |")
         lines.append("")
     (folder / "autotune.md").write_text("\n".join(lines))

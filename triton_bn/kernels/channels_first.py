@@ -4,7 +4,8 @@ strides ``(stride_n, stride_c, 1)``: every channel is N planes of S contiguous e
 The formulas are those of ``channels_last.py``; only the tiling differs. A program works on one
 channel and on ``[BLOCK_N, BLOCK_S]`` tiles of its (N, S) plane, so when S is small (7x7, 14x14) a
 tile still spans several images and the loads stay long; when S is large the tile is one long run of
-a plane. The tiles of a channel are numbered t = n_block * num_s_blocks + s_block.
+a plane. The tiles of a channel are numbered t = n_block * num_s_blocks + s_block, or, in the FLAT
+mode, t = j // (BLOCK_N * BLOCK_S) over the flattened index j = n * S + s (see ``_tile_offsets``).
 
     _bn_fwd_stats_partial_channels_first  grid (C * splits): per-lane Welford over a range of tiles
     _bn_fwd_apply_channels_first          grid (C * tiles)
@@ -23,12 +24,25 @@ from .common import (load_channel_coefficients, load_grad_pre_activation, merge_
 
 @triton.jit
 def _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks,
-                  BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """int64 offsets and mask of tile number ``tile`` of one channel's (N, S) plane."""
-    n_idx = (tile // num_s_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    s_idx = (tile % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = (n_idx < N)[:, None] & (s_idx < S)[None, :]
-    offs = n_idx.to(tl.int64)[:, None] * stride_n + channel.to(tl.int64) * stride_c + s_idx[None, :]
+                  BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FLAT: tl.constexpr):
+    """int64 offsets and mask of tile number ``tile`` of one channel's (N, S) plane.
+
+    Two ways to tile a plane. 2-D (FLAT=False): rows are images, columns spatial positions; when S is
+    not a power of two (7x7 = 49 in a 64-wide tile) a quarter of the lanes are masked off. FLAT: the
+    N x S elements of the channel are numbered j = n * S + s and a tile is BLOCK_N * BLOCK_S
+    consecutive j, so no lane is wasted, at the price of an integer division per element (j // S).
+    The autotuner measures both; FLAT is only offered when N * S < 2^31 (j is int32)."""
+    if FLAT:
+        j = tile * (BLOCK_N * BLOCK_S) + (tl.arange(0, BLOCK_N)[:, None] * BLOCK_S + tl.arange(0, BLOCK_S)[None, :])
+        n_idx = j // S
+        s_idx = j - n_idx * S
+        mask = n_idx < N
+        offs = n_idx.to(tl.int64) * stride_n + channel.to(tl.int64) * stride_c + s_idx
+    else:
+        n_idx = (tile // num_s_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        s_idx = (tile % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (n_idx < N)[:, None] & (s_idx < S)[None, :]
+        offs = n_idx.to(tl.int64)[:, None] * stride_n + channel.to(tl.int64) * stride_c + s_idx[None, :]
     return offs, mask
 
 
@@ -39,7 +53,7 @@ def _bn_fwd_stats_partial_channels_first(
     pivot_ptr,  # [C] fp32: the channel's first element, written by split 0 (see channels_last.py)
     N, C, S, stride_n, stride_c,
     num_s_blocks, num_tiles, num_splits, tiles_per_split,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     channel = pid // num_splits
@@ -53,7 +67,7 @@ def _bn_fwd_stats_partial_channels_first(
     mean = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
     m2 = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
     for tile in range(tile_begin, tile_end):
-        offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
+        offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S, FLAT)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         count, mean, m2 = welford_update(count, mean, m2, x - pivot, mask)
     count, mean, m2 = merge_lanes(tl.reshape(count, [BLOCK_N * BLOCK_S]), tl.reshape(mean, [BLOCK_N * BLOCK_S]),
@@ -72,14 +86,14 @@ def _bn_fwd_apply_channels_first(
     eps, negative_slope,
     STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     channel = pid // num_tiles
     mean, _, scale, shift = load_channel_coefficients(
         mean_ptr, stat_ptr, weight_ptr, bias_ptr, channel, channel < C, eps,
         STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
-    offs, mask = _tile_offsets(pid % num_tiles, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
+    offs, mask = _tile_offsets(pid % num_tiles, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S, FLAT)
     normalize_tile(x_ptr, residual_ptr, y_ptr, offs, mask, mean, scale, shift, negative_slope, ACTIVATION, HAS_RESIDUAL)
 
 
@@ -93,7 +107,7 @@ def _bn_bwd_reduce_partial_channels_first(
     eps, negative_slope,
     STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     channel = pid // num_splits
@@ -106,7 +120,7 @@ def _bn_bwd_reduce_partial_channels_first(
     acc_dz = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
     acc_dz_xhat = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
     for tile in range(tile_begin, tile_end):
-        offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
+        offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S, FLAT)
         x, dz = load_grad_pre_activation(grad_y_ptr, x_ptr, residual_ptr, offs, mask, mean, scale, shift,
                                          negative_slope, ACTIVATION, HAS_RESIDUAL)
         acc_dz += dz
@@ -128,14 +142,14 @@ def _bn_bwd_dx_channels_first(
     STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     WRITE_GRAD_X: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     channel = pid // num_tiles
     mean, invstd, scale, shift = load_channel_coefficients(
         mean_ptr, stat_ptr, weight_ptr, bias_ptr, channel, channel < C, eps,
         STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
-    offs, mask = _tile_offsets(pid % num_tiles, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S)
+    offs, mask = _tile_offsets(pid % num_tiles, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S, FLAT)
     x, dz = load_grad_pre_activation(grad_y_ptr, x_ptr, residual_ptr, offs, mask, mean, scale, shift,
                                      negative_slope, ACTIVATION, HAS_RESIDUAL)
     if WRITE_GRAD_RESIDUAL:
