@@ -26,6 +26,7 @@ Keys leave the batch size out where it does not change the best tile: the channe
 spatial size and the dtype matter; the number of rows only through its power-of-two bucket.
 """
 import contextlib
+import functools
 import json
 import os
 import time
@@ -45,6 +46,16 @@ FINALIZE_BLOCK_C = 128
 INTERPRETER_SM_COUNT = 2
 # Reduction grids aim at this many programs per multiprocessor (enough to hide memory latency).
 PROGRAMS_PER_SM = 4
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b). (``triton.cdiv`` is a jit function in Triton 3: microseconds per host call.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Host-side smallest power of two >= n (n >= 1), without triton's jit-call overhead."""
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -104,14 +115,14 @@ def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
     only masks lanes off), duplicates removed, never empty; for reductions, each tile also with the
     split-count and pipelining variants of ``REDUCTION_VARIANTS``."""
     extent_a, extent_b = problem_extent(family, plan)
-    cap_a = triton.next_power_of_2(max(extent_a, 1))
-    cap_b = max(16, triton.next_power_of_2(max(extent_b, 1)))
+    cap_a = next_power_of_2(max(extent_a, 1))
+    cap_b = max(16, next_power_of_2(max(extent_b, 1)))
     clamped = []
     for cfg in DECLARED_CONFIGS[family]:
         if cfg.flat:
             if extent_a * extent_b >= 2 ** 31:  # the flat index is int32
                 continue
-            a, b = 1, min(cfg.block_b, max(16, triton.next_power_of_2(extent_a * extent_b)))
+            a, b = 1, min(cfg.block_b, max(16, next_power_of_2(extent_a * extent_b)))
         else:
             a, b = min(cfg.block_a, cap_a), min(cfg.block_b, cap_b)
         candidate = TileConfig(a, b, _warps(a * b), flat=cfg.flat)
@@ -123,16 +134,17 @@ def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
     return clamped
 
 
+@functools.lru_cache(maxsize=4096)
 def heuristic_config(family: str, kind: str, plan, element_size: int) -> TileConfig:
     """A good tile without benchmarking: about 4096 elements (16 KiB of fp32) per tile, channels-last
     tiles wider in C for 2-byte dtypes (so one row of the tile is still >= 128 contiguous bytes)."""
     extent_a, extent_b = problem_extent(family, plan)
     if family == "channels_last":
-        block_b = min(triton.next_power_of_2(max(extent_b, 1)), 64 if element_size >= 4 else 128)
+        block_b = min(next_power_of_2(max(extent_b, 1)), 64 if element_size >= 4 else 128)
         block_b = max(block_b, 16)
     else:
-        block_b = max(16, min(triton.next_power_of_2(max(extent_b, 1)), 2048))
-    block_a = max(1, min(4096 // block_b, triton.next_power_of_2(max(extent_a, 1))))
+        block_b = max(16, min(next_power_of_2(max(extent_b, 1)), 2048))
+    block_a = max(1, min(4096 // block_b, next_power_of_2(max(extent_a, 1))))
     return TileConfig(block_a, block_b, _warps(block_a * block_b))
 
 
@@ -148,14 +160,14 @@ def split_count(work_items: int, parallel_programs: int, device: torch.device,
     (parallel_programs already run side by side: channel blocks or channels), never more splits than
     there are work items (row blocks or tiles)."""
     target = programs_per_sm * sm_count(device)
-    return max(1, min(work_items, triton.cdiv(target, max(parallel_programs, 1))))
+    return max(1, min(work_items, cdiv(target, max(parallel_programs, 1))))
 
 
 def tuning_key(family: str, kind: str, plan, dtype: torch.dtype) -> str:
     if family == "channels_last":
-        shape = f"C={plan.channels},rows~{triton.next_power_of_2(max(plan.rows, 1))}"
+        shape = f"C={plan.channels},rows~{next_power_of_2(max(plan.rows, 1))}"
     else:
-        shape = f"C={plan.channels},S={plan.spatial},N~{triton.next_power_of_2(max(plan.batch, 1))}"
+        shape = f"C={plan.channels},S={plan.spatial},N~{next_power_of_2(max(plan.batch, 1))}"
     return f"{family}.{kind}|{str(dtype).replace('torch.', '')}|{shape}"
 
 

@@ -17,10 +17,9 @@ Entry points (each also behind a custom op of ``ops.py``):
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 
 from . import reference
-from .autotune import FINALIZE_BLOCK_C, INTERPRET, TileConfig, split_count, tuner
+from .autotune import FINALIZE_BLOCK_C, INTERPRET, TileConfig, cdiv, split_count, tuner
 from .kernels import channels_first as cf
 from .kernels import channels_last as cl
 from .kernels.welford import _bn_bwd_reduce_finalize, _bn_fwd_stats_finalize
@@ -54,16 +53,16 @@ def _channel_vector(t: Optional[torch.Tensor], device) -> torch.Tensor:
 def _reduction_grid(plan, cfg: TileConfig, device):
     """(num_splits, grid, split-size arguments) of a partial-reduction kernel."""
     if isinstance(plan, ChannelsLastPlan):
-        row_blocks = triton.cdiv(plan.rows, cfg.block_a)
-        channel_blocks = triton.cdiv(plan.channels, cfg.block_b)
+        row_blocks = cdiv(plan.rows, cfg.block_a)
+        channel_blocks = cdiv(plan.channels, cfg.block_b)
         splits = split_count(row_blocks, channel_blocks, device, cfg.programs_per_sm)
-        rows_per_split = triton.cdiv(row_blocks, splits) * cfg.block_a
-        splits = triton.cdiv(plan.rows, rows_per_split)
+        rows_per_split = cdiv(row_blocks, splits) * cfg.block_a
+        splits = cdiv(plan.rows, rows_per_split)
         return splits, (splits, channel_blocks), (plan.rows, plan.channels, plan.row_stride, rows_per_split)
     num_s_blocks, num_tiles = _channels_first_tiles(plan, cfg)
     splits = split_count(num_tiles, plan.channels, device, cfg.programs_per_sm)
-    tiles_per_split = triton.cdiv(num_tiles, splits)
-    splits = triton.cdiv(num_tiles, tiles_per_split)
+    tiles_per_split = cdiv(num_tiles, splits)
+    splits = cdiv(num_tiles, tiles_per_split)
     size_args = (plan.batch, plan.channels, plan.spatial, plan.batch_stride, plan.channel_stride,
                  num_s_blocks, num_tiles, splits, tiles_per_split)
     return splits, (plan.channels * splits,), size_args
@@ -72,14 +71,14 @@ def _reduction_grid(plan, cfg: TileConfig, device):
 def _channels_first_tiles(plan, cfg: TileConfig):
     """(tiles per row of a plane, tiles per channel) of a channels-first tiling (2-D or flat)."""
     if cfg.flat:
-        return 1, triton.cdiv(plan.batch * plan.spatial, cfg.block_a * cfg.block_b)
-    num_s_blocks = triton.cdiv(plan.spatial, cfg.block_b)
-    return num_s_blocks, triton.cdiv(plan.batch, cfg.block_a) * num_s_blocks
+        return 1, cdiv(plan.batch * plan.spatial, cfg.block_a * cfg.block_b)
+    num_s_blocks = cdiv(plan.spatial, cfg.block_b)
+    return num_s_blocks, cdiv(plan.batch, cfg.block_a) * num_s_blocks
 
 
 def _elementwise_grid(plan, cfg: TileConfig):
     if isinstance(plan, ChannelsLastPlan):
-        grid = (triton.cdiv(plan.rows, cfg.block_a), triton.cdiv(plan.channels, cfg.block_b))
+        grid = (cdiv(plan.rows, cfg.block_a), cdiv(plan.channels, cfg.block_b))
         return grid, (plan.rows, plan.channels, plan.row_stride)
     num_s_blocks, num_tiles = _channels_first_tiles(plan, cfg)
     grid = (plan.channels * num_tiles,)
@@ -88,7 +87,7 @@ def _elementwise_grid(plan, cfg: TileConfig):
 
 
 def _finalize_grid(channels: int):
-    return (triton.cdiv(channels, FINALIZE_BLOCK_C),)
+    return (cdiv(channels, FINALIZE_BLOCK_C),)
 
 
 # -- forward --------------------------------------------------------------------------------------------

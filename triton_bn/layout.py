@@ -48,9 +48,17 @@ def _plan_without_copy(x: torch.Tensor):
     return None
 
 
+_PLANS = {}  # (shape, strides) -> plan or None: the plan depends on nothing else, and this is the hot path
+
+
 def plan_layout(x: torch.Tensor) -> Tuple[torch.Tensor, LayoutPlan]:
     """``(x_dense, plan)``: x itself when it is in one of the two families, else one copy of it."""
-    plan = _plan_without_copy(x)
+    key = (tuple(x.shape), x.stride())
+    if key not in _PLANS:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        _PLANS[key] = _plan_without_copy(x)
+    plan = _PLANS[key]
     if plan is None:
         x = x.contiguous(memory_format=_closest_memory_format(x))
         plan = _plan_without_copy(x)
