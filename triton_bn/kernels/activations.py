@@ -15,21 +15,23 @@ relu6' = 0 at 0 and 6, hardswish'(-3) = 0 and hardswish'(3) = 1).
 import triton
 import triton.language as tl
 
-# Keep in step with triton_bn/activations.py (checked by tests/test_activations.py).
-IDENTITY: tl.constexpr = 0
-RELU: tl.constexpr = 1
-LEAKY_RELU: tl.constexpr = 2
-RELU6: tl.constexpr = 3
-SILU: tl.constexpr = 4
-GELU: tl.constexpr = 5
-GELU_TANH: tl.constexpr = 6
-HARDSWISH: tl.constexpr = 7
-SIGMOID: tl.constexpr = 8
+# Keep in step with triton_bn/activations.py (checked by the code block of docs/adding-an-activation.md).
+IDENTITY = tl.constexpr(0)
+RELU = tl.constexpr(1)
+LEAKY_RELU = tl.constexpr(2)
+RELU6 = tl.constexpr(3)
+SILU = tl.constexpr(4)
+GELU = tl.constexpr(5)
+GELU_TANH = tl.constexpr(6)
+HARDSWISH = tl.constexpr(7)
+SIGMOID = tl.constexpr(8)
 
-_SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 * pi)
-_SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
-_GELU_TANH_COEF = 0.044715
+# Globals read inside @triton.jit functions must be tl.constexpr instances (the compiler rejects plain
+# floats; the interpreter does not, which is why tests/test_compile_sm90.py compiles every kernel).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 * pi)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+_GELU_TANH_COEF = tl.constexpr(0.044715)
 
 
 @triton.jit

@@ -1,0 +1,116 @@
+"""Every kernel compiles for a Hopper GPU (sm_90), on this CPU: the Triton interpreter accepts code the
+compiler rejects (a plain float global, a scalar/tensor type mismatch), so the interpreter tests alone
+would let a kernel that can not build on a GPU pass. Triton ships ptxas, so no GPU is needed to build
+a cubin. The compiler needs the kernels as jit functions, not the interpreter's, so each group runs in
+a child process without TRITON_INTERPRET (``python tests/test_compile_sm90.py GROUP``)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+
+from triton_bn.kernels import channels_first as cf
+from triton_bn.kernels import channels_last as cl
+from triton_bn.kernels import welford
+
+try:
+    from triton.backends.compiler import GPUTarget
+except ImportError:  # pragma: no cover - an older triton
+    GPUTarget = None
+
+FLOAT_ARGS = {"eps", "negative_slope", "inv_count", "unbiased_factor", "momentum"}
+DTYPE_OF = {"x_ptr": "bf16", "y_ptr": "bf16", "residual_ptr": "bf16", "grad_y_ptr": "bf16", "grad_x_ptr": "bf16",
+            "grad_residual_ptr": "bf16", "running_mean_ptr": "fp32", "running_var_ptr": "fp16",
+            "num_batches_ptr": "i64", "grad_weight_ptr": "fp32", "grad_bias_ptr": "fp32"}
+
+
+def _compile(kernel, constexprs, index_type="i32"):
+    signature = {}
+    for name, param in zip(kernel.arg_names, kernel.params):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + DTYPE_OF.get(name, "fp32")
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = index_type
+    missing = [n for n, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr and n not in constexprs]
+    assert not missing, f"test must set {missing}"
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    assert compiled.asm["cubin"], "no machine code"
+
+
+EPILOGUE = dict(STATS_ARE_RUNNING=False, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True)
+CL_TILE = dict(BLOCK_R=32, BLOCK_C=64)
+CF_TILE = dict(BLOCK_N=4, BLOCK_S=256, FLAT=False)
+
+
+def group_channels_last_elementwise():
+    for activation in range(9):
+        _compile_channels_last_elementwise(activation)
+
+
+def _compile_channels_last_elementwise(activation):
+    _compile(cl._bn_fwd_apply_channels_last, dict(EPILOGUE, ACTIVATION=activation, **CL_TILE))
+    _compile(cl._bn_bwd_dx_channels_last, dict(EPILOGUE, ACTIVATION=activation, BATCH_STATS=True, WRITE_GRAD_X=True,
+                                               WRITE_GRAD_RESIDUAL=True, **CL_TILE))
+
+
+def group_channels_first():
+    for activation in (0, 5, 6):
+        for flat in (False, True):
+            _compile_channels_first(activation, flat)
+
+
+def _compile_channels_first(activation, flat):
+    tile = dict(CF_TILE, FLAT=flat)
+    _compile(cf._bn_fwd_apply_channels_first, dict(EPILOGUE, ACTIVATION=activation, **tile))
+    _compile(cf._bn_bwd_dx_channels_first, dict(EPILOGUE, ACTIVATION=activation, BATCH_STATS=True, WRITE_GRAD_X=True,
+                                                WRITE_GRAD_RESIDUAL=True, **tile))
+    _compile(cf._bn_bwd_reduce_partial_channels_first, dict(EPILOGUE, ACTIVATION=activation, **tile))
+    _compile(cf._bn_fwd_stats_partial_channels_first, tile)
+
+
+def group_reductions_and_finalize():
+    """i64: sizes and strides past 2^31 arrive as 64-bit integers."""
+    for index_type in ("i32", "i64"):
+        _compile_reductions(index_type)
+
+
+def _compile_reductions(index_type):
+    _compile(cl._bn_fwd_stats_partial_channels_last, CL_TILE, index_type)
+    _compile(cl._bn_bwd_reduce_partial_channels_last, dict(EPILOGUE, ACTIVATION=1, **CL_TILE), index_type)
+    _compile(cf._bn_fwd_stats_partial_channels_first, CF_TILE, index_type)
+    _compile(welford._bn_fwd_stats_finalize, dict(UPDATE_RUNNING=True, CUMULATIVE=True, WRITE_MOMENTS=True,
+                                                  BLOCK_C=128), index_type)
+    _compile(welford._bn_bwd_reduce_finalize, dict(WRITE_GRAD_WEIGHT=True, WRITE_GRAD_BIAS=True, BLOCK_C=128),
+             index_type)
+
+
+def group_eval_flags():
+    _compile(cl._bn_fwd_apply_channels_last, dict(STATS_ARE_RUNNING=True, HAS_WEIGHT=False, HAS_BIAS=False,
+                                                  HAS_RESIDUAL=False, ACTIVATION=2, **CL_TILE))
+    _compile(cf._bn_bwd_dx_channels_first, dict(STATS_ARE_RUNNING=True, HAS_WEIGHT=False, HAS_BIAS=False,
+                                                HAS_RESIDUAL=False, ACTIVATION=3, BATCH_STATS=False,
+                                                WRITE_GRAD_X=True, WRITE_GRAD_RESIDUAL=False, **CF_TILE))
+
+
+GROUPS = ["channels_last_elementwise", "channels_first", "reductions_and_finalize", "eval_flags"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_kernels_compile_for_sm90(group):
+    if GPUTarget is None:
+        pytest.skip("this triton has no triton.backends.compiler.GPUTarget")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and f"compiled {group}" in proc.stdout, proc.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile checks need the real jit functions"
+    globals()[f"group_{sys.argv[1]}"]()
+    print(f"compiled {sys.argv[1]}")
