@@ -114,3 +114,16 @@ if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile checks need the real jit functions"
     globals()[f"group_{sys.argv[1]}"]()
     print(f"compiled {sys.argv[1]}")
+
+
+def test_resource_report_tool_runs():
+    """perf/resource_report.py (registers and spills per kernel and tile) still works."""
+    if GPUTarget is None:
+        pytest.skip("this triton has no triton.backends.compiler.GPUTarget")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "perf", "resource_report.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "/" in line]
+    assert len(rows) >= 19 and " -1 / " not in proc.stdout
