@@ -73,6 +73,21 @@ def test_choices_are_cached_on_disk_and_reused(cpu_tuning):
     assert tuner.report == []
 
 
+def test_candidate_limit_keeps_the_heuristic_first(cpu_tuning, monkeypatch):
+    monkeypatch.setattr(tuner, "max_candidates", 3)
+    mod, _ = _fresh_module()
+    mod(torch.randn(8, 6, 5, 5))
+    by_key = {}
+    for row in tuner.report:
+        by_key.setdefault(row["key"], []).append(row)
+    assert by_key and all(len(rows) == 3 for rows in by_key.values())
+    from triton_bn.layout import plan_layout
+    _, plan = plan_layout(torch.empty(8, 6, 5, 5))
+    first = tuner.report[0]
+    heuristic = autotune.heuristic_config("channels_first", "stats", plan, 4)
+    assert (first["block_a"], first["block_b"], first["flat"]) == (heuristic.block_a, heuristic.block_b, False)
+
+
 def test_autotune_off_uses_the_heuristic(cpu_tuning, monkeypatch):
     monkeypatch.setenv("TRITON_BN_AUTOTUNE", "0")
     mod, _ = _fresh_module()

@@ -183,6 +183,10 @@ class Tuner:
         self.report: List[dict] = []  # every benchmarked candidate: kernel key, config, ms, chosen
         self.benchmark: Callable[[Callable[[], None]], float] = _default_benchmark
         self.tune_on_cpu = False  # test hook: benchmark through the interpreter with self.benchmark
+        # at most this many candidates per key, the heuristic's choice first, then the tiles closest to it
+        # (every candidate costs a compile the first time); None: all. TRITON_BN_TUNE_MAX_CANDIDATES sets it.
+        limit = os.environ.get("TRITON_BN_TUNE_MAX_CANDIDATES")
+        self.max_candidates: Optional[int] = int(limit) if limit else None
         self._forced: Dict[str, TileConfig] = {}
         self._disk_loaded = False
 
@@ -209,9 +213,20 @@ class Tuner:
                     f"triton_bn: {key} is seen for the first time inside a CUDA graph capture, where it can not "
                     "be autotuned (or compiled). Warm up first: run the same step once (forward and backward) "
                     "before capturing, or set TRITON_BN_AUTOTUNE=0.")
-            self.memory[key] = self._benchmark(key, candidate_configs(family, kind, plan), run)
+            candidates = self._shortlist(candidate_configs(family, kind, plan),
+                                         heuristic_config(family, kind, plan, x.element_size()))
+            self.memory[key] = self._benchmark(key, candidates, run)
             self._save_disk(x.device)
         return self.memory[key]
+
+    def _shortlist(self, candidates: List[TileConfig], heuristic: TileConfig) -> List[TileConfig]:
+        """The heuristic's choice first, then the candidates ordered by how far their tile size is from it
+        (in powers of two), cut to ``max_candidates``."""
+        size = lambda c: c.block_a * c.block_b  # noqa: E731
+        ordered = [heuristic] + sorted((c for c in candidates if c != heuristic),
+                                       key=lambda c: (abs(size(c).bit_length() - size(heuristic).bit_length()),
+                                                      c.flat, c.programs_per_sm != heuristic.programs_per_sm))
+        return ordered[:self.max_candidates] if self.max_candidates else ordered
 
     def _benchmark(self, key: str, candidates: Sequence[TileConfig], run) -> TileConfig:
         timings = []

@@ -26,6 +26,8 @@ def _parse(argv):
     bench.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16")
     bench.add_argument("--layouts", default=None, help="comma-separated: nchw,channels_last")
     bench.add_argument("--out", default=None, help="output folder (default perf/results/<gpu>-<date>)")
+    bench.add_argument("--tune-candidates", type=int, default=None,
+                       help="autotune at most this many configurations per kernel key (default: all; --quick: 4)")
     return parser.parse_args(argv)
 
 
@@ -118,6 +120,7 @@ def run_bench(args) -> int:
     # --quick compiles the anchor once per case with dynamic shapes (bounded compile time); the full run
     # compiles every shape statically, as a user with one fixed shape would
     compile_dynamic = True if args.quick else False
+    tuner.max_candidates = args.tune_candidates or (4 if args.quick else tuner.max_candidates)
     import torch._dynamo
     for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, limit):  # never let the anchor fall back to eager silently
