@@ -14,6 +14,7 @@ Entry points (each also behind a custom op of ``ops.py``):
                                   the sums are needed, then backward_elementwise (dx) when dx or
                                   d residual is wanted: at most 3 launches
 """
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -34,6 +35,18 @@ def _dummy(device: torch.device) -> torch.Tensor:
     if device not in _dummies:
         _dummies[device] = torch.empty(1, dtype=torch.float32, device=device)
     return _dummies[device]
+
+
+def _on_input_device(launcher):
+    """Run ``launcher`` with its first tensor argument's GPU as the current device: Triton launches on the
+    current device, so a model on cuda:1 while cuda:0 is current would otherwise launch on the wrong GPU."""
+    @functools.wraps(launcher)
+    def wrapper(first, *args, **kwargs):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+    return wrapper
 
 
 def uses_kernels(x: torch.Tensor) -> bool:
@@ -91,6 +104,7 @@ def _finalize_grid(channels: int):
 
 
 # -- forward --------------------------------------------------------------------------------------------
+@_on_input_device
 def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 num_batches_tracked: Optional[torch.Tensor], momentum: float, cumulative: bool,
                 eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +121,7 @@ def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_v
     return mean, invstd
 
 
+@_on_input_device
 def batch_moments(x: torch.Tensor) -> torch.Tensor:
     """Local ``(count, mean, M2)`` per channel, packed as one fp32 [3, C] tensor (what SyncBatchNorm
     all-gathers). An empty x gives count 0, which weighs nothing in the merge."""
@@ -158,6 +173,7 @@ def _epilogue_flags(weight, bias, residual, batch_stats: bool, activation: int) 
                 HAS_RESIDUAL=residual is not None, ACTIVATION=activation)
 
 
+@_on_input_device
 def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float,
                      batch_stats: bool, activation: int, negative_slope: float) -> torch.Tensor:
@@ -187,6 +203,7 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, we
 
 
 # -- backward -------------------------------------------------------------------------------------------
+@_on_input_device
 def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
                   weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   eps: float, batch_stats: bool, activation: int, negative_slope: float,
@@ -233,6 +250,7 @@ def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, sta
     return sums
 
 
+@_on_input_device
 def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
                          weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          residual: Optional[torch.Tensor], sums: Optional[torch.Tensor], inv_count: float,
