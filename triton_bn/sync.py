@@ -21,7 +21,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
+from . import launch
 from .functional import _check_arguments
 from .modules import _FusedBatchNormMixin
 
@@ -41,7 +43,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, eps,
                 activation, negative_slope, process_group, world_size):
-        moments = torch.ops.triton_bn.batch_moments(x.detach())
+        moments = launch.batch_moments(x.detach())
         gathered = moments.new_empty((world_size * moments.shape[0], moments.shape[1]))  # gloo wants it flat
         dist.all_gather_into_tensor(gathered, moments, group=process_group)  # the one forward collective
         count, mean, m2 = merge_moments(gathered.view(world_size, *moments.shape))
@@ -51,30 +53,31 @@ class SyncBatchNormFunction(torch.autograd.Function):
             unbiased = m2 / (count - 1.0).clamp_min(1.0)
             running_mean.copy_((running_mean.float() * (1 - factor) + mean * factor).to(running_mean.dtype))
             running_var.copy_((running_var.float() * (1 - factor) + unbiased * factor).to(running_var.dtype))
-        y = torch.ops.triton_bn.batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation,
-                                                 negative_slope)
+        y = launch.batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
         keep_residual = residual if (residual is not None and activation != 0) else None
         ctx.save_for_backward(x, weight, bias, keep_residual, mean, invstd, count)
         ctx.config = (eps, activation, negative_slope, process_group, residual is not None)
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
         eps, activation, negative_slope, process_group, has_residual = ctx.config
         needs = ctx.needs_input_grad
-        sums = torch.ops.triton_bn.batch_norm_backward_sums(grad_y, x, mean, invstd, weight, bias, residual, eps, True,
-                                                            activation, negative_slope)
+        sums = launch.backward_sums(grad_y, x, mean, invstd, weight, bias, residual, eps, True, activation,
+                                    negative_slope)
         grad_weight = sums[1].to(weight.dtype) if (weight is not None and needs[1]) else None
         grad_bias = sums[0].to(bias.dtype) if (bias is not None and needs[2]) else None
         grad_x = grad_residual = None
-        if needs[0] or (has_residual and needs[3]):
+        want_dx, want_dresidual = needs[0], has_residual and needs[3]
+        if want_dx or want_dresidual:
             global_sums = sums.clone()
             dist.all_reduce(global_sums, group=process_group)  # the one backward collective
-            grad_x, grad_residual = torch.ops.triton_bn.batch_norm_backward_elementwise(
-                grad_y, x, mean, invstd, weight, bias, residual, global_sums / count.clamp_min(1.0), eps, activation,
-                negative_slope, bool(has_residual and needs[3]))
-            grad_residual = grad_residual if (has_residual and needs[3]) else None
+            # dx uses the global means of (dz, dz * xhat): the sums already divided by the global count
+            grad_x, grad_residual = launch.backward_elementwise(
+                grad_y, x, mean, invstd, weight, bias, residual, global_sums / count.clamp_min(1.0), 1.0, eps, True,
+                activation, negative_slope, want_dx, want_dresidual)
         return (grad_x, grad_weight, grad_bias, grad_residual) + (None,) * 9
 
 
