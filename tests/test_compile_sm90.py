@@ -127,3 +127,17 @@ def test_resource_report_tool_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "/" in line]
     assert len(rows) >= 19 and " -1 / " not in proc.stdout
+
+
+def test_statistics_loop_fits_the_bf16_bandwidth_budget():
+    """At full bandwidth a 2-byte dtype leaves ~18 instructions per element (perf/NOTES.md); the
+    channels-last statistics loop must stay under that (v1 took ~34, dividing per element)."""
+    if GPUTarget is None:
+        pytest.skip("this triton has no triton.backends.compiler.GPUTarget")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "perf", "sass_loop.py"), "64", "32", "4"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_element = [float(line.split(": ")[-1].split()[0]) for line in proc.stdout.splitlines() if "per element" in line]
+    assert per_element and max(per_element) < 18, proc.stdout
