@@ -268,10 +268,9 @@ def _count_launches(monkeypatch):
             counts[self.name] = counts.get(self.name, 0) + 1
             return self.kernel[grid]
 
-    for module in (launch.cl, launch.cf):
-        for name in dir(module):
-            if name.startswith("_bn_"):
-                monkeypatch.setattr(module, name, Counting(name, getattr(module, name)))
+    for family, kernels in launch._KERNELS.items():
+        for role, kernel in kernels.items():
+            monkeypatch.setitem(kernels, role, Counting(f"{family}.{role}", kernel))
     for name in ("_bn_fwd_stats_finalize", "_bn_bwd_reduce_finalize"):
         monkeypatch.setattr(launch, name, Counting(name, getattr(launch, name)))
     return counts

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, carry_state
 
 _SWAPS = ((nn.BatchNorm1d, BatchNorm1d), (nn.BatchNorm2d, BatchNorm2d), (nn.BatchNorm3d, BatchNorm3d))
 _OURS = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
@@ -98,12 +98,7 @@ def _swap_batch_norms(model: nn.Module) -> int:
         match = next((ours for theirs, ours in _SWAPS if type(child) is theirs), None)
         if match is not None:
             new = match(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            # carry the very tensors (parameters and buffers), so device, dtype and values are the original's
-            new.weight, new.bias = child.weight, child.bias
-            new.running_mean, new.running_var = child.running_mean, child.running_var
-            new.num_batches_tracked = child.num_batches_tracked
-            new.train(child.training)
-            setattr(model, name, new)
+            setattr(model, name, carry_state(child, new))
             swapped += 1
         else:
             swapped += _swap_batch_norms(child)

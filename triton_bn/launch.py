@@ -57,9 +57,19 @@ def _family(plan) -> str:
     return "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
 
 
-def _channel_vector(t: Optional[torch.Tensor], device) -> torch.Tensor:
-    """Read-only per-channel vectors are passed with stride 1 (a strided view is copied)."""
-    return _dummy(device) if t is None else t.contiguous()
+# The kernel of each role, per layout family.
+_KERNELS = {
+    "channels_last": dict(stats=cl._bn_fwd_stats_partial_channels_last, apply=cl._bn_fwd_apply_channels_last,
+                          bwd_reduce=cl._bn_bwd_reduce_partial_channels_last, bwd_dx=cl._bn_bwd_dx_channels_last),
+    "channels_first": dict(stats=cf._bn_fwd_stats_partial_channels_first, apply=cf._bn_fwd_apply_channels_first,
+                           bwd_reduce=cf._bn_bwd_reduce_partial_channels_first, bwd_dx=cf._bn_bwd_dx_channels_first),
+}
+
+
+def _per_channel_args(mean, stat, weight, bias, device):
+    """(mean, stat, weight, bias) as kernel arguments: read-only vectors with stride 1 (a strided view is
+    copied), a private dummy for an absent one."""
+    return tuple(_dummy(device) if t is None else t.contiguous() for t in (mean, stat, weight, bias))
 
 
 # -- reduction grids ------------------------------------------------------------------------------------
@@ -140,8 +150,7 @@ def _merged_statistics(x, mean, invstd, moments, running_mean, running_var, num_
     channels = x.shape[1]
     x, plan = plan_layout(x)
     family = _family(plan)
-    partial_kernel = (cl._bn_fwd_stats_partial_channels_last if family == "channels_last"
-                      else cf._bn_fwd_stats_partial_channels_first)
+    partial_kernel = _KERNELS[family]["stats"]
 
     def run_partials(cfg: TileConfig):
         splits, grid, size_args = _reduction_grid(plan, cfg, x.device)
@@ -188,10 +197,9 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, we
     device = x.device
     residual = like_input(residual, x) if residual is not None else None
     family = _family(plan)
-    kernel = cl._bn_fwd_apply_channels_last if family == "channels_last" else cf._bn_fwd_apply_channels_first
+    kernel = _KERNELS[family]["apply"]
     tensors = (x, residual if residual is not None else _dummy(device), y,
-               _channel_vector(mean, device), _channel_vector(stat, device),
-               _channel_vector(weight, device), _channel_vector(bias, device))
+               *_per_channel_args(mean, stat, weight, bias, device))
     flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
 
     def run(cfg: TileConfig):
@@ -226,10 +234,8 @@ def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, sta
     grad_y = like_input(grad_y, x)
     residual = like_input(residual, x) if residual is not None else None
     family = _family(plan)
-    partial_kernel = (cl._bn_bwd_reduce_partial_channels_last if family == "channels_last"
-                      else cf._bn_bwd_reduce_partial_channels_first)
-    per_channel = (_channel_vector(mean, device), _channel_vector(stat, device),
-                   _channel_vector(weight, device), _channel_vector(bias, device))
+    partial_kernel = _KERNELS[family]["bwd_reduce"]
+    per_channel = _per_channel_args(mean, stat, weight, bias, device)
     flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
     residual_arg = residual if residual is not None else _dummy(device)
 
@@ -274,9 +280,8 @@ def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tens
         return grad_x, grad_residual
     residual = like_input(residual, x) if residual is not None else None
     family = _family(plan)
-    kernel = cl._bn_bwd_dx_channels_last if family == "channels_last" else cf._bn_bwd_dx_channels_first
-    per_channel = (_channel_vector(mean, device), _channel_vector(stat, device),
-                   _channel_vector(weight, device), _channel_vector(bias, device))
+    kernel = _KERNELS[family]["bwd_dx"]
+    per_channel = _per_channel_args(mean, stat, weight, bias, device)
     flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
     sums = sums if sums is not None else torch.zeros((2, 1), dtype=torch.float32, device=device)
 

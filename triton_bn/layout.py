@@ -82,5 +82,5 @@ def like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
-def empty_like_input(x: torch.Tensor, dtype=None) -> torch.Tensor:
-    return torch.empty_strided(x.shape, x.stride(), dtype=dtype or x.dtype, device=x.device)
+def empty_like_input(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)

@@ -62,3 +62,12 @@ def _fused_module(torch_class, doc_dims):
 BatchNorm1d = _fused_module(torch.nn.BatchNorm1d, "(N, C) or (N, C, L)")
 BatchNorm2d = _fused_module(torch.nn.BatchNorm2d, "(N, C, H, W)")
 BatchNorm3d = _fused_module(torch.nn.BatchNorm3d, "(N, C, D, H, W)")
+
+
+def carry_state(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:
+    """Give ``target`` (a fresh BN module) the very parameters, buffers and train/eval mode of ``source``:
+    the same tensors, so device, dtype, values and optimizer references stay the original's."""
+    target.weight, target.bias = source.weight, source.bias
+    target.running_mean, target.running_var = source.running_mean, source.running_var
+    target.num_batches_tracked = source.num_batches_tracked
+    return target.train(source.training)

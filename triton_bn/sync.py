@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from . import launch
 from .functional import _check_arguments
-from .modules import _FusedBatchNormMixin
+from .modules import _FusedBatchNormMixin, carry_state
 
 
 def merge_moments(gathered: Tensor):
@@ -98,11 +98,11 @@ class SyncBatchNorm(_FusedBatchNormMixin, nn.SyncBatchNorm):
         return dist.get_world_size(self.process_group)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
         world_size = self._world_size() if self.training else 1
         if world_size == 1:
-            return super().forward(input, residual)
+            return super().forward(input, residual)  # the local path, with its own input checks
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
         track = self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
@@ -125,14 +125,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     fused activation (and so the residual form of converted models), parameters, buffers and mode."""
     out = module
     if isinstance(module, _CONVERTIBLE) and not isinstance(module, nn.SyncBatchNorm):
-        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group,
-                            activation=getattr(module, "activation", None),
-                            negative_slope=getattr(module, "negative_slope", 0.01))
-        out.weight, out.bias = module.weight, module.bias
-        out.running_mean, out.running_var = module.running_mean, module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
+        out = carry_state(module, SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                                module.track_running_stats, process_group,
+                                                activation=getattr(module, "activation", None),
+                                                negative_slope=getattr(module, "negative_slope", 0.01)))
         if hasattr(module, "qconfig"):
             out.qconfig = module.qconfig
     for name, child in module.named_children():
