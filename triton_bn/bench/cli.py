@@ -28,6 +28,9 @@ def _parse(argv):
     bench.add_argument("--out", default=None, help="output folder (default perf/results/<gpu>-<date>)")
     bench.add_argument("--tune-candidates", type=int, default=None,
                        help="autotune at most this many configurations per kernel key (default: all; --quick: 4)")
+    bench.add_argument("--budget-s", type=float, default=None,
+                       help="stop starting new measurements after this many seconds and write what was measured "
+                            "(jobs run in priority order: the target cases first)")
     return parser.parse_args(argv)
 
 
@@ -135,11 +138,12 @@ def run_bench(args) -> int:
     print(f"device: {gpu_name}; torch {torch.__version__}; triton_bn {triton_bn.__version__}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s")
     jobs = []
-    for set_name in sets:
-        for shape in C.SHAPE_SETS[set_name]:
-            for case in case_names:
-                if set_name == "latency" and case not in C.LATENCY_CASES:
-                    continue
+    # case-major, the cases the targets name first: a run cut short by --budget-s still holds them
+    for case in sorted(case_names, key=C.CASE_PRIORITY.index):
+        for set_name in sets:
+            if set_name == "latency" and case not in C.LATENCY_CASES:
+                continue
+            for shape in C.SHAPE_SETS[set_name]:
                 for dtype_name, layout in combos:
                     if layout == "channels_last" and len(shape) != 4:
                         if (dtype_name, "nchw") in combos:
@@ -150,7 +154,12 @@ def run_bench(args) -> int:
     graph_variants = [p for p in C.GRAPH_PROVIDERS if p in providers] if on_gpu else []
     total = sum(len(providers) + (len(graph_variants) if job[4] == "latency" else 0) for job in jobs)
     done = 0
+    started = time.perf_counter()
+    skipped = []
     for case, shape, dtype_name, layout, set_name in jobs:
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            skipped.append(f"{case} {'x'.join(map(str, shape))} {dtype_name} {layout}")
+            continue
         dtype = C.DTYPES[dtype_name]
         shape_text = "x".join(map(str, shape))
         reference_output = None
@@ -185,13 +194,20 @@ def run_bench(args) -> int:
                              gbps=C.minimal_bytes(case, shape, dtype) / (ms * 1e-3) / 1e9,
                              efficiency=C.efficiency(case, shape, dtype, ms, copy_gbps), rel_err=rel_err,
                              device=gpu_name, mode=mode))
+        if rows:  # after every job, so that a run killed from outside still leaves what it measured
+            report.write_csv(rows, out / "results.csv")
     _progress(total, total, "done")
+    if not rows:
+        print(f"triton-bn bench: nothing was measured ({len(skipped)} measurements skipped by --budget-s)")
+        return 1
     report.add_speedups(rows, sorted({row["provider"] for row in rows}))
     frame = report.write_csv(rows, out / "results.csv")
     header = (f"# triton-bn bench: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}, python {platform.python_version()}; "
               f"copy bandwidth {copy_gbps:.1f} GB/s (read + write); efficiency = minimal bytes / copy bandwidth / time."
-              + ("\n\n**Interpreter run: these are CPU interpreter timings, not GPU figures.**" if mode != "gpu" else ""))
+              + ("\n\n**Interpreter run: these are CPU interpreter timings, not GPU figures.**" if mode != "gpu" else "")
+              + (f"\n\n**Cut short by --budget-s {args.budget_s:g}: {len(skipped)} of {len(jobs)} measurements "
+                 f"not run:** " + "; ".join(skipped) if skipped else ""))
     (out / "summary.md").write_text(report.summary_markdown(frame, header))
     report.write_plots(frame, out)
     report.write_autotune_report(tuner.report, out)
