@@ -175,6 +175,9 @@ def test_cuda_graph_capture_and_replay_match_eager():
     for _ in range(3):
         x = torch.randn(4, 3, 8, 8, device="cuda")
         static_x.copy_(x)
+        # the captured backward accumulates into the existing .grad buffers (grads were zeros, not None,
+        # at capture), so each replay adds to them: zero them in place, as a graphed training loop does
+        opt.zero_grad(set_to_none=False)
         graph.replay()
         twin.zero_grad()
         loss = twin(x).sum()

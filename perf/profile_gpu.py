@@ -1,0 +1,115 @@
+"""Where the time of one call goes on a GPU: host time, GPU time, each kernel's time, and the Python
+functions that cost the host most. Run from the repository root on the GPU machine:
+
+    OUT=/some/folder PYTHONPATH=. python3 perf/profile_gpu.py
+
+For each case it prints one row: the call timed as ``triton-bn bench`` times it (``do_bench``, L2
+flushed), the same call replayed from a CUDA graph (GPU time alone: no Python between kernels), and the
+host's time per call when nothing waits for the GPU. Where the first is far above the second, the host
+is the bottleneck. It also writes, under $OUT: ``kernels.txt`` (torch.profiler's per-kernel GPU times for
+every case), ``host_profile.txt`` (cProfile of the Python path, sorted by own time) and ``profile.csv``.
+"""
+import cProfile
+import io
+import os
+import pstats
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_bn.autotune import tuner
+from triton_bn.bench import cases as C
+
+OUT = os.environ.get("OUT", "/tmp/triton-bn-profile")
+
+CASES = [  # (case, shape, dtype, layout)
+    ("train_fwd_relu", (32, 64, 56, 56), "fp32", "nchw"),
+    ("train_fwd_relu", (8192, 1024), "bf16", "nchw"),
+    ("train_fwd_relu", (128, 256, 56, 56), "fp32", "nchw"),
+    ("train_fwd", (128, 256, 56, 56), "fp32", "nchw"),
+    ("train_fwd_relu", (128, 1024, 14, 14), "fp32", "nchw"),
+    ("train_fwd", (128, 64, 112, 112), "bf16", "channels_last"),
+    ("train_fwdbwd_relu", (128, 1024, 14, 14), "bf16", "channels_last"),
+    ("train_fwdbwd_relu", (32, 64, 56, 56), "fp32", "nchw"),
+    ("eval_fwd_relu", (128, 1024, 14, 14), "bf16", "channels_last"),
+    ("eval_fwd", (1, 64, 56, 56), "fp32", "nchw"),
+]
+
+
+@triton.jit
+def _store_zero(ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(ptr + offs, tl.zeros([BLOCK], tl.float32), mask=offs < n)
+
+
+def host_us_per_call(fn, calls: int = 50) -> float:
+    """Host time per call with the GPU never in the way (few enough calls not to fill the launch queue)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    tuner.max_candidates = 4  # as `triton-bn bench --quick`
+    buf = torch.empty(16, device="cuda")
+    launch_us = host_us_per_call(lambda: _store_zero[(1,)](buf, 16, BLOCK=16), calls=500)
+    print(f"bare triton launch (one tiny kernel), host: {launch_us:.1f} us")
+    rows, kernel_tables = [], []
+    for case, shape, dtype_name, layout in CASES:
+        for provider in ("triton_bn", "eager_cudnn"):
+            work = C.build(case, provider, shape, C.DTYPES[dtype_name], layout, "cuda")
+            work.run()  # compile, tune
+            bench_ms = triton.testing.do_bench(work.run, warmup=10, rep=40, return_mode="median")
+            host = host_us_per_call(work.run)
+            graphed = C.build(case, provider, shape, C.DTYPES[dtype_name], layout, "cuda", cuda_graph=True)
+            graph_ms = triton.testing.do_bench(graphed.run, warmup=10, rep=40, return_mode="median")
+            rows.append((case, "x".join(map(str, shape)), dtype_name, layout, provider, bench_ms * 1e3,
+                         graph_ms * 1e3, host))
+            if provider == "triton_bn":
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        work.run()
+                    torch.cuda.synchronize()
+                kernel_tables.append(f"## {case} {shape} {dtype_name} {layout} (5 calls)\n"
+                                     + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    with open(os.path.join(OUT, "kernels.txt"), "w") as f:
+        f.write(f"bare triton launch, host: {launch_us:.1f} us\n\n" + "\n\n".join(kernel_tables))
+    with open(os.path.join(OUT, "profile.csv"), "w") as f:
+        f.write("case,shape,dtype,layout,provider,bench_us,graph_us,host_us\n")
+        for r in rows:
+            f.write(",".join(map(str, r[:5])) + f",{r[5]:.1f},{r[6]:.1f},{r[7]:.1f}\n")
+
+    # the Python path of a small training step, where the host dominates
+    profiles = []
+    for dtype_name, layout in (("fp32", "nchw"), ("bf16", "channels_last")):
+        work = C.build("train_fwdbwd_relu", "triton_bn", (32, 64, 56, 56), C.DTYPES[dtype_name], layout, "cuda")
+        work.run()
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            work.run()
+        profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
+        profiles.append(f"## train_fwdbwd_relu 32x64x56x56 {dtype_name} {layout}, 200 calls\n{text.getvalue()}")
+    with open(os.path.join(OUT, "host_profile.txt"), "w") as f:
+        f.write("\n\n".join(profiles))
+
+    print(f"{'case':<20}{'shape':<16}{'dtype':<6}{'layout':<14}{'provider':<13}{'bench us':>9}{'graph us':>9}"
+          f"{'host us':>9}")
+    for r in rows:
+        print(f"{r[0]:<20}{r[1]:<16}{r[2]:<6}{r[3]:<14}{r[4]:<13}{r[5]:9.1f}{r[6]:9.1f}{r[7]:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
