@@ -23,8 +23,12 @@ def loop_bodies(block_r: int = 64, block_c: int = 32, num_warps: int = 4):
     kernel = cl._bn_fwd_stats_partial_channels_last
     signature = {name: "constexpr" if p.is_constexpr else ("*bf16" if name == "x_ptr" else "*fp32")
                  if name.endswith("_ptr") else "i32" for name, p in zip(kernel.arg_names, kernel.params)}
+    # As the launcher specialises a ResNet layer at run time: every pointer 16-byte aligned and every
+    # integer (C, R, the row stride, rows per split) a multiple of 16. Without these hints the compiler
+    # can not prove that a row of the tile is contiguous and aligned, and loads one element at a time.
+    divisible = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if not p.is_constexpr}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature,
-                                       constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c})
+                                       constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c}, attrs=divisible)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"

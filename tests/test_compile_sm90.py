@@ -131,7 +131,8 @@ def test_resource_report_tool_runs():
 
 def test_statistics_loop_fits_the_bf16_bandwidth_budget():
     """At full bandwidth a 2-byte dtype leaves ~18 instructions per element (perf/NOTES.md); the
-    channels-last statistics loop must stay under that (v1 took ~34, dividing per element)."""
+    channels-last statistics loop must stay well under that (v1 took ~34, dividing per element; the
+    shifted sums take ~5.6 with the run-time divisibility hints)."""
     if GPUTarget is None:
         pytest.skip("this triton has no triton.backends.compiler.GPUTarget")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,4 +141,4 @@ def test_statistics_loop_fits_the_bf16_bandwidth_budget():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     per_element = [float(line.split(": ")[-1].split()[0]) for line in proc.stdout.splitlines() if "per element" in line]
-    assert per_element and max(per_element) < 18, proc.stdout
+    assert per_element and max(per_element) < 9, proc.stdout

@@ -94,6 +94,26 @@ def test_large_offset_where_naive_variance_fails(layout, device):
     torch.testing.assert_close(rm.double(), x.double().mean((0, 2, 3)), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_statistics_when_the_first_values_are_far_from_the_mean(layout, device):
+    """The statistics kernels shift each split's sums by the mean of its first tile. Make that tile as
+    unrepresentative as possible: the first image of every channel sits 100 standard deviations above
+    the others (and is what split 0 starts with), around an offset of 1e3. The variance must still come
+    out as float64 computes it from the same fp32 values (rounding of ~1e3 inputs allows ~1e-4)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn((16, 3, 8, 8), generator=gen) + 1e3
+    x[0] += 100.0
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.to(device).contiguous(memory_format=fmt)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = triton_bn.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    true_var = x.double().var((0, 2, 3), unbiased=True)
+    torch.testing.assert_close(rv.double(), true_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(rm.double(), x.double().mean((0, 2, 3)), rtol=1e-6, atol=0)
+    ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_parameters_in_input_dtype(dtype, device):
     """A module converted with .half()/.bfloat16() has weight, bias and running stats in that dtype."""

@@ -7,7 +7,7 @@ tile still spans several images and the loads stay long; when S is large the til
 a plane. The tiles of a channel are numbered t = n_block * num_s_blocks + s_block, or, in the FLAT
 mode, t = j // (BLOCK_N * BLOCK_S) over the flattened index j = n * S + s (see ``_tile_offsets``).
 
-    _bn_fwd_stats_partial_channels_first  grid (C * splits): per-lane Welford over a range of tiles
+    _bn_fwd_stats_partial_channels_first  grid (C * splits): shifted sums over a range of tiles
     _bn_fwd_apply_channels_first          grid (C * tiles)
     _bn_bwd_reduce_partial_channels_first grid (C * splits)
     _bn_bwd_dx_channels_first             grid (C * tiles)
@@ -18,8 +18,7 @@ finalize kernels of ``welford.py``.
 import triton
 import triton.language as tl
 
-from .common import (load_channel_coefficients, load_grad_pre_activation, merge_lanes, normalize_tile,
-                     welford_update)
+from .common import load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
 
 
 @triton.jit
@@ -55,6 +54,7 @@ def _bn_fwd_stats_partial_channels_first(
     num_s_blocks, num_tiles, num_splits, tiles_per_split,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FLAT: tl.constexpr,
 ):
+    """Shifted sums over one split's tiles of one channel (see common.shifted_moments)."""
     pid = tl.program_id(0)
     channel = pid // num_splits
     split = pid % num_splits
@@ -63,18 +63,26 @@ def _bn_fwd_stats_partial_channels_first(
         tl.store(pivot_ptr + channel, pivot)
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
-    count = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
-    mean = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
-    m2 = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
-    for tile in range(tile_begin, tile_end):
+    # First tile: its mean is the shift, and it is the accumulators' first term. Every split has at
+    # least one tile and every tile at least one valid element.
+    offs, mask = _tile_offsets(tile_begin, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S, FLAT)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    lanes = mask.to(tl.float32)
+    shift = tl.sum(tl.reshape(x, [BLOCK_N * BLOCK_S]), axis=0) / tl.sum(tl.reshape(lanes, [BLOCK_N * BLOCK_S]), axis=0)
+    sum_d = tl.where(mask, x - shift, 0.0)
+    sum_d2 = sum_d * sum_d
+    for tile in range(tile_begin + 1, tile_end):
         offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S, FLAT)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        count, mean, m2 = welford_update(count, mean, m2, x - pivot, mask)
-    count, mean, m2 = merge_lanes(tl.reshape(count, [BLOCK_N * BLOCK_S]), tl.reshape(mean, [BLOCK_N * BLOCK_S]),
-                                  tl.reshape(m2, [BLOCK_N * BLOCK_S]), 0)
+        d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+        sum_d += d
+        sum_d2 += d * d
+        lanes += mask.to(tl.float32)
+    count = tl.sum(tl.reshape(lanes, [BLOCK_N * BLOCK_S]), axis=0)
+    mean, m2 = shifted_moments(tl.sum(tl.reshape(sum_d, [BLOCK_N * BLOCK_S]), axis=0),
+                               tl.sum(tl.reshape(sum_d2, [BLOCK_N * BLOCK_S]), axis=0), count)
     out = split * C + channel
     tl.store(count_ptr + out, count)
-    tl.store(mean_ptr + out, mean)
+    tl.store(mean_ptr + out, (shift - pivot) + mean)
     tl.store(m2_ptr + out, m2)
 
 

@@ -15,8 +15,8 @@ Backward (z is the pre-activation, recomputed; xhat = (x - mean) * invstd):
     eval:     dx = w * invstd * dz               (statistics are constants)
 
 Kernels, in launch order:
-    _bn_fwd_stats_partial_channels_last  grid (splits, C blocks): per-lane Welford over a row range,
-                                         lanes merged at the end (common.merge_lanes)
+    _bn_fwd_stats_partial_channels_last  grid (splits, C blocks): shifted sums per lane over a row
+                                         range, reduced to one (count, mean, M2) per channel
     (welford._bn_fwd_stats_finalize)    grid (C blocks): Chan merge of the splits, running stats
     _bn_fwd_apply_channels_last          grid (R blocks, C blocks): normalise + affine + epilogue
     _bn_bwd_reduce_partial_channels_last grid (splits, C blocks): partial sums of dz and dz * xhat
@@ -28,8 +28,7 @@ x and dy twice and writes dx once (5 passes). Offsets are int64: R * stride_r ca
 import triton
 import triton.language as tl
 
-from .common import (load_channel_coefficients, load_grad_pre_activation, merge_lanes, normalize_tile,
-                     welford_update)
+from .common import load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
 
 
 @triton.jit
@@ -41,42 +40,47 @@ def _bn_fwd_stats_partial_channels_last(
     rows_per_split,  # a multiple of BLOCK_R
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Shifted sums over one split's rows (see common.shifted_moments): the split's first tile gives
+    each channel's shift, then every element costs a subtract, an add and a fused multiply-add."""
     split = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    # Accumulate x - pivot: with a mean of 1e4 the accumulators then stay of the size of the spread, and
-    # the pivot (added back once, in the finalize) costs one rounding instead of one per step.
+    # The partial means are written relative to x[0, c], the pivot the finalize adds back once: with a
+    # mean of 1e4 the merged quantities then stay of the size of the spread.
     pivot = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     if split == 0:
         tl.store(pivot_ptr + cols, pivot, mask=cmask)
     row_begin = split.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_begin + rows_per_split, R)
-    # One Welford accumulator per lane: no reduction inside the loop, one merge of the lanes at the end.
-    # In a full tile every lane receives one value, so all lanes share the count i + 1 and the Welford
-    # step needs one reciprocal per tile instead of a division per element (which would cost more
-    # arithmetic per byte than a 2-byte dtype leaves at full bandwidth). Only the last, partial tile
-    # takes the per-lane (masked) step.
-    mean = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    full_tiles = (row_end - row_begin) // BLOCK_R
+    # First tile: its per-channel mean is the shift, and it is the accumulators' first term.
+    rows = row_begin + tl.arange(0, BLOCK_R)
+    mask = (rows < row_end)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    shift = tl.sum(x, axis=0) / tl.minimum(row_end - row_begin, BLOCK_R).to(tl.float32)
+    sum_d = tl.where(mask, x - shift[None, :], 0.0)
+    sum_d2 = sum_d * sum_d
+    # Full tiles need no row mask: nothing in the loop but the three operations per element.
+    rest_begin = row_begin + BLOCK_R
+    full_tiles = tl.maximum(row_end - rest_begin, 0) // BLOCK_R
     for i in range(0, full_tiles):
-        rows = row_begin + i * BLOCK_R + tl.arange(0, BLOCK_R)
-        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=cmask[None, :], other=0.0)
-        x = x.to(tl.float32) - pivot[None, :]
-        delta = x - mean
-        mean += delta * (1.0 / (i + 1))
-        m2 += delta * (x - mean)
-    count = tl.zeros([BLOCK_R, BLOCK_C], tl.float32) + full_tiles.to(tl.float32)
-    tail = row_begin + full_tiles * BLOCK_R
+        rows = rest_begin + i * BLOCK_R + tl.arange(0, BLOCK_R)
+        x_tile = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=cmask[None, :], other=0.0)
+        d = x_tile.to(tl.float32) - shift[None, :]
+        sum_d += d
+        sum_d2 += d * d
+    tail = rest_begin + full_tiles * BLOCK_R
     if tail < row_end:
         rows = tail + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        count, mean, m2 = welford_update(count, mean, m2, x - pivot[None, :], mask)
-    count, mean, m2 = merge_lanes(count, mean, m2, 0)
+        x_tail = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x_tail - shift[None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    count = (row_end - row_begin).to(tl.float32)
+    mean, m2 = shifted_moments(tl.sum(sum_d, axis=0), tl.sum(sum_d2, axis=0), count)
     offs = split * C + cols
-    tl.store(count_ptr + offs, count, mask=cmask)
-    tl.store(mean_ptr + offs, mean, mask=cmask)
+    tl.store(count_ptr + offs, tl.zeros_like(mean) + count, mask=cmask)
+    tl.store(mean_ptr + offs, (shift - pivot) + mean, mask=cmask)
     tl.store(m2_ptr + offs, m2, mask=cmask)
 
 

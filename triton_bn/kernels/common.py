@@ -1,5 +1,5 @@
-"""Helpers shared by both layout families: per-lane Welford, the per-channel coefficients, and the
-recomputed gradient of the activation."""
+"""Helpers shared by both layout families: the shifted moments of a split, the per-channel
+coefficients, and the recomputed gradient of the activation."""
 import triton
 import triton.language as tl
 
@@ -7,14 +7,19 @@ from .activations import activation_grad, apply_activation
 
 
 @triton.jit
-def welford_update(count, mean, m2, x, mask):
-    """One Welford step per lane. Masked lanes get weight zero (count unchanged, delta 0), so a
-    tile that does not fill the block leaves no trace in the statistics."""
-    count = count + mask.to(tl.float32)
-    delta = tl.where(mask, x - mean, 0.0)
-    mean = mean + delta / tl.maximum(count, 1.0)
-    m2 = m2 + tl.where(mask, delta * (x - mean), 0.0)
-    return count, mean, m2
+def shifted_moments(sum_d, sum_d2, count):
+    """(mean - shift, M2) of ``count`` values from the sums of d = x - shift and of d^2.
+
+    M2 = sum d^2 - (sum d)^2 / n is exact algebra for any shift; in floating point the subtraction
+    loses about log10(1 + (mean - shift)^2 / var) digits. The kernels take the shift to be the mean of
+    the split's first tile (dozens to thousands of the channel's values), so mean - shift is a small
+    fraction of the spread and nothing cancels, even with a mean of 1e4 and a std of 1, where the
+    unshifted E[x^2] - E[x]^2 would keep no correct digit. Three operations per element (subtract,
+    add, fused multiply-add), against five to ten for a Welford step: the loop stays far under the
+    arithmetic that full memory bandwidth leaves per element."""
+    mean = sum_d / tl.maximum(count, 1.0)
+    m2 = tl.maximum(sum_d2 - sum_d * mean, 0.0)
+    return mean, m2
 
 
 @triton.jit
@@ -61,22 +66,6 @@ def grad_pre_activation(grad_y, x, residual, mean, scale, shift, negative_slope,
             z = z + residual
         grad_z = grad_y * activation_grad(z, ACTIVATION, negative_slope)
     return grad_z
-
-
-@triton.jit
-def merge_lanes(count, mean, m2, axis: tl.constexpr):
-    """Merge per-lane Welford triples along ``axis`` in one step (Chan's merge of k parts):
-
-        n = sum n_i      mean = sum n_i mean_i / n      M2 = sum M2_i + sum n_i (mean_i - mean)^2
-
-    Exact like the pairwise merge, and stable for the same reason (only deviations from the mean are
-    squared); unlike a ``tl.reduce`` with a Python combine function it is plain vectorised sums, fast on
-    the GPU and in the interpreter alike. Empty lanes (n_i = 0) contribute nothing."""
-    total = tl.sum(count, axis)
-    merged_mean = tl.sum(count * mean, axis) / tl.maximum(total, 1.0)
-    deviation = mean - tl.expand_dims(merged_mean, axis)
-    merged_m2 = tl.sum(m2, axis) + tl.sum(count * deviation * deviation, axis)
-    return total, merged_mean, merged_m2
 
 
 @triton.jit
