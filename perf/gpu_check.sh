@@ -2,8 +2,9 @@
 # The one prepared GPU check (perf/NOTES.md says why and what to look at). Run from the repository root
 # on the GPU machine, where nothing can be installed: torch/triton/pandas/matplotlib/pytest are the image's.
 #   OUT=/some/folder bash perf/gpu_check.sh
-# Writes at most 5 files to $OUT (the device tool brings back 8): gpu.txt, tests-cuda.txt, bench.log,
-# bench.tgz (the whole triton-bn bench output folder), summary.md (a copy, readable at once).
+# Writes at most 6 files to $OUT (the device tool brings back 8): gpu.txt, tests-cuda.txt, bench.log,
+# bench.tgz (the whole triton-bn bench output folder), summary.md (a copy, readable at once), and with
+# PROFILE_S > 0 profile.tgz (perf/profile_gpu.py's files).
 set -uo pipefail
 OUT=${OUT:-/tmp/triton-bn-gpu}
 mkdir -p "$OUT"
@@ -25,5 +26,20 @@ timeout $((BENCH_BUDGET_S + 90)) python3 -m triton_bn bench $BENCH_ARGS --budget
   --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 echo "bench exit $?" >> "$OUT/bench.log"
 cp "$OUT/bench/summary.md" "$OUT/summary.md" 2>/dev/null
+# optional: whole ResNet-50 training steps, original vs converted (model.csv, model.md in the bench folder),
+# MODEL_S seconds at most; heuristic tiles, so that ~20 new layer shapes cost no tuning time
+MODEL_S=${MODEL_S:-0}
+if [ "$MODEL_S" -gt 0 ]; then
+  TRITON_BN_AUTOTUNE=0 timeout "$MODEL_S" python3 -m triton_bn bench --model resnet50 --steps 10 --out "$OUT/bench" \
+    > "$OUT/bench/model.log" 2>&1
+  echo "model exit $?" >> "$OUT/bench/model.log"
+fi
 tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+# optional: where the time of a call goes (perf/profile_gpu.py), PROFILE_S seconds at most
+PROFILE_S=${PROFILE_S:-0}
+if [ "$PROFILE_S" -gt 0 ]; then
+  mkdir -p "$OUT/profile"
+  OUT="$OUT/profile" timeout "$PROFILE_S" python3 perf/profile_gpu.py > "$OUT/profile/profile.log" 2>&1
+  tar czf "$OUT/profile.tgz" -C "$OUT" profile && rm -rf "$OUT/profile"
+fi
 tail -5 "$OUT/tests-cuda.txt"; tail -3 "$OUT/bench.log"

@@ -72,3 +72,17 @@ def test_bench_end_to_end_on_cpu(tmp_path):
     assert (frame["efficiency"] > 0).all() and (frame["ms"] > 0).all()
     assert (out / "summary.md").read_text().count("###") >= 2
     assert list(out.glob("efficiency_*.png")) and (out / "autotune.md").exists()
+
+
+def test_model_bench_end_to_end_on_cpu(tmp_path):
+    """``--model tiny``: original and converted training steps side by side, same first-step loss (fp32)."""
+    out = tmp_path / "model"
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--model", "tiny", "--precisions", "fp32",
+                           "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    frame = pd.read_csv(out / "model.csv")
+    assert list(frame["variant"]) == ["original", "converted"]
+    converted = frame[frame["variant"] == "converted"].iloc[0]
+    assert converted["loss_rel_diff"] < 1e-5, "the converted model must compute the same loss"
+    assert converted["fusion"] == "3 BN+act, 2 BN+add+act, 0 plain"
+    assert (frame["ms_per_step"] > 0).all() and "interpreter timings" in (out / "model.md").read_text()

@@ -127,13 +127,24 @@ def cuda_only(test):
 
 
 class SmallNet(nn.Module):
-    def __init__(self):
+    """conv -> BN+ReLU (momentum=None) -> BN+add+SiLU with the block's own input as the residual. With
+    ``fused=False`` the same network out of PyTorch's modules: the control for the CUDA graph test."""
+
+    def __init__(self, fused: bool = True):
         super().__init__()
+        self.fused = fused
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = triton_bn.BatchNorm2d(8, activation="relu", momentum=None)
-        self.bn2 = triton_bn.BatchNorm2d(8, activation="silu")
+        if fused:
+            self.bn = triton_bn.BatchNorm2d(8, activation="relu", momentum=None)
+            self.bn2 = triton_bn.BatchNorm2d(8, activation="silu")
+        else:
+            self.bn = nn.BatchNorm2d(8, momentum=None)
+            self.bn2 = nn.BatchNorm2d(8)
 
     def forward(self, x):
+        if not self.fused:
+            y = torch.relu(self.bn(self.conv(x)))
+            return torch.nn.functional.silu(self.bn2(y) + y)
         y = self.bn(self.conv(x))
         return self.bn2(y, residual=y)
 
@@ -152,10 +163,11 @@ def test_training_step_has_no_host_sync():
 
 
 @cuda_only
-def test_cuda_graph_capture_and_replay_match_eager():
+@pytest.mark.parametrize("fused", [True, False], ids=["triton_bn", "torch_control"])
+def test_cuda_graph_capture_and_replay_match_eager(fused):
     torch.manual_seed(0)
-    net = SmallNet().cuda()
-    twin = SmallNet().cuda()
+    net = SmallNet(fused).cuda()
+    twin = SmallNet(fused).cuda()
     twin.load_state_dict(net.state_dict())
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     static_x = torch.randn(4, 3, 8, 8, device="cuda")

@@ -68,14 +68,21 @@ class TileConfig:
     flat: bool = False  # channels-first only: tile the flattened (N x S) plane (see kernels/channels_first.py)
 
     def launch_kwargs(self, family: str) -> dict:
-        names = ("BLOCK_R", "BLOCK_C") if family == "channels_last" else ("BLOCK_N", "BLOCK_S")
-        kwargs = {names[0]: self.block_a, names[1]: self.block_b}
-        if family == "channels_first":
-            kwargs["FLAT"] = self.flat
-        if not INTERPRET:
-            kwargs["num_warps"] = self.num_warps
-            kwargs["num_stages"] = self.num_stages
-        return kwargs
+        """The kernel's tile constexprs and launch options (memoised: this is on every launch's path;
+        callers unpack it with ``**``, never mutate it)."""
+        return _launch_kwargs(self, family)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_kwargs(cfg: TileConfig, family: str) -> dict:
+    names = ("BLOCK_R", "BLOCK_C") if family == "channels_last" else ("BLOCK_N", "BLOCK_S")
+    kwargs = {names[0]: cfg.block_a, names[1]: cfg.block_b}
+    if family == "channels_first":
+        kwargs["FLAT"] = cfg.flat
+    if not INTERPRET:
+        kwargs["num_warps"] = cfg.num_warps
+        kwargs["num_stages"] = cfg.num_stages
+    return kwargs
 
 
 def _warps(elements: int) -> int:
@@ -148,10 +155,15 @@ def heuristic_config(family: str, kind: str, plan, element_size: int) -> TileCon
     return TileConfig(block_a, block_b, _warps(block_a * block_b))
 
 
+_SM_COUNTS: Dict[torch.device, int] = {}
+
+
 def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_SM_COUNT
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    if device not in _SM_COUNTS:  # a property query costs microseconds, and this runs on every launch
+        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[device]
 
 
 def split_count(work_items: int, parallel_programs: int, device: torch.device,
@@ -189,6 +201,10 @@ class Tuner:
         self.max_candidates: Optional[int] = int(limit) if limit else None
         self._forced: Dict[str, TileConfig] = {}
         self._disk_loaded = False
+        # select()'s answer per (family, kind, plan, dtype, device, tuning switch): the steady state of a
+        # training loop asks the same questions every step, and building the string key costs more
+        # than the launch it serves. Cleared whenever a forced configuration or the memory changes.
+        self._answers: Dict[tuple, TileConfig] = {}
 
     # -- policy ---------------------------------------------------------------------------------------
     def enabled(self, device: torch.device) -> bool:
@@ -200,11 +216,18 @@ class Tuner:
                run: Callable[[TileConfig], None]) -> TileConfig:
         """The configuration for this problem. ``run(config)`` launches the tuned kernel once with
         that configuration; it is called only while benchmarking."""
+        tuning = self.enabled(x.device)
+        answer_key = (family, kind, plan, x.dtype, x.device, tuning)
+        answer = self._answers.get(answer_key)
+        if answer is not None:
+            return answer
         forced = self._forced.get(f"{family}.{kind}") or self._forced.get(family)
         if forced is not None:
-            return forced
-        if not self.enabled(x.device):
-            return heuristic_config(family, kind, plan, x.element_size())
+            return forced  # not remembered: forced_config's exit must take effect at once
+        if not tuning:
+            answer = heuristic_config(family, kind, plan, x.element_size())
+            self._answers[answer_key] = answer
+            return answer
         key = tuning_key(family, kind, plan, x.dtype)
         self._load_disk(x.device)
         if key not in self.memory:
@@ -217,6 +240,7 @@ class Tuner:
                                          heuristic_config(family, kind, plan, x.element_size()))
             self.memory[key] = self._benchmark(key, candidates, run)
             self._save_disk(x.device)
+        self._answers[answer_key] = self.memory[key]
         return self.memory[key]
 
     def _shortlist(self, candidates: List[TileConfig], heuristic: TileConfig) -> List[TileConfig]:
@@ -278,6 +302,7 @@ class Tuner:
         """Forget everything in memory (the disk cache is re-read on next use)."""
         self.memory.clear()
         self.report.clear()
+        self._answers.clear()
         self._disk_loaded = False
 
 
@@ -290,6 +315,7 @@ def forced_config(name: str, config: TileConfig):
     as "channels_first.reduce") while the block runs."""
     previous = tuner._forced.get(name)
     tuner._forced[name] = config
+    tuner._answers.clear()
     try:
         yield
     finally:
@@ -297,6 +323,7 @@ def forced_config(name: str, config: TileConfig):
             tuner._forced.pop(name, None)
         else:
             tuner._forced[name] = previous
+        tuner._answers.clear()
 
 
 def wall_clock_benchmark(run: Callable[[], None]) -> float:

@@ -28,6 +28,14 @@ def _parse(argv):
     bench.add_argument("--out", default=None, help="output folder (default perf/results/<gpu>-<date>)")
     bench.add_argument("--tune-candidates", type=int, default=None,
                        help="autotune at most this many configurations per kernel key (default: all; --quick: 4)")
+    bench.add_argument("--model", default=None, choices=["resnet50", "tiny"],
+                       help="time whole training steps of this model (original vs converted) instead of layers")
+    bench.add_argument("--precisions", default="bf16,fp32",
+                       help="--model: comma-separated, bf16 (autocast, channels_last) and/or fp32 (NCHW)")
+    bench.add_argument("--batch", type=int, default=None, help="--model: batch size (default: the model's)")
+    bench.add_argument("--steps", type=int, default=20, help="--model: timed steps per variant (median)")
+    bench.add_argument("--compile", action="store_true",
+                       help="--model: also time torch.compile of the original and of the converted model")
     bench.add_argument("--budget-s", type=float, default=None,
                        help="stop starting new measurements after this many seconds and write what was measured "
                             "(jobs run in priority order: the target cases first)")
@@ -42,7 +50,40 @@ def main(argv=None) -> int:
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, "-m", "triton_bn", *argv], env)
     args = _parse(argv)
-    return run_bench(args)
+    return run_model(args) if args.model else run_bench(args)
+
+
+def run_model(args) -> int:
+    """``--model``: whole training steps; writes model.csv and model.md."""
+    import torch
+    import pandas as pd
+    from .model import model_markdown, run_model_bench
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    precisions = [p for p in args.precisions.split(",") if p]
+    if not on_gpu:
+        print("No GPU: the model runs through the Triton interpreter. These timings are interpreter timings, "
+              "NOT GPU figures; use them only to check that the tool and its files work.")
+        if args.model != "tiny":
+            raise SystemExit("triton-bn bench --model: without a GPU only --model tiny is practical")
+    rows = run_model_bench(args.model, precisions, args.batch, args.steps, args.compile, device,
+                           progress=lambda text: _progress(0, 1, text))
+    gpu_name = torch.cuda.get_device_name() if on_gpu else "cpu-interpreter"
+    stamp = datetime.date.today().isoformat()
+    safe_gpu = "".join(ch if ch.isalnum() else "-" for ch in gpu_name).strip("-").lower()
+    out = Path(args.out or Path("perf") / "results" / f"{safe_gpu}-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "model.csv", index=False)
+    header = (f"# triton-bn bench --model {args.model}: {gpu_name}, {stamp}\n\n"
+              f"torch {torch.__version__}, triton {__import__('triton').__version__}; a step = forward, "
+              f"cross-entropy, backward, SGD; median of {args.steps} steps after two warm-up steps; triton_bn "
+              f"autotuning {'off (heuristic tiles)' if os.environ.get('TRITON_BN_AUTOTUNE') == '0' else 'on'}."
+              + ("" if on_gpu else "\n\n**Interpreter run: these are CPU interpreter timings, not GPU figures.**"))
+    text = model_markdown(rows, header)
+    (out / "model.md").write_text(text)
+    print(text)
+    print(f"wrote {out}/model.csv and model.md")
+    return 0
 
 
 def _progress(done: int, total: int, label: str) -> None:

@@ -1,0 +1,142 @@
+"""``triton-bn bench --model NAME``: a whole training step of a real model, original against converted.
+
+A step is forward, cross-entropy loss, backward and an SGD step, on random images and labels. For each
+precision (fp32 NCHW; bf16 autocast with channels_last) it times, side by side in one process:
+``original`` (the model as built), ``converted`` (``triton_bn.convert_model`` of a copy with the same
+weights), and with ``--compile`` the ``torch.compile`` of each. Reported: median ms per step,
+images/s, the speedup over the original in the same mode (eager or compiled), and the relative
+difference of the first step's loss from the original's (the converted model must compute the same
+function: a fast wrong model must not hide).
+
+Models: ``resnet50`` (torchvision's, batch 128 at 224x224 by default) and ``tiny`` (a small
+ResNet-like network built here, for machines without torchvision or a GPU).
+"""
+import copy
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# (dtype, memory format) per precision name
+PRECISIONS = {"fp32": (torch.float32, torch.contiguous_format),
+              "bf16": (torch.bfloat16, torch.channels_last)}
+
+
+class _TinyBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + x)
+
+
+class TinyResNet(nn.Module):
+    """stem (conv, BN, ReLU), two residual blocks, pooled linear head: every fusion convert_model does."""
+
+    def __init__(self, channels: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                                  nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(_TinyBlock(channels), _TinyBlock(channels))
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+# name -> (builder, default batch, image side, classes)
+MODELS: Dict[str, tuple] = {
+    "resnet50": (lambda: __import__("torchvision").models.resnet50(), 128, 224, 1000),
+    "tiny": (TinyResNet, 4, 16, 10),
+}
+
+
+def _step_fn(model: nn.Module, images, labels, dtype) -> Callable[[], torch.Tensor]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    autocast = dtype != torch.float32
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(images.device.type, dtype=dtype, enabled=autocast):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def _median_ms(step: Callable, steps: int, on_gpu: bool) -> float:
+    times = []
+    for _ in range(steps):
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, compile_too: bool, device: str,
+                    progress: Callable[[str], None] = print) -> List[dict]:
+    """One row per (precision, variant). The original and the converted model start from the same
+    weights and see the same batch; the first step of each is the warm-up (compile, autotune) and gives
+    the loss that is compared."""
+    import triton_bn
+    builder, default_batch, side, classes = MODELS[name]
+    batch = batch or default_batch
+    on_gpu = device == "cuda"
+    rows = []
+    for precision in precisions:
+        dtype, fmt = PRECISIONS[precision]
+        torch.manual_seed(0)
+        base = builder().to(device).to(memory_format=fmt)
+        images = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=fmt)
+        labels = torch.randint(0, classes, (batch,), device=device)
+        converted = triton_bn.convert_model(copy.deepcopy(base))
+        report = converted.fusion_report
+        fusion = f"{report.activation} BN+act, {report.residual} BN+add+act, {report.plain} plain"
+        variants = {"original": copy.deepcopy(base), "converted": converted}
+        if compile_too:
+            variants["compiled original"] = torch.compile(copy.deepcopy(base))
+            variants["compiled converted"] = torch.compile(triton_bn.convert_model(copy.deepcopy(base)))
+        first_loss, times = {}, {}
+        for variant, model in variants.items():
+            progress(f"model {name} {precision} {variant}: warm-up")
+            step = _step_fn(model.train(), images, labels, dtype)
+            first_loss[variant] = float(step())
+            step()  # a second warm-up: the optimizer's state exists from here on
+            times[variant] = _median_ms(step, steps, on_gpu)
+        for variant, ms in times.items():
+            baseline = "compiled original" if variant.startswith("compiled") else "original"
+            reference = first_loss["original"]
+            rows.append(dict(model=name, precision=precision, variant=variant, batch=batch, steps=steps,
+                             ms_per_step=ms, images_per_s=batch / (ms * 1e-3),
+                             speedup_vs_original=times[baseline] / ms,
+                             first_loss=first_loss[variant],
+                             loss_rel_diff=abs(first_loss[variant] - reference) / max(abs(reference), 1e-30),
+                             fusion=fusion if "converted" in variant else "",
+                             device=torch.cuda.get_device_name() if on_gpu else "cpu"))
+    return rows
+
+
+def model_markdown(rows: List[dict], header: str) -> str:
+    lines = [header, "", "| model | precision | variant | batch | ms / step | images/s | speedup vs original "
+             "(same mode) | first-step loss rel. diff | fused |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | {r['batch']} | {r['ms_per_step']:.2f} | "
+                     f"{r['images_per_s']:.0f} | {r['speedup_vs_original']:.3f}x | {r['loss_rel_diff']:.1e} | {r['fusion']} |")
+    return "\n".join(lines) + "\n"
