@@ -128,7 +128,9 @@ def cuda_only(test):
 
 class SmallNet(nn.Module):
     """conv -> BN+ReLU (momentum=None) -> BN+add+SiLU with the block's own input as the residual. With
-    ``fused=False`` the same network out of PyTorch's modules: the control for the CUDA graph test."""
+    ``fused=False`` the same network out of PyTorch's modules, the control for the CUDA graph test; its
+    first BN keeps momentum=0.1, because PyTorch's momentum=None reads num_batches_tracked on the host,
+    which a CUDA graph capture refuses (triton_bn's reads it on the device)."""
 
     def __init__(self, fused: bool = True):
         super().__init__()
@@ -138,7 +140,7 @@ class SmallNet(nn.Module):
             self.bn = triton_bn.BatchNorm2d(8, activation="relu", momentum=None)
             self.bn2 = triton_bn.BatchNorm2d(8, activation="silu")
         else:
-            self.bn = nn.BatchNorm2d(8, momentum=None)
+            self.bn = nn.BatchNorm2d(8)
             self.bn2 = nn.BatchNorm2d(8)
 
     def forward(self, x):

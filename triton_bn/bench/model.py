@@ -117,7 +117,7 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
         for variant, model in variants.items():
             progress(f"model {name} {precision} {variant}: warm-up")
             step = _step_fn(model.train(), images, labels, dtype)
-            first_loss[variant] = float(step())
+            first_loss[variant] = float(step().detach())
             step()  # a second warm-up: the optimizer's state exists from here on
             times[variant] = _median_ms(step, steps, on_gpu)
         for variant, ms in times.items():
