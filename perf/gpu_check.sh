@@ -14,7 +14,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_INTERPRET=0  # compiled kernels on
 # Time limits (seconds), so that the whole script fits one device call with minutes to spare:
 TESTS_S=${TESTS_S:-150}            # the CUDA tests (killed after this)
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-270}  # bench starts no new measurement after this, then writes its reports
-BENCH_ARGS=${BENCH_ARGS:---quick}
+BENCH_ARGS=${BENCH_ARGS:---quick --graphs}  # --graphs: GPU time alone too (CUDA graph replay)
 # CUDA-parametrised tests and GPU-only tests (with the interpreter off, CPU cases would take reference.py);
 # tuning off here: correctness of the heuristic tiles, without a compile per candidate. Eight workers:
 # compiling kernels is what takes the time, and it is CPU work.

@@ -45,6 +45,14 @@ def test_speedups_summary_and_csv_schema(tmp_path):
     assert report.geomean([1.0, 4.0]) == pytest.approx(2.0)
 
 
+def test_summary_shows_graph_replay_efficiency_when_measured():
+    rows = _rows() + [dict(_rows()[0], provider="triton_bn+cudagraph", ms=0.5, efficiency=1.0)]
+    frame = pd.DataFrame(report.add_speedups(rows, ["triton_bn", "eager_cudnn", "torch_compile"]))
+    text = report.summary_markdown(frame, "# t")
+    assert "triton_bn+cudagraph eff" in text and "| 1.00 |" in text
+    assert "cudagraph" not in report.summary_markdown(pd.DataFrame(_rows()), "# t")
+
+
 def test_plots_and_autotune_report(tmp_path):
     frame = pd.DataFrame(report.add_speedups(_rows(), ["triton_bn"]))
     paths = report.write_plots(frame, tmp_path)

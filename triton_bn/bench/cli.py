@@ -36,6 +36,9 @@ def _parse(argv):
     bench.add_argument("--steps", type=int, default=20, help="--model: timed steps per variant (median)")
     bench.add_argument("--compile", action="store_true",
                        help="--model: also time torch.compile of the original and of the converted model")
+    bench.add_argument("--graphs", action="store_true",
+                       help="also time triton_bn and eager cuDNN replayed from a CUDA graph on every set (GPU time "
+                            "without the host's launch work; the latency set always gets these)")
     bench.add_argument("--budget-s", type=float, default=None,
                        help="stop starting new measurements after this many seconds and write what was measured "
                             "(jobs run in priority order: the target cases first)")
@@ -193,7 +196,8 @@ def run_bench(args) -> int:
 
     rows = []
     graph_variants = [p for p in C.GRAPH_PROVIDERS if p in providers] if on_gpu else []
-    total = sum(len(providers) + (len(graph_variants) if job[4] == "latency" else 0) for job in jobs)
+    graphed_set = lambda set_name: set_name == "latency" or args.graphs  # noqa: E731
+    total = sum(len(providers) + (len(graph_variants) if graphed_set(job[4]) else 0) for job in jobs)
     done = 0
     started = time.perf_counter()
     skipped = []
@@ -206,7 +210,7 @@ def run_bench(args) -> int:
         reference_output = None
         results = {}
         variants = [(p, False) for p in providers]
-        if set_name == "latency":
+        if graphed_set(set_name):
             variants += [(p, True) for p in graph_variants]
         for provider, graphed in variants:
             name = provider + ("+cudagraph" if graphed else "")
