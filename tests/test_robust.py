@@ -38,7 +38,8 @@ BAD_CALLS = [
      TypeError, "unsupported input dtype"),
     ("complex input", lambda a: a.update(input=torch.ones(4, 3, 2, device=a["input"].device, dtype=torch.complex64)),
      TypeError, "unsupported input dtype"),
-    ("float64 on the kernel path", lambda a: a.update(input=a["input"].double()), TypeError, "Triton path"),
+    ("float8 input", lambda a: a.update(input=torch.ones(4, 3, 2, device=a["input"].device).to(torch.float8_e4m3fn)),
+     TypeError, "unsupported input dtype"),
     ("unknown activation", lambda a: a.update(activation="mish"), ValueError, "unsupported activation 'mish'"),
     ("negative_slope not a number", lambda a: a.update(activation="leaky_relu", negative_slope="0.1"), TypeError,
      "negative_slope must be a number"),
@@ -81,12 +82,18 @@ def test_module_wrong_rank_changes_nothing(device):
     assert _unchanged(before, *mod.state_dict().values())
 
 
-def test_float64_on_the_pure_pytorch_path():
-    """Without the interpreter, CPU tensors take reference.py; float64 is supported there."""
+def test_float64_takes_the_pure_pytorch_path_on_every_device(device):
+    """float64 is not a kernel dtype: on CUDA and under the interpreter alike it runs reference.py, with
+    PyTorch's results (the tests' float64 tolerance) and no kernel launch."""
     from triton_bn import launch
-    x = torch.randn(6, 3, 4, dtype=torch.float64)
-    mean, invstd = launch.reference.batch_stats(x, None, None, None, 0.1, False, 1e-5)
-    torch.testing.assert_close(mean, x.mean((0, 2)))
+    x = torch.randn(6, 3, 4, dtype=torch.float64, device=device)
+    assert not launch.uses_kernels(x)
+    rm, rv = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
+    ref_rm, ref_rv = rm.clone(), rv.clone()
+    y = triton_bn.batch_norm(x, rm, rv, training=True, activation="relu")
+    ref = torch.relu(torch.nn.functional.batch_norm(x, ref_rm, ref_rv, training=True))
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close((rm, rv), (ref_rm, ref_rv), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

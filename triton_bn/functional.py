@@ -11,7 +11,7 @@ from . import launch, ops  # noqa: F401  (ops registers the torch.ops.triton_bn 
 from .activations import activation_id
 from .autograd import BatchNormFunction
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -22,8 +22,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """Batch normalization over dim 1 of ``input`` ([N, C, *]), then ``act(... + residual)``.
 
     Args:
-        input: [N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W]; fp32, fp16 or bf16 (float64 only on
-            the CPU's pure-PyTorch path); any memory format.
+        input: [N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W]; fp32, fp16 or bf16 (the kernels), or
+            float64 (the pure-PyTorch path, on any device); any memory format.
         running_mean, running_var: [C] buffers or both None. Updated in place when ``training``.
         weight, bias: [C] or None. May be fp32 while ``input`` is fp16/bf16.
         training: use batch statistics (and update the running ones); else use the running ones.
@@ -38,6 +38,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             with running statistics it is incremented, as ``nn.BatchNorm`` does.
     Returns: a tensor of input's shape, dtype and memory format.
     """
+    if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0 and all(
+            isinstance(t, Tensor) and t.numel() == 0 for t in (running_mean, running_var, weight, bias) if t is not None):
+        return input.clone()  # PyTorch reads a 1-D input as zero channels: an empty one is an empty result
     act = _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps,
                            activation, residual, num_batches_tracked)
     if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
@@ -70,9 +73,9 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
                          f"{tuple(input.shape)}")
     if not input.is_floating_point():
         raise TypeError(f"batch_norm: unsupported input dtype {input.dtype}; expected float32, float16 or bfloat16")
-    if input.dtype not in KERNEL_DTYPES and (launch.uses_kernels(input) or input.dtype != torch.float64):
-        raise TypeError(f"batch_norm: unsupported input dtype {input.dtype} on the Triton path; expected "
-                        f"float32, float16 or bfloat16")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"batch_norm: unsupported input dtype {input.dtype}; expected float32, float16, bfloat16 "
+                        f"or float64")
     act = activation_id(activation)
     channels = input.shape[1]
     if (running_mean is None) != (running_var is None):

@@ -4,7 +4,8 @@ compute grids and call the kernels. No autograd and no nn here; arguments arrive
 
 CUDA tensors run the compiled kernels; CPU tensors run the same kernels through the Triton
 interpreter when ``TRITON_INTERPRET=1`` was set before import, and otherwise the pure-PyTorch path of
-``reference.py`` (same semantics, so a CPU-only user still gets a working library).
+``reference.py`` (same semantics, so a CPU-only user still gets a working library). float64 tensors
+take the pure-PyTorch path on every device.
 
 Entry points (each also behind a custom op of ``ops.py``):
     batch_stats(...)           -> (mean, invstd)         partial Welford + finalize (2 launches)
@@ -49,8 +50,13 @@ def _on_input_device(launcher):
     return wrapper
 
 
+# What the kernels take. float64 has no fast path worth a kernel (it exists for reference computations
+# and gradcheck): it takes the pure-PyTorch path on every device.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def uses_kernels(x: torch.Tensor) -> bool:
-    return x.is_cuda or INTERPRET
+    return (x.is_cuda or INTERPRET) and x.dtype in KERNEL_DTYPES
 
 
 def _family(plan) -> str:
