@@ -8,10 +8,11 @@ from .activations import SUPPORTED_ACTIVATIONS
 from .convert import FusionReport, convert_model
 from .fold import FrozenBatchNorm, fold_batch_norms
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .sync import SyncBatchNorm, convert_sync_batchnorm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .sync import SyncBatchNorm, SyncBatchNormAct, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "convert_model", "FusionReport", "fold_batch_norms", "FrozenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+__all__ = ["batch_norm", "convert_model", "FusionReport", "fold_batch_norms", "FrozenBatchNorm", "BatchNorm1d", "BatchNorm2d",
+           "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "SyncBatchNorm", "SyncBatchNormAct",
            "convert_sync_batchnorm", "SUPPORTED_ACTIVATIONS", "__version__"]

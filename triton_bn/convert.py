@@ -1,32 +1,64 @@
-"""``convert_model``: swap PyTorch's BatchNorm modules for triton_bn's and fuse what follows them.
+"""``convert_model``: swap a model's BatchNorm modules for triton_bn's and fuse what follows them, in place
+in a copy of the model, so that the result is still the user's model.
 
-Fusion works on a ``torch.fx`` trace of the model:
-- BN -> activation             becomes BN(activation=...)
-- BN -> add(other) [-> activation]  becomes BN(activation=..., residual=other)   (the ResNet block tail)
-only when the BN's output has no other user, the add's output has no other user than the activation,
-and the BN module is called from one place (a shared module can not carry one call site's activation).
-A model that fx can not trace still gets its BN modules replaced, and activations that directly
-follow a BN inside an ``nn.Sequential`` are fused; a warning says why the rest was not.
+What it guarantees (tests/test_models.py checks each on a zoo of real-model idioms):
+- The result is the same class as the input, every submodule path of the original resolves, and the
+  ``state_dict`` has exactly the original's keys (checkpoints load both ways with ``strict=True``).
+  ``torch.save`` of the whole model and ``copy.deepcopy`` work.
+- It never changes what the model computes, in training or in eval mode, whichever mode it was in when
+  converted. Fusion needs a module's ``forward`` as a graph: each module is traced *one level deep* by
+  torch.fx (its children stay calls to their own ``forward``, so a child that reads ``self.training``
+  or anything else at run time keeps doing so), once per mode; a module whose graph differs between the
+  modes, or that fx can not trace, keeps its own ``forward`` and its BNs are only swapped, not fused
+  (``FusionReport.notes`` says which and why).
+- BN -> activation becomes BN(activation=...), BN -> add [-> activation] becomes BN(residual=...). When
+  the activation is a child module called only there, the BN takes it over and the child becomes
+  ``nn.Identity`` (``print(model)`` shows what runs). Anything else (a functional activation, an add, a
+  child called twice) needs the module's ``forward`` replaced by its fused graph: a ``TracedForward``
+  instance attribute that runs the graph against the module itself, so later changes to the module's
+  children and buffers (``.to()``, a new head) are seen.
+- BatchNorm subclasses: one that does not override ``forward`` is swapped like its base. One that does
+  is converted only when its ``forward`` is understood as "BN, then some of its own children in order"
+  (timm's ``BatchNormAct2d``: ``drop`` then ``act``) *and* the replacement behaves identically on probe
+  inputs in training and in eval; it becomes ``BatchNormAct*d`` (``SyncBatchNormAct``), with the first of
+  those children fused when it is a supported activation. Any other subclass is left as it is, with a
+  note.
+
+One assumption: a module that fx can not trace calls its descendants only through its direct children
+(the universal PyTorch idiom); fusion changes a module's children only where that module's own traced
+graph shows every use.
 """
 import copy
+import itertools
 import operator
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, carry_state
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
+                      carry_state, has_tail)
+from .sync import SyncBatchNorm, SyncBatchNormAct
 
-_SWAPS = ((nn.BatchNorm1d, BatchNorm1d), (nn.BatchNorm2d, BatchNorm2d), (nn.BatchNorm3d, BatchNorm3d))
-_OURS = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+# PyTorch's exact classes -> (ours, ours followed by a tail of children). SyncBatchNorm first: it is
+# not a BatchNorm2d, but the order keeps the lookup of a subclass's base unambiguous.
+_SWAPS = {nn.SyncBatchNorm: (SyncBatchNorm, SyncBatchNormAct), nn.BatchNorm1d: (BatchNorm1d, BatchNormAct1d),
+          nn.BatchNorm2d: (BatchNorm2d, BatchNormAct2d), nn.BatchNorm3d: (BatchNorm3d, BatchNormAct3d)}
+_OURS = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)  # the tailed classes subclass these
+_BATCH_NORM_BASE = nn.modules.batchnorm._BatchNorm
+# a probe input per base class, for the behaviour check of BN subclasses: (N, C) -> shape
+_PROBE_SHAPES = {nn.BatchNorm1d: lambda c: (5, c), nn.BatchNorm2d: lambda c: (3, c, 2, 3),
+                 nn.BatchNorm3d: lambda c: (2, c, 2, 2, 2), nn.SyncBatchNorm: lambda c: (3, c, 2, 3)}
 
 
 @dataclass
 class FusionReport:
-    """What ``convert_model`` did: BNs left plain, fused with an activation, fused with add (+ act)."""
+    """What ``convert_model`` did: BNs left plain, fused with an activation, fused with add (+ act), and
+    notes on everything it left alone (untraceable or mode-dependent modules, unknown BN subclasses)."""
     plain: int = 0
     activation: int = 0
     residual: int = 0
@@ -37,6 +69,7 @@ class FusionReport:
         return self.plain + self.activation + self.residual
 
 
+# -- activations ------------------------------------------------------------------------------------------
 def _activation_of_module(module: nn.Module) -> Optional[Tuple[str, float]]:
     if type(module) in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid):
         return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
@@ -54,10 +87,11 @@ _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: 
 _METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
 
 
-def _activation_of_node(node: fx.Node, modules) -> Optional[Tuple[str, float]]:
-    """(name, negative_slope) when ``node`` applies a supported activation to its first argument."""
-    if node.op == "call_module":
-        return _activation_of_module(modules[node.target])
+def _activation_of_node(node: fx.Node, children: Dict[str, nn.Module]) -> Optional[Tuple[str, float]]:
+    """(name, negative_slope) when ``node`` applies a supported activation to its first argument and
+    nothing else."""
+    if node.op == "call_module" and node.target in children:
+        return _activation_of_module(children[node.target]) if len(node.args) == 1 and not node.kwargs else None
     if node.op == "call_function" and node.target in _FUNCTIONS:
         name = _FUNCTIONS[node.target]
         if name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
@@ -67,8 +101,10 @@ def _activation_of_node(node: fx.Node, modules) -> Optional[Tuple[str, float]]:
             slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
             if not isinstance(slope, (int, float)):
                 return None
+        elif len(node.args) > 1 and not isinstance(node.args[1], bool):  # relu(x, inplace) only
+            return None
         return name, float(slope)
-    if node.op == "call_method" and node.target in _METHODS and len(node.args) == 1:
+    if node.op == "call_method" and node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
         return _METHODS[node.target], 0.01
     return None
 
@@ -79,117 +115,304 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
 
 
-class _Tracer(fx.Tracer):
-    """fx's default tracer keeps only ``torch.nn`` modules opaque; ours must stay call sites too."""
+# -- one-level tracing ---------------------------------------------------------------------------------
+class _OneLevelTracer(fx.Tracer):
+    """Every submodule call stays a call site: only the traced module's own ``forward`` is recorded."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _OURS) or super().is_leaf_module(m, qualname)
+        return True
 
 
-def trace_model(model: nn.Module) -> fx.GraphModule:
-    """fx-trace ``model`` keeping torch.nn and triton_bn modules as call sites (shared by fold.py)."""
-    graph = _Tracer().trace(model)
-    return fx.GraphModule(model, graph, type(model).__name__)
+def trace_one_level(module: nn.Module, training: bool) -> fx.Graph:
+    """fx graph of ``module.forward`` with ``module.training`` set to ``training`` (its children's flags
+    are not touched: they are leaves). Attributes that fx attaches to the module while tracing (tensor
+    constants) are removed again; a graph that needs one raises, since it could not run against the
+    module itself."""
+    before, was = set(vars(module)), module.training
+    module.training = training
+    try:
+        graph = _OneLevelTracer().trace(module)
+    finally:
+        module.training = was
+        added = set(vars(module)) - before
+        for name in added:
+            delattr(module, name)
+    if added:
+        raise RuntimeError(f"forward creates tensor constants ({', '.join(sorted(added))})")
+    return graph
 
 
-def _swap_batch_norms(model: nn.Module) -> int:
-    swapped = 0
-    for name, child in list(model.named_children()):
-        match = next((ours for theirs, ours in _SWAPS if type(child) is theirs), None)
-        if match is not None:
-            new = match(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            setattr(model, name, carry_state(child, new))
-            swapped += 1
-        else:
-            swapped += _swap_batch_norms(child)
-    return swapped
+def _set_path(root: nn.Module, target: str, leaf) -> None:
+    *parents, name = target.split(".")
+    owner = root
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if not hasattr(owner, name):
+        setattr(owner, name, leaf)
 
 
-def _fuse_graph(gm: fx.GraphModule, report: FusionReport) -> None:
-    modules = dict(gm.named_modules())
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], _OURS):
+class TracedForward:
+    """A module's ``forward`` replaced by a (fused) fx graph of it, run against the module itself.
+
+    Installed as the instance attribute ``forward``, so ``module(x)`` runs the graph with ``self`` bound
+    to the module: every child and buffer is looked up at call time. The generated code lives in a
+    code-only GraphModule whose attributes are empty stand-ins, so it holds no reference to the model's
+    tensors; it pickles and deep-copies as GraphModules do."""
+
+    def __init__(self, owner: nn.Module, graph: fx.Graph):
+        stand_ins = nn.Module()
+        for node in graph.nodes:
+            if node.op == "call_module":
+                _set_path(stand_ins, node.target, nn.Module())
+            elif node.op == "get_attr":
+                _set_path(stand_ins, node.target, torch.empty(0))
+        self.owner = owner
+        self.code = fx.GraphModule(stand_ins, graph, type(owner).__name__ + "Fused")
+
+    def __call__(self, *args, **kwargs):
+        return type(self.code).forward(self.owner, *args, **kwargs)
+
+
+# -- BN swap ----------------------------------------------------------------------------------------------
+def _torch_base(module: nn.Module) -> Optional[type]:
+    return next((base for base in _SWAPS if isinstance(module, base)), None)
+
+
+def _new_batch_norm(cls, module: nn.Module) -> nn.Module:
+    extra = (getattr(module, "process_group", None),) if issubclass(cls, SyncBatchNorm) else ()
+    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, *extra)
+    if hasattr(module, "qconfig"):
+        new.qconfig = module.qconfig
+    return carry_state(module, new)
+
+
+def _tail_candidates(module: nn.Module):
+    """Orders in which ``module``'s children might run after its BN: first what fx reads off its
+    ``forward`` (eval mode: a training-mode forward may assign buffers, which fx can not record), then,
+    for a forward fx can not read, every order of up to three children."""
+    names = [name for name, _ in module.named_children()]
+    try:
+        graph = trace_one_level(module, training=False)
+        nodes = list(graph.nodes)
+        bn = [n for n in nodes if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)]
+        inputs = [n for n in nodes if n.op == "placeholder"]
+        if len(bn) == 1 and len(inputs) == 1 and bn[0].args and bn[0].args[0] is inputs[0]:
+            chain, node = [], bn[0]
+            while len(node.users) == 1:
+                user = next(iter(node.users))
+                if user.op == "output":
+                    yield tuple(chain)
+                    break
+                if user.op != "call_module" or user.target not in names or user.args != (node,) or user.kwargs:
+                    break
+                chain.append(user.target)
+                node = user
+    except Exception:  # noqa: BLE001 - an unreadable forward just leaves the brute-force candidates
+        pass
+    if len(names) <= 3:
+        for order in itertools.permutations(names):
+            yield order
+
+
+def _behaves_like(original: nn.Module, candidate: nn.Module, base: type) -> bool:
+    """Same outputs, running statistics and batch count on float64 probes: two training steps (with the
+    same random stream, for dropout), then eval."""
+    shape = _PROBE_SHAPES[base](original.num_features)
+    original, candidate = copy.deepcopy(original).double().cpu(), candidate.double().cpu()
+    generator = torch.Generator().manual_seed(0)
+    probes = [torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1 for _ in range(3)]
+    try:
+        for step, probe in enumerate(probes):
+            training = step < 2
+            outputs = []
+            for module in (original, candidate):
+                module.train(training)
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    torch.manual_seed(step)
+                    outputs.append(module(probe))
+            if not torch.allclose(outputs[0], outputs[1], rtol=1e-9, atol=1e-12):
+                return False
+        states = [m.state_dict() for m in (original, candidate)]
+        return states[0].keys() == states[1].keys() and all(
+            torch.allclose(states[0][k].double(), states[1][k].double(), rtol=1e-9, atol=1e-12) for k in states[0])
+    except Exception:  # noqa: BLE001 - a candidate that fails to run is simply not the same module
+        return False
+
+
+def replacement(module: nn.Module, report: Optional[FusionReport] = None, path: str = "") -> Optional[nn.Module]:
+    """triton_bn's module for a PyTorch BN (or one of its subclasses), sharing its parameters and buffers;
+    None when ``module`` is not a BN, is already ours, or is a subclass whose ``forward`` is not
+    understood (then ``report`` gets a note)."""
+    base = _torch_base(module)
+    if base is None or isinstance(module, _OURS):
+        return None
+    plain_cls, tail_cls = _SWAPS[base]
+    if type(module) is base or type(module).forward is base.forward:
+        return _new_batch_norm(plain_cls, module)
+    for tail in _tail_candidates(module):
+        candidate = _new_batch_norm(tail_cls, copy.deepcopy(module))
+        candidate.tail = tail
+        for name, child in module.named_children():
+            candidate.add_module(name, copy.deepcopy(child))
+        if _behaves_like(module, candidate, base):
+            new = _new_batch_norm(tail_cls, module)
+            new.tail = tail
+            for name, child in module.named_children():
+                new.add_module(name, child)
+            new.train(module.training)
+            return new
+    if report is not None:
+        report.notes.append(f"{path or 'model'}: {type(module).__name__} subclasses {base.__name__} with its own "
+                            "forward, which was not recognised; left as it is")
+    return None
+
+
+def _fuse_own_activation(bn: nn.Module) -> bool:
+    """A tailed BN takes over the first non-identity module of its tail when that is a supported
+    activation (that child becomes an Identity, so its name and state_dict stay)."""
+    for name in bn.tail:
+        child = getattr(bn, name)
+        if isinstance(child, nn.Identity):
             continue
-        bn = modules[node.target]
-        if calls[node.target] > 1:
-            report.notes.append(f"{node.target}: module called from {calls[node.target]} places, not fused")
+        act = _activation_of_module(child)
+        if act is None:
+            return False
+        bn.activation, bn.negative_slope = act
+        setattr(bn, name, nn.Identity())
+        return True
+    return False
+
+
+def _swap_batch_norms(model: nn.Module, report: FusionReport, fuse: bool) -> nn.Module:
+    """Replace every convertible BN of ``model`` (the root too) in place; returns the (new) root."""
+    root_replacement = replacement(model, report)
+    if root_replacement is not None:
+        model = root_replacement
+    for path, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            new = replacement(child, report, f"{path}.{name}" if path else name)
+            if new is not None:
+                setattr(module, name, new)
+    if fuse:
+        for module in model.modules():
+            if getattr(module, "tail", ()) and isinstance(module, _OURS) and _fuse_own_activation(module):
+                report.activation += 1
+    return model
+
+
+# -- fusion -------------------------------------------------------------------------------------------------
+def _plain(module: nn.Module) -> bool:
+    """One of our BNs with nothing fused yet and nothing running after it."""
+    return isinstance(module, _OURS) and module.activation is None and not has_tail(module)
+
+
+def _graphs(model: nn.Module, report: FusionReport):
+    """{module: its one-level graph} for every module with children that fx can trace the same way in
+    both modes; notes for those with BN children that it can not."""
+    graphs, untraced = {}, []
+    for path, module in model.named_modules():
+        if isinstance(module, _OURS) or not any(True for _ in module.children()):
             continue
-        if len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
+        has_bn = any(_plain(child) for child in module.children())
+        try:
+            train_graph = trace_one_level(module, True)
+            same = train_graph.python_code("self").src == trace_one_level(module, False).python_code("self").src
+        except Exception as exc:  # noqa: BLE001 - data-dependent control flow, unsupported constructs, ...
+            if has_bn:
+                untraced.append(path or "model")
+                report.notes.append(f"{path or 'model'}: torch.fx could not trace its forward ({type(exc).__name__}: "
+                                    f"{str(exc)[:120]}); its BNs were swapped, not fused")
+            continue
+        if not same:
+            if has_bn:
+                report.notes.append(f"{path or 'model'}: its forward depends on the training mode; its BNs were "
+                                    "swapped, not fused")
+            continue
+        graphs[module] = train_graph
+    return graphs, untraced
+
+
+def _call_counts(model: nn.Module, graphs) -> Counter:
+    """How often each module object is called, over every traced graph, plus one for every extra place it
+    is registered (a module shared between parents is never fused or replaced)."""
+    counts = Counter()
+    for module, graph in graphs.items():
+        for node in graph.nodes:
+            if node.op == "call_module":
+                counts[id(module.get_submodule(node.target))] += 1
+    registered = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    for key, times in registered.items():
+        counts[key] += times - 1
+    return counts
+
+
+def _fuse_module(module: nn.Module, graph: fx.Graph, counts: Counter, report: FusionReport) -> None:
+    children = dict(module.named_children())
+    own_calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    rewrite = False
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in children or not _plain(children[node.target]):
+            continue
+        bn = children[node.target]
+        if counts[id(bn)] != 1 or len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
             continue
         user = next(iter(node.users))
-        fused = _activation_of_node(user, modules)
-        if fused is not None and user.args[0] is node:
-            bn.activation, bn.negative_slope = fused
-            user.replace_all_uses_with(node)
-            gm.graph.erase_node(user)
+        act = _activation_of_node(user, children)
+        if act is not None and user.args[0] is node:
+            bn.activation, bn.negative_slope = act
+            if user.op == "call_module" and counts[id(children[user.target])] == 1:
+                setattr(module, user.target, nn.Identity())  # the graph's call now passes through
+            else:
+                user.replace_all_uses_with(node)
+                graph.erase_node(user)
+                rewrite = True
             report.activation += 1
-            continue
-        if _is_add(user):
+        elif _is_add(user):
             other = user.args[1] if user.args[0] is node else user.args[0]
             if not isinstance(other, fx.Node) or other is node:
                 continue
             tail = user
             after = next(iter(user.users)) if len(user.users) == 1 else None
-            act = _activation_of_node(after, modules) if after is not None else None
+            act = _activation_of_node(after, children) if after is not None else None
             if act is not None and after.args[0] is user:
                 bn.activation, bn.negative_slope = act
                 tail = after
-            with gm.graph.inserting_after(tail):
-                fused_node = gm.graph.call_module(node.target, (node.args[0],), {"residual": other})
-            tail.replace_all_uses_with(fused_node)
+            with graph.inserting_after(tail):
+                fused = graph.call_module(node.target, (node.args[0],), {"residual": other})
+            tail.replace_all_uses_with(fused)
             for dead in ([after] if tail is after else []) + [user, node]:
-                gm.graph.erase_node(dead)
+                graph.erase_node(dead)
+            rewrite = True
             report.residual += 1
-    gm.graph.lint()
-    gm.recompile()
-
-
-def _fuse_sequentials(model: nn.Module, report: FusionReport) -> None:
-    for module in model.modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.named_children())
-        for (_, first), (second_name, second) in zip(children, children[1:]):
-            act = _activation_of_module(second)
-            if isinstance(first, _OURS) and first.activation is None and act is not None:
-                first.activation, first.negative_slope = act
-                setattr(module, second_name, nn.Identity())
-                report.activation += 1
+    if not rewrite:
+        return
+    graph.lint()
+    object.__setattr__(module, "forward", TracedForward(module, graph))  # not a submodule: bypass nn.Module
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    for name, child in children.items():  # activations that nothing calls any more: show that they do nothing
+        unused = name not in called and counts[id(child)] == own_calls[name]
+        if unused and own_calls[name] and _activation_of_module(child) is not None:
+            setattr(module, name, nn.Identity())
 
 
 def convert_model(module: nn.Module, fuse_activations: bool = True) -> nn.Module:
-    """A converted copy of ``module``: every ``torch.nn.BatchNorm1d/2d/3d`` replaced by triton_bn's,
-    and, with ``fuse_activations``, the activations and residual adds that follow them fused.
-
-    The input model is left untouched. The result carries ``fusion_report`` (a ``FusionReport``)."""
-    model = copy.deepcopy(module)
+    """A converted copy of ``module``: every PyTorch BatchNorm (1d/2d/3d, SyncBatchNorm, and understood
+    subclasses) replaced by triton_bn's, and, with ``fuse_activations``, the activations and residual adds
+    that follow them fused. The input model is left untouched; the result is an instance of the same
+    class, carrying ``fusion_report`` (a ``FusionReport``). See the module docstring for the guarantees."""
     report = FusionReport()
-    if isinstance(model, _OURS):
-        total = 1
-    else:
-        match = next((ours for theirs, ours in _SWAPS if type(model) is theirs), None)
-        if match is not None:  # a bare BN module: wrap so the swap has a parent to write into
-            holder = nn.Module()
-            holder.bn = model
-            _swap_batch_norms(holder)
-            model, total = holder.bn, 1
-        else:
-            total = _swap_batch_norms(model)
-    if fuse_activations and not isinstance(model, _OURS):
-        try:
-            traced = trace_model(model)
-        except Exception as exc:  # fx can not trace data-dependent control flow and the like
-            warnings.warn(f"triton_bn.convert_model: torch.fx could not trace the model ({type(exc).__name__}: "
-                          f"{exc}); BN modules were replaced and only nn.Sequential neighbours were fused")
-            _fuse_sequentials(model, report)
-        else:
-            _fuse_graph(traced, report)
-            traced.train(model.training)
-            model = traced
+    model = _swap_batch_norms(copy.deepcopy(module), report, fuse_activations)
+    if fuse_activations:
+        graphs, untraced = _graphs(model, report)
+        counts = _call_counts(model, graphs)
+        for owner, graph in graphs.items():
+            _fuse_module(owner, graph, counts, report)
+        if untraced:
+            warnings.warn(f"triton_bn.convert_model: torch.fx could not trace {', '.join(untraced)}; the BNs directly "
+                          "inside were swapped but not fused (details in fusion_report.notes)")
+    total = sum(1 for m in model.modules() if isinstance(m, _OURS))
     report.plain = total - report.activation - report.residual
     model.fusion_report = report
     return model

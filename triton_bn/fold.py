@@ -15,34 +15,39 @@ scale 1 and shift 0, which is one elementwise pass: the activation had to be app
 """
 import copy
 import warnings
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
 
 from .activations import activation_id
-from .convert import trace_model
+from .convert import FusionReport, _OURS, _call_counts, _swap_batch_norms, trace_one_level
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # triton_bn's subclass these
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class FrozenBatchNorm(nn.Module):
-    """``act(input * scale + shift [+ residual])`` with fixed per-channel fp32 ``scale`` and ``shift``
-    buffers: an eval-mode BN whose table was computed once. One kernel launch per call."""
+    """``act(input * scale + shift [+ residual])`` with fixed per-channel ``scale`` and ``shift`` buffers
+    (fp32, or float64 for a float64 model): an eval-mode BN whose table was computed once, one kernel
+    launch per call. ``tail`` names child modules run afterwards, in order (what a BN-with-activation
+    subclass kept as modules: a dropout, an unsupported activation)."""
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, activation: Optional[str] = None,
-                 negative_slope: float = 0.01):
+                 negative_slope: float = 0.01, tail: Sequence[Tuple[str, nn.Module]] = ()):
         super().__init__()
         self.act_id = activation_id(activation)
         self.activation, self.negative_slope = activation, float(negative_slope)
-        self.register_buffer("scale", scale.detach().float().clone())
-        self.register_buffer("shift", shift.detach().float().clone())
+        table_dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
+        self.register_buffer("scale", scale.detach().to(table_dtype).clone())
+        self.register_buffer("shift", shift.detach().to(table_dtype).clone())
         # mean 0 and variance 1 with eps 0 turn the eval kernel's (x - mean) * w * rsqrt(var + eps) + b
         # into exactly x * scale + shift
         self.register_buffer("_zeros", torch.zeros_like(self.scale), persistent=False)
         self.register_buffer("_ones", torch.ones_like(self.scale), persistent=False)
+        self.tail = tuple(name for name, _ in tail)
+        for name, module in tail:
+            self.add_module(name, module)
 
     @property
     def num_features(self) -> int:
@@ -54,11 +59,15 @@ class FrozenBatchNorm(nn.Module):
                              f"{tuple(input.shape)}")
         if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
             raise ValueError("FrozenBatchNorm: residual must have the input's shape and dtype")
-        return torch.ops.triton_bn.batch_norm_apply(input, self._zeros, self._ones, self.scale, self.shift, residual,
-                                                    0.0, False, self.act_id, self.negative_slope)
+        out = torch.ops.triton_bn.batch_norm_apply(input, self._zeros, self._ones, self.scale, self.shift, residual,
+                                                   0.0, False, self.act_id, self.negative_slope)
+        for name in self.tail:
+            out = getattr(self, name)(out)
+        return out
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}" + (f", activation={self.activation!r}" if self.activation else "")
+        return (f"{self.num_features}" + (f", activation={self.activation!r}" if self.activation else "")
+                + (f", tail={self.tail!r}" if self.tail else ""))
 
 
 def _scale_shift(bn: nn.Module):
@@ -69,20 +78,19 @@ def _scale_shift(bn: nn.Module):
     shift = -bn.running_mean.double() * scale
     if bn.bias is not None:
         shift = shift + bn.bias.detach().double()
-    return scale, shift
+    table_dtype = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
+    return scale.to(table_dtype), shift.to(table_dtype), scale, shift
 
 
-def _fusion(bn: nn.Module):
-    return getattr(bn, "activation", None), getattr(bn, "negative_slope", 0.01)
+def _tail(bn: nn.Module):
+    return [(name, getattr(bn, name)) for name in getattr(bn, "tail", ())]
 
 
 def _frozen(bn: nn.Module, identity: bool = False) -> FrozenBatchNorm:
-    activation, slope = _fusion(bn)
-    if identity:
-        ones = torch.ones(bn.num_features, device=bn.running_mean.device)
-        return FrozenBatchNorm(ones, torch.zeros_like(ones), activation, slope)
-    scale, shift = _scale_shift(bn)
-    return FrozenBatchNorm(scale, shift, activation, slope)
+    scale, shift, _, _ = _scale_shift(bn)
+    if identity:  # the table went into the layer before: only the activation / residual / tail remain
+        scale, shift = torch.ones_like(scale), torch.zeros_like(shift)
+    return FrozenBatchNorm(scale, shift, bn.activation, bn.negative_slope, _tail(bn))
 
 
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
@@ -94,7 +102,7 @@ def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
 
 @torch.no_grad()
 def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
-    scale, shift = _scale_shift(bn)
+    _, _, scale, shift = _scale_shift(bn)  # float64: the folded weights are rounded once, at the end
     weight = layer.weight.detach().double()
     if isinstance(layer, _TRANSPOSED):
         groups = layer.groups
@@ -112,70 +120,64 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias.copy_(new_bias)
 
 
-def _set_module(root: nn.Module, qualname: str, module: nn.Module) -> None:
-    parent, _, name = qualname.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
-def _fold_graph(gm: fx.GraphModule) -> None:
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BATCH_NORMS):
+def _fold_module(module: nn.Module, graph: fx.Graph, counts) -> None:
+    """Fold each BN child of ``module`` whose input, in ``module``'s own graph, is the sole output of a
+    Conv/ConvTranspose/Linear child; neither may be called from anywhere else."""
+    children = dict(module.named_children())
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in children:
             continue
-        bn = gm.get_submodule(node.target)
-        producer = node.args[0] if node.args else None
-        layer = gm.get_submodule(producer.target) if (isinstance(producer, fx.Node)
-                                                      and producer.op == "call_module") else None
-        foldable = (layer is not None and calls[node.target] == 1 and calls[producer.target] == 1
-                    and len(producer.users) == 1 and _foldable(layer, bn))
-        if foldable:
-            _fold_into(layer, bn)
-        if foldable and _fusion(bn)[0] is None and not node.kwargs:
-            node.replace_all_uses_with(producer)
-            gm.graph.erase_node(node)
-        elif bn.running_mean is not None:
-            _set_module(gm, node.target, _frozen(bn, identity=foldable))
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-
-
-def _fold_sequentials(model: nn.Module) -> None:
-    for module in list(model.modules()):
-        if isinstance(module, nn.Sequential):
-            children = list(module.named_children())
-            for (_, layer), (bn_name, bn) in zip(children, children[1:]):
-                if isinstance(bn, _BATCH_NORMS) and _foldable(layer, bn):
-                    _fold_into(layer, bn)
-                    setattr(module, bn_name, nn.Identity() if _fusion(bn)[0] is None else _frozen(bn, identity=True))
-    for name, module in list(model.named_modules()):
-        if isinstance(module, _BATCH_NORMS) and module.running_mean is not None:
-            _set_module(model, name, _frozen(module))
+        bn = children[node.target]
+        if not isinstance(bn, _OURS) or bn.running_mean is None or len(node.args) != 1:
+            continue
+        producer = node.args[0]
+        layer = (children.get(producer.target) if isinstance(producer, fx.Node) and producer.op == "call_module"
+                 else None)
+        if not (layer is not None and counts[id(bn)] == 1 and counts[id(layer)] == 1 and len(producer.users) == 1
+                and _foldable(layer, bn)):
+            continue
+        _fold_into(layer, bn)
+        plain = bn.activation is None and not node.kwargs and not getattr(bn, "tail", ())
+        setattr(module, node.target, nn.Identity() if plain else _frozen(bn, identity=True))
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """A copy of an eval-mode ``model`` with every foldable BN folded into the Conv/ConvTranspose/Linear
-    before it, and every other BN (with running statistics) frozen into a ``FrozenBatchNorm``.
+    before it (replaced by ``nn.Identity``, or by an identity ``FrozenBatchNorm`` that keeps a fused
+    activation, residual or tail), and every other BN with running statistics frozen into a
+    ``FrozenBatchNorm``, in place: the result is an instance of the model's class, every submodule path
+    still resolves.
 
-    A BN is folded only when its input is the sole output of that layer, neither module is called from
-    more than one place, and the channel counts match. Fused activations and residual adds are kept.
-    BNs without running statistics (``track_running_stats=False`` normalises with batch statistics even
-    in eval) are left as they are. The input model is not modified.
+    The rules are ``convert_model``'s: BN subclasses are handled only when understood (a BN with its
+    own activation keeps it), a module's graph is read one level deep, so a module fx can not trace
+    keeps its own forward (its BNs are frozen, not folded). A BN is folded only when, in its parent's
+    graph, its input is the sole output of that layer and neither module is used anywhere else. BNs
+    without running statistics normalise with batch statistics even in eval and are left as they are.
+    Tables are computed in float64 and kept in float64 for a float64 model. The input is not modified.
 
     Raises RuntimeError when ``model`` is in training mode."""
     if model.training:
         raise RuntimeError("fold_batch_norms: the model is in training mode; call model.eval() first "
                            "(folding uses the running statistics, which training would keep changing)")
-    model = copy.deepcopy(model)
-    try:
-        traced = trace_model(model)
-    except Exception as exc:
-        warnings.warn(f"triton_bn.fold_batch_norms: torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
-                      "only BNs right after a layer inside an nn.Sequential were folded, the rest frozen")
-        _fold_sequentials(model)
-        return model
-    _fold_graph(traced)
-    return traced.eval()
+    report = FusionReport()
+    model = _swap_batch_norms(copy.deepcopy(model), report, fuse=False)
+    graphs, untraced = {}, []
+    for path, module in model.named_modules():
+        if isinstance(module, (_OURS, FrozenBatchNorm)) or not any(True for _ in module.children()):
+            continue
+        try:
+            graphs[module] = trace_one_level(module, False)
+        except Exception:  # noqa: BLE001 - the module keeps its forward; its BNs are frozen below
+            if any(isinstance(child, _OURS) for child in module.children()):
+                untraced.append(path or "model")
+    counts = _call_counts(model, graphs)
+    for module, graph in graphs.items():
+        _fold_module(module, graph, counts)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, _OURS) and child.running_mean is not None:
+                setattr(module, name, _frozen(child))
+    if untraced:
+        warnings.warn(f"triton_bn.fold_batch_norms: torch.fx could not trace {', '.join(untraced)}; the BNs directly "
+                      "inside were frozen, not folded")
+    return model.eval()

@@ -2,6 +2,7 @@
 ``state_dict`` keys, ``load_state_dict`` both ways, ``reset_parameters``, ``train()``/``eval()`` and
 ``_check_input_dim`` are PyTorch's own. Only ``forward`` differs: it calls ``triton_bn.batch_norm``
 with an optional fused activation and residual."""
+import inspect
 from typing import Optional
 
 import torch
@@ -43,14 +44,26 @@ class _FusedBatchNormMixin:
         return text
 
 
+def with_fused_signature(init, torch_class):
+    """Give ``init`` (which takes ``*args, activation, negative_slope, **kwargs`` and hands the rest to
+    ``torch_class.__init__``) the signature of the installed torch's constructor plus the two
+    keyword-only fusion arguments. So every argument torch accepts (``bias=`` since torch 2.13,
+    ``device=``, ``dtype=``, whatever the next release adds) is accepted and checked by torch itself,
+    and ``inspect.signature`` tells the truth."""
+    base = inspect.signature(torch_class.__init__)
+    extra = [inspect.Parameter("activation", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[str]),
+             inspect.Parameter("negative_slope", inspect.Parameter.KEYWORD_ONLY, default=0.01, annotation=float)]
+    init.__signature__ = base.replace(parameters=list(base.parameters.values()) + extra)
+    return init
+
+
 def _fused_module(torch_class, doc_dims):
     class Fused(_FusedBatchNormMixin, torch_class):
-        def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                     affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                     activation: Optional[str] = None, negative_slope: float = 0.01) -> None:
-            torch_class.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        def __init__(self, *args, activation: Optional[str] = None, negative_slope: float = 0.01, **kwargs) -> None:
+            torch_class.__init__(self, *args, **kwargs)
             self._init_fused(activation, negative_slope)
 
+    with_fused_signature(Fused.__init__, torch_class)
     Fused.__name__ = Fused.__qualname__ = torch_class.__name__
     Fused.__module__ = __name__
     Fused.__doc__ = (f"``torch.nn.{torch_class.__name__}`` on Triton kernels, for inputs {doc_dims}, with an "
@@ -62,6 +75,42 @@ def _fused_module(torch_class, doc_dims):
 BatchNorm1d = _fused_module(torch.nn.BatchNorm1d, "(N, C) or (N, C, L)")
 BatchNorm2d = _fused_module(torch.nn.BatchNorm2d, "(N, C, H, W)")
 BatchNorm3d = _fused_module(torch.nn.BatchNorm3d, "(N, C, D, H, W)")
+
+
+class TailMixin:
+    """A BN followed by some of its own child modules, run in the order ``tail`` names them: the pattern
+    of timm's ``BatchNormAct2d`` (a BatchNorm2d subclass whose forward ends with ``self.drop`` and
+    ``self.act``). ``convert_model`` builds these for such subclasses, keeping the children under their
+    original names (so the ``state_dict`` keys stay the original's) and fusing the first of them into
+    the kernel when it is a supported activation (that child then becomes ``nn.Identity``)."""
+
+    tail: tuple = ()
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        out = super().forward(input, residual)
+        for name in self.tail:
+            out = getattr(self, name)(out)
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tail={self.tail!r}"
+
+
+class BatchNormAct1d(TailMixin, BatchNorm1d):
+    """``BatchNorm1d`` then the child modules named in ``tail`` (see ``TailMixin``)."""
+
+
+class BatchNormAct2d(TailMixin, BatchNorm2d):
+    """``BatchNorm2d`` then the child modules named in ``tail`` (see ``TailMixin``)."""
+
+
+class BatchNormAct3d(TailMixin, BatchNorm3d):
+    """``BatchNorm3d`` then the child modules named in ``tail`` (see ``TailMixin``)."""
+
+
+def has_tail(module: torch.nn.Module) -> bool:
+    """Whether anything but identities runs after the BN itself (then nothing may be fused after it)."""
+    return any(not isinstance(getattr(module, name), torch.nn.Identity) for name in getattr(module, "tail", ()))
 
 
 def carry_state(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:

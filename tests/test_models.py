@@ -1,0 +1,400 @@
+"""[models] Real models convert and run exactly like the originals: the zoo of tests/zoo.py converted in
+training and in eval mode, timm-style BN subclasses, state_dict parity, drop-in signatures, float64 and
+gradcheck, PyTorch's own sample inputs for batch_norm and the BN modules, and folding."""
+import copy
+import inspect
+import io
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import triton_bn
+from conftest import TOLERANCES
+from zoo import ZOO, BatchNormAct2d, ScaledBatchNorm2d, TimmLike
+
+MODES = {"train": True, "eval": False}
+
+
+def _convert(model, mode):
+    model.train(MODES[mode])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untraceable model warns, as it should
+        return triton_bn.convert_model(model)
+
+
+def _step(model, x, seed):
+    """One training step's output, loss and gradients (float64); the random stream fixed by ``seed``."""
+    model.train()
+    torch.manual_seed(seed)
+    out = model(x)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum()
+    loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=lambda m: f"converted-in-{m}")
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_model_converts_exactly(name, mode):
+    """float64 (the pure-PyTorch path): one training step, eval, folding, state_dict, class, paths, report."""
+    builder, shape, expected = ZOO[name]
+    torch.manual_seed(0)
+    original = builder().double()
+    converted = _convert(copy.deepcopy(original), mode)
+    original.train(MODES[mode])
+
+    assert type(converted) is type(original)
+    paths = [path for path, _ in original.named_modules()]
+    for path in paths:
+        converted.get_submodule(path)  # raises if the path is gone
+    assert list(converted.state_dict().keys()) == list(original.state_dict().keys())
+    report = converted.fusion_report
+    assert (report.plain, report.activation, report.residual) == expected, report
+
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for seed in (3, 4):  # two steps: the second sees the first's running statistics
+        out_ref, grads_ref = _step(original, x, seed)
+        out_new, grads_new = _step(converted, x, seed)
+        torch.testing.assert_close(out_new, out_ref, atol=1e-9, rtol=1e-9)
+        assert grads_new.keys() == grads_ref.keys()
+        for key in grads_ref:
+            torch.testing.assert_close(grads_new[key], grads_ref[key], atol=1e-9, rtol=1e-9, msg=key)
+        for model in (original, converted):
+            model.zero_grad()
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[key], value, atol=1e-9, rtol=1e-9, msg=key)
+
+    original.eval()
+    converted.eval()
+    with torch.no_grad():
+        expected_eval = original(x)
+        torch.testing.assert_close(converted(x), expected_eval, atol=1e-9, rtol=1e-9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for folded in (triton_bn.fold_batch_norms(converted), triton_bn.fold_batch_norms(original)):
+                assert type(folded) is type(original)
+                torch.testing.assert_close(folded(x), expected_eval, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["resnext", "timm", "efficientnet"])
+def test_zoo_model_on_the_kernels(name):
+    """The same models in fp32 through the Triton kernels (the interpreter here): one training step and
+    eval against the original, at fp32 tolerance."""
+    builder, shape, _ = ZOO[name]
+    torch.manual_seed(0)
+    original = builder()
+    converted = _convert(copy.deepcopy(original), "train")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    out_ref, grads_ref = _step(original, x, 3)
+    out_new, grads_new = _step(converted, x, 3)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out_new, out_ref, atol=atol, rtol=rtol)
+    for key in grads_ref:
+        torch.testing.assert_close(grads_new[key], grads_ref[key], atol=atol, rtol=rtol, msg=key)
+    original.eval()
+    converted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), atol=atol, rtol=rtol)
+
+
+def test_converted_model_is_still_the_users_model(tmp_path):
+    """isinstance, indexing into containers, the very same head object, print showing what runs,
+    torch.save of the whole model, deepcopy, hooks on named layers."""
+    from zoo import ResNeXtLike
+    torch.manual_seed(0)
+    original = ResNeXtLike()
+    converted = triton_bn.convert_model(original)
+    assert isinstance(converted, ResNeXtLike)
+    block = converted.layer1[0]
+    assert isinstance(block.bn1, triton_bn.BatchNorm2d) and block.bn1.activation == "relu"
+    assert block.bn3.activation == "relu"  # bn3 + add + relu
+    text = repr(converted)
+    assert "activation='relu'" in text and "ReLU" not in text  # every ReLU is fused: none is listed as running
+    seen = []
+    hook = converted.layer1[0].conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 8, 8)
+    converted.eval()
+    original.eval()
+    y = converted(x)
+    assert len(seen) == 1
+    hook.remove()
+    converted.fc = nn.Linear(8, 3)  # replacing a head works as on the original
+    assert converted(x).shape == (2, 3)
+    converted.fc = original.fc
+    for clone in (copy.deepcopy(converted), _saved_and_loaded(converted, tmp_path)):
+        assert type(clone) is ResNeXtLike
+        torch.testing.assert_close(clone(x), y)
+        # the copy's fused forward runs against the copy's own modules, not the original's
+        clone.layer1[0].conv1.weight.data.zero_()
+        assert not torch.equal(clone(x), y) and torch.equal(converted(x), y)
+
+
+def _saved_and_loaded(model, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    return torch.load(path, weights_only=False)
+
+
+def test_fused_forward_follows_to_and_new_children():
+    """The fused forward looks children and buffers up at call time: .double() and a swapped child take effect."""
+    from zoo import ResNeXtLike
+    torch.manual_seed(0)
+    converted = triton_bn.convert_model(ResNeXtLike()).eval().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert converted(x).dtype == torch.float64
+    converted.layer1[0].conv3 = nn.Conv2d(4, 8, 1, bias=False).double()
+    converted(x)
+
+
+def test_checkpoints_load_both_ways_strict():
+    torch.manual_seed(0)
+    original = TimmLike()
+    original(torch.randn(4, 3, 6, 6))  # some running statistics and batch counts
+    converted = triton_bn.convert_model(original)
+    fresh_original, fresh_converted = TimmLike(), triton_bn.convert_model(TimmLike())
+    fresh_converted.load_state_dict(original.state_dict(), strict=True)
+    fresh_original.load_state_dict(converted.state_dict(), strict=True)
+    assert "block1.bn1.num_batches_tracked" in converted.state_dict()
+    for key, value in original.state_dict().items():
+        assert torch.equal(fresh_converted.state_dict()[key], value) and torch.equal(fresh_original.state_dict()[key], value)
+
+
+def test_timm_style_batch_norm_act_conversion():
+    torch.manual_seed(0)
+    model = TimmLike()
+    converted = triton_bn.convert_model(model)
+    stem_bn = converted.stem[1]
+    assert isinstance(stem_bn, triton_bn.BatchNormAct2d) and stem_bn.activation == "silu"
+    assert stem_bn.tail == ("drop", "act") and isinstance(stem_bn.act, nn.Identity)
+    # a real dropout before the activation: the activation can not be fused, both stay in order
+    bn = converted.block2.bn1
+    assert bn.activation is None and isinstance(bn.drop, nn.Dropout) and isinstance(bn.act, nn.ReLU)
+    # an unsupported activation (PReLU, with a parameter) stays a module, its parameter key kept
+    assert isinstance(converted.neck[1].act, nn.PReLU) and "neck.1.act.weight" in converted.state_dict()
+    # the subclass whose forward is not "BN then children" is left alone, with a note
+    assert type(converted.odd) is ScaledBatchNorm2d
+    assert any("ScaledBatchNorm2d" in note for note in converted.fusion_report.notes)
+
+
+def test_mode_dependent_and_untraceable_modules_are_noted():
+    from zoo import UntraceableLike
+    with pytest.warns(UserWarning, match="could not trace stem"):
+        converted = triton_bn.convert_model(UntraceableLike())
+    notes = "\n".join(converted.fusion_report.notes)
+    assert "stem: torch.fx could not trace" in notes
+    assert "body.3: its forward depends on the training mode" in notes
+    assert "forward" not in vars(converted.body[3])  # its own forward, untouched
+
+
+def test_bare_batch_norm_subclass_and_sync_batch_norm_convert():
+    bn = BatchNormAct2d(4, act_layer=nn.GELU)
+    converted = triton_bn.convert_model(bn)
+    assert isinstance(converted, triton_bn.BatchNormAct2d) and converted.activation == "gelu"
+    sync = triton_bn.convert_model(nn.Sequential(nn.SyncBatchNorm(4), nn.ReLU()))
+    assert type(sync[0]) is triton_bn.SyncBatchNorm and sync[0].activation == "relu"
+
+
+def test_convert_sync_batchnorm_keeps_tails_and_leaves_unknown_subclasses():
+    torch.manual_seed(0)
+    model = nn.Sequential(BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=lambda: nn.Dropout(0.1)),
+                          ScaledBatchNorm2d(4)).eval()
+    with pytest.warns(UserWarning, match="ScaledBatchNorm2d"):
+        synced = triton_bn.convert_sync_batchnorm(copy.deepcopy(model))
+    assert type(synced[0]) is triton_bn.SyncBatchNormAct and synced[0].tail == ("drop", "act")
+    assert type(synced[1]) is ScaledBatchNorm2d
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(synced(x), model(x), atol=1e-5, rtol=1e-5)
+    converted = triton_bn.convert_sync_batchnorm(triton_bn.convert_model(TimmLike()))
+    assert type(converted.stem[1]) is triton_bn.SyncBatchNormAct and converted.stem[1].activation == "silu"
+
+
+# -- drop-in signatures ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ours,theirs", [(triton_bn.BatchNorm1d, nn.BatchNorm1d), (triton_bn.BatchNorm2d, nn.BatchNorm2d),
+                                         (triton_bn.BatchNorm3d, nn.BatchNorm3d),
+                                         (triton_bn.SyncBatchNorm, nn.SyncBatchNorm)], ids=lambda c: c.__name__)
+def test_constructor_signature_is_torchs_plus_fusion_arguments(ours, theirs):
+    """Every argument of the installed torch's constructor, in its order and kind, then activation and
+    negative_slope (keyword-only): the next torch release's additions are caught here."""
+    mine = list(inspect.signature(ours).parameters.values())
+    torchs = list(inspect.signature(theirs).parameters.values())
+    assert mine[:len(torchs)] == torchs
+    assert [(p.name, p.kind) for p in mine[len(torchs):]] == [("activation", inspect.Parameter.KEYWORD_ONLY),
+                                                             ("negative_slope", inspect.Parameter.KEYWORD_ONLY)]
+    if "bias" in inspect.signature(theirs).parameters:
+        module = ours(4, bias=False, activation="relu", dtype=torch.float64)
+        reference = theirs(4, bias=False, dtype=torch.float64)
+        assert module.bias is None and list(module.state_dict()) == list(reference.state_dict())
+        assert "bias=False" in repr(module)
+    with pytest.raises(TypeError):
+        ours(4, not_an_argument=1)
+
+
+# -- float64 and gradcheck ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu_tanh"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gradcheck_on_the_module(mode, activation, residual, device):
+    torch.manual_seed(0)
+    module = triton_bn.BatchNorm2d(3, activation=activation).to(device=device, dtype=torch.float64).train(MODES[mode])
+    with torch.no_grad():
+        module.running_mean.uniform_(-0.5, 0.5)
+        module.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True) if residual else None
+    weight = (torch.rand(3, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+
+    def call(x, weight, bias, r):
+        return torch.func.functional_call(module, {"weight": weight, "bias": bias}, (x,), {"residual": r})
+
+    assert torch.autograd.gradcheck(call, (x, weight, bias, r), eps=1e-6, atol=1e-6)
+
+
+# -- PyTorch's own sample inputs --------------------------------------------------------------------------------
+SAMPLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _tensors(values):
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _run_functional(fn, sample, dtype, compute_dtype):
+    """(output, running stats after, grads of input/weight/bias) of one OpInfo sample, its tensors rounded
+    to ``dtype`` and computed in ``compute_dtype`` (the reference: float64 on the same rounded values)."""
+    def clone(t, grad):
+        if t is None:
+            return None
+        return t.detach().clone().to(dtype).to(compute_dtype).requires_grad_(grad and t.is_floating_point())
+    x = clone(sample.input, True)
+    running_mean, running_var, weight, bias = (list(sample.args) + [None] * 4)[:4]
+    running_mean, running_var = clone(running_mean, False), clone(running_var, False)
+    weight, bias = clone(weight, True), clone(bias, True)
+    kwargs = dict(sample.kwargs)
+    out = fn(x, running_mean, running_var, weight, bias, **kwargs)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True) if out.numel() else []
+    return out, [running_mean, running_var], grads
+
+
+def check_functional_samples(device):
+    """Every OpInfo sample of nn.functional.batch_norm: triton_bn against PyTorch (float64 reference for
+    the output, running statistics and gradients); PyTorch errors must be triton_bn errors too."""
+    from torch.testing._internal.common_methods_invocations import op_db
+    ops = [op for op in op_db if op.name == "nn.functional.batch_norm"]
+    assert ops
+    checked = 0
+    for op in ops:
+        for dtype in SAMPLE_DTYPES:
+            for sample in op.sample_inputs(device, torch.float64, requires_grad=True):
+                try:
+                    expected = _run_functional(F.batch_norm, sample, dtype, torch.float64)
+                except Exception as torch_error:  # noqa: BLE001
+                    with pytest.raises(type(torch_error)):
+                        _run_functional(triton_bn.batch_norm, sample, dtype, dtype)
+                    continue
+                actual = _run_functional(triton_bn.batch_norm, sample, dtype, dtype)
+                atol, rtol = TOLERANCES[dtype]
+                for a, e in zip([actual[0]] + _tensors(actual[1]) + _tensors(actual[2]),
+                                [expected[0]] + _tensors(expected[1]) + _tensors(expected[2])):
+                    torch.testing.assert_close(a.double(), e, atol=atol, rtol=rtol,
+                                               msg=lambda m: f"{sample} {dtype}: {m}")
+                checked += 1
+    return checked
+
+
+def check_module_samples(device):
+    """Every ModuleInfo sample of nn.BatchNorm1d/2d/3d: our module built with the same constructor
+    arguments (bias=False included), fed the same inputs, in training and in eval."""
+    from torch.testing._internal.common_modules import module_db
+    ours = {nn.BatchNorm1d: triton_bn.BatchNorm1d, nn.BatchNorm2d: triton_bn.BatchNorm2d,
+            nn.BatchNorm3d: triton_bn.BatchNorm3d}
+    checked = 0
+    for info in (m for m in module_db if m.module_cls in ours):
+        for dtype in SAMPLE_DTYPES:
+            for training in (True, False):
+                for sample in info.module_inputs_func(info, device=device, dtype=torch.float64, requires_grad=True,
+                                                      training=training):
+                    args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+                    reference = info.module_cls(*args, **kwargs).to(device=device, dtype=torch.float64)
+                    module = ours[info.module_cls](*args, **kwargs).to(device=device, dtype=dtype)
+                    module.load_state_dict(reference.state_dict())
+                    reference.load_state_dict(module.state_dict())  # the float64 reference sees the rounded values
+                    reference.train(training)
+                    module.train(training)
+                    x = sample.forward_input.args[0].detach().to(dtype)
+                    for step in range(2):
+                        xr = x.clone().double().requires_grad_()
+                        xm = x.clone().requires_grad_()
+                        expected, actual = reference(xr), module(xm)
+                        atol, rtol = TOLERANCES[dtype]
+                        torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=rtol)
+                        if expected.numel():
+                            expected.backward(torch.ones_like(expected))
+                            actual.backward(torch.ones_like(actual))
+                            torch.testing.assert_close(xm.grad.double(), xr.grad, atol=atol, rtol=rtol)
+                        for (key, a), e in zip(module.state_dict().items(), reference.state_dict().values()):
+                            torch.testing.assert_close(a.double(), e.double(), atol=atol, rtol=rtol, msg=key)
+                        for a, e in zip(module.parameters(), reference.parameters()):
+                            if e.grad is not None:
+                                torch.testing.assert_close(a.grad.double(), e.grad, atol=atol, rtol=rtol)
+                    checked += 1
+    return checked
+
+
+def test_pytorch_functional_samples(device):
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it
+    assert check_functional_samples(device) > 20
+
+
+def test_pytorch_module_samples(device):
+    pytest.importorskip("expecttest")
+    assert check_module_samples(device) > 30
+
+
+def test_pytorch_samples_on_the_pure_pytorch_path():
+    """The same samples in a process without the Triton interpreter: CPU tensors take reference.py."""
+    pytest.importorskip("expecttest")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=here, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "pure path: checked" in proc.stdout
+
+
+# -- folding --------------------------------------------------------------------------------------------------
+def test_fold_keeps_a_float64_model_in_float64():
+    from zoo import ResNeXtLike
+    torch.manual_seed(0)
+    model = ResNeXtLike().double()
+    model(torch.randn(4, 3, 8, 8, dtype=torch.float64))  # running statistics away from (0, 1)
+    model.eval()
+    folded = triton_bn.fold_batch_norms(triton_bn.convert_model(model))
+    frozen = [m for m in folded.modules() if isinstance(m, triton_bn.FrozenBatchNorm)]
+    assert frozen and all(m.scale.dtype == torch.float64 and m.shift.dtype == torch.float64 for m in frozen)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+def test_fold_keeps_the_activation_of_a_batch_norm_act_subclass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4, act_layer=nn.SiLU), ScaledBatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    folded = triton_bn.fold_batch_norms(model)
+    assert isinstance(folded[1], triton_bn.FrozenBatchNorm)  # folded into the conv, the tail (drop, SiLU) kept
+    assert type(folded[2]) is ScaledBatchNorm2d  # not understood: neither folded nor frozen
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+if __name__ == "__main__":  # the pure-PyTorch path (no TRITON_INTERPRET): run by a test above
+    from triton_bn import launch
+    assert not launch.INTERPRET, "run without TRITON_INTERPRET (triton_bn is imported before conftest sets it)"
+    count = check_functional_samples("cpu") + check_module_samples("cpu")
+    print(f"pure path: checked {count} samples")
