@@ -199,6 +199,26 @@ def test_bare_batch_norm_subclass_and_sync_batch_norm_convert():
     assert type(sync[0]) is triton_bn.SyncBatchNorm and sync[0].activation == "relu"
 
 
+@pytest.mark.parametrize("drop", [nn.Identity, lambda: nn.Dropout(0.2)], ids=["no-drop", "dropout"])
+def test_timm_style_sync_batch_norm_act_converts(drop):
+    from zoo import SyncBatchNormAct as TimmSync
+    torch.manual_seed(0)
+    bn = TimmSync(4)
+    bn.act = nn.SiLU()
+    bn.drop = drop()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn).double()
+    converted = triton_bn.convert_model(model)
+    assert type(converted[1]) is triton_bn.SyncBatchNormAct and set(converted[1].tail) == {"act", "drop"}
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training)
+        converted.train(training)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(converted(x), expected, atol=1e-9, rtol=1e-9)
+
+
 def test_convert_sync_batchnorm_keeps_tails_and_leaves_unknown_subclasses():
     torch.manual_seed(0)
     model = nn.Sequential(BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=lambda: nn.Dropout(0.1)),

@@ -66,6 +66,19 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(x)
 
 
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm's SyncBatchNorm variant: torch's forward, then ``drop`` and ``act`` when present (they are
+    attached after construction, ``act`` first, so registration order is not call order)."""
+
+    def forward(self, x):
+        x = super().forward(x)
+        if hasattr(self, "drop"):
+            x = self.drop(x)
+        if hasattr(self, "act"):
+            x = self.act(x)
+        return x
+
+
 class ScaledBatchNorm2d(nn.BatchNorm2d):
     """A subclass whose forward is not "BN then children": convert_model must leave it alone."""
 
