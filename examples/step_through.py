@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 import triton_bn  # noqa: E402
 from triton_bn import launch  # noqa: E402
-from triton_bn.autotune import heuristic_config  # noqa: E402
+from triton_bn.autotune import heuristic_config, merge_block  # noqa: E402
 from triton_bn.layout import ChannelsLastPlan, plan_layout  # noqa: E402
 
 
@@ -34,24 +34,31 @@ def main() -> None:
     x, plan = plan_layout(x)
     family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
     cfg = heuristic_config(family, "stats", plan, x.element_size())
-    splits, grid, size_args = launch._reduction_grid(plan, cfg, x.device)
+    splits, grid, size_args, blocks = launch._reduction_grid(plan, cfg, x.device, cfg.programs_per_sm)
     print(f"triton_bn {triton_bn.__version__}: x {tuple(x.shape)} {args.layout} -> family {family}, plan {plan}")
     print(f"tile {cfg.block_a}x{cfg.block_b}, {splits} splits, grid {grid}")
 
     channels = x.shape[1]
-    partials = torch.empty((4, splits, channels), dtype=torch.float32, device=x.device)
-    kernel = (launch.cl._bn_fwd_stats_partial_channels_last if family == "channels_last"
-              else launch.cf._bn_fwd_stats_partial_channels_first)
-    kernel[grid](x, partials[0], partials[1], partials[2], partials[3], *size_args, **cfg.launch_kwargs(family))
-    pivot = partials[3, 0]
+    partials = torch.empty((3, splits, channels), dtype=torch.float32, device=x.device)
+    moments = torch.zeros((3, channels), dtype=torch.float32, device=x.device)
+    mean, invstd = torch.empty(channels, device=x.device), torch.empty(channels, device=x.device)
+    dummy = torch.empty(1, device=x.device)
+    count = x.numel() // channels
+    launch._KERNELS[family]["stats"][grid](
+        x, partials[0], partials[1], partials[2], launch._arrival_counters(x.device, blocks), mean, invstd,
+        moments[0], moments[2], dummy, dummy, dummy, *size_args, 1.0 / count, count / (count - 1), 0, 0, 1e-5, 0.0,
+        UPDATE_RUNNING=False, CUMULATIVE=False, WRITE_MOMENTS=True, BLOCK_SPLITS=merge_block(family, cfg),
+        **cfg.launch_kwargs(family, reduction=True))
+    pivot = x.reshape(x.shape[0], channels, -1)[0, :, 0].float() if family == "channels_first" else \
+        x.movedim(1, -1).reshape(-1, channels)[0].float()
     print("\nper split (count, mean, M2) for each channel; means are stored relative to the pivot "
           "(the channel's first value) and shown here with it added back:")
     for split in range(splits):
         row = ", ".join(f"c{c}: ({partials[0, split, c]:.0f}, {partials[1, split, c] + pivot[c]:.4f}, "
                         f"{partials[2, split, c]:.4f})" for c in range(channels))
         print(f"  split {split}: {row}")
+    moments[1] = mean  # the same launch's last program merged the splits (Chan) into these
 
-    moments = launch.batch_moments(x)  # the same partials, merged by the finalize kernel
     dims = [d for d in range(x.dim()) if d != 1]
     print("\nmerged (Chan) vs torch:")
     for c in range(channels):

@@ -1,6 +1,6 @@
 """Instructions in the main loop of the statistics kernel, from its SASS, without a GPU.
 
-Compiles ``_bn_fwd_stats_partial_channels_last`` for sm_90 (bf16 input), disassembles the cubin with
+Compiles ``_bn_fwd_stats_channels_last`` for sm_90 (bf16 input), disassembles the cubin with
 triton's bundled ``nvdisasm`` and counts the instructions between each loop label and the branch
 back to it: the arithmetic per element that the bandwidth budget must cover (perf/NOTES.md).
 
@@ -19,16 +19,23 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "needs the real jit funct
 from triton_bn.kernels import channels_last as cl  # noqa: E402
 
 
+FLOAT_ARGS = {"inv_count", "unbiased_factor", "eps", "momentum"}
+POINTER_TYPES = {"x_ptr": "*bf16", "counter_ptr": "*i32", "num_batches_ptr": "*i64"}
+
+
 def loop_bodies(block_r: int = 64, block_c: int = 32, num_warps: int = 4):
-    kernel = cl._bn_fwd_stats_partial_channels_last
-    signature = {name: "constexpr" if p.is_constexpr else ("*bf16" if name == "x_ptr" else "*fp32")
-                 if name.endswith("_ptr") else "i32" for name, p in zip(kernel.arg_names, kernel.params)}
+    kernel = cl._bn_fwd_stats_channels_last
+    signature = {name: "constexpr" if p.is_constexpr else POINTER_TYPES.get(name, "*fp32") if name.endswith("_ptr")
+                 else "fp32" if name in FLOAT_ARGS else "i32" for name, p in zip(kernel.arg_names, kernel.params)}
     # As the launcher specialises a ResNet layer at run time: every pointer 16-byte aligned and every
     # integer (C, R, the row stride, rows per split) a multiple of 16. Without these hints the compiler
     # can not prove that a row of the tile is contiguous and aligned, and loads one element at a time.
-    divisible = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if not p.is_constexpr}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature,
-                                       constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c}, attrs=divisible)
+    divisible = {(i,): [["tt.divisibility", 16]] for i, (name, p) in enumerate(zip(kernel.arg_names, kernel.params))
+                 if not p.is_constexpr and name not in FLOAT_ARGS}
+    # no pipelining (NUM_STAGES=1): the count is of the arithmetic per element, not of the copy machinery
+    constexprs = dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_SPLITS=32, NUM_STAGES=1, UPDATE_RUNNING=True,
+                      CUMULATIVE=False, WRITE_MOMENTS=False)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=divisible)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -50,6 +57,11 @@ def loop_bodies(block_r: int = 64, block_c: int = 32, num_warps: int = 4):
 if __name__ == "__main__":
     block_r, block_c, warps = (int(v) for v in sys.argv[1:4]) if len(sys.argv) > 3 else (64, 32, 4)
     per_thread = block_r * block_c // (32 * warps)
-    for instructions, reciprocals in loop_bodies(block_r, block_c, warps):
-        print(f"loop: {instructions} instructions, {reciprocals} MUFU.RCP, {per_thread} elements per thread: "
-              f"{instructions / per_thread:.1f} instructions per element")
+    # in program order: the data loop first, then the last program's merge of the splits (its cost is per
+    # split tile, once per channel block, not per element of x)
+    for index, (instructions, reciprocals) in enumerate(loop_bodies(block_r, block_c, warps)):
+        if index == 0:
+            print(f"data loop: {instructions} instructions, {reciprocals} MUFU.RCP, {per_thread} elements per thread: "
+                  f"{instructions / per_thread:.1f} instructions per element")
+        else:
+            print(f"merge loop: {instructions} instructions, {reciprocals} MUFU.RCP per tile of split partials")

@@ -4,6 +4,7 @@ would let a kernel that can not build on a GPU pass. Triton ships ptxas, so no G
 a cubin. The compiler needs the kernels as jit functions, not the interpreter's, so each group runs in
 a child process without TRITON_INTERPRET (``python tests/test_compile_sm90.py GROUP``)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,6 @@ import triton
 
 from triton_bn.kernels import channels_first as cf
 from triton_bn.kernels import channels_last as cl
-from triton_bn.kernels import welford
 
 try:
     from triton.backends.compiler import GPUTarget
@@ -22,10 +22,12 @@ except ImportError:  # pragma: no cover - an older triton
 FLOAT_ARGS = {"eps", "negative_slope", "inv_count", "unbiased_factor", "momentum"}
 DTYPE_OF = {"x_ptr": "bf16", "y_ptr": "bf16", "residual_ptr": "bf16", "grad_y_ptr": "bf16", "grad_x_ptr": "bf16",
             "grad_residual_ptr": "bf16", "running_mean_ptr": "fp32", "running_var_ptr": "fp16",
-            "num_batches_ptr": "i64", "grad_weight_ptr": "fp32", "grad_bias_ptr": "fp32"}
+            "num_batches_ptr": "i64", "grad_weight_ptr": "fp32", "grad_bias_ptr": "fp32", "counter_ptr": "i32"}
 
 
-def _compile(kernel, constexprs, index_type="i32"):
+def _compile(kernel, constexprs, index_type="i32", hints=False):
+    """Compile for sm_90; ``hints``: with the divisibility-by-16 attributes the JIT adds at run time for
+    ResNet-50 sizes on every pointer and integer argument (what lets loads vectorise and pipeline)."""
     signature = {}
     for name, param in zip(kernel.arg_names, kernel.params):
         if param.is_constexpr:
@@ -38,9 +40,12 @@ def _compile(kernel, constexprs, index_type="i32"):
             signature[name] = index_type
     missing = [n for n, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr and n not in constexprs]
     assert not missing, f"test must set {missing}"
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if hints and signature[name] not in ("constexpr", "fp32")}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     assert compiled.asm["cubin"], "no machine code"
+    return compiled
 
 
 EPILOGUE = dict(STATS_ARE_RUNNING=False, HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True)
@@ -70,8 +75,9 @@ def _compile_channels_first(activation, flat):
     _compile(cf._bn_fwd_apply_channels_first, dict(EPILOGUE, ACTIVATION=activation, **tile))
     _compile(cf._bn_bwd_dx_channels_first, dict(EPILOGUE, ACTIVATION=activation, BATCH_STATS=True, WRITE_GRAD_X=True,
                                                 WRITE_GRAD_RESIDUAL=True, **tile))
-    _compile(cf._bn_bwd_reduce_partial_channels_first, dict(EPILOGUE, ACTIVATION=activation, **tile))
-    _compile(cf._bn_fwd_stats_partial_channels_first, tile)
+    _compile(cf._bn_bwd_reduce_channels_first, dict(EPILOGUE, **SUMS_FLAGS, ACTIVATION=activation, BLOCK_SPLITS=256,
+                                                    **tile))
+    _compile(cf._bn_fwd_stats_channels_first, dict(STATS_FLAGS, BLOCK_SPLITS=256, **tile))
 
 
 def group_reductions_and_finalize():
@@ -80,14 +86,39 @@ def group_reductions_and_finalize():
         _compile_reductions(index_type)
 
 
+STATS_FLAGS = dict(UPDATE_RUNNING=True, CUMULATIVE=True, WRITE_MOMENTS=True, NUM_STAGES=3)
+SUMS_FLAGS = dict(WRITE_GRAD_WEIGHT=True, WRITE_GRAD_BIAS=True, NUM_STAGES=3)
+
+
 def _compile_reductions(index_type):
-    _compile(cl._bn_fwd_stats_partial_channels_last, CL_TILE, index_type)
-    _compile(cl._bn_bwd_reduce_partial_channels_last, dict(EPILOGUE, ACTIVATION=1, **CL_TILE), index_type)
-    _compile(cf._bn_fwd_stats_partial_channels_first, CF_TILE, index_type)
-    _compile(welford._bn_fwd_stats_finalize, dict(UPDATE_RUNNING=True, CUMULATIVE=True, WRITE_MOMENTS=True,
-                                                  BLOCK_C=128), index_type)
-    _compile(welford._bn_bwd_reduce_finalize, dict(WRITE_GRAD_WEIGHT=True, WRITE_GRAD_BIAS=True, BLOCK_C=128),
+    _compile(cl._bn_fwd_stats_channels_last, dict(STATS_FLAGS, BLOCK_SPLITS=32, **CL_TILE), index_type)
+    _compile(cl._bn_bwd_reduce_channels_last, dict(EPILOGUE, **SUMS_FLAGS, ACTIVATION=1, BLOCK_SPLITS=32, **CL_TILE),
              index_type)
+    _compile(cf._bn_fwd_stats_channels_first, dict(STATS_FLAGS, BLOCK_SPLITS=256, **CF_TILE), index_type)
+    _compile(cf._bn_bwd_reduce_channels_first, dict(EPILOGUE, **SUMS_FLAGS, ACTIVATION=0, BLOCK_SPLITS=256, **CF_TILE),
+             index_type)
+
+
+def group_pipelining_and_ordering():
+    """Every reduction: NUM_STAGES > 1 really pipelines its loop (cp.async, different code), NUM_STAGES=1
+    does not; the last-program merge is published by a barrier and an acq_rel device-scope atomic."""
+    reductions = [
+        (cl._bn_fwd_stats_channels_last, dict(STATS_FLAGS, BLOCK_SPLITS=32, BLOCK_R=64, BLOCK_C=64)),
+        (cl._bn_bwd_reduce_channels_last, dict(EPILOGUE, **SUMS_FLAGS, ACTIVATION=1, BLOCK_SPLITS=32, BLOCK_R=64,
+                                                BLOCK_C=64)),
+        (cf._bn_fwd_stats_channels_first, dict(STATS_FLAGS, BLOCK_SPLITS=256, BLOCK_N=2, BLOCK_S=1024, FLAT=False)),
+        (cf._bn_bwd_reduce_channels_first, dict(EPILOGUE, **SUMS_FLAGS, ACTIVATION=1, BLOCK_SPLITS=256, BLOCK_N=2,
+                                                BLOCK_S=1024, FLAT=False)),
+    ]
+    for kernel, constexprs in reductions:
+        ptx = {stages: _compile(kernel, dict(constexprs, NUM_STAGES=stages), hints=True).asm["ptx"]
+               for stages in (1, 3)}
+        name = kernel.__name__
+        assert "cp.async" not in ptx[1], f"{name}: NUM_STAGES=1 should not pipeline"
+        assert "cp.async" in ptx[3] and ptx[1] != ptx[3], f"{name}: NUM_STAGES=3 did not pipeline the loop"
+        assert re.search(r"atom\.[\w.]*acq_rel[\w.]*\.add", ptx[3]), f"{name}: no acq_rel atomic"
+        assert re.search(r"atom\.[\w.]*\.gpu\.", ptx[3]), f"{name}: the atomic is not device-scope"
+        assert "bar.sync" in ptx[3], f"{name}: no barrier before the atomic"
 
 
 def group_eval_flags():
@@ -98,7 +129,8 @@ def group_eval_flags():
                                                 WRITE_GRAD_X=True, WRITE_GRAD_RESIDUAL=False, **CF_TILE))
 
 
-GROUPS = ["channels_last_elementwise", "channels_first", "reductions_and_finalize", "eval_flags"]
+GROUPS = ["channels_last_elementwise", "channels_first", "reductions_and_finalize", "eval_flags",
+          "pipelining_and_ordering"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -140,5 +172,6 @@ def test_statistics_loop_fits_the_bf16_bandwidth_budget():
     proc = subprocess.run([sys.executable, os.path.join(root, "perf", "sass_loop.py"), "64", "32", "4"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    per_element = [float(line.split(": ")[-1].split()[0]) for line in proc.stdout.splitlines() if "per element" in line]
+    per_element = [float(line.split(": ")[-1].split()[0]) for line in proc.stdout.splitlines()
+                   if line.startswith("data loop") and "per element" in line]
     assert per_element and max(per_element) < 9, proc.stdout

@@ -17,10 +17,14 @@ How a configuration is picked (``Tuner.select``):
 3. otherwise the choice cached for this key in memory or on disk is used, and only a key never seen
    on this GPU and triton version is benchmarked, once, over ``candidate_configs``.
 
-Safe for state by construction: only the partial-reduction and elementwise kernels are tuned. They
-write scratch partials or the op's own output, so running them once per candidate changes nothing
-the caller can see. The finalize kernel, the only one that writes running statistics, is never
-tuned: it runs once per forward (``tests/test_autotune.py`` counts this).
+Safe for state by construction: every candidate writes only scratch and the call's own outputs. The
+statistics kernel, whose last program also updates the running statistics, is benchmarked with scratch
+copies of the running buffers, so the real ones are updated exactly once per forward
+(``tests/test_autotune.py`` checks this). A reduction's timing includes its merge of the splits, which
+its split count drives.
+
+A configuration read from memory or disk is used only where it fits the problem (``TileConfig.fits``):
+keys group batch sizes by power of two, and FLAT tiles index in int32.
 
 Keys leave the batch size out where it does not change the best tile: the channel count, the
 spatial size and the dtype matter; the number of rows only through its power-of-two bucket.
@@ -29,6 +33,7 @@ import contextlib
 import functools
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,8 +44,9 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Finalize kernels: one program per FINALIZE_BLOCK_C channels, fixed (never tuned).
-FINALIZE_BLOCK_C = 128
+# The last program of a reduction merges the splits in [BLOCK_SPLITS, BLOCK_C] tiles of at most this many
+# elements (three fp32 tiles in registers at once for the statistics).
+MERGE_TILE_ELEMENTS = 2048
 # Under the interpreter there are no multiprocessors; pretend there are two, so that small test
 # shapes still span several splits and the Chan merge across splits is exercised.
 INTERPRETER_SM_COUNT = 2
@@ -67,22 +73,36 @@ class TileConfig:
     programs_per_sm: int = PROGRAMS_PER_SM  # reductions: programs per multiprocessor, sets the split count
     flat: bool = False  # channels-first only: tile the flattened (N x S) plane (see kernels/channels_first.py)
 
-    def launch_kwargs(self, family: str) -> dict:
+    def launch_kwargs(self, family: str, reduction: bool = False) -> dict:
         """The kernel's tile constexprs and launch options (memoised: this is on every launch's path;
-        callers unpack it with ``**``, never mutate it)."""
-        return _launch_kwargs(self, family)
+        callers unpack it with ``**``, never mutate it). Reductions also take NUM_STAGES, the depth to
+        which their loop's loads are pipelined (``tl.range(..., num_stages=NUM_STAGES)``)."""
+        return _launch_kwargs(self, family, reduction)
+
+    def fits(self, family: str, plan) -> bool:
+        """Whether this configuration is valid for ``plan``: a FLAT tile numbers a channel's elements in
+        int32, so it is never used (even from a cache filled at a smaller batch) once N x S reaches 2^31."""
+        return not (family == "channels_first" and self.flat and plan.batch * plan.spatial >= 2 ** 31)
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_kwargs(cfg: TileConfig, family: str) -> dict:
+def _launch_kwargs(cfg: TileConfig, family: str, reduction: bool) -> dict:
     names = ("BLOCK_R", "BLOCK_C") if family == "channels_last" else ("BLOCK_N", "BLOCK_S")
     kwargs = {names[0]: cfg.block_a, names[1]: cfg.block_b}
     if family == "channels_first":
         kwargs["FLAT"] = cfg.flat
+    if reduction:
+        kwargs["NUM_STAGES"] = cfg.num_stages
     if not INTERPRET:
         kwargs["num_warps"] = cfg.num_warps
-        kwargs["num_stages"] = cfg.num_stages
     return kwargs
+
+
+def merge_block(family: str, cfg: TileConfig) -> int:
+    """BLOCK_SPLITS of the merge: the splits merged per step by a reduction's last program. A function of
+    the configuration alone, so it adds no compiled variant."""
+    channels = cfg.block_b if family == "channels_last" else 1
+    return max(1, min(256, MERGE_TILE_ELEMENTS // channels))
 
 
 def _warps(elements: int) -> int:
@@ -93,7 +113,7 @@ def _declared(family: str) -> List[TileConfig]:
     if family == "channels_last":
         shapes = [(16, 128), (32, 64), (32, 128), (64, 32), (64, 64), (128, 16), (128, 32), (256, 16)]
     else:
-        shapes = [(1, 1024), (1, 2048), (1, 4096), (2, 1024), (4, 256), (8, 64), (16, 64), (32, 16)]
+        shapes = [(1, 1024), (1, 2048), (1, 4096), (2, 1024), (2, 2048), (4, 256), (8, 64), (16, 64), (32, 16)]
         # flat tiles of the (N x S) plane: only the element count matters
         flat = [TileConfig(1, n, _warps(n), flat=True) for n in (1024, 2048, 4096)]
         return [TileConfig(a, b, _warps(a * b)) for a, b in shapes] + flat
@@ -106,8 +126,9 @@ DECLARED_CONFIGS: Dict[str, List[TileConfig]] = {
 REDUCTION_KINDS = ("stats", "bwd_reduce")
 ELEMENTWISE_KINDS = ("apply", "bwd_dx")
 KINDS = REDUCTION_KINDS + ELEMENTWISE_KINDS
-# Reductions also try other split counts and pipelining depths (runtime arguments or cheap recompiles).
-REDUCTION_VARIANTS = ((2, 3), (8, 3), (4, 2))  # (programs_per_sm, num_stages), besides the default (4, 3)
+# Reductions also try other split counts and pipelining depths (a runtime argument; a recompile).
+# (programs_per_sm, num_stages), besides the default (4, 3); num_stages=1 is the loop without pipelining
+REDUCTION_VARIANTS = ((2, 3), (8, 3), (4, 2), (4, 1))
 
 
 def problem_extent(family: str, plan) -> Tuple[int, int]:
@@ -205,6 +226,7 @@ class Tuner:
         # training loop asks the same questions every step, and building the string key costs more
         # than the launch it serves. Cleared whenever a forced configuration or the memory changes.
         self._answers: Dict[tuple, TileConfig] = {}
+        self._lock = threading.RLock()
 
     # -- policy ---------------------------------------------------------------------------------------
     def enabled(self, device: torch.device) -> bool:
@@ -224,24 +246,29 @@ class Tuner:
         forced = self._forced.get(f"{family}.{kind}") or self._forced.get(family)
         if forced is not None:
             return forced  # not remembered: forced_config's exit must take effect at once
+        heuristic = heuristic_config(family, kind, plan, x.element_size())
         if not tuning:
-            answer = heuristic_config(family, kind, plan, x.element_size())
-            self._answers[answer_key] = answer
-            return answer
+            self._answers[answer_key] = heuristic
+            return heuristic
         key = tuning_key(family, kind, plan, x.dtype)
+        with self._lock:  # one thread tunes a key; the others wait for its answer instead of re-tuning
+            return self._select_tuned(family, kind, plan, x, run, key, heuristic, answer_key)
+
+    def _select_tuned(self, family, kind, plan, x, run, key, heuristic, answer_key) -> TileConfig:
         self._load_disk(x.device)
         if key not in self.memory:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
                     f"triton_bn: {key} is seen for the first time inside a CUDA graph capture, where it can not "
-                    "be autotuned (or compiled). Warm up first: run the same step once (forward and backward) "
-                    "before capturing, or set TRITON_BN_AUTOTUNE=0.")
-            candidates = self._shortlist(candidate_configs(family, kind, plan),
-                                         heuristic_config(family, kind, plan, x.element_size()))
+                    "be autotuned (or compiled and loaded). Warm up first: run the same step once (forward and "
+                    "backward) before capturing.")
+            candidates = self._shortlist(candidate_configs(family, kind, plan), heuristic)
             self.memory[key] = self._benchmark(key, candidates, run)
             self._save_disk(x.device)
-        self._answers[answer_key] = self.memory[key]
-        return self.memory[key]
+        # the key groups batch sizes by power of two: a choice made for one may not fit another
+        answer = self.memory[key] if self.memory[key].fits(family, plan) else heuristic
+        self._answers[answer_key] = answer
+        return answer
 
     def _shortlist(self, candidates: List[TileConfig], heuristic: TileConfig) -> List[TileConfig]:
         """The heuristic's choice first, then the candidates ordered by how far their tile size is from it

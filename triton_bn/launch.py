@@ -8,24 +8,26 @@ interpreter when ``TRITON_INTERPRET=1`` was set before import, and otherwise the
 take the pure-PyTorch path on every device.
 
 Entry points (each also behind a custom op of ``ops.py``):
-    batch_stats(...)           -> (mean, invstd)         partial Welford + finalize (2 launches)
-    batch_moments(x)           -> [3, C] (count, mean, M2), for SyncBatchNorm (2 launches)
+    batch_stats(...)           -> (mean, invstd)         split reduction, merged by its last program (1 launch)
+    batch_moments(x)           -> [3, C] (count, mean, M2), for SyncBatchNorm (1 launch)
     batch_norm_apply(...)      -> y                      1 launch
-    batch_norm_backward(...)   -> (dx, dweight, dbias, dresidual): backward_sums (reduce + finalize) when
-                                  the sums are needed, then backward_elementwise (dx) when dx or
-                                  d residual is wanted: at most 3 launches
+    batch_norm_backward(...)   -> (dx, dweight, dbias, dresidual): backward_sums (1 launch) when the sums
+                                  are needed, then backward_elementwise (dx, 1 launch) when dx or
+                                  d residual is wanted: at most 2 launches
 """
 import functools
+import threading
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
 
 from . import reference
-from .autotune import FINALIZE_BLOCK_C, INTERPRET, TileConfig, cdiv, split_count, tuner
+from .autotune import INTERPRET, TileConfig, cdiv, merge_block, split_count, tuner
 from .kernels import channels_first as cf
 from .kernels import channels_last as cl
-from .kernels.welford import _bn_bwd_reduce_finalize, _bn_fwd_stats_finalize
 from .layout import ChannelsLastPlan, empty_like_input, like_input, plan_layout
+from .occupancy import resident_per_sm
 
 _dummies = {}
 
@@ -33,9 +35,10 @@ _dummies = {}
 def _dummy(device: torch.device) -> torch.Tensor:
     """A private 1-element buffer for pointer arguments a kernel's flags switch off. Never the input:
     a kernel that wrote through such a pointer by mistake would corrupt only this scratch."""
-    if device not in _dummies:
-        _dummies[device] = torch.empty(1, dtype=torch.float32, device=device)
-    return _dummies[device]
+    dummy = _dummies.get(device)
+    if dummy is None:
+        dummy = _dummies.setdefault(device, torch.empty(1, dtype=torch.float32, device=device))
+    return dummy
 
 
 def _on_input_device(launcher):
@@ -65,10 +68,10 @@ def _family(plan) -> str:
 
 # The kernel of each role, per layout family.
 _KERNELS = {
-    "channels_last": dict(stats=cl._bn_fwd_stats_partial_channels_last, apply=cl._bn_fwd_apply_channels_last,
-                          bwd_reduce=cl._bn_bwd_reduce_partial_channels_last, bwd_dx=cl._bn_bwd_dx_channels_last),
-    "channels_first": dict(stats=cf._bn_fwd_stats_partial_channels_first, apply=cf._bn_fwd_apply_channels_first,
-                           bwd_reduce=cf._bn_bwd_reduce_partial_channels_first, bwd_dx=cf._bn_bwd_dx_channels_first),
+    "channels_last": dict(stats=cl._bn_fwd_stats_channels_last, apply=cl._bn_fwd_apply_channels_last,
+                          bwd_reduce=cl._bn_bwd_reduce_channels_last, bwd_dx=cl._bn_bwd_dx_channels_last),
+    "channels_first": dict(stats=cf._bn_fwd_stats_channels_first, apply=cf._bn_fwd_apply_channels_first,
+                           bwd_reduce=cf._bn_bwd_reduce_channels_first, bwd_dx=cf._bn_bwd_dx_channels_first),
 }
 
 
@@ -78,23 +81,106 @@ def _per_channel_args(mean, stat, weight, bias, device):
     return tuple(_dummy(device) if t is None else t.contiguous() for t in (mean, stat, weight, bias))
 
 
-# -- reduction grids ------------------------------------------------------------------------------------
-def _reduction_grid(plan, cfg: TileConfig, device):
-    """(num_splits, grid, split-size arguments) of a partial-reduction kernel."""
+# -- arrival counters -------------------------------------------------------------------------------------
+_COUNTERS = {}  # (device, stream) -> int32 zeros: every reduction leaves its counters at zero
+_COUNTERS_LOCK = threading.Lock()
+
+
+def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per channel block of a reduction (welford.last_to_arrive). Kernels on
+    one stream run one after another and each resets what it used, so one buffer per stream serves every
+    call; two streams never share one. Inside a CUDA graph capture the buffer is allocated (and its
+    zeroing captured) for that call alone: a buffer from the graph's private memory must not be kept."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    if stream and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(needed, dtype=torch.int32, device=device)
+    key = (device, stream)
+    with _COUNTERS_LOCK:
+        counters = _COUNTERS.get(key)
+        if counters is None or counters.numel() < needed:
+            counters = _COUNTERS[key] = torch.zeros(max(needed, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
+# -- launching --------------------------------------------------------------------------------------------
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_first_launch_in_capture(kernel, grid, args, kwargs) -> None:
+    """Inside a CUDA graph capture, a kernel variant that never ran in this process can not run: its
+    first launch loads its module, which a capturing stream refuses (after compiling it, which is
+    allowed). ``warmup`` compiles or finds the variant without launching it; an unloaded module means
+    this would be its first launch: say so before the capture breaks."""
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    if getattr(compiled, "module", None) is None:
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "a kernel")
+        raise RuntimeError(
+            f"triton_bn: {name} would run for the first time in this form (these shapes, dtypes, layouts and "
+            "flags) inside a CUDA graph capture, where its module can not be loaded. Warm up first: run the same "
+            "step (forward and backward) once before capturing.")
+
+
+def _launch(kernel, grid, args, kwargs, device: torch.device) -> None:
+    if _capturing(device):
+        refuse_first_launch_in_capture(kernel, grid, args, kwargs)
+    kernel[grid](*args, **kwargs)
+
+
+_RESIDENT = {}  # (kernel, config, dtype, device, launch kwargs) -> programs of that variant fitting per SM
+
+
+def _launch_reduction(kernel, plan, cfg: TileConfig, x: torch.Tensor, make_args, kwargs) -> None:
+    """Launch a reduction with as many splits as fit: ``cfg.programs_per_sm`` programs per multiprocessor,
+    or fewer when fewer of the compiled variant can be resident at once (more would only add waves).
+    ``make_args(layout)`` builds the arguments for a ``_reduction_grid`` layout."""
+    device = x.device
+    layout = _reduction_grid(plan, cfg, device, cfg.programs_per_sm)
+    if device.type == "cuda":
+        key = (kernel, cfg, x.dtype, device, tuple(kwargs.items()))
+        fits = _RESIDENT.get(key)
+        if fits is None:
+            args = make_args(layout)
+            if _capturing(device):
+                refuse_first_launch_in_capture(kernel, layout[1], args, kwargs)
+            fits = _RESIDENT[key] = _resident(kernel, layout[1], args, kwargs, device, cfg)
+        if fits < cfg.programs_per_sm:
+            layout = _reduction_grid(plan, cfg, device, fits)
+    _launch(kernel, layout[1], make_args(layout), kwargs, device)
+
+
+def _resident(kernel, grid, args, kwargs, device, cfg: TileConfig) -> int:
+    try:
+        return resident_per_sm(kernel.warmup(*args, grid=grid, **kwargs), device)
+    except Exception as exc:  # noqa: BLE001 - only the split count depends on it: fall back, and say so once
+        warnings.warn(f"triton_bn: could not read the compiled kernel's resources ({type(exc).__name__}: {exc}); "
+                      f"reductions use {cfg.programs_per_sm} programs per multiprocessor")
+        return cfg.programs_per_sm
+
+
+# -- grids ------------------------------------------------------------------------------------------------
+GRID_AXIS_LIMIT = 65535  # grid axes 1 and 2; axis 0 takes 2^31 - 1
+
+
+def _reduction_grid(plan, cfg: TileConfig, device, programs_per_sm: int):
+    """(num_splits, grid, size arguments, counters needed) of a reduction kernel aiming at
+    ``programs_per_sm`` programs per multiprocessor. Channel-contiguous: channel blocks on axis 0 (any
+    C), splits on axis 1 (a few per multiprocessor, far under its limit)."""
     if isinstance(plan, ChannelsLastPlan):
         row_blocks = cdiv(plan.rows, cfg.block_a)
         channel_blocks = cdiv(plan.channels, cfg.block_b)
-        splits = split_count(row_blocks, channel_blocks, device, cfg.programs_per_sm)
+        splits = min(split_count(row_blocks, channel_blocks, device, programs_per_sm), GRID_AXIS_LIMIT)
         rows_per_split = cdiv(row_blocks, splits) * cfg.block_a
         splits = cdiv(plan.rows, rows_per_split)
-        return splits, (splits, channel_blocks), (plan.rows, plan.channels, plan.row_stride, rows_per_split)
+        return (splits, (channel_blocks, splits), (plan.rows, plan.channels, plan.row_stride, rows_per_split, splits),
+                channel_blocks)
     num_s_blocks, num_tiles = _channels_first_tiles(plan, cfg)
-    splits = split_count(num_tiles, plan.channels, device, cfg.programs_per_sm)
+    splits = split_count(num_tiles, plan.channels, device, programs_per_sm)
     tiles_per_split = cdiv(num_tiles, splits)
     splits = cdiv(num_tiles, tiles_per_split)
     size_args = (plan.batch, plan.channels, plan.spatial, plan.batch_stride, plan.channel_stride,
                  num_s_blocks, num_tiles, splits, tiles_per_split)
-    return splits, (plan.channels * splits,), size_args
+    return splits, (plan.channels * splits,), size_args, plan.channels
 
 
 def _channels_first_tiles(plan, cfg: TileConfig):
@@ -106,17 +192,13 @@ def _channels_first_tiles(plan, cfg: TileConfig):
 
 
 def _elementwise_grid(plan, cfg: TileConfig):
-    if isinstance(plan, ChannelsLastPlan):
-        grid = (cdiv(plan.rows, cfg.block_a), cdiv(plan.channels, cfg.block_b))
+    if isinstance(plan, ChannelsLastPlan):  # 1-D: (row blocks x channel blocks), see _elementwise_tile
+        grid = (cdiv(plan.rows, cfg.block_a) * cdiv(plan.channels, cfg.block_b),)
         return grid, (plan.rows, plan.channels, plan.row_stride)
     num_s_blocks, num_tiles = _channels_first_tiles(plan, cfg)
     grid = (plan.channels * num_tiles,)
     return grid, (plan.batch, plan.channels, plan.spatial, plan.batch_stride, plan.channel_stride,
                   num_s_blocks, num_tiles)
-
-
-def _finalize_grid(channels: int):
-    return (cdiv(channels, FINALIZE_BLOCK_C),)
 
 
 # -- forward --------------------------------------------------------------------------------------------
@@ -152,35 +234,37 @@ def batch_moments(x: torch.Tensor) -> torch.Tensor:
 
 def _merged_statistics(x, mean, invstd, moments, running_mean, running_var, num_batches_tracked, momentum: float,
                        cumulative: bool, eps: float) -> None:
-    """Partial Welford over splits, then the finalize kernel (merge, invstd, running statistics)."""
+    """One launch: split shifted sums, merged and finalized by the last program of each channel block
+    (mean, invstd, optional moments, and the running statistics, updated once)."""
     channels = x.shape[1]
     x, plan = plan_layout(x)
     family = _family(plan)
-    partial_kernel = _KERNELS[family]["stats"]
-
-    def run_partials(cfg: TileConfig):
-        splits, grid, size_args = _reduction_grid(plan, cfg, x.device)
-        # rows 0-2: count, mean - pivot, M2 per split; row 3, split 0: the per-channel pivot
-        partials = torch.empty((4, splits, channels), dtype=torch.float32, device=x.device)
-        partial_kernel[grid](x, partials[0], partials[1], partials[2], partials[3], *size_args,
-                             **cfg.launch_kwargs(family))
-        return splits, partials
-
-    splits, partials = run_partials(tuner.select(family, "stats", plan, x, run_partials))
+    kernel = _KERNELS[family]["stats"]
     count = x.numel() // channels
     update = running_mean is not None
     dummy = _dummy(x.device)
-    _bn_fwd_stats_finalize[_finalize_grid(channels)](
-        partials[0], partials[1], partials[2], partials[3], mean, invstd,
-        moments[0] if moments is not None else dummy, moments[2] if moments is not None else dummy,
-        running_mean if update else dummy, running_var if update else dummy,
-        num_batches_tracked if (update and cumulative) else dummy,
-        channels, splits, 1.0 / count, count / (count - 1) if count > 1 else float("nan"),
-        running_mean.stride(0) if update else 0, running_var.stride(0) if update else 0,
-        eps, momentum,
-        UPDATE_RUNNING=update, CUMULATIVE=cumulative, WRITE_MOMENTS=moments is not None,
-        BLOCK_C=FINALIZE_BLOCK_C,
-    )
+    moment_args = (moments[0], moments[2]) if moments is not None else (dummy, dummy)
+    flags = dict(UPDATE_RUNNING=update, CUMULATIVE=cumulative, WRITE_MOMENTS=moments is not None)
+    scalars = (1.0 / count, count / (count - 1) if count > 1 else float("nan"),
+               running_mean.stride(0) if update else 0, running_var.stride(0) if update else 0, eps, momentum)
+
+    def run(cfg: TileConfig, running):
+        def make_args(layout):
+            splits, _, size_args, blocks = layout
+            partials = torch.empty((3, splits, channels), dtype=torch.float32, device=x.device)
+            return (x, partials[0], partials[1], partials[2], _arrival_counters(x.device, blocks), mean, invstd,
+                    *moment_args, *running, *size_args, *scalars)
+
+        kwargs = dict(flags, BLOCK_SPLITS=merge_block(family, cfg), **cfg.launch_kwargs(family, reduction=True))
+        _launch_reduction(kernel, plan, cfg, x, make_args, kwargs)
+
+    running = (running_mean if update else dummy, running_var if update else dummy,
+               num_batches_tracked if (update and cumulative) else dummy)
+
+    def run_while_tuning(cfg: TileConfig):  # each candidate updates scratch copies, never the real buffers
+        run(cfg, tuple(t.clone() if t is not dummy else t for t in running))
+
+    run(tuner.select(family, "stats", plan, x, run_while_tuning), running)
 
 
 def _epilogue_flags(weight, bias, residual, batch_stats: bool, activation: int) -> dict:
@@ -210,7 +294,8 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, we
 
     def run(cfg: TileConfig):
         grid, size_args = _elementwise_grid(plan, cfg)
-        kernel[grid](*tensors, *size_args, eps, negative_slope, **flags, **cfg.launch_kwargs(family))
+        _launch(kernel, grid, (*tensors, *size_args, eps, negative_slope), dict(flags, **cfg.launch_kwargs(family)),
+                device)
 
     run(tuner.select(family, "apply", plan, x, run))
     return y
@@ -240,25 +325,25 @@ def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, sta
     grad_y = like_input(grad_y, x)
     residual = like_input(residual, x) if residual is not None else None
     family = _family(plan)
-    partial_kernel = _KERNELS[family]["bwd_reduce"]
+    kernel = _KERNELS[family]["bwd_reduce"]
     per_channel = _per_channel_args(mean, stat, weight, bias, device)
     flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
     residual_arg = residual if residual is not None else _dummy(device)
+    outputs = (sums[0], sums[1], grad_weight if grad_weight is not None else _dummy(device),
+               grad_bias if grad_bias is not None else _dummy(device))
 
-    def run_partials(cfg: TileConfig):
-        splits, grid, size_args = _reduction_grid(plan, cfg, device)
-        partials = torch.empty((2, splits, channels), dtype=torch.float32, device=device)
-        partial_kernel[grid](grad_y, x, residual_arg, *per_channel, partials[0], partials[1], *size_args,
-                             eps, negative_slope, **flags, **cfg.launch_kwargs(family))
-        return splits, partials
+    def run(cfg: TileConfig):  # writes only scratch and this call's outputs: safe to run per candidate
+        def make_args(layout):
+            splits, _, size_args, blocks = layout
+            partials = torch.empty((2, splits, channels), dtype=torch.float32, device=device)
+            return (grad_y, x, residual_arg, *per_channel, partials[0], partials[1], _arrival_counters(device, blocks),
+                    *outputs, *size_args, eps, negative_slope)
 
-    splits, partials = run_partials(tuner.select(family, "bwd_reduce", plan, x, run_partials))
-    _bn_bwd_reduce_finalize[_finalize_grid(channels)](
-        partials[0], partials[1], sums[0], sums[1],
-        grad_weight if grad_weight is not None else _dummy(device),
-        grad_bias if grad_bias is not None else _dummy(device),
-        channels, splits, WRITE_GRAD_WEIGHT=grad_weight is not None, WRITE_GRAD_BIAS=grad_bias is not None,
-        BLOCK_C=FINALIZE_BLOCK_C)
+        kwargs = dict(flags, WRITE_GRAD_WEIGHT=grad_weight is not None, WRITE_GRAD_BIAS=grad_bias is not None,
+                      BLOCK_SPLITS=merge_block(family, cfg), **cfg.launch_kwargs(family, reduction=True))
+        _launch_reduction(kernel, plan, cfg, x, make_args, kwargs)
+
+    run(tuner.select(family, "bwd_reduce", plan, x, run))
     return sums
 
 
@@ -293,11 +378,11 @@ def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tens
 
     def run_dx(cfg: TileConfig):
         grid, size_args = _elementwise_grid(plan, cfg)
-        kernel[grid](grad_y, x, residual if residual is not None else _dummy(device),
-                     grad_x if want_dx else _dummy(device), grad_residual if want_dresidual else _dummy(device),
-                     *per_channel, sums[0], sums[1], *size_args, inv_count, eps, negative_slope,
-                     BATCH_STATS=batch_stats, **flags, WRITE_GRAD_X=want_dx,
-                     WRITE_GRAD_RESIDUAL=want_dresidual, **cfg.launch_kwargs(family))
+        args = (grad_y, x, residual if residual is not None else _dummy(device),
+                grad_x if want_dx else _dummy(device), grad_residual if want_dresidual else _dummy(device),
+                *per_channel, sums[0], sums[1], *size_args, inv_count, eps, negative_slope)
+        _launch(kernel, grid, args, dict(flags, BATCH_STATS=batch_stats, WRITE_GRAD_X=want_dx,
+                                         WRITE_GRAD_RESIDUAL=want_dresidual, **cfg.launch_kwargs(family)), device)
 
     run_dx(tuner.select(family, "bwd_dx", plan, x, run_dx))
     return grad_x, grad_residual

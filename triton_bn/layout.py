@@ -49,16 +49,18 @@ def _plan_without_copy(x: torch.Tensor):
 
 
 _PLANS = {}  # (shape, strides) -> plan or None: the plan depends on nothing else, and this is the hot path
+_MISSING = object()
 
 
 def plan_layout(x: torch.Tensor) -> Tuple[torch.Tensor, LayoutPlan]:
     """``(x_dense, plan)``: x itself when it is in one of the two families, else one copy of it."""
     key = (tuple(x.shape), x.stride())
-    if key not in _PLANS:
+    plan = _PLANS.get(key, _MISSING)
+    if plan is _MISSING:  # read once into a local: another thread may clear the dict at any time
+        plan = _plan_without_copy(x)
         if len(_PLANS) > 4096:
             _PLANS.clear()
-        _PLANS[key] = _plan_without_copy(x)
-    plan = _PLANS[key]
+        _PLANS[key] = plan
     if plan is None:
         x = x.contiguous(memory_format=_closest_memory_format(x))
         plan = _plan_without_copy(x)

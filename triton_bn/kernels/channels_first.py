@@ -7,18 +7,20 @@ tile still spans several images and the loads stay long; when S is large the til
 a plane. The tiles of a channel are numbered t = n_block * num_s_blocks + s_block, or, in the FLAT
 mode, t = j // (BLOCK_N * BLOCK_S) over the flattened index j = n * S + s (see ``_tile_offsets``).
 
-    _bn_fwd_stats_partial_channels_first  grid (C * splits): shifted sums over a range of tiles
-    _bn_fwd_apply_channels_first          grid (C * tiles)
-    _bn_bwd_reduce_partial_channels_first grid (C * splits)
-    _bn_bwd_dx_channels_first             grid (C * tiles)
+    _bn_fwd_stats_channels_first   grid (C * splits): shifted sums over a range of tiles; the last
+                                   program of each channel merges its splits (welford.py)
+    _bn_fwd_apply_channels_first   grid (C * tiles)
+    _bn_bwd_reduce_channels_first  grid (C * splits), merged likewise
+    _bn_bwd_dx_channels_first      grid (C * tiles)
 Grids are 1-D (axis 0 allows 2^31 - 1 programs; axes 1 and 2 only 65535, which C could pass).
 The partials are laid out [splits, C] exactly as in the channels-last family, so both share the
-finalize kernels of ``welford.py``.
+merge of ``welford.py``.
 """
 import triton
 import triton.language as tl
 
 from .common import load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
+from .welford import finish_backward_sums, finish_statistics, last_to_arrive
 
 
 @triton.jit
@@ -46,21 +48,25 @@ def _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks,
 
 
 @triton.jit
-def _bn_fwd_stats_partial_channels_first(
+def _bn_fwd_stats_channels_first(
     x_ptr,  # [N, C, S] input, strides (stride_n, stride_c, 1)
-    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partial (count, mean - pivot, M2)
-    pivot_ptr,  # [C] fp32: the channel's first element, written by split 0 (see channels_last.py)
+    part_count_ptr, part_mean_ptr, part_m2_ptr,  # [num_splits, C] fp32 scratch: (count, mean - pivot, M2)
+    counter_ptr,  # [>= C] int32, zero at launch and left zero (welford.last_to_arrive)
+    save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,  # outputs, see welford.finish_statistics
+    running_mean_ptr, running_var_ptr, num_batches_ptr,
     N, C, S, stride_n, stride_c,
     num_s_blocks, num_tiles, num_splits, tiles_per_split,
+    inv_count, unbiased_factor, running_mean_stride, running_var_stride, eps, momentum,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """Shifted sums over one split's tiles of one channel (see common.shifted_moments)."""
+    """Shifted sums over one split's tiles of one channel (see common.shifted_moments); the last
+    program of the channel merges its splits and finalizes."""
     pid = tl.program_id(0)
     channel = pid // num_splits
     split = pid % num_splits
     pivot = tl.load(x_ptr + channel.to(tl.int64) * stride_c).to(tl.float32)
-    if split == 0:
-        tl.store(pivot_ptr + channel, pivot)
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
     # First tile: its mean is the shift, and it is the accumulators' first term. Every split has at
@@ -71,7 +77,7 @@ def _bn_fwd_stats_partial_channels_first(
     shift = tl.sum(tl.reshape(x, [BLOCK_N * BLOCK_S]), axis=0) / tl.sum(tl.reshape(lanes, [BLOCK_N * BLOCK_S]), axis=0)
     sum_d = tl.where(mask, x - shift, 0.0)
     sum_d2 = sum_d * sum_d
-    for tile in range(tile_begin + 1, tile_end):
+    for tile in tl.range(tile_begin + 1, tile_end, num_stages=NUM_STAGES):
         offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S, FLAT)
         d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
         sum_d += d
@@ -81,9 +87,17 @@ def _bn_fwd_stats_partial_channels_first(
     mean, m2 = shifted_moments(tl.sum(tl.reshape(sum_d, [BLOCK_N * BLOCK_S]), axis=0),
                                tl.sum(tl.reshape(sum_d2, [BLOCK_N * BLOCK_S]), axis=0), count)
     out = split * C + channel
-    tl.store(count_ptr + out, count)
-    tl.store(mean_ptr + out, (shift - pivot) + mean)
-    tl.store(m2_ptr + out, m2)
+    tl.store(part_count_ptr + out, count)
+    tl.store(part_mean_ptr + out, (shift - pivot) + mean)
+    tl.store(part_m2_ptr + out, m2)
+    if last_to_arrive(counter_ptr + channel, num_splits):
+        cols = channel + tl.arange(0, 1)  # the merge works on channel vectors: here a vector of one
+        finish_statistics(part_count_ptr, part_mean_ptr, part_m2_ptr, tl.zeros([1], tl.float32) + pivot, cols,
+                          cols < C, C, num_splits, save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,
+                          running_mean_ptr, running_var_ptr, num_batches_ptr, inv_count, unbiased_factor,
+                          running_mean_stride, running_var_stride, eps, momentum,
+                          UPDATE_RUNNING, CUMULATIVE, WRITE_MOMENTS, BLOCK_SPLITS, 1)
+        tl.store(counter_ptr + channel, 0)
 
 
 @triton.jit
@@ -106,16 +120,20 @@ def _bn_fwd_apply_channels_first(
 
 
 @triton.jit
-def _bn_bwd_reduce_partial_channels_first(
+def _bn_bwd_reduce_channels_first(
     grad_y_ptr, x_ptr, residual_ptr,  # [N, C, S], same strides
     mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C]
-    sum_dz_part_ptr, sum_dz_xhat_part_ptr,  # [num_splits, C] fp32 outputs
+    sum_dz_part_ptr, sum_dz_xhat_part_ptr,  # [num_splits, C] fp32 scratch
+    counter_ptr,  # [>= C] int32, zero at launch and left zero
+    sum_dz_ptr, sum_dz_xhat_ptr, grad_weight_ptr, grad_bias_ptr,  # outputs, see welford.finish_backward_sums
     N, C, S, stride_n, stride_c,
     num_s_blocks, num_tiles, num_splits, tiles_per_split,
     eps, negative_slope,
     STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     channel = pid // num_splits
@@ -127,7 +145,7 @@ def _bn_bwd_reduce_partial_channels_first(
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
     acc_dz = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
     acc_dz_xhat = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
-    for tile in range(tile_begin, tile_end):
+    for tile in tl.range(tile_begin, tile_end, num_stages=NUM_STAGES):
         offs, mask = _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S, FLAT)
         x, dz = load_grad_pre_activation(grad_y_ptr, x_ptr, residual_ptr, offs, mask, mean, scale, shift,
                                          negative_slope, ACTIVATION, HAS_RESIDUAL)
@@ -136,6 +154,12 @@ def _bn_bwd_reduce_partial_channels_first(
     out = split * C + channel
     tl.store(sum_dz_part_ptr + out, tl.sum(tl.reshape(acc_dz, [BLOCK_N * BLOCK_S]), axis=0))
     tl.store(sum_dz_xhat_part_ptr + out, tl.sum(tl.reshape(acc_dz_xhat, [BLOCK_N * BLOCK_S]), axis=0))
+    if last_to_arrive(counter_ptr + channel, num_splits):
+        cols = channel + tl.arange(0, 1)
+        finish_backward_sums(sum_dz_part_ptr, sum_dz_xhat_part_ptr, cols, cols < C, C, num_splits, sum_dz_ptr,
+                             sum_dz_xhat_ptr, grad_weight_ptr, grad_bias_ptr, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS,
+                             BLOCK_SPLITS, 1)
+        tl.store(counter_ptr + channel, 0)
 
 
 @triton.jit

@@ -14,14 +14,13 @@ Backward (z is the pre-activation, recomputed; xhat = (x - mean) * invstd):
     training: dx = w * invstd * (dz - dbias_c / n - xhat * dweight_c / n)
     eval:     dx = w * invstd * dz               (statistics are constants)
 
-Kernels, in launch order:
-    _bn_fwd_stats_partial_channels_last  grid (splits, C blocks): shifted sums per lane over a row
-                                         range, reduced to one (count, mean, M2) per channel
-    (welford._bn_fwd_stats_finalize)    grid (C blocks): Chan merge of the splits, running stats
-    _bn_fwd_apply_channels_last          grid (R blocks, C blocks): normalise + affine + epilogue
-    _bn_bwd_reduce_partial_channels_last grid (splits, C blocks): partial sums of dz and dz * xhat
-    (welford._bn_bwd_reduce_finalize)   grid (C blocks)
-    _bn_bwd_dx_channels_last             grid (R blocks, C blocks)
+Kernels, in launch order (two per training pass):
+    _bn_fwd_stats_channels_last   grid (C blocks, splits): shifted sums per lane over a row range,
+                                  reduced to one (count, mean, M2) per channel and split; the last
+                                  program of each channel block merges the splits (welford.py)
+    _bn_fwd_apply_channels_last   1-D grid over (R blocks x C blocks): normalise + affine + epilogue
+    _bn_bwd_reduce_channels_last  grid (C blocks, splits): sums of dz and dz * xhat, merged likewise
+    _bn_bwd_dx_channels_last      1-D grid over (R blocks x C blocks)
 Bytes: the training forward reads x twice and writes y once (3 tensor passes); the backward reads
 x and dy twice and writes dx once (5 passes). Offsets are int64: R * stride_r can pass 2^31.
 """
@@ -29,27 +28,43 @@ import triton
 import triton.language as tl
 
 from .common import load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
+from .welford import finish_backward_sums, finish_statistics, last_to_arrive
 
 
 @triton.jit
-def _bn_fwd_stats_partial_channels_last(
+def _elementwise_tile(C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(rows, cols) of this program's tile. The grid is 1-D, channel blocks fastest: axis 0 takes
+    2^31 - 1 programs, where a second grid axis would cap the channel blocks at 65535."""
+    channel_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    rows = (pid // channel_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rows, cols
+
+
+@triton.jit
+def _bn_fwd_stats_channels_last(
     x_ptr,  # [R, C] input, row stride stride_r, channel stride 1
-    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partial (count, mean - pivot, M2)
-    pivot_ptr,  # [C] fp32: x[0, c], written by split 0
+    part_count_ptr, part_mean_ptr, part_m2_ptr,  # [num_splits, C] fp32 scratch: (count, mean - pivot, M2)
+    counter_ptr,  # [>= channel blocks] int32, zero at launch and left zero (welford.last_to_arrive)
+    save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,  # outputs, see welford.finish_statistics
+    running_mean_ptr, running_var_ptr, num_batches_ptr,
     R, C, stride_r,
     rows_per_split,  # a multiple of BLOCK_R
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    num_splits, inv_count, unbiased_factor, running_mean_stride, running_var_stride, eps, momentum,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_MOMENTS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SPLITS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Shifted sums over one split's rows (see common.shifted_moments): the split's first tile gives
-    each channel's shift, then every element costs a subtract, an add and a fused multiply-add."""
-    split = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    each channel's shift, then every element costs a subtract, an add and a fused multiply-add. The last
+    program of each channel block merges the splits and finalizes (welford.finish_statistics)."""
+    channel_block = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    # The partial means are written relative to x[0, c], the pivot the finalize adds back once: with a
+    # The partial means are written relative to x[0, c], the pivot the merge adds back once: with a
     # mean of 1e4 the merged quantities then stay of the size of the spread.
     pivot = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    if split == 0:
-        tl.store(pivot_ptr + cols, pivot, mask=cmask)
     row_begin = split.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_begin + rows_per_split, R)
     # First tile: its per-channel mean is the shift, and it is the accumulators' first term.
@@ -59,10 +74,12 @@ def _bn_fwd_stats_partial_channels_last(
     shift = tl.sum(x, axis=0) / tl.minimum(row_end - row_begin, BLOCK_R).to(tl.float32)
     sum_d = tl.where(mask, x - shift[None, :], 0.0)
     sum_d2 = sum_d * sum_d
-    # Full tiles need no row mask: nothing in the loop but the three operations per element.
+    # Full tiles need no row mask: nothing in the loop but the three operations per element. The loop's
+    # loads are software-pipelined NUM_STAGES deep (tl.range: Triton pipelines a loop without a dot
+    # only when asked this way).
     rest_begin = row_begin + BLOCK_R
     full_tiles = tl.maximum(row_end - rest_begin, 0) // BLOCK_R
-    for i in range(0, full_tiles):
+    for i in tl.range(0, full_tiles, num_stages=NUM_STAGES):
         rows = rest_begin + i * BLOCK_R + tl.arange(0, BLOCK_R)
         x_tile = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=cmask[None, :], other=0.0)
         d = x_tile.to(tl.float32) - shift[None, :]
@@ -79,9 +96,16 @@ def _bn_fwd_stats_partial_channels_last(
     count = (row_end - row_begin).to(tl.float32)
     mean, m2 = shifted_moments(tl.sum(sum_d, axis=0), tl.sum(sum_d2, axis=0), count)
     offs = split * C + cols
-    tl.store(count_ptr + offs, tl.zeros_like(mean) + count, mask=cmask)
-    tl.store(mean_ptr + offs, (shift - pivot) + mean, mask=cmask)
-    tl.store(m2_ptr + offs, m2, mask=cmask)
+    tl.store(part_count_ptr + offs, tl.zeros_like(mean) + count, mask=cmask)
+    tl.store(part_mean_ptr + offs, (shift - pivot) + mean, mask=cmask)
+    tl.store(part_m2_ptr + offs, m2, mask=cmask)
+    if last_to_arrive(counter_ptr + channel_block, num_splits):
+        finish_statistics(part_count_ptr, part_mean_ptr, part_m2_ptr, pivot, cols, cmask, C, num_splits,
+                          save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,
+                          running_mean_ptr, running_var_ptr, num_batches_ptr, inv_count, unbiased_factor,
+                          running_mean_stride, running_var_stride, eps, momentum,
+                          UPDATE_RUNNING, CUMULATIVE, WRITE_MOMENTS, BLOCK_SPLITS, BLOCK_C)
+        tl.store(counter_ptr + channel_block, 0)
 
 
 @triton.jit
@@ -95,8 +119,7 @@ def _bn_fwd_apply_channels_last(
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows, cols = _elementwise_tile(C, BLOCK_R, BLOCK_C)
     cmask = cols < C
     mean, _, scale, shift = load_channel_coefficients(
         mean_ptr, stat_ptr, weight_ptr, bias_ptr, cols, cmask, eps, STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
@@ -107,18 +130,22 @@ def _bn_fwd_apply_channels_last(
 
 
 @triton.jit
-def _bn_bwd_reduce_partial_channels_last(
+def _bn_bwd_reduce_channels_last(
     grad_y_ptr, x_ptr, residual_ptr,  # [R, C], row stride stride_r (residual: only with an activation)
     mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C], as in the apply kernel
-    sum_dz_part_ptr, sum_dz_xhat_part_ptr,  # [num_splits, C] fp32 outputs
-    R, C, stride_r, rows_per_split,
+    sum_dz_part_ptr, sum_dz_xhat_part_ptr,  # [num_splits, C] fp32 scratch
+    counter_ptr,  # [>= channel blocks] int32, zero at launch and left zero
+    sum_dz_ptr, sum_dz_xhat_ptr, grad_weight_ptr, grad_bias_ptr,  # outputs, see welford.finish_backward_sums
+    R, C, stride_r, rows_per_split, num_splits,
     eps, negative_slope,
     STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SPLITS: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_block = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean, invstd, scale, shift = load_channel_coefficients(
         mean_ptr, stat_ptr, weight_ptr, bias_ptr, cols, cmask, eps, STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)
@@ -126,7 +153,7 @@ def _bn_bwd_reduce_partial_channels_last(
     row_end = tl.minimum(row_begin + rows_per_split, R)
     acc_dz = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     acc_dz_xhat = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    for r0 in range(row_begin, row_end, BLOCK_R):
+    for r0 in tl.range(row_begin, row_end, BLOCK_R, num_stages=NUM_STAGES):
         rows = r0 + tl.arange(0, BLOCK_R)
         mask = (rows < row_end)[:, None] & cmask[None, :]
         offs = rows[:, None] * stride_r + cols[None, :]
@@ -137,6 +164,11 @@ def _bn_bwd_reduce_partial_channels_last(
     offs = split * C + cols
     tl.store(sum_dz_part_ptr + offs, tl.sum(acc_dz, axis=0), mask=cmask)
     tl.store(sum_dz_xhat_part_ptr + offs, tl.sum(acc_dz_xhat, axis=0), mask=cmask)
+    if last_to_arrive(counter_ptr + channel_block, num_splits):
+        finish_backward_sums(sum_dz_part_ptr, sum_dz_xhat_part_ptr, cols, cmask, C, num_splits, sum_dz_ptr,
+                             sum_dz_xhat_ptr, grad_weight_ptr, grad_bias_ptr, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS,
+                             BLOCK_SPLITS, BLOCK_C)
+        tl.store(counter_ptr + channel_block, 0)
 
 
 @triton.jit
@@ -153,8 +185,7 @@ def _bn_bwd_dx_channels_last(
     WRITE_GRAD_X: tl.constexpr, WRITE_GRAD_RESIDUAL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows, cols = _elementwise_tile(C, BLOCK_R, BLOCK_C)
     cmask = cols < C
     mean, invstd, scale, shift = load_channel_coefficients(
         mean_ptr, stat_ptr, weight_ptr, bias_ptr, cols, cmask, eps, STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS)

@@ -1,4 +1,4 @@
-"""Chan's parallel merge of ``(count, mean, M2)`` triples, and the per-channel finalize kernels.
+"""The end of every reduction: the last program to finish merges all splits' partials and finalizes.
 
 Why Chan and not ``E[x^2] - E[x]^2``: with a mean of 1e4 and a std of 1, ``E[x^2]`` is 1e8 and fp32 keeps
 about 7 digits, so the difference of two numbers near 1e8 has no correct digits left. Chan keeps the
@@ -10,7 +10,16 @@ centred sum of squares ``M2 = sum (x - mean)^2`` of each part and merges two par
     M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
 
 Every quantity stays of the size of the data's spread, so nothing cancels. A part with ``n_b = 0``
-(a split with no rows, or masked lanes) has weight zero and leaves the other part unchanged.
+(masked lanes) has weight zero and leaves the other part unchanged. k parts merge at once with the same
+formula summed (``merge_parts``), which is how a ``[BLOCK_SPLITS, BLOCK_C]`` tile of split partials is
+merged in one step.
+
+No separate finalize launch: each program of a reduction writes its split's partial, then takes a
+ticket from a per-channel-block counter (``last_to_arrive``); the program that draws the last ticket
+merges all the splits of its channels, in split order (tile by tile, a fixed reduction tree inside each
+tile: the result does not depend on which program came last), writes the statistics and updates the
+running statistics, then resets the counter to zero for the next launch (so CUDA-graph replays find
+it zero too).
 """
 import triton
 import triton.language as tl
@@ -28,39 +37,73 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @triton.jit
-def _bn_fwd_stats_finalize(
-    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partials from a *_stats_partial kernel
-    pivot_ptr,  # [C] fp32: the partial means are relative to this per-channel pivot
+def merge_parts(count, mean, m2):
+    """k-way Chan merge along axis 0: n = sum n_i, mean = sum n_i mean_i / n,
+    M2 = sum M2_i + sum n_i (mean_i - mean)^2. Empty parts (n_i = 0) contribute nothing."""
+    total = tl.sum(count, 0)
+    merged_mean = tl.sum(count * mean, 0) / tl.maximum(total, 1.0)
+    deviation = mean - merged_mean[None, :]
+    merged_m2 = tl.sum(m2, 0) + tl.sum(count * deviation * deviation, 0)
+    return total, merged_mean, merged_m2
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, arrivals):
+    """True in exactly one program: the last of ``arrivals`` programs to call this on ``counter_ptr``.
+
+    The barrier first makes every thread's partial stores precede the atomic in the CTA; the atomic's
+    release (acq_rel, device scope) then publishes them, cumulatively, to whichever program draws the
+    last ticket, and its acquire makes that program's later loads see every other program's stores."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == arrivals - 1
+
+
+@triton.jit
+def merge_split_moments(count_ptr, mean_ptr, m2_ptr, cols, cmask, C, num_splits,
+                        BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge ``num_splits`` partial (count, mean, M2) rows of the columns ``cols``: one k-way merge per
+    tile of BLOCK_SPLITS splits, the tiles merged in order. Returns (count, mean, M2, tiles merged)."""
+    count = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    tiles = 0
+    for first in range(0, num_splits, BLOCK_SPLITS):
+        splits = first + tl.arange(0, BLOCK_SPLITS)
+        mask = (splits < num_splits)[:, None] & cmask[None, :]
+        offs = splits[:, None] * C + cols[None, :]
+        # .cg: read from L2, where the other programs' stores are, not from a stale L1 line
+        tile = merge_parts(tl.load(count_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"),
+                           tl.load(mean_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"),
+                           tl.load(m2_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"))
+        count, mean, m2 = chan_merge(count, mean, m2, tile[0], tile[1], tile[2])
+        tiles += 1
+    return count, mean, m2, tiles
+
+
+@triton.jit
+def finish_statistics(
+    count_ptr, mean_ptr, m2_ptr,  # [num_splits, C] fp32 partials (count, mean - pivot, M2)
+    pivot,  # [BLOCK_C] fp32: the partial means are relative to it
+    cols, cmask, C, num_splits,
     save_mean_ptr, save_invstd_ptr,  # [C] fp32 outputs: batch mean and 1 / sqrt(biased var + eps)
     save_count_ptr, save_m2_ptr,  # [C] fp32 outputs (WRITE_MOMENTS): the merged count and M2, for SyncBatchNorm
     running_mean_ptr, running_var_ptr,  # [C] (strided) running buffers, updated in place, or dummies
     num_batches_ptr,  # [1] int64 num_batches_tracked (read only when CUMULATIVE), or a dummy
-    C, num_splits,
     inv_count, unbiased_factor,  # 1 / n and n / (n - 1), from the host in float64 (n is exact there)
     running_mean_stride, running_var_stride,
     eps, momentum,
     UPDATE_RUNNING: tl.constexpr,  # write running_mean / running_var
     CUMULATIVE: tl.constexpr,  # momentum=None: the weight of this batch is 1 / num_batches_tracked
     WRITE_MOMENTS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merge the split partials of BLOCK_C channels in split order (deterministic), then update the
-    running statistics exactly once. One program per BLOCK_C channels; never autotuned, so it can not
-    run twice on the same buffers."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    count = tl.zeros([BLOCK_C], tl.float32)
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
-    for split in range(0, num_splits):
-        offs = split * C + cols
-        count, mean, m2 = chan_merge(
-            count, mean, m2,
-            tl.load(count_ptr + offs, mask=cmask, other=0.0),
-            tl.load(mean_ptr + offs, mask=cmask, other=0.0),
-            tl.load(m2_ptr + offs, mask=cmask, other=0.0),
-        )
-    mean += tl.load(pivot_ptr + cols, mask=cmask, other=0.0)
+    """Run by the last program of a channel block: merge the splits, write mean and invstd, update the
+    running statistics exactly once (the kernel that calls this runs once per forward: it is tuned only
+    with scratch running buffers)."""
+    count, mean, m2, _ = merge_split_moments(count_ptr, mean_ptr, m2_ptr, cols, cmask, C, num_splits,
+                                             BLOCK_SPLITS, BLOCK_C)
+    mean += pivot
     var_biased = m2 * inv_count
     tl.store(save_mean_ptr + cols, mean, mask=cmask)
     tl.store(save_invstd_ptr + cols, tl.math.rsqrt(var_biased + eps), mask=cmask)
@@ -85,24 +128,24 @@ def _bn_fwd_stats_finalize(
 
 
 @triton.jit
-def _bn_bwd_reduce_finalize(
+def finish_backward_sums(
     sum_dz_part_ptr, sum_dz_xhat_part_ptr,  # [num_splits, C] fp32 partials
+    cols, cmask, C, num_splits,
     sum_dz_ptr, sum_dz_xhat_ptr,  # [C] fp32 outputs, read by the dx kernel
     grad_weight_ptr, grad_bias_ptr,  # [C] in the parameters' dtype, or dummies
-    C, num_splits,
     WRITE_GRAD_WEIGHT: tl.constexpr, WRITE_GRAD_BIAS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Sum the backward partials in split order: a fixed order, so the gradients are bitwise
-    reproducible (no atomics). dbias = sum dz, dweight = sum dz * xhat."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    """Run by the last program of a channel block: sum the splits tile by tile, in split order (a fixed
+    order: the gradients are bitwise reproducible). dbias = sum dz, dweight = sum dz * xhat."""
     sum_dz = tl.zeros([BLOCK_C], tl.float32)
     sum_dz_xhat = tl.zeros([BLOCK_C], tl.float32)
-    for split in range(0, num_splits):
-        offs = split * C + cols
-        sum_dz += tl.load(sum_dz_part_ptr + offs, mask=cmask, other=0.0)
-        sum_dz_xhat += tl.load(sum_dz_xhat_part_ptr + offs, mask=cmask, other=0.0)
+    for first in range(0, num_splits, BLOCK_SPLITS):
+        splits = first + tl.arange(0, BLOCK_SPLITS)
+        mask = (splits < num_splits)[:, None] & cmask[None, :]
+        offs = splits[:, None] * C + cols[None, :]
+        sum_dz += tl.sum(tl.load(sum_dz_part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), 0)
+        sum_dz_xhat += tl.sum(tl.load(sum_dz_xhat_part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), 0)
     tl.store(sum_dz_ptr + cols, sum_dz, mask=cmask)
     tl.store(sum_dz_xhat_ptr + cols, sum_dz_xhat, mask=cmask)
     if WRITE_GRAD_WEIGHT:

@@ -1,0 +1,219 @@
+"""[kernels] and [host] on the CPU: the merge of many splits, grids within the hardware's axis limits,
+FLAT tiles never used past int32, the CUDA-graph capture guard, occupancy arithmetic, reproducibility
+across processes, and launchers called from several threads at once. (The compiled code itself, its
+pipelining and its atomics, is checked in tests/test_compile_sm90.py.)"""
+import math
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import triton_bn
+from triton_bn import launch
+from triton_bn.autotune import TileConfig, forced_config, heuristic_config, merge_block, tuner, tuning_key
+from triton_bn.kernels.welford import merge_split_moments
+from triton_bn.layout import ChannelsFirstPlan, ChannelsLastPlan
+from triton_bn.occupancy import H100_LIMITS, resident_programs
+
+
+@triton.jit
+def _merge_probe(count_ptr, mean_ptr, m2_ptr, out_ptr, C, num_splits, BLOCK_SPLITS: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    count, mean, m2, tiles = merge_split_moments(count_ptr, mean_ptr, m2_ptr, cols, cmask, C, num_splits,
+                                                 BLOCK_SPLITS, BLOCK_C)
+    tl.store(out_ptr + cols, count, mask=cmask)
+    tl.store(out_ptr + C + cols, mean, mask=cmask)
+    tl.store(out_ptr + 2 * C + cols, m2, mask=cmask)
+    tl.store(out_ptr + 3 * C, tiles.to(tl.float32))
+
+
+def test_merge_of_523_splits_is_exact_and_tiled():
+    """523 splits (bf16 channels_last 64x112x112 at batch 128 gets that many): the merge takes
+    ceil(523 / BLOCK_SPLITS) steps and matches float64 statistics of the whole data."""
+    splits, channels, per_split = 523, 3, 7
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(splits, per_split, channels, generator=gen, dtype=torch.float64) * 3 + 100
+    data[::5] += 10.0  # splits that differ
+    count = torch.full((splits, channels), float(per_split))
+    mean = data.mean(1).float()
+    m2 = ((data - data.mean(1, keepdim=True)) ** 2).sum(1).float()
+    out = torch.empty(3 * channels + 1)
+    block = merge_block("channels_last", TileConfig(1, 16))
+    _merge_probe[(1,)](count, mean, m2, out, channels, splits, BLOCK_SPLITS=block, BLOCK_C=4)
+    flat = data.reshape(-1, channels)
+    assert out[3 * channels].item() == math.ceil(splits / block) == 5
+    torch.testing.assert_close(out[:channels].double(), torch.full((channels,), float(flat.shape[0]), dtype=torch.float64))
+    torch.testing.assert_close(out[channels:2 * channels].double(), flat.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[2 * channels:3 * channels].double(), ((flat - flat.mean(0)) ** 2).sum(0),
+                               rtol=1e-5, atol=0)
+
+
+def test_batch_norm_with_523_splits_matches_float64():
+    """The same through the real kernels: a forced configuration that splits 523 rows into 523 splits."""
+    x = torch.randn(523, 16, generator=torch.Generator().manual_seed(1)) * 2 + 5
+    rm, rv = torch.zeros(16), torch.ones(16)
+    with forced_config("channels_last", TileConfig(1, 16, programs_per_sm=1000)):
+        assert launch._reduction_grid(ChannelsLastPlan(523, 16, 16), TileConfig(1, 16), torch.device("cpu"),
+                                      1000)[0] == 523
+        y = triton_bn.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    ref_rm, ref_rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
+    ref = torch.nn.functional.batch_norm(x.double(), ref_rm, ref_rv, training=True, momentum=1.0)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((rm.double(), rv.double()), (ref_rm, ref_rv), atol=1e-5, rtol=1e-5)
+
+
+def test_grids_stay_within_axis_limits_for_huge_channel_counts():
+    """Millions of channels: channel blocks never land on an axis limited to 65535."""
+    cpu = torch.device("cpu")
+    for channels in (2 ** 22, 3 * 2 ** 20 + 5):
+        plan = ChannelsLastPlan(rows=8, channels=channels, row_stride=channels)
+        for kind in ("stats", "apply"):
+            cfg = heuristic_config("channels_last", kind, plan, 2)
+            grid = (launch._reduction_grid(plan, cfg, cpu, cfg.programs_per_sm)[1] if kind == "stats"
+                    else launch._elementwise_grid(plan, cfg)[0])
+            assert grid[0] < 2 ** 31 and all(axis <= launch.GRID_AXIS_LIMIT for axis in grid[1:]), grid
+        first = ChannelsFirstPlan(batch=2, channels=channels, spatial=3, batch_stride=3 * channels, channel_stride=3)
+        cfg = heuristic_config("channels_first", "stats", first, 2)
+        assert len(launch._reduction_grid(first, cfg, cpu, cfg.programs_per_sm)[1]) == 1
+
+
+def test_flat_tile_from_a_cache_is_never_used_past_int32(monkeypatch):
+    """Keys group N by power of two: a FLAT choice cached at N = 600 must not be reused at N = 1000 when
+    N x S passes 2^31 (its int32 index would wrap and store out of bounds)."""
+    monkeypatch.setattr(tuner, "tune_on_cpu", True)
+    small = ChannelsFirstPlan(batch=600, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21, channel_stride=2 ** 21)
+    large = ChannelsFirstPlan(batch=1024, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21, channel_stride=2 ** 21)
+    assert small.batch * small.spatial < 2 ** 31 <= large.batch * large.spatial
+    flat = TileConfig(1, 4096, 8, flat=True)
+    x = torch.empty(1)
+    key = tuning_key("channels_first", "apply", large, x.dtype)
+    assert key == tuning_key("channels_first", "apply", small, x.dtype)  # the same key
+    tuner.memory[key] = flat
+    tuner._disk_loaded = True
+    assert tuner.select("channels_first", "apply", small, x, lambda cfg: None) == flat
+    chosen = tuner.select("channels_first", "apply", large, x, lambda cfg: None)
+    assert not chosen.flat and chosen == heuristic_config("channels_first", "apply", large, 4)
+
+
+class _FakeCompiled:
+    def __init__(self, loaded):
+        self.module = object() if loaded else None
+
+
+class _FakeKernel:
+    __name__ = "_bn_fake_kernel"
+
+    def __init__(self, loaded):
+        self.loaded, self.launched = loaded, 0
+
+    def warmup(self, *args, grid, **kwargs):
+        return _FakeCompiled(self.loaded)
+
+    def __getitem__(self, grid):
+        def launch_it(*args, **kwargs):
+            self.launched += 1
+        return launch_it
+
+
+def test_capture_guard_refuses_a_first_launch_whatever_the_tuning(monkeypatch):
+    """Inside a capture, a kernel variant whose module was never loaded must not launch (with tuning on
+    or off, a cached key or a new flag alike): a clear error, nothing launched."""
+    monkeypatch.setattr(launch, "_capturing", lambda device: True)
+    fresh, known = _FakeKernel(loaded=False), _FakeKernel(loaded=True)
+    with pytest.raises(RuntimeError, match="Warm up first") as error:
+        launch._launch(fresh, (1,), (), {}, torch.device("cpu"))
+    assert "TRITON_BN_AUTOTUNE" not in str(error.value) and fresh.launched == 0
+    launch._launch(known, (1,), (), {}, torch.device("cpu"))
+    assert known.launched == 1
+    monkeypatch.setattr(launch, "_capturing", lambda device: False)
+    launch._launch(fresh, (1,), (), {}, torch.device("cpu"))  # outside a capture a first launch is fine
+    assert fresh.launched == 1
+
+
+def test_occupancy_arithmetic():
+    """Registers, shared memory and warps each cap the programs per SM (sm_90: 64K registers in units of
+    256 per warp, 228 KB of shared memory less 1 KB per program, 64 warps, 32 programs)."""
+    assert resident_programs(32, 0, 4, H100_LIMITS) == 16  # warps: 64 / 4
+    assert resident_programs(128, 0, 8, H100_LIMITS) == 2  # registers: 65536 / (128 * 32) / 8
+    assert resident_programs(141, 0, 8, H100_LIMITS) == 1  # 141 -> 4608 per warp: 14 warps, one 8-warp program
+    assert resident_programs(40, 100_000, 4, H100_LIMITS) == 2  # shared: 233472 / 101024
+    assert resident_programs(255, 200_000, 16, H100_LIMITS) == 1  # never below one
+
+
+REPRO_SCRIPT = r"""
+import os, sys, torch
+os.environ["TRITON_INTERPRET"] = "1"
+import triton_bn
+gen = torch.Generator().manual_seed(0)
+x = (torch.randn(6, 5, 7, 3, generator=gen) * 3 + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+bn = triton_bn.BatchNorm2d(5, activation="silu")
+y = bn(x)
+y.backward(torch.randn(y.shape, generator=gen))
+torch.save({"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad, "rv": bn.running_var}, sys.argv[1])
+"""
+
+
+def test_two_processes_sharing_a_cache_agree_bitwise(tmp_path):
+    """Same device, triton version and tuning cache: bitwise the same results in another process."""
+    env = dict(os.environ, TRITON_BN_CACHE_DIR=str(tmp_path / "cache"), TRITON_INTERPRET="1")
+    outputs = []
+    for run in range(2):
+        path = tmp_path / f"run{run}.pt"
+        proc = subprocess.run([sys.executable, "-c", REPRO_SCRIPT, str(path)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.append(torch.load(path))
+    for key in outputs[0]:
+        assert torch.equal(outputs[0][key], outputs[1][key]), key
+
+
+def test_one_module_from_several_threads(monkeypatch):
+    """nn.DataParallel runs replicas in threads and servers call models from thread pools: every cache on
+    the call path (layout plans, tuner answers, arrival counters) must hold when threads share a module.
+    The Triton *interpreter* is not thread-safe itself (it patches triton.language while a kernel runs),
+    so here only the kernel executions are serialised; everything triton_bn does around them interleaves."""
+    interpreter = threading.Lock()
+    original_launch = launch._launch
+
+    def serialised_launch(*args, **kwargs):
+        with interpreter:
+            original_launch(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "_launch", serialised_launch)
+    torch.manual_seed(0)
+    module = triton_bn.BatchNorm2d(4, activation="relu").eval()
+    with torch.no_grad():
+        module.running_mean.uniform_(-1, 1)
+        module.running_var.uniform_(0.5, 2)
+    shapes = [(2, 4, 3, 3), (3, 4, 5, 2), (1, 4, 7, 7), (4, 4, 2, 6)]
+    inputs = [torch.randn(s) for s in shapes] + [torch.randn(s).contiguous(memory_format=torch.channels_last)
+                                                  for s in shapes]
+    errors = []
+
+    def work(x):
+        try:
+            for _ in range(3):
+                with torch.no_grad():
+                    y = module(x)
+                ref = torch.relu(torch.nn.functional.batch_norm(x, module.running_mean, module.running_var,
+                                                                module.weight, module.bias, False))
+                torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+                train = triton_bn.batch_norm(x, None, None, training=True, activation="relu")
+                torch.testing.assert_close(train, torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True)),
+                                           atol=1e-4, rtol=1e-4)
+        except Exception as exc:  # noqa: BLE001 - reported below with the thread's input
+            errors.append((tuple(x.shape), exc))
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in inputs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
