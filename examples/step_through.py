@@ -45,7 +45,7 @@ def main() -> None:
     dummy = torch.empty(1, device=x.device)
     count = x.numel() // channels
     launch._KERNELS[family]["stats"][grid](
-        x, partials[0], partials[1], partials[2], launch._arrival_counters(x.device, blocks), mean, invstd,
+        x, partials, launch._arrival_counters(x.device, blocks), mean, invstd,
         moments[0], moments[2], dummy, dummy, dummy, *size_args, 1.0 / count, count / (count - 1), 0, 0, 1e-5, 0.0,
         UPDATE_RUNNING=False, CUMULATIVE=False, WRITE_MOMENTS=True, BLOCK_SPLITS=merge_block(family, cfg),
         **cfg.launch_kwargs(family, reduction=True))

@@ -94,3 +94,16 @@ def test_model_bench_end_to_end_on_cpu(tmp_path):
     assert converted["loss_rel_diff"] < 1e-5, "the converted model must compute the same loss"
     assert converted["fusion"] == "3 BN+act, 2 BN+add+act, 0 plain"
     assert (frame["ms_per_step"] > 0).all() and "interpreter timings" in (out / "model.md").read_text()
+
+
+def test_host_overhead_script_runs():
+    """perf/host_overhead.py (launches stubbed, side by side with PyTorch): every row printed. A smoke run
+    with few rounds; its figures are no claim (those come from a full run, in perf/NOTES.md)."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HOST_OVERHEAD_CALLS="3", HOST_OVERHEAD_ROUNDS="2")
+    proc = subprocess.run([sys.executable, os.path.join(root, "perf", "host_overhead.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line.endswith("x |")]
+    assert len(rows) == 13 and all("training forward + backward" in r for r in rows[2::3][:4])

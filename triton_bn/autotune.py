@@ -13,7 +13,8 @@ splits.
 How a configuration is picked (``Tuner.select``):
 1. a configuration forced by a test (``forced_config``) wins;
 2. without tuning (under the CPU interpreter, where nothing can be benchmarked, or with
-   ``TRITON_BN_AUTOTUNE=0``) ``heuristic_config`` decides;
+   ``TRITON_BN_AUTOTUNE=0`` in the environment at import, or ``tuner.autotune = False``)
+   ``heuristic_config`` decides;
 3. otherwise the choice cached for this key in memory or on disk is used, and only a key never seen
    on this GPU and triton version is benchmarked, once, over ``candidate_configs``.
 
@@ -215,7 +216,11 @@ class Tuner:
         self.memory: Dict[str, TileConfig] = {}
         self.report: List[dict] = []  # every benchmarked candidate: kernel key, config, ms, chosen
         self.benchmark: Callable[[Callable[[], None]], float] = _default_benchmark
-        self.tune_on_cpu = False  # test hook: benchmark through the interpreter with self.benchmark
+        # bumped whenever an earlier answer may no longer hold: launchers key their remembered call plans on it
+        self.generation = 0
+        self._tune_on_cpu = False
+        # TRITON_BN_AUTOTUNE=0 turns tuning off; read once (this is asked on every launch)
+        self._autotune = os.environ.get("TRITON_BN_AUTOTUNE", "1") != "0"
         # at most this many candidates per key, the heuristic's choice first, then the tiles closest to it
         # (every candidate costs a compile the first time); None: all. TRITON_BN_TUNE_MAX_CANDIDATES sets it.
         limit = os.environ.get("TRITON_BN_TUNE_MAX_CANDIDATES")
@@ -228,11 +233,36 @@ class Tuner:
         self._answers: Dict[tuple, TileConfig] = {}
         self._lock = threading.RLock()
 
+    def changed(self) -> None:
+        """Forget every answer given so far (a forced configuration, a reset, tuning switched on or off)."""
+        self._answers.clear()
+        self.generation += 1
+
+    @property
+    def autotune(self) -> bool:
+        """Whether new keys are benchmarked on a GPU (else the heuristic decides); settable."""
+        return self._autotune
+
+    @autotune.setter
+    def autotune(self, value: bool) -> None:
+        self._autotune = bool(value)
+        self.changed()
+
+    @property
+    def tune_on_cpu(self) -> bool:
+        """Test hook: benchmark through the interpreter with ``self.benchmark``."""
+        return self._tune_on_cpu
+
+    @tune_on_cpu.setter
+    def tune_on_cpu(self, value: bool) -> None:
+        self._tune_on_cpu = bool(value)
+        self.changed()
+
     # -- policy ---------------------------------------------------------------------------------------
     def enabled(self, device: torch.device) -> bool:
-        if os.environ.get("TRITON_BN_AUTOTUNE", "1") == "0":
+        if not self._autotune:
             return False
-        return self.tune_on_cpu if device.type != "cuda" else not INTERPRET
+        return self._tune_on_cpu if device.type != "cuda" else not INTERPRET
 
     def select(self, family: str, kind: str, plan, x: torch.Tensor,
                run: Callable[[TileConfig], None]) -> TileConfig:
@@ -329,8 +359,8 @@ class Tuner:
         """Forget everything in memory (the disk cache is re-read on next use)."""
         self.memory.clear()
         self.report.clear()
-        self._answers.clear()
         self._disk_loaded = False
+        self.changed()
 
 
 tuner = Tuner()
@@ -342,7 +372,7 @@ def forced_config(name: str, config: TileConfig):
     as "channels_first.reduce") while the block runs."""
     previous = tuner._forced.get(name)
     tuner._forced[name] = config
-    tuner._answers.clear()
+    tuner.changed()
     try:
         yield
     finally:
@@ -350,7 +380,7 @@ def forced_config(name: str, config: TileConfig):
             tuner._forced.pop(name, None)
         else:
             tuner._forced[name] = previous
-        tuner._answers.clear()
+        tuner.changed()
 
 
 def wall_clock_benchmark(run: Callable[[], None]) -> float:

@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from .activations import activation_id
 from .convert import FusionReport, _OURS, _call_counts, _swap_batch_norms, trace_one_level
+from .functional import apply_step
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -54,13 +55,16 @@ class FrozenBatchNorm(nn.Module):
         return self.scale.numel()
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if input.dim() < 2 or input.shape[1] != self.num_features:
-            raise ValueError(f"FrozenBatchNorm: expected input of shape (N, {self.num_features}, *), got "
+        buffers = self._buffers  # straight from the dict: nn.Module's __getattr__ costs a microsecond a name
+        scale = buffers["scale"]
+        if input.dim() < 2 or input.shape[1] != scale.shape[0]:
+            raise ValueError(f"FrozenBatchNorm: expected input of shape (N, {scale.shape[0]}, *), got "
                              f"{tuple(input.shape)}")
         if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
             raise ValueError("FrozenBatchNorm: residual must have the input's shape and dtype")
-        out = torch.ops.triton_bn.batch_norm_apply(input, self._zeros, self._ones, self.scale, self.shift, residual,
-                                                   0.0, False, self.act_id, self.negative_slope)
+        apply = apply_step(input, None, None, residual, torch.compiler.is_compiling())
+        out = apply(input, buffers["_zeros"], buffers["_ones"], scale, buffers["shift"], residual, 0.0, False,
+                    self.act_id, self.negative_slope)
         for name in self.tail:
             out = getattr(self, name)(out)
         return out

@@ -12,6 +12,7 @@ from .activations import activation_id
 from .autograd import BatchNormFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PARAMETER_DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -49,7 +50,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     # Traced code (torch.compile) goes through the custom ops; eager code calls the launchers directly
     # (same kernels, same autograd formula, without the op dispatch's per-call cost).
     tracing = torch.compiler.is_compiling()
-    apply = torch.ops.triton_bn.batch_norm_apply if tracing else BatchNormFunction.apply
+    apply = apply_step(input, weight, bias, residual, tracing)
     if not training:
         return apply(input, running_mean, running_var, weight, bias, residual, float(eps), False, act,
                      float(negative_slope))
@@ -57,9 +58,27 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     stats = torch.ops.triton_bn.batch_stats if tracing else launch.batch_stats
-    mean, invstd = stats(input.detach(), running_mean, running_var, num_batches_tracked if cumulative else None,
+    mean, invstd = stats(input.detach() if input.requires_grad else input, running_mean, running_var,
+                         num_batches_tracked if cumulative else None,
                          0.0 if cumulative else float(momentum), cumulative, float(eps))
     return apply(input, mean, invstd, weight, bias, residual, float(eps), True, act, float(negative_slope))
+
+
+def _requires_grad(t: Optional[Tensor]) -> bool:
+    return t is not None and t.requires_grad
+
+
+def apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+               tracing: bool):
+    """What applies the normalization: the custom op while torch.compile traces; the autograd Function
+    when something needs a gradient; otherwise the launcher itself, without an autograd node's cost.
+    All three take (x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)."""
+    if tracing:
+        return torch.ops.triton_bn.batch_norm_apply
+    if torch.is_grad_enabled() and (input.requires_grad or _requires_grad(weight) or _requires_grad(bias)
+                                    or _requires_grad(residual)):
+        return BatchNormFunction.apply
+    return launch.batch_norm_apply
 
 
 def _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
@@ -82,10 +101,13 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
         raise ValueError("batch_norm: running_mean and running_var must be given together (or both None)")
     if not training and running_mean is None:
         raise ValueError("batch_norm: running_mean and running_var are required when training=False")
+    device, shape = input.device, (channels,)
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
         if t is None:
             continue
+        if isinstance(t, Tensor) and t.dtype in _PARAMETER_DTYPES and t.shape == shape and t.device == device:
+            continue  # the usual case, in four cheap tests; anything else gets the detailed checks below
         if not isinstance(t, Tensor):
             raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
         if t.dim() != 1 or t.shape[0] != channels:

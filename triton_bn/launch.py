@@ -15,6 +15,7 @@ Entry points (each also behind a custom op of ``ops.py``):
                                   are needed, then backward_elementwise (dx, 1 launch) when dx or
                                   d residual is wanted: at most 2 launches
 """
+import contextlib
 import functools
 import threading
 import warnings
@@ -39,6 +40,13 @@ def _dummy(device: torch.device) -> torch.Tensor:
     if dummy is None:
         dummy = _dummies.setdefault(device, torch.empty(1, dtype=torch.float32, device=device))
     return dummy
+
+
+def _input_device(x: torch.Tensor):
+    """A context that makes x's GPU the current device (Triton launches on the current device)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def _on_input_device(launcher):
@@ -95,7 +103,10 @@ def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
     if stream and torch.cuda.is_current_stream_capturing():
         return torch.zeros(needed, dtype=torch.int32, device=device)
     key = (device, stream)
-    with _COUNTERS_LOCK:
+    counters = _COUNTERS.get(key)
+    if counters is not None and counters.numel() >= needed:
+        return counters
+    with _COUNTERS_LOCK:  # growing: one thread at a time, so that no two buffers serve one stream
         counters = _COUNTERS.get(key)
         if counters is None or counters.numel() < needed:
             counters = _COUNTERS[key] = torch.zeros(max(needed, 1024), dtype=torch.int32, device=device)
@@ -130,10 +141,10 @@ def _launch(kernel, grid, args, kwargs, device: torch.device) -> None:
 _RESIDENT = {}  # (kernel, config, dtype, device, launch kwargs) -> programs of that variant fitting per SM
 
 
-def _launch_reduction(kernel, plan, cfg: TileConfig, x: torch.Tensor, make_args, kwargs) -> None:
-    """Launch a reduction with as many splits as fit: ``cfg.programs_per_sm`` programs per multiprocessor,
-    or fewer when fewer of the compiled variant can be resident at once (more would only add waves).
-    ``make_args(layout)`` builds the arguments for a ``_reduction_grid`` layout."""
+def _reduction_layout(kernel, plan, cfg: TileConfig, x: torch.Tensor, make_args, kwargs):
+    """The ``_reduction_grid`` layout of a reduction with as many splits as fit: ``cfg.programs_per_sm``
+    programs per multiprocessor, or fewer when fewer of the compiled variant can be resident at once
+    (more would only add waves). ``make_args(layout)`` builds the kernel's arguments for a layout."""
     device = x.device
     layout = _reduction_grid(plan, cfg, device, cfg.programs_per_sm)
     if device.type == "cuda":
@@ -146,7 +157,7 @@ def _launch_reduction(kernel, plan, cfg: TileConfig, x: torch.Tensor, make_args,
             fits = _RESIDENT[key] = _resident(kernel, layout[1], args, kwargs, device, cfg)
         if fits < cfg.programs_per_sm:
             layout = _reduction_grid(plan, cfg, device, fits)
-    _launch(kernel, layout[1], make_args(layout), kwargs, device)
+    return layout
 
 
 def _resident(kernel, grid, args, kwargs, device, cfg: TileConfig) -> int:
@@ -156,6 +167,90 @@ def _resident(kernel, grid, args, kwargs, device, cfg: TileConfig) -> int:
         warnings.warn(f"triton_bn: could not read the compiled kernel's resources ({type(exc).__name__}: {exc}); "
                       f"reductions use {cfg.programs_per_sm} programs per multiprocessor")
         return cfg.programs_per_sm
+
+
+# -- call plans ---------------------------------------------------------------------------------------------
+# Everything a launch needs except the tensors (kernel, grid, size arguments, constexprs and options), per
+# (role, layout plan, dtype, device, epilogue flags) and tuner generation: a training loop asks the same
+# questions every step, and answering them again (configuration lookup, grid arithmetic, keyword dicts)
+# costs more host time than the launch itself. A new tuner generation (forced configuration, reset,
+# tuning switched) makes every remembered plan unreachable.
+_CALLS = {}
+
+
+def _remember(key, call):
+    if len(_CALLS) > 8192:
+        _CALLS.clear()
+    _CALLS[key] = call
+    return call
+
+
+def _elementwise_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args):
+    """(kernel, grid, size arguments, kwargs) of an elementwise kernel; ``make_args(grid, size_args)``
+    builds its arguments for the tuner's candidate runs."""
+    key = (role, plan, x.dtype, x.device, flags, tuner.generation)
+    call = _CALLS.get(key)
+    if call is None:
+        family = _family(plan)
+        kernel = _KERNELS[family][role]
+        base = _flag_kwargs(role, flags)
+
+        def run(cfg: TileConfig):
+            grid, size_args = _elementwise_grid(plan, cfg)
+            _launch(kernel, grid, make_args(size_args), dict(base, **cfg.launch_kwargs(family)), x.device)
+
+        cfg = tuner.select(family, role, plan, x, run)
+        grid, size_args = _elementwise_grid(plan, cfg)
+        call = _remember(key, (kernel, grid, size_args, dict(base, **cfg.launch_kwargs(family))))
+    return call
+
+
+def _reduction_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args, tuning_args=None):
+    """(kernel, layout, kwargs) of a reduction; ``make_args(layout)`` builds its arguments. The tuner's
+    candidate runs use ``tuning_args(layout)`` instead where given (scratch copies of what a real run
+    updates)."""
+    key = (role, plan, x.dtype, x.device, flags, tuner.generation)
+    call = _CALLS.get(key)
+    if call is None:
+        family = _family(plan)
+        kernel = _KERNELS[family][role]
+        base = _flag_kwargs(role, flags)
+
+        def kwargs_for(cfg: TileConfig):
+            return dict(base, BLOCK_SPLITS=merge_block(family, cfg), **cfg.launch_kwargs(family, reduction=True))
+
+        def run(cfg: TileConfig):
+            kwargs = kwargs_for(cfg)
+            layout = _reduction_layout(kernel, plan, cfg, x, make_args, kwargs)
+            _launch(kernel, layout[1], (tuning_args or make_args)(layout), kwargs, x.device)
+
+        cfg = tuner.select(family, role, plan, x, run)
+        kwargs = kwargs_for(cfg)
+        call = _remember(key, (kernel, _reduction_layout(kernel, plan, cfg, x, make_args, kwargs), kwargs))
+    return call
+
+
+_FLAG_NAMES = {
+    "stats": ("UPDATE_RUNNING", "CUMULATIVE", "WRITE_MOMENTS"),
+    "apply": ("STATS_ARE_RUNNING", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION"),
+    "bwd_reduce": ("STATS_ARE_RUNNING", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION", "WRITE_GRAD_WEIGHT",
+                   "WRITE_GRAD_BIAS"),
+    "bwd_dx": ("STATS_ARE_RUNNING", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION", "BATCH_STATS",
+               "WRITE_GRAD_X", "WRITE_GRAD_RESIDUAL"),
+}
+
+
+def _flag_kwargs(role: str, flags: tuple) -> dict:
+    """A role's constexpr flags as keywords, from the flag tuple that keys its call plan."""
+    return dict(zip(_FLAG_NAMES[role], flags))
+
+
+def _epilogue_flags(per_channel, residual, batch_stats: bool, activation: int) -> tuple:
+    """(STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION) from the per-channel arguments
+    (``_per_channel_args``: the dummy stands for an absent weight or bias)."""
+    dummy = _dummies.get(per_channel[0].device)
+    return (not batch_stats, per_channel[2] is not dummy, per_channel[3] is not dummy, residual is not None,
+            activation)
 
 
 # -- grids ------------------------------------------------------------------------------------------------
@@ -238,38 +333,28 @@ def _merged_statistics(x, mean, invstd, moments, running_mean, running_var, num_
     (mean, invstd, optional moments, and the running statistics, updated once)."""
     channels = x.shape[1]
     x, plan = plan_layout(x)
-    family = _family(plan)
-    kernel = _KERNELS[family]["stats"]
+    device = x.device
     count = x.numel() // channels
     update = running_mean is not None
-    dummy = _dummy(x.device)
+    dummy = _dummy(device)
     moment_args = (moments[0], moments[2]) if moments is not None else (dummy, dummy)
-    flags = dict(UPDATE_RUNNING=update, CUMULATIVE=cumulative, WRITE_MOMENTS=moments is not None)
+    running = (running_mean if update else dummy, running_var if update else dummy,
+               num_batches_tracked if (update and cumulative) else dummy)
     scalars = (1.0 / count, count / (count - 1) if count > 1 else float("nan"),
                running_mean.stride(0) if update else 0, running_var.stride(0) if update else 0, eps, momentum)
 
-    def run(cfg: TileConfig, running):
-        def make_args(layout):
-            splits, _, size_args, blocks = layout
-            partials = torch.empty((3, splits, channels), dtype=torch.float32, device=x.device)
-            return (x, partials[0], partials[1], partials[2], _arrival_counters(x.device, blocks), mean, invstd,
-                    *moment_args, *running, *size_args, *scalars)
+    def make_args(layout, running=running):
+        splits, _, size_args, blocks = layout
+        partials = torch.empty((3, splits, channels), dtype=torch.float32, device=device)
+        return (x, partials, _arrival_counters(device, blocks), mean, invstd,
+                *moment_args, *running, *size_args, *scalars)
 
-        kwargs = dict(flags, BLOCK_SPLITS=merge_block(family, cfg), **cfg.launch_kwargs(family, reduction=True))
-        _launch_reduction(kernel, plan, cfg, x, make_args, kwargs)
+    def tuning_args(layout):  # each candidate updates scratch copies, never the real buffers
+        return make_args(layout, tuple(t if t is dummy else t.clone() for t in running))
 
-    running = (running_mean if update else dummy, running_var if update else dummy,
-               num_batches_tracked if (update and cumulative) else dummy)
-
-    def run_while_tuning(cfg: TileConfig):  # each candidate updates scratch copies, never the real buffers
-        run(cfg, tuple(t.clone() if t is not dummy else t for t in running))
-
-    run(tuner.select(family, "stats", plan, x, run_while_tuning), running)
-
-
-def _epilogue_flags(weight, bias, residual, batch_stats: bool, activation: int) -> dict:
-    return dict(STATS_ARE_RUNNING=not batch_stats, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                HAS_RESIDUAL=residual is not None, ACTIVATION=activation)
+    kernel, layout, kwargs = _reduction_call("stats", plan, x, (update, cumulative, moments is not None), make_args,
+                                             tuning_args)
+    _launch(kernel, layout[1], make_args(layout), kwargs, device)
 
 
 @_on_input_device
@@ -286,18 +371,15 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, we
         return y
     device = x.device
     residual = like_input(residual, x) if residual is not None else None
-    family = _family(plan)
-    kernel = _KERNELS[family]["apply"]
     tensors = (x, residual if residual is not None else _dummy(device), y,
                *_per_channel_args(mean, stat, weight, bias, device))
-    flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
 
-    def run(cfg: TileConfig):
-        grid, size_args = _elementwise_grid(plan, cfg)
-        _launch(kernel, grid, (*tensors, *size_args, eps, negative_slope), dict(flags, **cfg.launch_kwargs(family)),
-                device)
+    def make_args(size_args):
+        return (*tensors, *size_args, eps, negative_slope)
 
-    run(tuner.select(family, "apply", plan, x, run))
+    kernel, grid, size_args, kwargs = _elementwise_call(
+        "apply", plan, x, _epilogue_flags(tensors[3:], residual, batch_stats, activation), make_args)
+    _launch(kernel, grid, make_args(size_args), kwargs, device)
     return y
 
 
@@ -310,41 +392,37 @@ def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, sta
                   ) -> torch.Tensor:
     """Pass 1 of the backward: fp32 [2, C] = (sum dz, sum dz * xhat) per channel, also written to
     ``grad_bias`` / ``grad_weight`` when given (in the parameters' dtype)."""
-    if not uses_kernels(x):
+    if not uses_kernels(x) or x.numel() == 0:
         return reference.backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
                                        negative_slope, grad_weight, grad_bias)
-    channels, device = x.shape[1], x.device
-    sums = torch.empty((2, channels), dtype=torch.float32, device=device)
-    if x.numel() == 0:
-        sums.zero_()
-        for out, row in ((grad_weight, 1), (grad_bias, 0)):
-            if out is not None:
-                out.copy_(sums[row])
-        return sums
     x, plan = plan_layout(x)
-    grad_y = like_input(grad_y, x)
     residual = like_input(residual, x) if residual is not None else None
-    family = _family(plan)
-    kernel = _KERNELS[family]["bwd_reduce"]
-    per_channel = _per_channel_args(mean, stat, weight, bias, device)
-    flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
+    scratch = _sums_launch(like_input(grad_y, x), x, plan, _per_channel_args(mean, stat, weight, bias, x.device),
+                           residual, grad_weight, grad_bias, eps, batch_stats, activation, negative_slope)
+    return scratch[:2 * x.shape[1]].view(2, x.shape[1])
+
+
+def _sums_launch(grad_y, x, plan, per_channel, residual, grad_weight, grad_bias, eps, batch_stats, activation,
+                 negative_slope) -> torch.Tensor:
+    """Launch pass 1 on planned tensors; returns its fp32 buffer: the [2, C] sums, then the partials."""
+    channels, device = x.shape[1], x.device
     residual_arg = residual if residual is not None else _dummy(device)
-    outputs = (sums[0], sums[1], grad_weight if grad_weight is not None else _dummy(device),
+    outputs = (grad_weight if grad_weight is not None else _dummy(device),
                grad_bias if grad_bias is not None else _dummy(device))
+    scratch = []
 
-    def run(cfg: TileConfig):  # writes only scratch and this call's outputs: safe to run per candidate
-        def make_args(layout):
-            splits, _, size_args, blocks = layout
-            partials = torch.empty((2, splits, channels), dtype=torch.float32, device=device)
-            return (grad_y, x, residual_arg, *per_channel, partials[0], partials[1], _arrival_counters(device, blocks),
-                    *outputs, *size_args, eps, negative_slope)
+    def make_args(layout):  # only scratch and this call's outputs are written: safe to run per candidate
+        splits, _, size_args, blocks = layout
+        buffer = torch.empty((2 + 2 * splits) * channels, dtype=torch.float32, device=device)
+        scratch[:] = [buffer]
+        return (grad_y, x, residual_arg, *per_channel, buffer, _arrival_counters(device, blocks), *outputs,
+                *size_args, eps, negative_slope)
 
-        kwargs = dict(flags, WRITE_GRAD_WEIGHT=grad_weight is not None, WRITE_GRAD_BIAS=grad_bias is not None,
-                      BLOCK_SPLITS=merge_block(family, cfg), **cfg.launch_kwargs(family, reduction=True))
-        _launch_reduction(kernel, plan, cfg, x, make_args, kwargs)
-
-    run(tuner.select(family, "bwd_reduce", plan, x, run))
-    return sums
+    flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (grad_weight is not None,
+                                                                               grad_bias is not None)
+    kernel, layout, kwargs = _reduction_call("bwd_reduce", plan, x, flags, make_args)
+    _launch(kernel, layout[1], make_args(layout), kwargs, device)
+    return scratch[0]
 
 
 @_on_input_device
@@ -355,36 +433,37 @@ def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tens
                          want_dx: bool, want_dresidual: bool):
     """Pass 2 of the backward: (dx, d residual), each None unless wanted. With batch statistics, dx
     uses ``sums * inv_count`` (the mean of dz and of dz * xhat over the batch; SyncBatchNorm passes
-    all-reduced sums already divided by the global count, with inv_count = 1)."""
-    if not uses_kernels(x):
+    all-reduced sums already divided by the global count, with inv_count = 1); ``sums`` is [2, C] fp32
+    (or the buffer ``_sums_launch`` returns, which starts with it)."""
+    if not uses_kernels(x) or x.numel() == 0:
         return reference.backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps,
                                               batch_stats, activation, negative_slope, want_dx, want_dresidual)
-    device = x.device
-    if x.numel() == 0:
-        return (torch.zeros_like(x) if want_dx else None, torch.zeros_like(x) if want_dresidual else None)
     x, plan = plan_layout(x)
-    grad_y = like_input(grad_y, x)
+    residual = like_input(residual, x) if residual is not None else None
+    return _dx_launch(like_input(grad_y, x), x, plan, _per_channel_args(mean, stat, weight, bias, x.device),
+                      residual, sums.contiguous() if sums is not None else None, inv_count, eps, batch_stats,
+                      activation, negative_slope, want_dx, want_dresidual)
+
+
+def _dx_launch(grad_y, x, plan, per_channel, residual, sums, inv_count, eps, batch_stats, activation,
+               negative_slope, want_dx, want_dresidual):
+    """Launch pass 2 on planned tensors."""
+    device = x.device
     grad_x = empty_like_input(x) if want_dx else None
     grad_residual = empty_like_input(x) if want_dresidual else None
     if want_dresidual and not want_dx and activation == 0:
         grad_residual.copy_(grad_y)  # act = identity: d residual = dy, no kernel needed
         return grad_x, grad_residual
-    residual = like_input(residual, x) if residual is not None else None
-    family = _family(plan)
-    kernel = _KERNELS[family]["bwd_dx"]
-    per_channel = _per_channel_args(mean, stat, weight, bias, device)
-    flags = _epilogue_flags(weight, bias, residual, batch_stats, activation)
-    sums = sums if sums is not None else torch.zeros((2, 1), dtype=torch.float32, device=device)
+    dummy = _dummy(device)
+    tensors = (grad_y, x, residual if residual is not None else dummy, grad_x if want_dx else dummy,
+               grad_residual if want_dresidual else dummy, *per_channel, sums if sums is not None else dummy)
 
-    def run_dx(cfg: TileConfig):
-        grid, size_args = _elementwise_grid(plan, cfg)
-        args = (grad_y, x, residual if residual is not None else _dummy(device),
-                grad_x if want_dx else _dummy(device), grad_residual if want_dresidual else _dummy(device),
-                *per_channel, sums[0], sums[1], *size_args, inv_count, eps, negative_slope)
-        _launch(kernel, grid, args, dict(flags, BATCH_STATS=batch_stats, WRITE_GRAD_X=want_dx,
-                                         WRITE_GRAD_RESIDUAL=want_dresidual, **cfg.launch_kwargs(family)), device)
+    def make_args(size_args):
+        return (*tensors, *size_args, inv_count, eps, negative_slope)
 
-    run_dx(tuner.select(family, "bwd_dx", plan, x, run_dx))
+    flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (batch_stats, want_dx, want_dresidual)
+    kernel, grid, size_args, kwargs = _elementwise_call("bwd_dx", plan, x, flags, make_args)
+    _launch(kernel, grid, make_args(size_args), kwargs, device)
     return grad_x, grad_residual
 
 
@@ -400,14 +479,25 @@ def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
     grad_weight = torch.empty_like(weight) if (want_dweight and weight is not None) else None
     grad_bias = torch.empty_like(bias) if (want_dbias and bias is not None) else None
-    sums = None
-    if (want_dx and batch_stats) or grad_weight is not None or grad_bias is not None:
-        sums = backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
-                             negative_slope, grad_weight, grad_bias)
-    grad_x = grad_residual = None
-    if want_dx or want_dresidual:
-        count = max(x.numel() // max(x.shape[1], 1), 1)
-        grad_x, grad_residual = backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, 1.0 / count,
-                                                     eps, batch_stats, activation, negative_slope, want_dx,
-                                                     want_dresidual)
+    need_sums = (want_dx and batch_stats) or grad_weight is not None or grad_bias is not None
+    want_elementwise = want_dx or want_dresidual
+    count = max(x.numel() // max(x.shape[1], 1), 1)
+    if not uses_kernels(x) or x.numel() == 0:  # the pure-PyTorch path, and empty batches
+        sums = (backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+                              negative_slope, grad_weight, grad_bias) if need_sums else None)
+        grad_x, grad_residual = (backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums,
+                                                      1.0 / count, eps, batch_stats, activation, negative_slope,
+                                                      want_dx, want_dresidual) if want_elementwise else (None, None))
+        return grad_x, grad_weight, grad_bias, grad_residual
+    with _input_device(x):  # both passes share one layout plan and one set of argument preparations
+        x, plan = plan_layout(x)
+        grad_y = like_input(grad_y, x)
+        residual = like_input(residual, x) if residual is not None else None
+        per_channel = _per_channel_args(mean, stat, weight, bias, x.device)
+        sums = (_sums_launch(grad_y, x, plan, per_channel, residual, grad_weight, grad_bias, eps, batch_stats,
+                             activation, negative_slope) if need_sums else None)
+        grad_x = grad_residual = None
+        if want_elementwise:
+            grad_x, grad_residual = _dx_launch(grad_y, x, plan, per_channel, residual, sums, 1.0 / count, eps,
+                                               batch_stats, activation, negative_slope, want_dx, want_dresidual)
     return grad_x, grad_weight, grad_bias, grad_residual

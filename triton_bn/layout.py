@@ -11,21 +11,20 @@ Every tensor that a kernel reads or writes next to x (y, the residual, grad_y, d
 x's strides (``like_input``), so a kernel takes one set of strides for all of them.
 """
 import math
-from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import NamedTuple, Tuple, Union
 
 import torch
 
 
-@dataclass(frozen=True)
-class ChannelsLastPlan:
+# Named tuples rather than dataclasses: plans key the launchers' caches on every call, and a tuple hashes
+# in C where a dataclass's __hash__ runs Python.
+class ChannelsLastPlan(NamedTuple):
     rows: int  # R = N x spatial
     channels: int
     row_stride: int
 
 
-@dataclass(frozen=True)
-class ChannelsFirstPlan:
+class ChannelsFirstPlan(NamedTuple):
     batch: int  # N
     channels: int
     spatial: int  # S = prod(spatial dims), 1 for (N, C)

@@ -50,7 +50,7 @@ def _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks,
 @triton.jit
 def _bn_fwd_stats_channels_first(
     x_ptr,  # [N, C, S] input, strides (stride_n, stride_c, 1)
-    part_count_ptr, part_mean_ptr, part_m2_ptr,  # [num_splits, C] fp32 scratch: (count, mean - pivot, M2)
+    partials_ptr,  # [3, num_splits, C] fp32 scratch: (count, mean - pivot, M2) per split and channel
     counter_ptr,  # [>= C] int32, zero at launch and left zero (welford.last_to_arrive)
     save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,  # outputs, see welford.finish_statistics
     running_mean_ptr, running_var_ptr, num_batches_ptr,
@@ -87,13 +87,15 @@ def _bn_fwd_stats_channels_first(
     mean, m2 = shifted_moments(tl.sum(tl.reshape(sum_d, [BLOCK_N * BLOCK_S]), axis=0),
                                tl.sum(tl.reshape(sum_d2, [BLOCK_N * BLOCK_S]), axis=0), count)
     out = split * C + channel
-    tl.store(part_count_ptr + out, count)
-    tl.store(part_mean_ptr + out, (shift - pivot) + mean)
-    tl.store(part_m2_ptr + out, m2)
+    plane = num_splits * C  # one [num_splits, C] plane of the partials per quantity
+    tl.store(partials_ptr + out, count)
+    tl.store(partials_ptr + plane + out, (shift - pivot) + mean)
+    tl.store(partials_ptr + 2 * plane + out, m2)
     if last_to_arrive(counter_ptr + channel, num_splits):
         cols = channel + tl.arange(0, 1)  # the merge works on channel vectors: here a vector of one
-        finish_statistics(part_count_ptr, part_mean_ptr, part_m2_ptr, tl.zeros([1], tl.float32) + pivot, cols,
-                          cols < C, C, num_splits, save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,
+        finish_statistics(partials_ptr, partials_ptr + plane, partials_ptr + 2 * plane,
+                          tl.zeros([1], tl.float32) + pivot, cols, cols < C, C, num_splits,
+                          save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,
                           running_mean_ptr, running_var_ptr, num_batches_ptr, inv_count, unbiased_factor,
                           running_mean_stride, running_var_stride, eps, momentum,
                           UPDATE_RUNNING, CUMULATIVE, WRITE_MOMENTS, BLOCK_SPLITS, 1)
@@ -123,9 +125,9 @@ def _bn_fwd_apply_channels_first(
 def _bn_bwd_reduce_channels_first(
     grad_y_ptr, x_ptr, residual_ptr,  # [N, C, S], same strides
     mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C]
-    sum_dz_part_ptr, sum_dz_xhat_part_ptr,  # [num_splits, C] fp32 scratch
+    sums_ptr,  # [2, C] fp32 output (sum dz, sum dz * xhat), then [2, num_splits, C] fp32 scratch partials
     counter_ptr,  # [>= C] int32, zero at launch and left zero
-    sum_dz_ptr, sum_dz_xhat_ptr, grad_weight_ptr, grad_bias_ptr,  # outputs, see welford.finish_backward_sums
+    grad_weight_ptr, grad_bias_ptr,  # [C] outputs in the parameters' dtype, or dummies
     N, C, S, stride_n, stride_c,
     num_s_blocks, num_tiles, num_splits, tiles_per_split,
     eps, negative_slope,
@@ -152,12 +154,14 @@ def _bn_bwd_reduce_channels_first(
         acc_dz += dz
         acc_dz_xhat += dz * ((x - mean) * invstd)
     out = split * C + channel
-    tl.store(sum_dz_part_ptr + out, tl.sum(tl.reshape(acc_dz, [BLOCK_N * BLOCK_S]), axis=0))
-    tl.store(sum_dz_xhat_part_ptr + out, tl.sum(tl.reshape(acc_dz_xhat, [BLOCK_N * BLOCK_S]), axis=0))
+    plane = num_splits * C
+    partials_ptr = sums_ptr + 2 * C  # one allocation holds the sums and, after them, the split partials
+    tl.store(partials_ptr + out, tl.sum(tl.reshape(acc_dz, [BLOCK_N * BLOCK_S]), axis=0))
+    tl.store(partials_ptr + plane + out, tl.sum(tl.reshape(acc_dz_xhat, [BLOCK_N * BLOCK_S]), axis=0))
     if last_to_arrive(counter_ptr + channel, num_splits):
         cols = channel + tl.arange(0, 1)
-        finish_backward_sums(sum_dz_part_ptr, sum_dz_xhat_part_ptr, cols, cols < C, C, num_splits, sum_dz_ptr,
-                             sum_dz_xhat_ptr, grad_weight_ptr, grad_bias_ptr, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS,
+        finish_backward_sums(partials_ptr, partials_ptr + plane, cols, cols < C, C, num_splits, sums_ptr,
+                             sums_ptr + C, grad_weight_ptr, grad_bias_ptr, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS,
                              BLOCK_SPLITS, 1)
         tl.store(counter_ptr + channel, 0)
 
@@ -167,7 +171,7 @@ def _bn_bwd_dx_channels_first(
     grad_y_ptr, x_ptr, residual_ptr,  # [N, C, S] inputs, same strides
     grad_x_ptr, grad_residual_ptr,  # [N, C, S] outputs (either may be a dummy)
     mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C]
-    sum_dz_ptr, sum_dz_xhat_ptr,  # [C] fp32 (read only when BATCH_STATS)
+    sums_ptr,  # [2, C] fp32 (sum dz, sum dz * xhat) (read only when BATCH_STATS)
     N, C, S, stride_n, stride_c, num_s_blocks, num_tiles, inv_count,  # 1 / (N x spatial), computed on the host in float64
     eps, negative_slope,
     BATCH_STATS: tl.constexpr,
@@ -188,7 +192,7 @@ def _bn_bwd_dx_channels_first(
         tl.store(grad_residual_ptr + offs, dz.to(grad_residual_ptr.dtype.element_ty), mask=mask)
     if WRITE_GRAD_X:
         if BATCH_STATS:
-            mean_dz = tl.load(sum_dz_ptr + channel) * inv_count
-            mean_dz_xhat = tl.load(sum_dz_xhat_ptr + channel) * inv_count
+            mean_dz = tl.load(sums_ptr + channel) * inv_count
+            mean_dz_xhat = tl.load(sums_ptr + C + channel) * inv_count
             dz = dz - mean_dz - (x - mean) * invstd * mean_dz_xhat
         tl.store(grad_x_ptr + offs, (dz * scale).to(grad_x_ptr.dtype.element_ty), mask=mask)

@@ -45,7 +45,7 @@ def _elementwise_tile(C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 @triton.jit
 def _bn_fwd_stats_channels_last(
     x_ptr,  # [R, C] input, row stride stride_r, channel stride 1
-    part_count_ptr, part_mean_ptr, part_m2_ptr,  # [num_splits, C] fp32 scratch: (count, mean - pivot, M2)
+    partials_ptr,  # [3, num_splits, C] fp32 scratch: (count, mean - pivot, M2) per split and channel
     counter_ptr,  # [>= channel blocks] int32, zero at launch and left zero (welford.last_to_arrive)
     save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,  # outputs, see welford.finish_statistics
     running_mean_ptr, running_var_ptr, num_batches_ptr,
@@ -96,11 +96,13 @@ def _bn_fwd_stats_channels_last(
     count = (row_end - row_begin).to(tl.float32)
     mean, m2 = shifted_moments(tl.sum(sum_d, axis=0), tl.sum(sum_d2, axis=0), count)
     offs = split * C + cols
-    tl.store(part_count_ptr + offs, tl.zeros_like(mean) + count, mask=cmask)
-    tl.store(part_mean_ptr + offs, (shift - pivot) + mean, mask=cmask)
-    tl.store(part_m2_ptr + offs, m2, mask=cmask)
+    plane = num_splits * C  # one [num_splits, C] plane of the partials per quantity
+    tl.store(partials_ptr + offs, tl.zeros_like(mean) + count, mask=cmask)
+    tl.store(partials_ptr + plane + offs, (shift - pivot) + mean, mask=cmask)
+    tl.store(partials_ptr + 2 * plane + offs, m2, mask=cmask)
     if last_to_arrive(counter_ptr + channel_block, num_splits):
-        finish_statistics(part_count_ptr, part_mean_ptr, part_m2_ptr, pivot, cols, cmask, C, num_splits,
+        finish_statistics(partials_ptr, partials_ptr + plane, partials_ptr + 2 * plane, pivot, cols, cmask, C,
+                          num_splits,
                           save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,
                           running_mean_ptr, running_var_ptr, num_batches_ptr, inv_count, unbiased_factor,
                           running_mean_stride, running_var_stride, eps, momentum,
@@ -133,9 +135,9 @@ def _bn_fwd_apply_channels_last(
 def _bn_bwd_reduce_channels_last(
     grad_y_ptr, x_ptr, residual_ptr,  # [R, C], row stride stride_r (residual: only with an activation)
     mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C], as in the apply kernel
-    sum_dz_part_ptr, sum_dz_xhat_part_ptr,  # [num_splits, C] fp32 scratch
+    sums_ptr,  # [2, C] fp32 output (sum dz, sum dz * xhat), then [2, num_splits, C] fp32 scratch partials
     counter_ptr,  # [>= channel blocks] int32, zero at launch and left zero
-    sum_dz_ptr, sum_dz_xhat_ptr, grad_weight_ptr, grad_bias_ptr,  # outputs, see welford.finish_backward_sums
+    grad_weight_ptr, grad_bias_ptr,  # [C] outputs in the parameters' dtype, or dummies
     R, C, stride_r, rows_per_split, num_splits,
     eps, negative_slope,
     STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -162,11 +164,13 @@ def _bn_bwd_reduce_channels_last(
         acc_dz += dz
         acc_dz_xhat += dz * ((x - mean[None, :]) * invstd[None, :])
     offs = split * C + cols
-    tl.store(sum_dz_part_ptr + offs, tl.sum(acc_dz, axis=0), mask=cmask)
-    tl.store(sum_dz_xhat_part_ptr + offs, tl.sum(acc_dz_xhat, axis=0), mask=cmask)
+    plane = num_splits * C
+    partials_ptr = sums_ptr + 2 * C  # one allocation holds the sums and, after them, the split partials
+    tl.store(partials_ptr + offs, tl.sum(acc_dz, axis=0), mask=cmask)
+    tl.store(partials_ptr + plane + offs, tl.sum(acc_dz_xhat, axis=0), mask=cmask)
     if last_to_arrive(counter_ptr + channel_block, num_splits):
-        finish_backward_sums(sum_dz_part_ptr, sum_dz_xhat_part_ptr, cols, cmask, C, num_splits, sum_dz_ptr,
-                             sum_dz_xhat_ptr, grad_weight_ptr, grad_bias_ptr, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS,
+        finish_backward_sums(partials_ptr, partials_ptr + plane, cols, cmask, C, num_splits, sums_ptr,
+                             sums_ptr + C, grad_weight_ptr, grad_bias_ptr, WRITE_GRAD_WEIGHT, WRITE_GRAD_BIAS,
                              BLOCK_SPLITS, BLOCK_C)
         tl.store(counter_ptr + channel_block, 0)
 
@@ -176,7 +180,7 @@ def _bn_bwd_dx_channels_last(
     grad_y_ptr, x_ptr, residual_ptr,  # [R, C] inputs, row stride stride_r
     grad_x_ptr, grad_residual_ptr,  # [R, C] outputs (either may be a dummy)
     mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C]
-    sum_dz_ptr, sum_dz_xhat_ptr,  # [C] fp32 from the reduction (read only when BATCH_STATS)
+    sums_ptr,  # [2, C] fp32 (sum dz, sum dz * xhat) from the reduction (read only when BATCH_STATS)
     R, C, stride_r, inv_count,  # 1 / (N x spatial), computed on the host in float64
     eps, negative_slope,
     BATCH_STATS: tl.constexpr,  # training: the statistics are functions of x
@@ -197,8 +201,8 @@ def _bn_bwd_dx_channels_last(
         tl.store(grad_residual_ptr + offs, dz.to(grad_residual_ptr.dtype.element_ty), mask=mask)
     if WRITE_GRAD_X:
         if BATCH_STATS:
-            mean_dz = tl.load(sum_dz_ptr + cols, mask=cmask, other=0.0) * inv_count
-            mean_dz_xhat = tl.load(sum_dz_xhat_ptr + cols, mask=cmask, other=0.0) * inv_count
+            mean_dz = tl.load(sums_ptr + cols, mask=cmask, other=0.0) * inv_count
+            mean_dz_xhat = tl.load(sums_ptr + C + cols, mask=cmask, other=0.0) * inv_count
             xhat = (x - mean[None, :]) * invstd[None, :]
             dz = dz - mean_dz[None, :] - xhat * mean_dz_xhat[None, :]
         tl.store(grad_x_ptr + offs, (dz * scale[None, :]).to(grad_x_ptr.dtype.element_ty), mask=mask)

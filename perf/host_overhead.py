@@ -1,0 +1,112 @@
+"""Host cost per call: triton_bn's own Python against PyTorch's BN + ReLU, side by side in one process.
+
+Every Triton launch is replaced by a no-op (under ``TRITON_INTERPRET=1``, ``InterpretedFunction.run``
+returns at once), so what is timed is triton_bn's own work per call: validation, layout planning,
+configuration lookup, allocations, the autograd Function. PyTorch's ``nn.Sequential(BatchNorm, ReLU)``
+runs for real on a tensor so small (2x8x2x2) that its arithmetic is negligible: what it costs is its
+host path too. One thread; medians of repeated rounds.
+
+    python perf/host_overhead.py            # prints the table (the ratio column is triton_bn / torch)
+"""
+import os
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: launches become interpreter calls, stubbed below
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import triton_bn  # noqa: E402
+
+CALLS_PER_ROUND = int(os.environ.get("HOST_OVERHEAD_CALLS", 100))
+ROUNDS = int(os.environ.get("HOST_OVERHEAD_ROUNDS", 25))
+
+
+def _stub_launches():
+    InterpretedFunction.run = lambda self, *args, **kwargs: None
+
+
+def per_call_us(ours, theirs, calls: int = CALLS_PER_ROUND, rounds: int = ROUNDS):
+    """(ours, theirs) in us per call: rounds alternate between the two, so that a slow spell of the
+    machine hits both sides alike; the median round of each."""
+    for fn in (ours, theirs):
+        for _ in range(20):
+            fn()
+    samples = ([], [])
+    for _ in range(rounds):
+        for fn, out in zip((ours, theirs), samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+def _cases(ours: nn.Module, theirs: nn.Module, shape, memory_format):
+    """(name, triton_bn callable, torch callable) for training forward, eval forward, forward + backward."""
+    x = torch.randn(shape).contiguous(memory_format=memory_format)
+    x_grad = x.clone().requires_grad_()
+    grad = torch.ones_like(x)
+
+    def forward(module, training):
+        def call():
+            module.train(training)
+            with torch.no_grad():
+                module(x)
+        return call
+
+    def forward_backward(module):
+        def call():
+            module.train()
+            module(x_grad).backward(grad)
+        return call
+
+    return [("training forward (no_grad)", forward(ours, True), forward(theirs, True)),
+            ("eval forward (no_grad)", forward(ours, False), forward(theirs, False)),
+            ("training forward + backward", forward_backward(ours), forward_backward(theirs))]
+
+
+def measure():
+    torch.set_num_threads(1)
+    channels_last = torch.channels_last
+    rows = []
+    setups = [
+        ("BatchNorm2d(8, relu), 2x8x2x2 channels_last", triton_bn.BatchNorm2d(8, activation="relu"),
+         nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()), (2, 8, 2, 2), channels_last),
+        ("BatchNorm1d(8, relu), 4x8", triton_bn.BatchNorm1d(8, activation="relu"),
+         nn.Sequential(nn.BatchNorm1d(8), nn.ReLU()), (4, 8), torch.contiguous_format),
+        ("BatchNorm3d(8, relu), 2x8x2x2x2", triton_bn.BatchNorm3d(8, activation="relu"),
+         nn.Sequential(nn.BatchNorm3d(8), nn.ReLU()), (2, 8, 2, 2, 2), torch.contiguous_format),
+        ("SyncBatchNorm(8, relu) local, 2x8x2x2", triton_bn.SyncBatchNorm(8, activation="relu"),
+         nn.Sequential(nn.SyncBatchNorm(8), nn.ReLU()), (2, 8, 2, 2), torch.contiguous_format),
+    ]
+    for label, ours, theirs, shape, fmt in setups:
+        for case, mine, reference in _cases(ours, theirs, shape, fmt):
+            rows.append((label, case, *per_call_us(mine, reference)))
+    frozen = triton_bn.fold_batch_norms(nn.Sequential(triton_bn.BatchNorm2d(8, activation="relu")).eval())
+    reference = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()).eval()
+    x = torch.randn(2, 8, 2, 2).contiguous(memory_format=channels_last)
+    with torch.no_grad():
+        rows.append(("FrozenBatchNorm(relu) (fold_batch_norms), 2x8x2x2", "eval forward (no_grad)",
+                     *per_call_us(lambda: frozen(x), lambda: reference(x))))
+    return rows
+
+
+def main():
+    _stub_launches()
+    rows = measure()
+    print(f"host time per call, us (median of {ROUNDS} rounds of {CALLS_PER_ROUND} calls; triton_bn launches "
+          f"stubbed; torch {torch.__version__}, {torch.get_num_threads()} thread)\n")
+    print("| module, input | call | triton_bn | torch BN + ReLU | ratio |")
+    print("|---|---|---|---|---|")
+    for label, case, mine, theirs in rows:
+        print(f"| {label} | {case} | {mine:.1f} | {theirs:.1f} | {mine / theirs:.2f}x |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
