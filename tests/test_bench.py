@@ -64,10 +64,10 @@ def test_plots_and_autotune_report(tmp_path):
     assert len(pd.read_csv(tmp_path / "autotune.csv")) == 2
 
 
-def test_bench_end_to_end_on_cpu(tmp_path):
-    """The README's main command, cut down: a tiny interpreter run that writes every file."""
+def test_bench_interpreter_smoke_run(tmp_path):
+    """``--interpreter``: tiny shapes through the Triton interpreter, every file written, labelled as no figures."""
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--sets", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--interpreter", "--sets", "tiny",
                            "--cases", "train_fwdbwd_relu,eval_fwd_relu", "--providers", "triton_bn,eager_native",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -80,20 +80,57 @@ def test_bench_end_to_end_on_cpu(tmp_path):
     assert (frame["efficiency"] > 0).all() and (frame["ms"] > 0).all()
     assert (out / "summary.md").read_text().count("###") >= 2
     assert list(out.glob("efficiency_*.png")) and (out / "autotune.md").exists()
+    assert set(frame["mode"]) == {"interpreter"} and "not figures" in (out / "summary.md").read_text()
+
+
+def test_bench_on_the_cpu_measures_the_cpu_path(tmp_path):
+    """Without a GPU the README's main command measures triton_bn's CPU path against PyTorch's CPU batch
+    norm on real shapes (cut down here), labelled as CPU figures; cuDNN asked for is said to be skipped."""
+    out = tmp_path / "bench"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--sets", "cpu_small", "--cases",
+                           "train_fwdbwd_relu,eval_fwd", "--dtypes", "fp32", "--layouts", "nchw,channels_last",
+                           "--providers", "triton_bn,eager_native,eager_cudnn", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eager_cudnn needs CUDA: not measured" in proc.stdout and "CPU figures" in proc.stdout
+    frame = pd.read_csv(out / "results.csv")
+    assert set(frame["mode"]) == {"cpu"} and set(frame["provider"]) == {"triton_bn", "eager_native"}
+    assert set(frame["shape"]) == {"16x64x28x28", "32x64x56x56", "4x32x8x16x16"}
+    assert set(frame["layout"]) == {"nchw", "channels_last"}
+    assert (frame[frame["provider"] == "triton_bn"]["rel_err"] < 1e-5).all()
+    assert "**CPU figures**" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("flag,bad", [("--sets", "resnet5"), ("--cases", "train"), ("--providers", "cudnn"),
+                                      ("--dtypes", "fp8"), ("--layouts", "nhwc")])
+def test_bench_names_the_valid_choices(flag, bad, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", flag, bad, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and f"unknown" in proc.stderr and "valid:" in proc.stderr, proc.stderr[-500:]
+
+
+def test_bench_help_lists_sets_cases_and_providers():
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for name in ("resnet50", "cpu_small", "train_fwdbwd_relu", "eager_cudnn", "torch_compile", "--interpreter"):
+        assert name in text, name
 
 
 def test_model_bench_end_to_end_on_cpu(tmp_path):
     """``--model tiny``: original and converted training steps side by side, same first-step loss (fp32)."""
     out = tmp_path / "model"
     proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--model", "tiny", "--precisions", "fp32",
-                           "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     frame = pd.read_csv(out / "model.csv")
     assert list(frame["variant"]) == ["original", "converted"]
     converted = frame[frame["variant"] == "converted"].iloc[0]
     assert converted["loss_rel_diff"] < 1e-5, "the converted model must compute the same loss"
     assert converted["fusion"] == "3 BN+act, 2 BN+add+act, 0 plain"
-    assert (frame["ms_per_step"] > 0).all() and "interpreter timings" in (out / "model.md").read_text()
+    assert (frame["ms_per_step"] > 0).all() and "CPU figures" in (out / "model.md").read_text()
 
 
 def test_host_overhead_script_runs():

@@ -299,6 +299,9 @@ def test_launch_counts(layout, monkeypatch):
     """Few launches keep host overhead small: eval is one pass, a training forward two (statistics,
     merged by their last program, then apply), a training backward two (reduce, dx); passes nobody
     needs are skipped."""
+    from triton_bn import launch
+    if not launch.uses_kernels(torch.empty(1)):
+        pytest.skip("launch counts are the kernels': this process runs the pure-PyTorch path")
     counts = _count_launches(monkeypatch)
     mod = triton_bn.BatchNorm2d(4, activation="relu")
     x = make_input((3, 4, 5, 5), torch.float32, "cpu", layout).requires_grad_()

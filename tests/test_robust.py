@@ -227,3 +227,20 @@ def test_thousand_steps_keep_running_statistics_stable():
         ref(x)
     torch.testing.assert_close(mod.running_mean, ref.running_mean, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(mod.running_var, ref.running_var, atol=1e-4, rtol=1e-4)
+
+
+def test_the_semantic_tests_pass_on_the_pure_pytorch_path():
+    """The core, epilogue, robustness and inference tests once more in a process without the Triton
+    interpreter, where CPU tensors take the pure-PyTorch path (PyTorch's fused kernels where they compute
+    what the kernels do, the step functions elsewhere): every semantic holds there too."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_core.py",
+                           "test_epilogue.py", "test_robust.py", "test_inference.py", "-k",
+                           "not the_semantic_tests_pass_on_the_pure_pytorch_path"],
+                          cwd=here, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout.splitlines()[-1]

@@ -8,10 +8,10 @@ Two entry points share one formula:
   custom op ``triton_bn::batch_norm_apply``, which is what ``torch.compile`` traces.
 
 What is saved for backward: x and the per-channel vectors (mean, invstd or running var, weight,
-bias). Never y or the pre-activation: the backward kernels recompute z = (x - mean) * scale + b from
+bias). Never y or the pre-activation on the kernels: they recompute z = (x - mean) * scale + b from
 them. The one exception is forced by the math: with a residual *and* an activation, act'(z) needs
 z = bn(x) + residual, so the residual tensor is kept by reference (no copy). With a residual and no
-activation nothing is kept for it (d residual = dy).
+activation nothing is kept for it (d residual = dy). The pure-PyTorch path comes through here too.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -26,19 +26,25 @@ def _save(ctx, x, mean, stat, weight, bias, residual, eps, batch_stats, activati
     ctx.has_residual = residual is not None
 
 
-def _gradients(ctx, grad_y, backward):
-    """The ten input gradients of (x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
-    negative_slope); ``backward`` is the launcher or the op that computes (dx, dweight, dbias, dres)."""
+def _gradients(ctx, grad_y, backward, needs):
+    """(dx, dweight, dbias, dresidual), each None unless ``needs`` (the needs_input_grad of x, weight,
+    bias, residual) asks for it; ``backward`` is the launcher or the op that computes them."""
     x, mean, stat, weight, bias, residual = ctx.saved_tensors
     eps, batch_stats, activation, negative_slope = ctx.config
-    needs = ctx.needs_input_grad
-    output_mask = [needs[0], needs[3] and weight is not None, needs[4] and bias is not None,
-                   needs[5] and ctx.has_residual]
+    output_mask = [needs[0], needs[1] and weight is not None, needs[2] and bias is not None,
+                   needs[3] and ctx.has_residual]
     if not any(output_mask):
-        return (None,) * 10
+        return None, None, None, None
     grads = backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope,
                      output_mask)
-    dx, dweight, dbias, dresidual = (g if wanted else None for g, wanted in zip(grads, output_mask))
+    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
+
+
+def _apply_gradients(ctx, grad_y, backward):
+    """The ten input gradients of (x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+    negative_slope)."""
+    needs = ctx.needs_input_grad
+    dx, dweight, dbias, dresidual = _gradients(ctx, grad_y, backward, (needs[0], needs[3], needs[4], needs[5]))
     return dx, None, None, dweight, dbias, dresidual, None, None, None, None
 
 
@@ -61,7 +67,30 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the kernels' gradients are not differentiable again: say so, never drop terms
     def backward(ctx, grad_y):
-        return _gradients(ctx, grad_y, launch.batch_norm_backward)
+        return _apply_gradients(ctx, grad_y, launch.batch_norm_backward)
+
+
+class TrainingBatchNormFunction(torch.autograd.Function):
+    """A whole training forward from x (the eager path): batch statistics, the running-statistics update
+    and y = act(bn(x) + residual) in one launcher call (``launch.batch_norm_training``: two kernel
+    launches, or PyTorch's fused kernel on the pure-PyTorch path); the same backward as above.
+
+    apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, cumulative,
+          eps, activation, negative_slope)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, cumulative,
+                eps, activation, negative_slope):
+        y, mean, invstd = launch.batch_norm_training(x, running_mean, running_var, num_batches_tracked, weight, bias,
+                                                     residual, momentum, cumulative, eps, activation, negative_slope)
+        _save(ctx, x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        return _gradients(ctx, grad_y, launch.batch_norm_backward, ctx.needs_input_grad[:4]) + (None,) * 8
 
 
 def op_setup_context(ctx, inputs, output):
@@ -69,4 +98,4 @@ def op_setup_context(ctx, inputs, output):
 
 
 def op_backward(ctx, grad_y):
-    return _gradients(ctx, grad_y, torch.ops.triton_bn.batch_norm_backward)
+    return _apply_gradients(ctx, grad_y, torch.ops.triton_bn.batch_norm_backward)

@@ -9,10 +9,11 @@ from torch import Tensor
 
 from . import launch, ops  # noqa: F401  (ops registers the torch.ops.triton_bn operators)
 from .activations import activation_id
-from .autograd import BatchNormFunction
+from .autograd import BatchNormFunction, TrainingBatchNormFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PARAMETER_DTYPES = frozenset(SUPPORTED_DTYPES)
+_STATS_NAMES = ("running_mean", "running_var", "num_batches_tracked", "momentum", "cumulative", "eps")
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -47,21 +48,26 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
         raise TypeError(f"batch_norm: negative_slope must be a number, got {type(negative_slope).__name__}")
     # -- nothing above writes; everything below may --
+    if training and running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # as nn.BatchNorm does, before the statistics read it
+    tracing = torch.compiler.is_compiling()
     # Traced code (torch.compile) goes through the custom ops; eager code calls the launchers directly
     # (same kernels, same autograd formula, without the op dispatch's per-call cost).
-    tracing = torch.compiler.is_compiling()
     apply = apply_step(input, weight, bias, residual, tracing)
     if not training:
         return apply(input, running_mean, running_var, weight, bias, residual, float(eps), False, act,
                      float(negative_slope))
     cumulative = momentum is None
-    if running_mean is not None and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    stats = torch.ops.triton_bn.batch_stats if tracing else launch.batch_stats
-    mean, invstd = stats(input.detach() if input.requires_grad else input, running_mean, running_var,
-                         num_batches_tracked if cumulative else None,
-                         0.0 if cumulative else float(momentum), cumulative, float(eps))
-    return apply(input, mean, invstd, weight, bias, residual, float(eps), True, act, float(negative_slope))
+    stats_args = (running_mean, running_var, num_batches_tracked if cumulative else None,
+                  0.0 if cumulative else float(momentum), cumulative, float(eps))
+    if tracing:  # two ops: the statistics (mutating the running buffers) and the differentiable apply
+        mean, invstd = torch.ops.triton_bn.batch_stats(input.detach(), *stats_args)
+        return apply(input, mean, invstd, weight, bias, residual, float(eps), True, act, float(negative_slope))
+    if _needs_gradient(input, weight, bias, residual):
+        return TrainingBatchNormFunction.apply(input, weight, bias, residual, *stats_args, act, float(negative_slope))
+    y, _, _ = launch.batch_norm_training(input, weight=weight, bias=bias, residual=residual, activation=act,
+                                         negative_slope=float(negative_slope), **dict(zip(_STATS_NAMES, stats_args)))
+    return y
 
 
 def _requires_grad(t: Optional[Tensor]) -> bool:
@@ -75,10 +81,14 @@ def apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     All three take (x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)."""
     if tracing:
         return torch.ops.triton_bn.batch_norm_apply
-    if torch.is_grad_enabled() and (input.requires_grad or _requires_grad(weight) or _requires_grad(bias)
-                                    or _requires_grad(residual)):
+    if _needs_gradient(input, weight, bias, residual):
         return BatchNormFunction.apply
     return launch.batch_norm_apply
+
+
+def _needs_gradient(input, weight, bias, residual) -> bool:
+    return torch.is_grad_enabled() and (input.requires_grad or _requires_grad(weight) or _requires_grad(bias)
+                                        or _requires_grad(residual))
 
 
 def _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,

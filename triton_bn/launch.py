@@ -7,7 +7,8 @@ interpreter when ``TRITON_INTERPRET=1`` was set before import, and otherwise the
 ``reference.py`` (same semantics, so a CPU-only user still gets a working library). float64 tensors
 take the pure-PyTorch path on every device.
 
-Entry points (each also behind a custom op of ``ops.py``):
+Entry points (each but the first also behind a custom op of ``ops.py``):
+    batch_norm_training(...)   -> (y, mean, invstd)      batch_stats then batch_norm_apply (2 launches)
     batch_stats(...)           -> (mean, invstd)         split reduction, merged by its last program (1 launch)
     batch_moments(x)           -> [3, C] (count, mean, M2), for SyncBatchNorm (1 launch)
     batch_norm_apply(...)      -> y                      1 launch
@@ -314,6 +315,19 @@ def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_v
     return mean, invstd
 
 
+def batch_norm_training(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                        num_batches_tracked: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], momentum: float,
+                        cumulative: bool, eps: float, activation: int, negative_slope: float):
+    """A whole training forward: (y, mean, invstd), the running statistics updated once: ``batch_stats``
+    then ``batch_norm_apply`` (two launches); on the pure-PyTorch path, PyTorch's fused kernel."""
+    if not uses_kernels(x):
+        return reference.batch_norm_training(x, running_mean, running_var, num_batches_tracked, weight, bias,
+                                             residual, momentum, cumulative, eps, activation, negative_slope)
+    mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+    return batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope), mean, invstd
+
+
 @_on_input_device
 def batch_moments(x: torch.Tensor) -> torch.Tensor:
     """Local ``(count, mean, M2)`` per channel, packed as one fp32 [3, C] tensor (what SyncBatchNorm
@@ -482,7 +496,12 @@ def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
     need_sums = (want_dx and batch_stats) or grad_weight is not None or grad_bias is not None
     want_elementwise = want_dx or want_dresidual
     count = max(x.numel() // max(x.shape[1], 1), 1)
-    if not uses_kernels(x) or x.numel() == 0:  # the pure-PyTorch path, and empty batches
+    if not uses_kernels(x):
+        fused = reference.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
+                                              activation, negative_slope, output_mask)
+        if fused is not None:
+            return fused
+    if not uses_kernels(x) or x.numel() == 0:  # the pure-PyTorch steps, and empty batches
         sums = (backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
                               negative_slope, grad_weight, grad_bias) if need_sums else None)
         grad_x, grad_residual = (backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums,

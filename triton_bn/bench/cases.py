@@ -12,10 +12,16 @@ SHAPE_SETS: Dict[str, List[Tuple[int, ...]]] = {
     "small": [(32, 64, 56, 56)],
     "bn1d": [(8192, 1024)],
     "latency": [(1, 64, 56, 56), (1, 256, 14, 14)],
-    # what a machine without a GPU runs, through the Triton interpreter
+    # the CPU path on a small machine (about a minute on two cores): small (and a 3-D input), ResNet-50's layers
+    # at batch 2, BN1d
+    "cpu_small": [(16, 64, 28, 28), (32, 64, 56, 56), (4, 32, 8, 16, 16)],
+    "cpu_resnet50": [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28), (2, 1024, 14, 14), (2, 2048, 7, 7)],
+    "cpu_bn1d": [(2048, 1024)],
+    # the interpreter's smoke run
     "tiny": [(4, 8, 6, 6), (64, 16)],
 }
 QUICK_SETS = ("resnet50", "small", "bn1d", "latency")
+CPU_SETS = ("cpu_small", "cpu_resnet50", "cpu_bn1d")
 
 # case -> (training, backward, activation, residual, minimal bytes in units of the tensor's size)
 CASES: Dict[str, Tuple[bool, bool, Optional[str], bool, int]] = {
@@ -33,6 +39,7 @@ CASE_PRIORITY = ("train_fwd_relu", "train_fwdbwd_relu", "eval_fwd_relu", "train_
 assert sorted(CASE_PRIORITY) == sorted(CASES)
 LATENCY_CASES = ("eval_fwd", "eval_fwd_relu")
 PROVIDERS = ("triton_bn", "eager_cudnn", "eager_native", "torch_compile")
+GPU_ONLY_PROVIDERS = ("eager_cudnn",)  # cuDNN is a CUDA library
 # the latency set on a GPU also times these, each captured in a CUDA graph and replayed
 GRAPH_PROVIDERS = ("triton_bn", "eager_cudnn")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

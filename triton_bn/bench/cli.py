@@ -1,8 +1,10 @@
 """``triton-bn bench``: measure triton_bn against eager PyTorch (cuDNN on and off) and torch.compile.
 
 On a GPU it times with ``triton.testing.do_bench`` (median of many runs, L2 flushed between them). On a
-machine without a GPU it re-runs itself under the Triton interpreter with tiny shapes: the files are
-the same, but those timings are interpreter timings and say nothing about GPU speed.
+machine without a GPU (or with ``--device cpu``) it measures the CPU path, triton_bn's pure-PyTorch path
+against PyTorch's own CPU batch norm, on real shapes scaled to finish in about a minute on two cores:
+CPU figures, labelled so. ``--interpreter`` instead sends tiny shapes through the Triton interpreter, a
+smoke check of the kernels whose timings mean nothing.
 """
 import argparse
 import datetime
@@ -15,17 +17,27 @@ from pathlib import Path
 
 
 def _parse(argv):
+    from . import cases as C
     parser = argparse.ArgumentParser(prog="triton-bn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run the benchmark and write CSV, markdown, plots, autotune report")
-    bench.add_argument("--quick", action="store_true", help="fp32 NCHW + bf16 channels_last, one pass of each set")
-    bench.add_argument("--sets", default=None, help="comma-separated shape sets (resnet50,small,bn1d,latency,tiny)")
-    bench.add_argument("--cases", default=None, help="comma-separated cases (default: all)")
-    bench.add_argument("--providers", default=None, help="comma-separated providers (default: all available)")
-    bench.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16")
-    bench.add_argument("--layouts", default=None, help="comma-separated: nchw,channels_last")
-    bench.add_argument("--out", default=None, help="output folder (default perf/results/<gpu>-<date>)")
+    bench.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                       help="auto: the GPU when there is one, else the CPU path")
+    bench.add_argument("--interpreter", action="store_true",
+                       help="tiny shapes through the Triton interpreter on the CPU: checks the kernels and the "
+                            "tool, its timings are no figures")
+    bench.add_argument("--quick", action="store_true", help="GPU: fp32 NCHW + bf16 channels_last, one pass of each set")
+    bench.add_argument("--sets", default=None,
+                       help=f"comma-separated shape sets, of: {', '.join(C.SHAPE_SETS)} (default GPU: "
+                            f"{', '.join(C.QUICK_SETS)}; CPU: {', '.join(C.CPU_SETS)}; interpreter: tiny)")
+    bench.add_argument("--cases", default=None, help=f"comma-separated cases, of: {', '.join(C.CASES)} (default: all)")
+    bench.add_argument("--providers", default=None,
+                       help=f"comma-separated providers, of: {', '.join(C.PROVIDERS)} (default: all a device has, "
+                            "except torch_compile on the CPU, whose compiles take minutes there)")
+    bench.add_argument("--dtypes", default=None, help=f"comma-separated, of: {', '.join(C.DTYPES)}")
+    bench.add_argument("--layouts", default=None, help=f"comma-separated, of: {', '.join(C.LAYOUTS)}")
+    bench.add_argument("--out", default=None, help="output folder (default perf/results/<device>-<date>)")
     bench.add_argument("--tune-candidates", type=int, default=None,
                        help="autotune at most this many configurations per kernel key (default: all; --quick: 4)")
     bench.add_argument("--model", default=None, choices=["resnet50", "tiny"],
@@ -47,13 +59,38 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    import torch
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        # The interpreter must be chosen before triton is imported: start again with it switched on.
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        os.execve(sys.executable, [sys.executable, "-m", "triton_bn", *argv], env)
     args = _parse(argv)
+    # The interpreter is chosen (or not) before triton is imported: start again with the right setting.
+    want = "1" if args.interpreter else None
+    if os.environ.get("TRITON_INTERPRET") != want and not _uses_gpu(args):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if want:
+            env["TRITON_INTERPRET"] = want
+        os.execve(sys.executable, [sys.executable, "-m", "triton_bn", *argv], env)
     return run_model(args) if args.model else run_bench(args)
+
+
+def _uses_gpu(args) -> bool:
+    import torch
+    return not args.interpreter and args.device != "cpu" and torch.cuda.is_available()
+
+
+_MODE_NOTES = {
+    "gpu": "",
+    "cpu": "\n\n**CPU figures** ({threads} threads): triton_bn's CPU path (PyTorch's fused kernels with the epilogue "
+           "in place) against PyTorch's own CPU batch norm. Not GPU figures.",
+    "interpreter": "\n\n**Interpreter run: these are CPU interpreter timings, not figures of anything.**",
+}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def run_model(args) -> int:
@@ -61,17 +98,16 @@ def run_model(args) -> int:
     import torch
     import pandas as pd
     from .model import model_markdown, run_model_bench
-    on_gpu = torch.cuda.is_available()
+    on_gpu = _uses_gpu(args)
     device = "cuda" if on_gpu else "cpu"
     precisions = [p for p in args.precisions.split(",") if p]
-    if not on_gpu:
-        print("No GPU: the model runs through the Triton interpreter. These timings are interpreter timings, "
-              "NOT GPU figures; use them only to check that the tool and its files work.")
-        if args.model != "tiny":
-            raise SystemExit("triton-bn bench --model: without a GPU only --model tiny is practical")
+    mode = "gpu" if on_gpu else ("interpreter" if args.interpreter else "cpu")
+    if mode == "interpreter" and args.model != "tiny":
+        raise SystemExit("triton-bn bench --model --interpreter: only --model tiny is practical")
     rows = run_model_bench(args.model, precisions, args.batch, args.steps, args.compile, device,
                            progress=lambda text: _progress(0, 1, text))
-    gpu_name = torch.cuda.get_device_name() if on_gpu else "cpu-interpreter"
+    gpu_name = {"gpu": torch.cuda.get_device_name() if on_gpu else "", "interpreter": "cpu-interpreter",
+                "cpu": "cpu-" + _cpu_name()}[mode]
     stamp = datetime.date.today().isoformat()
     safe_gpu = "".join(ch if ch.isalnum() else "-" for ch in gpu_name).strip("-").lower()
     out = Path(args.out or Path("perf") / "results" / f"{safe_gpu}-{stamp}")
@@ -81,7 +117,7 @@ def run_model(args) -> int:
               f"torch {torch.__version__}, triton {__import__('triton').__version__}; a step = forward, "
               f"cross-entropy, backward, SGD; median of {args.steps} steps after two warm-up steps; triton_bn "
               f"autotuning {'off (heuristic tiles)' if os.environ.get('TRITON_BN_AUTOTUNE') == '0' else 'on'}."
-              + ("" if on_gpu else "\n\n**Interpreter run: these are CPU interpreter timings, not GPU figures.**"))
+              + _MODE_NOTES[mode].format(threads=torch.get_num_threads()))
     text = model_markdown(rows, header)
     (out / "model.md").write_text(text)
     print(text)
@@ -103,20 +139,45 @@ def _progress(done: int, total: int, label: str) -> None:
 
 
 def _time_ms(fn, on_gpu: bool):
-    """(median, p20, p80) in ms."""
+    """(median, p20, p80) in ms. On the CPU: after one warm-up call, at least 5 calls and a quarter of a
+    second (at most 50 calls)."""
     if on_gpu:
         import triton
         times = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="all")
     else:
         fn()
         times = []
-        for _ in range(3):
+        begin = time.perf_counter()
+        while len(times) < 5 or (time.perf_counter() - begin < 0.25 and len(times) < 50):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
     times = sorted(times)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
     return statistics.median(times), pick(0.2), pick(0.8)
+
+
+def _time_cpu_interleaved(runs):
+    """{name: (median, p20, p80)} in ms for CPU workloads measured side by side: rounds alternate between
+    them, so that a slow spell of a shared machine hits every provider alike. One warm-up call each, then
+    at least 5 rounds and a quarter of a second per provider (at most 50 rounds)."""
+    samples = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    begin = time.perf_counter()
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - begin < 0.25 * len(runs) and rounds < 50):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    out = {}
+    for name, times in samples.items():
+        times = sorted(times)
+        pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+        out[name] = (statistics.median(times), pick(0.2), pick(0.8))
+    return out
 
 
 def measure_copy_gbps(device: str, on_gpu: bool) -> float:
@@ -136,7 +197,7 @@ def run_bench(args) -> int:
     from . import cases as C
     from . import report
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = _uses_gpu(args)
     device = "cuda" if on_gpu else "cpu"
     split = lambda s: [v for v in s.split(",") if v] if s else None  # noqa: E731
     if on_gpu:
@@ -146,24 +207,37 @@ def run_bench(args) -> int:
         providers = split(args.providers) or list(C.PROVIDERS)
         gpu_name = torch.cuda.get_device_name()
         mode = "gpu"
-    else:
+    elif args.interpreter:
         sets = split(args.sets) or ["tiny"]
         combos = [("fp32", "nchw"), ("fp32", "channels_last")]
         providers = split(args.providers) or ["triton_bn", "eager_native", "torch_compile"]
         gpu_name = "cpu-interpreter"
         mode = "interpreter"
-        print("No GPU: running tiny shapes through the Triton interpreter. These timings are interpreter "
-              "timings, NOT GPU figures; use them only to check that the tool and its files work.")
+        print("Interpreter run: tiny shapes through the Triton interpreter. These timings are interpreter "
+              "timings, NOT figures; use them only to check that the kernels and the tool work.")
+    else:
+        sets = split(args.sets) or list(C.CPU_SETS)
+        combos = [("fp32", "nchw"), ("fp32", "channels_last"), ("bf16", "channels_last")]
+        providers = split(args.providers) or ["triton_bn", "eager_native"]
+        gpu_name = "cpu-" + _cpu_name()
+        mode = "cpu"
+        print(f"CPU run ({_cpu_name()}, {torch.get_num_threads()} threads): triton_bn's CPU path against PyTorch's "
+              "own CPU batch norm. These are CPU figures, not GPU figures.")
     if args.dtypes or args.layouts:
         dtypes = split(args.dtypes) or sorted({d for d, _ in combos})
         layouts = split(args.layouts) or sorted({l for _, l in combos})
         combos = [(d, l) for d in dtypes for l in layouts]
     case_names = split(args.cases) or list(C.CASES)
-    unknown = [p for p in providers if p not in C.PROVIDERS] + [c for c in case_names if c not in C.CASES]
-    if unknown:
-        raise SystemExit(f"triton-bn bench: unknown provider/case {unknown}")
-    if not on_gpu and "eager_cudnn" in providers:
-        providers.remove("eager_cudnn")  # cuDNN is a CUDA library
+    for kind, asked, valid in (("provider", providers, C.PROVIDERS), ("case", case_names, C.CASES),
+                               ("shape set", sets, C.SHAPE_SETS), ("dtype", [d for d, _ in combos], C.DTYPES),
+                               ("layout", [l for _, l in combos], C.LAYOUTS)):
+        unknown = sorted({name for name in asked if name not in valid})
+        if unknown:
+            raise SystemExit(f"triton-bn bench: unknown {kind} {', '.join(unknown)}; valid: {', '.join(valid)}")
+    if not on_gpu:
+        for provider in [p for p in providers if p in C.GPU_ONLY_PROVIDERS]:
+            print(f"  {provider} needs CUDA: not measured on the CPU")
+            providers.remove(provider)
     # --quick compiles the anchor once per case with dynamic shapes (bounded compile time); the full run
     # compiles every shape statically, as a user with one fixed shape would
     compile_dynamic = True if args.quick else False
@@ -225,9 +299,10 @@ def run_bench(args) -> int:
             except Exception as exc:  # a provider that can not run this case is reported, not fatal
                 print(f"\n  {name} failed on {case} {shape_text} {dtype_name} {layout}: {exc}")
             done += 1
+        timings = {} if on_gpu else _time_cpu_interleaved({name: work.run for name, (work, _) in results.items()})
         for provider, (work, output) in results.items():
             try:
-                ms, p20, p80 = _time_ms(work.run, on_gpu)
+                ms, p20, p80 = _time_ms(work.run, on_gpu) if on_gpu else timings[provider]
             except Exception as exc:
                 print(f"\n  {provider} failed to time {case} {shape_text}: {exc}")
                 continue
@@ -250,7 +325,7 @@ def run_bench(args) -> int:
     header = (f"# triton-bn bench: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}, python {platform.python_version()}; "
               f"copy bandwidth {copy_gbps:.1f} GB/s (read + write); efficiency = minimal bytes / copy bandwidth / time."
-              + ("\n\n**Interpreter run: these are CPU interpreter timings, not GPU figures.**" if mode != "gpu" else "")
+              + _MODE_NOTES[mode].format(threads=torch.get_num_threads())
               + (f"\n\n**Cut short by --budget-s {args.budget_s:g}: {len(skipped)} of {len(jobs)} measurements "
                  f"not run:** " + "; ".join(skipped) if skipped else ""))
     (out / "summary.md").write_text(report.summary_markdown(frame, header))
