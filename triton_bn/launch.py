@@ -186,37 +186,37 @@ def _remember(key, call):
     return call
 
 
-def _elementwise_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args):
-    """(kernel, grid, size arguments, kwargs) of an elementwise kernel; ``make_args(grid, size_args)``
-    builds its arguments for the tuner's candidate runs."""
+def _call_plan(role: str, plan, x: torch.Tensor, flags: tuple, build):
+    """The remembered call plan of (role, layout plan, dtype, device, flags); on a miss,
+    ``build(kernel, family, flag_kwargs)`` makes it (choosing the configuration, tuning if need be)."""
     key = (role, plan, x.dtype, x.device, flags, tuner.generation)
     call = _CALLS.get(key)
     if call is None:
         family = _family(plan)
-        kernel = _KERNELS[family][role]
-        base = _flag_kwargs(role, flags)
+        call = _remember(key, build(_KERNELS[family][role], family, _flag_kwargs(role, flags)))
+    return call
 
+
+def _elementwise_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args):
+    """(kernel, grid, size arguments, kwargs) of an elementwise kernel; ``make_args(size_args)`` builds its
+    arguments for the tuner's candidate runs."""
+    def build(kernel, family, base):
         def run(cfg: TileConfig):
             grid, size_args = _elementwise_grid(plan, cfg)
             _launch(kernel, grid, make_args(size_args), dict(base, **cfg.launch_kwargs(family)), x.device)
 
         cfg = tuner.select(family, role, plan, x, run)
         grid, size_args = _elementwise_grid(plan, cfg)
-        call = _remember(key, (kernel, grid, size_args, dict(base, **cfg.launch_kwargs(family))))
-    return call
+        return kernel, grid, size_args, dict(base, **cfg.launch_kwargs(family))
+
+    return _call_plan(role, plan, x, flags, build)
 
 
 def _reduction_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args, tuning_args=None):
     """(kernel, layout, kwargs) of a reduction; ``make_args(layout)`` builds its arguments. The tuner's
     candidate runs use ``tuning_args(layout)`` instead where given (scratch copies of what a real run
     updates)."""
-    key = (role, plan, x.dtype, x.device, flags, tuner.generation)
-    call = _CALLS.get(key)
-    if call is None:
-        family = _family(plan)
-        kernel = _KERNELS[family][role]
-        base = _flag_kwargs(role, flags)
-
+    def build(kernel, family, base):
         def kwargs_for(cfg: TileConfig):
             return dict(base, BLOCK_SPLITS=merge_block(family, cfg), **cfg.launch_kwargs(family, reduction=True))
 
@@ -227,8 +227,9 @@ def _reduction_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args, t
 
         cfg = tuner.select(family, role, plan, x, run)
         kwargs = kwargs_for(cfg)
-        call = _remember(key, (kernel, _reduction_layout(kernel, plan, cfg, x, make_args, kwargs), kwargs))
-    return call
+        return kernel, _reduction_layout(kernel, plan, cfg, x, make_args, kwargs), kwargs
+
+    return _call_plan(role, plan, x, flags, build)
 
 
 _FLAG_NAMES = {
