@@ -209,6 +209,14 @@ def _default_benchmark(run: Callable[[], None]) -> float:
     return triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median")
 
 
+def _switch(attribute: str, doc: str) -> property:
+    """A settable boolean of the tuner whose change starts a new generation (``Tuner.changed``)."""
+    def set_value(self, value: bool) -> None:
+        setattr(self, attribute, bool(value))
+        self.changed()
+    return property(lambda self: getattr(self, attribute), set_value, doc=doc)
+
+
 class Tuner:
     """Chooses, caches (memory + one JSON file per GPU and triton version) and reports configurations."""
 
@@ -227,36 +235,15 @@ class Tuner:
         self.max_candidates: Optional[int] = int(limit) if limit else None
         self._forced: Dict[str, TileConfig] = {}
         self._disk_loaded = False
-        # select()'s answer per (family, kind, plan, dtype, device, tuning switch): the steady state of a
-        # training loop asks the same questions every step, and building the string key costs more
-        # than the launch it serves. Cleared whenever a forced configuration or the memory changes.
-        self._answers: Dict[tuple, TileConfig] = {}
         self._lock = threading.RLock()
 
     def changed(self) -> None:
-        """Forget every answer given so far (a forced configuration, a reset, tuning switched on or off)."""
-        self._answers.clear()
+        """Every answer given so far may no longer hold (a forced configuration, a reset, tuning switched on
+        or off): a new generation, which the launchers' remembered call plans are keyed on."""
         self.generation += 1
 
-    @property
-    def autotune(self) -> bool:
-        """Whether new keys are benchmarked on a GPU (else the heuristic decides); settable."""
-        return self._autotune
-
-    @autotune.setter
-    def autotune(self, value: bool) -> None:
-        self._autotune = bool(value)
-        self.changed()
-
-    @property
-    def tune_on_cpu(self) -> bool:
-        """Test hook: benchmark through the interpreter with ``self.benchmark``."""
-        return self._tune_on_cpu
-
-    @tune_on_cpu.setter
-    def tune_on_cpu(self, value: bool) -> None:
-        self._tune_on_cpu = bool(value)
-        self.changed()
+    autotune = _switch("_autotune", "Whether new keys are benchmarked on a GPU (else the heuristic decides).")
+    tune_on_cpu = _switch("_tune_on_cpu", "Test hook: benchmark through the interpreter with ``self.benchmark``.")
 
     # -- policy ---------------------------------------------------------------------------------------
     def enabled(self, device: torch.device) -> bool:
@@ -267,24 +254,19 @@ class Tuner:
     def select(self, family: str, kind: str, plan, x: torch.Tensor,
                run: Callable[[TileConfig], None]) -> TileConfig:
         """The configuration for this problem. ``run(config)`` launches the tuned kernel once with
-        that configuration; it is called only while benchmarking."""
-        tuning = self.enabled(x.device)
-        answer_key = (family, kind, plan, x.dtype, x.device, tuning)
-        answer = self._answers.get(answer_key)
-        if answer is not None:
-            return answer
+        that configuration; it is called only while benchmarking. (Launchers ask once per call site and
+        generation: they remember the answer in their call plans.)"""
         forced = self._forced.get(f"{family}.{kind}") or self._forced.get(family)
         if forced is not None:
-            return forced  # not remembered: forced_config's exit must take effect at once
+            return forced
         heuristic = heuristic_config(family, kind, plan, x.element_size())
-        if not tuning:
-            self._answers[answer_key] = heuristic
+        if not self.enabled(x.device):
             return heuristic
         key = tuning_key(family, kind, plan, x.dtype)
         with self._lock:  # one thread tunes a key; the others wait for its answer instead of re-tuning
-            return self._select_tuned(family, kind, plan, x, run, key, heuristic, answer_key)
+            return self._select_tuned(family, kind, plan, x, run, key, heuristic)
 
-    def _select_tuned(self, family, kind, plan, x, run, key, heuristic, answer_key) -> TileConfig:
+    def _select_tuned(self, family, kind, plan, x, run, key, heuristic) -> TileConfig:
         self._load_disk(x.device)
         if key not in self.memory:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -296,9 +278,7 @@ class Tuner:
             self.memory[key] = self._benchmark(key, candidates, run)
             self._save_disk(x.device)
         # the key groups batch sizes by power of two: a choice made for one may not fit another
-        answer = self.memory[key] if self.memory[key].fits(family, plan) else heuristic
-        self._answers[answer_key] = answer
-        return answer
+        return self.memory[key] if self.memory[key].fits(family, plan) else heuristic
 
     def _shortlist(self, candidates: List[TileConfig], heuristic: TileConfig) -> List[TileConfig]:
         """The heuristic's choice first, then the candidates ordered by how far their tile size is from it

@@ -308,29 +308,37 @@ def _plain(module: nn.Module) -> bool:
     return isinstance(module, _OURS) and module.activation is None and not has_tail(module)
 
 
-def _graphs(model: nn.Module, report: FusionReport):
-    """{module: its one-level graph} for every module with children that fx can trace the same way in
-    both modes; notes for those with BN children that it can not."""
-    graphs, untraced = {}, []
+def one_level_graphs(model: nn.Module, modes, skip=()):
+    """({module: its one-level graph}, [(path, module, why not)]) for every module with children (but those
+    of the types in ``skip``, and ours) that torch.fx traces, and traces the same way in every training mode
+    of ``modes``. The others keep their own forward."""
+    graphs, failures = {}, []
     for path, module in model.named_modules():
-        if isinstance(module, _OURS) or not any(True for _ in module.children()):
+        if isinstance(module, _OURS + tuple(skip)) or not any(True for _ in module.children()):
             continue
-        has_bn = any(_plain(child) for child in module.children())
         try:
-            train_graph = trace_one_level(module, True)
-            same = train_graph.python_code("self").src == trace_one_level(module, False).python_code("self").src
+            traced = [trace_one_level(module, mode) for mode in modes]
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow, unsupported constructs, ...
-            if has_bn:
-                untraced.append(path or "model")
-                report.notes.append(f"{path or 'model'}: torch.fx could not trace its forward ({type(exc).__name__}: "
-                                    f"{str(exc)[:120]}); its BNs were swapped, not fused")
+            failures.append((path or "model", module, f"torch.fx could not trace its forward ({type(exc).__name__}: "
+                                                      f"{str(exc)[:120]})"))
             continue
-        if not same:
-            if has_bn:
-                report.notes.append(f"{path or 'model'}: its forward depends on the training mode; its BNs were "
-                                    "swapped, not fused")
+        if any(graph.python_code("self").src != traced[0].python_code("self").src for graph in traced[1:]):
+            failures.append((path or "model", module, "its forward depends on the training mode"))
             continue
-        graphs[module] = train_graph
+        graphs[module] = traced[0]
+    return graphs, failures
+
+
+def _graphs(model: nn.Module, report: FusionReport):
+    """The one-level graphs to fuse in (the same in both modes), and notes for the modules with BN
+    children that have none."""
+    graphs, failures = one_level_graphs(model, (True, False))
+    untraced = []
+    for path, module, why in failures:
+        if any(_plain(child) for child in module.children()):
+            report.notes.append(f"{path}: {why}; its BNs were swapped, not fused")
+            if why.startswith("torch.fx"):
+                untraced.append(path)
     return graphs, untraced
 
 

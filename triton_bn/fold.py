@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from .activations import activation_id
-from .convert import FusionReport, _OURS, _call_counts, _swap_batch_norms, trace_one_level
+from .convert import FusionReport, _OURS, _call_counts, _swap_batch_norms, one_level_graphs
 from .functional import apply_step
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -165,15 +165,8 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
                            "(folding uses the running statistics, which training would keep changing)")
     report = FusionReport()
     model = _swap_batch_norms(copy.deepcopy(model), report, fuse=False)
-    graphs, untraced = {}, []
-    for path, module in model.named_modules():
-        if isinstance(module, (_OURS, FrozenBatchNorm)) or not any(True for _ in module.children()):
-            continue
-        try:
-            graphs[module] = trace_one_level(module, False)
-        except Exception:  # noqa: BLE001 - the module keeps its forward; its BNs are frozen below
-            if any(isinstance(child, _OURS) for child in module.children()):
-                untraced.append(path or "model")
+    graphs, failures = one_level_graphs(model, (False,), skip=(FrozenBatchNorm,))  # eval: what a folded model runs
+    untraced = [path for path, module, _ in failures if any(isinstance(c, _OURS) for c in module.children())]
     counts = _call_counts(model, graphs)
     for module, graph in graphs.items():
         _fold_module(module, graph, counts)

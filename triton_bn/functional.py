@@ -13,7 +13,6 @@ from .autograd import BatchNormFunction, TrainingBatchNormFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PARAMETER_DTYPES = frozenset(SUPPORTED_DTYPES)
-_STATS_NAMES = ("running_mean", "running_var", "num_batches_tracked", "momentum", "cumulative", "eps")
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -58,16 +57,17 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return apply(input, running_mean, running_var, weight, bias, residual, float(eps), False, act,
                      float(negative_slope))
     cumulative = momentum is None
-    stats_args = (running_mean, running_var, num_batches_tracked if cumulative else None,
-                  0.0 if cumulative else float(momentum), cumulative, float(eps))
+    batches = num_batches_tracked if cumulative else None
+    factor = 0.0 if cumulative else float(momentum)
     if tracing:  # two ops: the statistics (mutating the running buffers) and the differentiable apply
-        mean, invstd = torch.ops.triton_bn.batch_stats(input.detach(), *stats_args)
+        mean, invstd = torch.ops.triton_bn.batch_stats(input.detach(), running_mean, running_var, batches, factor,
+                                                       cumulative, float(eps))
         return apply(input, mean, invstd, weight, bias, residual, float(eps), True, act, float(negative_slope))
     if _needs_gradient(input, weight, bias, residual):
-        return TrainingBatchNormFunction.apply(input, weight, bias, residual, *stats_args, act, float(negative_slope))
-    y, _, _ = launch.batch_norm_training(input, weight=weight, bias=bias, residual=residual, activation=act,
-                                         negative_slope=float(negative_slope), **dict(zip(_STATS_NAMES, stats_args)))
-    return y
+        return TrainingBatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var, batches,
+                                               factor, cumulative, float(eps), act, float(negative_slope))
+    return launch.batch_norm_training(input, running_mean, running_var, batches, weight, bias, residual, factor,
+                                      cumulative, float(eps), act, float(negative_slope))[0]
 
 
 def _requires_grad(t: Optional[Tensor]) -> bool:

@@ -43,19 +43,22 @@ def _dummy(device: torch.device) -> torch.Tensor:
     return dummy
 
 
+def _off_device(x: torch.Tensor) -> bool:
+    """Whether x lives on a GPU other than the current one: Triton launches on the current device, so a
+    model on cuda:1 while cuda:0 is current would otherwise launch on the wrong GPU."""
+    return x.is_cuda and x.device.index != torch.cuda.current_device()
+
+
 def _input_device(x: torch.Tensor):
-    """A context that makes x's GPU the current device (Triton launches on the current device)."""
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
+    """A context that makes x's GPU the current device."""
+    return torch.cuda.device(x.device) if _off_device(x) else contextlib.nullcontext()
 
 
 def _on_input_device(launcher):
-    """Run ``launcher`` with its first tensor argument's GPU as the current device: Triton launches on the
-    current device, so a model on cuda:1 while cuda:0 is current would otherwise launch on the wrong GPU."""
+    """Run ``launcher`` with its first tensor argument's GPU as the current device."""
     @functools.wraps(launcher)
     def wrapper(first, *args, **kwargs):
-        if first.is_cuda and first.device.index != torch.cuda.current_device():
+        if _off_device(first):
             with torch.cuda.device(first.device):
                 return launcher(first, *args, **kwargs)
         return launcher(first, *args, **kwargs)

@@ -152,6 +152,11 @@ def _time_ms(fn, on_gpu: bool):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
+    return _quantiles(times)
+
+
+def _quantiles(times):
+    """(median, p20, p80) of a list of times."""
     times = sorted(times)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
     return statistics.median(times), pick(0.2), pick(0.8)
@@ -172,12 +177,7 @@ def _time_cpu_interleaved(runs):
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
         rounds += 1
-    out = {}
-    for name, times in samples.items():
-        times = sorted(times)
-        pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-        out[name] = (statistics.median(times), pick(0.2), pick(0.8))
-    return out
+    return {name: _quantiles(times) for name, times in samples.items()}
 
 
 def measure_copy_gbps(device: str, on_gpu: bool) -> float:
