@@ -94,6 +94,36 @@ def test_large_offset_where_naive_variance_fails(layout, device):
     torch.testing.assert_close(rm.double(), x.double().mean((0, 2, 3)), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(2048, 3), (512, 3, 1, 1), (8, 3, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_large_offset_on_row_summed_inputs(shape, device):
+    """The same trap where PyTorch's CPU kernel adds the rows of a channel without compensation (2-D and
+    [N, C, 1, 1] inputs; a transposed [N, C, L]): its mean is off by up to 6e-3 standard deviations at a
+    mean of 1e4, six times the tolerance. The pure-PyTorch path must not inherit that."""
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(shape, generator=gen) + 1e4).to(device)
+    if len(shape) == 3:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels innermost
+    dims = [0] + list(range(2, len(shape)))
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = triton_bn.batch_norm(x, rm, rv, training=True, momentum=1.0, activation="relu")
+    ref = torch.relu(torch.nn.functional.batch_norm(x.double(), None, None, training=True))
+    torch.testing.assert_close(y.double(), ref, atol=1e-3, rtol=0)
+    torch.testing.assert_close(rm.double(), x.double().mean(dims), atol=1e-3, rtol=0)
+
+
+def test_16bit_inputs_with_dy_in_their_layout(device):
+    """16-bit inputs whose dy has x's memory format (what a model's backward passes): on the pure-PyTorch
+    path these run in PyTorch's mixed-precision kernels (no activation or ReLU, no residual) and must keep
+    the kernels' accuracy: y rounded once, dweight and dbias as fp32 sums."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for layout in ("contiguous", "channels_last"):
+            for activation in (None, "relu"):
+                for training in (True, False):
+                    run_case((6, 5, 4, 3), dtype, device, layout, training, activation, grad_layout=layout)
+        run_case((6, 5, 4, 3), dtype, device, "channels_last", activation="relu", grad_layout="channels_last",
+                 offset=30.0)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_statistics_when_the_first_values_are_far_from_the_mean(layout, device):
     """The statistics kernels shift each split's sums by the mean of its first tile. Make that tile as

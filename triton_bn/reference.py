@@ -4,9 +4,11 @@ everywhere), and float64 on any device. Its calls go through the same autograd F
 
 - the fast path of whole calls (``batch_norm_training``, the eval case of ``batch_norm_apply``,
   ``batch_norm_backward``): PyTorch's fused batch-norm kernels (statistics, normalization and the
-  running-statistics update in one vectorised, multi-threaded call), with the residual and the
-  activation applied in place after them, where they compute what the step functions do (``fast_path``;
-  16-bit inputs computed in fp32; a channels-last mean checked against an accurate one: ``MEAN_CHECK``);
+  running-statistics update in vectorised, multi-threaded calls), with the residual and the activation
+  applied in place after them, where they compute what the step functions do (``fast_path``; 16-bit
+  inputs in PyTorch's mixed-precision kernels where the epilogue commutes with rounding, else in fp32:
+  ``_kernel_dtype``; an accurate mean where PyTorch's kernel adds rows without compensation:
+  ``_summed_by_planes``);
 - the step functions (``batch_stats``, ``batch_norm_apply`` with batch statistics, ``backward_sums``,
   ``backward_elementwise``, ``batch_moments``), the same functions as ``launch.py`` written with torch
   ops: the executable specification of what the kernels compute (same formulas, fp32 accumulation, one
@@ -63,10 +65,7 @@ def _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype):
 def batch_norm_apply(x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
                      negative_slope: float):
     if not batch_stats and fast_path(x, mean, stat, weight, bias):
-        # eval: PyTorch's own kernel with the running statistics, then the epilogue in place
-        dtype = _compute_dtype(x)
-        y = torch.batch_norm(x.to(dtype), weight, bias, mean, stat, False, 0.0, eps, False)
-        return _epilogue_in_place(y, _compute(residual, dtype), activation, negative_slope).to(x.dtype)
+        return _eval_fast(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
     dtype = _compute_dtype(x)
     _, scale, shift = _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype)
     z = (x.to(dtype) - _per_channel(mean, x, dtype)) * scale + shift
@@ -132,20 +131,67 @@ def backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, in
 def fast_path(x, running_mean, running_var, weight, bias) -> bool:
     """Whether PyTorch's fused batch-norm kernels can compute this call as the step functions would:
     parameters and running statistics in the compute dtype (fp32, or float64 for a float64 input) and the
-    running statistics contiguous (updated in place), a non-empty batch. A 16-bit input is computed in fp32
-    (``_compute``): PyTorch's 16-bit CPU kernels round the normalized value before the epilogue, where the
-    kernels round once, at the end."""
+    running statistics contiguous (updated in place), a non-empty batch."""
+    if x.numel() == 0:
+        return False
     dtype = _compute_dtype(x)
-    return (x.numel() > 0 and all(t is None or t.dtype == dtype for t in (running_mean, running_var, weight, bias))
-            and (running_mean is None or (running_mean.is_contiguous() and running_var.is_contiguous())))
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and t.dtype != dtype:
+            return False
+    return running_mean is None or (running_mean.is_contiguous() and running_var.is_contiguous())
 
 
-def _compute(t, dtype):
-    return None if t is None else t.to(dtype)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _kernel_dtype(x, activation: int, residual, weight, bias, running_mean) -> torch.dtype:
+    """The dtype PyTorch's forward kernels run this call in. A 16-bit input runs in its own dtype (PyTorch's
+    mixed-precision CPU kernels: fp32 statistics and arithmetic, the output rounded once) when the epilogue
+    commutes with that rounding, so that the result is the one rounding of the fp32 value the kernels make:
+    no activation, or ReLU (rounding is monotone and keeps the sign: relu(round(z)) == round(relu(z))), no
+    residual (round(round(z) + r) is a second rounding), and some fp32 parameter or running statistic (what
+    makes PyTorch's kernel mixed-precision; without one it computes in 16 bits). Everything else is computed
+    in fp32 and rounded at the end."""
+    if x.dtype in _HALF and (activation > 1 or residual is not None
+                             or (weight is None and bias is None and running_mean is None)):
+        return torch.float32
+    return x.dtype
+
+
+def _backward_dtype(x, grad_y, activation: int, residual, weight, bias, mean) -> torch.dtype:
+    """The dtype PyTorch's backward kernel runs this call in: as the forward's (``_kernel_dtype``), except
+    that a 16-bit call runs in fp32 unless x and dy are dense in one memory format. (PyTorch's 16-bit
+    backward keeps fp32 sums only on its contiguous and channels-last paths; on the generic one, e.g. a
+    channels-last x with a contiguous dy, its dweight and dbias lose digits the kernels keep.)"""
+    dtype = _kernel_dtype(x, activation, residual, weight, bias, mean)
+    if dtype == x.dtype and x.dtype in _HALF and not _same_dense_layout(x, grad_y):
+        return torch.float32
+    return dtype
+
+
+def _same_dense_layout(a, b) -> bool:
+    if a.is_contiguous():
+        return b.is_contiguous()
+    fmt = _CHANNELS_LAST.get(a.dim())
+    return fmt is not None and a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _as(t, dtype):
+    return t if (t is None or t.dtype == dtype) else t.to(dtype)
+
+
+def _epilogue_in_place(y, residual, activation: int, negative_slope: float):
+    if residual is not None:
+        y = y.add_(residual)
+    if activation == 1:
+        return y.relu_()
+    return _IN_PLACE[activation](y, negative_slope) if activation else y
 
 
 _IN_PLACE = {
-    1: lambda y, slope: y.relu_(),
     2: lambda y, slope: F.leaky_relu(y, slope, inplace=True),
     3: lambda y, slope: F.relu6(y, inplace=True),
     4: lambda y, slope: F.silu(y, inplace=True),
@@ -156,66 +202,96 @@ _IN_PLACE = {
 }
 
 
-def _epilogue_in_place(y, residual, activation: int, negative_slope: float):
-    if residual is not None:
-        y = y.add_(residual)
-    return _IN_PLACE[activation](y, negative_slope) if activation else y
+def _running_variance(invstd: torch.Tensor, eps: float) -> torch.Tensor:
+    """The variance an invstd was made from (var = 1 / invstd^2 - eps, to rounding): what PyTorch's eval-mode
+    kernel takes to normalize with batch statistics. It gives var + eps back to an ulp, so the kernel's
+    1 / sqrt(var + eps) is invstd to an ulp, even where var is far below eps."""
+    return invstd.pow(-2).sub_(eps)
 
 
-# PyTorch's channels-last (and 2-D) CPU kernel sums a channel in fp32 without compensation: with a mean of 1e4
-# and a std of 1 its mean is off by ~4e-3 standard deviations. An accurate mean (torch.mean's cascade sum, a
-# cheap reduction) is compared with it, and y and the running mean are corrected where they differ by more
-# than this many standard deviations.
-MEAN_CHECK = 1e-6
+def _normalize_eval(x, weight, bias, mean, var, eps: float):
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+
+
+def _eval_fast(x, mean, var, weight, bias, residual, eps: float, activation: int, negative_slope: float):
+    """Eval: PyTorch's kernel with the running statistics, then the epilogue in place."""
+    dtype = _kernel_dtype(x, activation, residual, weight, bias, mean)
+    y = _normalize_eval(_as(x, dtype), weight, bias, mean, var, eps)
+    return _as(_epilogue_in_place(y, _as(residual, dtype), activation, negative_slope), x.dtype)
+
+
+def _summed_by_planes(x) -> bool:
+    """Whether PyTorch's CPU statistics kernel sums this input plane by plane (contiguous, more than one
+    element per plane): vectorised sums of each plane, accurate to about an ulp of the mean. Its other
+    kernel (channels-last, 2-D and [N, C, 1...] inputs, and any other strides) adds the rows of a channel
+    in fp32 without compensation: with a mean of 1e4 and a std of 1 its mean is off by 4e-3 to 6e-3
+    standard deviations, and by ~1e-5 already at a mean of one standard deviation (32x64x56x56)."""
+    return x.is_contiguous() and x.numel() != x.shape[0] * x.shape[1]
 
 
 def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weight, bias, residual, momentum: float,
                         cumulative: bool, eps: float, activation: int, negative_slope: float):
-    """(y, mean, invstd) of a training forward, the running statistics updated once (unbiased): one call of
-    PyTorch's fused kernel, then the residual and the activation in place (the step functions where
-    ``fast_path`` says no)."""
+    """(y, mean, invstd) of a training forward, the running statistics updated once (unbiased), then the
+    residual and the activation in place (the step functions where ``fast_path`` says no). Planes summed
+    one by one (``_summed_by_planes``): one call of PyTorch's fused kernel. Otherwise its statistics kernel
+    (variance and running statistics), the mean from ``torch.mean``'s cascade sum (the running mean
+    corrected by the difference), and y from its eval-mode kernel: the same passes over x as the fused
+    kernel plus one reduction, never a second normalization. (Its variance is taken around its own mean:
+    off by the square of the mean's error, ~1e-10 of the variance, far below fp32 rounding.)"""
     if not fast_path(x, running_mean, running_var, weight, bias):
         mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
         return (batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope),
                 mean, invstd)
     factor = (1.0 / float(num_batches_tracked)) if (cumulative and running_mean is not None) else momentum
-    dtype = _compute_dtype(x)
-    xc = x.to(dtype)
-    y, mean, invstd = torch.native_batch_norm(xc, weight, bias, running_mean, running_var, True, factor, eps)
-    if not xc.is_contiguous():  # the channels-last kernel: check its mean (MEAN_CHECK)
-        accurate = xc.mean(_reduce_dims(x))
-        error = accurate - mean
-        if bool(((error * invstd).abs() > MEAN_CHECK).any()):
-            scale = invstd * weight if weight is not None else invstd
-            y.sub_(_per_channel(error * scale, x, dtype))  # y = (x - mean) * scale + b, with the right mean
-            if running_mean is not None:
-                running_mean.add_(error * factor)
-        mean = accurate
-    y = _epilogue_in_place(y, _compute(residual, dtype), activation, negative_slope)
-    return y.to(x.dtype), mean, invstd
+    xc = _as(x, _kernel_dtype(x, activation, residual, weight, bias, running_mean))
+    if _summed_by_planes(xc):
+        y, mean, invstd = torch.native_batch_norm(xc, weight, bias, running_mean, running_var, True, factor, eps)
+    else:
+        rough_mean, var = torch.batch_norm_update_stats(xc, running_mean, running_var, factor)
+        mean = xc.mean(_reduce_dims(x), dtype=rough_mean.dtype)
+        if running_mean is not None:
+            running_mean.add_(mean - rough_mean, alpha=factor)
+        invstd = var.add(eps).rsqrt_()
+        y = _normalize_eval(xc, weight, bias, mean, var, eps)
+    y = _epilogue_in_place(y, _as(residual, y.dtype), activation, negative_slope)
+    return _as(y, x.dtype), mean, invstd
 
 
 _ATEN = torch.ops.aten
-# dL/dz from dL/dy and z: PyTorch's own activation backward kernels (one pass each, and by definition
-# PyTorch's choices at the kinks)
+
+
+def _direct(overload):
+    """An aten overload as its C++ callable (``OpOverload._op``): the same operator without the Python
+    wrapper around it, a few microseconds per call on small tensors."""
+    return getattr(overload, "_op", overload)
+
+
+_THRESHOLD_BACKWARD = _direct(_ATEN.threshold_backward.grad_input)
+_LEAKY_RELU_BACKWARD = _direct(_ATEN.leaky_relu_backward.grad_input)
+_HARDTANH_BACKWARD = _direct(_ATEN.hardtanh_backward.grad_input)
+_SILU_BACKWARD = _direct(_ATEN.silu_backward.grad_input)
+_GELU_BACKWARD = _direct(_ATEN.gelu_backward.grad_input)
+_HARDSWISH_BACKWARD = _direct(_ATEN.hardswish_backward.out)
+_SIGMOID_BACKWARD = _direct(_ATEN.sigmoid_backward.grad_input)
+_NATIVE_BATCH_NORM_BACKWARD = _direct(_ATEN.native_batch_norm_backward.default)
+# dL/dz from dL/dy and z, written over z: PyTorch's own activation backward kernels (one pass each, and by
+# definition PyTorch's choices at the kinks)
 _ACTIVATION_BACKWARD = {
-    1: lambda g, z, slope: _ATEN.threshold_backward(g, z, 0.0),
-    2: lambda g, z, slope: _ATEN.leaky_relu_backward(g, z, slope, False),
-    3: lambda g, z, slope: _ATEN.hardtanh_backward(g, z, 0.0, 6.0),
-    4: lambda g, z, slope: _ATEN.silu_backward(g, z),
-    5: lambda g, z, slope: _ATEN.gelu_backward(g, z, approximate="none"),
-    6: lambda g, z, slope: _ATEN.gelu_backward(g, z, approximate="tanh"),
-    7: lambda g, z, slope: _ATEN.hardswish_backward(g, z),
-    8: lambda g, z, slope: _ATEN.sigmoid_backward(g, torch.sigmoid(z)),
+    1: lambda g, z, slope: _THRESHOLD_BACKWARD(g, z, 0.0, grad_input=z),
+    2: lambda g, z, slope: _LEAKY_RELU_BACKWARD(g, z, slope, False, grad_input=z),
+    3: lambda g, z, slope: _HARDTANH_BACKWARD(g, z, 0.0, 6.0, grad_input=z),
+    4: lambda g, z, slope: _SILU_BACKWARD(g, z, grad_input=z),
+    5: lambda g, z, slope: _GELU_BACKWARD(g, z, approximate="none", grad_input=z),
+    6: lambda g, z, slope: _GELU_BACKWARD(g, z, approximate="tanh", grad_input=z),
+    7: lambda g, z, slope: _HARDSWISH_BACKWARD(g, z, out=z),
+    8: lambda g, z, slope: _SIGMOID_BACKWARD(g, z.sigmoid_(), grad_input=z),
 }
 
 
 def _pre_activation(x, mean, stat, weight, bias, residual, eps, batch_stats):
     """z = bn(x) [+ residual], recomputed with PyTorch's eval-mode kernel (accurate at large means in every
-    layout) from the running statistics, or from the batch's (var = 1 / invstd^2 - eps, to rounding)."""
-    if batch_stats:
-        stat = stat.double().pow(-2).sub(eps).to(stat.dtype)
-    z = torch.batch_norm(x, weight, bias, mean, stat, False, 0.0, eps, False)
+    layout) from the running statistics, or from the batch's."""
+    z = _normalize_eval(x, weight, bias, mean, _running_variance(stat, eps) if batch_stats else stat, eps)
     return z.add_(residual) if residual is not None else z
 
 
@@ -224,24 +300,26 @@ def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: floa
     """(dx, dweight, dbias, dresidual) through PyTorch's fused backward kernel, None where not asked for;
     None altogether where ``fast_path`` says no (the caller then runs the step functions). Only x and the
     per-channel vectors were saved: with an activation, z is recomputed (one pass of PyTorch's eval-mode
-    kernel), and at an exact kink (z == 0 to the last bit) its rounding can pick the other subgradient."""
+    kernel) and its buffer then holds dL/dz; at an exact kink (z == 0 to the last bit) its rounding can pick
+    the other subgradient."""
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
     dtype = _compute_dtype(x)
     if not (fast_path(x, None if batch_stats else mean, None if batch_stats else stat, weight, bias)
             and mean.dtype == dtype and stat.dtype == dtype):
         return None
-    xc, grad_z = x.to(dtype), grad_y.to(dtype)
+    kernel_dtype = _backward_dtype(x, grad_y, activation, residual, weight, bias, mean)
+    xc, grad_z = _as(x, kernel_dtype), _as(grad_y, kernel_dtype)
     if activation != 0:
-        z = _pre_activation(xc, mean, stat, weight, bias, _compute(residual, dtype), eps, batch_stats)
+        z = _pre_activation(xc, mean, stat, weight, bias, _as(residual, kernel_dtype), eps, batch_stats)
         grad_z = _ACTIVATION_BACKWARD[activation](grad_z, z, negative_slope)
     grad_residual = None
     if want_dresidual:  # never an alias of grad_y (custom-op outputs must not alias)
-        grad_residual = grad_z.to(x.dtype, copy=True) if grad_z is grad_y else grad_z.to(x.dtype)
+        grad_residual = grad_z.to(x.dtype, copy=True) if grad_z is grad_y else _as(grad_z, x.dtype)
     grad_x = grad_weight = grad_bias = None
     if want_dx or want_dweight or want_dbias:
-        grad_x, grad_weight, grad_bias = _ATEN.native_batch_norm_backward(
+        grad_x, grad_weight, grad_bias = _NATIVE_BATCH_NORM_BACKWARD(
             grad_z, xc, weight, None if batch_stats else mean, None if batch_stats else stat,
             mean if batch_stats else None, stat if batch_stats else None, batch_stats, eps,
             [want_dx, want_dweight and weight is not None, want_dbias and bias is not None])
-        grad_x = grad_x.to(x.dtype) if grad_x is not None else None
+        grad_x = _as(grad_x, x.dtype)
     return grad_x, grad_weight, grad_bias, grad_residual
