@@ -494,18 +494,19 @@ def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
 
     ``residual`` is only needed (and only saved by the autograd formula) when an activation follows
     the add: it is part of the pre-activation whose derivative is recomputed."""
+    kernels = uses_kernels(x)
+    if not kernels:  # PyTorch's fused kernels where they compute what the steps below do
+        fused = reference.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
+                                              activation, negative_slope, output_mask)
+        if fused is not None:
+            return fused
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
     grad_weight = torch.empty_like(weight) if (want_dweight and weight is not None) else None
     grad_bias = torch.empty_like(bias) if (want_dbias and bias is not None) else None
     need_sums = (want_dx and batch_stats) or grad_weight is not None or grad_bias is not None
     want_elementwise = want_dx or want_dresidual
     count = max(x.numel() // max(x.shape[1], 1), 1)
-    if not uses_kernels(x):
-        fused = reference.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
-                                              activation, negative_slope, output_mask)
-        if fused is not None:
-            return fused
-    if not uses_kernels(x) or x.numel() == 0:  # the pure-PyTorch steps, and empty batches
+    if not kernels or x.numel() == 0:  # the pure-PyTorch steps, and empty batches
         sums = (backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
                               negative_slope, grad_weight, grad_bias) if need_sums else None)
         grad_x, grad_residual = (backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums,
