@@ -52,17 +52,17 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     tracing = torch.compiler.is_compiling()
     # Traced code (torch.compile) goes through the custom ops; eager code calls the launchers directly
     # (same kernels, same autograd formula, without the op dispatch's per-call cost).
-    apply = apply_step(input, weight, bias, residual, tracing)
     if not training:
-        return apply(input, running_mean, running_var, weight, bias, residual, float(eps), False, act,
-                     float(negative_slope))
+        return apply_step(input, weight, bias, residual, tracing)(
+            input, running_mean, running_var, weight, bias, residual, float(eps), False, act, float(negative_slope))
     cumulative = momentum is None
     batches = num_batches_tracked if cumulative else None
     factor = 0.0 if cumulative else float(momentum)
     if tracing:  # two ops: the statistics (mutating the running buffers) and the differentiable apply
         mean, invstd = torch.ops.triton_bn.batch_stats(input.detach(), running_mean, running_var, batches, factor,
                                                        cumulative, float(eps))
-        return apply(input, mean, invstd, weight, bias, residual, float(eps), True, act, float(negative_slope))
+        return torch.ops.triton_bn.batch_norm_apply(input, mean, invstd, weight, bias, residual, float(eps), True, act,
+                                                    float(negative_slope))
     if _needs_gradient(input, weight, bias, residual):
         return TrainingBatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var, batches,
                                                factor, cumulative, float(eps), act, float(negative_slope))

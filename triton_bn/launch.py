@@ -309,27 +309,36 @@ def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_v
     """Batch mean and invstd (fp32, [C]) of x, and the running-statistics update (once)."""
     if not uses_kernels(x):
         return reference.batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
-    channels = x.shape[1]
-    mean = torch.empty(channels, dtype=torch.float32, device=x.device)
+    x, plan = plan_layout(x)
+    return _statistics(x, plan, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+
+
+def _statistics(x, plan, running_mean, running_var, num_batches_tracked, momentum: float, cumulative: bool,
+                eps: float):
+    """``batch_stats`` on a planned x: (mean, invstd), fp32. Two allocations: the outputs of a custom op
+    (``ops.py``) may not alias one another."""
+    mean = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
     invstd = torch.empty_like(mean)
     if x.numel() == 0:  # PyTorch leaves the running statistics alone on an empty batch
         return mean.zero_(), invstd.fill_(float("nan"))
-    _merged_statistics(x, mean, invstd, None, running_mean, running_var, num_batches_tracked, momentum, cumulative,
-                       eps)
+    _merged_statistics(x, plan, mean, invstd, None, running_mean, running_var, num_batches_tracked, momentum,
+                       cumulative, eps)
     return mean, invstd
 
 
+@_on_input_device
 def batch_norm_training(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                         num_batches_tracked: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], momentum: float,
                         cumulative: bool, eps: float, activation: int, negative_slope: float):
-    """A whole training forward: (y, mean, invstd), the running statistics updated once: ``batch_stats``
-    then ``batch_norm_apply`` (two launches); on the pure-PyTorch path, PyTorch's fused kernel."""
+    """A whole training forward: (y, mean, invstd), the running statistics updated once: the statistics
+    then the normalization (two launches on one layout plan); on the pure-PyTorch path, PyTorch's kernels."""
     if not uses_kernels(x):
         return reference.batch_norm_training(x, running_mean, running_var, num_batches_tracked, weight, bias,
                                              residual, momentum, cumulative, eps, activation, negative_slope)
-    mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
-    return batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope), mean, invstd
+    x, plan = plan_layout(x)
+    mean, invstd = _statistics(x, plan, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+    return _apply(x, plan, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope), mean, invstd
 
 
 @_on_input_device
@@ -341,16 +350,17 @@ def batch_moments(x: torch.Tensor) -> torch.Tensor:
     channels = x.shape[1]
     moments = torch.zeros((3, channels), dtype=torch.float32, device=x.device)
     if x.numel() > 0:
-        _merged_statistics(x, moments[1], torch.empty_like(moments[1]), moments, None, None, None, 0.0, False, 1e-5)
+        x, plan = plan_layout(x)
+        _merged_statistics(x, plan, moments[1], torch.empty_like(moments[1]), moments, None, None, None, 0.0, False,
+                           1e-5)
     return moments
 
 
-def _merged_statistics(x, mean, invstd, moments, running_mean, running_var, num_batches_tracked, momentum: float,
-                       cumulative: bool, eps: float) -> None:
-    """One launch: split shifted sums, merged and finalized by the last program of each channel block
-    (mean, invstd, optional moments, and the running statistics, updated once)."""
+def _merged_statistics(x, plan, mean, invstd, moments, running_mean, running_var, num_batches_tracked,
+                       momentum: float, cumulative: bool, eps: float) -> None:
+    """One launch on a planned x: split shifted sums, merged and finalized by the last program of each
+    channel block (mean, invstd, optional moments, and the running statistics, updated once)."""
     channels = x.shape[1]
-    x, plan = plan_layout(x)
     device = x.device
     count = x.numel() // channels
     update = running_mean is not None
@@ -384,6 +394,12 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, we
         return reference.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, batch_stats,
                                           activation, negative_slope)
     x, plan = plan_layout(x)
+    return _apply(x, plan, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
+
+
+def _apply(x, plan, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+           negative_slope: float) -> torch.Tensor:
+    """``batch_norm_apply`` on a planned x: one launch."""
     y = empty_like_input(x)
     if x.numel() == 0:
         return y
