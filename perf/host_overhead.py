@@ -69,6 +69,37 @@ def _cases(ours: nn.Module, theirs: nn.Module, shape, memory_format):
             ("training forward + backward", forward_backward(ours), forward_backward(theirs))]
 
 
+class _EmptyFunction(torch.autograd.Function):
+    """An autograd.Function with TrainingBatchNormFunction's twelve arguments, its saved tensors and
+    nothing else: the floor any Python Function pays per forward + backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, cumulative,
+                eps, activation, negative_slope):
+        ctx.save_for_backward(x, weight, weight, weight, bias, residual)
+        ctx.config = (eps, True, activation, negative_slope)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, _, _, weight, bias, _ = ctx.saved_tensors
+        return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)) + (None,) * 9
+
+
+def _function_floor():
+    """The same forward + backward row for ``_EmptyFunction`` against PyTorch's BN + ReLU."""
+    x = torch.randn(2, 8, 2, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight, bias = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    running = (torch.zeros(8), torch.ones(8))
+    grad = torch.ones_like(x)
+    theirs = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()).train()
+    return ("empty autograd.Function, the same 12 arguments (the floor of any Python Function)",
+            "training forward + backward",
+            *per_call_us(lambda: _EmptyFunction.apply(x, weight, bias, None, *running, None, 0.1, False, 1e-5, 1,
+                                                      0.01).backward(grad),
+                         lambda: theirs(x).backward(grad)))
+
+
 def measure():
     torch.set_num_threads(1)
     channels_last = torch.channels_last
@@ -86,6 +117,7 @@ def measure():
     for label, ours, theirs, shape, fmt in setups:
         for case, mine, reference in _cases(ours, theirs, shape, fmt):
             rows.append((label, case, *per_call_us(mine, reference)))
+    rows.append(_function_floor())
     frozen = triton_bn.fold_batch_norms(nn.Sequential(triton_bn.BatchNorm2d(8, activation="relu")).eval())
     reference = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()).eval()
     x = torch.randn(2, 8, 2, 2).contiguous(memory_format=channels_last)
