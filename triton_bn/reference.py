@@ -186,12 +186,11 @@ def _as(t, dtype):
 def _epilogue_in_place(y, residual, activation: int, negative_slope: float):
     if residual is not None:
         y = y.add_(residual)
-    if activation == 1:
-        return y.relu_()
     return _IN_PLACE[activation](y, negative_slope) if activation else y
 
 
 _IN_PLACE = {
+    1: lambda y, slope: y.relu_(),
     2: lambda y, slope: F.leaky_relu(y, slope, inplace=True),
     3: lambda y, slope: F.relu6(y, inplace=True),
     4: lambda y, slope: F.silu(y, inplace=True),
