@@ -143,4 +143,5 @@ def test_host_overhead_script_runs():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line.endswith("x |")]
-    assert len(rows) == 13 and all("training forward + backward" in r for r in rows[2::3][:4])
+    assert len(rows) == 14 and all("training forward + backward" in r for r in rows[2::3][:4])
+    assert "empty autograd.Function" in rows[12] and "training forward + backward" in rows[12]
