@@ -113,15 +113,40 @@ def test_large_offset_on_row_summed_inputs(shape, device):
 
 def test_16bit_inputs_with_dy_in_their_layout(device):
     """16-bit inputs whose dy has x's memory format (what a model's backward passes): on the pure-PyTorch
-    path these run in PyTorch's mixed-precision kernels (no activation or ReLU, no residual) and must keep
-    the kernels' accuracy: y rounded once, dweight and dbias as fp32 sums."""
+    path these run in PyTorch's mixed-precision kernels (no activation or ReLU; with a residual, z + r in
+    fp32 and the sum rounded once) and must keep the kernels' accuracy: y rounded once, dweight and dbias
+    as fp32 sums."""
     for dtype in (torch.bfloat16, torch.float16):
         for layout in ("contiguous", "channels_last"):
             for activation in (None, "relu"):
                 for training in (True, False):
-                    run_case((6, 5, 4, 3), dtype, device, layout, training, activation, grad_layout=layout)
+                    for with_residual in (False, True):
+                        run_case((6, 5, 4, 3), dtype, device, layout, training, activation,
+                                 with_residual=with_residual, grad_layout=layout)
         run_case((6, 5, 4, 3), dtype, device, "channels_last", activation="relu", grad_layout="channels_last",
                  offset=30.0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_16bit_residual_and_relu_round_once(layout, device):
+    """act(bn(x) + r) for bf16 is computed in fp32 and rounded once: every element within half a bf16 ulp
+    of the float64 result (plus fp32's own error, 1% of that). Rounding bn(x) to bf16 before the add, a
+    second rounding, lands up to a whole ulp away. (The Triton interpreter truncates fp32 -> bf16 stores,
+    whatever `fp_downcast_rounding` says, where a GPU rounds to nearest: there one truncation stays under
+    one ulp, two reach two.)"""
+    from triton_bn import launch
+    from triton_bn.autotune import INTERPRET
+    gen = torch.Generator().manual_seed(6)
+    x = make_input((8, 6, 5, 5), torch.bfloat16, device, layout, generator=gen)
+    r = make_input((8, 6, 5, 5), torch.bfloat16, device, layout, generator=gen)
+    weight = (torch.rand(6, generator=gen) + 0.5).to(device)
+    bias = torch.randn(6, generator=gen).to(device)
+    y = triton_bn.batch_norm(x, None, None, weight, bias, training=True, activation="relu", residual=r)
+    ref = torch.relu(torch.nn.functional.batch_norm(x.double(), None, None, weight.double(), bias.double(),
+                                                    training=True) + r.double())
+    ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
+    bound = 1.01 if (launch.uses_kernels(x) and INTERPRET and not x.is_cuda) else 0.505
+    assert ((y.double() - ref).abs() <= bound * ulp).all()
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -158,15 +158,17 @@ def _kernel_dtype(x, activation: int, residual, weight, bias, running_mean) -> t
     return x.dtype
 
 
-def _backward_dtype(x, grad_y, activation: int, residual, weight, bias, mean) -> torch.dtype:
-    """The dtype PyTorch's backward kernel runs this call in: as the forward's (``_kernel_dtype``), except
-    that a 16-bit call runs in fp32 unless x and dy are dense in one memory format. (PyTorch's 16-bit
-    backward keeps fp32 sums only on its contiguous and channels-last paths; on the generic one, e.g. a
-    channels-last x with a contiguous dy, its dweight and dbias lose digits the kernels keep.)"""
-    dtype = _kernel_dtype(x, activation, residual, weight, bias, mean)
-    if dtype == x.dtype and x.dtype in _HALF and not _same_dense_layout(x, grad_y):
+def _backward_dtype(x, grad_y, activation: int, weight, bias, mean) -> torch.dtype:
+    """The dtype PyTorch's backward kernel runs this call in. The residual does not enter it (z, where an
+    activation needs it, is recomputed apart: ``_pre_activation``), so a 16-bit call with no activation
+    or ReLU runs in its own dtype (PyTorch's mixed-precision backward: dL/dz masked by ReLU is exact in 16
+    bits) when x and dy are dense in one memory format: PyTorch's 16-bit backward keeps fp32 sums only on
+    its contiguous and channels-last paths (on the generic one, e.g. a channels-last x with a contiguous
+    dy, its dweight and dbias lose digits the kernels keep). Else fp32."""
+    if x.dtype in _HALF and (_kernel_dtype(x, activation, None, weight, bias, mean) != x.dtype
+                             or not _same_dense_layout(x, grad_y)):
         return torch.float32
-    return dtype
+    return x.dtype
 
 
 def _same_dense_layout(a, b) -> bool:
@@ -183,10 +185,13 @@ def _as(t, dtype):
     return t if (t is None or t.dtype == dtype) else t.to(dtype)
 
 
-def _epilogue_in_place(y, residual, activation: int, negative_slope: float):
+def _finish(z, residual, activation: int, negative_slope: float, dtype: torch.dtype):
+    """act(z + residual) in ``dtype``, rounded once: z (PyTorch's normalized output) and the sum in the
+    compute dtype, then one cast. (The residual is cast to z's dtype first: PyTorch's elementwise kernels
+    on mixed dtypes take a scalar, casting loop, 5-15x slower than a cast and a vectorised add.)"""
     if residual is not None:
-        y = y.add_(residual)
-    return _IN_PLACE[activation](y, negative_slope) if activation else y
+        z = z.add_(_as(residual, z.dtype))
+    return _as(_IN_PLACE[activation](z, negative_slope) if activation else z, dtype)
 
 
 _IN_PLACE = {
@@ -216,7 +221,7 @@ def _eval_fast(x, mean, var, weight, bias, residual, eps: float, activation: int
     """Eval: PyTorch's kernel with the running statistics, then the epilogue in place."""
     dtype = _kernel_dtype(x, activation, residual, weight, bias, mean)
     y = _normalize_eval(_as(x, dtype), weight, bias, mean, var, eps)
-    return _as(_epilogue_in_place(y, _as(residual, dtype), activation, negative_slope), x.dtype)
+    return _finish(y, residual, activation, negative_slope, x.dtype)
 
 
 def _summed_by_planes(x) -> bool:
@@ -252,8 +257,7 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
             running_mean.add_(mean - rough_mean, alpha=factor)
         invstd = var.add(eps).rsqrt_()
         y = _normalize_eval(xc, weight, bias, mean, var, eps)
-    y = _epilogue_in_place(y, _as(residual, y.dtype), activation, negative_slope)
-    return _as(y, x.dtype), mean, invstd
+    return _finish(y, residual, activation, negative_slope, x.dtype), mean, invstd
 
 
 _ATEN = torch.ops.aten
@@ -306,10 +310,14 @@ def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: floa
     if not (fast_path(x, None if batch_stats else mean, None if batch_stats else stat, weight, bias)
             and mean.dtype == dtype and stat.dtype == dtype):
         return None
-    kernel_dtype = _backward_dtype(x, grad_y, activation, residual, weight, bias, mean)
+    kernel_dtype = _backward_dtype(x, grad_y, activation, weight, bias, mean)
     xc, grad_z = _as(x, kernel_dtype), _as(grad_y, kernel_dtype)
     if activation != 0:
-        z = _pre_activation(xc, mean, stat, weight, bias, _as(residual, kernel_dtype), eps, batch_stats)
+        if residual is None or xc.dtype == dtype:
+            z = _pre_activation(xc, mean, stat, weight, bias, _as(residual, dtype), eps, batch_stats)
+        else:  # 16-bit x with a residual and ReLU: z + r in fp32, then in 16 bits (rounding keeps its sign)
+            z = _pre_activation(x.to(dtype), mean, stat, weight, bias, residual.to(dtype), eps, batch_stats)
+            z = z.to(kernel_dtype)
         grad_z = _ACTIVATION_BACKWARD[activation](grad_z, z, negative_slope)
     grad_residual = None
     if want_dresidual:  # never an alias of grad_y (custom-op outputs must not alias)
