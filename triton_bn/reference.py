@@ -171,14 +171,14 @@ def _backward_dtype(x, grad_y, activation: int, weight, bias, mean) -> torch.dty
     return x.dtype
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _same_dense_layout(a, b) -> bool:
     if a.is_contiguous():
         return b.is_contiguous()
     fmt = _CHANNELS_LAST.get(a.dim())
     return fmt is not None and a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt)
-
-
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _as(t, dtype):
@@ -313,12 +313,13 @@ def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: floa
     kernel_dtype = _backward_dtype(x, grad_y, activation, weight, bias, mean)
     xc, grad_z = _as(x, kernel_dtype), _as(grad_y, kernel_dtype)
     if activation != 0:
-        if residual is None or xc.dtype == dtype:
-            z = _pre_activation(xc, mean, stat, weight, bias, _as(residual, dtype), eps, batch_stats)
-        else:  # 16-bit x with a residual and ReLU: z + r in fp32, then in 16 bits (rounding keeps its sign)
-            z = _pre_activation(x.to(dtype), mean, stat, weight, bias, residual.to(dtype), eps, batch_stats)
-            z = z.to(kernel_dtype)
-        grad_z = _ACTIVATION_BACKWARD[activation](grad_z, z, negative_slope)
+        # z + r is formed in the compute dtype (one rounding, as the forward's); without a residual z is
+        # formed where the kernel runs. A 16-bit kernel then reads ReLU's mask from z in 16 bits (rounding
+        # keeps the sign).
+        z_dtype = xc.dtype if residual is None else dtype
+        z = _pre_activation(xc if xc.dtype == z_dtype else x.to(z_dtype), mean, stat, weight, bias,
+                            _as(residual, z_dtype), eps, batch_stats)
+        grad_z = _ACTIVATION_BACKWARD[activation](grad_z, _as(z, kernel_dtype), negative_slope)
     grad_residual = None
     if want_dresidual:  # never an alias of grad_y (custom-op outputs must not alias)
         grad_residual = grad_z.to(x.dtype, copy=True) if grad_z is grad_y else _as(grad_z, x.dtype)
