@@ -1,4 +1,6 @@
 """[core] The kernels against PyTorch in float64: every layout family, dtype and mode."""
+import math
+
 import pytest
 import torch
 
@@ -109,6 +111,36 @@ def test_large_offset_on_row_summed_inputs(shape, device):
     ref = torch.relu(torch.nn.functional.batch_norm(x.double(), None, None, training=True))
     torch.testing.assert_close(y.double(), ref, atol=1e-3, rtol=0)
     torch.testing.assert_close(rm.double(), x.double().mean(dims), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 3, 4, 5), (7, 6)], ids=lambda s: "x".join(map(str, s)))
+def test_16bit_mean_summed_in_blocks(shape, dtype, monkeypatch):
+    """The pure-PyTorch path sums a large 16-bit input's mean a few samples at a time (so that the fp32 copy
+    PyTorch makes stays in cache) and adds the blocks' sums in float64: seven samples in blocks of two, the
+    last one short, must give float64's mean, running mean and normalized output."""
+    from triton_bn import reference
+    per_sample = math.prod(shape[1:])
+    monkeypatch.setattr(reference, "MEAN_BLOCK_ELEMENTS", 2 * per_sample)
+    blocks = []
+    split = torch.Tensor.split
+    monkeypatch.setattr(torch.Tensor, "split", lambda t, *a, **k: blocks.append(split(t, *a, **k)) or blocks[-1])
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen) * 2 + 30).to(dtype)
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)  # rows summed by PyTorch: the accurate-mean path
+    channels, dims = shape[1], [0] + list(range(2, len(shape)))
+    weight, bias = torch.rand(channels, generator=gen) + 0.5, torch.randn(channels, generator=gen)
+    rm, rv = torch.zeros(channels), torch.ones(channels)
+    y, mean, _ = reference.batch_norm_training(x, rm, rv, None, weight, bias, None, 1.0, False, 1e-5, 1, 0.0)
+    assert [len(b) for b in blocks] == [4], "the block path did not run"
+    ref_mean = x.double().mean(dims)
+    torch.testing.assert_close(mean.double(), ref_mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rm.double(), ref_mean, atol=1e-5, rtol=0)
+    ref = torch.relu(torch.nn.functional.batch_norm(x.double(), None, None, weight.double(), bias.double(),
+                                                    training=True))
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype, "y")
 
 
 def test_16bit_inputs_with_dy_in_their_layout(device):

@@ -233,14 +233,34 @@ def _summed_by_planes(x) -> bool:
     return x.is_contiguous() and x.numel() != x.shape[0] * x.shape[1]
 
 
+# Elements per block of ``_accurate_mean`` on a 16-bit input: its fp32 copy (4 MB) stays in cache.
+MEAN_BLOCK_ELEMENTS = 1 << 20
+
+
+def _accurate_mean(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x's per-channel mean in ``dtype`` by ``torch.mean``'s cascade sum. PyTorch's CPU reductions convert a
+    16-bit input to the fp32 result type before they sum: a full-size fp32 copy, which on a large input costs
+    more than the sum itself (a bf16 32x64x56x56 batch: 2.8 ms against 1.4 ms summed in blocks). So a 16-bit x
+    is summed a few samples at a time, each block's copy small enough to stay in cache, and the blocks' sums
+    are added in float64 (no accuracy lost against one cascade sum: each block is one)."""
+    dims = _reduce_dims(x)
+    samples = x.shape[0]
+    per_sample = x.numel() // max(samples, 1)
+    rows = max(1, MEAN_BLOCK_ELEMENTS // max(per_sample, 1))
+    if x.dtype == dtype or rows >= samples:
+        return x.mean(dims, dtype=dtype)
+    block_sums = torch.stack([block.sum(dims, dtype=dtype) for block in x.split(rows)])
+    return block_sums.sum(0, dtype=torch.float64).div_(samples * per_sample // x.shape[1]).to(dtype)
+
+
 def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weight, bias, residual, momentum: float,
                         cumulative: bool, eps: float, activation: int, negative_slope: float):
     """(y, mean, invstd) of a training forward, the running statistics updated once (unbiased), then the
     residual and the activation in place (the step functions where ``fast_path`` says no). Planes summed
     one by one (``_summed_by_planes``): one call of PyTorch's fused kernel. Otherwise its statistics kernel
-    (variance and running statistics), the mean from ``torch.mean``'s cascade sum (the running mean
-    corrected by the difference), and y from its eval-mode kernel: the same passes over x as the fused
-    kernel plus one reduction, never a second normalization. (Its variance is taken around its own mean:
+    (variance and running statistics), the mean from ``torch.mean``'s cascade sum (``_accurate_mean``; the
+    running mean corrected by the difference), and y from its eval-mode kernel: the same passes over x as
+    the fused kernel plus one reduction, never a second normalization. (Its variance is taken around its own mean:
     off by the square of the mean's error, ~1e-10 of the variance, far below fp32 rounding.)"""
     if not fast_path(x, running_mean, running_var, weight, bias):
         mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
@@ -252,7 +272,7 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
         y, mean, invstd = torch.native_batch_norm(xc, weight, bias, running_mean, running_var, True, factor, eps)
     else:
         rough_mean, var = torch.batch_norm_update_stats(xc, running_mean, running_var, factor)
-        mean = xc.mean(_reduce_dims(x), dtype=rough_mean.dtype)
+        mean = _accurate_mean(xc, rough_mean.dtype)
         if running_mean is not None:
             running_mean.add_(mean - rough_mean, alpha=factor)
         invstd = var.add(eps).rsqrt_()
