@@ -113,34 +113,47 @@ def test_large_offset_on_row_summed_inputs(shape, device):
     torch.testing.assert_close(rm.double(), x.double().mean(dims), atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(7, 3, 4, 5), (7, 6)], ids=lambda s: "x".join(map(str, s)))
-def test_16bit_mean_summed_in_blocks(shape, dtype, monkeypatch):
-    """The pure-PyTorch path sums a large 16-bit input's mean a few samples at a time (so that the fp32 copy
-    PyTorch makes stays in cache) and adds the blocks' sums in float64: seven samples in blocks of two, the
-    last one short, must give float64's mean, running mean and normalized output."""
+@pytest.mark.parametrize("dtype, shape, layout, offset", [
+    (torch.bfloat16, (7, 3, 4, 5), "channels_last", 30.0),  # 16-bit mean in blocks (rows summed by PyTorch)
+    (torch.float16, (7, 6), "contiguous", 30.0),
+    (torch.float32, (7, 3, 4, 5), "contiguous", 1e4),  # fp32 planes: mean, then the variance in blocks
+    (torch.float32, (7, 3, 12), "contiguous", 1e4),
+], ids=lambda v: str(v).replace("torch.", "").replace(", ", "x") if not isinstance(v, float) else f"mean{v:g}")
+def test_statistics_in_blocks(dtype, shape, layout, offset, monkeypatch):
+    """The pure-PyTorch path's blocked reductions (a large 16-bit input's mean, a large fp32 input's
+    variance), forced onto a small input: seven samples in blocks of two, the last one short, must give
+    float64's mean, variance, running statistics and normalized output, also at a mean of 1e4 std."""
     from triton_bn import reference
     per_sample = math.prod(shape[1:])
-    monkeypatch.setattr(reference, "MEAN_BLOCK_ELEMENTS", 2 * per_sample)
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 2 * per_sample)
+    monkeypatch.setattr(reference, "BLOCKED_STATISTICS_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(reference, "BLOCKED_STATISTICS_MIN_PLANE", 0)
     blocks = []
     split = torch.Tensor.split
     monkeypatch.setattr(torch.Tensor, "split", lambda t, *a, **k: blocks.append(split(t, *a, **k)) or blocks[-1])
     gen = torch.Generator().manual_seed(5)
-    x = (torch.randn(shape, generator=gen) * 2 + 30).to(dtype)
-    if len(shape) == 4:
-        x = x.contiguous(memory_format=torch.channels_last)  # rows summed by PyTorch: the accurate-mean path
+    x = (torch.randn(shape, generator=gen) * 2 + offset).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     channels, dims = shape[1], [0] + list(range(2, len(shape)))
     weight, bias = torch.rand(channels, generator=gen) + 0.5, torch.randn(channels, generator=gen)
     rm, rv = torch.zeros(channels), torch.ones(channels)
-    y, mean, _ = reference.batch_norm_training(x, rm, rv, None, weight, bias, None, 1.0, False, 1e-5, 1, 0.0)
-    assert [len(b) for b in blocks] == [4], "the block path did not run"
-    ref_mean = x.double().mean(dims)
-    torch.testing.assert_close(mean.double(), ref_mean, atol=1e-5, rtol=0)
-    torch.testing.assert_close(rm.double(), ref_mean, atol=1e-5, rtol=0)
+    y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, weight, bias, None, 1.0, False, 1e-5, 1, 0.0)
+    assert blocks and all(len(b) == 4 for b in blocks), "the blocked path did not run"
+    var, ref_mean = torch.var_mean(x.double(), dims, correction=0)
+    tol = dict(atol=1e-6 * offset, rtol=0)  # the mean's own fp32 rounding at that offset
+    torch.testing.assert_close(mean.double(), ref_mean, **tol)
+    torch.testing.assert_close(rm.double(), ref_mean, **tol)
+    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-4)
+    count = x.numel() // channels
+    torch.testing.assert_close(rv.double(), var * count / (count - 1), atol=0, rtol=1e-4)
     ref = torch.relu(torch.nn.functional.batch_norm(x.double(), None, None, weight.double(), bias.double(),
                                                     training=True))
     assert y.dtype == dtype
-    assert_close(y, ref, dtype, "y")
+    if offset > 100:  # PyTorch's eval kernel folds the mean into the shift (x * a + b): rounded at x's size
+        torch.testing.assert_close(y.double(), ref, atol=1e-3, rtol=0)  # as test_large_offset_on_row_summed_inputs
+    else:
+        assert_close(y, ref, dtype, "y")
 
 
 def test_16bit_inputs_with_dy_in_their_layout(device):
