@@ -66,11 +66,13 @@ def test_bad_input_raises_and_changes_nothing(name, mutate, error, match, device
     assert _unchanged(before, *watched)
 
 
-def test_double_backward_raises_instead_of_dropping_terms(device):
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_double_backward_raises_instead_of_dropping_terms(training, device):
     x = torch.randn(4, 3, 5, device=device, requires_grad=True)
-    y = triton_bn.batch_norm(x, None, None, training=True, activation="silu")
+    running = (torch.zeros(3, device=device), torch.ones(3, device=device))
+    y = triton_bn.batch_norm(x, *running, training=training, activation="silu")
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="twice"):
         gx.sum().backward()
 
 
