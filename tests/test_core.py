@@ -127,7 +127,6 @@ def test_statistics_in_blocks(dtype, shape, layout, offset, monkeypatch):
     per_sample = math.prod(shape[1:])
     monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 2 * per_sample)
     monkeypatch.setattr(reference, "BLOCKED_STATISTICS_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(reference, "BLOCKED_STATISTICS_MIN_PLANE", 0)
     blocks = []
     split = torch.Tensor.split
     monkeypatch.setattr(torch.Tensor, "split", lambda t, *a, **k: blocks.append(split(t, *a, **k)) or blocks[-1])
