@@ -326,10 +326,11 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
                 mean, invstd)
     factor = (1.0 / float(num_batches_tracked)) if (cumulative and running_mean is not None) else momentum
     xc = _as(x, _kernel_dtype(x, activation, residual, weight, bias, running_mean))
-    if _summed_by_planes(xc) and not _statistics_in_blocks(xc):
+    by_planes = _summed_by_planes(xc)
+    if by_planes and not _statistics_in_blocks(xc):
         y, mean, invstd = torch.native_batch_norm(xc, weight, bias, running_mean, running_var, True, factor, eps)
         return _finish(y, residual, activation, negative_slope, x.dtype), mean, invstd
-    if _summed_by_planes(xc):
+    if by_planes:
         mean, var = _plane_statistics(xc)
         _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], factor)
     else:
