@@ -12,7 +12,7 @@ from .activations import activation_id
 from .autograd import BatchNormFunction, TrainingBatchNormFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_PARAMETER_DTYPES = frozenset(SUPPORTED_DTYPES)
+_SUPPORTED_DTYPE_SET = frozenset(SUPPORTED_DTYPES)
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -100,9 +100,10 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
     if input.dim() < 2:
         raise ValueError(f"batch_norm: expected an input of at least 2 dimensions [N, C, *], got shape "
                          f"{tuple(input.shape)}")
-    if not input.is_floating_point():
-        raise TypeError(f"batch_norm: unsupported input dtype {input.dtype}; expected float32, float16 or bfloat16")
-    if input.dtype not in SUPPORTED_DTYPES:
+    if input.dtype not in _SUPPORTED_DTYPE_SET:  # one test when all is well; the two messages below otherwise
+        if not input.is_floating_point():
+            raise TypeError(f"batch_norm: unsupported input dtype {input.dtype}; expected float32, float16 or "
+                            f"bfloat16")
         raise TypeError(f"batch_norm: unsupported input dtype {input.dtype}; expected float32, float16, bfloat16 "
                         f"or float64")
     act = activation_id(activation)
@@ -116,7 +117,7 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
                     ("bias", bias)):
         if t is None:
             continue
-        if isinstance(t, Tensor) and t.dtype in _PARAMETER_DTYPES and t.shape == shape and t.device == device:
+        if isinstance(t, Tensor) and t.dtype in _SUPPORTED_DTYPE_SET and t.shape == shape and t.device == device:
             continue  # the usual case, in four cheap tests; anything else gets the detailed checks below
         if not isinstance(t, Tensor):
             raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")

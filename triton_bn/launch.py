@@ -90,7 +90,9 @@ _KERNELS = {
 def _per_channel_args(mean, stat, weight, bias, device):
     """(mean, stat, weight, bias) as kernel arguments: read-only vectors with stride 1 (a strided view is
     copied), a private dummy for an absent one."""
-    return tuple(_dummy(device) if t is None else t.contiguous() for t in (mean, stat, weight, bias))
+    dummy = _dummy(device)  # (written out, not a generator: this runs on every call)
+    return (dummy if mean is None else mean.contiguous(), dummy if stat is None else stat.contiguous(),
+            dummy if weight is None else weight.contiguous(), dummy if bias is None else bias.contiguous())
 
 
 # -- arrival counters -------------------------------------------------------------------------------------

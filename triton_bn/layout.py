@@ -53,7 +53,7 @@ _MISSING = object()
 
 def plan_layout(x: torch.Tensor) -> Tuple[torch.Tensor, LayoutPlan]:
     """``(x_dense, plan)``: x itself when it is in one of the two families, else one copy of it."""
-    key = (tuple(x.shape), x.stride())
+    key = (x.shape, x.stride())  # torch.Size hashes and compares as the tuple it is
     plan = _PLANS.get(key, _MISSING)
     if plan is _MISSING:  # read once into a local: another thread may clear the dict at any time
         plan = _plan_without_copy(x)
@@ -84,4 +84,6 @@ def like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def empty_like_input(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    """An empty tensor with exactly x's strides (x dense, as ``plan_layout`` returns it: ``empty_like``
+    copies the strides of a dense, non-overlapping tensor)."""
+    return torch.empty_like(x)
