@@ -8,7 +8,8 @@ everywhere), and float64 on any device. Its calls go through the same autograd F
   applied in place after them, where they compute what the step functions do (``fast_path``; 16-bit
   inputs in PyTorch's mixed-precision kernels where the epilogue commutes with rounding, else in fp32:
   ``_kernel_dtype``; an accurate mean where PyTorch's kernel adds rows without compensation:
-  ``_summed_by_planes``);
+  ``_summed_by_planes``; large fp32 planes' statistics in blocks, where PyTorch's kernel is slow:
+  ``_statistics_in_blocks``);
 - the step functions (``batch_stats``, ``batch_norm_apply`` with batch statistics, ``backward_sums``,
   ``backward_elementwise``, ``batch_moments``), the same functions as ``launch.py`` written with torch
   ops: the executable specification of what the kernels compute (same formulas, fp32 accumulation, one
