@@ -116,3 +116,39 @@ def test_heuristic_tiles_are_powers_of_two_and_bounded():
             for v in (cfg.block_a, cfg.block_b):
                 assert v >= 1 and v & (v - 1) == 0
             assert cfg.block_a * cfg.block_b <= 4096
+
+
+@pytest.mark.parametrize("shape, fmt, aligned", [
+    ((128, 64, 7, 7), torch.contiguous_format, False),  # rows of 49 elements: 4-byte aligned only
+    ((8, 32, 14, 14), torch.contiguous_format, False),  # 196: divisible by 4, not by 16
+    ((8, 32, 28, 28), torch.contiguous_format, True),  # 784 = 16 x 49
+    ((8, 24, 7, 7), torch.channels_last, False),  # 24 channels: row stride not divisible by 16
+    ((8, 64, 7, 7), torch.channels_last, True),
+    ((16, 1024), torch.contiguous_format, True),  # (N, C): channels-last family
+])
+def test_reductions_pipeline_only_vector_aligned_loads(shape, fmt, aligned):
+    """The heuristic software-pipelines a reduction's loop only where Triton can prove 16-byte vector
+    loads: pipelining 4-byte loads (one cp.async per element) ran 1.8-6x slower on an H100 (NOTES, GPU
+    runs 5-6). Elementwise kernels have no loop: their stage count is left at the default."""
+    from triton_bn.layout import ChannelsLastPlan, plan_layout
+    _, plan = plan_layout(torch.empty(shape).contiguous(memory_format=fmt))
+    family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
+    assert autotune.vector_aligned(family, plan) == aligned
+    for element_size in (2, 4):
+        for kind in autotune.REDUCTION_KINDS:
+            assert autotune.heuristic_config(family, kind, plan, element_size).num_stages == (3 if aligned else 1)
+        for kind in autotune.ELEMENTWISE_KINDS:
+            assert autotune.heuristic_config(family, kind, plan, element_size).num_stages == 3
+
+
+def test_channels_last_statistics_tile_is_narrow_in_every_dtype():
+    """The channels-last statistics take 32-channel tiles (128 rows) whatever the dtype; the other
+    channels-last kernels keep rows of >= 128 contiguous bytes (64 fp32 or 128 bf16 channels)."""
+    from triton_bn.layout import plan_layout
+    _, plan = plan_layout(torch.empty(64, 256, 14, 14).contiguous(memory_format=torch.channels_last))
+    for element_size in (2, 4):
+        stats = autotune.heuristic_config("channels_last", "stats", plan, element_size)
+        assert (stats.block_a, stats.block_b) == (128, 32)
+        for kind in ("apply", "bwd_reduce", "bwd_dx"):
+            cfg = autotune.heuristic_config("channels_last", kind, plan, element_size)
+            assert cfg.block_b * element_size >= 128 and cfg.block_a * cfg.block_b == 4096

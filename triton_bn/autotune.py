@@ -165,16 +165,35 @@ def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
 
 @functools.lru_cache(maxsize=4096)
 def heuristic_config(family: str, kind: str, plan, element_size: int) -> TileConfig:
-    """A good tile without benchmarking: about 4096 elements (16 KiB of fp32) per tile, channels-last
-    tiles wider in C for 2-byte dtypes (so one row of the tile is still >= 128 contiguous bytes)."""
+    """A good tile without benchmarking: about 4096 elements (16 KiB of fp32) per tile.
+
+    Channels-last tiles: the statistics take 32 channels x 128 rows in every dtype; the other kernels
+    take wider tiles for 2-byte dtypes (so one row of the tile is still >= 128 contiguous bytes). On an
+    H100 the narrow statistics tile ran 1.1-1.9x faster than 32 x 128 or 64 x 64 on every shape timed
+    (perf/NOTES.md, "GPU runs 4-6").
+
+    Reductions pipeline their loop (``num_stages=3``) only where their loads are 16-byte vectors
+    (``vector_aligned``): otherwise Triton pipelines them as one 4-byte ``cp.async`` per element plus a
+    shared-memory read back, which ran 1.8-6x slower than the plain loop on 7x7 and 14x14 NCHW planes."""
     extent_a, extent_b = problem_extent(family, plan)
     if family == "channels_last":
-        block_b = min(next_power_of_2(max(extent_b, 1)), 64 if element_size >= 4 else 128)
-        block_b = max(block_b, 16)
+        widest = 32 if kind == "stats" else (64 if element_size >= 4 else 128)
+        block_b = max(16, min(next_power_of_2(max(extent_b, 1)), widest))
     else:
         block_b = max(16, min(next_power_of_2(max(extent_b, 1)), 2048))
     block_a = max(1, min(4096 // block_b, next_power_of_2(max(extent_a, 1))))
-    return TileConfig(block_a, block_b, _warps(block_a * block_b))
+    stages = 3 if kind not in REDUCTION_KINDS or vector_aligned(family, plan) else 1
+    return TileConfig(block_a, block_b, _warps(block_a * block_b), num_stages=stages)
+
+
+def vector_aligned(family: str, plan) -> bool:
+    """Whether a tile's rows can load as 16-byte vectors: Triton proves alignment from the integer
+    arguments it sees divisible by 16 (the row strides, and the extent that masks the contiguous axis)."""
+    if family == "channels_last":
+        sizes = (plan.row_stride, plan.channels)
+    else:
+        sizes = (plan.batch_stride, plan.channel_stride, plan.spatial)
+    return all(size % 16 == 0 for size in sizes)
 
 
 _SM_COUNTS: Dict[torch.device, int] = {}
