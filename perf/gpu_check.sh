@@ -3,7 +3,8 @@
 # on the GPU machine, where nothing can be installed: torch/triton/pandas/matplotlib/pytest are the image's.
 #   OUT=/some/folder bash perf/gpu_check.sh
 # Writes at most 6 files to $OUT (the device tool brings back 8): gpu.txt, tests-cuda.txt, bench.log,
-# bench.tgz (the whole triton-bn bench output folder), summary.md (a copy, readable at once), and with
+# bench.tgz (the whole triton-bn bench output folder, with MODEL_S > 0 the ResNet-50 steps and with
+# SHORT_LOOPS_S > 0 perf/short_loops.py's tables in it), summary.md (a copy, readable at once), and with
 # PROFILE_S > 0 profile.tgz (perf/profile_gpu.py's files).
 set -uo pipefail
 OUT=${OUT:-/tmp/triton-bn-gpu}
@@ -33,6 +34,12 @@ if [ "$MODEL_S" -gt 0 ]; then
   TRITON_BN_AUTOTUNE=0 timeout "$MODEL_S" python3 -m triton_bn bench --model resnet50 --steps 10 --out "$OUT/bench" \
     > "$OUT/bench/model.log" 2>&1
   echo "model exit $?" >> "$OUT/bench/model.log"
+fi
+# optional: the two reductions alone per configuration (perf/short_loops.py), SHORT_LOOPS_S seconds at most
+SHORT_LOOPS_S=${SHORT_LOOPS_S:-0}
+if [ "$SHORT_LOOPS_S" -gt 0 ]; then
+  OUT="$OUT/bench" timeout "$SHORT_LOOPS_S" python3 perf/short_loops.py > "$OUT/bench/short_loops.log" 2>&1
+  echo "short_loops exit $?" >> "$OUT/bench/short_loops.log"
 fi
 tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
 # optional: where the time of a call goes (perf/profile_gpu.py), PROFILE_S seconds at most

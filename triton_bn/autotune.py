@@ -36,7 +36,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -142,7 +142,8 @@ def problem_extent(family: str, plan) -> Tuple[int, int]:
 def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
     """The declared tiles, each dimension clamped to the problem (a tile much larger than the problem
     only masks lanes off), duplicates removed, never empty; for reductions, each tile also with the
-    split-count and pipelining variants of ``REDUCTION_VARIANTS``."""
+    split-count and pipelining variants of ``REDUCTION_VARIANTS`` (where the loads are not 16-byte
+    vectors, ``vector_aligned``, only the split-count variants, unpipelined)."""
     extent_a, extent_b = problem_extent(family, plan)
     cap_a = next_power_of_2(max(extent_a, 1))
     cap_b = max(16, next_power_of_2(max(extent_b, 1)))
@@ -158,8 +159,12 @@ def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
         if candidate not in clamped:
             clamped.append(candidate)
     if kind in REDUCTION_KINDS:
-        clamped += [TileConfig(c.block_a, c.block_b, c.num_warps, stages, per_sm, c.flat)
-                    for c in list(clamped) for per_sm, stages in REDUCTION_VARIANTS]
+        if vector_aligned(family, plan):
+            clamped += [TileConfig(c.block_a, c.block_b, c.num_warps, stages, per_sm, c.flat)
+                        for c in list(clamped) for per_sm, stages in REDUCTION_VARIANTS]
+        else:  # pipelining 4-byte loads only loses (heuristic_config): one stage, every split-count variant
+            clamped = [replace(c, num_stages=1, programs_per_sm=per_sm) for c in clamped
+                       for per_sm in sorted({PROGRAMS_PER_SM} | {v[0] for v in REDUCTION_VARIANTS})]
     return clamped
 
 
