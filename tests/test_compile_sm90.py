@@ -25,15 +25,18 @@ DTYPE_OF = {"x_ptr": "bf16", "y_ptr": "bf16", "residual_ptr": "bf16", "grad_y_pt
             "num_batches_ptr": "i64", "grad_weight_ptr": "fp32", "grad_bias_ptr": "fp32", "counter_ptr": "i32"}
 
 
-def _compile(kernel, constexprs, index_type="i32", hints=False):
+def _compile(kernel, constexprs, index_type="i32", hints=False, unaligned=(), dtypes=None):
     """Compile for sm_90; ``hints``: with the divisibility-by-16 attributes the JIT adds at run time for
-    ResNet-50 sizes on every pointer and integer argument (what lets loads vectorise and pipeline)."""
+    ResNet-50 sizes on every pointer and integer argument (what lets loads vectorise and pipeline),
+    except the arguments named in ``unaligned`` (a 7x7 plane's size and channel stride, say).
+    ``dtypes`` overrides ``DTYPE_OF`` for some pointers."""
+    pointer_dtypes = dict(DTYPE_OF, **(dtypes or {}))
     signature = {}
     for name, param in zip(kernel.arg_names, kernel.params):
         if param.is_constexpr:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*" + DTYPE_OF.get(name, "fp32")
+            signature[name] = "*" + pointer_dtypes.get(name, "fp32")
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         else:
@@ -41,7 +44,7 @@ def _compile(kernel, constexprs, index_type="i32", hints=False):
     missing = [n for n, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr and n not in constexprs]
     assert not missing, f"test must set {missing}"
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-             if hints and signature[name] not in ("constexpr", "fp32")}
+             if hints and signature[name] not in ("constexpr", "fp32") and name not in unaligned}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
     assert compiled.asm["cubin"], "no machine code"
@@ -121,6 +124,24 @@ def group_pipelining_and_ordering():
         assert "bar.sync" in ptx[3], f"{name}: no barrier before the atomic"
 
 
+def group_unaligned_pipelining():
+    """Why the heuristic pipelines only vector-aligned reductions (autotune.vector_aligned): on an fp32
+    input whose plane size and channel stride are not divisible by 16 (7x7, 14x14), a pipelined loop
+    copies one 4-byte element per cp.async through shared memory (1.8-6x slower on an H100,
+    perf/NOTES.md); aligned, 16 bytes per cp.async. The 1-stage loop the heuristic runs there has none.
+    (A 2-byte input's unaligned loop is not pipelined at all: a cp.async moves at least 4 bytes.)"""
+    tile = dict(STATS_FLAGS, BLOCK_SPLITS=256, BLOCK_N=64, BLOCK_S=64, FLAT=False)
+    fp32 = dict(hints=True, dtypes={"x_ptr": "fp32"})
+
+    def copy_sizes(constexprs, unaligned=()):
+        ptx = _compile(cf._bn_fwd_stats_channels_first, constexprs, unaligned=unaligned, **fp32).asm["ptx"]
+        return set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, (0x[0-9a-f]+)", ptx))
+
+    assert copy_sizes(tile, unaligned=("S", "stride_c")) == {"0x4"}
+    assert copy_sizes(dict(tile, NUM_STAGES=1), unaligned=("S", "stride_c")) == set()
+    assert copy_sizes(tile) == {"0x10"}
+
+
 def group_eval_flags():
     _compile(cl._bn_fwd_apply_channels_last, dict(STATS_ARE_RUNNING=True, HAS_WEIGHT=False, HAS_BIAS=False,
                                                   HAS_RESIDUAL=False, ACTIVATION=2, **CL_TILE))
@@ -130,7 +151,7 @@ def group_eval_flags():
 
 
 GROUPS = ["channels_last_elementwise", "channels_first", "reductions_and_finalize", "eval_flags",
-          "pipelining_and_ordering"]
+          "pipelining_and_ordering", "unaligned_pipelining"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
