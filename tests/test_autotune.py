@@ -171,3 +171,23 @@ def test_candidates_pipeline_only_vector_aligned_reductions():
         tiles = lambda configs: {(c.block_a, c.block_b, c.flat) for c in configs}  # noqa: E731
         assert tiles(narrow) == tiles(autotune.candidate_configs("channels_first", "apply", unaligned))
     assert all(c.num_stages == 3 for c in autotune.candidate_configs("channels_first", "apply", unaligned))
+
+
+def test_tuning_copies_the_running_buffers_once_per_key(cpu_tuning, monkeypatch):
+    """The statistics candidates update scratch copies of the running buffers, made once per tuned key
+    (not inside every timed candidate run, where their copy kernels would be timed too)."""
+    mod, _ = _fresh_module()
+    buffers = {id(mod.running_mean), id(mod.running_var)}
+    clones = []
+    real_clone = torch.Tensor.clone
+
+    def counting_clone(self, *args, **kwargs):
+        if id(self) in buffers:
+            clones.append(id(self))
+        return real_clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", counting_clone)
+    with torch.no_grad():
+        mod(torch.randn(8, 6, 5, 5))
+    candidates = [row for row in tuner.report if row["key"].startswith("channels_first.stats")]
+    assert len(candidates) > 2 and sorted(clones) == sorted(buffers)
