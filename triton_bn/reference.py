@@ -245,20 +245,27 @@ def _sample_blocks(x: torch.Tensor):
     return x.split(max(1, BLOCK_ELEMENTS // max(per_sample, 1)))
 
 
+def _sum_in_blocks(blocks, dtype: torch.dtype, write, reduce) -> torch.Tensor:
+    """sum over ``blocks`` (``_sample_blocks``) of ``reduce(write(block, buffer))`` -> [C] float64, where
+    ``write`` fills one buffer of ``dtype``, reused for every block (a fresh one per block costs ~1.5x) and
+    small enough to stay in cache, and ``reduce`` sums it per channel; the blocks' sums are added in float64
+    (no accuracy lost against one cascade sum: each block is one)."""
+    buffer = torch.empty_like(blocks[0], dtype=dtype)
+    total = torch.zeros(blocks[0].shape[1], dtype=torch.float64, device=blocks[0].device)
+    for block in blocks:
+        total.add_(reduce(write(block, buffer[:block.shape[0]])))
+    return total
+
+
 def _accurate_mean(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x's per-channel mean in ``dtype`` by ``torch.mean``'s cascade sum. PyTorch's CPU reductions convert a
     16-bit input to the fp32 result type before they sum: a full-size fp32 copy, which on a large input costs
-    more than the sum itself. So a large 16-bit x is converted block by block (``_sample_blocks``) into one
-    reused buffer small enough to stay in cache, each block summed there and the blocks' sums added in
-    float64 (no accuracy lost against one cascade sum: each block is one)."""
+    more than the sum itself. So a large 16-bit x is converted block by block (``_sum_in_blocks``)."""
     dims = _reduce_dims(x)
     blocks = _sample_blocks(x)
     if x.dtype == dtype or len(blocks) == 1:
         return x.mean(dims, dtype=dtype)
-    converted = torch.empty_like(blocks[0], dtype=dtype)  # reused: a fresh buffer per block costs ~1.5x
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for block in blocks:
-        total.add_(converted[:block.shape[0]].copy_(block).sum(dims))
+    total = _sum_in_blocks(blocks, dtype, lambda block, out: out.copy_(block), lambda t: t.sum(dims))
     return total.div_(x.numel() // x.shape[1]).to(dtype)
 
 
@@ -271,19 +278,19 @@ def _plane_sums(planes: torch.Tensor) -> torch.Tensor:
 
 def _plane_statistics(x: torch.Tensor):
     """(mean, biased variance) per channel of a contiguous fp32 x, both in x's dtype: the mean from
-    ``_plane_sums``, then the squared deviations from it, summed block by block (``_sample_blocks``)
-    through one reused temporary that stays in cache. Two reads of x."""
+    ``_plane_sums``, then the squared deviations from it, summed block by block (``_sum_in_blocks``).
+    Two reads of x."""
     samples, channels = x.shape[0], x.shape[1]
     count = x.numel() // channels
     planes = x.view(samples, channels, -1)
     mean = _plane_sums(planes).div_(count).to(x.dtype)
     center = mean.view(1, channels, 1)
-    blocks = _sample_blocks(planes)
-    deviations = torch.empty(blocks[0].shape, dtype=x.dtype, device=x.device)
-    total = torch.zeros(channels, dtype=torch.float64, device=x.device)
-    for block in blocks:
-        deviation = torch.sub(block, center, out=deviations[:block.shape[0]])
-        total.add_(_plane_sums(deviation.mul_(deviation)))
+
+    def squared_deviation(block, out):
+        deviation = torch.sub(block, center, out=out)
+        return deviation.mul_(deviation)
+
+    total = _sum_in_blocks(_sample_blocks(planes), x.dtype, squared_deviation, _plane_sums)
     return mean, total.div_(count).to(x.dtype)
 
 
