@@ -68,16 +68,17 @@ def _resources(ptx: str):
 STATS = dict(UPDATE_RUNNING=True, CUMULATIVE=False, WRITE_MOMENTS=False)
 SUMS = dict(WRITE_GRAD_WEIGHT=True, WRITE_GRAD_BIAS=True)
 DX = dict(BATCH_STATS=True, WRITE_GRAD_X=True, WRITE_GRAD_RESIDUAL=True)
+APPLY = dict(EPILOGUE, ACTIVATION=1, COUNT_BATCH=True)  # a training forward's normalization
 
 
 def main() -> None:
     kernels = {
         "channels_last": [("stats", cl._bn_fwd_stats_channels_last, STATS, True),
-                          ("apply", cl._bn_fwd_apply_channels_last, dict(EPILOGUE, ACTIVATION=1), False),
+                          ("apply", cl._bn_fwd_apply_channels_last, APPLY, False),
                           ("bwd_reduce", cl._bn_bwd_reduce_channels_last, dict(EPILOGUE, ACTIVATION=1, **SUMS), True),
                           ("bwd_dx", cl._bn_bwd_dx_channels_last, dict(EPILOGUE, ACTIVATION=1, **DX), False)],
         "channels_first": [("stats", cf._bn_fwd_stats_channels_first, STATS, True),
-                           ("apply", cf._bn_fwd_apply_channels_first, dict(EPILOGUE, ACTIVATION=1), False),
+                           ("apply", cf._bn_fwd_apply_channels_first, APPLY, False),
                            ("bwd_reduce", cf._bn_bwd_reduce_channels_first, dict(EPILOGUE, ACTIVATION=1, **SUMS), True),
                            ("bwd_dx", cf._bn_bwd_dx_channels_first, dict(EPILOGUE, ACTIVATION=1, **DX), False)],
     }

@@ -62,7 +62,7 @@ def group_channels_last_elementwise():
 
 
 def _compile_channels_last_elementwise(activation):
-    _compile(cl._bn_fwd_apply_channels_last, dict(EPILOGUE, ACTIVATION=activation, **CL_TILE))
+    _compile(cl._bn_fwd_apply_channels_last, dict(EPILOGUE, ACTIVATION=activation, COUNT_BATCH=True, **CL_TILE))
     _compile(cl._bn_bwd_dx_channels_last, dict(EPILOGUE, ACTIVATION=activation, BATCH_STATS=True, WRITE_GRAD_X=True,
                                                WRITE_GRAD_RESIDUAL=True, **CL_TILE))
 
@@ -75,7 +75,7 @@ def group_channels_first():
 
 def _compile_channels_first(activation, flat):
     tile = dict(CF_TILE, FLAT=flat)
-    _compile(cf._bn_fwd_apply_channels_first, dict(EPILOGUE, ACTIVATION=activation, **tile))
+    _compile(cf._bn_fwd_apply_channels_first, dict(EPILOGUE, ACTIVATION=activation, COUNT_BATCH=True, **tile))
     _compile(cf._bn_bwd_dx_channels_first, dict(EPILOGUE, ACTIVATION=activation, BATCH_STATS=True, WRITE_GRAD_X=True,
                                                 WRITE_GRAD_RESIDUAL=True, **tile))
     _compile(cf._bn_bwd_reduce_channels_first, dict(EPILOGUE, **SUMS_FLAGS, ACTIVATION=activation, BLOCK_SPLITS=256,
@@ -144,7 +144,7 @@ def group_unaligned_pipelining():
 
 def group_eval_flags():
     _compile(cl._bn_fwd_apply_channels_last, dict(STATS_ARE_RUNNING=True, HAS_WEIGHT=False, HAS_BIAS=False,
-                                                  HAS_RESIDUAL=False, ACTIVATION=2, **CL_TILE))
+                                                  HAS_RESIDUAL=False, ACTIVATION=2, COUNT_BATCH=False, **CL_TILE))
     _compile(cf._bn_bwd_dx_channels_first, dict(STATS_ARE_RUNNING=True, HAS_WEIGHT=False, HAS_BIAS=False,
                                                 HAS_RESIDUAL=False, ACTIVATION=3, BATCH_STATS=False,
                                                 WRITE_GRAD_X=True, WRITE_GRAD_RESIDUAL=False, **CF_TILE))

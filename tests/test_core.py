@@ -393,19 +393,34 @@ def _count_launches(monkeypatch):
     return counts
 
 
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the aten ops run while active (the interpreter's own copies included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_launch_counts(layout, monkeypatch):
     """Few launches keep host overhead small: eval is one pass, a training forward two (statistics,
-    merged by their last program, then apply), a training backward two (reduce, dx); passes nobody
-    needs are skipped."""
+    merged by their last program, then apply, which also counts the batch: no increment op on the side,
+    where a GPU would pay a third launch), a training backward two (reduce, dx); passes nobody needs are
+    skipped."""
     from triton_bn import launch
     if not launch.uses_kernels(torch.empty(1)):
         pytest.skip("launch counts are the kernels': this process runs the pure-PyTorch path")
     counts = _count_launches(monkeypatch)
     mod = triton_bn.BatchNorm2d(4, activation="relu")
     x = make_input((3, 4, 5, 5), torch.float32, "cpu", layout).requires_grad_()
-    y = mod(x)
+    with _RecordOps() as recorded:
+        y = mod(x)
     assert sorted(k.split(".")[1] for k in counts) == ["apply", "stats"] and sum(counts.values()) == 2
+    assert "add_" not in recorded.ops and mod.num_batches_tracked.item() == 1
     counts.clear()
     y.sum().backward()
     assert sorted(k.split(".")[1] for k in counts) == ["bwd_dx", "bwd_reduce"] and sum(counts.values()) == 2

@@ -47,8 +47,6 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
         raise TypeError(f"batch_norm: negative_slope must be a number, got {type(negative_slope).__name__}")
     # -- nothing above writes; everything below may --
-    if training and running_mean is not None and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)  # as nn.BatchNorm does, before the statistics read it
     tracing = torch.compiler.is_compiling()
     # Traced code (torch.compile) goes through the custom ops; eager code calls the launchers directly
     # (same kernels, same autograd formula, without the op dispatch's per-call cost).
@@ -56,13 +54,18 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return apply_step(input, weight, bias, residual, tracing)(
             input, running_mean, running_var, weight, bias, residual, float(eps), False, act, float(negative_slope))
     cumulative = momentum is None
-    batches = num_batches_tracked if cumulative else None
     factor = 0.0 if cumulative else float(momentum)
+    # The batch is counted as nn.BatchNorm counts it (only with running statistics), and a cumulative
+    # average weighs it 1 / (count before it + 1), as nn.BatchNorm's 1 / count after its increment.
+    batches = num_batches_tracked if running_mean is not None else None
     if tracing:  # two ops: the statistics (mutating the running buffers) and the differentiable apply
-        mean, invstd = torch.ops.triton_bn.batch_stats(input.detach(), running_mean, running_var, batches, factor,
-                                                       cumulative, float(eps))
+        mean, invstd = torch.ops.triton_bn.batch_stats(input.detach(), running_mean, running_var,
+                                                       batches if cumulative else None, factor, cumulative, float(eps))
+        if batches is not None:
+            batches.add_(1)  # after the statistics read the count before this batch
         return torch.ops.triton_bn.batch_norm_apply(input, mean, invstd, weight, bias, residual, float(eps), True, act,
                                                     float(negative_slope))
+    # Eager: the training launcher counts the batch itself, in its normalization launch (no increment kernel).
     if _needs_gradient(input, weight, bias, residual):
         return TrainingBatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var, batches,
                                                factor, cumulative, float(eps), act, float(negative_slope))

@@ -8,7 +8,8 @@ interpreter when ``TRITON_INTERPRET=1`` was set before import, and otherwise the
 take the pure-PyTorch path on every device.
 
 Entry points (each but the first also behind a custom op of ``ops.py``):
-    batch_norm_training(...)   -> (y, mean, invstd)      batch_stats then batch_norm_apply (2 launches)
+    batch_norm_training(...)   -> (y, mean, invstd)      batch_stats then batch_norm_apply (2 launches; the
+                                  second also counts the batch in num_batches_tracked)
     batch_stats(...)           -> (mean, invstd)         split reduction, merged by its last program (1 launch)
     batch_moments(x)           -> [3, C] (count, mean, M2), for SyncBatchNorm (1 launch)
     batch_norm_apply(...)      -> y                      1 launch
@@ -202,13 +203,14 @@ def _call_plan(role: str, plan, x: torch.Tensor, flags: tuple, build):
     return call
 
 
-def _elementwise_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args):
+def _elementwise_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args, tuning_args=None):
     """(kernel, grid, size arguments, kwargs) of an elementwise kernel; ``make_args(size_args)`` builds its
-    arguments for the tuner's candidate runs."""
+    arguments, for the tuner's candidate runs ``tuning_args(size_args)`` where given (as for reductions)."""
     def build(kernel, family, base):
         def run(cfg: TileConfig):
             grid, size_args = _elementwise_grid(plan, cfg)
-            _launch(kernel, grid, make_args(size_args), dict(base, **cfg.launch_kwargs(family)), x.device)
+            _launch(kernel, grid, (tuning_args or make_args)(size_args), dict(base, **cfg.launch_kwargs(family)),
+                    x.device)
 
         cfg = tuner.select(family, role, plan, x, run)
         grid, size_args = _elementwise_grid(plan, cfg)
@@ -239,7 +241,7 @@ def _reduction_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args, t
 
 _FLAG_NAMES = {
     "stats": ("UPDATE_RUNNING", "CUMULATIVE", "WRITE_MOMENTS"),
-    "apply": ("STATS_ARE_RUNNING", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION"),
+    "apply": ("STATS_ARE_RUNNING", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION", "COUNT_BATCH"),
     "bwd_reduce": ("STATS_ARE_RUNNING", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION", "WRITE_GRAD_WEIGHT",
                    "WRITE_GRAD_BIAS"),
     "bwd_dx": ("STATS_ARE_RUNNING", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION", "BATCH_STATS",
@@ -308,7 +310,9 @@ def _elementwise_grid(plan, cfg: TileConfig):
 def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 num_batches_tracked: Optional[torch.Tensor], momentum: float, cumulative: bool,
                 eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and invstd (fp32, [C]) of x, and the running-statistics update (once)."""
+    """Batch mean and invstd (fp32, [C]) of x, and the running-statistics update (once). A cumulative
+    average reads ``num_batches_tracked`` as the count before this batch (weight 1 / (count + 1)); counting
+    the batch is the caller's."""
     if not uses_kernels(x):
         return reference.batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
     x, plan = plan_layout(x)
@@ -333,14 +337,19 @@ def batch_norm_training(x: torch.Tensor, running_mean: Optional[torch.Tensor], r
                         num_batches_tracked: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], momentum: float,
                         cumulative: bool, eps: float, activation: int, negative_slope: float):
-    """A whole training forward: (y, mean, invstd), the running statistics updated once: the statistics
-    then the normalization (two launches on one layout plan); on the pure-PyTorch path, PyTorch's kernels."""
+    """A whole training forward: (y, mean, invstd), the running statistics updated once and the batch counted
+    in ``num_batches_tracked`` (when given): the statistics, then the normalization, which also counts the
+    batch (two launches on one layout plan, no increment kernel); on the pure-PyTorch path, PyTorch's
+    kernels."""
     if not uses_kernels(x):
         return reference.batch_norm_training(x, running_mean, running_var, num_batches_tracked, weight, bias,
                                              residual, momentum, cumulative, eps, activation, negative_slope)
     x, plan = plan_layout(x)
     mean, invstd = _statistics(x, plan, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
-    return _apply(x, plan, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope), mean, invstd
+    if x.numel() == 0 and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # nothing is launched for an empty batch, but it counts (as in PyTorch)
+    return (_apply(x, plan, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope,
+                   num_batches_tracked), mean, invstd)
 
 
 @_on_input_device
@@ -375,7 +384,7 @@ def _merged_statistics(x, plan, mean, invstd, moments, running_mean, running_var
 
     def make_args(layout, running=running):
         splits, _, size_args, blocks = layout
-        partials = torch.empty((3, splits, channels), dtype=torch.float32, device=device)
+        partials = torch.empty(3 * splits * channels, dtype=torch.float32, device=device)  # [3, splits, C], flat
         return (x, partials, _arrival_counters(device, blocks), mean, invstd,
                 *moment_args, *running, *size_args, *scalars)
 
@@ -404,21 +413,31 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, we
 
 
 def _apply(x, plan, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
-           negative_slope: float) -> torch.Tensor:
-    """``batch_norm_apply`` on a planned x: one launch."""
+           negative_slope: float, num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``batch_norm_apply`` on a planned x: one launch, which also adds 1 to ``num_batches_tracked`` when
+    given (the training forward's count of its batch)."""
     y = empty_like_input(x)
     if x.numel() == 0:
         return y
     device = x.device
     residual = like_input(residual, x) if residual is not None else None
-    tensors = (x, residual if residual is not None else _dummy(device), y,
-               *_per_channel_args(mean, stat, weight, bias, device))
+    per_channel = _per_channel_args(mean, stat, weight, bias, device)
+    tensors = (x, residual if residual is not None else _dummy(device), y, *per_channel)
+    counted = num_batches_tracked if num_batches_tracked is not None else _dummy(device)
 
-    def make_args(size_args):
-        return (*tensors, *size_args, eps, negative_slope)
+    def make_args(size_args, counted=counted):
+        return (*tensors, counted, *size_args, eps, negative_slope)
 
+    scratch_count = []
+
+    def tuning_args(size_args):  # candidate runs count into a scratch copy, never the real counter
+        if not scratch_count:
+            scratch_count.append(num_batches_tracked.clone())
+        return make_args(size_args, scratch_count[0])
+
+    flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (num_batches_tracked is not None,)
     kernel, grid, size_args, kwargs = _elementwise_call(
-        "apply", plan, x, _epilogue_flags(tensors[3:], residual, batch_stats, activation), make_args)
+        "apply", plan, x, flags, make_args, tuning_args if num_batches_tracked is not None else None)
     _launch(kernel, grid, make_args(size_args), kwargs, device)
     return y
 

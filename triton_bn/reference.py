@@ -48,7 +48,7 @@ def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum: flo
     var, mean = torch.var_mean(xf, dim=_reduce_dims(x), unbiased=False)
     if running_mean is not None:
         count = x.numel() // channels
-        factor = (1.0 / num_batches_tracked.to(dtype)) if cumulative else momentum
+        factor = (1.0 / (num_batches_tracked.to(dtype) + 1)) if cumulative else momentum  # the count with this batch
         new_mean = running_mean.to(dtype) * (1 - factor) + mean * factor
         new_var = running_var.to(dtype) * (1 - factor) + var * (count / (count - 1)) * factor
         running_mean.copy_(new_mean)
@@ -327,12 +327,15 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
       the mean from ``torch.mean``'s cascade sum (``_accurate_mean``; the running mean corrected by the
       difference), y from its eval-mode kernel: the fused kernel's passes over x plus one reduction, never a
       second normalization. (Its variance is taken around its own mean: off by the square of the mean's
-      error, ~1e-10 of the variance, far below fp32 rounding.)"""
+      error, ~1e-10 of the variance, far below fp32 rounding.)
+    ``num_batches_tracked``, when given, counts this batch (+1), as the kernels' training forward does."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    factor = (1.0 / float(num_batches_tracked)) if (cumulative and running_mean is not None) else momentum
     if not fast_path(x, running_mean, running_var, weight, bias):
-        mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+        mean, invstd = batch_stats(x, running_mean, running_var, None, factor, False, eps)
         return (batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope),
                 mean, invstd)
-    factor = (1.0 / float(num_batches_tracked)) if (cumulative and running_mean is not None) else momentum
     xc = _as(x, _kernel_dtype(x, activation, residual, weight, bias, running_mean))
     by_planes = _summed_by_planes(xc)
     if by_planes and not _statistics_in_blocks(xc):

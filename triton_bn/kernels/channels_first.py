@@ -9,7 +9,8 @@ mode, t = j // (BLOCK_N * BLOCK_S) over the flattened index j = n * S + s (see `
 
     _bn_fwd_stats_channels_first   grid (C * splits): shifted sums over a range of tiles; the last
                                    program of each channel merges its splits (welford.py)
-    _bn_fwd_apply_channels_first   grid (C * tiles)
+    _bn_fwd_apply_channels_first   grid (C * tiles); in training its program 0 also counts the batch
+                                   (num_batches_tracked += 1, common.count_batch)
     _bn_bwd_reduce_channels_first  grid (C * splits), merged likewise
     _bn_bwd_dx_channels_first      grid (C * tiles)
 Grids are 1-D (axis 0 allows 2^31 - 1 programs; axes 1 and 2 only 65535, which C could pass).
@@ -19,7 +20,7 @@ merge of ``welford.py``.
 import triton
 import triton.language as tl
 
-from .common import load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
+from .common import count_batch, load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
 from .welford import finish_backward_sums, finish_statistics, last_to_arrive
 
 
@@ -106,12 +107,14 @@ def _bn_fwd_stats_channels_first(
 def _bn_fwd_apply_channels_first(
     x_ptr, residual_ptr, y_ptr,  # [N, C, S], same strides (residual may be a dummy)
     mean_ptr, stat_ptr, weight_ptr, bias_ptr,  # [C]; stat is invstd, or running var (STATS_ARE_RUNNING)
+    num_batches_ptr,  # [1] int64 num_batches_tracked, incremented once (COUNT_BATCH), or a dummy
     N, C, S, stride_n, stride_c, num_s_blocks, num_tiles,
     eps, negative_slope,
     STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, COUNT_BATCH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, FLAT: tl.constexpr,
 ):
+    count_batch(num_batches_ptr, COUNT_BATCH)
     pid = tl.program_id(0)
     channel = pid // num_tiles
     mean, _, scale, shift = load_channel_coefficients(

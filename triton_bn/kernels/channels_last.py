@@ -18,7 +18,8 @@ Kernels, in launch order (two per training pass):
     _bn_fwd_stats_channels_last   grid (C blocks, splits): shifted sums per lane over a row range,
                                   reduced to one (count, mean, M2) per channel and split; the last
                                   program of each channel block merges the splits (welford.py)
-    _bn_fwd_apply_channels_last   1-D grid over (R blocks x C blocks): normalise + affine + epilogue
+    _bn_fwd_apply_channels_last   1-D grid over (R blocks x C blocks): normalise + affine + epilogue;
+                                  in training program 0 also counts the batch (common.count_batch)
     _bn_bwd_reduce_channels_last  grid (C blocks, splits): sums of dz and dz * xhat, merged likewise
     _bn_bwd_dx_channels_last      1-D grid over (R blocks x C blocks)
 Bytes: the training forward reads x twice and writes y once (3 tensor passes); the backward reads
@@ -27,7 +28,7 @@ x and dy twice and writes dx once (5 passes). Offsets are int64: R * stride_r ca
 import triton
 import triton.language as tl
 
-from .common import load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
+from .common import count_batch, load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
 from .welford import finish_backward_sums, finish_statistics, last_to_arrive
 
 
@@ -115,12 +116,14 @@ def _bn_fwd_apply_channels_last(
     x_ptr, residual_ptr, y_ptr,  # [R, C], all with row stride stride_r (residual may be a dummy)
     mean_ptr, stat_ptr,  # [C] fp32 mean and invstd, or the running mean / var (STATS_ARE_RUNNING)
     weight_ptr, bias_ptr,  # [C] or dummies
+    num_batches_ptr,  # [1] int64 num_batches_tracked, incremented once (COUNT_BATCH), or a dummy
     R, C, stride_r,
     eps, negative_slope,
     STATS_ARE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, COUNT_BATCH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    count_batch(num_batches_ptr, COUNT_BATCH)
     rows, cols = _elementwise_tile(C, BLOCK_R, BLOCK_C)
     cmask = cols < C
     mean, _, scale, shift = load_channel_coefficients(

@@ -53,6 +53,17 @@ def load_channel_coefficients(
 
 
 @triton.jit
+def count_batch(num_batches_ptr, COUNT_BATCH: tl.constexpr):
+    """num_batches_tracked += 1 (COUNT_BATCH), by program 0 of a training forward's normalization launch.
+    The statistics launch before it on the stream has already read the count (a cumulative average weighs
+    the batch 1 / (count + 1): welford.finish_statistics) and nothing else reads it, so one plain store is
+    safe, and a training forward needs no separate increment kernel of its own."""
+    if COUNT_BATCH:
+        if tl.program_id(0) == 0:
+            tl.store(num_batches_ptr, tl.load(num_batches_ptr) + 1)
+
+
+@triton.jit
 def grad_pre_activation(grad_y, x, residual, mean, scale, shift, negative_slope,
                         ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """dL/dz where z = (x - mean) * scale + shift (+ residual) is the pre-activation: recomputed with exactly

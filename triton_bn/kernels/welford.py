@@ -89,12 +89,12 @@ def finish_statistics(
     save_mean_ptr, save_invstd_ptr,  # [C] fp32 outputs: batch mean and 1 / sqrt(biased var + eps)
     save_count_ptr, save_m2_ptr,  # [C] fp32 outputs (WRITE_MOMENTS): the merged count and M2, for SyncBatchNorm
     running_mean_ptr, running_var_ptr,  # [C] (strided) running buffers, updated in place, or dummies
-    num_batches_ptr,  # [1] int64 num_batches_tracked (read only when CUMULATIVE), or a dummy
+    num_batches_ptr,  # [1] int64 num_batches_tracked before this batch (read only when CUMULATIVE), or a dummy
     inv_count, unbiased_factor,  # 1 / n and n / (n - 1), from the host in float64 (n is exact there)
     running_mean_stride, running_var_stride,
     eps, momentum,
     UPDATE_RUNNING: tl.constexpr,  # write running_mean / running_var
-    CUMULATIVE: tl.constexpr,  # momentum=None: the weight of this batch is 1 / num_batches_tracked
+    CUMULATIVE: tl.constexpr,  # momentum=None: the weight of this batch is 1 / (num_batches_tracked + 1)
     WRITE_MOMENTS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -112,7 +112,7 @@ def finish_statistics(
         tl.store(save_m2_ptr + cols, m2, mask=cmask)
     if UPDATE_RUNNING:
         if CUMULATIVE:
-            factor = 1.0 / tl.load(num_batches_ptr).to(tl.float32)
+            factor = 1.0 / (tl.load(num_batches_ptr) + 1).to(tl.float32)  # the count with this batch
         else:
             factor = momentum
         # PyTorch stores the unbiased variance in running_var; n > 1 is checked on the host.
