@@ -7,7 +7,9 @@ For each case it prints one row: the call timed as ``triton-bn bench`` times it 
 flushed), the same call replayed from a CUDA graph (GPU time alone: no Python between kernels), and the
 host's time per call when nothing waits for the GPU. Where the first is far above the second, the host
 is the bottleneck. It also writes, under $OUT: ``kernels.txt`` (torch.profiler's per-kernel GPU times for
-every case), ``host_profile.txt`` (cProfile of the Python path, sorted by own time) and ``profile.csv``.
+every case), ``host_profile.txt`` (cProfile of the Python path, sorted by own time), ``profile.csv`` and
+``module_host.txt`` (a whole module's host time per call against PyTorch's modules, and the kernels
+one training forward launches).
 """
 import cProfile
 import io
@@ -54,6 +56,43 @@ def host_us_per_call(fn, calls: int = 50) -> float:
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed / calls * 1e6
+
+
+def module_rows(device: str = "cuda", calls: int = 200):
+    """Host time per call of a whole module against PyTorch's, on a layer small enough that the host
+    decides (16x64x14x14), and the kernels one triton_bn training forward launches: the module counts
+    the batch in its apply launch, so two kernels and no ``add`` (nn.BatchNorm launches an ``add_`` for
+    ``num_batches_tracked``). Returns (text lines, kernel names)."""
+    import triton_bn
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    x = torch.randn(16, 64, 14, 14, device=device)
+    ours = triton_bn.BatchNorm2d(64, activation="relu").to(device)
+    theirs = torch.nn.Sequential(torch.nn.BatchNorm2d(64), torch.nn.ReLU()).to(device)
+    lines = []
+    for training in (True, False):
+        times = []
+        for module in (ours, theirs):
+            module.train(training)
+            with torch.no_grad():
+                module(x)  # compile, tune
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    module(x)
+                elapsed = time.perf_counter() - start
+                sync()
+            times.append(elapsed / calls * 1e6)
+        lines.append(f"{'training' if training else 'eval'} forward (no_grad), 16x64x14x14 fp32: triton_bn "
+                     f"{times[0]:.1f} us, nn.Sequential(BatchNorm2d, ReLU) {times[1]:.1f} us, "
+                     f"ratio {times[0] / times[1]:.2f}x")
+    ours.train()
+    activities = [torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU]
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
+        ours(x)
+        sync()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    lines.append(f"kernels of one training forward: {len(kernels)}: {kernels}")
+    return lines, kernels
 
 
 def main():
@@ -104,6 +143,10 @@ def main():
         profiles.append(f"## train_fwdbwd_relu 32x64x56x56 {dtype_name} {layout}, 200 calls\n{text.getvalue()}")
     with open(os.path.join(OUT, "host_profile.txt"), "w") as f:
         f.write("\n\n".join(profiles))
+    lines, _ = module_rows()
+    with open(os.path.join(OUT, "module_host.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
     print(f"{'case':<20}{'shape':<16}{'dtype':<6}{'layout':<14}{'provider':<13}{'bench us':>9}{'graph us':>9}"
           f"{'host us':>9}")
