@@ -176,6 +176,19 @@ def _resident(kernel, grid, args, kwargs, device, cfg: TileConfig) -> int:
         return cfg.programs_per_sm
 
 
+def _on_scratch(make_args, copy):
+    """The ``tuning_args`` of a kernel that updates state (running statistics, the batch count): the tuner
+    runs every candidate, so candidates get ``make_args(layout, copy())`` instead, scratch copies of that
+    state made once, at the first (untimed) candidate run, so that no copy kernel is timed."""
+    made = []
+
+    def tuning_args(layout):
+        if not made:
+            made.append(copy())
+        return make_args(layout, made[0])
+    return tuning_args
+
+
 # -- call plans ---------------------------------------------------------------------------------------------
 # Everything a launch needs except the tensors (kernel, grid, size arguments, constexprs and options), per
 # (role, layout plan, dtype, device, epilogue flags) and tuner generation: a training loop asks the same
@@ -388,13 +401,7 @@ def _merged_statistics(x, plan, mean, invstd, moments, running_mean, running_var
         return (x, partials, _arrival_counters(device, blocks), mean, invstd,
                 *moment_args, *running, *size_args, *scalars)
 
-    scratch_running = []
-
-    def tuning_args(layout):  # each candidate updates scratch copies, never the real buffers
-        if not scratch_running:  # made once, at the first (untimed) candidate run: no copy kernels timed
-            scratch_running.append(tuple(t if t is dummy else t.clone() for t in running))
-        return make_args(layout, scratch_running[0])
-
+    tuning_args = _on_scratch(make_args, lambda: tuple(t if t is dummy else t.clone() for t in running))
     kernel, layout, kwargs = _reduction_call("stats", plan, x, (update, cumulative, moments is not None), make_args,
                                              tuning_args)
     _launch(kernel, layout[1], make_args(layout), kwargs, device)
@@ -428,16 +435,10 @@ def _apply(x, plan, mean, stat, weight, bias, residual, eps: float, batch_stats:
     def make_args(size_args, counted=counted):
         return (*tensors, counted, *size_args, eps, negative_slope)
 
-    scratch_count = []
-
-    def tuning_args(size_args):  # candidate runs count into a scratch copy, never the real counter
-        if not scratch_count:
-            scratch_count.append(num_batches_tracked.clone())
-        return make_args(size_args, scratch_count[0])
-
-    flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (num_batches_tracked is not None,)
+    counting = num_batches_tracked is not None
+    flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (counting,)
     kernel, grid, size_args, kwargs = _elementwise_call(
-        "apply", plan, x, flags, make_args, tuning_args if num_batches_tracked is not None else None)
+        "apply", plan, x, flags, make_args, _on_scratch(make_args, num_batches_tracked.clone) if counting else None)
     _launch(kernel, grid, make_args(size_args), kwargs, device)
     return y
 
