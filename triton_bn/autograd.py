@@ -88,9 +88,10 @@ class BatchNormFunction(torch.autograd.Function):
 
 
 class TrainingBatchNormFunction(torch.autograd.Function):
-    """A whole training forward from x (the eager path): batch statistics, the running-statistics update
-    and y = act(bn(x) + residual) in one launcher call (``launch.batch_norm_training``: two kernel
-    launches, or PyTorch's fused kernel on the pure-PyTorch path); the same backward as above.
+    """A whole training forward from x (the eager path): batch statistics, the running-statistics update,
+    the batch counted in num_batches_tracked and y = act(bn(x) + residual) in one launcher call
+    (``launch.batch_norm_training``: two kernel launches, or PyTorch's fused kernel on the pure-PyTorch
+    path); the same backward as above.
 
     apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, cumulative,
           eps, activation, negative_slope)

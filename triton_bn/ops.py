@@ -1,7 +1,8 @@
 """The library's PyTorch custom operators (namespace ``triton_bn``).
 
     triton_bn::batch_stats(x, running_mean!, running_var!, num_batches_tracked, momentum, cumulative, eps)
-        -> (mean, invstd)        fp32 [C]; updates the running statistics in place (declared mutated)
+        -> (mean, invstd)        fp32 [C]; updates the running statistics in place (declared mutated); a
+                                 cumulative average reads num_batches_tracked as the count before this batch
     triton_bn::batch_norm_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
                                 negative_slope) -> y
         differentiable: its autograd formula is in ``autograd.py`` (shared with the eager path)
