@@ -57,10 +57,13 @@ def loop_bodies(block_r: int = 64, block_c: int = 32, num_warps: int = 4):
 if __name__ == "__main__":
     block_r, block_c, warps = (int(v) for v in sys.argv[1:4]) if len(sys.argv) > 3 else (64, 32, 4)
     per_thread = block_r * block_c // (32 * warps)
-    # in program order: the data loop first, then the last program's merge of the splits (its cost is per
-    # split tile, once per channel block, not per element of x)
-    for index, (instructions, reciprocals) in enumerate(loop_bodies(block_r, block_c, warps)):
-        if index == 0:
+    # The data loop (shifted sums: no division) and the last program's merge of the splits (Chan's formula
+    # divides by counts; its cost is per split tile, once per channel block, not per element of x). They
+    # are told apart by the reciprocal, not by their order in the SASS: triton 3.9 places the data loop
+    # first, triton 3.6 a merge loop.
+    loops = list(loop_bodies(block_r, block_c, warps))
+    for instructions, reciprocals in sorted(loops, key=lambda loop: loop[1] > 0):
+        if reciprocals == 0:
             print(f"data loop: {instructions} instructions, {reciprocals} MUFU.RCP, {per_thread} elements per thread: "
                   f"{instructions / per_thread:.1f} instructions per element")
         else:
