@@ -430,12 +430,11 @@ def _apply(x, plan, mean, stat, weight, bias, residual, eps: float, batch_stats:
     residual = like_input(residual, x) if residual is not None else None
     per_channel = _per_channel_args(mean, stat, weight, bias, device)
     tensors = (x, residual if residual is not None else _dummy(device), y, *per_channel)
-    counted = num_batches_tracked if num_batches_tracked is not None else _dummy(device)
+    counting = num_batches_tracked is not None
 
-    def make_args(size_args, counted=counted):
+    def make_args(size_args, counted=num_batches_tracked if counting else _dummy(device)):
         return (*tensors, counted, *size_args, eps, negative_slope)
 
-    counting = num_batches_tracked is not None
     flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (counting,)
     kernel, grid, size_args, kwargs = _elementwise_call(
         "apply", plan, x, flags, make_args, _on_scratch(make_args, num_batches_tracked.clone) if counting else None)

@@ -328,14 +328,25 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
       difference), y from its eval-mode kernel: the fused kernel's passes over x plus one reduction, never a
       second normalization. (Its variance is taken around its own mean: off by the square of the mean's
       error, ~1e-10 of the variance, far below fp32 rounding.)
-    ``num_batches_tracked``, when given, counts this batch (+1), as the kernels' training forward does."""
+    ``num_batches_tracked``, when given, counts this batch (+1) once all is computed (the statistics read
+    the count before it), as the kernels' training forward does."""
+    if fast_path(x, running_mean, running_var, weight, bias):
+        # PyTorch's kernels take the factor as a number: a cumulative one is read on the host
+        factor = (1.0 / (float(num_batches_tracked) + 1)) if (cumulative and running_mean is not None) else momentum
+        y, mean, invstd = _fused_training(x, running_mean, running_var, weight, bias, residual, factor, eps,
+                                          activation, negative_slope)
+    else:  # the step functions read the count on the device
+        mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+        y = batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    factor = (1.0 / float(num_batches_tracked)) if (cumulative and running_mean is not None) else momentum
-    if not fast_path(x, running_mean, running_var, weight, bias):
-        mean, invstd = batch_stats(x, running_mean, running_var, None, factor, False, eps)
-        return (batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope),
-                mean, invstd)
+    return y, mean, invstd
+
+
+def _fused_training(x, running_mean, running_var, weight, bias, residual, factor: float, eps: float,
+                    activation: int, negative_slope: float):
+    """``batch_norm_training`` where ``fast_path`` says yes: PyTorch's kernels, the running statistics
+    weighted by ``factor``."""
     xc = _as(x, _kernel_dtype(x, activation, residual, weight, bias, running_mean))
     by_planes = _summed_by_planes(xc)
     if by_planes and not _statistics_in_blocks(xc):
