@@ -138,3 +138,22 @@ def test_convert_sync_batchnorm_keeps_fusions():
     plain = triton_bn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)))
     assert isinstance(plain[0], triton_bn.SyncBatchNorm) and plain[0].activation is None
     torch.testing.assert_close(synced(x), expected)
+
+
+def test_on_cpu_ddp_takes_batchnorm_and_refuses_syncbatchnorm(tmp_path):
+    """What the README says about CPU processes: torch's DistributedDataParallel refuses every SyncBatchNorm
+    module on the CPU ("SyncBatchNorm layers only work with GPU modules"; ours subclasses torch's), and takes
+    triton_bn's BatchNorm2d (per-rank statistics). The synchronized model itself runs over gloo without DDP
+    (``test_sync_matches_single_process_over_the_whole_batch``). Fails if a torch release lifts the rule."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        def model():
+            return nn.Sequential(nn.Conv2d(3, 4, 1), triton_bn.BatchNorm2d(4, activation="relu"))
+        with pytest.raises(ValueError, match="only work with GPU modules"):
+            nn.parallel.DistributedDataParallel(triton_bn.convert_sync_batchnorm(model()))
+        ddp = nn.parallel.DistributedDataParallel(model())
+        ddp(torch.randn(2, 3, 4, 4)).sum().backward()
+        assert all(p.grad is not None for p in ddp.parameters())
+    finally:
+        dist.destroy_process_group()
