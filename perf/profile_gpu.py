@@ -60,31 +60,52 @@ def host_us_per_call(fn, calls: int = 50) -> float:
 
 def module_rows(device: str = "cuda", calls: int = 200):
     """Host time per call of a whole module against PyTorch's, on a layer small enough that the host
-    decides (16x64x14x14), and the kernels one triton_bn training forward launches: the module counts
-    the batch in its apply launch, so two kernels and no ``add`` (nn.BatchNorm launches an ``add_`` for
-    ``num_batches_tracked``). Returns (text lines, kernel names)."""
+    decides (16x64x14x14): training forward, eval forward (both under no_grad) and a training forward +
+    backward, triton_bn with its direct launches (``launch.DIRECT_LAUNCH``) and with every launch through
+    Triton's ``JITFunction`` (side by side, alternating), and the kernels one triton_bn training forward
+    launches: the module counts the batch in its apply launch, so two kernels and no ``add``
+    (nn.BatchNorm launches an ``add_`` for ``num_batches_tracked``). Returns (text lines, kernel names)."""
     import triton_bn
+    from triton_bn import launch
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     x = torch.randn(16, 64, 14, 14, device=device)
+    grad = torch.randn_like(x)
     ours = triton_bn.BatchNorm2d(64, activation="relu").to(device)
     theirs = torch.nn.Sequential(torch.nn.BatchNorm2d(64), torch.nn.ReLU()).to(device)
+
+    def forward(module):
+        with torch.no_grad():
+            module(x)
+
+    def forward_backward(module):
+        module(x.detach().requires_grad_()).backward(grad)
+
+    def per_call(module, direct, call):
+        launch.DIRECT_LAUNCH = direct
+        call(module)  # compile, tune, learn the direct variants
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call(module)
+        elapsed = time.perf_counter() - start
+        sync()
+        return elapsed / calls * 1e6
+
     lines = []
-    for training in (True, False):
-        times = []
-        for module in (ours, theirs):
-            module.train(training)
-            with torch.no_grad():
-                module(x)  # compile, tune
-                sync()
-                start = time.perf_counter()
-                for _ in range(calls):
-                    module(x)
-                elapsed = time.perf_counter() - start
-                sync()
-            times.append(elapsed / calls * 1e6)
-        lines.append(f"{'training' if training else 'eval'} forward (no_grad), 16x64x14x14 fp32: triton_bn "
-                     f"{times[0]:.1f} us, nn.Sequential(BatchNorm2d, ReLU) {times[1]:.1f} us, "
-                     f"ratio {times[0] / times[1]:.2f}x")
+    for name, training, call in (("training forward (no_grad)", True, forward), ("eval forward (no_grad)", False,
+                                                                                  forward),
+                                 ("training forward + backward", True, forward_backward)):
+        ours.train(training)
+        theirs.train(training)
+        direct, through_triton, torch_us = [], [], []
+        for _ in range(5):  # alternating rounds, medians
+            direct.append(per_call(ours, True, call))
+            through_triton.append(per_call(ours, False, call))
+            torch_us.append(per_call(theirs, True, call))
+        d, t, p = (sorted(v)[2] for v in (direct, through_triton, torch_us))
+        lines.append(f"{name}, 16x64x14x14 fp32: triton_bn {d:.1f} us (through JITFunction.run {t:.1f} us), "
+                     f"nn.Sequential(BatchNorm2d, ReLU) {p:.1f} us, ratio {d / p:.2f}x ({t / p:.2f}x)")
+    launch.DIRECT_LAUNCH = True
     ours.train()
     activities = [torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU]
     with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
@@ -99,8 +120,13 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     tuner.max_candidates = 4  # as `triton-bn bench --quick`
     buf = torch.empty(16, device="cuda")
+    compiled = _store_zero[(1,)](buf, 16, BLOCK=16)
     launch_us = host_us_per_call(lambda: _store_zero[(1,)](buf, 16, BLOCK=16), calls=500)
-    print(f"bare triton launch (one tiny kernel), host: {launch_us:.1f} us")
+    runner = compiled[(1, 1, 1)]
+    stream = torch.cuda.current_stream().cuda_stream
+    direct_us = host_us_per_call(lambda: runner(buf, 16, 16, stream=stream), calls=500)
+    print(f"bare triton launch (one tiny kernel), host: {launch_us:.1f} us; the compiled kernel called directly "
+          f"(CompiledKernel[grid]): {direct_us:.1f} us")
     lines, _ = module_rows()  # first: a few seconds, and written even if the time limit cuts the rest
     with open(os.path.join(OUT, "module_host.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -124,7 +150,8 @@ def main():
                 kernel_tables.append(f"## {case} {shape} {dtype_name} {layout} (5 calls)\n"
                                      + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     with open(os.path.join(OUT, "kernels.txt"), "w") as f:
-        f.write(f"bare triton launch, host: {launch_us:.1f} us\n\n" + "\n\n".join(kernel_tables))
+        f.write(f"bare triton launch, host: {launch_us:.1f} us; called directly: {direct_us:.1f} us\n\n"
+                + "\n\n".join(kernel_tables))
     with open(os.path.join(OUT, "profile.csv"), "w") as f:
         f.write("case,shape,dtype,layout,provider,bench_us,graph_us,host_us\n")
         for r in rows:

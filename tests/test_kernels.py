@@ -137,6 +137,153 @@ def test_capture_guard_refuses_a_first_launch_whatever_the_tuning(monkeypatch):
     assert fresh.launched == 1
 
 
+def _fake_jit_kernel(calls):
+    """A stand-in for a JITFunction: its launch path returns a 'compiled kernel' whose ``[grid]`` runner
+    records what a direct launch passes. ``calls`` collects ("triton", args) and ("direct", grid, args,
+    stream)."""
+    def fn(x_ptr, out_ptr, n, scale, FLAG: tl.constexpr, BLOCK: tl.constexpr = 64):
+        pass
+
+    class Compiled:
+        def __getitem__(self, grid):
+            def runner(*args, stream=None):
+                calls.append(("direct", grid, args, stream))
+            return runner
+
+    class Kernel:
+        pre_run_hooks = []
+
+        def __getitem__(self, grid):
+            def launch_it(*args, **kwargs):
+                calls.append(("triton", args))
+                return Compiled()
+            return launch_it
+
+    Kernel.fn = staticmethod(fn)
+    return Kernel()
+
+
+def test_a_planned_launch_calls_each_compiled_variant_directly_after_its_first_launch(monkeypatch):
+    """[host]: the first launch of each argument signature takes Triton's path (which compiles or finds
+    the variant); later ones call that variant directly, with the constexprs appended in parameter order
+    (defaults included), the grid padded to 3 axes and the current stream. A new alignment, dtype or int
+    value is a new signature; a new float is not."""
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(launch, "_capturing", lambda device: False)
+    monkeypatch.setattr(launch, "_current_stream", lambda index: 1234)
+    calls = []
+    planned = launch.PlannedLaunch(_fake_jit_kernel(calls), (6,), dict(FLAG=True, num_warps=4))
+    cuda = torch.device("cuda", 0)  # only the device's type and index are read
+    buffer = torch.empty(64)
+    x, out, misaligned = buffer[:16], buffer[16:32], buffer[1:17]
+    planned((x, out, 16, 0.5), cuda)
+    planned((x, out, 16, float("nan")), cuda)
+    assert [c[0] for c in calls] == ["triton", "direct"]
+    assert calls[1][1:] == ((6, 1, 1), (x, out, 16, calls[1][2][3], True, 64), 1234)
+    for changed in ((misaligned, out, 16, 0.5), (x.half(), out, 16, 0.5), (x, out, 1, 0.5)):
+        calls.clear()
+        planned(changed, cuda)
+        planned(changed, cuda)
+        assert [c[0] for c in calls] == ["triton", "direct"], changed
+    calls.clear()
+    planned((x, out, 16, 0.5), torch.device("cpu"))  # the interpreter: always Triton's path
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", False)
+    planned((x, out, 16, 0.5), cuda)
+    assert [c[0] for c in calls] == ["triton", "triton"]
+
+
+def test_a_planned_launch_of_a_wrapped_kernel_always_takes_tritons_path(monkeypatch):
+    """A kernel that is not a plain JITFunction (no ``fn``, as the tests' launch counters) or has pre-run
+    hooks never launches directly: whatever wraps it sees every launch."""
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(launch, "_capturing", lambda device: False)
+    monkeypatch.setattr(launch, "_current_stream", lambda index: 0)
+    calls = []
+    hooked = _fake_jit_kernel(calls)
+    hooked.pre_run_hooks = [lambda *args, **kwargs: None]
+    wrapped = _fake_jit_kernel(calls)
+    type(wrapped).fn = None
+    args = (torch.empty(16), torch.empty(16), 16, 0.5)
+    for kernel in (hooked, wrapped):
+        planned = launch.PlannedLaunch(kernel, (2, 3), dict(FLAG=False))
+        for _ in range(3):
+            planned(args, torch.device("cuda", 0))
+    assert [c[0] for c in calls] == ["triton"] * 6
+
+
+def test_argument_signature_tells_apart_whatever_triton_specializes_differently():
+    """The direct-launch key must be at least as fine as Triton's own specialization: two argument lists
+    with one signature must get one compiled variant. Checked against Triton's specializer over tensors
+    of several dtypes and alignments, ints around 1, 16 and 2**31, floats and bools."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    def specialization(args):
+        return [native_specialize_impl(BaseBackend, a, False, True, True)[:2] for a in args]
+
+    buffer = torch.empty(64)
+    tensors = [buffer[:8], buffer[4:12], buffer[1:9], buffer[2:10], buffer[:8].half(), buffer[:8].bfloat16(),
+               torch.empty(8, dtype=torch.int32)]
+    scalars = [0, 1, 2, 15, 16, 17, 32, 2 ** 31 - 1, 2 ** 31, 2 ** 32 + 16, -1, -16, 0.0, 1.0, 0.5, float("nan"),
+               True, False]
+    signatures = {}
+    for args in [(a, b) for a in tensors + scalars for b in scalars]:
+        signatures.setdefault(launch.argument_signature(args), []).append(args)
+    checked = 0
+    for group in signatures.values():
+        first = specialization(group[0])
+        for args in group[1:]:
+            assert specialization(args) == first, (group[0], args)
+            checked += 1
+    assert checked >= 100  # aligned views share one signature, and so do the four floats
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_direct_launches_on_cuda_are_bitwise_tritons_and_skip_its_launch_path(monkeypatch):
+    """[host] on a GPU: from the second training step on, a module's four launches skip
+    ``JITFunction.run`` (counted), and every output, gradient and running statistic is bitwise what
+    Triton's own path gives (``DIRECT_LAUNCH`` off) - for an aligned input, then for a misaligned view of
+    the same shape, a new signature that must not reuse the variant compiled for 16-byte alignment."""
+    import copy
+
+    import triton.runtime.jit as jit
+    runs = []
+    original_run = jit.JITFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        runs.append(self)
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(jit.JITFunction, "run", counting_run)
+    torch.manual_seed(0)
+    template = triton_bn.BatchNorm2d(8, activation="relu").cuda()
+    base = torch.randn(2 * 8 * 5 * 5 + 1, device="cuda")
+    aligned, misaligned = base[:-1].view(2, 8, 5, 5), base[1:].view(2, 8, 5, 5)
+    assert aligned.data_ptr() % 16 == 0 and misaligned.data_ptr() % 16 != 0
+    grad = torch.randn(2, 8, 5, 5, device="cuda")
+    results, launches_through_triton = {}, {}
+    for direct in (True, False):
+        monkeypatch.setattr(launch, "DIRECT_LAUNCH", direct)
+        tuner.reset()  # fresh call plans, so the direct variants are learned again
+        module = copy.deepcopy(template)
+        outputs, counts = [], []
+        for x in (aligned, aligned, misaligned, misaligned):
+            runs.clear()
+            x = x.detach().requires_grad_()
+            y = module(x)
+            y.backward(grad)
+            torch.cuda.synchronize()
+            counts.append(len(runs))
+            outputs += [y, x.grad, module.weight.grad.clone(), module.bias.grad.clone(), module.running_mean.clone(),
+                        module.running_var.clone()]
+        results[direct], launches_through_triton[direct] = outputs, counts
+    assert launches_through_triton[True][1] == 0 and launches_through_triton[True][3] == 0
+    assert launches_through_triton[False][1] == 4 and launches_through_triton[False][3] == 4
+    for direct_out, triton_out in zip(results[True], results[False]):
+        assert torch.equal(direct_out, triton_out)
+
+
 def test_occupancy_arithmetic():
     """Registers, shared memory and warps each cap the programs per SM (sm_90: 64K registers in units of
     256 per warp, 228 KB of shared memory less 1 KB per program, 64 warps, 32 programs)."""
