@@ -131,6 +131,12 @@ def test_model_bench_end_to_end_on_cpu(tmp_path):
     assert converted["loss_rel_diff"] < 1e-5, "the converted model must compute the same loss"
     assert converted["fusion"] == "3 BN+act, 2 BN+add+act, 0 plain"
     assert (frame["ms_per_step"] > 0).all() and "CPU figures" in (out / "model.md").read_text()
+    # on a CPU the host's time is the whole step: the same medians
+    assert (frame["host_ms_per_step"] == frame["ms_per_step"]).all()
+    assert "host ms / step" in (out / "model.md").read_text()
+    refused = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--model", "tiny", "--steps", "0", "--out",
+                              str(out)], capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "--steps must be at least 1" in refused.stderr
 
 
 def test_host_overhead_script_runs():

@@ -97,13 +97,15 @@ def run_model(args) -> int:
     """``--model``: whole training steps; writes model.csv and model.md."""
     import torch
     import pandas as pd
-    from .model import model_markdown, run_model_bench
+    from .model import ROUNDS, model_markdown, run_model_bench
     on_gpu = _uses_gpu(args)
     device = "cuda" if on_gpu else "cpu"
     precisions = [p for p in args.precisions.split(",") if p]
     mode = "gpu" if on_gpu else ("interpreter" if args.interpreter else "cpu")
     if mode == "interpreter" and args.model != "tiny":
         raise SystemExit("triton-bn bench --model --interpreter: only --model tiny is practical")
+    if args.steps < 1:
+        raise SystemExit(f"triton-bn bench --model: --steps must be at least 1, got {args.steps}")
     rows = run_model_bench(args.model, precisions, args.batch, args.steps, args.compile, device,
                            progress=lambda text: _progress(0, 1, text))
     gpu_name = {"gpu": torch.cuda.get_device_name() if on_gpu else "", "interpreter": "cpu-interpreter",
@@ -115,7 +117,8 @@ def run_model(args) -> int:
     pd.DataFrame(rows).to_csv(out / "model.csv", index=False)
     header = (f"# triton-bn bench --model {args.model}: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}; a step = forward, "
-              f"cross-entropy, backward, SGD; median of {args.steps} steps after two warm-up steps; triton_bn "
+              f"cross-entropy, backward, SGD; median of {args.steps} steps after two warm-up steps, the variants "
+              f"taking turns in {ROUNDS} rounds; host ms = until the step's Python returned; triton_bn "
               f"autotuning {'off (heuristic tiles)' if os.environ.get('TRITON_BN_AUTOTUNE') == '0' else 'on'}."
               + _MODE_NOTES[mode].format(threads=torch.get_num_threads()))
     text = model_markdown(rows, header)

@@ -4,9 +4,15 @@ A step is forward, cross-entropy loss, backward and an SGD step, on random image
 precision (fp32 NCHW; bf16 autocast with channels_last) it times, side by side in one process:
 ``original`` (the model as built), ``converted`` (``triton_bn.convert_model`` of a copy with the same
 weights), and with ``--compile`` the ``torch.compile`` of each. Reported: median ms per step,
-images/s, the speedup over the original in the same mode (eager or compiled), and the relative
-difference of the first step's loss from the original's (the converted model must compute the same
-function: a fast wrong model must not hide).
+images/s, the speedup over the original in the same mode (eager or compiled), the host's share of a
+step, and the relative difference of the first step's loss from the original's (the converted model
+must compute the same function: a fast wrong model must not hide).
+
+The variants take turns: ``ROUNDS`` rounds, each timing a slice of every variant's steps, so that a
+drift in the machine's speed (clocks, other processes) lands on all of them alike. Host ms per step is
+the time until ``step()`` returns, before waiting for the GPU: where it is close to the whole step, the
+step is host-bound (Python, autograd, launches), and its time follows the host's speed from one process
+to the next.
 
 Models: ``resnet50`` (torchvision's, batch 128 at 224x224 by default) and ``tiny`` (a small
 ResNet-like network built here, for machines without torchvision or a GPU).
@@ -73,13 +79,19 @@ def _step_fn(model: nn.Module, images, labels, dtype) -> Callable[[], torch.Tens
     return step
 
 
-def _median_ms(step: Callable, steps: int, on_gpu: bool) -> float:
-    times = []
+ROUNDS = 3
+
+
+def _timed_steps(step: Callable, steps: int, on_gpu: bool, times: List[float], host_times: List[float]) -> None:
+    """Run ``steps`` steps, appending each one's ms (GPU events around it on a GPU, wall clock on a CPU)
+    to ``times`` and the host's ms until ``step()`` returned to ``host_times``."""
     for _ in range(steps):
         if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             step()
+            host_times.append((time.perf_counter() - t0) * 1e3)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -87,7 +99,7 @@ def _median_ms(step: Callable, steps: int, on_gpu: bool) -> float:
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            host_times.append(times[-1])
 
 
 def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, compile_too: bool, device: str,
@@ -113,18 +125,27 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
         if compile_too:
             variants["compiled original"] = torch.compile(copy.deepcopy(base))
             variants["compiled converted"] = torch.compile(triton_bn.convert_model(copy.deepcopy(base)))
-        first_loss, times = {}, {}
+        first_loss, step_fns = {}, {}
         for variant, model in variants.items():
             progress(f"model {name} {precision} {variant}: warm-up")
-            step = _step_fn(model.train(), images, labels, dtype)
+            step = step_fns[variant] = _step_fn(model.train(), images, labels, dtype)
             first_loss[variant] = float(step().detach())
             step()  # a second warm-up: the optimizer's state exists from here on
-            times[variant] = _median_ms(step, steps, on_gpu)
+        step_times = {variant: [] for variant in variants}
+        host_step_times = {variant: [] for variant in variants}
+        for round_index in range(ROUNDS):  # the variants take turns (module docstring)
+            progress(f"model {name} {precision}: timing, round {round_index + 1} of {ROUNDS}")
+            for variant, step in step_fns.items():
+                done = len(step_times[variant])
+                _timed_steps(step, steps * (round_index + 1) // ROUNDS - done, on_gpu, step_times[variant],
+                             host_step_times[variant])
+        times = {variant: statistics.median(values) for variant, values in step_times.items()}
         for variant, ms in times.items():
             baseline = "compiled original" if variant.startswith("compiled") else "original"
             reference = first_loss["original"]
             rows.append(dict(model=name, precision=precision, variant=variant, batch=batch, steps=steps,
-                             ms_per_step=ms, images_per_s=batch / (ms * 1e-3),
+                             ms_per_step=ms, host_ms_per_step=statistics.median(host_step_times[variant]),
+                             images_per_s=batch / (ms * 1e-3),
                              speedup_vs_original=times[baseline] / ms,
                              first_loss=first_loss[variant],
                              loss_rel_diff=abs(first_loss[variant] - reference) / max(abs(reference), 1e-30),
@@ -134,9 +155,10 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
 
 
 def model_markdown(rows: List[dict], header: str) -> str:
-    lines = [header, "", "| model | precision | variant | batch | ms / step | images/s | speedup vs original "
-             "(same mode) | first-step loss rel. diff | fused |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| model | precision | variant | batch | ms / step | host ms / step | images/s | speedup vs "
+             "original (same mode) | first-step loss rel. diff | fused |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | {r['batch']} | {r['ms_per_step']:.2f} | "
-                     f"{r['images_per_s']:.0f} | {r['speedup_vs_original']:.3f}x | {r['loss_rel_diff']:.1e} | {r['fusion']} |")
+                     f"{r['host_ms_per_step']:.2f} | {r['images_per_s']:.0f} | {r['speedup_vs_original']:.3f}x | "
+                     f"{r['loss_rel_diff']:.1e} | {r['fusion']} |")
     return "\n".join(lines) + "\n"
