@@ -98,6 +98,12 @@ def _per_channel_args(mean, stat, weight, bias, device):
             dummy if weight is None else weight.contiguous(), dummy if bias is None else bias.contiguous())
 
 
+def _current_stream(device_index: int) -> int:
+    """The raw handle of the device's current CUDA stream, as Triton's CUDA driver reads it (no
+    ``torch.cuda.Stream`` object built, which costs microseconds per call)."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
 # -- arrival counters -------------------------------------------------------------------------------------
 _COUNTERS = {}  # (device, stream) -> int32 zeros: every reduction leaves its counters at zero
 _COUNTERS_LOCK = threading.Lock()
@@ -108,7 +114,7 @@ def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
     one stream run one after another and each resets what it used, so one buffer per stream serves every
     call; two streams never share one. Inside a CUDA graph capture the buffer is allocated (and its
     zeroing captured) for that call alone: a buffer from the graph's private memory must not be kept."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = _current_stream(device.index) if device.type == "cuda" else 0
     if stream and torch.cuda.is_current_stream_capturing():
         return torch.zeros(needed, dtype=torch.int32, device=device)
     key = (device, stream)
@@ -214,11 +220,6 @@ class PlannedLaunch:
 
 
 _UNSEEN = object()
-
-
-def _current_stream(device_index: int) -> int:
-    """The raw current CUDA stream, as Triton's CUDA driver reads it."""
-    return torch._C._cuda_getCurrentRawStream(device_index)
 
 
 _RESIDENT = {}  # (kernel, config, dtype, device, launch kwargs) -> programs of that variant fitting per SM
