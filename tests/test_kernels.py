@@ -2,6 +2,7 @@
 FLAT tiles never used past int32, the CUDA-graph capture guard, occupancy arithmetic, reproducibility
 across processes, and launchers called from several threads at once. (The compiled code itself, its
 pipelining and its atomics, is checked in tests/test_compile_sm90.py.)"""
+import contextlib
 import math
 import os
 import subprocess
@@ -321,6 +322,46 @@ def test_two_processes_sharing_a_cache_agree_bitwise(tmp_path):
         assert torch.equal(outputs[0][key], outputs[1][key]), key
 
 
+def _one_module_from_several_threads(device: str, own_streams: bool):
+    """Eight threads share one module, each on its own shape and layout (and with ``own_streams`` its own
+    CUDA stream), calling it several times in eval and in training; every result is checked against
+    PyTorch's. Returns the errors, with each thread's input."""
+    torch.manual_seed(0)
+    module = triton_bn.BatchNorm2d(4, activation="relu").eval().to(device)
+    with torch.no_grad():
+        module.running_mean.uniform_(-1, 1)
+        module.running_var.uniform_(0.5, 2)
+    shapes = [(2, 4, 3, 3), (3, 4, 5, 2), (1, 4, 7, 7), (4, 4, 2, 6)]
+    inputs = [torch.randn(s, device=device) for s in shapes] + [
+        torch.randn(s, device=device).contiguous(memory_format=torch.channels_last) for s in shapes]
+    if own_streams:
+        torch.cuda.synchronize()  # the module and the inputs were written on the default stream
+    errors = []
+
+    def work(x):
+        stream = torch.cuda.Stream() if own_streams else None
+        try:
+            with torch.cuda.stream(stream) if own_streams else contextlib.nullcontext():
+                for _ in range(3):
+                    with torch.no_grad():
+                        y = module(x)
+                    ref = torch.relu(torch.nn.functional.batch_norm(x, module.running_mean, module.running_var,
+                                                                    module.weight, module.bias, False))
+                    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+                    train = triton_bn.batch_norm(x, None, None, training=True, activation="relu")
+                    expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
+                    torch.testing.assert_close(train, expected, atol=1e-4, rtol=1e-4)
+        except Exception as exc:  # noqa: BLE001 - reported below with the thread's input
+            errors.append((tuple(x.shape), exc))
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in inputs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 def test_one_module_from_several_threads(monkeypatch):
     """nn.DataParallel runs replicas in threads and servers call models from thread pools: every cache on
     the call path (layout plans, tuner answers, arrival counters) must hold when threads share a module.
@@ -331,36 +372,19 @@ def test_one_module_from_several_threads(monkeypatch):
 
     def serialised_launch(*args, **kwargs):
         with interpreter:
-            original_launch(*args, **kwargs)
+            return original_launch(*args, **kwargs)
 
     monkeypatch.setattr(launch, "_launch", serialised_launch)
-    torch.manual_seed(0)
-    module = triton_bn.BatchNorm2d(4, activation="relu").eval()
-    with torch.no_grad():
-        module.running_mean.uniform_(-1, 1)
-        module.running_var.uniform_(0.5, 2)
-    shapes = [(2, 4, 3, 3), (3, 4, 5, 2), (1, 4, 7, 7), (4, 4, 2, 6)]
-    inputs = [torch.randn(s) for s in shapes] + [torch.randn(s).contiguous(memory_format=torch.channels_last)
-                                                  for s in shapes]
-    errors = []
+    errors = _one_module_from_several_threads("cpu", own_streams=False)
+    assert not errors, errors
 
-    def work(x):
-        try:
-            for _ in range(3):
-                with torch.no_grad():
-                    y = module(x)
-                ref = torch.relu(torch.nn.functional.batch_norm(x, module.running_mean, module.running_var,
-                                                                module.weight, module.bias, False))
-                torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-                train = triton_bn.batch_norm(x, None, None, training=True, activation="relu")
-                torch.testing.assert_close(train, torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True)),
-                                           atol=1e-4, rtol=1e-4)
-        except Exception as exc:  # noqa: BLE001 - reported below with the thread's input
-            errors.append((tuple(x.shape), exc))
 
-    threads = [threading.Thread(target=work, args=(x,)) for x in inputs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("own_streams", [False, True], ids=["one stream", "a stream per thread"])
+def test_one_module_from_several_threads_on_cuda(own_streams):
+    """The same on a GPU, nothing serialised: the call plans' compiled variants (direct launches, each on
+    its caller's current stream) and the arrival counters (one buffer per stream) shared by threads."""
+    errors = _one_module_from_several_threads("cuda", own_streams)
+    torch.cuda.synchronize()
     assert not errors, errors
