@@ -21,6 +21,7 @@ from typing import List, Optional
 
 import torch
 
+from . import native
 from .activations import ACTIVATION_IDS, torch_activation, torch_activation_grad
 
 _ACTIVATION_NAMES = {v: k for k, v in ACTIVATION_IDS.items()}
@@ -219,7 +220,12 @@ def _normalize_eval(x, weight, bias, mean, var, eps: float):
 
 
 def _eval_fast(x, mean, var, weight, bias, residual, eps: float, activation: int, negative_slope: float):
-    """Eval: PyTorch's kernel with the running statistics, then the epilogue in place."""
+    """Eval: the native kernel where x has its channels innermost (one pass, epilogue fused); else
+    PyTorch's kernel with the running statistics, then the epilogue in place."""
+    native_ops = native.serves(x)
+    if native_ops is not None:
+        return native_ops[1](x, mean, var, weight, bias, native.like(residual, x), eps, False, activation,
+                             negative_slope)
     dtype = _kernel_dtype(x, activation, residual, weight, bias, mean)
     y = _normalize_eval(_as(x, dtype), weight, bias, mean, var, eps)
     return _finish(y, residual, activation, negative_slope, x.dtype)
@@ -345,8 +351,13 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
 
 def _fused_training(x, running_mean, running_var, weight, bias, residual, factor: float, eps: float,
                     activation: int, negative_slope: float):
-    """``batch_norm_training`` where ``fast_path`` says yes: PyTorch's kernels, the running statistics
-    weighted by ``factor``."""
+    """``batch_norm_training`` where ``fast_path`` says yes, the running statistics weighted by ``factor``:
+    the native kernels where x has its channels innermost (``native.py``: statistics in one read, y with
+    the epilogue in one more), else PyTorch's kernels."""
+    native_ops = native.serves(x)
+    if native_ops is not None:
+        return native_ops[0](x, weight, bias, native.like(residual, x), running_mean, running_var, factor, eps,
+                             activation, negative_slope)
     xc = _as(x, _kernel_dtype(x, activation, residual, weight, bias, running_mean))
     by_planes = _summed_by_planes(xc)
     if by_planes and not _statistics_in_blocks(xc):
@@ -414,6 +425,13 @@ def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: floa
     if not (fast_path(x, None if batch_stats else mean, None if batch_stats else stat, weight, bias)
             and mean.dtype == dtype and stat.dtype == dtype):
         return None
+    native_ops = native.serves(x)
+    if native_ops is not None:  # both passes in native code, z recomputed inside
+        wanted = (want_dx, want_dweight and weight is not None, want_dbias and bias is not None, want_dresidual)
+        grads = native_ops[2](native.like(grad_y, x), x, mean, stat, weight, bias,
+                              native.like(residual, x) if activation != 0 else None, eps, batch_stats, activation,
+                              negative_slope, *wanted)
+        return tuple(g if want else None for g, want in zip(grads, wanted))
     kernel_dtype = _backward_dtype(x, grad_y, activation, weight, bias, mean)
     xc, grad_z = _as(x, kernel_dtype), _as(grad_y, kernel_dtype)
     if activation != 0:

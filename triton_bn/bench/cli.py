@@ -77,10 +77,21 @@ def _uses_gpu(args) -> bool:
 
 _MODE_NOTES = {
     "gpu": "",
-    "cpu": "\n\n**CPU figures** ({threads} threads): triton_bn's CPU path (PyTorch's fused kernels with the epilogue "
-           "in place) against PyTorch's own CPU batch norm. Not GPU figures.",
+    "cpu": "\n\n**CPU figures** ({threads} threads): triton_bn's CPU path (its native kernels for channels-innermost "
+           "inputs, {native}; PyTorch's fused kernels with the epilogue in place for the others) against PyTorch's own "
+           "CPU batch norm. Not GPU figures.",
     "interpreter": "\n\n**Interpreter run: these are CPU interpreter timings, not figures of anything.**",
 }
+
+
+def _mode_note(mode: str) -> str:
+    import torch
+    from .. import native
+    if not native.ENABLED:
+        built = "switched off by TRITON_BN_NATIVE_CPU=0: PyTorch's kernels"
+    else:
+        built = "built and used" if mode == "cpu" and native.ops() is not None else "not available here: PyTorch's kernels"
+    return _MODE_NOTES[mode].format(threads=torch.get_num_threads(), native=built)
 
 
 def _cpu_name() -> str:
@@ -120,7 +131,7 @@ def run_model(args) -> int:
               f"cross-entropy, backward, SGD; median of {args.steps} steps after two warm-up steps, the variants "
               f"taking turns in {ROUNDS} rounds; host ms = until the step's Python returned; triton_bn "
               f"autotuning {'off (heuristic tiles)' if os.environ.get('TRITON_BN_AUTOTUNE') == '0' else 'on'}."
-              + _MODE_NOTES[mode].format(threads=torch.get_num_threads()))
+              + _mode_note(mode))
     text = model_markdown(rows, header)
     (out / "model.md").write_text(text)
     print(text)
@@ -328,7 +339,7 @@ def run_bench(args) -> int:
     header = (f"# triton-bn bench: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}, python {platform.python_version()}; "
               f"copy bandwidth {copy_gbps:.1f} GB/s (read + write); efficiency = minimal bytes / copy bandwidth / time."
-              + _MODE_NOTES[mode].format(threads=torch.get_num_threads())
+              + _mode_note(mode)
               + (f"\n\n**Cut short by --budget-s {args.budget_s:g}: {len(skipped)} of {len(jobs)} measurements "
                  f"not run:** " + "; ".join(skipped) if skipped else ""))
     (out / "summary.md").write_text(report.summary_markdown(frame, header))

@@ -1,0 +1,188 @@
+"""[cpu]: the native CPU kernels (``triton_bn/native.py``, ``csrc/channels_last_cpu.cpp``) that serve
+channels-innermost CPU tensors on the pure-PyTorch path, called through ``reference.py`` as that path
+calls them, against float64 PyTorch: every activation, fp32 / bf16 / fp16, every channels-innermost
+layout, the residual, the statistics at a large mean, the backward with batch and with running
+statistics, and results independent of the thread count. (The whole semantic suite also runs on this
+path: ``test_robust.py::test_the_semantic_tests_pass_on_the_pure_pytorch_path``.)"""
+import pytest
+import torch
+
+from triton_bn import native, reference
+from triton_bn.activations import ACTIVATION_IDS, torch_activation
+
+from conftest import TOLERANCES
+from helpers import assert_close
+
+ACTIVATIONS = [name for name in ACTIVATION_IDS]
+
+
+@pytest.fixture(autouse=True)
+def _native_kernels():
+    if native.ops() is None:
+        pytest.skip("the native CPU kernels could not be built on this machine (see the warning)")
+
+
+def _input(shape, dtype, layout, offset=0.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 2 + offset).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)])
+    elif layout == "c_innermost":  # (N, C, L) with C innermost
+        x = x.transpose(1, -1).contiguous().transpose(1, -1)
+    assert native.serves(x) is not None, "the native kernels must serve this input"
+    return x
+
+
+def _parameters(channels, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(channels, generator=gen) + 0.5, torch.randn(channels, generator=gen)
+
+
+def _float64_forward(x, weight, bias, residual, training, running_mean, running_var, activation):
+    z = torch.nn.functional.batch_norm(x.double(), None if training else running_mean.double(),
+                                       None if training else running_var.double(),
+                                       None if weight is None else weight.double(),
+                                       None if bias is None else bias.double(), training, 0.0, 1e-5)
+    if residual is not None:
+        z = z + residual.double()
+    return torch_activation(activation, 0.2)(z)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_training_forward_every_activation_and_dtype(activation, dtype):
+    """y, mean, invstd and both running statistics (momentum 0.1, unbiased variance) of a channels_last
+    training forward with a residual."""
+    shape = (3, 5, 6, 7)
+    x, residual = _input(shape, dtype, "channels_last"), _input(shape, dtype, "channels_last", seed=2)
+    weight, bias = _parameters(5)
+    rm, rv = torch.zeros(5), torch.ones(5)
+    y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, weight, bias, residual, 0.1, False, 1e-5,
+                                                    ACTIVATION_IDS[activation], 0.2)
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert_close(y, _float64_forward(x, weight, bias, residual, True, None, None, activation), dtype, "y")
+    var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), exact_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+    count = x.numel() // 5
+    torch.testing.assert_close(rm.double(), 0.1 * exact_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * var * count / (count - 1), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, layout", [((4, 6, 3, 5), "channels_last"), ((3, 4, 2, 3, 5), "channels_last"),
+                                           ((17, 6), "contiguous"), ((4, 6, 9), "c_innermost"),
+                                           ((5, 6, 1, 1), "contiguous")], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_every_channels_innermost_layout_in_training_and_eval(shape, layout, affine):
+    x = _input(shape, torch.float32, layout)
+    channels = shape[1]
+    weight, bias = _parameters(channels) if affine else (None, None)
+    y, _, _ = reference.batch_norm_training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
+    assert y.stride() == x.stride()
+    assert_close(y, _float64_forward(x, weight, bias, None, True, None, None, "relu"), torch.float32, "training y")
+    rm, rv = torch.randn(channels) * 0.1, torch.rand(channels) + 0.5
+    y = reference.batch_norm_apply(x, rm, rv, weight, bias, None, 1e-5, False, 2, 0.2)
+    assert y.stride() == x.stride()
+    assert_close(y, _float64_forward(x, weight, bias, None, False, rm, rv, "leaky_relu"), torch.float32, "eval y")
+
+
+def test_statistics_at_a_large_mean_stay_accurate():
+    """Shifted sums: at a mean of 1e4 standard deviations the mean is right to fp32's own spacing there
+    (PyTorch's uncompensated row sums are off by ~5e-3 std: docs/cpu-path.md) and the variance to 1e-3."""
+    x = _input((64, 8, 16, 16), torch.float32, "channels_last", offset=1e4)
+    _, mean, invstd = reference.batch_norm_training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
+    var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
+    assert ((mean.double() - exact_mean) / var.sqrt()).abs().max() < 1e-3
+    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
+def test_backward_every_activation(activation, dtype, batch_stats):
+    """dx, dweight, dbias and d residual against float64 autograd (z recomputed from x inside)."""
+    shape = (4, 6, 3, 5)
+    x, residual = _input(shape, dtype, "channels_last"), _input(shape, dtype, "channels_last", seed=2)
+    grad_y = _input(shape, dtype, "channels_last", seed=3)
+    weight, bias = _parameters(6)
+    rm, rv = torch.randn(6) * 0.1, torch.rand(6) + 0.5
+    if batch_stats:
+        _, mean, stat = reference.batch_norm_training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
+                                                      ACTIVATION_IDS[activation], 0.2)
+    else:
+        mean, stat = rm, rv
+    grads = reference.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, 1e-5, batch_stats,
+                                          ACTIVATION_IDS[activation], 0.2, [True, True, True, True])
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    y = _float64_forward(leaves[0], leaves[1], leaves[2], leaves[3], batch_stats, rm, rv, activation)
+    expected = torch.autograd.grad(y, leaves, grad_y.double())
+    for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected):
+        if name in ("dweight", "dbias"):  # sums over the batch: fp32, compared at fp32 tolerances scaled by n
+            torch.testing.assert_close(got.double(), want, atol=TOLERANCES[dtype][0] * 60, rtol=TOLERANCES[dtype][1])
+        else:
+            assert got.dtype == dtype and got.stride() == x.stride()
+            assert_close(got, want, dtype, name)
+
+
+def test_backward_takes_gradients_of_any_layout_and_skips_what_is_not_wanted():
+    """A dy of another layout (an expanded tensor of ones, as ``y.sum().backward()`` passes) is read
+    correctly; gradients not asked for come back as None."""
+    x = _input((3, 4, 5, 2), torch.float32, "channels_last")
+    weight, bias = _parameters(4)
+    _, mean, invstd = reference.batch_norm_training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
+    grad_y = torch.ones(()).expand(x.shape)
+    dx, dweight, dbias, dresidual = reference.batch_norm_backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5,
+                                                                  True, 1, 0.0, [True, False, True, False])
+    assert dweight is None and dresidual is None
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    y = _float64_forward(leaves[0], leaves[1], leaves[2], None, True, None, None, "relu")
+    want_dx, _, want_dbias = torch.autograd.grad(y.sum(), leaves)
+    assert_close(dx, want_dx, torch.float32, "dx")
+    torch.testing.assert_close(dbias.double(), want_dbias, atol=1e-4, rtol=1e-4)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """The reductions cut the rows by their count alone and merge in order: 1 thread and 2 threads give
+    bitwise the same statistics, output and gradients."""
+    x = _input((16, 8, 20, 20), torch.float32, "channels_last")
+    grad_y = _input((16, 8, 20, 20), torch.float32, "channels_last", seed=4)
+    weight, bias = _parameters(8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            y, mean, invstd = reference.batch_norm_training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5,
+                                                            4, 0.0)
+            grads = reference.batch_norm_backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5, True, 4, 0.0,
+                                                  [True, True, True, False])
+            results.append((y, mean, invstd) + tuple(grads[:3]))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_nan_propagates_per_channel():
+    x = _input((4, 3, 5, 5), torch.float32, "channels_last")
+    x[1, 0, 2, 2] = float("nan")
+    x[2, 1, 0, 0] = float("inf")
+    y, mean, _ = reference.batch_norm_training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 1, 0.0)
+    ref = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    torch.testing.assert_close(y[:, 2], ref[:, 2])
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "relu6", "hardswish"])
+def test_kinks_follow_pytorch_subgradients(activation):
+    """z exactly at a kink (eval, mean 0, variance 1, eps 0: z = x): the derivative PyTorch's own backward
+    picks there (hardswish: 0 at -3, 1 at 3; relu6: 0 at 0 and at 6)."""
+    values = torch.tensor([0.0, -1e-7, 1e-7, -0.5, 6.0, 3.0, -3.0, 7.0])
+    x = values.repeat(3, 1).contiguous()  # (N, C) = (3, 8): each kink is a channel
+    mean, var = torch.zeros(8), torch.ones(8)
+    grad_y = torch.full_like(x, 2.0)
+    dx = reference.batch_norm_backward(grad_y, x, mean, var, None, None, None, 0.0, False, ACTIVATION_IDS[activation],
+                                       0.2, [True, False, False, False])[0]
+    z = x.clone().requires_grad_()
+    torch_activation(activation, 0.2)(z).backward(grad_y)
+    assert torch.equal(dx, z.grad), (dx, z.grad)

@@ -1,0 +1,500 @@
+// Batch norm for CPU tensors whose channels are innermost in memory (channels_last, channels_last_3d,
+// (N, C) and C-innermost (N, C, L)): in memory such an x is a contiguous [R, C] matrix, R = the number
+// of rows (N x spatial), one row = one value per channel, and every loop here walks it that way.
+//
+// Why native code: PyTorch's CPU batch norm reads x three times in training (mean, variance, normalize)
+// and an activation module reads and writes the result once more; its row-by-row sums are also not
+// compensated (perf/NOTES.md, docs/cpu-path.md). Here the statistics take one read (shifted sums, below)
+// and the normalization, the residual add and the activation one more read and one write.
+//
+// Accuracy: each channel's values are summed after subtracting a shift, the channel's value in row 0
+// (close to the mean, so the sums do not cancel), in fp32 over blocks of kBlockRows rows, and the block
+// sums are added in double. The rows are cut into a number of chunks that depends on R only, never on
+// the thread count, and the chunks are merged in order: the same input gives bitwise the same result
+// whatever the number of threads.
+//
+// Loaded by triton_bn/native.py (torch.utils.cpp_extension, compiled once per machine); the ops are
+// registered as torch.ops.triton_bn_cpu.*. Activation ids are those of triton_bn/activations.py, and each
+// activation and derivative follows PyTorch's own CPU formula (including at the kinks).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlockRows = 128;  // rows summed in fp32 before the sums go to double
+constexpr int64_t kMaxChunks = 64;   // row chunks of a reduction (a function of R alone: see above)
+
+// Element i of p as fp32, and v stored as T (rounded to nearest even). bf16 is converted by bit
+// arithmetic that vectorizes (c10::BFloat16's own conversion has a branch for NaN that keeps the
+// compiler from it); fp16 takes c10::Half's conversion.
+template <typename T> inline float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+template <> inline float load<float>(const float* p, int64_t i) { return p[i]; }
+template <> inline float load<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+template <typename T> inline void store(T* p, int64_t i, float v) { p[i] = T(v); }
+template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  p[i].x = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+}
+
+// -- activations: id -> act(z) and dL/dz = dL/dy * act'(z), as PyTorch's CPU kernels compute them --------
+constexpr float kSqrt1_2 = 0.70710678118654752440f;
+constexpr float kTanhBeta = 0.79788456080286535588f;  // sqrt(2 / pi)
+constexpr float kTanhKappa = 0.044715f;
+constexpr float kGeluPdf = 0.39894228040143267794f;   // 1 / sqrt(2 pi)
+
+template <int ACT> inline float activate(float z, float slope) {
+  if constexpr (ACT == 0) return z;
+  if constexpr (ACT == 1) return z < 0.f ? 0.f : z;                             // relu (NaN stays NaN)
+  if constexpr (ACT == 2) return z > 0.f ? z : z * slope;                       // leaky_relu
+  if constexpr (ACT == 3) return z < 0.f ? 0.f : (z > 6.f ? 6.f : z);           // relu6 = hardtanh(0, 6)
+  if constexpr (ACT == 4) return z / (1.f + std::exp(-z));                      // silu
+  if constexpr (ACT == 5) return 0.5f * z * (1.f + std::erf(z * kSqrt1_2));     // gelu
+  if constexpr (ACT == 6) return 0.5f * z * (1.f + std::tanh(kTanhBeta * (z + kTanhKappa * z * z * z)));
+  if constexpr (ACT == 7) return z * std::min(std::max(z + 3.f, 0.f), 6.f) / 6.f;  // hardswish
+  if constexpr (ACT == 8) return 1.f / (1.f + std::exp(-z));                    // sigmoid
+  return z;
+}
+
+template <int ACT> inline float activation_backward(float g, float z, float slope) {
+  if constexpr (ACT == 0) return g;
+  if constexpr (ACT == 1) return z <= 0.f ? 0.f : g;                            // threshold_backward
+  if constexpr (ACT == 2) return z > 0.f ? g : g * slope;                       // leaky_relu_backward
+  if constexpr (ACT == 3) return (z <= 0.f || z >= 6.f) ? 0.f : g;             // hardtanh_backward
+  if constexpr (ACT == 4) {                                                     // silu_backward
+    const float s = 1.f / (1.f + std::exp(-z));
+    return g * s * (1.f + z * (1.f - s));
+  }
+  if constexpr (ACT == 5) {                                                     // gelu_backward
+    const float cdf = 0.5f * (1.f + std::erf(z * kSqrt1_2));
+    return g * (cdf + z * kGeluPdf * std::exp(-0.5f * z * z));
+  }
+  if constexpr (ACT == 6) {                                                     // gelu_backward, tanh
+    const float inner = kTanhBeta * (z + kTanhKappa * z * z * z);
+    const float t = std::tanh(inner);
+    const float left = 0.5f * z, right = 1.f + t;
+    return g * (0.5f * right + left * (1.f - t * t) * kTanhBeta * (1.f + 3.f * kTanhKappa * z * z));
+  }
+  if constexpr (ACT == 7) return z <= -3.f ? 0.f : (z < 3.f ? g * (z / 3.f + 0.5f) : g);  // hardswish_backward
+  if constexpr (ACT == 8) {                                                     // sigmoid_backward
+    const float s = 1.f / (1.f + std::exp(-z));
+    return g * (1.f - s) * s;
+  }
+  return g;
+}
+
+// Calls body(std::integral_constant<int, ACT>{}) with the activation id as a compile-time constant, so
+// that every inner loop is specialized (and vectorized) for one activation.
+template <typename Body> void dispatch_activation(int64_t activation, Body&& body) {
+  switch (activation) {
+    case 0: body(std::integral_constant<int, 0>{}); break;
+    case 1: body(std::integral_constant<int, 1>{}); break;
+    case 2: body(std::integral_constant<int, 2>{}); break;
+    case 3: body(std::integral_constant<int, 3>{}); break;
+    case 4: body(std::integral_constant<int, 4>{}); break;
+    case 5: body(std::integral_constant<int, 5>{}); break;
+    case 6: body(std::integral_constant<int, 6>{}); break;
+    case 7: body(std::integral_constant<int, 7>{}); break;
+    case 8: body(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "triton_bn_cpu: unknown activation id ", activation);
+  }
+}
+
+template <typename Body> void dispatch_dtype(at::ScalarType dtype, Body&& body) {
+  switch (dtype) {
+    case at::kFloat: body(float{}); break;
+    case at::kBFloat16: body(c10::BFloat16{}); break;
+    case at::kHalf: body(c10::Half{}); break;
+    default: TORCH_CHECK(false, "triton_bn_cpu: unsupported dtype ", dtype);
+  }
+}
+
+// x must have its channels innermost with dense rows (x.movedim(1, -1) contiguous): then it is the
+// contiguous [R, C] matrix the loops walk. Tensors read or written beside it share its strides.
+int64_t rows_of(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2 && x.movedim(1, -1).is_contiguous(),
+              "triton_bn_cpu: x must be a CPU tensor with its channels innermost (dim 1 of stride 1, dense rows)");
+  return x.size(1) == 0 ? 0 : x.numel() / x.size(1);
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.device().is_cpu() && t.sizes() == x.sizes() && t.strides() == x.strides() &&
+              t.scalar_type() == x.scalar_type(),
+              "triton_bn_cpu: ", name, " must have x's shape, strides and dtype");
+}
+
+std::vector<float> channel_values(const c10::optional<at::Tensor>& t, int64_t channels, float absent) {
+  std::vector<float> out(channels, absent);
+  if (t.has_value() && t->defined()) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, "triton_bn_cpu: per-channel vectors must be [C]");
+    const at::Tensor f = t->to(at::kFloat).contiguous();
+    std::copy(f.data_ptr<float>(), f.data_ptr<float>() + channels, out.begin());
+  }
+  return out;
+}
+
+struct Chunks {
+  int64_t count, rows;
+  explicit Chunks(int64_t R) {
+    count = std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (R + kBlockRows - 1) / kBlockRows));
+    rows = (R + count - 1) / count;
+  }
+};
+
+// Two per-channel sums over the rows: sum_r a(r, c) and sum_r b(r, c). The work is cut into tasks of
+// (row chunk, block of kChannelBlock channels), so that a short, wide input (a 7x7 map with 2048
+// channels: a hundred rows) still spreads over the threads. Within a task, blocks of kBlockRows rows are
+// summed in fp32 by row_sums(r0, r1, c0, n, a, b) (rows [r0, r1), channels [c0, c0 + n), into a[0, n)
+// and b[0, n)), and the block sums added in double; the chunks are then added in order.
+constexpr int64_t kChannelBlock = 256;
+
+template <typename RowSums>
+void reduce_rows(int64_t R, int64_t C, std::vector<double>& total_a, std::vector<double>& total_b,
+                 const RowSums& row_sums) {
+  const Chunks chunks(R);
+  const int64_t channel_blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  std::vector<double> partial_a(chunks.count * C, 0.0), partial_b(chunks.count * C, 0.0);
+  at::parallel_for(0, chunks.count * channel_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a(kChannelBlock), b(kChannelBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task / channel_blocks, c0 = (task % channel_blocks) * kChannelBlock;
+      const int64_t n = std::min(kChannelBlock, C - c0);
+      const int64_t r_end = std::min(R, (k + 1) * chunks.rows);
+      double* pa = partial_a.data() + k * C + c0;
+      double* pb = partial_b.data() + k * C + c0;
+      for (int64_t r0 = k * chunks.rows; r0 < r_end; r0 += kBlockRows) {
+        std::fill(a.begin(), a.begin() + n, 0.f);
+        std::fill(b.begin(), b.begin() + n, 0.f);
+        row_sums(r0, std::min(r_end, r0 + kBlockRows), c0, n, a.data(), b.data());
+        for (int64_t c = 0; c < n; ++c) {
+          pa[c] += a[c];
+          pb[c] += b[c];
+        }
+      }
+    }
+  });
+  total_a.assign(C, 0.0);
+  total_b.assign(C, 0.0);
+  for (int64_t k = 0; k < chunks.count; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      total_a[c] += partial_a[k * C + c];
+      total_b[c] += partial_b[k * C + c];
+    }
+  }
+}
+
+// -- forward ---------------------------------------------------------------------------------------------
+// (mean, biased variance) per channel, fp32: one read of x.
+template <typename T>
+void statistics(const T* x, int64_t R, int64_t C, float* mean, float* var) {
+  std::vector<float> shift(C);
+  for (int64_t c = 0; c < C; ++c) shift[c] = load(x, c);
+  std::vector<double> s1, s2;
+  reduce_rows(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
+                                float* __restrict__ b) {
+    const float* __restrict__ sh = shift.data() + c0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict__ row = x + r * C + c0;
+      for (int64_t c = 0; c < n; ++c) {
+        const float d = load(row, c) - sh[c];
+        a[c] += d;
+        b[c] += d * d;
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = s1[c] / R;
+    mean[c] = static_cast<float>(shift[c] + m);
+    const double v = s2[c] / R - m * m;  // rounding can leave it a hair below 0; a NaN or inf sum stays NaN
+    var[c] = static_cast<float>(v < 0.0 ? 0.0 : v);
+  }
+}
+
+// y = act(x * scale + shift [+ residual]) row by row, rounded once to T.
+template <typename T>
+void normalize(const T* x, const T* residual, T* y, int64_t R, int64_t C, const std::vector<float>& scale,
+               const std::vector<float>& shift, int64_t activation, float slope) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  dispatch_activation(activation, [&](auto act) {
+    constexpr int ACT = decltype(act)::value;
+    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+      const float* __restrict__ sc = scale.data();
+      const float* __restrict__ sh = shift.data();
+      for (int64_t r = begin; r < end; ++r) {
+        const T* __restrict__ row = x + r * C;
+        T* __restrict__ out = y + r * C;
+        if (residual != nullptr) {
+          const T* __restrict__ res = residual + r * C;
+          for (int64_t c = 0; c < C; ++c) store(out, c, activate<ACT>(load(row, c) * sc[c] + sh[c] + load(res, c), slope));
+        } else {
+          for (int64_t c = 0; c < C; ++c) store(out, c, activate<ACT>(load(row, c) * sc[c] + sh[c], slope));
+        }
+      }
+    });
+  });
+}
+
+// scale = invstd * weight, shift = bias - mean * scale (invstd = stat, or 1 / sqrt(stat + eps) from a
+// running variance), as PyTorch's CPU kernels form them.
+void coefficients(const std::vector<float>& mean, const std::vector<float>& invstd, const std::vector<float>& weight,
+                  const std::vector<float>& bias, std::vector<float>& scale, std::vector<float>& shift) {
+  const size_t C = mean.size();
+  scale.resize(C);
+  shift.resize(C);
+  for (size_t c = 0; c < C; ++c) {
+    scale[c] = invstd[c] * weight[c];
+    shift[c] = bias[c] - mean[c] * scale[c];
+  }
+}
+
+std::vector<float> invstd_of(const std::vector<float>& stat, bool batch_stats, double eps) {
+  std::vector<float> invstd(stat);
+  if (!batch_stats) {
+    for (auto& v : invstd) v = 1.f / std::sqrt(v + static_cast<float>(eps));
+  }
+  return invstd;
+}
+
+// torch.lerp's formula: exact at both ends (a weight of 1 gives b itself).
+inline float lerp(float a, float b, float w) { return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w); }
+
+// A training forward: (y, mean, invstd), the statistics of x (one read), the running statistics moved
+// toward them (running += factor * (batch - running), the variance unbiased: nn.BatchNorm's update, as
+// torch.lerp computes it), then y (one more read).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double factor, double eps, int64_t activation, double slope) {
+  const int64_t R = rows_of(x), C = x.size(1);
+  TORCH_CHECK(R > 0, "triton_bn_cpu: empty batch");
+  if (residual.has_value() && residual->defined()) check_like(*residual, "residual", x);
+  const bool update = running_mean.has_value() && running_mean->defined();
+  for (const auto* t : {&running_mean, &running_var}) {
+    TORCH_CHECK(!update || (t->has_value() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
+                            (*t)->dim() == 1 && (*t)->size(0) == C),
+                "triton_bn_cpu: running statistics must both be contiguous fp32 [C] tensors (or both absent)");
+  }
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32), invstd = at::empty({C}, f32);  // var: scratch
+  at::Tensor y = at::empty_like(x);
+  check_like(y, "y", x);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    statistics<T>(x.data_ptr<T>(), R, C, mean.data_ptr<float>(), var.data_ptr<float>());
+    std::vector<float> m(mean.data_ptr<float>(), mean.data_ptr<float>() + C), inv(C);
+    const float* v = var.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) inv[c] = 1.f / std::sqrt(v[c] + static_cast<float>(eps));
+    if (update) {
+      const float f = static_cast<float>(factor);
+      const float unbias = R > 1 ? static_cast<float>(static_cast<double>(R) / (R - 1)) : NAN;
+      float* rm = running_mean->data_ptr<float>();
+      float* rv = running_var->data_ptr<float>();
+      for (int64_t c = 0; c < C; ++c) {
+        rm[c] = lerp(rm[c], m[c], f);
+        rv[c] = lerp(rv[c], v[c] * unbias, f);
+      }
+    }
+    std::copy(inv.begin(), inv.end(), invstd.data_ptr<float>());
+    std::vector<float> scale, shift;
+    coefficients(m, inv, channel_values(weight, C, 1.f), channel_values(bias, C, 0.f), scale, shift);
+    const T* res = (residual.has_value() && residual->defined()) ? residual->data_ptr<T>() : nullptr;
+    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), R, C, scale, shift, activation, static_cast<float>(slope));
+  });
+  return {y, mean, invstd};
+}
+
+// y from given statistics: the running ones (batch_stats false: stat = running variance) or the batch's
+// (stat = invstd).
+at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& stat,
+                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                 const c10::optional<at::Tensor>& residual, double eps, bool batch_stats, int64_t activation,
+                 double slope) {
+  const int64_t R = rows_of(x), C = x.size(1);
+  if (residual.has_value() && residual->defined()) check_like(*residual, "residual", x);
+  at::Tensor y = at::empty_like(x);
+  check_like(y, "y", x);
+  std::vector<float> scale, shift;
+  coefficients(channel_values(mean, C, 0.f), invstd_of(channel_values(stat, C, 1.f), batch_stats, eps),
+               channel_values(weight, C, 1.f), channel_values(bias, C, 0.f), scale, shift);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* res = (residual.has_value() && residual->defined()) ? residual->data_ptr<T>() : nullptr;
+    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), R, C, scale, shift, activation, static_cast<float>(slope));
+  });
+  return y;
+}
+
+// -- backward --------------------------------------------------------------------------------------------
+// dz = dy * act'(z), z = x * scale + shift [+ residual] recomputed (only x is saved); with an activation
+// the residual enters z. Pass 1 (when dweight, dbias or a batch-statistics dx needs them): per channel
+// sum dz and sum dz * xhat, xhat = (x - mean) * invstd. Pass 2: dx = (dz - sum_dz / n - xhat *
+// sum_dz_xhat / n) * invstd * weight with batch statistics, dz * invstd * weight with running ones; d
+// residual = dz. Every choice (activation, residual, which outputs) is a template parameter, so that the
+// inner loops over channels have no branch and vectorize.
+
+// Per-channel vectors of the backward, fp32.
+struct BackwardCoefficients {
+  std::vector<float> scale, shift, mean, invstd;
+  std::vector<float> k1, k2, k3;  // dx = dz * k1 - (x - mean) * k2 - k3
+};
+
+template <typename T, int ACT, bool HAS_RES>
+inline float grad_pre_activation(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
+                                 int64_t c, const float* __restrict__ sc, const float* __restrict__ sh,
+                                 float slope) {
+  if constexpr (ACT == 0) {
+    return load(dy, c);
+  } else {
+    float z = load(x, c) * sc[c] + sh[c];
+    if constexpr (HAS_RES) z += load(res, c);
+    return activation_backward<ACT>(load(dy, c), z, slope);
+  }
+}
+
+template <typename T, int ACT, bool HAS_RES>
+void backward_sums(const T* dy, const T* x, const T* res, int64_t R, int64_t C, const BackwardCoefficients& k,
+                   float slope, std::vector<double>& sum_dz, std::vector<double>& sum_dz_xhat) {
+  reduce_rows(R, C, sum_dz, sum_dz_xhat, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
+                                              float* __restrict__ b) {
+    const float *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
+    const float *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict__ row = x + r * C + c0;
+      const T* __restrict__ g = dy + r * C + c0;
+      const T* __restrict__ rr = HAS_RES ? res + r * C + c0 : nullptr;
+      for (int64_t c = 0; c < n; ++c) {
+        const float dz = grad_pre_activation<T, ACT, HAS_RES>(g, row, rr, c, sc, sh, slope);
+        a[c] += dz;
+        b[c] += dz * ((load(row, c) - mu[c]) * is[c]);
+      }
+    }
+  });
+}
+
+template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES>
+void backward_elementwise(const T* dy, const T* x, const T* res, T* grad_x, T* grad_res, int64_t R, int64_t C,
+                          const BackwardCoefficients& k, float slope) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    const float *__restrict__ sc = k.scale.data(), *__restrict__ sh = k.shift.data(), *__restrict__ mu = k.mean.data();
+    const float *__restrict__ a1 = k.k1.data(), *__restrict__ a2 = k.k2.data(), *__restrict__ a3 = k.k3.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const T* __restrict__ row = x + r * C;
+      const T* __restrict__ g = dy + r * C;
+      const T* __restrict__ rr = HAS_RES ? res + r * C : nullptr;
+      T* __restrict__ ox = DX ? grad_x + r * C : nullptr;
+      T* __restrict__ orr = DRES ? grad_res + r * C : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        const float dz = grad_pre_activation<T, ACT, HAS_RES>(g, row, rr, c, sc, sh, slope);
+        if constexpr (DX) store(ox, c, dz * a1[c] - (load(row, c) - mu[c]) * a2[c] - a3[c]);
+        if constexpr (DRES) store(orr, c, dz);
+      }
+    }
+  });
+}
+
+template <typename Body> void dispatch_bool(bool flag, Body&& body) {
+  if (flag) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                                 const at::Tensor& stat, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                                 double eps, bool batch_stats, int64_t activation, double slope, bool want_dx,
+                                 bool want_dweight, bool want_dbias, bool want_dresidual) {
+  const int64_t R = rows_of(x), C = x.size(1);
+  check_like(grad_y, "grad_y", x);
+  const bool has_residual = residual.has_value() && residual->defined() && activation != 0;
+  if (has_residual) check_like(*residual, "residual", x);
+  BackwardCoefficients k;
+  k.mean = channel_values(mean, C, 0.f);
+  k.invstd = invstd_of(channel_values(stat, C, 1.f), batch_stats, eps);
+  const std::vector<float> w = channel_values(weight, C, 1.f);
+  coefficients(k.mean, k.invstd, w, channel_values(bias, C, 0.f), k.scale, k.shift);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor grad_x = want_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_residual = want_dresidual ? at::empty_like(x) : at::empty({0}, x.options());
+  if (want_dx) check_like(grad_x, "grad_x", x);
+  if (want_dresidual) check_like(grad_residual, "grad_residual", x);
+  at::Tensor grad_weight = at::empty({want_dweight ? C : 0}, f32), grad_bias = at::empty({want_dbias ? C : 0}, f32);
+  const bool need_sums = (want_dx && batch_stats) || want_dweight || want_dbias;
+  const float fslope = static_cast<float>(slope);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* dy = grad_y.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    const T* res = has_residual ? residual->data_ptr<T>() : nullptr;
+    dispatch_activation(activation, [&](auto act) {
+      constexpr int ACT = decltype(act)::value;
+      dispatch_bool(has_residual, [&](auto with_residual) {
+        constexpr bool HAS_RES = decltype(with_residual)::value;
+        std::vector<double> sum_dz(C, 0.0), sum_dz_xhat(C, 0.0);
+        if (need_sums) {
+          backward_sums<T, ACT, HAS_RES>(dy, xp, res, R, C, k, fslope, sum_dz, sum_dz_xhat);
+          float* gw = grad_weight.data_ptr<float>();
+          float* gb = grad_bias.data_ptr<float>();
+          for (int64_t c = 0; c < C; ++c) {
+            if (want_dweight) gw[c] = static_cast<float>(sum_dz_xhat[c]);
+            if (want_dbias) gb[c] = static_cast<float>(sum_dz[c]);
+          }
+        }
+        k.k1.resize(C);
+        k.k2.assign(C, 0.f);
+        k.k3.assign(C, 0.f);
+        for (int64_t c = 0; c < C; ++c) {
+          k.k1[c] = k.invstd[c] * w[c];
+          if (batch_stats && want_dx) {
+            k.k2[c] = static_cast<float>(sum_dz_xhat[c] / R * k.invstd[c] * k.invstd[c] * w[c]);
+            k.k3[c] = static_cast<float>(sum_dz[c] / R * k.invstd[c] * w[c]);
+          }
+        }
+        T* gx = want_dx ? grad_x.data_ptr<T>() : nullptr;
+        T* gr = want_dresidual ? grad_residual.data_ptr<T>() : nullptr;
+        if (want_dx && want_dresidual) {
+          backward_elementwise<T, ACT, HAS_RES, true, true>(dy, xp, res, gx, gr, R, C, k, fslope);
+        } else if (want_dx) {
+          backward_elementwise<T, ACT, HAS_RES, true, false>(dy, xp, res, gx, gr, R, C, k, fslope);
+        } else if (want_dresidual) {
+          backward_elementwise<T, ACT, HAS_RES, false, true>(dy, xp, res, gx, gr, R, C, k, fslope);
+        }
+      });
+    });
+  });
+  return {grad_x, grad_weight, grad_bias, grad_residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(triton_bn_cpu, m) {
+  m.def("training_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, float factor, float eps, int activation, float slope) -> (Tensor, Tensor, Tensor)",
+        &training_forward);
+  m.def("apply(Tensor x, Tensor mean, Tensor stat, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
+        "bool batch_stats, int activation, float slope) -> Tensor", &apply);
+  m.def("backward(Tensor grad_y, Tensor x, Tensor mean, Tensor stat, Tensor? weight, Tensor? bias, "
+        "Tensor? residual, float eps, bool batch_stats, int activation, float slope, bool want_dx, "
+        "bool want_dweight, bool want_dbias, bool want_dresidual) -> Tensor[]", &backward);
+}

@@ -1,0 +1,112 @@
+"""Native CPU kernels for inputs whose channels are innermost in memory (channels_last, channels_last_3d,
+(N, C), C-innermost (N, C, L)): ``csrc/channels_last_cpu.cpp``, compiled on first use with
+``torch.utils.cpp_extension`` (once per machine and source version, ~30 s; then cached by PyTorch) and
+registered as ``torch.ops.triton_bn_cpu``.
+
+Why: PyTorch's CPU batch norm reads such an input three times in a training forward and sums its rows
+without compensation; an activation module reads and writes the result once more. These kernels take
+one read for the statistics (shifted sums, accurate), one read and one write for y with the residual
+and the activation fused, and two passes for the whole backward. ``reference.py`` calls them from its
+fast path (``serves``); where they do not apply, or cannot be built here (no compiler), it keeps
+PyTorch's kernels. ``TRITON_BN_NATIVE_CPU=0`` (read at import) switches them off.
+"""
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+ENABLED = os.environ.get("TRITON_BN_NATIVE_CPU", "1") != "0"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "channels_last_cpu.cpp")
+
+_loaded = {}  # "ops": (training_forward, apply, backward) as C++ callables, or None where the build failed
+_lock = threading.Lock()
+
+
+def _compile_flags():
+    """Optimised for this machine's CPU (its vector width decides the loops' speed); the CPU is part of the
+    build's name, so a home directory shared by different machines never hands one another's binary.
+    ``-fopenmp``: ATen's ``parallel_for`` is an inline template that runs serially unless the code that
+    instantiates it is compiled with OpenMP (it then shares PyTorch's own OpenMP runtime and threads)."""
+    flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+    return flags
+
+
+def _cpu_identity() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("model name", "flags", "Features")))[:4096]
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+    flags = _compile_flags()
+    with open(SOURCE) as f:
+        source = f.read()
+    digest = hashlib.sha1((source + _cpu_identity() + " ".join(flags) + torch.__version__).encode()).hexdigest()
+    load(f"triton_bn_cpu_{digest[:12]}", [SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+         is_python_module=False, verbose=False)
+    ops = torch.ops.triton_bn_cpu
+    # the C++ callables themselves: the Python wrapper of an op costs microseconds per call
+    return tuple(getattr(getattr(ops, name).default, "_op", getattr(ops, name).default)
+                 for name in ("training_forward", "apply", "backward"))
+
+
+def ops():
+    """(training_forward, apply, backward) of the native kernels, or None when switched off or when they
+    cannot be built on this machine (said once, in a warning)."""
+    loaded = _loaded.get("ops", _UNSET)
+    if loaded is not _UNSET:
+        return loaded
+    with _lock:
+        if "ops" not in _loaded:
+            loaded = None
+            if ENABLED:
+                try:
+                    loaded = _build()
+                except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: PyTorch's kernels serve
+                    warnings.warn(f"triton_bn: the native CPU kernels could not be built ({type(exc).__name__}: "
+                                  f"{str(exc)[:300]}); CPU tensors with their channels innermost take PyTorch's "
+                                  "kernels instead (slower). TRITON_BN_NATIVE_CPU=0 skips the attempt.")
+            _loaded["ops"] = loaded
+    return _loaded["ops"]
+
+
+_UNSET = object()
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def channels_innermost(x: torch.Tensor) -> bool:
+    """Whether x is, in memory, a dense [rows, channels] matrix: channels (dim 1) innermost, i.e.
+    ``x.movedim(1, -1)`` contiguous (asked the cheapest way for the usual shapes)."""
+    memory_format = _CHANNELS_LAST.get(x.dim())
+    if memory_format is not None:
+        return x.is_contiguous(memory_format=memory_format)
+    if x.dim() == 2:
+        return x.is_contiguous()
+    return x.dim() >= 2 and x.movedim(1, -1).is_contiguous()
+
+
+def serves(x: torch.Tensor) -> Optional[tuple]:
+    """The native ops when they compute this input (a non-empty CPU tensor of a supported dtype with its
+    channels innermost), else None."""
+    if x.dtype not in DTYPES or x.device.type != "cpu" or x.numel() == 0 or not channels_innermost(x):
+        return None
+    return ops()
+
+
+def like(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """t (a residual, a gradient) with x's strides, as the native ops take it: itself, or a copy."""
+    if t is None or t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
