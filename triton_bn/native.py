@@ -1,7 +1,7 @@
 """Native CPU kernels for inputs whose channels are innermost in memory (channels_last, channels_last_3d,
 (N, C), C-innermost (N, C, L)): ``csrc/channels_last_cpu.cpp``, compiled on first use with
-``torch.utils.cpp_extension`` (once per machine and source version, ~30 s; then cached by PyTorch) and
-registered as ``torch.ops.triton_bn_cpu``.
+``torch.utils.cpp_extension`` (once per machine and source version, ~90 s on two cores; then cached by
+PyTorch) and registered as ``torch.ops.triton_bn_cpu``.
 
 Why: PyTorch's CPU batch norm reads such an input three times in a training forward and sums its rows
 without compensation; an activation module reads and writes the result once more. These kernels take
@@ -13,6 +13,7 @@ PyTorch's kernels. ``TRITON_BN_NATIVE_CPU=0`` (read at import) switches them off
 import hashlib
 import os
 import platform
+import sys
 import threading
 import warnings
 from typing import Optional
@@ -46,14 +47,26 @@ def _cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
+def _built(name: str) -> bool:
+    """Whether PyTorch's extension cache already holds this build (best effort: a private helper)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        return os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so"))
+    except Exception:  # noqa: BLE001 - only decides whether to print a line
+        return False
+
+
 def _build():
     from torch.utils.cpp_extension import load
     flags = _compile_flags()
     with open(SOURCE) as f:
         source = f.read()
     digest = hashlib.sha1((source + _cpu_identity() + " ".join(flags) + torch.__version__).encode()).hexdigest()
-    load(f"triton_bn_cpu_{digest[:12]}", [SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-         is_python_module=False, verbose=False)
+    name = f"triton_bn_cpu_{digest[:12]}"
+    if not _built(name):  # a minute or two of silence otherwise, on the first CPU call
+        print("triton_bn: compiling the native CPU kernels (once per machine; a minute or two)", file=sys.stderr,
+              flush=True)
+    load(name, [SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     ops = torch.ops.triton_bn_cpu
     # the C++ callables themselves: the Python wrapper of an op costs microseconds per call
     return tuple(getattr(getattr(ops, name).default, "_op", getattr(ops, name).default)

@@ -1,9 +1,12 @@
-"""The pure-PyTorch path: what CPU tensors run when the Triton interpreter is off (so the library works
+"""The pure-PyTorch path (no Triton; native C++ kernels serve part of it where they can be built,
+``native.py``): what CPU tensors run when the Triton interpreter is off (so the library works
 everywhere), and float64 on any device. Its calls go through the same autograd Functions as the kernels
 (only x and per-channel vectors are saved; gradients are not differentiable twice).
 
 - the fast path of whole calls (``batch_norm_training``, the eval case of ``batch_norm_apply``,
-  ``batch_norm_backward``): PyTorch's fused batch-norm kernels (statistics, normalization and the
+  ``batch_norm_backward``): for inputs with their channels innermost the native kernels of ``native.py``
+  (statistics, normalization, epilogue and backward in C++: one read fewer than PyTorch's); otherwise
+  PyTorch's fused batch-norm kernels (statistics, normalization and the
   running-statistics update in vectorised, multi-threaded calls), with the residual and the activation
   applied in place after them, where they compute what the step functions do (``fast_path``; 16-bit
   inputs in PyTorch's mixed-precision kernels where the epilogue commutes with rounding, else in fp32:
@@ -415,7 +418,8 @@ def _pre_activation(x, mean, stat, weight, bias, residual, eps, batch_stats):
 
 def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool,
                         activation: int, negative_slope: float, output_mask):
-    """(dx, dweight, dbias, dresidual) through PyTorch's fused backward kernel, None where not asked for;
+    """(dx, dweight, dbias, dresidual) through the native kernels (channels innermost) or PyTorch's fused
+    backward kernel, None where not asked for;
     None altogether where ``fast_path`` says no (the caller then runs the step functions). Only x and the
     per-channel vectors were saved: with an activation, z is recomputed (one pass of PyTorch's eval-mode
     kernel) and its buffer then holds dL/dz; at an exact kink (z == 0 to the last bit) its rounding can pick

@@ -449,8 +449,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, 
     const T* res = has_residual ? residual->data_ptr<T>() : nullptr;
     dispatch_activation(activation, [&](auto act) {
       constexpr int ACT = decltype(act)::value;
-      dispatch_bool(has_residual, [&](auto with_residual) {
-        constexpr bool HAS_RES = decltype(with_residual)::value;
+      // the residual enters only through z, which only an activation needs: no such variant for ACT 0
+      dispatch_bool(ACT != 0 && has_residual, [&](auto with_residual) {
+        constexpr bool HAS_RES = ACT != 0 && decltype(with_residual)::value;
         std::vector<double> sum_dz(C, 0.0), sum_dz_xhat(C, 0.0);
         if (need_sums) {
           backward_sums<T, ACT, HAS_RES>(dy, xp, res, R, C, k, fslope, sum_dz, sum_dz_xhat);
