@@ -186,3 +186,17 @@ def test_kinks_follow_pytorch_subgradients(activation):
     z = x.clone().requires_grad_()
     torch_activation(activation, 0.2)(z).backward(grad_y)
     assert torch.equal(dx, z.grad), (dx, z.grad)
+
+
+def test_the_ops_refuse_bad_arguments_before_writing_the_running_statistics():
+    """The C++ ops check what they are handed (the functional layer has checked it already; this is
+    the second line): an unknown activation or a residual of another layout raises, and the running
+    statistics are left as they were."""
+    training_forward = native.ops()[0]
+    x = _input((2, 3, 4, 4), torch.float32, "channels_last")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        training_forward(x, None, None, None, rm, rv, 0.1, 1e-5, 99, 0.0)
+    with pytest.raises(RuntimeError, match="x's shape, strides and dtype"):
+        training_forward(x, None, None, x.contiguous(), rm, rv, 0.1, 1e-5, 1, 0.0)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))

@@ -8,10 +8,11 @@
 // and the normalization, the residual add and the activation one more read and one write.
 //
 // Accuracy: each channel's values are summed after subtracting a shift, the channel's value in row 0
-// (close to the mean, so the sums do not cancel), in fp32 over blocks of kBlockRows rows, and the block
-// sums are added in double. The rows are cut into a number of chunks that depends on R only, never on
-// the thread count, and the chunks are merged in order: the same input gives bitwise the same result
-// whatever the number of threads.
+// (a value of the data itself, so of its scale: at a mean far above the spread, the sums of squares do
+// not cancel), in fp32 over blocks of kBlockRows rows, and the block sums are added in double. The work
+// is cut into tasks by the shape alone (row chunks x channel blocks), never by the thread count, and the
+// chunks are merged in order: the same input gives bitwise the same result whatever the number of
+// threads.
 //
 // Loaded by triton_bn/native.py (torch.utils.cpp_extension, compiled once per machine); the ops are
 // registered as torch.ops.triton_bn_cpu.*. Activation ids are those of triton_bn/activations.py, and each
@@ -244,7 +245,9 @@ void normalize(const T* x, const T* residual, T* y, int64_t R, int64_t C, const 
         T* __restrict__ out = y + r * C;
         if (residual != nullptr) {
           const T* __restrict__ res = residual + r * C;
-          for (int64_t c = 0; c < C; ++c) store(out, c, activate<ACT>(load(row, c) * sc[c] + sh[c] + load(res, c), slope));
+          for (int64_t c = 0; c < C; ++c) {
+            store(out, c, activate<ACT>(load(row, c) * sc[c] + sh[c] + load(res, c), slope));
+          }
         } else {
           for (int64_t c = 0; c < C; ++c) store(out, c, activate<ACT>(load(row, c) * sc[c] + sh[c], slope));
         }
@@ -286,6 +289,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
     const c10::optional<at::Tensor>& running_var, double factor, double eps, int64_t activation, double slope) {
   const int64_t R = rows_of(x), C = x.size(1);
   TORCH_CHECK(R > 0, "triton_bn_cpu: empty batch");
+  // everything checked before the running statistics are written
+  TORCH_CHECK(activation >= 0 && activation <= 8, "triton_bn_cpu: unknown activation id ", activation);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "triton_bn_cpu: unsupported dtype ", x.scalar_type());
   if (residual.has_value() && residual->defined()) check_like(*residual, "residual", x);
   const bool update = running_mean.has_value() && running_mean->defined();
   for (const auto* t : {&running_mean, &running_var}) {
