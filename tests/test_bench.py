@@ -102,6 +102,15 @@ def test_bench_on_the_cpu_measures_the_cpu_path(tmp_path):
     assert "**CPU figures**" in (out / "summary.md").read_text()
 
 
+@pytest.mark.parametrize("shape, memory_format", [((2, 4, 3, 5), torch.channels_last),
+                                                  ((2, 4, 2, 3, 5), torch.channels_last_3d)])
+def test_a_channels_last_case_is_channels_last_in_4d_and_5d(shape, memory_format):
+    """A row labelled channels_last measures a channels-innermost input, 5-D shapes included (the bench
+    once built those as NCDHW under that label)."""
+    y = cases.build("eval_fwd", "eager_native", shape, torch.float32, "channels_last", "cpu").output()
+    assert y.is_contiguous(memory_format=memory_format) and not y.is_contiguous()
+
+
 @pytest.mark.parametrize("flag,bad", [("--sets", "resnet5"), ("--cases", "train"), ("--providers", "cudnn"),
                                       ("--dtypes", "fp8"), ("--layouts", "nhwc")])
 def test_bench_names_the_valid_choices(flag, bad, tmp_path):

@@ -94,7 +94,9 @@ def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, devi
     training, backward, activation, with_residual, _ = CASES[case]
     # drawn on the device: a 100M-element tensor drawn on the host costs seconds per provider
     gen = torch.Generator(device=device).manual_seed(seed)
-    fmt = torch.channels_last if (layout == "channels_last" and len(shape) == 4) else torch.contiguous_format
+    # "channels_last": channels innermost, channels_last_3d for a 5-D shape (a 2-D (N, C) shape has one layout)
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape), torch.contiguous_format) \
+        if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=fmt)
     residual = (torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=fmt)
                 if with_residual else None)
