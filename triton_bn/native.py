@@ -26,6 +26,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "chann
 
 _loaded = {}  # "ops": (training_forward, apply, backward) as C++ callables, or None where the build failed
 _lock = threading.Lock()
+_UNSET = object()
 
 
 def _compile_flags():
@@ -69,8 +70,8 @@ def _build():
     load(name, [SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     ops = torch.ops.triton_bn_cpu
     # the C++ callables themselves: the Python wrapper of an op costs microseconds per call
-    return tuple(getattr(getattr(ops, name).default, "_op", getattr(ops, name).default)
-                 for name in ("training_forward", "apply", "backward"))
+    return tuple(getattr(getattr(ops, op_name).default, "_op", getattr(ops, op_name).default)
+                 for op_name in ("training_forward", "apply", "backward"))
 
 
 def ops():
@@ -91,9 +92,6 @@ def ops():
                                   "kernels instead (slower). TRITON_BN_NATIVE_CPU=0 skips the attempt.")
             _loaded["ops"] = loaded
     return _loaded["ops"]
-
-
-_UNSET = object()
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -119,7 +117,7 @@ def serves(x: torch.Tensor) -> Optional[tuple]:
 
 
 def like(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
-    """t (a residual, a gradient) with x's strides, as the native ops take it: itself, or a copy."""
-    if t is None or t.stride() == x.stride():
+    """t (a residual, a gradient) with x's strides and dtype, as the native ops take it: itself, or a copy."""
+    if t is None or (t.stride() == x.stride() and t.dtype == x.dtype):
         return t
     return torch.empty_like(x).copy_(t)
