@@ -192,7 +192,7 @@ def test_the_ops_refuse_bad_arguments_before_writing_the_running_statistics():
     """The C++ ops check what they are handed (the functional layer has checked it already; this is
     the second line): an unknown activation or a residual of another layout raises, and the running
     statistics are left as they were."""
-    training_forward = native.ops()[0]
+    training_forward = native.ops().training_forward
     x = _input((2, 3, 4, 4), torch.float32, "channels_last")
     rm, rv = torch.zeros(3), torch.ones(3)
     with pytest.raises(RuntimeError, match="unknown activation"):

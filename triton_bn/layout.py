@@ -34,6 +34,9 @@ class ChannelsFirstPlan(NamedTuple):
 
 LayoutPlan = Union[ChannelsLastPlan, ChannelsFirstPlan]
 
+# The channels-innermost memory format of each rank that has one.
+CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
 
 def _plan_without_copy(x: torch.Tensor):
     n, c, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
@@ -51,8 +54,8 @@ _PLANS = {}  # (shape, strides) -> plan or None: the plan depends on nothing els
 _MISSING = object()
 
 
-def plan_layout(x: torch.Tensor) -> Tuple[torch.Tensor, LayoutPlan]:
-    """``(x_dense, plan)``: x itself when it is in one of the two families, else one copy of it."""
+def _cached_plan(x: torch.Tensor):
+    """x's plan without a copy, or None when x is in neither family (remembered per shape and strides)."""
     key = (x.shape, x.stride())  # torch.Size hashes and compares as the tuple it is
     plan = _PLANS.get(key, _MISSING)
     if plan is _MISSING:  # read once into a local: another thread may clear the dict at any time
@@ -60,6 +63,17 @@ def plan_layout(x: torch.Tensor) -> Tuple[torch.Tensor, LayoutPlan]:
         if len(_PLANS) > 4096:
             _PLANS.clear()
         _PLANS[key] = plan
+    return plan
+
+
+def channels_innermost(x: torch.Tensor) -> bool:
+    """Whether x is, as it is, a dense [rows, channels] matrix (the channels-contiguous family)."""
+    return isinstance(_cached_plan(x), ChannelsLastPlan)
+
+
+def plan_layout(x: torch.Tensor) -> Tuple[torch.Tensor, LayoutPlan]:
+    """``(x_dense, plan)``: x itself when it is in one of the two families, else one copy of it."""
+    plan = _cached_plan(x)
     if plan is None:
         x = x.contiguous(memory_format=_closest_memory_format(x))
         plan = _plan_without_copy(x)
@@ -71,7 +85,7 @@ def _closest_memory_format(x: torch.Tensor) -> torch.memory_format:
         # the channel stride is the smallest of the non-trivial dims: the tensor is "mostly" channels-last
         other_strides = [s for d, s in enumerate(x.stride()) if d != 1 and x.shape[d] > 1]
         if other_strides and x.stride(1) < min(other_strides):
-            return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            return CHANNELS_LAST_FORMATS[x.dim()]
     return torch.contiguous_format
 
 

@@ -16,15 +16,25 @@ import platform
 import sys
 import threading
 import warnings
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
+
+from .layout import channels_innermost, like_input
 
 ENABLED = os.environ.get("TRITON_BN_NATIVE_CPU", "1") != "0"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "channels_last_cpu.cpp")
 
-_loaded = {}  # "ops": (training_forward, apply, backward) as C++ callables, or None where the build failed
+class NativeOps(NamedTuple):
+    """The ops of ``csrc/channels_last_cpu.cpp`` as C++ callables (the Python wrapper of an op costs
+    microseconds per call)."""
+    training_forward: Callable
+    apply: Callable
+    backward: Callable
+
+
+_loaded = {}  # "ops": NativeOps, or None where the build failed
 _lock = threading.Lock()
 _UNSET = object()
 
@@ -69,13 +79,12 @@ def _build():
               flush=True)
     load(name, [SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     ops = torch.ops.triton_bn_cpu
-    # the C++ callables themselves: the Python wrapper of an op costs microseconds per call
-    return tuple(getattr(getattr(ops, op_name).default, "_op", getattr(ops, op_name).default)
-                 for op_name in ("training_forward", "apply", "backward"))
+    return NativeOps(*(getattr(getattr(ops, op_name).default, "_op", getattr(ops, op_name).default)
+                       for op_name in NativeOps._fields))
 
 
-def ops():
-    """(training_forward, apply, backward) of the native kernels, or None when switched off or when they
+def ops() -> Optional[NativeOps]:
+    """The native kernels' ops, or None when switched off or when they
     cannot be built on this machine (said once, in a warning)."""
     loaded = _loaded.get("ops", _UNSET)
     if loaded is not _UNSET:
@@ -94,21 +103,7 @@ def ops():
     return _loaded["ops"]
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-def channels_innermost(x: torch.Tensor) -> bool:
-    """Whether x is, in memory, a dense [rows, channels] matrix: channels (dim 1) innermost, i.e.
-    ``x.movedim(1, -1)`` contiguous (asked the cheapest way for the usual shapes)."""
-    memory_format = _CHANNELS_LAST.get(x.dim())
-    if memory_format is not None:
-        return x.is_contiguous(memory_format=memory_format)
-    if x.dim() == 2:
-        return x.is_contiguous()
-    return x.dim() >= 2 and x.movedim(1, -1).is_contiguous()
-
-
-def serves(x: torch.Tensor) -> Optional[tuple]:
+def serves(x: torch.Tensor) -> Optional[NativeOps]:
     """The native ops when they compute this input (a non-empty CPU tensor of a supported dtype with its
     channels innermost), else None."""
     if x.dtype not in DTYPES or x.device.type != "cpu" or x.numel() == 0 or not channels_innermost(x):
@@ -117,7 +112,8 @@ def serves(x: torch.Tensor) -> Optional[tuple]:
 
 
 def like(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
-    """t (a residual, a gradient) with x's strides and dtype, as the native ops take it: itself, or a copy."""
-    if t is None or (t.stride() == x.stride() and t.dtype == x.dtype):
-        return t
-    return torch.empty_like(x).copy_(t)
+    """t (a residual, a gradient) with x's strides and dtype, as the native ops take it (``like_input``,
+    the kernels' rule, plus the dtype)."""
+    if t is None:
+        return None
+    return like_input(t if t.dtype == x.dtype else t.to(x.dtype), x)

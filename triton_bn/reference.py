@@ -26,6 +26,7 @@ import torch
 
 from . import native
 from .activations import ACTIVATION_IDS, torch_activation, torch_activation_grad
+from .layout import CHANNELS_LAST_FORMATS
 
 _ACTIVATION_NAMES = {v: k for k, v in ACTIVATION_IDS.items()}
 
@@ -176,13 +177,10 @@ def _backward_dtype(x, grad_y, activation: int, weight, bias, mean) -> torch.dty
     return x.dtype
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def _same_dense_layout(a, b) -> bool:
     if a.is_contiguous():
         return b.is_contiguous()
-    fmt = _CHANNELS_LAST.get(a.dim())
+    fmt = CHANNELS_LAST_FORMATS.get(a.dim())
     return fmt is not None and a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt)
 
 
@@ -227,7 +225,7 @@ def _eval_fast(x, mean, var, weight, bias, residual, eps: float, activation: int
     PyTorch's kernel with the running statistics, then the epilogue in place."""
     native_ops = native.serves(x)
     if native_ops is not None:
-        return native_ops[1](x, mean, var, weight, bias, native.like(residual, x), eps, False, activation,
+        return native_ops.apply(x, mean, var, weight, bias, native.like(residual, x), eps, False, activation,
                              negative_slope)
     dtype = _kernel_dtype(x, activation, residual, weight, bias, mean)
     y = _normalize_eval(_as(x, dtype), weight, bias, mean, var, eps)
@@ -359,7 +357,7 @@ def _fused_training(x, running_mean, running_var, weight, bias, residual, factor
     the epilogue in one more), else PyTorch's kernels."""
     native_ops = native.serves(x)
     if native_ops is not None:
-        return native_ops[0](x, weight, bias, native.like(residual, x), running_mean, running_var, factor, eps,
+        return native_ops.training_forward(x, weight, bias, native.like(residual, x), running_mean, running_var, factor, eps,
                              activation, negative_slope)
     xc = _as(x, _kernel_dtype(x, activation, residual, weight, bias, running_mean))
     by_planes = _summed_by_planes(xc)
@@ -432,7 +430,7 @@ def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: floa
     native_ops = native.serves(x)
     if native_ops is not None:  # both passes in native code, z recomputed inside
         wanted = (want_dx, want_dweight and weight is not None, want_dbias and bias is not None, want_dresidual)
-        grads = native_ops[2](native.like(grad_y, x), x, mean, stat, weight, bias,
+        grads = native_ops.backward(native.like(grad_y, x), x, mean, stat, weight, bias,
                               native.like(residual, x) if activation != 0 else None, eps, batch_stats, activation,
                               negative_slope, *wanted)
         return tuple(g if want else None for g, want in zip(grads, wanted))

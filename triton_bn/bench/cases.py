@@ -6,6 +6,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..layout import CHANNELS_LAST_FORMATS
+
 SHAPE_SETS: Dict[str, List[Tuple[int, ...]]] = {
     "resnet50": [(128, 64, 112, 112), (128, 256, 56, 56), (128, 512, 28, 28), (128, 1024, 14, 14),
                  (128, 2048, 7, 7)],
@@ -95,8 +97,8 @@ def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, devi
     # drawn on the device: a 100M-element tensor drawn on the host costs seconds per provider
     gen = torch.Generator(device=device).manual_seed(seed)
     # "channels_last": channels innermost, channels_last_3d for a 5-D shape (a 2-D (N, C) shape has one layout)
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape), torch.contiguous_format) \
-        if layout == "channels_last" else torch.contiguous_format
+    fmt = CHANNELS_LAST_FORMATS.get(len(shape), torch.contiguous_format) if layout == "channels_last" \
+        else torch.contiguous_format
     x = torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=fmt)
     residual = (torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=fmt)
                 if with_residual else None)

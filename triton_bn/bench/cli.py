@@ -89,8 +89,10 @@ def _mode_note(mode: str) -> str:
     from .. import native
     if not native.ENABLED:
         built = "switched off by TRITON_BN_NATIVE_CPU=0: PyTorch's kernels"
+    elif mode == "cpu" and native.ops() is not None:
+        built = "built and used"
     else:
-        built = "built and used" if mode == "cpu" and native.ops() is not None else "not available here: PyTorch's kernels"
+        built = "not available here: PyTorch's kernels"
     return _MODE_NOTES[mode].format(threads=torch.get_num_threads(), native=built)
 
 

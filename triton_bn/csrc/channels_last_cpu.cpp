@@ -137,15 +137,20 @@ int64_t rows_of(const at::Tensor& x) {
   return x.size(1) == 0 ? 0 : x.numel() / x.size(1);
 }
 
+// (strides as triton_bn/layout.py's like_input gives them: a tensor of at most one element has no layout)
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.device().is_cpu() && t.sizes() == x.sizes() && t.strides() == x.strides() &&
+  TORCH_CHECK(t.device().is_cpu() && t.sizes() == x.sizes() && (t.numel() <= 1 || t.strides() == x.strides()) &&
               t.scalar_type() == x.scalar_type(),
               "triton_bn_cpu: ", name, " must have x's shape, strides and dtype");
 }
 
+const at::Tensor* present(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? &*t : nullptr;
+}
+
 std::vector<float> channel_values(const c10::optional<at::Tensor>& t, int64_t channels, float absent) {
   std::vector<float> out(channels, absent);
-  if (t.has_value() && t->defined()) {
+  if (present(t)) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, "triton_bn_cpu: per-channel vectors must be [C]");
     const at::Tensor f = t->to(at::kFloat).contiguous();
     std::copy(f.data_ptr<float>(), f.data_ptr<float>() + channels, out.begin());
@@ -293,10 +298,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
   TORCH_CHECK(activation >= 0 && activation <= 8, "triton_bn_cpu: unknown activation id ", activation);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "triton_bn_cpu: unsupported dtype ", x.scalar_type());
-  if (residual.has_value() && residual->defined()) check_like(*residual, "residual", x);
-  const bool update = running_mean.has_value() && running_mean->defined();
+  if (present(residual)) check_like(*residual, "residual", x);
+  const bool update = present(running_mean) != nullptr;
   for (const auto* t : {&running_mean, &running_var}) {
-    TORCH_CHECK(!update || (t->has_value() && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
+    TORCH_CHECK(!update || (present(*t) && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
                             (*t)->dim() == 1 && (*t)->size(0) == C),
                 "triton_bn_cpu: running statistics must both be contiguous fp32 [C] tensors (or both absent)");
   }
@@ -307,9 +312,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     statistics<T>(x.data_ptr<T>(), R, C, mean.data_ptr<float>(), var.data_ptr<float>());
-    std::vector<float> m(mean.data_ptr<float>(), mean.data_ptr<float>() + C), inv(C);
+    std::vector<float> m(mean.data_ptr<float>(), mean.data_ptr<float>() + C);
     const float* v = var.data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) inv[c] = 1.f / std::sqrt(v[c] + static_cast<float>(eps));
+    const std::vector<float> inv = invstd_of(std::vector<float>(v, v + C), false, eps);
     if (update) {
       const float f = static_cast<float>(factor);
       const float unbias = R > 1 ? static_cast<float>(static_cast<double>(R) / (R - 1)) : NAN;
@@ -323,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
     std::copy(inv.begin(), inv.end(), invstd.data_ptr<float>());
     std::vector<float> scale, shift;
     coefficients(m, inv, channel_values(weight, C, 1.f), channel_values(bias, C, 0.f), scale, shift);
-    const T* res = (residual.has_value() && residual->defined()) ? residual->data_ptr<T>() : nullptr;
+    const T* res = present(residual) ? residual->data_ptr<T>() : nullptr;
     normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), R, C, scale, shift, activation, static_cast<float>(slope));
   });
   return {y, mean, invstd};
@@ -336,7 +341,7 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
                  const c10::optional<at::Tensor>& residual, double eps, bool batch_stats, int64_t activation,
                  double slope) {
   const int64_t R = rows_of(x), C = x.size(1);
-  if (residual.has_value() && residual->defined()) check_like(*residual, "residual", x);
+  if (present(residual)) check_like(*residual, "residual", x);
   at::Tensor y = at::empty_like(x);
   check_like(y, "y", x);
   std::vector<float> scale, shift;
@@ -344,7 +349,7 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
                channel_values(weight, C, 1.f), channel_values(bias, C, 0.f), scale, shift);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* res = (residual.has_value() && residual->defined()) ? residual->data_ptr<T>() : nullptr;
+    const T* res = present(residual) ? residual->data_ptr<T>() : nullptr;
     normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), R, C, scale, shift, activation, static_cast<float>(slope));
   });
   return y;
@@ -434,7 +439,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, 
                                  bool want_dweight, bool want_dbias, bool want_dresidual) {
   const int64_t R = rows_of(x), C = x.size(1);
   check_like(grad_y, "grad_y", x);
-  const bool has_residual = residual.has_value() && residual->defined() && activation != 0;
+  const bool has_residual = present(residual) && activation != 0;
   if (has_residual) check_like(*residual, "residual", x);
   BackwardCoefficients k;
   k.mean = channel_values(mean, C, 0.f);
