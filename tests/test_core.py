@@ -336,6 +336,52 @@ def test_version_and_public_api():
         assert name in triton_bn.__all__
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype, parameter_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                    (torch.float64, torch.float32)], ids=str)
+def test_parameters_of_another_dtype_take_the_fast_path(layout, dtype, parameter_dtype, monkeypatch):
+    """A model cast with ``.to(torch.bfloat16)`` has 16-bit weights and running statistics. The pure
+    path's fast path converts them to the compute dtype (the step functions' arithmetic), writes the
+    running statistics back in their own dtype and returns dweight / dbias in the parameters' dtype;
+    it no longer falls back to the step functions (18x slower at 2x512x28x28). Checked: the step functions
+    never run; training forward, running statistics, backward and eval against float64."""
+    from triton_bn import reference
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a step function ran: the fast path declined")
+    for step in ("batch_stats", "backward_sums", "backward_elementwise"):
+        monkeypatch.setattr(reference, step, refuse)
+    gen = torch.Generator().manual_seed(3)
+    shape, channels, dims = (4, 6, 5, 3), 6, (0, 2, 3)
+    x = make_input(shape, dtype, "cpu", layout, offset=1.0, generator=gen)
+    grad = make_input(shape, dtype, "cpu", layout, generator=gen)
+    weight = (torch.rand(channels, generator=gen) + 0.5).to(parameter_dtype)
+    bias = torch.randn(channels, generator=gen).to(parameter_dtype)
+    rm = (torch.randn(channels, generator=gen) * 0.1).to(parameter_dtype)
+    rv = (torch.rand(channels, generator=gen) + 0.5).to(parameter_dtype)
+    rm0, rv0 = rm.double(), rv.double()
+    y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
+    y_ref, (xd, wd, bd, _), (rm_ref, rv_ref) = reference_batch_norm(
+        x.requires_grad_(), rm0, rv0, weight.requires_grad_(), bias.requires_grad_(), True, 0.1, 1e-5, "relu")
+    assert y.dtype == dtype and rm.dtype == rv.dtype == parameter_dtype
+    assert_close(y, y_ref, dtype, "y")
+    for actual, expected, what in ((rm, rm_ref, "running mean"), (rv, rv_ref, "running var")):
+        assert_close(actual, expected, parameter_dtype, what)
+    grad_x, grad_weight, grad_bias, _ = reference.batch_norm_backward(
+        grad, x.detach(), mean, invstd, weight.detach(), bias.detach(), None, 1e-5, True, 1, 0.0,
+        [True, True, True, False])
+    y_ref.backward(grad.double())
+    assert grad_weight.dtype == grad_bias.dtype == parameter_dtype
+    assert_close(grad_x, xd.grad, dtype, "dx")
+    for actual, expected, what in ((grad_weight, wd.grad, "dweight"), (grad_bias, bd.grad, "dbias")):
+        assert_close(actual, expected, parameter_dtype, what)
+    y_eval = reference.batch_norm_apply(x.detach(), rm, rv, weight.detach(), bias.detach(), None, 1e-5, False, 1,
+                                        0.0)
+    eval_ref, _, _ = reference_batch_norm(x, rm.double(), rv.double(), weight, bias, False, 0.1, 1e-5, "relu")
+    assert_close(y_eval, eval_ref, dtype, "eval y")
+
+
+
 PURE_PYTORCH_SCRIPT = r"""
 import torch, triton_bn
 from triton_bn import launch

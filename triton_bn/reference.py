@@ -8,7 +8,8 @@ everywhere), and float64 on any device. Its calls go through the same autograd F
   (statistics, normalization, epilogue and backward in C++: one read fewer than PyTorch's); otherwise
   PyTorch's fused batch-norm kernels (statistics, normalization and the
   running-statistics update in vectorised, multi-threaded calls), with the residual and the activation
-  applied in place after them, where they compute what the step functions do (``fast_path``; 16-bit
+  applied in place after them, where they compute what the step functions do (``fast_path``: a
+  non-empty batch, the per-channel tensors converted to the compute dtype first, ``_in_compute_dtype``; 16-bit
   inputs in PyTorch's mixed-precision kernels where the epilogue commutes with rounding, else in fp32:
   ``_kernel_dtype``; an accurate mean where PyTorch's kernel adds rows without compensation:
   ``_summed_by_planes``; large fp32 planes' statistics in blocks, where PyTorch's kernel is slow:
@@ -70,8 +71,9 @@ def _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype):
 
 def batch_norm_apply(x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
                      negative_slope: float):
-    if not batch_stats and fast_path(x, mean, stat, weight, bias):
-        return _eval_fast(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
+    if not batch_stats and fast_path(x):
+        return _eval_fast(x, *_in_compute_dtype(x, mean, stat, weight, bias), residual, eps, activation,
+                          negative_slope)
     dtype = _compute_dtype(x)
     _, scale, shift = _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype)
     z = (x.to(dtype) - _per_channel(mean, x, dtype)) * scale + shift
@@ -134,17 +136,21 @@ def backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, in
 
 
 # -- the fast path of whole calls: PyTorch's fused kernels, the epilogue in place ----------------------------
-def fast_path(x, running_mean, running_var, weight, bias) -> bool:
-    """Whether PyTorch's fused batch-norm kernels can compute this call as the step functions would:
-    parameters and running statistics in the compute dtype (fp32, or float64 for a float64 input) and the
-    running statistics contiguous (updated in place), a non-empty batch."""
-    if x.numel() == 0:
-        return False
+def fast_path(x) -> bool:
+    """Whether a whole call may run through PyTorch's fused kernels (or the native ones): a non-empty batch.
+    Its per-channel tensors are first converted to the compute dtype (``_in_compute_dtype``), as the step
+    functions read them."""
+    return x.numel() != 0
+
+
+def _in_compute_dtype(x, *per_channel):
+    """The per-channel tensors (weight, bias, mean and variance, any may be None) in x's compute dtype
+    (fp32, float64 for float64), contiguous: what the step functions compute with. A model cast with
+    ``.to(torch.bfloat16)`` keeps bf16 weights and running statistics; PyTorch's kernels would compute with
+    those in 16 bits. A tensor already right is passed through (no copy)."""
     dtype = _compute_dtype(x)
-    for t in (running_mean, running_var, weight, bias):
-        if t is not None and t.dtype != dtype:
-            return False
-    return running_mean is None or (running_mean.is_contiguous() and running_var.is_contiguous())
+    return tuple(t if (t is None or (t.dtype == dtype and t.is_contiguous()))
+                 else t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for t in per_channel)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -337,11 +343,18 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
       error, ~1e-10 of the variance, far below fp32 rounding.)
     ``num_batches_tracked``, when given, counts this batch (+1) once all is computed (the statistics read
     the count before it), as the kernels' training forward does."""
-    if fast_path(x, running_mean, running_var, weight, bias):
+    if fast_path(x):
         # PyTorch's kernels take the factor as a number: a cumulative one is read on the host
         factor = (1.0 / (float(num_batches_tracked) + 1)) if (cumulative and running_mean is not None) else momentum
-        y, mean, invstd = _fused_training(x, running_mean, running_var, weight, bias, residual, factor, eps,
+        # the running statistics are updated in place: where they had to be converted, in the copies, which
+        # are then written back (rounded once, as the step functions' update is)
+        computed_mean, computed_var, weight, bias = _in_compute_dtype(x, running_mean, running_var, weight, bias)
+        y, mean, invstd = _fused_training(x, computed_mean, computed_var, weight, bias, residual, factor, eps,
                                           activation, negative_slope)
+        if computed_mean is not running_mean:
+            running_mean.copy_(computed_mean)
+        if computed_var is not running_var:
+            running_var.copy_(computed_var)
     else:  # the step functions read the count on the device
         mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
         y = batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
@@ -422,17 +435,26 @@ def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: floa
     per-channel vectors were saved: with an activation, z is recomputed (one pass of PyTorch's eval-mode
     kernel) and its buffer then holds dL/dz; at an exact kink (z == 0 to the last bit) its rounding can pick
     the other subgradient."""
+    if not fast_path(x):
+        return None
+    grads = _fast_backward(grad_y, x, *_in_compute_dtype(x, mean, stat, weight, bias), residual, eps, batch_stats,
+                           activation, negative_slope, output_mask)
+    # dweight and dbias in the parameters' own dtype, as the step functions give them
+    return grads[0], _as(grads[1], weight.dtype if weight is not None else None), \
+        _as(grads[2], bias.dtype if bias is not None else None), grads[3]
+
+
+def _fast_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+                   negative_slope: float, output_mask):
+    """``batch_norm_backward`` with its per-channel tensors in the compute dtype (dweight and dbias in it too)."""
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
     dtype = _compute_dtype(x)
-    if not (fast_path(x, None if batch_stats else mean, None if batch_stats else stat, weight, bias)
-            and mean.dtype == dtype and stat.dtype == dtype):
-        return None
     native_ops = native.serves(x)
     if native_ops is not None:  # both passes in native code, z recomputed inside
         wanted = (want_dx, want_dweight and weight is not None, want_dbias and bias is not None, want_dresidual)
         grads = native_ops.backward(native.like(grad_y, x), x, mean, stat, weight, bias,
-                              native.like(residual, x) if activation != 0 else None, eps, batch_stats, activation,
-                              negative_slope, *wanted)
+                                    native.like(residual, x) if activation != 0 else None, eps, batch_stats,
+                                    activation, negative_slope, *wanted)
         return tuple(g if want else None for g, want in zip(grads, wanted))
     kernel_dtype = _backward_dtype(x, grad_y, activation, weight, bias, mean)
     xc, grad_z = _as(x, kernel_dtype), _as(grad_y, kernel_dtype)
