@@ -200,3 +200,100 @@ def test_the_ops_refuse_bad_arguments_before_writing_the_running_statistics():
     with pytest.raises(RuntimeError, match="x's shape, strides and dtype"):
         training_forward(x, None, None, x.contiguous(), rm, rv, 0.1, 1e-5, 1, 0.0)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+# -- the training op with its C++ autograd node (what autograd.training_with_backward calls) -------------
+def _train_node(x, weight, bias, residual, rm, rv, count, activation, factor=0.1):
+    return native.ops().training(x, weight, bias, residual, rm, rv, count, factor, 1e-5, ACTIVATION_IDS[activation],
+                                 0.2)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"], ids=str)
+@pytest.mark.parametrize("dtype, parameter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.float16, torch.float32)], ids=str)
+def test_training_node_against_float64_autograd(activation, dtype, parameter_dtype):
+    """y, every gradient (a dy of another layout, read correctly), the running statistics (written back in
+    their own dtype) and the batch counted once, against float64 autograd; dweight and dbias come back in
+    the parameters' dtype."""
+    shape = (4, 6, 3, 5)
+    x = _input(shape, dtype, "channels_last").requires_grad_()
+    residual = _input(shape, dtype, "channels_last", seed=2).contiguous().requires_grad_()  # NCHW
+    weight, bias = (t.to(parameter_dtype).requires_grad_() for t in _parameters(6))
+    rm, rv = torch.zeros(6, dtype=parameter_dtype), torch.ones(6, dtype=parameter_dtype)
+    count = torch.zeros((), dtype=torch.long)
+    y = _train_node(x, weight, bias, native.like(residual, x), rm, rv, count, activation)
+    grad_y = _input(shape, dtype, "channels_last", seed=3).contiguous()  # NCHW: copied to x's layout inside
+    y.backward(grad_y)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    expected_y = _float64_forward(*leaves, True, None, None, activation)
+    expected = torch.autograd.grad(expected_y, leaves, grad_y.double())
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert_close(y, expected_y, dtype, "y")
+    for name, leaf, want in zip(("dx", "dweight", "dbias", "dresidual"), (x, weight, bias, residual), expected):
+        assert leaf.grad.dtype == leaf.dtype, name
+        if name in ("dweight", "dbias"):  # sums over the batch, compared at fp32 tolerances scaled by n
+            torch.testing.assert_close(leaf.grad.double(), want, atol=TOLERANCES[dtype][0] * 60,
+                                       rtol=TOLERANCES[parameter_dtype][1])
+        else:
+            assert_close(leaf.grad, want, dtype, name)
+    var, mean = torch.var_mean(x.detach().double(), (0, 2, 3), correction=0)
+    n = x.numel() // 6
+    assert rm.dtype == rv.dtype == parameter_dtype and int(count) == 1
+    assert_close(rm, 0.1 * mean, parameter_dtype, "running mean")
+    assert_close(rv, 0.9 + 0.1 * var * n / (n - 1), parameter_dtype, "running var")
+
+
+@pytest.mark.parametrize("activation", [None, "relu"], ids=str)
+def test_training_node_saves_x_and_per_channel_vectors_only(activation):
+    """The saved-tensor policy of TrainingBatchNormFunction: x itself (no copy), fp32 mean and invstd, weight,
+    bias; the residual only when an activation follows it; never y."""
+    from torch.autograd.graph import saved_tensors_hooks
+    x = _input((3, 4, 5, 2), torch.bfloat16, "channels_last").requires_grad_()
+    residual = _input((3, 4, 5, 2), torch.bfloat16, "channels_last", seed=2)
+    weight, bias = (t.requires_grad_() for t in _parameters(4))
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = _train_node(x, weight, bias, residual, None, None, None, activation)
+    full_size = [t for t in saved if t.shape == x.shape]
+    assert [t.data_ptr() for t in full_size] == [x.data_ptr()] + ([residual.data_ptr()] if activation else [])
+    assert all(t.data_ptr() != y.data_ptr() for t in saved)
+    per_channel = sorted((t for t in saved if t.dim() == 1), key=lambda t: t.dtype == torch.float32)
+    assert len(per_channel) == 4 and all(t.dtype == torch.float32 for t in per_channel)
+
+
+def test_training_node_computes_only_the_gradients_asked_for():
+    """needs_input_grad decides: with only the weight requiring a gradient, x gets none and the bias none."""
+    x = _input((3, 4, 5, 2), torch.float32, "channels_last")
+    weight, bias = _parameters(4)
+    weight.requires_grad_()
+    y = _train_node(x, weight, bias, None, None, None, None, "relu")
+    y.sum().backward()
+    assert weight.grad is not None and bias.grad is None and x.grad is None
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    expected = torch.autograd.grad(_float64_forward(*leaves, None, True, None, None, "relu").sum(), leaves[1])[0]
+    torch.testing.assert_close(weight.grad.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_training_node_refuses_a_second_derivative():
+    """As once_differentiable: the gradient is computed under create_graph, differentiating it raises."""
+    x = _input((3, 4, 5, 2), torch.float32, "channels_last").requires_grad_()
+    y = _train_node(x, None, None, None, None, None, None, "silu")
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        grad_x.sum().backward()
+
+
+def test_training_node_refuses_bad_arguments_before_any_write():
+    """Running statistics, the batch count and the output stay untouched when the op refuses its arguments;
+    under inference mode (no autograd key) the same op runs its plain CPU kernel."""
+    x = _input((2, 3, 4, 4), torch.float32, "channels_last").requires_grad_()
+    rm, rv, count = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        native.ops().training(x, None, None, None, rm, rv, count, 0.1, 1e-5, 99, 0.0)
+    with pytest.raises(RuntimeError, match="running statistics"):
+        native.ops().training(x, None, None, None, rm, torch.ones(4), count, 0.1, 1e-5, 1, 0.0)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3)) and int(count) == 0
+    with torch.inference_mode():
+        y = native.ops().training(x.detach(), None, None, None, rm, rv, count, 0.1, 1e-5, 1, 0.0)
+    assert int(count) == 1 and y.grad_fn is None
+    assert_close(y, _float64_forward(x.detach(), None, None, None, True, None, None, "relu"), torch.float32, "y")

@@ -18,7 +18,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import launch
+from . import launch, native, reference
 
 
 def _differentiable_once(backward):
@@ -117,3 +117,19 @@ def op_setup_context(ctx, inputs, output):
 
 def op_backward(ctx, grad_y):
     return _apply_gradients(ctx, grad_y, torch.ops.triton_bn.batch_norm_backward)
+
+
+def training_with_backward(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum: float,
+                           cumulative: bool, eps: float, activation: int, negative_slope: float):
+    """A training forward that records its backward (``functional.batch_norm`` calls it when something needs a
+    gradient), with ``TrainingBatchNormFunction``'s arguments. Where the native CPU kernels serve x on the
+    pure-PyTorch path, their op records a C++ autograd node instead (``csrc/channels_last_cpu.cpp``,
+    ``TrainingNode``: the same saved tensors, gradients and once-differentiable backward, without the Python
+    Function's host time, which on a small layer exceeds the kernels' own)."""
+    native_ops = None if launch.uses_kernels(x) else native.serves(x)
+    if native_ops is not None:
+        factor = reference.host_factor(running_mean, num_batches_tracked, momentum, cumulative)
+        return native_ops.training(x, weight, bias, native.like(residual, x), running_mean, running_var,
+                                   num_batches_tracked, factor, eps, activation, negative_slope)
+    return TrainingBatchNormFunction.apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                                           momentum, cumulative, eps, activation, negative_slope)

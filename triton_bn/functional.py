@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import launch, ops  # noqa: F401  (ops registers the torch.ops.triton_bn operators)
 from .activations import activation_id
-from .autograd import BatchNormFunction, TrainingBatchNormFunction
+from .autograd import BatchNormFunction, training_with_backward
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SUPPORTED_DTYPE_SET = frozenset(SUPPORTED_DTYPES)
@@ -67,8 +67,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                                                     float(negative_slope))
     # Eager: the training launcher counts the batch itself, in its normalization launch (no increment kernel).
     if _needs_gradient(input, weight, bias, residual):
-        return TrainingBatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var, batches,
-                                               factor, cumulative, float(eps), act, float(negative_slope))
+        return training_with_backward(input, weight, bias, residual, running_mean, running_var, batches, factor,
+                                      cumulative, float(eps), act, float(negative_slope))
     return launch.batch_norm_training(input, running_mean, running_var, batches, weight, bias, residual, factor,
                                       cumulative, float(eps), act, float(negative_slope))[0]
 

@@ -32,6 +32,7 @@ class NativeOps(NamedTuple):
     training_forward: Callable
     apply: Callable
     backward: Callable
+    training: Callable  # training_forward + the batch counted, its backward recorded as a C++ autograd node
 
 
 _loaded = {}  # "ops": NativeOps, or None where the build failed

@@ -322,6 +322,12 @@ def _statistics_in_blocks(x) -> bool:
     return x.dtype == torch.float32 and x.numel() >= BLOCKED_STATISTICS_MIN_ELEMENTS
 
 
+def host_factor(running_mean, num_batches_tracked, momentum: float, cumulative: bool) -> float:
+    """The weight of this batch in the running average, as a number: PyTorch's kernels and the native ones
+    take it so, and a cumulative one (1 / (count before this batch + 1)) is read on the host."""
+    return (1.0 / (float(num_batches_tracked) + 1)) if (cumulative and running_mean is not None) else momentum
+
+
 def _update_running(running_mean, running_var, mean, var, count: int, factor: float) -> None:
     """PyTorch's moving average of the running statistics (in place), with the unbiased batch variance."""
     if running_mean is not None:
@@ -344,8 +350,7 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
     ``num_batches_tracked``, when given, counts this batch (+1) once all is computed (the statistics read
     the count before it), as the kernels' training forward does."""
     if fast_path(x):
-        # PyTorch's kernels take the factor as a number: a cumulative one is read on the host
-        factor = (1.0 / (float(num_batches_tracked) + 1)) if (cumulative and running_mean is not None) else momentum
+        factor = host_factor(running_mean, num_batches_tracked, momentum, cumulative)
         # the running statistics are updated in place: where they had to be converted, in the copies, which
         # are then written back (rounded once, as the step functions' update is)
         computed_mean, computed_var, weight, bias = _in_compute_dtype(x, running_mean, running_var, weight, bias)

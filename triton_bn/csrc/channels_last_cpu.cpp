@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -301,9 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
   if (present(residual)) check_like(*residual, "residual", x);
   const bool update = present(running_mean) != nullptr;
   for (const auto* t : {&running_mean, &running_var}) {
-    TORCH_CHECK(!update || (present(*t) && (*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() &&
+    TORCH_CHECK(!update || (present(*t) && (*t)->device().is_cpu() && (*t)->is_floating_point() &&
                             (*t)->dim() == 1 && (*t)->size(0) == C),
-                "triton_bn_cpu: running statistics must both be contiguous fp32 [C] tensors (or both absent)");
+                "triton_bn_cpu: running statistics must both be floating-point CPU [C] tensors (or both absent)");
   }
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32), invstd = at::empty({C}, f32);  // var: scratch
@@ -316,14 +318,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
     const float* v = var.data_ptr<float>();
     const std::vector<float> inv = invstd_of(std::vector<float>(v, v + C), false, eps);
     if (update) {
+      // in fp32 (the statistics' dtype); running statistics of another dtype (a model cast to bf16) or
+      // strides are updated in an fp32 copy and written back, rounded once
+      at::Tensor mean32 = running_mean->to(at::kFloat).contiguous(), var32 = running_var->to(at::kFloat).contiguous();
       const float f = static_cast<float>(factor);
       const float unbias = R > 1 ? static_cast<float>(static_cast<double>(R) / (R - 1)) : NAN;
-      float* rm = running_mean->data_ptr<float>();
-      float* rv = running_var->data_ptr<float>();
+      float* rm = mean32.data_ptr<float>();
+      float* rv = var32.data_ptr<float>();
       for (int64_t c = 0; c < C; ++c) {
         rm[c] = lerp(rm[c], m[c], f);
         rv[c] = lerp(rv[c], v[c] * unbias, f);
       }
+      if (!mean32.is_same(*running_mean)) running_mean->copy_(mean32);
+      if (!var32.is_same(*running_var)) running_var->copy_(var32);
     }
     std::copy(inv.begin(), inv.end(), invstd.data_ptr<float>());
     std::vector<float> scale, shift;
@@ -432,7 +439,7 @@ template <typename Body> void dispatch_bool(bool flag, Body&& body) {
   }
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
                                  const at::Tensor& stat, const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                                  double eps, bool batch_stats, int64_t activation, double slope, bool want_dx,
@@ -499,6 +506,108 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, 
   return {grad_x, grad_weight, grad_bias, grad_residual};
 }
 
+// -- a training forward with its backward recorded in C++ ----------------------------------------------
+// What triton_bn/autograd.py's TrainingBatchNormFunction does, as a C++ autograd node: on a small layer
+// the Python Function's forward and backward cost more host time than these kernels take (perf/NOTES.md).
+// Same saved tensors (x, the fp32 mean and invstd, weight, bias; the residual only when an activation
+// follows it), same gradients, and the same refusal to be differentiated twice.
+
+// The batch counted once the statistics are computed (a cumulative factor was read before the call).
+void count_batch(const c10::optional<at::Tensor>& num_batches_tracked) {
+  if (present(num_batches_tracked)) num_batches_tracked->add_(1);
+}
+
+// t with x's strides and dtype (a gradient arrives in any layout: sum().backward() sends an expanded one)
+at::Tensor like_x(const at::Tensor& t, const at::Tensor& x) {
+  if (t.scalar_type() == x.scalar_type() && (t.numel() <= 1 || t.strides() == x.strides())) return t;
+  return at::empty_like(x).copy_(t);
+}
+
+struct TrainingNode : public torch::autograd::Function<TrainingNode> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var,
+                            const c10::optional<at::Tensor>& num_batches_tracked, double factor, double eps,
+                            int64_t activation, double slope) {
+    auto [y, mean, invstd] = training_forward(x, weight, bias, residual, running_mean, running_var, factor, eps,
+                                              activation, slope);
+    count_batch(num_batches_tracked);
+    const bool keep_residual = present(residual) && activation != 0;
+    ctx->save_for_backward({x, mean, invstd, present(weight) ? *weight : at::Tensor(),
+                            present(bias) ? *bias : at::Tensor(), keep_residual ? *residual : at::Tensor()});
+    // needs_input_grad counts only the tensor arguments given: x is 0, then weight, bias, residual
+    int64_t edge = 1;
+    ctx->saved_data["weight_edge"] = present(weight) ? edge++ : int64_t{-1};
+    ctx->saved_data["bias_edge"] = present(bias) ? edge++ : int64_t{-1};
+    ctx->saved_data["residual_edge"] = present(residual) ? edge++ : int64_t{-1};
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["slope"] = slope;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mean = saved[1], &invstd = saved[2], &weight = saved[3], &bias = saved[4];
+    const auto wanted = [&](const char* key) {
+      const int64_t edge = ctx->saved_data[key].toInt();
+      return edge >= 0 && ctx->needs_input_grad(edge);
+    };
+    const bool want_dx = ctx->needs_input_grad(0), want_dweight = wanted("weight_edge"),
+               want_dbias = wanted("bias_edge"), want_dresidual = wanted("residual_edge");
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    auto grads = triton_bn_backward(like_x(grad_outputs[0], x), x, mean, invstd, optional(weight), optional(bias),
+                                    optional(saved[5]), ctx->saved_data["eps"].toDouble(), true,
+                                    ctx->saved_data["activation"].toInt(), ctx->saved_data["slope"].toDouble(),
+                                    want_dx, want_dweight, want_dbias, want_dresidual);
+    torch::autograd::variable_list out(11);
+    if (want_dx) out[0] = grads[0];
+    if (want_dweight) out[1] = grads[1].to(weight.scalar_type());  // in the parameter's dtype
+    if (want_dbias) out[2] = grads[2].to(bias.scalar_type());
+    if (want_dresidual) out[3] = grads[3];
+    return once_differentiable(std::move(out), grad_outputs);
+  }
+
+  // As Python's torch.autograd.function.once_differentiable: under create_graph the gradients are
+  // returned behind a node that raises if anything differentiates through them (the formula above is
+  // not differentiable again; a silent zero would drop terms).
+  static torch::autograd::variable_list once_differentiable(torch::autograd::variable_list grads,
+                                                            const torch::autograd::variable_list& grad_outputs) {
+    if (!at::GradMode::is_enabled() ||
+        std::none_of(grad_outputs.begin(), grad_outputs.end(), [](const at::Tensor& g) {
+          return g.defined() && g.requires_grad();
+        })) {
+      return grads;
+    }
+    torch::autograd::variable_list detached;
+    for (auto& g : grads) detached.push_back(g.defined() ? g.detach().requires_grad_(true) : at::Tensor());
+    torch::autograd::DelayedError error("triton_bn: the batch-norm gradient is not differentiable again "
+                                        "(trying to differentiate twice)", static_cast<int64_t>(detached.size()));
+    return error.apply(std::move(detached));
+  }
+};
+
+at::Tensor training(const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& running_mean,
+                    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& num_batches_tracked,
+                    double factor, double eps, int64_t activation, double slope) {
+  auto y = std::get<0>(training_forward(x, weight, bias, residual, running_mean, running_var, factor, eps,
+                                        activation, slope));
+  count_batch(num_batches_tracked);
+  return y;
+}
+
+at::Tensor training_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                             const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                             const c10::optional<at::Tensor>& num_batches_tracked, double factor, double eps,
+                             int64_t activation, double slope) {
+  return TrainingNode::apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, factor, eps,
+                             activation, slope);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(triton_bn_cpu, m) {
@@ -509,5 +618,12 @@ TORCH_LIBRARY(triton_bn_cpu, m) {
         "bool batch_stats, int activation, float slope) -> Tensor", &apply);
   m.def("backward(Tensor grad_y, Tensor x, Tensor mean, Tensor stat, Tensor? weight, Tensor? bias, "
         "Tensor? residual, float eps, bool batch_stats, int activation, float slope, bool want_dx, "
-        "bool want_dweight, bool want_dbias, bool want_dresidual) -> Tensor[]", &backward);
+        "bool want_dweight, bool want_dbias, bool want_dresidual) -> Tensor[]", &triton_bn_backward);
+  // training_forward + counting the batch, differentiable: its autograd kernel records TrainingNode
+  m.def("training(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float factor, float eps, int activation, "
+        "float slope) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(triton_bn_cpu, CPU, m) { m.impl("training", &training); }
+TORCH_LIBRARY_IMPL(triton_bn_cpu, Autograd, m) { m.impl("training", &training_autograd); }
