@@ -72,8 +72,7 @@ def _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype):
 def batch_norm_apply(x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
                      negative_slope: float):
     if not batch_stats and fast_path(x):
-        return _eval_fast(x, *_in_compute_dtype(x, mean, stat, weight, bias), residual, eps, activation,
-                          negative_slope)
+        return _eval_fast(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
     dtype = _compute_dtype(x)
     _, scale, shift = _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype)
     z = (x.to(dtype) - _per_channel(mean, x, dtype)) * scale + shift
@@ -227,12 +226,14 @@ def _normalize_eval(x, weight, bias, mean, var, eps: float):
 
 
 def _eval_fast(x, mean, var, weight, bias, residual, eps: float, activation: int, negative_slope: float):
-    """Eval: the native kernel where x has its channels innermost (one pass, epilogue fused); else
-    PyTorch's kernel with the running statistics, then the epilogue in place."""
+    """Eval: the native kernel where x has its channels innermost (one pass, epilogue fused; it reads
+    per-channel tensors of any dtype as fp32 itself); else PyTorch's kernel with the running statistics,
+    then the epilogue in place."""
     native_ops = native.serves(x)
     if native_ops is not None:
         return native_ops.apply(x, mean, var, weight, bias, native.like(residual, x), eps, False, activation,
-                             negative_slope)
+                                negative_slope)
+    mean, var, weight, bias = _in_compute_dtype(x, mean, var, weight, bias)
     dtype = _kernel_dtype(x, activation, residual, weight, bias, mean)
     y = _normalize_eval(_as(x, dtype), weight, bias, mean, var, eps)
     return _finish(y, residual, activation, negative_slope, x.dtype)
@@ -351,15 +352,8 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
     the count before it), as the kernels' training forward does."""
     if fast_path(x):
         factor = host_factor(running_mean, num_batches_tracked, momentum, cumulative)
-        # the running statistics are updated in place: where they had to be converted, in the copies, which
-        # are then written back (rounded once, as the step functions' update is)
-        computed_mean, computed_var, weight, bias = _in_compute_dtype(x, running_mean, running_var, weight, bias)
-        y, mean, invstd = _fused_training(x, computed_mean, computed_var, weight, bias, residual, factor, eps,
+        y, mean, invstd = _fused_training(x, running_mean, running_var, weight, bias, residual, factor, eps,
                                           activation, negative_slope)
-        if computed_mean is not running_mean:
-            running_mean.copy_(computed_mean)
-        if computed_var is not running_var:
-            running_var.copy_(computed_var)
     else:  # the step functions read the count on the device
         mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
         y = batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
@@ -372,11 +366,26 @@ def _fused_training(x, running_mean, running_var, weight, bias, residual, factor
                     activation: int, negative_slope: float):
     """``batch_norm_training`` where ``fast_path`` says yes, the running statistics weighted by ``factor``:
     the native kernels where x has its channels innermost (``native.py``: statistics in one read, y with
-    the epilogue in one more), else PyTorch's kernels."""
+    the epilogue in one more; they read and update per-channel tensors of any dtype in fp32 themselves),
+    else PyTorch's kernels, with the per-channel tensors converted (``_in_compute_dtype``) and the
+    running statistics, where they had to be, written back (rounded once, as the step functions' update)."""
     native_ops = native.serves(x)
     if native_ops is not None:
-        return native_ops.training_forward(x, weight, bias, native.like(residual, x), running_mean, running_var, factor, eps,
-                             activation, negative_slope)
+        return native_ops.training_forward(x, weight, bias, native.like(residual, x), running_mean, running_var,
+                                           factor, eps, activation, negative_slope)
+    computed_mean, computed_var, weight, bias = _in_compute_dtype(x, running_mean, running_var, weight, bias)
+    result = _pytorch_training(x, computed_mean, computed_var, weight, bias, residual, factor, eps, activation,
+                               negative_slope)
+    if computed_mean is not running_mean:
+        running_mean.copy_(computed_mean)
+    if computed_var is not running_var:
+        running_var.copy_(computed_var)
+    return result
+
+
+def _pytorch_training(x, running_mean, running_var, weight, bias, residual, factor: float, eps: float,
+                      activation: int, negative_slope: float):
+    """``_fused_training`` through PyTorch's kernels, every per-channel tensor in the compute dtype."""
     xc = _as(x, _kernel_dtype(x, activation, residual, weight, bias, running_mean))
     by_planes = _summed_by_planes(xc)
     if by_planes and not _statistics_in_blocks(xc):
@@ -442,25 +451,28 @@ def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: floa
     the other subgradient."""
     if not fast_path(x):
         return None
-    grads = _fast_backward(grad_y, x, *_in_compute_dtype(x, mean, stat, weight, bias), residual, eps, batch_stats,
-                           activation, negative_slope, output_mask)
+    want_dx, want_dweight, want_dbias, want_dresidual = output_mask
+    native_ops = native.serves(x)
+    if native_ops is not None:  # both passes in native code, z recomputed inside (per-channel tensors read as fp32)
+        wanted = (want_dx, want_dweight and weight is not None, want_dbias and bias is not None, want_dresidual)
+        grads = native_ops.backward(native.like(grad_y, x), x, mean, stat, weight, bias,
+                                    native.like(residual, x) if activation != 0 else None, eps, batch_stats,
+                                    activation, negative_slope, *wanted)
+        grads = tuple(g if want else None for g, want in zip(grads, wanted))
+    else:
+        grads = _pytorch_backward(grad_y, x, *_in_compute_dtype(x, mean, stat, weight, bias), residual, eps,
+                                  batch_stats, activation, negative_slope, output_mask)
     # dweight and dbias in the parameters' own dtype, as the step functions give them
     return grads[0], _as(grads[1], weight.dtype if weight is not None else None), \
         _as(grads[2], bias.dtype if bias is not None else None), grads[3]
 
 
-def _fast_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
-                   negative_slope: float, output_mask):
-    """``batch_norm_backward`` with its per-channel tensors in the compute dtype (dweight and dbias in it too)."""
+def _pytorch_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+                      negative_slope: float, output_mask):
+    """``batch_norm_backward`` through PyTorch's kernels, its per-channel tensors in the compute dtype (dweight and
+    dbias in it too)."""
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
     dtype = _compute_dtype(x)
-    native_ops = native.serves(x)
-    if native_ops is not None:  # both passes in native code, z recomputed inside
-        wanted = (want_dx, want_dweight and weight is not None, want_dbias and bias is not None, want_dresidual)
-        grads = native_ops.backward(native.like(grad_y, x), x, mean, stat, weight, bias,
-                                    native.like(residual, x) if activation != 0 else None, eps, batch_stats,
-                                    activation, negative_slope, *wanted)
-        return tuple(g if want else None for g, want in zip(grads, wanted))
     kernel_dtype = _backward_dtype(x, grad_y, activation, weight, bias, mean)
     xc, grad_z = _as(x, kernel_dtype), _as(grad_y, kernel_dtype)
     if activation != 0:
