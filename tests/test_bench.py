@@ -89,7 +89,7 @@ def test_bench_on_the_cpu_measures_the_cpu_path(tmp_path):
     out = tmp_path / "bench"
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--sets", "cpu_small", "--cases",
-                           "train_fwdbwd_relu,eval_fwd", "--dtypes", "fp32", "--layouts", "nchw,channels_last",
+                           "train_fwdbwd_relu,eval_fwd", "--dtypes", "fp32,fp64", "--layouts", "nchw,channels_last",
                            "--providers", "triton_bn,eager_native,eager_cudnn", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

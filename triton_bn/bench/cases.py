@@ -44,7 +44,9 @@ PROVIDERS = ("triton_bn", "eager_cudnn", "eager_native", "torch_compile")
 GPU_ONLY_PROVIDERS = ("eager_cudnn",)  # cuDNN is a CUDA library
 # the latency set on a GPU also times these, each captured in a CUDA graph and replayed
 GRAPH_PROVIDERS = ("triton_bn", "eager_cudnn")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+# what a full GPU run measures: the kernels' dtypes (float64 takes the pure-PyTorch path on every device)
+GPU_DTYPES = ("fp32", "bf16", "fp16")
 LAYOUTS = ("nchw", "channels_last")
 
 
@@ -104,11 +106,13 @@ def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, devi
                 if with_residual else None)
     grad = torch.randn_like(x) if backward else None
     channels = shape[1]
-    # the same fp32 parameters and statistics for every provider, so outputs can be compared
-    weight = torch.rand(channels, generator=gen, device=device) + 0.5
-    bias = torch.rand(channels, generator=gen, device=device) - 0.5
-    running_mean = torch.randn(channels, generator=gen, device=device) * 0.1
-    running_var = torch.rand(channels, generator=gen, device=device) + 0.5
+    # the same parameters and statistics for every provider, so outputs can be compared: fp32, as a
+    # mixed-precision model has them, or float64 for a float64 model (PyTorch's CPU kernels take no other)
+    per_channel = dict(generator=gen, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    weight = torch.rand(channels, **per_channel) + 0.5
+    bias = torch.rand(channels, **per_channel) - 0.5
+    running_mean = torch.randn(channels, **per_channel) * 0.1
+    running_var = torch.rand(channels, **per_channel) + 0.5
     if backward:
         weight.requires_grad_()
         bias.requires_grad_()
