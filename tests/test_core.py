@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import triton_bn
+from conftest import TOLERANCES
 from helpers import LAYOUTS, assert_close, make_input, reference_batch_norm
 
 SHAPES = [
@@ -334,6 +335,33 @@ def test_version_and_public_api():
     assert isinstance(triton_bn.__version__, str)
     for name in ("batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"):
         assert name in triton_bn.__all__
+
+
+def test_float64_channels_last_statistics_take_one_fused_call():
+    """float64 rows are summed in float64 by PyTorch's kernel: at a mean of 1e4 standard deviations its
+    channels_last statistics are still within the float64 tolerance, so the pure path makes one fused call
+    there (no accurate-mean pass, which fp32 rows need)."""
+    from triton_bn import reference
+    calls = []
+    fused = torch.native_batch_norm
+
+    def counting(*args):
+        calls.append(args[0].stride())
+        return fused(*args)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 8, 16, 16, generator=gen, dtype=torch.float64) + 1e4).contiguous(
+        memory_format=torch.channels_last)
+    rm, rv = torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "native_batch_norm", counting)
+        y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
+    assert calls == [x.stride()]
+    var, exact_mean = torch.var_mean(x, (0, 2, 3), correction=0)
+    atol, rtol = TOLERANCES[torch.float64]
+    assert ((mean - exact_mean) / var.sqrt()).abs().max() < atol
+    torch.testing.assert_close(invstd, (var + 1e-5).rsqrt(), atol=0, rtol=rtol)
+    ref = torch.nn.functional.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(y, ref, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -1,4 +1,4 @@
-"""[cpu]: the native CPU kernels (``triton_bn/native.py``, ``csrc/channels_last_cpu.cpp``) that serve
+"""[cpu]: the native CPU kernels (``triton_bn/native.py``, ``csrc/batch_norm_cpu.cpp``) that serve
 channels-innermost CPU tensors on the pure-PyTorch path, called through ``reference.py`` as that path
 calls them, against float64 PyTorch: every activation, fp32 / bf16 / fp16, every channels-innermost
 layout, the residual, the statistics at a large mean, the backward with batch and with running
@@ -48,13 +48,14 @@ def _float64_forward(x, weight, bias, residual, training, running_mean, running_
     return torch_activation(activation, 0.2)(z)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_training_forward_every_activation_and_dtype(activation, dtype):
-    """y, mean, invstd and both running statistics (momentum 0.1, unbiased variance) of a channels_last
-    training forward with a residual."""
+def test_training_forward_every_activation_and_dtype(activation, dtype, layout):
+    """y, mean, invstd and both running statistics (momentum 0.1, unbiased variance) of a training forward
+    with a residual, channels_last (rows) and NCHW (planes)."""
     shape = (3, 5, 6, 7)
-    x, residual = _input(shape, dtype, "channels_last"), _input(shape, dtype, "channels_last", seed=2)
+    x, residual = _input(shape, dtype, layout), _input(shape, dtype, layout, seed=2)
     weight, bias = _parameters(5)
     rm, rv = torch.zeros(5), torch.ones(5)
     y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, weight, bias, residual, 0.1, False, 1e-5,
@@ -71,7 +72,9 @@ def test_training_forward_every_activation_and_dtype(activation, dtype):
 
 @pytest.mark.parametrize("shape, layout", [((4, 6, 3, 5), "channels_last"), ((3, 4, 2, 3, 5), "channels_last"),
                                            ((17, 6), "contiguous"), ((4, 6, 9), "c_innermost"),
-                                           ((5, 6, 1, 1), "contiguous")], ids=str)
+                                           ((5, 6, 1, 1), "contiguous"), ((4, 6, 3, 5), "contiguous"),
+                                           ((3, 4, 2, 3, 5), "contiguous"), ((4, 6, 9), "contiguous"),
+                                           ((2, 3, 2500), "contiguous")], ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 def test_every_channels_innermost_layout_in_training_and_eval(shape, layout, affine):
     x = _input(shape, torch.float32, layout)
@@ -86,10 +89,11 @@ def test_every_channels_innermost_layout_in_training_and_eval(shape, layout, aff
     assert_close(y, _float64_forward(x, weight, bias, None, False, rm, rv, "leaky_relu"), torch.float32, "eval y")
 
 
-def test_statistics_at_a_large_mean_stay_accurate():
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_statistics_at_a_large_mean_stay_accurate(layout):
     """Shifted sums: at a mean of 1e4 standard deviations the mean is right to fp32's own spacing there
     (PyTorch's uncompensated row sums are off by ~5e-3 std: docs/cpu-path.md) and the variance to 1e-3."""
-    x = _input((64, 8, 16, 16), torch.float32, "channels_last", offset=1e4)
+    x = _input((64, 8, 16, 16), torch.float32, layout, offset=1e4)
     _, mean, invstd = reference.batch_norm_training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
     var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
     assert ((mean.double() - exact_mean) / var.sqrt()).abs().max() < 1e-3
@@ -99,11 +103,13 @@ def test_statistics_at_a_large_mean_stay_accurate():
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
-def test_backward_every_activation(activation, dtype, batch_stats):
-    """dx, dweight, dbias and d residual against float64 autograd (z recomputed from x inside)."""
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_backward_every_activation(activation, dtype, batch_stats, layout):
+    """dx, dweight, dbias and d residual against float64 autograd (z recomputed from x inside), rows and
+    planes."""
     shape = (4, 6, 3, 5)
-    x, residual = _input(shape, dtype, "channels_last"), _input(shape, dtype, "channels_last", seed=2)
-    grad_y = _input(shape, dtype, "channels_last", seed=3)
+    x, residual = _input(shape, dtype, layout), _input(shape, dtype, layout, seed=2)
+    grad_y = _input(shape, dtype, layout, seed=3)
     weight, bias = _parameters(6)
     rm, rv = torch.randn(6) * 0.1, torch.rand(6) + 0.5
     if batch_stats:
@@ -141,11 +147,12 @@ def test_backward_takes_gradients_of_any_layout_and_skips_what_is_not_wanted():
     torch.testing.assert_close(dbias.double(), want_dbias, atol=1e-4, rtol=1e-4)
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    """The reductions cut the rows by their count alone and merge in order: 1 thread and 2 threads give
-    bitwise the same statistics, output and gradients."""
-    x = _input((16, 8, 20, 20), torch.float32, "channels_last")
-    grad_y = _input((16, 8, 20, 20), torch.float32, "channels_last", seed=4)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_results_do_not_depend_on_the_thread_count(layout):
+    """The reductions cut the rows (planes) by their count alone and merge in order: 1 thread and 2 threads
+    give bitwise the same statistics, output and gradients."""
+    x = _input((16, 8, 20, 20), torch.float32, layout)
+    grad_y = _input((16, 8, 20, 20), torch.float32, layout, seed=4)
     weight, bias = _parameters(8)
     threads = torch.get_num_threads()
     results = []

@@ -1,14 +1,15 @@
-"""Native CPU kernels for inputs whose channels are innermost in memory (channels_last, channels_last_3d,
-(N, C), C-innermost (N, C, L)): ``csrc/channels_last_cpu.cpp``, compiled on first use with
-``torch.utils.cpp_extension`` (once per machine and source version, ~90 s on two cores; then cached by
-PyTorch) and registered as ``torch.ops.triton_bn_cpu``.
+"""Native CPU kernels for dense CPU inputs, channels innermost (channels_last, channels_last_3d, (N, C),
+C-innermost (N, C, L)) or contiguous (NCHW, NCDHW, (N, C, L)): ``csrc/batch_norm_cpu.cpp``, compiled on
+first use with ``torch.utils.cpp_extension`` (once per machine and source version, ~2 minutes on two
+cores; then cached by PyTorch) and registered as ``torch.ops.triton_bn_cpu``.
 
-Why: PyTorch's CPU batch norm reads such an input three times in a training forward and sums its rows
-without compensation; an activation module reads and writes the result once more. These kernels take
-one read for the statistics (shifted sums, accurate), one read and one write for y with the residual
-and the activation fused, and two passes for the whole backward. ``reference.py`` calls them from its
-fast path (``serves``); where they do not apply, or cannot be built here (no compiler), it keeps
-PyTorch's kernels. ``TRITON_BN_NATIVE_CPU=0`` (read at import) switches them off.
+Why: PyTorch's CPU batch norm reads x three times in a training forward (channels_last; it sums those
+rows without compensation), and an activation module reads and writes the result once more. These kernels
+take one read for the statistics (shifted sums, accurate), one read and one write for y with the residual
+and the activation fused, and two passes for the whole backward, z recomputed inside. ``reference.py``
+calls them from its fast path (``serves``), ``autograd.training_with_backward`` through their C++
+autograd node; where they do not apply (float64, other strides) or cannot be built here (no compiler),
+PyTorch's kernels serve. ``TRITON_BN_NATIVE_CPU=0`` (read at import) switches them off.
 """
 import hashlib
 import os
@@ -24,10 +25,10 @@ from .layout import channels_innermost, like_input
 
 ENABLED = os.environ.get("TRITON_BN_NATIVE_CPU", "1") != "0"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "channels_last_cpu.cpp")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "batch_norm_cpu.cpp")
 
 class NativeOps(NamedTuple):
-    """The ops of ``csrc/channels_last_cpu.cpp`` as C++ callables (the Python wrapper of an op costs
+    """The ops of ``csrc/batch_norm_cpu.cpp`` as C++ callables (the Python wrapper of an op costs
     microseconds per call)."""
     training_forward: Callable
     apply: Callable
@@ -98,16 +99,17 @@ def ops() -> Optional[NativeOps]:
                     loaded = _build()
                 except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: PyTorch's kernels serve
                     warnings.warn(f"triton_bn: the native CPU kernels could not be built ({type(exc).__name__}: "
-                                  f"{str(exc)[:300]}); CPU tensors with their channels innermost take PyTorch's "
+                                  f"{str(exc)[:300]}); dense CPU tensors take PyTorch's "
                                   "kernels instead (slower). TRITON_BN_NATIVE_CPU=0 skips the attempt.")
             _loaded["ops"] = loaded
     return _loaded["ops"]
 
 
 def serves(x: torch.Tensor) -> Optional[NativeOps]:
-    """The native ops when they compute this input (a non-empty CPU tensor of a supported dtype with its
-    channels innermost), else None."""
-    if x.dtype not in DTYPES or x.device.type != "cpu" or x.numel() == 0 or not channels_innermost(x):
+    """The native ops when they compute this input (a non-empty CPU tensor of a supported dtype, its
+    channels innermost or contiguous), else None."""
+    if x.dtype not in DTYPES or x.device.type != "cpu" or x.numel() == 0 or not (
+            channels_innermost(x) or x.is_contiguous()):
         return None
     return ops()
 

@@ -4,8 +4,9 @@ everywhere), and float64 on any device. Its calls go through the same autograd F
 (only x and per-channel vectors are saved; gradients are not differentiable twice).
 
 - the fast path of whole calls (``batch_norm_training``, the eval case of ``batch_norm_apply``,
-  ``batch_norm_backward``): for inputs with their channels innermost the native kernels of ``native.py``
-  (statistics, normalization, epilogue and backward in C++: one read fewer than PyTorch's); otherwise
+  ``batch_norm_backward``): for dense inputs (channels innermost or contiguous) the native kernels of
+  ``native.py`` (statistics, normalization, epilogue and backward in C++: one read fewer than PyTorch's,
+  no separate epilogue pass); otherwise (float64, other strides, or no compiler)
   PyTorch's fused batch-norm kernels (statistics, normalization and the
   running-statistics update in vectorised, multi-threaded calls), with the residual and the activation
   applied in place after them, where they compute what the step functions do (``fast_path``: a
@@ -226,7 +227,7 @@ def _normalize_eval(x, weight, bias, mean, var, eps: float):
 
 
 def _eval_fast(x, mean, var, weight, bias, residual, eps: float, activation: int, negative_slope: float):
-    """Eval: the native kernel where x has its channels innermost (one pass, epilogue fused; it reads
+    """Eval: the native kernel where it serves x (one pass, epilogue fused; it reads
     per-channel tensors of any dtype as fp32 itself); else PyTorch's kernel with the running statistics,
     then the epilogue in place."""
     native_ops = native.serves(x)
@@ -365,7 +366,7 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
 def _fused_training(x, running_mean, running_var, weight, bias, residual, factor: float, eps: float,
                     activation: int, negative_slope: float):
     """``batch_norm_training`` where ``fast_path`` says yes, the running statistics weighted by ``factor``:
-    the native kernels where x has its channels innermost (``native.py``: statistics in one read, y with
+    the native kernels where they serve x (``native.py``: statistics in one read, y with
     the epilogue in one more; they read and update per-channel tensors of any dtype in fp32 themselves),
     else PyTorch's kernels, with the per-channel tensors converted (``_in_compute_dtype``) and the
     running statistics, where they had to be, written back (rounded once, as the step functions' update)."""
@@ -388,7 +389,8 @@ def _pytorch_training(x, running_mean, running_var, weight, bias, residual, fact
     """``_fused_training`` through PyTorch's kernels, every per-channel tensor in the compute dtype."""
     xc = _as(x, _kernel_dtype(x, activation, residual, weight, bias, running_mean))
     by_planes = _summed_by_planes(xc)
-    if by_planes and not _statistics_in_blocks(xc):
+    # float64 rows are summed in float64: nothing to compensate, one fused call in every layout
+    if (by_planes or xc.dtype == torch.float64) and not _statistics_in_blocks(xc):
         y, mean, invstd = torch.native_batch_norm(xc, weight, bias, running_mean, running_var, True, factor, eps)
         return _finish(y, residual, activation, negative_slope, x.dtype), mean, invstd
     if by_planes:
@@ -443,7 +445,7 @@ def _pre_activation(x, mean, stat, weight, bias, residual, eps, batch_stats):
 
 def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool,
                         activation: int, negative_slope: float, output_mask):
-    """(dx, dweight, dbias, dresidual) through the native kernels (channels innermost) or PyTorch's fused
+    """(dx, dweight, dbias, dresidual) through the native kernels (``native.serves``) or PyTorch's fused
     backward kernel, None where not asked for;
     None altogether where ``fast_path`` says no (the caller then runs the step functions). Only x and the
     per-channel vectors were saved: with an activation, z is recomputed (one pass of PyTorch's eval-mode

@@ -1,18 +1,20 @@
-// Batch norm for CPU tensors whose channels are innermost in memory (channels_last, channels_last_3d,
-// (N, C) and C-innermost (N, C, L)): in memory such an x is a contiguous [R, C] matrix, R = the number
-// of rows (N x spatial), one row = one value per channel, and every loop here walks it that way.
+// Batch norm for CPU tensors in the two dense layouts, walked as two geometries (Geometry below):
+// - channels innermost (channels_last, channels_last_3d, (N, C), C-innermost (N, C, L)): a contiguous
+//   [R, C] matrix, R = N x spatial rows, one row = one value per channel; the loops run along the rows;
+// - contiguous (NCHW, NCDHW, (N, C, L)): N x C "planes" of S contiguous values, one channel each; the
+//   loops run along the planes, the per-channel values constant within one.
 //
 // Why native code: PyTorch's CPU batch norm reads x three times in training (mean, variance, normalize)
 // and an activation module reads and writes the result once more; its row-by-row sums are also not
 // compensated (perf/NOTES.md, docs/cpu-path.md). Here the statistics take one read (shifted sums, below)
 // and the normalization, the residual add and the activation one more read and one write.
 //
-// Accuracy: each channel's values are summed after subtracting a shift, the channel's value in row 0
-// (a value of the data itself, so of its scale: at a mean far above the spread, the sums of squares do
-// not cancel), in fp32 over blocks of kBlockRows rows, and the block sums are added in double. The work
-// is cut into tasks by the shape alone (row chunks x channel blocks), never by the thread count, and the
-// chunks are merged in order: the same input gives bitwise the same result whatever the number of
-// threads.
+// Accuracy: each channel's values are summed after subtracting a shift, the channel's first value (a
+// value of the data itself, so of its scale: at a mean far above the spread, the sums of squares do not
+// cancel), in fp32 over blocks (kBlockRows rows; kSpan values of a plane, in kLanes lanes), and the block
+// sums are added in double. The work is cut into tasks by the shape alone (row chunks x channel blocks;
+// channels x plane chunks), never by the thread count, and the chunks are merged in order: the same
+// input gives bitwise the same result whatever the number of threads.
 //
 // Loaded by triton_bn/native.py (torch.utils.cpp_extension, compiled once per machine); the ops are
 // registered as torch.ops.triton_bn_cpu.*. Activation ids are those of triton_bn/activations.py, and each
@@ -131,12 +133,22 @@ template <typename Body> void dispatch_dtype(at::ScalarType dtype, Body&& body) 
   }
 }
 
-// x must have its channels innermost with dense rows (x.movedim(1, -1) contiguous): then it is the
-// contiguous [R, C] matrix the loops walk. Tensors read or written beside it share its strides.
-int64_t rows_of(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2 && x.movedim(1, -1).is_contiguous(),
-              "triton_bn_cpu: x must be a CPU tensor with its channels innermost (dim 1 of stride 1, dense rows)");
-  return x.size(1) == 0 ? 0 : x.numel() / x.size(1);
+// How the loops see x. Channels innermost with dense rows (x.movedim(1, -1) contiguous: channels_last,
+// (N, C), ...): the contiguous [R, C] matrix, R = N x spatial rows. Otherwise x must be contiguous (NCHW,
+// NCDHW, (N, C, L)): N x C planes of S contiguous values each, "planes". Tensors read or written beside x
+// share its strides.
+struct Geometry {
+  bool planes;
+  int64_t N, C, S, R;  // R = N * S: the values per channel
+};
+
+Geometry geometry_of(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "triton_bn_cpu: x must be a CPU tensor [N, C, *]");
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t R = C == 0 ? 0 : x.numel() / C;
+  if (x.movedim(1, -1).is_contiguous()) return {false, N, C, N == 0 ? 0 : R / N, R};
+  TORCH_CHECK(x.is_contiguous(), "triton_bn_cpu: x must have its channels innermost (dense rows) or be contiguous");
+  return {true, N, C, N == 0 ? 0 : R / N, R};
 }
 
 // (strides as triton_bn/layout.py's like_input gives them: a tensor of at most one element has no layout)
@@ -210,14 +222,92 @@ void reduce_rows(int64_t R, int64_t C, std::vector<double>& total_a, std::vector
   }
 }
 
+// The same two sums over planes ([N, C, S], S contiguous values per (sample, channel)). Within a plane
+// the sum runs over kLanes fp32 lanes (a fixed-length inner loop the compiler vectorizes: a plain
+// running sum would be one serial chain), span_sums(c, offset, count, a, b) adding the values
+// [offset, offset + count) of channel c into lanes a[0, kLanes) and b[0, kLanes); spans of at most kSpan
+// values go to double in lane order. Tasks: (channel, chunk of planes), chunks of about kChunkValues
+// values, fixed by the shape; the chunks are added in order.
+constexpr int64_t kLanes = 16;
+constexpr int64_t kSpan = kBlockRows * kLanes;
+constexpr int64_t kChunkValues = 32768;
+
+template <typename F> inline void over_lanes(int64_t count, const F& f) {  // f(i, lane) for i in [0, count)
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) f(i + l, l);
+  }
+  for (int64_t l = 0; i + l < count; ++l) f(i + l, l);
+}
+
+template <typename SpanSums>
+void reduce_planes(const Geometry& g, std::vector<double>& total_a, std::vector<double>& total_b,
+                   const SpanSums& span_sums) {
+  const int64_t planes_per_chunk = std::max<int64_t>(1, kChunkValues / std::max<int64_t>(g.S, 1));
+  const int64_t chunks = (g.N + planes_per_chunk - 1) / planes_per_chunk;
+  std::vector<double> partial_a(g.C * chunks, 0.0), partial_b(g.C * chunks, 0.0);
+  at::parallel_for(0, g.C * chunks, 1, [&](int64_t begin, int64_t end) {
+    float a[kLanes], b[kLanes];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / chunks, k = task % chunks;
+      const int64_t n_end = std::min(g.N, (k + 1) * planes_per_chunk);
+      double sum_a = 0.0, sum_b = 0.0;
+      for (int64_t n = k * planes_per_chunk; n < n_end; ++n) {
+        for (int64_t s0 = 0; s0 < g.S; s0 += kSpan) {
+          std::fill(a, a + kLanes, 0.f);
+          std::fill(b, b + kLanes, 0.f);
+          span_sums(c, (n * g.C + c) * g.S + s0, std::min(kSpan, g.S - s0), a, b);
+          for (int64_t l = 0; l < kLanes; ++l) {
+            sum_a += a[l];
+            sum_b += b[l];
+          }
+        }
+      }
+      partial_a[task] = sum_a;
+      partial_b[task] = sum_b;
+    }
+  });
+  total_a.assign(g.C, 0.0);
+  total_b.assign(g.C, 0.0);
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t k = 0; k < chunks; ++k) {
+      total_a[c] += partial_a[c * chunks + k];
+      total_b[c] += partial_b[c * chunks + k];
+    }
+  }
+}
+
+// Calls body(r, c, n) for every channel-innermost row block or (plane, channel) pair: the elementwise
+// passes' walk. Rows: body(r, 0, C) for row r (channels 0..C, per-channel arrays indexed by the column).
+// Planes: body(p, c, S) for plane p of channel c (one channel, its per-channel values constant).
+template <typename Body> void for_each_line(const Geometry& g, int64_t values_per_task, const Body& body) {
+  const int64_t lines = g.planes ? g.N * g.C : g.R, length = g.planes ? g.S : g.C;
+  const int64_t grain = std::max<int64_t>(1, values_per_task / std::max<int64_t>(length, 1));
+  at::parallel_for(0, lines, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t line = begin; line < end; ++line) body(line * length, g.planes ? line % g.C : 0, length);
+  });
+}
+
 // -- forward ---------------------------------------------------------------------------------------------
-// (mean, biased variance) per channel, fp32: one read of x.
+// (mean, biased variance) per channel, fp32: one read of x. The shift is each channel's first value.
 template <typename T>
-void statistics(const T* x, int64_t R, int64_t C, float* mean, float* var) {
+void statistics(const T* x, const Geometry& g, float* mean, float* var) {
+  const int64_t R = g.R, C = g.C;
   std::vector<float> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = load(x, c);
+  for (int64_t c = 0; c < C; ++c) shift[c] = load(x, g.planes ? c * g.S : c);
   std::vector<double> s1, s2;
-  reduce_rows(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
+  if (g.planes) {
+    reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count, float* __restrict__ a,
+                                 float* __restrict__ b) {
+      const T* __restrict__ p = x + offset;
+      const float sh = shift[c];
+      over_lanes(count, [&](int64_t i, int64_t l) {
+        const float d = load(p, i) - sh;
+        a[l] += d;
+        b[l] += d * d;
+      });
+    });
+  } else reduce_rows(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
                                 float* __restrict__ b) {
     const float* __restrict__ sh = shift.data() + c0;
     for (int64_t r = r0; r < r1; ++r) {
@@ -237,29 +327,38 @@ void statistics(const T* x, int64_t R, int64_t C, float* mean, float* var) {
   }
 }
 
-// y = act(x * scale + shift [+ residual]) row by row, rounded once to T.
+// y = act(x * scale + shift [+ residual]) line by line (for_each_line), rounded once to T.
+template <typename T, int ACT, bool PLANES>
+void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const float* scale, const float* shift,
+                     float slope) {
+  for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
+    const T* __restrict__ in = x + offset;
+    T* __restrict__ out = y + offset;
+    // rows: per-channel arrays indexed by the column; planes: one channel's value for the whole line
+    const float* __restrict__ sc = scale + c;
+    const float* __restrict__ sh = shift + c;
+    const auto column = [](int64_t i) { return PLANES ? int64_t{0} : i; };
+    if (residual != nullptr) {
+      const T* __restrict__ res = residual + offset;
+      for (int64_t i = 0; i < n; ++i) {
+        store(out, i, activate<ACT>(load(in, i) * sc[column(i)] + sh[column(i)] + load(res, i), slope));
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) store(out, i, activate<ACT>(load(in, i) * sc[column(i)] + sh[column(i)], slope));
+    }
+  });
+}
+
 template <typename T>
-void normalize(const T* x, const T* residual, T* y, int64_t R, int64_t C, const std::vector<float>& scale,
+void normalize(const T* x, const T* residual, T* y, const Geometry& g, const std::vector<float>& scale,
                const std::vector<float>& shift, int64_t activation, float slope) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   dispatch_activation(activation, [&](auto act) {
     constexpr int ACT = decltype(act)::value;
-    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-      const float* __restrict__ sc = scale.data();
-      const float* __restrict__ sh = shift.data();
-      for (int64_t r = begin; r < end; ++r) {
-        const T* __restrict__ row = x + r * C;
-        T* __restrict__ out = y + r * C;
-        if (residual != nullptr) {
-          const T* __restrict__ res = residual + r * C;
-          for (int64_t c = 0; c < C; ++c) {
-            store(out, c, activate<ACT>(load(row, c) * sc[c] + sh[c] + load(res, c), slope));
-          }
-        } else {
-          for (int64_t c = 0; c < C; ++c) store(out, c, activate<ACT>(load(row, c) * sc[c] + sh[c], slope));
-        }
-      }
-    });
+    if (g.planes) {
+      normalize_lines<T, ACT, true>(x, residual, y, g, scale.data(), shift.data(), slope);
+    } else {
+      normalize_lines<T, ACT, false>(x, residual, y, g, scale.data(), shift.data(), slope);
+    }
   });
 }
 
@@ -294,7 +393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, double factor, double eps, int64_t activation, double slope) {
-  const int64_t R = rows_of(x), C = x.size(1);
+  const Geometry g = geometry_of(x);
+  const int64_t R = g.R, C = g.C;
   TORCH_CHECK(R > 0, "triton_bn_cpu: empty batch");
   // everything checked before the running statistics are written
   TORCH_CHECK(activation >= 0 && activation <= 8, "triton_bn_cpu: unknown activation id ", activation);
@@ -313,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
   check_like(y, "y", x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    statistics<T>(x.data_ptr<T>(), R, C, mean.data_ptr<float>(), var.data_ptr<float>());
+    statistics<T>(x.data_ptr<T>(), g, mean.data_ptr<float>(), var.data_ptr<float>());
     std::vector<float> m(mean.data_ptr<float>(), mean.data_ptr<float>() + C);
     const float* v = var.data_ptr<float>();
     const std::vector<float> inv = invstd_of(std::vector<float>(v, v + C), false, eps);
@@ -336,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
     std::vector<float> scale, shift;
     coefficients(m, inv, channel_values(weight, C, 1.f), channel_values(bias, C, 0.f), scale, shift);
     const T* res = present(residual) ? residual->data_ptr<T>() : nullptr;
-    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), R, C, scale, shift, activation, static_cast<float>(slope));
+    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), g, scale, shift, activation, static_cast<float>(slope));
   });
   return {y, mean, invstd};
 }
@@ -347,7 +447,8 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                  const c10::optional<at::Tensor>& residual, double eps, bool batch_stats, int64_t activation,
                  double slope) {
-  const int64_t R = rows_of(x), C = x.size(1);
+  const Geometry g = geometry_of(x);
+  const int64_t C = g.C;
   if (present(residual)) check_like(*residual, "residual", x);
   at::Tensor y = at::empty_like(x);
   check_like(y, "y", x);
@@ -357,7 +458,7 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* res = present(residual) ? residual->data_ptr<T>() : nullptr;
-    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), R, C, scale, shift, activation, static_cast<float>(slope));
+    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), g, scale, shift, activation, static_cast<float>(slope));
   });
   return y;
 }
@@ -376,22 +477,41 @@ struct BackwardCoefficients {
   std::vector<float> k1, k2, k3;  // dx = dz * k1 - (x - mean) * k2 - k3
 };
 
-template <typename T, int ACT, bool HAS_RES>
+// dz at element i of a line; the per-channel values at sc[i] (rows) or sc[0] (PLANES: one channel)
+template <typename T, int ACT, bool HAS_RES, bool PLANES>
 inline float grad_pre_activation(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
-                                 int64_t c, const float* __restrict__ sc, const float* __restrict__ sh,
+                                 int64_t i, const float* __restrict__ sc, const float* __restrict__ sh,
                                  float slope) {
   if constexpr (ACT == 0) {
-    return load(dy, c);
+    return load(dy, i);
   } else {
-    float z = load(x, c) * sc[c] + sh[c];
-    if constexpr (HAS_RES) z += load(res, c);
-    return activation_backward<ACT>(load(dy, c), z, slope);
+    const int64_t c = PLANES ? 0 : i;
+    float z = load(x, i) * sc[c] + sh[c];
+    if constexpr (HAS_RES) z += load(res, i);
+    return activation_backward<ACT>(load(dy, i), z, slope);
   }
 }
 
 template <typename T, int ACT, bool HAS_RES>
-void backward_sums(const T* dy, const T* x, const T* res, int64_t R, int64_t C, const BackwardCoefficients& k,
+void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry, const BackwardCoefficients& k,
                    float slope, std::vector<double>& sum_dz, std::vector<double>& sum_dz_xhat) {
+  if (geometry.planes) {
+    reduce_planes(geometry, sum_dz, sum_dz_xhat, [&](int64_t c, int64_t offset, int64_t count, float* __restrict__ a,
+                                                     float* __restrict__ b) {
+      const T* __restrict__ xp = x + offset;
+      const T* __restrict__ g = dy + offset;
+      const T* __restrict__ rr = HAS_RES ? res + offset : nullptr;
+      const float *__restrict__ sc = k.scale.data() + c, *__restrict__ sh = k.shift.data() + c;
+      const float mu = k.mean[c], is = k.invstd[c];
+      over_lanes(count, [&](int64_t i, int64_t l) {
+        const float dz = grad_pre_activation<T, ACT, HAS_RES, true>(g, xp, rr, i, sc, sh, slope);
+        a[l] += dz;
+        b[l] += dz * ((load(xp, i) - mu) * is);
+      });
+    });
+    return;
+  }
+  const int64_t R = geometry.R, C = geometry.C;
   reduce_rows(R, C, sum_dz, sum_dz_xhat, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
                                               float* __restrict__ b) {
     const float *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
@@ -401,7 +521,7 @@ void backward_sums(const T* dy, const T* x, const T* res, int64_t R, int64_t C, 
       const T* __restrict__ g = dy + r * C + c0;
       const T* __restrict__ rr = HAS_RES ? res + r * C + c0 : nullptr;
       for (int64_t c = 0; c < n; ++c) {
-        const float dz = grad_pre_activation<T, ACT, HAS_RES>(g, row, rr, c, sc, sh, slope);
+        const float dz = grad_pre_activation<T, ACT, HAS_RES, false>(g, row, rr, c, sc, sh, slope);
         a[c] += dz;
         b[c] += dz * ((load(row, c) - mu[c]) * is[c]);
       }
@@ -409,26 +529,37 @@ void backward_sums(const T* dy, const T* x, const T* res, int64_t R, int64_t C, 
   });
 }
 
-template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES>
-void backward_elementwise(const T* dy, const T* x, const T* res, T* grad_x, T* grad_res, int64_t R, int64_t C,
-                          const BackwardCoefficients& k, float slope) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-    const float *__restrict__ sc = k.scale.data(), *__restrict__ sh = k.shift.data(), *__restrict__ mu = k.mean.data();
-    const float *__restrict__ a1 = k.k1.data(), *__restrict__ a2 = k.k2.data(), *__restrict__ a3 = k.k3.data();
-    for (int64_t r = begin; r < end; ++r) {
-      const T* __restrict__ row = x + r * C;
-      const T* __restrict__ g = dy + r * C;
-      const T* __restrict__ rr = HAS_RES ? res + r * C : nullptr;
-      T* __restrict__ ox = DX ? grad_x + r * C : nullptr;
-      T* __restrict__ orr = DRES ? grad_res + r * C : nullptr;
-      for (int64_t c = 0; c < C; ++c) {
-        const float dz = grad_pre_activation<T, ACT, HAS_RES>(g, row, rr, c, sc, sh, slope);
-        if constexpr (DX) store(ox, c, dz * a1[c] - (load(row, c) - mu[c]) * a2[c] - a3[c]);
-        if constexpr (DRES) store(orr, c, dz);
-      }
+template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
+void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_res, const Geometry& geometry,
+                    const BackwardCoefficients& k, float slope) {
+  for_each_line(geometry, 16384, [&](int64_t offset, int64_t c0, int64_t n) {
+    // rows: per-channel arrays indexed by the column; planes: one channel's value for the whole line
+    const float *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
+    const float *__restrict__ mu = k.mean.data() + c0;
+    const float *__restrict__ a1 = k.k1.data() + c0, *__restrict__ a2 = k.k2.data() + c0;
+    const float *__restrict__ a3 = k.k3.data() + c0;
+    const T* __restrict__ row = x + offset;
+    const T* __restrict__ g = dy + offset;
+    const T* __restrict__ rr = HAS_RES ? res + offset : nullptr;
+    T* __restrict__ ox = DX ? grad_x + offset : nullptr;
+    T* __restrict__ orr = DRES ? grad_res + offset : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = PLANES ? 0 : i;
+      const float dz = grad_pre_activation<T, ACT, HAS_RES, PLANES>(g, row, rr, i, sc, sh, slope);
+      if constexpr (DX) store(ox, i, dz * a1[c] - (load(row, i) - mu[c]) * a2[c] - a3[c]);
+      if constexpr (DRES) store(orr, i, dz);
     }
   });
+}
+
+template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES>
+void backward_elementwise(const T* dy, const T* x, const T* res, T* grad_x, T* grad_res, const Geometry& geometry,
+                          const BackwardCoefficients& k, float slope) {
+  if (geometry.planes) {
+    backward_lines<T, ACT, HAS_RES, DX, DRES, true>(dy, x, res, grad_x, grad_res, geometry, k, slope);
+  } else {
+    backward_lines<T, ACT, HAS_RES, DX, DRES, false>(dy, x, res, grad_x, grad_res, geometry, k, slope);
+  }
 }
 
 template <typename Body> void dispatch_bool(bool flag, Body&& body) {
@@ -444,7 +575,8 @@ std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::T
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                                  double eps, bool batch_stats, int64_t activation, double slope, bool want_dx,
                                  bool want_dweight, bool want_dbias, bool want_dresidual) {
-  const int64_t R = rows_of(x), C = x.size(1);
+  const Geometry geometry = geometry_of(x);
+  const int64_t R = geometry.R, C = geometry.C;
   check_like(grad_y, "grad_y", x);
   const bool has_residual = present(residual) && activation != 0;
   if (has_residual) check_like(*residual, "residual", x);
@@ -473,7 +605,7 @@ std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::T
         constexpr bool HAS_RES = ACT != 0 && decltype(with_residual)::value;
         std::vector<double> sum_dz(C, 0.0), sum_dz_xhat(C, 0.0);
         if (need_sums) {
-          backward_sums<T, ACT, HAS_RES>(dy, xp, res, R, C, k, fslope, sum_dz, sum_dz_xhat);
+          backward_sums<T, ACT, HAS_RES>(dy, xp, res, geometry, k, fslope, sum_dz, sum_dz_xhat);
           float* gw = grad_weight.data_ptr<float>();
           float* gb = grad_bias.data_ptr<float>();
           for (int64_t c = 0; c < C; ++c) {
@@ -494,11 +626,11 @@ std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::T
         T* gx = want_dx ? grad_x.data_ptr<T>() : nullptr;
         T* gr = want_dresidual ? grad_residual.data_ptr<T>() : nullptr;
         if (want_dx && want_dresidual) {
-          backward_elementwise<T, ACT, HAS_RES, true, true>(dy, xp, res, gx, gr, R, C, k, fslope);
+          backward_elementwise<T, ACT, HAS_RES, true, true>(dy, xp, res, gx, gr, geometry, k, fslope);
         } else if (want_dx) {
-          backward_elementwise<T, ACT, HAS_RES, true, false>(dy, xp, res, gx, gr, R, C, k, fslope);
+          backward_elementwise<T, ACT, HAS_RES, true, false>(dy, xp, res, gx, gr, geometry, k, fslope);
         } else if (want_dresidual) {
-          backward_elementwise<T, ACT, HAS_RES, false, true>(dy, xp, res, gx, gr, R, C, k, fslope);
+          backward_elementwise<T, ACT, HAS_RES, false, true>(dy, xp, res, gx, gr, geometry, k, fslope);
         }
       });
     });
