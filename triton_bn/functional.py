@@ -80,13 +80,14 @@ def _requires_grad(t: Optional[Tensor]) -> bool:
 def apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                tracing: bool):
     """What applies the normalization: the custom op while torch.compile traces; the autograd Function
-    when something needs a gradient; otherwise the launcher itself, without an autograd node's cost.
-    All three take (x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)."""
+    when something needs a gradient; otherwise the launcher itself (``launch.apply_launcher``: on the CPU
+    path, the native op), without an autograd node's cost. All three take (x, mean, stat, weight, bias,
+    residual, eps, batch_stats, activation, negative_slope)."""
     if tracing:
         return torch.ops.triton_bn.batch_norm_apply
     if _needs_gradient(input, weight, bias, residual):
         return BatchNormFunction.apply
-    return launch.batch_norm_apply
+    return launch.apply_launcher(input, residual)
 
 
 def _needs_gradient(input, weight, bias, residual) -> bool:

@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import reference
+from . import native, reference
 from .autotune import INTERPRET, TileConfig, cdiv, merge_block, split_count, tuner
 from .kernels import channels_first as cf
 from .kernels import channels_last as cl
@@ -484,6 +484,18 @@ def _merged_statistics(x, plan, mean, invstd, moments, running_mean, running_var
     launch, layout = _reduction_call("stats", plan, x, (update, cumulative, moments is not None), make_args,
                                      tuning_args)
     launch(make_args(layout), device)
+
+
+def apply_launcher(x: torch.Tensor, residual: Optional[torch.Tensor]):
+    """What computes ``batch_norm_apply`` for this call, with its arguments: on the pure-PyTorch path, where the
+    native CPU kernels serve x (and a residual already has x's strides), their op itself, so that no Python
+    runs between the functional layer and the C++ (on a small eval call that Python costs as much as the
+    pass); else ``batch_norm_apply``."""
+    if not uses_kernels(x) and (residual is None or residual.stride() == x.stride()):
+        native_ops = native.serves(x)
+        if native_ops is not None:
+            return native_ops.apply
+    return batch_norm_apply
 
 
 @_on_input_device

@@ -108,8 +108,7 @@ def ops() -> Optional[NativeOps]:
 def serves(x: torch.Tensor) -> Optional[NativeOps]:
     """The native ops when they compute this input (a non-empty CPU tensor of a supported dtype, its
     channels innermost or contiguous), else None."""
-    if x.dtype not in DTYPES or x.device.type != "cpu" or x.numel() == 0 or not (
-            channels_innermost(x) or x.is_contiguous()):
+    if not x.is_cpu or x.dtype not in DTYPES or x.numel() == 0 or not (x.is_contiguous() or channels_innermost(x)):
         return None
     return ops()
 

@@ -11,7 +11,7 @@
 //
 // Accuracy: each channel's values are summed after subtracting a shift, the channel's first value (a
 // value of the data itself, so of its scale: at a mean far above the spread, the sums of squares do not
-// cancel), in fp32 over blocks (kBlockRows rows; kSpan values of a plane, in kLanes lanes), and the block
+// cancel), in fp32 over blocks (kBlockRows rows; kSpan values of a plane, in vector lanes), and the block
 // sums are added in double. The work is cut into tasks by the shape alone (row chunks x channel blocks;
 // channels x plane chunks), never by the thread count, and the chunks are merged in order: the same
 // input gives bitwise the same result whatever the number of threads.
@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -222,22 +223,26 @@ void reduce_rows(int64_t R, int64_t C, std::vector<double>& total_a, std::vector
   }
 }
 
-// The same two sums over planes ([N, C, S], S contiguous values per (sample, channel)). Within a plane
-// the sum runs over kLanes fp32 lanes (a fixed-length inner loop the compiler vectorizes: a plain
-// running sum would be one serial chain), span_sums(c, offset, count, a, b) adding the values
-// [offset, offset + count) of channel c into lanes a[0, kLanes) and b[0, kLanes); spans of at most kSpan
-// values go to double in lane order. Tasks: (channel, chunk of planes), chunks of about kChunkValues
-// values, fixed by the shape; the chunks are added in order.
-constexpr int64_t kLanes = 16;
-constexpr int64_t kSpan = kBlockRows * kLanes;
+// The same two sums over planes ([N, C, S], S contiguous values per (sample, channel)). Along a plane
+// the values are summed in fp32, vectorised (an OpenMP simd reduction: partial sums per vector lane,
+// combined in an order fixed by the build), span_sums(c, offset, count) returning the two sums over the
+// values [offset, offset + count) of channel c; spans of at most kSpan values go to double. Tasks:
+// (channel, chunk of planes), chunks of about kChunkValues values, fixed by the shape; the chunks are
+// added in order.
+constexpr int64_t kSpan = 2048;
 constexpr int64_t kChunkValues = 32768;
 
-template <typename F> inline void over_lanes(int64_t count, const F& f) {  // f(i, lane) for i in [0, count)
-  int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) f(i + l, l);
+// (sum of f(i).first, sum of f(i).second) for i in [0, count), in fp32 vector lanes. (A plain running sum
+// would be one serial chain of additions: the compiler may not reorder floating-point sums by itself.)
+template <typename F> inline std::pair<float, float> sum_span(int64_t count, const F& f) {
+  float sum_a = 0.f, sum_b = 0.f;
+#pragma omp simd reduction(+ : sum_a, sum_b)
+  for (int64_t i = 0; i < count; ++i) {
+    const std::pair<float, float> value = f(i);
+    sum_a += value.first;
+    sum_b += value.second;
   }
-  for (int64_t l = 0; i + l < count; ++l) f(i + l, l);
+  return {sum_a, sum_b};
 }
 
 template <typename SpanSums>
@@ -247,20 +252,15 @@ void reduce_planes(const Geometry& g, std::vector<double>& total_a, std::vector<
   const int64_t chunks = (g.N + planes_per_chunk - 1) / planes_per_chunk;
   std::vector<double> partial_a(g.C * chunks, 0.0), partial_b(g.C * chunks, 0.0);
   at::parallel_for(0, g.C * chunks, 1, [&](int64_t begin, int64_t end) {
-    float a[kLanes], b[kLanes];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / chunks, k = task % chunks;
       const int64_t n_end = std::min(g.N, (k + 1) * planes_per_chunk);
       double sum_a = 0.0, sum_b = 0.0;
       for (int64_t n = k * planes_per_chunk; n < n_end; ++n) {
         for (int64_t s0 = 0; s0 < g.S; s0 += kSpan) {
-          std::fill(a, a + kLanes, 0.f);
-          std::fill(b, b + kLanes, 0.f);
-          span_sums(c, (n * g.C + c) * g.S + s0, std::min(kSpan, g.S - s0), a, b);
-          for (int64_t l = 0; l < kLanes; ++l) {
-            sum_a += a[l];
-            sum_b += b[l];
-          }
+          const std::pair<float, float> sums = span_sums(c, (n * g.C + c) * g.S + s0, std::min(kSpan, g.S - s0));
+          sum_a += sums.first;
+          sum_b += sums.second;
         }
       }
       partial_a[task] = sum_a;
@@ -297,14 +297,12 @@ void statistics(const T* x, const Geometry& g, float* mean, float* var) {
   for (int64_t c = 0; c < C; ++c) shift[c] = load(x, g.planes ? c * g.S : c);
   std::vector<double> s1, s2;
   if (g.planes) {
-    reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count, float* __restrict__ a,
-                                 float* __restrict__ b) {
+    reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count) {
       const T* __restrict__ p = x + offset;
       const float sh = shift[c];
-      over_lanes(count, [&](int64_t i, int64_t l) {
+      return sum_span(count, [&](int64_t i) {
         const float d = load(p, i) - sh;
-        a[l] += d;
-        b[l] += d * d;
+        return std::pair<float, float>(d, d * d);
       });
     });
   } else reduce_rows(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
@@ -496,17 +494,15 @@ template <typename T, int ACT, bool HAS_RES>
 void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry, const BackwardCoefficients& k,
                    float slope, std::vector<double>& sum_dz, std::vector<double>& sum_dz_xhat) {
   if (geometry.planes) {
-    reduce_planes(geometry, sum_dz, sum_dz_xhat, [&](int64_t c, int64_t offset, int64_t count, float* __restrict__ a,
-                                                     float* __restrict__ b) {
+    reduce_planes(geometry, sum_dz, sum_dz_xhat, [&](int64_t c, int64_t offset, int64_t count) {
       const T* __restrict__ xp = x + offset;
       const T* __restrict__ g = dy + offset;
       const T* __restrict__ rr = HAS_RES ? res + offset : nullptr;
       const float *__restrict__ sc = k.scale.data() + c, *__restrict__ sh = k.shift.data() + c;
       const float mu = k.mean[c], is = k.invstd[c];
-      over_lanes(count, [&](int64_t i, int64_t l) {
+      return sum_span(count, [&](int64_t i) {
         const float dz = grad_pre_activation<T, ACT, HAS_RES, true>(g, xp, rr, i, sc, sh, slope);
-        a[l] += dz;
-        b[l] += dz * ((load(xp, i) - mu) * is);
+        return std::pair<float, float>(dz, dz * ((load(xp, i) - mu) * is));
       });
     });
     return;
