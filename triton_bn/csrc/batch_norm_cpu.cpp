@@ -539,11 +539,30 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
     const T* __restrict__ rr = HAS_RES ? res + offset : nullptr;
     T* __restrict__ ox = DX ? grad_x + offset : nullptr;
     T* __restrict__ orr = DRES ? grad_res + offset : nullptr;
-    for (int64_t i = 0; i < n; ++i) {
+    const auto grad_x_at = [&](int64_t i, float dz) {
       const int64_t c = PLANES ? 0 : i;
-      const float dz = grad_pre_activation<T, ACT, HAS_RES, PLANES>(g, row, rr, i, sc, sh, slope);
-      if constexpr (DX) store(ox, i, dz * a1[c] - (load(row, i) - mu[c]) * a2[c] - a3[c]);
-      if constexpr (DRES) store(orr, i, dz);
+      return dz * a1[c] - (load(row, i) - mu[c]) * a2[c] - a3[c];
+    };
+    if constexpr (DX && DRES) {
+      // Both outputs: dz goes through a small buffer, and each output is written by a loop of its own. One
+      // loop storing to both ran ~10x slower in fp32, both layouts: 2.8 ms against 0.25 ms for either
+      // output alone on 2x1024x14x14 (why was not pinned down; this form takes 0.30 ms).
+      constexpr int64_t kChunk = 256;
+      float dz_chunk[kChunk];
+      for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - i0);
+        for (int64_t j = 0; j < m; ++j) {
+          dz_chunk[j] = grad_pre_activation<T, ACT, HAS_RES, PLANES>(g, row, rr, i0 + j, sc, sh, slope);
+        }
+        for (int64_t j = 0; j < m; ++j) store(ox, i0 + j, grad_x_at(i0 + j, dz_chunk[j]));
+        for (int64_t j = 0; j < m; ++j) store(orr, i0 + j, dz_chunk[j]);
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float dz = grad_pre_activation<T, ACT, HAS_RES, PLANES>(g, row, rr, i, sc, sh, slope);
+        if constexpr (DX) store(ox, i, grad_x_at(i, dz));
+        if constexpr (DRES) store(orr, i, dz);
+      }
     }
   });
 }
