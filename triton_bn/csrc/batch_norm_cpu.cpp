@@ -277,9 +277,9 @@ void reduce_planes(const Geometry& g, std::vector<double>& total_a, std::vector<
   }
 }
 
-// Calls body(r, c, n) for every channel-innermost row block or (plane, channel) pair: the elementwise
-// passes' walk. Rows: body(r, 0, C) for row r (channels 0..C, per-channel arrays indexed by the column).
-// Planes: body(p, c, S) for plane p of channel c (one channel, its per-channel values constant).
+// The elementwise passes' walk: body(offset, c, length) for every line of x, the values
+// [offset, offset + length). Rows: every row, c = 0 and length = C (per-channel arrays indexed by the
+// column). Planes: every plane, c = its channel and length = S (the per-channel values constant).
 template <typename Body> void for_each_line(const Geometry& g, int64_t values_per_task, const Body& body) {
   const int64_t lines = g.planes ? g.N * g.C : g.R, length = g.planes ? g.S : g.C;
   const int64_t grain = std::max<int64_t>(1, values_per_task / std::max<int64_t>(length, 1));
