@@ -304,3 +304,25 @@ def test_training_node_refuses_bad_arguments_before_any_write():
         y = native.ops().training(x.detach(), None, None, None, rm, rv, count, 0.1, 1e-5, 1, 0.0)
     assert int(count) == 1 and y.grad_fn is None
     assert_close(y, _float64_forward(x.detach(), None, None, None, True, None, None, "relu"), torch.float32, "y")
+
+
+def test_fp16_conversions_are_exact_for_every_bit_pattern():
+    """The fp16 load and store are bit arithmetic (vectorizable), so every one of the 65536 patterns is
+    checked: y = x * 1 + 0 gives x back bitwise (subnormals, infinities, signed zeros; NaN stays NaN), and
+    y = x * w rounds the fp32 product to nearest even exactly as PyTorch's conversion does (ties, overflow
+    to inf, results in the subnormal range)."""
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = patterns.reshape(-1, 1).expand(-1, 2).contiguous()  # (N, C) = (65536, 2): rows, two channels
+    apply = native.ops().apply
+    zero, one = torch.zeros(2), torch.ones(2)
+    y = apply(x, zero, one, None, None, None, 0.0, False, 0, 0.0)  # eval: (x - 0) / sqrt(1 + 0) * 1 + 0
+    expected = (x.float() + 0.0).half()  # x itself, but -0 + 0 = +0
+    finite = ~torch.isnan(x)
+    assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert torch.isnan(y[~finite]).all()
+    weight = torch.tensor([1.37, 1e-4])  # products that round at every spacing, down into the subnormals
+    y = apply(x, zero, one, weight, None, None, 0.0, False, 0, 0.0)
+    expected = (x.float() * weight + 0.0).half()
+    finite = ~torch.isnan(expected)
+    assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert torch.isnan(y[~finite]).all()
