@@ -126,7 +126,7 @@ def training_with_backward(x, weight, bias, residual, running_mean, running_var,
     pure-PyTorch path, their op records a C++ autograd node instead (``csrc/batch_norm_cpu.cpp``,
     ``TrainingNode``: the same saved tensors, gradients and once-differentiable backward, without the Python
     Function's host time, which on a small layer exceeds the kernels' own)."""
-    native_ops = None if launch.uses_kernels(x) else native.serves(x)
+    native_ops = launch.native_ops_for(x)
     if native_ops is not None:
         factor = reference.host_factor(running_mean, num_batches_tracked, momentum, cumulative)
         return native_ops.training(x, weight, bias, native.like(residual, x), running_mean, running_var,

@@ -486,16 +486,18 @@ def _merged_statistics(x, plan, mean, invstd, moments, running_mean, running_var
     launch(make_args(layout), device)
 
 
+def native_ops_for(x: torch.Tensor):
+    """The native CPU ops when x takes the pure-PyTorch path and they serve it (``native.serves``), else None."""
+    return None if uses_kernels(x) else native.serves(x)
+
+
 def apply_launcher(x: torch.Tensor, residual: Optional[torch.Tensor]):
     """What computes ``batch_norm_apply`` for this call, with its arguments: on the pure-PyTorch path, where the
     native CPU kernels serve x (and a residual already has x's strides), their op itself, so that no Python
     runs between the functional layer and the C++ (on a small eval call that Python costs as much as the
     pass); else ``batch_norm_apply``."""
-    if not uses_kernels(x) and (residual is None or residual.stride() == x.stride()):
-        native_ops = native.serves(x)
-        if native_ops is not None:
-            return native_ops.apply
-    return batch_norm_apply
+    native_ops = native_ops_for(x) if (residual is None or residual.stride() == x.stride()) else None
+    return batch_norm_apply if native_ops is None else native_ops.apply
 
 
 @_on_input_device

@@ -288,6 +288,9 @@ template <typename Body> void for_each_line(const Geometry& g, int64_t values_pe
   });
 }
 
+// Along a line, the index of value i's per-channel values: i itself in a row, 0 in a plane (one channel).
+template <bool PLANES> constexpr int64_t column(int64_t i) { return PLANES ? 0 : i; }
+
 // -- forward ---------------------------------------------------------------------------------------------
 // (mean, biased variance) per channel, fp32: one read of x. The shift is each channel's first value.
 template <typename T>
@@ -305,18 +308,20 @@ void statistics(const T* x, const Geometry& g, float* mean, float* var) {
         return std::pair<float, float>(d, d * d);
       });
     });
-  } else reduce_rows(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
-                                float* __restrict__ b) {
-    const float* __restrict__ sh = shift.data() + c0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict__ row = x + r * C + c0;
-      for (int64_t c = 0; c < n; ++c) {
-        const float d = load(row, c) - sh[c];
-        a[c] += d;
-        b[c] += d * d;
+  } else {
+    reduce_rows(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
+                                  float* __restrict__ b) {
+      const float* __restrict__ sh = shift.data() + c0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict__ row = x + r * C + c0;
+        for (int64_t c = 0; c < n; ++c) {
+          const float d = load(row, c) - sh[c];
+          a[c] += d;
+          b[c] += d * d;
+        }
       }
-    }
-  });
+    });
+  }
   for (int64_t c = 0; c < C; ++c) {
     const double m = s1[c] / R;
     mean[c] = static_cast<float>(shift[c] + m);
@@ -335,14 +340,13 @@ void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, con
     // rows: per-channel arrays indexed by the column; planes: one channel's value for the whole line
     const float* __restrict__ sc = scale + c;
     const float* __restrict__ sh = shift + c;
-    const auto column = [](int64_t i) { return PLANES ? int64_t{0} : i; };
     if (residual != nullptr) {
       const T* __restrict__ res = residual + offset;
       for (int64_t i = 0; i < n; ++i) {
-        store(out, i, activate<ACT>(load(in, i) * sc[column(i)] + sh[column(i)] + load(res, i), slope));
+        store(out, i, activate<ACT>(load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)] + load(res, i), slope));
       }
     } else {
-      for (int64_t i = 0; i < n; ++i) store(out, i, activate<ACT>(load(in, i) * sc[column(i)] + sh[column(i)], slope));
+      for (int64_t i = 0; i < n; ++i) store(out, i, activate<ACT>(load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)], slope));
     }
   });
 }
@@ -483,7 +487,7 @@ inline float grad_pre_activation(const T* __restrict__ dy, const T* __restrict__
   if constexpr (ACT == 0) {
     return load(dy, i);
   } else {
-    const int64_t c = PLANES ? 0 : i;
+    const int64_t c = column<PLANES>(i);
     float z = load(x, i) * sc[c] + sh[c];
     if constexpr (HAS_RES) z += load(res, i);
     return activation_backward<ACT>(load(dy, i), z, slope);
@@ -540,7 +544,7 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
     T* __restrict__ ox = DX ? grad_x + offset : nullptr;
     T* __restrict__ orr = DRES ? grad_res + offset : nullptr;
     const auto grad_x_at = [&](int64_t i, float dz) {
-      const int64_t c = PLANES ? 0 : i;
+      const int64_t c = column<PLANES>(i);
       return dz * a1[c] - (load(row, i) - mu[c]) * a2[c] - a3[c];
     };
     if constexpr (DX && DRES) {
