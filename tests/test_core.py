@@ -338,10 +338,11 @@ def test_version_and_public_api():
 
 
 def test_float64_channels_last_statistics_take_one_fused_call():
-    """float64 rows are summed in float64 by PyTorch's kernel: at a mean of 1e4 standard deviations its
-    channels_last statistics are still within the float64 tolerance, so the pure path makes one fused call
-    there (no accurate-mean pass, which fp32 rows need)."""
-    from triton_bn import reference
+    """Where PyTorch's kernels serve float64 (the native kernels switched off or not built): float64 rows are
+    summed in float64 by PyTorch's kernel, so at a mean of 1e4 standard deviations its channels_last
+    statistics are still within the float64 tolerance, and the pure path makes one fused call there (no
+    accurate-mean pass, which fp32 rows need)."""
+    from triton_bn import native, reference
     calls = []
     fused = torch.native_batch_norm
 
@@ -354,6 +355,7 @@ def test_float64_channels_last_statistics_take_one_fused_call():
     rm, rv = torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "native_batch_norm", counting)
+        patch.setattr(native, "serves", lambda t: None)
         y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
     assert calls == [x.stride()]
     var, exact_mean = torch.var_mean(x, (0, 2, 3), correction=0)

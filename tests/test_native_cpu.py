@@ -1,6 +1,6 @@
 """[cpu]: the native CPU kernels (``triton_bn/native.py``, ``csrc/batch_norm_cpu.cpp``) that serve
 channels-innermost CPU tensors on the pure-PyTorch path, called through ``reference.py`` as that path
-calls them, against float64 PyTorch: every activation, fp32 / bf16 / fp16, every channels-innermost
+calls them, against float64 PyTorch: every activation, fp32 / bf16 / fp16 / float64, every channels-innermost
 layout, the residual, the statistics at a large mean, the backward with batch and with running
 statistics, and results independent of the thread count. (The whole semantic suite also runs on this
 path: ``test_robust.py::test_the_semantic_tests_pass_on_the_pure_pytorch_path``.)"""
@@ -50,24 +50,29 @@ def _float64_forward(x, weight, bias, residual, training, running_mean, running_
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_training_forward_every_activation_and_dtype(activation, dtype, layout):
     """y, mean, invstd and both running statistics (momentum 0.1, unbiased variance) of a training forward
-    with a residual, channels_last (rows) and NCHW (planes)."""
+    with a residual, channels_last (rows) and NCHW (planes). The statistics are fp32 (float64 for a float64
+    x, computed in double: float64's tolerance)."""
     shape = (3, 5, 6, 7)
     x, residual = _input(shape, dtype, layout), _input(shape, dtype, layout, seed=2)
     weight, bias = _parameters(5)
-    rm, rv = torch.zeros(5), torch.ones(5)
+    statistics_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = weight.to(statistics_dtype), bias.to(statistics_dtype)
+    rm, rv = torch.zeros(5, dtype=statistics_dtype), torch.ones(5, dtype=statistics_dtype)
     y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, weight, bias, residual, 0.1, False, 1e-5,
                                                     ACTIVATION_IDS[activation], 0.2)
     assert y.dtype == dtype and y.stride() == x.stride()
+    assert mean.dtype == invstd.dtype == statistics_dtype
     assert_close(y, _float64_forward(x, weight, bias, residual, True, None, None, activation), dtype, "y")
     var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
-    torch.testing.assert_close(mean.double(), exact_mean, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+    tol = 1e-6 if statistics_dtype == torch.float32 else TOLERANCES[torch.float64][0]
+    torch.testing.assert_close(mean.double(), exact_mean, atol=tol, rtol=tol)
+    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=10 * tol)
     count = x.numel() // 5
-    torch.testing.assert_close(rm.double(), 0.1 * exact_mean, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * var * count / (count - 1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rm.double(), 0.1 * exact_mean, atol=tol, rtol=tol)
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * var * count / (count - 1), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("shape, layout", [((4, 6, 3, 5), "channels_last"), ((3, 4, 2, 3, 5), "channels_last"),
@@ -90,18 +95,21 @@ def test_every_channels_innermost_layout_in_training_and_eval(shape, layout, aff
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
-def test_statistics_at_a_large_mean_stay_accurate(layout):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_statistics_at_a_large_mean_stay_accurate(layout, dtype):
     """Shifted sums: at a mean of 1e4 standard deviations the mean is right to fp32's own spacing there
-    (PyTorch's uncompensated row sums are off by ~5e-3 std: docs/cpu-path.md) and the variance to 1e-3."""
-    x = _input((64, 8, 16, 16), torch.float32, layout, offset=1e4)
+    (PyTorch's uncompensated row sums are off by ~5e-3 std: docs/cpu-path.md) and the variance to 1e-3;
+    float64, summed in double, to float64's tolerance."""
+    x = _input((64, 8, 16, 16), dtype, layout, offset=1e4)
     _, mean, invstd = reference.batch_norm_training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
     var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
-    assert ((mean.double() - exact_mean) / var.sqrt()).abs().max() < 1e-3
-    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-3)
+    tol = 1e-3 if dtype == torch.float32 else TOLERANCES[torch.float64][0]
+    assert ((mean.double() - exact_mean) / var.sqrt()).abs().max() < tol
+    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=tol)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_backward_every_activation(activation, dtype, batch_stats, layout):
@@ -112,6 +120,8 @@ def test_backward_every_activation(activation, dtype, batch_stats, layout):
     grad_y = _input(shape, dtype, layout, seed=3)
     weight, bias = _parameters(6)
     rm, rv = torch.randn(6) * 0.1, torch.rand(6) + 0.5
+    if dtype == torch.float64:  # a float64 model: float64 parameters and statistics
+        weight, bias, rm, rv = (t.double() for t in (weight, bias, rm, rv))
     if batch_stats:
         _, mean, stat = reference.batch_norm_training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
                                                       ACTIVATION_IDS[activation], 0.2)
@@ -123,7 +133,8 @@ def test_backward_every_activation(activation, dtype, batch_stats, layout):
     y = _float64_forward(leaves[0], leaves[1], leaves[2], leaves[3], batch_stats, rm, rv, activation)
     expected = torch.autograd.grad(y, leaves, grad_y.double())
     for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected):
-        if name in ("dweight", "dbias"):  # sums over the batch: fp32, compared at fp32 tolerances scaled by n
+        if name in ("dweight", "dbias"):  # sums over the batch, compared at the tolerances scaled by n
+            assert got.dtype == weight.dtype
             torch.testing.assert_close(got.double(), want, atol=TOLERANCES[dtype][0] * 60, rtol=TOLERANCES[dtype][1])
         else:
             assert got.dtype == dtype and got.stride() == x.stride()
@@ -148,11 +159,12 @@ def test_backward_takes_gradients_of_any_layout_and_skips_what_is_not_wanted():
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
-def test_results_do_not_depend_on_the_thread_count(layout):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_results_do_not_depend_on_the_thread_count(layout, dtype):
     """The reductions cut the rows (planes) by their count alone and merge in order: 1 thread and 2 threads
     give bitwise the same statistics, output and gradients."""
-    x = _input((16, 8, 20, 20), torch.float32, layout)
-    grad_y = _input((16, 8, 20, 20), torch.float32, layout, seed=4)
+    x = _input((16, 8, 20, 20), dtype, layout)
+    grad_y = _input((16, 8, 20, 20), dtype, layout, seed=4)
     weight, bias = _parameters(8)
     threads = torch.get_num_threads()
     results = []
@@ -217,7 +229,8 @@ def _train_node(x, weight, bias, residual, rm, rv, count, activation, factor=0.1
 
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu"], ids=str)
 @pytest.mark.parametrize("dtype, parameter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                    (torch.float16, torch.float32)], ids=str)
+                                                    (torch.float16, torch.float32), (torch.float64, torch.float64)],
+                         ids=str)
 def test_training_node_against_float64_autograd(activation, dtype, parameter_dtype):
     """y, every gradient (a dy of another layout, read correctly), the running statistics (written back in
     their own dtype) and the batch counted once, against float64 autograd; dweight and dbias come back in

@@ -8,8 +8,10 @@ rows without compensation), and an activation module reads and writes the result
 take one read for the statistics (shifted sums, accurate), one read and one write for y with the residual
 and the activation fused, and two passes for the whole backward, z recomputed inside. ``reference.py``
 calls them from its fast path (``serves``), ``autograd.training_with_backward`` through their C++
-autograd node; where they do not apply (float64, other strides) or cannot be built here (no compiler),
-PyTorch's kernels serve. ``TRITON_BN_NATIVE_CPU=0`` (read at import) switches them off.
+autograd node; where they do not apply (other strides) or cannot be built here (no compiler), PyTorch's
+kernels serve. They compute in fp32 for fp32, bf16 and fp16 inputs and in double for float64 (whose
+statistics, dweight and dbias are then float64, as on the rest of the pure path).
+``TRITON_BN_NATIVE_CPU=0`` (read at import) switches them off.
 """
 import hashlib
 import os
@@ -24,7 +26,7 @@ import torch
 from .layout import channels_innermost, like_input
 
 ENABLED = os.environ.get("TRITON_BN_NATIVE_CPU", "1") != "0"
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "batch_norm_cpu.cpp")
 
 class NativeOps(NamedTuple):

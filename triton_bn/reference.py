@@ -6,8 +6,8 @@ everywhere), and float64 on any device. Its calls go through the same autograd F
 - the fast path of whole calls (``batch_norm_training``, the eval case of ``batch_norm_apply``,
   ``batch_norm_backward``): for dense inputs (channels innermost or contiguous) the native kernels of
   ``native.py`` (statistics, normalization, epilogue and backward in C++: one read fewer than PyTorch's,
-  no separate epilogue pass); otherwise (float64, other strides, or no compiler)
-  PyTorch's fused batch-norm kernels (statistics, normalization and the
+  no separate epilogue pass; fp32, bf16, fp16 and float64); otherwise (other strides, float64 off the
+  CPU, or no compiler) PyTorch's fused batch-norm kernels (statistics, normalization and the
   running-statistics update in vectorised, multi-threaded calls), with the residual and the activation
   applied in place after them, where they compute what the step functions do (``fast_path``: a
   non-empty batch, the per-channel tensors converted to the compute dtype first, ``_in_compute_dtype``; 16-bit

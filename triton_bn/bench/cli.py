@@ -77,9 +77,9 @@ def _uses_gpu(args) -> bool:
 
 _MODE_NOTES = {
     "gpu": "",
-    "cpu": "\n\n**CPU figures** ({threads} threads): triton_bn's CPU path (its native kernels for fp32/bf16/fp16 "
-           "inputs in either dense layout, {native}; PyTorch's fused kernels with the epilogue in place for the "
-           "others: float64, other strides) against PyTorch's own CPU batch norm. Not GPU figures.",
+    "cpu": "\n\n**CPU figures** ({threads} threads): triton_bn's CPU path (its native kernels for fp32/bf16/fp16/"
+           "float64 inputs in either dense layout, {native}; PyTorch's fused kernels with the epilogue in place for "
+           "other strides) against PyTorch's own CPU batch norm. Not GPU figures.",
     "interpreter": "\n\n**Interpreter run: these are CPU interpreter timings, not figures of anything.**",
 }
 

@@ -9,10 +9,13 @@
 // compensated (perf/NOTES.md, docs/cpu-path.md). Here the statistics take one read (shifted sums, below)
 // and the normalization, the residual add and the activation one more read and one write.
 //
+// Compute type: fp32 for fp32, bf16 and fp16 inputs (as PyTorch's CPU kernels), double for float64
+// (acc_t below): every loop, per-channel vector and returned statistic of a float64 input is double.
+//
 // Accuracy: each channel's values are summed after subtracting a shift, the channel's first value (a
 // value of the data itself, so of its scale: at a mean far above the spread, the sums of squares do not
-// cancel), in fp32 over blocks (kBlockRows rows; kSpan values of a plane, in vector lanes), and the block
-// sums are added in double. The work is cut into tasks by the shape alone (row chunks x channel blocks;
+// cancel), in the compute type over blocks (kBlockRows rows; kSpan values of a plane, in vector lanes), and
+// the block sums are added in double. The work is cut into tasks by the shape alone (row chunks x channel blocks;
 // channels x plane chunks), never by the thread count, and the chunks are merged in order: the same
 // input gives bitwise the same result whatever the number of threads.
 //
@@ -38,13 +41,16 @@
 
 namespace {
 
-constexpr int64_t kBlockRows = 128;  // rows summed in fp32 before the sums go to double
+constexpr int64_t kBlockRows = 128;  // rows summed in the compute type before the sums go to double
 constexpr int64_t kMaxChunks = 64;   // row chunks of a reduction (a function of R alone: see above)
 
-// Element i of p as fp32, and v stored as T (rounded to nearest even). bf16 is converted by bit
-// arithmetic that vectorizes (c10::BFloat16's own conversion has a branch for NaN that keeps the
+// The compute type of an input dtype: double for double, fp32 for the rest.
+template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Element i of p in the compute type, and v stored as T (rounded to nearest even). bf16 is converted by
+// bit arithmetic that vectorizes (c10::BFloat16's own conversion has a branch for NaN that keeps the
 // compiler from it); fp16 takes c10::Half's conversion.
-template <typename T> inline float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+template <typename T> inline acc_t<T> load(const T* p, int64_t i) { return static_cast<acc_t<T>>(p[i]); }
 template <> inline float load<float>(const float* p, int64_t i) { return p[i]; }
 template <> inline float load<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
   const uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;
@@ -53,7 +59,7 @@ template <> inline float load<c10::BFloat16>(const c10::BFloat16* p, int64_t i) 
   return v;
 }
 
-template <typename T> inline void store(T* p, int64_t i, float v) { p[i] = T(v); }
+template <typename T> inline void store(T* p, int64_t i, acc_t<T> v) { p[i] = T(v); }
 template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
@@ -63,47 +69,54 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float 
 }
 
 // -- activations: id -> act(z) and dL/dz = dL/dy * act'(z), as PyTorch's CPU kernels compute them --------
-constexpr float kSqrt1_2 = 0.70710678118654752440f;
-constexpr float kTanhBeta = 0.79788456080286535588f;  // sqrt(2 / pi)
-constexpr float kTanhKappa = 0.044715f;
-constexpr float kGeluPdf = 0.39894228040143267794f;   // 1 / sqrt(2 pi)
+// (double constants, rounded to the compute type where used: each rounds to the same fp32 value as
+// its fp32 literal, checked below, so the fp32 arithmetic is PyTorch's)
+constexpr double kSqrt1_2 = 0.70710678118654752440;
+constexpr double kTanhBeta = 0.79788456080286535588;  // sqrt(2 / pi)
+constexpr double kTanhKappa = 0.044715;
+constexpr double kGeluPdf = 0.39894228040143267794;   // 1 / sqrt(2 pi)
+static_assert(static_cast<float>(kSqrt1_2) == 0.70710678118654752440f && static_cast<float>(kTanhBeta) ==
+              0.79788456080286535588f && static_cast<float>(kTanhKappa) == 0.044715f &&
+              static_cast<float>(kGeluPdf) == 0.39894228040143267794f, "constants round as their fp32 literals");
 
-template <int ACT> inline float activate(float z, float slope) {
+template <int ACT, typename A> inline A activate(A z, A slope) {
+  constexpr A zero = 0, one = 1, half = 0.5, three = 3, six = 6;
   if constexpr (ACT == 0) return z;
-  if constexpr (ACT == 1) return z < 0.f ? 0.f : z;                             // relu (NaN stays NaN)
-  if constexpr (ACT == 2) return z > 0.f ? z : z * slope;                       // leaky_relu
-  if constexpr (ACT == 3) return z < 0.f ? 0.f : (z > 6.f ? 6.f : z);           // relu6 = hardtanh(0, 6)
-  if constexpr (ACT == 4) return z / (1.f + std::exp(-z));                      // silu
-  if constexpr (ACT == 5) return 0.5f * z * (1.f + std::erf(z * kSqrt1_2));     // gelu
-  if constexpr (ACT == 6) return 0.5f * z * (1.f + std::tanh(kTanhBeta * (z + kTanhKappa * z * z * z)));
-  if constexpr (ACT == 7) return z * std::min(std::max(z + 3.f, 0.f), 6.f) / 6.f;  // hardswish
-  if constexpr (ACT == 8) return 1.f / (1.f + std::exp(-z));                    // sigmoid
+  if constexpr (ACT == 1) return z < zero ? zero : z;                               // relu (NaN stays NaN)
+  if constexpr (ACT == 2) return z > zero ? z : z * slope;                          // leaky_relu
+  if constexpr (ACT == 3) return z < zero ? zero : (z > six ? six : z);             // relu6 = hardtanh(0, 6)
+  if constexpr (ACT == 4) return z / (one + std::exp(-z));                          // silu
+  if constexpr (ACT == 5) return half * z * (one + std::erf(z * A(kSqrt1_2)));      // gelu
+  if constexpr (ACT == 6) return half * z * (one + std::tanh(A(kTanhBeta) * (z + A(kTanhKappa) * z * z * z)));
+  if constexpr (ACT == 7) return z * std::min(std::max(z + three, zero), six) / six;  // hardswish
+  if constexpr (ACT == 8) return one / (one + std::exp(-z));                        // sigmoid
   return z;
 }
 
-template <int ACT> inline float activation_backward(float g, float z, float slope) {
+template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
+  constexpr A zero = 0, one = 1, half = 0.5, three = 3, six = 6;
   if constexpr (ACT == 0) return g;
-  if constexpr (ACT == 1) return z <= 0.f ? 0.f : g;                            // threshold_backward
-  if constexpr (ACT == 2) return z > 0.f ? g : g * slope;                       // leaky_relu_backward
-  if constexpr (ACT == 3) return (z <= 0.f || z >= 6.f) ? 0.f : g;             // hardtanh_backward
-  if constexpr (ACT == 4) {                                                     // silu_backward
-    const float s = 1.f / (1.f + std::exp(-z));
-    return g * s * (1.f + z * (1.f - s));
+  if constexpr (ACT == 1) return z <= zero ? zero : g;                              // threshold_backward
+  if constexpr (ACT == 2) return z > zero ? g : g * slope;                          // leaky_relu_backward
+  if constexpr (ACT == 3) return (z <= zero || z >= six) ? zero : g;                // hardtanh_backward
+  if constexpr (ACT == 4) {                                                         // silu_backward
+    const A s = one / (one + std::exp(-z));
+    return g * s * (one + z * (one - s));
   }
-  if constexpr (ACT == 5) {                                                     // gelu_backward
-    const float cdf = 0.5f * (1.f + std::erf(z * kSqrt1_2));
-    return g * (cdf + z * kGeluPdf * std::exp(-0.5f * z * z));
+  if constexpr (ACT == 5) {                                                         // gelu_backward
+    const A cdf = half * (one + std::erf(z * A(kSqrt1_2)));
+    return g * (cdf + z * A(kGeluPdf) * std::exp(-half * z * z));
   }
-  if constexpr (ACT == 6) {                                                     // gelu_backward, tanh
-    const float inner = kTanhBeta * (z + kTanhKappa * z * z * z);
-    const float t = std::tanh(inner);
-    const float left = 0.5f * z, right = 1.f + t;
-    return g * (0.5f * right + left * (1.f - t * t) * kTanhBeta * (1.f + 3.f * kTanhKappa * z * z));
+  if constexpr (ACT == 6) {                                                         // gelu_backward, tanh
+    const A inner = A(kTanhBeta) * (z + A(kTanhKappa) * z * z * z);
+    const A t = std::tanh(inner);
+    const A left = half * z, right = one + t;
+    return g * (half * right + left * (one - t * t) * A(kTanhBeta) * (one + three * A(kTanhKappa) * z * z));
   }
-  if constexpr (ACT == 7) return z <= -3.f ? 0.f : (z < 3.f ? g * (z / 3.f + 0.5f) : g);  // hardswish_backward
-  if constexpr (ACT == 8) {                                                     // sigmoid_backward
-    const float s = 1.f / (1.f + std::exp(-z));
-    return g * (1.f - s) * s;
+  if constexpr (ACT == 7) return z <= -three ? zero : (z < three ? g * (z / three + half) : g);  // hardswish_backward
+  if constexpr (ACT == 8) {                                                         // sigmoid_backward
+    const A s = one / (one + std::exp(-z));
+    return g * (one - s) * s;
   }
   return g;
 }
@@ -130,6 +143,7 @@ template <typename Body> void dispatch_dtype(at::ScalarType dtype, Body&& body) 
     case at::kFloat: body(float{}); break;
     case at::kBFloat16: body(c10::BFloat16{}); break;
     case at::kHalf: body(c10::Half{}); break;
+    case at::kDouble: body(double{}); break;
     default: TORCH_CHECK(false, "triton_bn_cpu: unsupported dtype ", dtype);
   }
 }
@@ -163,12 +177,24 @@ const at::Tensor* present(const c10::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? &*t : nullptr;
 }
 
-std::vector<float> channel_values(const c10::optional<at::Tensor>& t, int64_t channels, float absent) {
-  std::vector<float> out(channels, absent);
+// The dtype of compute type A, as a tensor's.
+template <typename A> constexpr at::ScalarType scalar_type_of() {
+  return std::is_same_v<A, double> ? at::kDouble : at::kFloat;
+}
+
+// The compute type of x's dtype, as a tensor's (the dtype of the statistics and of dweight and dbias).
+at::ScalarType compute_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A per-channel tensor (of any dtype) in compute type A; `absent` for every channel where it is not given.
+template <typename A>
+std::vector<A> channel_values(const c10::optional<at::Tensor>& t, int64_t channels, A absent) {
+  std::vector<A> out(channels, absent);
   if (present(t)) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, "triton_bn_cpu: per-channel vectors must be [C]");
-    const at::Tensor f = t->to(at::kFloat).contiguous();
-    std::copy(f.data_ptr<float>(), f.data_ptr<float>() + channels, out.begin());
+    const at::Tensor f = t->to(scalar_type_of<A>()).contiguous();
+    std::copy(f.data_ptr<A>(), f.data_ptr<A>() + channels, out.begin());
   }
   return out;
 }
@@ -184,18 +210,18 @@ struct Chunks {
 // Two per-channel sums over the rows: sum_r a(r, c) and sum_r b(r, c). The work is cut into tasks of
 // (row chunk, block of kChannelBlock channels), so that a short, wide input (a 7x7 map with 2048
 // channels: a hundred rows) still spreads over the threads. Within a task, blocks of kBlockRows rows are
-// summed in fp32 by row_sums(r0, r1, c0, n, a, b) (rows [r0, r1), channels [c0, c0 + n), into a[0, n)
-// and b[0, n)), and the block sums added in double; the chunks are then added in order.
+// summed in compute type A by row_sums(r0, r1, c0, n, a, b) (rows [r0, r1), channels [c0, c0 + n), into
+// a[0, n) and b[0, n)), and the block sums added in double; the chunks are then added in order.
 constexpr int64_t kChannelBlock = 256;
 
-template <typename RowSums>
+template <typename A, typename RowSums>
 void reduce_rows(int64_t R, int64_t C, std::vector<double>& total_a, std::vector<double>& total_b,
                  const RowSums& row_sums) {
   const Chunks chunks(R);
   const int64_t channel_blocks = (C + kChannelBlock - 1) / kChannelBlock;
   std::vector<double> partial_a(chunks.count * C, 0.0), partial_b(chunks.count * C, 0.0);
   at::parallel_for(0, chunks.count * channel_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a(kChannelBlock), b(kChannelBlock);
+    std::vector<A> a(kChannelBlock), b(kChannelBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task / channel_blocks, c0 = (task % channel_blocks) * kChannelBlock;
       const int64_t n = std::min(kChannelBlock, C - c0);
@@ -203,8 +229,8 @@ void reduce_rows(int64_t R, int64_t C, std::vector<double>& total_a, std::vector
       double* pa = partial_a.data() + k * C + c0;
       double* pb = partial_b.data() + k * C + c0;
       for (int64_t r0 = k * chunks.rows; r0 < r_end; r0 += kBlockRows) {
-        std::fill(a.begin(), a.begin() + n, 0.f);
-        std::fill(b.begin(), b.begin() + n, 0.f);
+        std::fill(a.begin(), a.begin() + n, A(0));
+        std::fill(b.begin(), b.begin() + n, A(0));
         row_sums(r0, std::min(r_end, r0 + kBlockRows), c0, n, a.data(), b.data());
         for (int64_t c = 0; c < n; ++c) {
           pa[c] += a[c];
@@ -224,7 +250,7 @@ void reduce_rows(int64_t R, int64_t C, std::vector<double>& total_a, std::vector
 }
 
 // The same two sums over planes ([N, C, S], S contiguous values per (sample, channel)). Along a plane
-// the values are summed in fp32, vectorised (an OpenMP simd reduction: partial sums per vector lane,
+// the values are summed in compute type A, vectorised (an OpenMP simd reduction: partial sums per vector lane,
 // combined in an order fixed by the build), span_sums(c, offset, count) returning the two sums over the
 // values [offset, offset + count) of channel c; spans of at most kSpan values go to double. Tasks:
 // (channel, chunk of planes), chunks of about kChunkValues values, fixed by the shape; the chunks are
@@ -232,13 +258,13 @@ void reduce_rows(int64_t R, int64_t C, std::vector<double>& total_a, std::vector
 constexpr int64_t kSpan = 2048;
 constexpr int64_t kChunkValues = 32768;
 
-// (sum of f(i).first, sum of f(i).second) for i in [0, count), in fp32 vector lanes. (A plain running sum
+// (sum of f(i).first, sum of f(i).second) for i in [0, count), in vector lanes of A. (A plain running sum
 // would be one serial chain of additions: the compiler may not reorder floating-point sums by itself.)
-template <typename F> inline std::pair<float, float> sum_span(int64_t count, const F& f) {
-  float sum_a = 0.f, sum_b = 0.f;
+template <typename A, typename F> inline std::pair<A, A> sum_span(int64_t count, const F& f) {
+  A sum_a = 0, sum_b = 0;
 #pragma omp simd reduction(+ : sum_a, sum_b)
   for (int64_t i = 0; i < count; ++i) {
-    const std::pair<float, float> value = f(i);
+    const std::pair<A, A> value = f(i);
     sum_a += value.first;
     sum_b += value.second;
   }
@@ -258,7 +284,7 @@ void reduce_planes(const Geometry& g, std::vector<double>& total_a, std::vector<
       double sum_a = 0.0, sum_b = 0.0;
       for (int64_t n = k * planes_per_chunk; n < n_end; ++n) {
         for (int64_t s0 = 0; s0 < g.S; s0 += kSpan) {
-          const std::pair<float, float> sums = span_sums(c, (n * g.C + c) * g.S + s0, std::min(kSpan, g.S - s0));
+          const auto sums = span_sums(c, (n * g.C + c) * g.S + s0, std::min(kSpan, g.S - s0));
           sum_a += sums.first;
           sum_b += sums.second;
         }
@@ -292,30 +318,32 @@ template <typename Body> void for_each_line(const Geometry& g, int64_t values_pe
 template <bool PLANES> constexpr int64_t column(int64_t i) { return PLANES ? 0 : i; }
 
 // -- forward ---------------------------------------------------------------------------------------------
-// (mean, biased variance) per channel, fp32: one read of x. The shift is each channel's first value.
+// (mean, biased variance) per channel, in the compute type: one read of x. The shift is each channel's
+// first value.
 template <typename T>
-void statistics(const T* x, const Geometry& g, float* mean, float* var) {
+void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
+  using A = acc_t<T>;
   const int64_t R = g.R, C = g.C;
-  std::vector<float> shift(C);
+  std::vector<A> shift(C);
   for (int64_t c = 0; c < C; ++c) shift[c] = load(x, g.planes ? c * g.S : c);
   std::vector<double> s1, s2;
   if (g.planes) {
     reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count) {
       const T* __restrict__ p = x + offset;
-      const float sh = shift[c];
-      return sum_span(count, [&](int64_t i) {
-        const float d = load(p, i) - sh;
-        return std::pair<float, float>(d, d * d);
+      const A sh = shift[c];
+      return sum_span<A>(count, [&](int64_t i) {
+        const A d = load(p, i) - sh;
+        return std::pair<A, A>(d, d * d);
       });
     });
   } else {
-    reduce_rows(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
-                                  float* __restrict__ b) {
-      const float* __restrict__ sh = shift.data() + c0;
+    reduce_rows<A>(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, A* __restrict__ a,
+                                     A* __restrict__ b) {
+      const A* __restrict__ sh = shift.data() + c0;
       for (int64_t r = r0; r < r1; ++r) {
         const T* __restrict__ row = x + r * C + c0;
         for (int64_t c = 0; c < n; ++c) {
-          const float d = load(row, c) - sh[c];
+          const A d = load(row, c) - sh[c];
           a[c] += d;
           b[c] += d * d;
         }
@@ -324,36 +352,38 @@ void statistics(const T* x, const Geometry& g, float* mean, float* var) {
   }
   for (int64_t c = 0; c < C; ++c) {
     const double m = s1[c] / R;
-    mean[c] = static_cast<float>(shift[c] + m);
+    mean[c] = static_cast<A>(shift[c] + m);
     const double v = s2[c] / R - m * m;  // rounding can leave it a hair below 0; a NaN or inf sum stays NaN
-    var[c] = static_cast<float>(v < 0.0 ? 0.0 : v);
+    var[c] = static_cast<A>(v < 0.0 ? 0.0 : v);
   }
 }
 
 // y = act(x * scale + shift [+ residual]) line by line (for_each_line), rounded once to T.
 template <typename T, int ACT, bool PLANES>
-void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const float* scale, const float* shift,
-                     float slope) {
+void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const acc_t<T>* scale,
+                     const acc_t<T>* shift, acc_t<T> slope) {
   for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
     const T* __restrict__ in = x + offset;
     T* __restrict__ out = y + offset;
     // rows: per-channel arrays indexed by the column; planes: one channel's value for the whole line
-    const float* __restrict__ sc = scale + c;
-    const float* __restrict__ sh = shift + c;
+    const acc_t<T>* __restrict__ sc = scale + c;
+    const acc_t<T>* __restrict__ sh = shift + c;
     if (residual != nullptr) {
       const T* __restrict__ res = residual + offset;
       for (int64_t i = 0; i < n; ++i) {
         store(out, i, activate<ACT>(load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)] + load(res, i), slope));
       }
     } else {
-      for (int64_t i = 0; i < n; ++i) store(out, i, activate<ACT>(load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)], slope));
+      for (int64_t i = 0; i < n; ++i) {
+        store(out, i, activate<ACT>(load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)], slope));
+      }
     }
   });
 }
 
 template <typename T>
-void normalize(const T* x, const T* residual, T* y, const Geometry& g, const std::vector<float>& scale,
-               const std::vector<float>& shift, int64_t activation, float slope) {
+void normalize(const T* x, const T* residual, T* y, const Geometry& g, const std::vector<acc_t<T>>& scale,
+               const std::vector<acc_t<T>>& shift, int64_t activation, acc_t<T> slope) {
   dispatch_activation(activation, [&](auto act) {
     constexpr int ACT = decltype(act)::value;
     if (g.planes) {
@@ -366,8 +396,9 @@ void normalize(const T* x, const T* residual, T* y, const Geometry& g, const std
 
 // scale = invstd * weight, shift = bias - mean * scale (invstd = stat, or 1 / sqrt(stat + eps) from a
 // running variance), as PyTorch's CPU kernels form them.
-void coefficients(const std::vector<float>& mean, const std::vector<float>& invstd, const std::vector<float>& weight,
-                  const std::vector<float>& bias, std::vector<float>& scale, std::vector<float>& shift) {
+template <typename A>
+void coefficients(const std::vector<A>& mean, const std::vector<A>& invstd, const std::vector<A>& weight,
+                  const std::vector<A>& bias, std::vector<A>& scale, std::vector<A>& shift) {
   const size_t C = mean.size();
   scale.resize(C);
   shift.resize(C);
@@ -377,16 +408,16 @@ void coefficients(const std::vector<float>& mean, const std::vector<float>& invs
   }
 }
 
-std::vector<float> invstd_of(const std::vector<float>& stat, bool batch_stats, double eps) {
-  std::vector<float> invstd(stat);
+template <typename A> std::vector<A> invstd_of(const std::vector<A>& stat, bool batch_stats, double eps) {
+  std::vector<A> invstd(stat);
   if (!batch_stats) {
-    for (auto& v : invstd) v = 1.f / std::sqrt(v + static_cast<float>(eps));
+    for (auto& v : invstd) v = A(1) / std::sqrt(v + static_cast<A>(eps));
   }
   return invstd;
 }
 
 // torch.lerp's formula: exact at both ends (a weight of 1 gives b itself).
-inline float lerp(float a, float b, float w) { return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w); }
+template <typename A> inline A lerp(A a, A b, A w) { return w < A(0.5) ? a + w * (b - a) : b - (b - a) * (A(1) - w); }
 
 // A training forward: (y, mean, invstd), the statistics of x (one read), the running statistics moved
 // toward them (running += factor * (batch - running), the variance unbiased: nn.BatchNorm's update, as
@@ -400,8 +431,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
   TORCH_CHECK(R > 0, "triton_bn_cpu: empty batch");
   // everything checked before the running statistics are written
   TORCH_CHECK(activation >= 0 && activation <= 8, "triton_bn_cpu: unknown activation id ", activation);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "triton_bn_cpu: unsupported dtype ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+              x.scalar_type() == at::kDouble, "triton_bn_cpu: unsupported dtype ", x.scalar_type());
   if (present(residual)) check_like(*residual, "residual", x);
   const bool update = present(running_mean) != nullptr;
   for (const auto* t : {&running_mean, &running_var}) {
@@ -409,36 +440,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
                             (*t)->dim() == 1 && (*t)->size(0) == C),
                 "triton_bn_cpu: running statistics must both be floating-point CPU [C] tensors (or both absent)");
   }
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32), invstd = at::empty({C}, f32);  // var: scratch
+  // the statistics in the compute type: fp32, or double for a float64 x
+  const auto stats_options = x.options().dtype(compute_type_of(x));
+  at::Tensor mean = at::empty({C}, stats_options), var = at::empty({C}, stats_options);  // var: scratch
+  at::Tensor invstd = at::empty({C}, stats_options);
   at::Tensor y = at::empty_like(x);
   check_like(y, "y", x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    statistics<T>(x.data_ptr<T>(), g, mean.data_ptr<float>(), var.data_ptr<float>());
-    std::vector<float> m(mean.data_ptr<float>(), mean.data_ptr<float>() + C);
-    const float* v = var.data_ptr<float>();
-    const std::vector<float> inv = invstd_of(std::vector<float>(v, v + C), false, eps);
+    using A = acc_t<T>;
+    statistics<T>(x.data_ptr<T>(), g, mean.data_ptr<A>(), var.data_ptr<A>());
+    std::vector<A> m(mean.data_ptr<A>(), mean.data_ptr<A>() + C);
+    const A* v = var.data_ptr<A>();
+    const std::vector<A> inv = invstd_of(std::vector<A>(v, v + C), false, eps);
     if (update) {
-      // in fp32 (the statistics' dtype); running statistics of another dtype (a model cast to bf16) or
-      // strides are updated in an fp32 copy and written back, rounded once
-      at::Tensor mean32 = running_mean->to(at::kFloat).contiguous(), var32 = running_var->to(at::kFloat).contiguous();
-      const float f = static_cast<float>(factor);
-      const float unbias = R > 1 ? static_cast<float>(static_cast<double>(R) / (R - 1)) : NAN;
-      float* rm = mean32.data_ptr<float>();
-      float* rv = var32.data_ptr<float>();
+      // in the compute type; running statistics of another dtype (a model cast to bf16) or strides are
+      // updated in a copy and written back, rounded once
+      at::Tensor mean_acc = running_mean->to(scalar_type_of<A>()).contiguous();
+      at::Tensor var_acc = running_var->to(scalar_type_of<A>()).contiguous();
+      const A f = static_cast<A>(factor);
+      const A unbias = R > 1 ? static_cast<A>(static_cast<double>(R) / (R - 1)) : A(NAN);
+      A* rm = mean_acc.data_ptr<A>();
+      A* rv = var_acc.data_ptr<A>();
       for (int64_t c = 0; c < C; ++c) {
         rm[c] = lerp(rm[c], m[c], f);
         rv[c] = lerp(rv[c], v[c] * unbias, f);
       }
-      if (!mean32.is_same(*running_mean)) running_mean->copy_(mean32);
-      if (!var32.is_same(*running_var)) running_var->copy_(var32);
+      if (!mean_acc.is_same(*running_mean)) running_mean->copy_(mean_acc);
+      if (!var_acc.is_same(*running_var)) running_var->copy_(var_acc);
     }
-    std::copy(inv.begin(), inv.end(), invstd.data_ptr<float>());
-    std::vector<float> scale, shift;
-    coefficients(m, inv, channel_values(weight, C, 1.f), channel_values(bias, C, 0.f), scale, shift);
+    std::copy(inv.begin(), inv.end(), invstd.data_ptr<A>());
+    std::vector<A> scale, shift;
+    coefficients(m, inv, channel_values(weight, C, A(1)), channel_values(bias, C, A(0)), scale, shift);
     const T* res = present(residual) ? residual->data_ptr<T>() : nullptr;
-    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), g, scale, shift, activation, static_cast<float>(slope));
+    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), g, scale, shift, activation, static_cast<A>(slope));
   });
   return {y, mean, invstd};
 }
@@ -454,13 +489,14 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
   if (present(residual)) check_like(*residual, "residual", x);
   at::Tensor y = at::empty_like(x);
   check_like(y, "y", x);
-  std::vector<float> scale, shift;
-  coefficients(channel_values(mean, C, 0.f), invstd_of(channel_values(stat, C, 1.f), batch_stats, eps),
-               channel_values(weight, C, 1.f), channel_values(bias, C, 0.f), scale, shift);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    using A = acc_t<T>;
+    std::vector<A> scale, shift;
+    coefficients(channel_values(mean, C, A(0)), invstd_of(channel_values(stat, C, A(1)), batch_stats, eps),
+                 channel_values(weight, C, A(1)), channel_values(bias, C, A(0)), scale, shift);
     const T* res = present(residual) ? residual->data_ptr<T>() : nullptr;
-    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), g, scale, shift, activation, static_cast<float>(slope));
+    normalize<T>(x.data_ptr<T>(), res, y.data_ptr<T>(), g, scale, shift, activation, static_cast<A>(slope));
   });
   return y;
 }
@@ -473,55 +509,57 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
 // residual = dz. Every choice (activation, residual, which outputs) is a template parameter, so that the
 // inner loops over channels have no branch and vectorize.
 
-// Per-channel vectors of the backward, fp32.
-struct BackwardCoefficients {
-  std::vector<float> scale, shift, mean, invstd;
-  std::vector<float> k1, k2, k3;  // dx = dz * k1 - (x - mean) * k2 - k3
+// Per-channel vectors of the backward, in compute type A.
+template <typename A> struct BackwardCoefficients {
+  std::vector<A> scale, shift, mean, invstd;
+  std::vector<A> k1, k2, k3;  // dx = dz * k1 - (x - mean) * k2 - k3
 };
 
 // dz at element i of a line; the per-channel values at sc[i] (rows) or sc[0] (PLANES: one channel)
 template <typename T, int ACT, bool HAS_RES, bool PLANES>
-inline float grad_pre_activation(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
-                                 int64_t i, const float* __restrict__ sc, const float* __restrict__ sh,
-                                 float slope) {
+inline acc_t<T> grad_pre_activation(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
+                                    int64_t i, const acc_t<T>* __restrict__ sc, const acc_t<T>* __restrict__ sh,
+                                    acc_t<T> slope) {
   if constexpr (ACT == 0) {
     return load(dy, i);
   } else {
     const int64_t c = column<PLANES>(i);
-    float z = load(x, i) * sc[c] + sh[c];
+    acc_t<T> z = load(x, i) * sc[c] + sh[c];
     if constexpr (HAS_RES) z += load(res, i);
     return activation_backward<ACT>(load(dy, i), z, slope);
   }
 }
 
 template <typename T, int ACT, bool HAS_RES>
-void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry, const BackwardCoefficients& k,
-                   float slope, std::vector<double>& sum_dz, std::vector<double>& sum_dz_xhat) {
+void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry,
+                   const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope, std::vector<double>& sum_dz,
+                   std::vector<double>& sum_dz_xhat) {
+  using A = acc_t<T>;
   if (geometry.planes) {
     reduce_planes(geometry, sum_dz, sum_dz_xhat, [&](int64_t c, int64_t offset, int64_t count) {
       const T* __restrict__ xp = x + offset;
       const T* __restrict__ g = dy + offset;
       const T* __restrict__ rr = HAS_RES ? res + offset : nullptr;
-      const float *__restrict__ sc = k.scale.data() + c, *__restrict__ sh = k.shift.data() + c;
-      const float mu = k.mean[c], is = k.invstd[c];
-      return sum_span(count, [&](int64_t i) {
-        const float dz = grad_pre_activation<T, ACT, HAS_RES, true>(g, xp, rr, i, sc, sh, slope);
-        return std::pair<float, float>(dz, dz * ((load(xp, i) - mu) * is));
+      const A *__restrict__ sc = k.scale.data() + c, *__restrict__ sh = k.shift.data() + c;
+      const A mu = k.mean[c], is = k.invstd[c];
+      return sum_span<A>(count, [&](int64_t i) {
+        const A dz = grad_pre_activation<T, ACT, HAS_RES, true>(g, xp, rr, i, sc, sh, slope);
+        return std::pair<A, A>(dz, dz * ((load(xp, i) - mu) * is));
       });
     });
     return;
   }
   const int64_t R = geometry.R, C = geometry.C;
-  reduce_rows(R, C, sum_dz, sum_dz_xhat, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, float* __restrict__ a,
-                                              float* __restrict__ b) {
-    const float *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
-    const float *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
+  reduce_rows<A>(R, C, sum_dz, sum_dz_xhat, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, A* __restrict__ a,
+                                                 A* __restrict__ b) {
+    const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
+    const A *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
     for (int64_t r = r0; r < r1; ++r) {
       const T* __restrict__ row = x + r * C + c0;
       const T* __restrict__ g = dy + r * C + c0;
       const T* __restrict__ rr = HAS_RES ? res + r * C + c0 : nullptr;
       for (int64_t c = 0; c < n; ++c) {
-        const float dz = grad_pre_activation<T, ACT, HAS_RES, false>(g, row, rr, c, sc, sh, slope);
+        const A dz = grad_pre_activation<T, ACT, HAS_RES, false>(g, row, rr, c, sc, sh, slope);
         a[c] += dz;
         b[c] += dz * ((load(row, c) - mu[c]) * is[c]);
       }
@@ -531,19 +569,20 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
 
 template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
 void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_res, const Geometry& geometry,
-                    const BackwardCoefficients& k, float slope) {
+                    const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope) {
+  using A = acc_t<T>;
   for_each_line(geometry, 16384, [&](int64_t offset, int64_t c0, int64_t n) {
     // rows: per-channel arrays indexed by the column; planes: one channel's value for the whole line
-    const float *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
-    const float *__restrict__ mu = k.mean.data() + c0;
-    const float *__restrict__ a1 = k.k1.data() + c0, *__restrict__ a2 = k.k2.data() + c0;
-    const float *__restrict__ a3 = k.k3.data() + c0;
+    const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
+    const A *__restrict__ mu = k.mean.data() + c0;
+    const A *__restrict__ a1 = k.k1.data() + c0, *__restrict__ a2 = k.k2.data() + c0;
+    const A *__restrict__ a3 = k.k3.data() + c0;
     const T* __restrict__ row = x + offset;
     const T* __restrict__ g = dy + offset;
     const T* __restrict__ rr = HAS_RES ? res + offset : nullptr;
     T* __restrict__ ox = DX ? grad_x + offset : nullptr;
     T* __restrict__ orr = DRES ? grad_res + offset : nullptr;
-    const auto grad_x_at = [&](int64_t i, float dz) {
+    const auto grad_x_at = [&](int64_t i, A dz) {
       const int64_t c = column<PLANES>(i);
       return dz * a1[c] - (load(row, i) - mu[c]) * a2[c] - a3[c];
     };
@@ -552,7 +591,7 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
       // loop storing to both ran ~10x slower in fp32, both layouts: 2.8 ms against 0.25 ms for either
       // output alone on 2x1024x14x14 (why was not pinned down; this form takes 0.30 ms).
       constexpr int64_t kChunk = 256;
-      float dz_chunk[kChunk];
+      A dz_chunk[kChunk];
       for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
         const int64_t m = std::min(kChunk, n - i0);
         for (int64_t j = 0; j < m; ++j) {
@@ -563,7 +602,7 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
       }
     } else {
       for (int64_t i = 0; i < n; ++i) {
-        const float dz = grad_pre_activation<T, ACT, HAS_RES, PLANES>(g, row, rr, i, sc, sh, slope);
+        const A dz = grad_pre_activation<T, ACT, HAS_RES, PLANES>(g, row, rr, i, sc, sh, slope);
         if constexpr (DX) store(ox, i, grad_x_at(i, dz));
         if constexpr (DRES) store(orr, i, dz);
       }
@@ -573,7 +612,7 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
 
 template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES>
 void backward_elementwise(const T* dy, const T* x, const T* res, T* grad_x, T* grad_res, const Geometry& geometry,
-                          const BackwardCoefficients& k, float slope) {
+                          const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope) {
   if (geometry.planes) {
     backward_lines<T, ACT, HAS_RES, DX, DRES, true>(dy, x, res, grad_x, grad_res, geometry, k, slope);
   } else {
@@ -599,21 +638,24 @@ std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::T
   check_like(grad_y, "grad_y", x);
   const bool has_residual = present(residual) && activation != 0;
   if (has_residual) check_like(*residual, "residual", x);
-  BackwardCoefficients k;
-  k.mean = channel_values(mean, C, 0.f);
-  k.invstd = invstd_of(channel_values(stat, C, 1.f), batch_stats, eps);
-  const std::vector<float> w = channel_values(weight, C, 1.f);
-  coefficients(k.mean, k.invstd, w, channel_values(bias, C, 0.f), k.scale, k.shift);
-  const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor grad_x = want_dx ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor grad_residual = want_dresidual ? at::empty_like(x) : at::empty({0}, x.options());
   if (want_dx) check_like(grad_x, "grad_x", x);
   if (want_dresidual) check_like(grad_residual, "grad_residual", x);
-  at::Tensor grad_weight = at::empty({want_dweight ? C : 0}, f32), grad_bias = at::empty({want_dbias ? C : 0}, f32);
+  // dweight and dbias in the compute type (fp32, or double for a float64 x)
+  const auto sums_options = x.options().dtype(compute_type_of(x));
+  at::Tensor grad_weight = at::empty({want_dweight ? C : 0}, sums_options);
+  at::Tensor grad_bias = at::empty({want_dbias ? C : 0}, sums_options);
   const bool need_sums = (want_dx && batch_stats) || want_dweight || want_dbias;
-  const float fslope = static_cast<float>(slope);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    using A = acc_t<T>;
+    BackwardCoefficients<A> k;
+    k.mean = channel_values(mean, C, A(0));
+    k.invstd = invstd_of(channel_values(stat, C, A(1)), batch_stats, eps);
+    const std::vector<A> w = channel_values(weight, C, A(1));
+    coefficients(k.mean, k.invstd, w, channel_values(bias, C, A(0)), k.scale, k.shift);
+    const A aslope = static_cast<A>(slope);
     const T* dy = grad_y.data_ptr<T>();
     const T* xp = x.data_ptr<T>();
     const T* res = has_residual ? residual->data_ptr<T>() : nullptr;
@@ -624,32 +666,32 @@ std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::T
         constexpr bool HAS_RES = ACT != 0 && decltype(with_residual)::value;
         std::vector<double> sum_dz(C, 0.0), sum_dz_xhat(C, 0.0);
         if (need_sums) {
-          backward_sums<T, ACT, HAS_RES>(dy, xp, res, geometry, k, fslope, sum_dz, sum_dz_xhat);
-          float* gw = grad_weight.data_ptr<float>();
-          float* gb = grad_bias.data_ptr<float>();
+          backward_sums<T, ACT, HAS_RES>(dy, xp, res, geometry, k, aslope, sum_dz, sum_dz_xhat);
+          A* gw = want_dweight ? grad_weight.data_ptr<A>() : nullptr;
+          A* gb = want_dbias ? grad_bias.data_ptr<A>() : nullptr;
           for (int64_t c = 0; c < C; ++c) {
-            if (want_dweight) gw[c] = static_cast<float>(sum_dz_xhat[c]);
-            if (want_dbias) gb[c] = static_cast<float>(sum_dz[c]);
+            if (want_dweight) gw[c] = static_cast<A>(sum_dz_xhat[c]);
+            if (want_dbias) gb[c] = static_cast<A>(sum_dz[c]);
           }
         }
         k.k1.resize(C);
-        k.k2.assign(C, 0.f);
-        k.k3.assign(C, 0.f);
+        k.k2.assign(C, A(0));
+        k.k3.assign(C, A(0));
         for (int64_t c = 0; c < C; ++c) {
           k.k1[c] = k.invstd[c] * w[c];
           if (batch_stats && want_dx) {
-            k.k2[c] = static_cast<float>(sum_dz_xhat[c] / R * k.invstd[c] * k.invstd[c] * w[c]);
-            k.k3[c] = static_cast<float>(sum_dz[c] / R * k.invstd[c] * w[c]);
+            k.k2[c] = static_cast<A>(sum_dz_xhat[c] / R * k.invstd[c] * k.invstd[c] * w[c]);
+            k.k3[c] = static_cast<A>(sum_dz[c] / R * k.invstd[c] * w[c]);
           }
         }
         T* gx = want_dx ? grad_x.data_ptr<T>() : nullptr;
         T* gr = want_dresidual ? grad_residual.data_ptr<T>() : nullptr;
         if (want_dx && want_dresidual) {
-          backward_elementwise<T, ACT, HAS_RES, true, true>(dy, xp, res, gx, gr, geometry, k, fslope);
+          backward_elementwise<T, ACT, HAS_RES, true, true>(dy, xp, res, gx, gr, geometry, k, aslope);
         } else if (want_dx) {
-          backward_elementwise<T, ACT, HAS_RES, true, false>(dy, xp, res, gx, gr, geometry, k, fslope);
+          backward_elementwise<T, ACT, HAS_RES, true, false>(dy, xp, res, gx, gr, geometry, k, aslope);
         } else if (want_dresidual) {
-          backward_elementwise<T, ACT, HAS_RES, false, true>(dy, xp, res, gx, gr, geometry, k, fslope);
+          backward_elementwise<T, ACT, HAS_RES, false, true>(dy, xp, res, gx, gr, geometry, k, aslope);
         }
       });
     });
@@ -660,8 +702,8 @@ std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::T
 // -- a training forward with its backward recorded in C++ ----------------------------------------------
 // What triton_bn/autograd.py's TrainingBatchNormFunction does, as a C++ autograd node: on a small layer
 // the Python Function's forward and backward cost more host time than these kernels take (perf/NOTES.md).
-// Same saved tensors (x, the fp32 mean and invstd, weight, bias; the residual only when an activation
-// follows it), same gradients, and the same refusal to be differentiated twice.
+// Same saved tensors (x, the mean and invstd in the compute type, weight, bias; the residual only when an
+// activation follows it), same gradients, and the same refusal to be differentiated twice.
 
 // The batch counted once the statistics are computed (a cumulative factor was read before the call).
 void count_batch(const c10::optional<at::Tensor>& num_batches_tracked) {
