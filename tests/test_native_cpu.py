@@ -24,7 +24,9 @@ def _native_kernels():
 
 def _input(shape, dtype, layout, offset=0.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=gen) * 2 + offset).to(dtype)
+    # a float64 input drawn in float64, so that it has bits below fp32's (a kernel computing in fp32 shows)
+    drawn = torch.float64 if dtype == torch.float64 else torch.float32
+    x = (torch.randn(shape, generator=gen, dtype=drawn) * 2 + offset).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)])
     elif layout == "c_innermost":  # (N, C, L) with C innermost
