@@ -111,7 +111,7 @@ def test_statistics_at_a_large_mean_stay_accurate(layout, dtype):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_backward_every_activation(activation, dtype, batch_stats, layout):
@@ -321,23 +321,35 @@ def test_training_node_refuses_bad_arguments_before_any_write():
     assert_close(y, _float64_forward(x.detach(), None, None, None, True, None, None, "relu"), torch.float32, "y")
 
 
-def test_fp16_conversions_are_exact_for_every_bit_pattern():
-    """The fp16 load and store are bit arithmetic (vectorizable), so every one of the 65536 patterns is
-    checked: y = x * 1 + 0 gives x back bitwise (subnormals, infinities, signed zeros; NaN stays NaN), and
-    y = x * w rounds the fp32 product to nearest even exactly as PyTorch's conversion does (ties, overflow
-    to inf, results in the subnormal range)."""
+@pytest.mark.parametrize("layout", ["rows", "wide rows", "planes"])
+def test_fp16_conversions_are_exact_for_every_bit_pattern(layout):
+    """Every one of the 65536 fp16 patterns through the loops' fp16 reads and writes (c10::Half's conversion
+    one value at a time, or, where the build has F16C, fp32 buffers converted 8 values per instruction: the
+    rows of 2 channels take the one-value tails, the wide rows and the planes the vector body): y = x * 1
+    + 0 gives x back bitwise (subnormals, infinities, signed zeros; NaN stays NaN), and y = x * w rounds
+    the fp32 product to nearest even exactly as PyTorch's conversion does (ties, overflow to inf, results
+    in the subnormal range)."""
     patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
-    x = patterns.reshape(-1, 1).expand(-1, 2).contiguous()  # (N, C) = (65536, 2): rows, two channels
+    if layout == "rows":  # (N, C) = (65536, 2): every pattern in both channels
+        x = patterns.reshape(-1, 1).expand(-1, 2).contiguous()
+        weight = torch.tensor([1.37, 1e-4])  # products that round at every spacing, down into the subnormals
+    elif layout == "wide rows":  # (N, C) = (256, 256): each pattern once, rows of 256 channels
+        x = patterns.reshape(256, 256)
+        weight = torch.tensor([1.37, 1e-4]).repeat(128)
+    else:  # (N, C, L) = (1, 2, 65536), contiguous: two planes of every pattern
+        x = patterns.reshape(1, 1, -1).expand(1, 2, -1).contiguous()
+        weight = torch.tensor([1.37, 1e-4])
+    channels = x.shape[1]
+    per_channel = [1, channels] + [1] * (x.dim() - 2)
     apply = native.ops().apply
-    zero, one = torch.zeros(2), torch.ones(2)
+    zero, one = torch.zeros(channels), torch.ones(channels)
     y = apply(x, zero, one, None, None, None, 0.0, False, 0, 0.0)  # eval: (x - 0) / sqrt(1 + 0) * 1 + 0
     expected = (x.float() + 0.0).half()  # x itself, but -0 + 0 = +0
     finite = ~torch.isnan(x)
     assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
     assert torch.isnan(y[~finite]).all()
-    weight = torch.tensor([1.37, 1e-4])  # products that round at every spacing, down into the subnormals
     y = apply(x, zero, one, weight, None, None, 0.0, False, 0, 0.0)
-    expected = (x.float() * weight + 0.0).half()
+    expected = (x.float() * weight.reshape(per_channel) + 0.0).half()
     finite = ~torch.isnan(expected)
     assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
     assert torch.isnan(y[~finite]).all()

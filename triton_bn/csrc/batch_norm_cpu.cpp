@@ -30,6 +30,10 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -49,7 +53,8 @@ template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>
 
 // Element i of p in the compute type, and v stored as T (rounded to nearest even). bf16 is converted by
 // bit arithmetic that vectorizes (c10::BFloat16's own conversion has a branch for NaN that keeps the
-// compiler from it); fp16 takes c10::Half's conversion.
+// compiler from it); fp16 takes c10::Half's conversion (where the build has F16C, the loops read and
+// write fp16 through fp32 buffers instead: read_staged below).
 template <typename T> inline acc_t<T> load(const T* p, int64_t i) { return static_cast<acc_t<T>>(p[i]); }
 template <> inline float load<float>(const float* p, int64_t i) { return p[i]; }
 template <> inline float load<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
@@ -66,6 +71,77 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float 
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
   p[i].x = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+}
+
+// -- fp16 through fp32 buffers ---------------------------------------------------------------------------
+// fp16 has no fast scalar conversion: c10::Half's is a software routine, one value at a time, and GCC 12
+// does not vectorize _Float16 conversions (perf/NOTES.md: our fp16 loops ran at 0.27-0.50x of PyTorch's).
+// Where the build has the CPU's F16C instructions, the loops read and write fp16 spans through fp32
+// buffers, converted 8 values per instruction (rounded to nearest even, as c10::Half does), and run their
+// fp32 code on them. Every other dtype is read and written in place: staged_t<T> is T itself.
+#if defined(__F16C__)
+template <typename T> constexpr bool kStaged = std::is_same_v<T, c10::Half>;
+#else
+template <typename T> constexpr bool kStaged = false;
+#endif
+template <typename T> using staged_t = std::conditional_t<kStaged<T>, float, T>;
+
+#if defined(__F16C__)
+void half_to_float(const c10::Half* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  }
+  for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+void float_to_half(const float* in, c10::Half* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) out[i] = c10::Half(in[i]);
+}
+#endif
+
+// A thread's fp32 buffer of n values for slot 0-4 (one per array staged at once), all five in one
+// allocation reused from call to call. The slots are kStageSkew floats more than n apart, never a multiple
+// of 4 KiB: at such a distance every load from one buffer would look to the CPU as if it depended on the
+// store at the same index of another (4K aliasing), stalling the loops that read one and write another.
+constexpr int64_t kStageSkew = 48;
+inline float* stage_buffer(int slot, int64_t n) {
+  thread_local std::vector<float> buffer;
+  const int64_t stride = (n + 15) / 16 * 16 + kStageSkew;
+  if (static_cast<int64_t>(buffer.size()) < 5 * stride) buffer.resize(5 * stride);
+  return buffer.data() + slot * stride;
+}
+
+// [p, p + n) as the loops read it: p itself, or (fp16) its values converted into a buffer of the slot.
+template <typename T> inline const staged_t<T>* read_staged(const T* p, int64_t n, int slot) {
+  if constexpr (kStaged<T>) {
+    if (p == nullptr) return nullptr;
+    float* buffer = stage_buffer(slot, n);
+    half_to_float(p, buffer, n);
+    return buffer;
+  } else {
+    return p;
+  }
+}
+
+// Where the loops write [p, p + n): p itself, or (fp16) a buffer of the slot that write_back converts into p.
+template <typename T> inline staged_t<T>* write_target(T* p, int64_t n, int slot) {
+  if constexpr (kStaged<T>) {
+    return p == nullptr ? nullptr : stage_buffer(slot, n);
+  } else {
+    return p;
+  }
+}
+
+template <typename T> inline void write_back(T* p, int64_t n, int slot) {
+  if constexpr (kStaged<T>) {
+    if (p != nullptr) float_to_half(stage_buffer(slot, n), p, n);
+  }
 }
 
 // -- activations: id -> act(z) and dL/dz = dL/dy * act'(z), as PyTorch's CPU kernels compute them --------
@@ -329,7 +405,7 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
   std::vector<double> s1, s2;
   if (g.planes) {
     reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count) {
-      const T* __restrict__ p = x + offset;
+      const staged_t<T>* __restrict__ p = read_staged(x + offset, count, 0);
       const A sh = shift[c];
       return sum_span<A>(count, [&](int64_t i) {
         const A d = load(p, i) - sh;
@@ -341,7 +417,7 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
                                      A* __restrict__ b) {
       const A* __restrict__ sh = shift.data() + c0;
       for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict__ row = x + r * C + c0;
+        const staged_t<T>* __restrict__ row = read_staged(x + r * C + c0, n, 0);
         for (int64_t c = 0; c < n; ++c) {
           const A d = load(row, c) - sh[c];
           a[c] += d;
@@ -363,13 +439,13 @@ template <typename T, int ACT, bool PLANES>
 void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const acc_t<T>* scale,
                      const acc_t<T>* shift, acc_t<T> slope) {
   for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
-    const T* __restrict__ in = x + offset;
-    T* __restrict__ out = y + offset;
+    const staged_t<T>* __restrict__ in = read_staged(x + offset, n, 0);
+    staged_t<T>* __restrict__ out = write_target(y + offset, n, 1);
     // rows: per-channel arrays indexed by the column; planes: one channel's value for the whole line
     const acc_t<T>* __restrict__ sc = scale + c;
     const acc_t<T>* __restrict__ sh = shift + c;
     if (residual != nullptr) {
-      const T* __restrict__ res = residual + offset;
+      const staged_t<T>* __restrict__ res = read_staged(residual + offset, n, 2);
       for (int64_t i = 0; i < n; ++i) {
         store(out, i, activate<ACT>(load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)] + load(res, i), slope));
       }
@@ -378,6 +454,7 @@ void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, con
         store(out, i, activate<ACT>(load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)], slope));
       }
     }
+    write_back(y + offset, n, 1);
   });
 }
 
@@ -535,15 +612,16 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
                    const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope, std::vector<double>& sum_dz,
                    std::vector<double>& sum_dz_xhat) {
   using A = acc_t<T>;
+  using U = staged_t<T>;  // what the loops read (fp16: fp32 buffers)
   if (geometry.planes) {
     reduce_planes(geometry, sum_dz, sum_dz_xhat, [&](int64_t c, int64_t offset, int64_t count) {
-      const T* __restrict__ xp = x + offset;
-      const T* __restrict__ g = dy + offset;
-      const T* __restrict__ rr = HAS_RES ? res + offset : nullptr;
+      const U* __restrict__ xp = read_staged(x + offset, count, 0);
+      const U* __restrict__ g = read_staged(dy + offset, count, 1);
+      const U* __restrict__ rr = HAS_RES ? read_staged(res + offset, count, 2) : nullptr;
       const A *__restrict__ sc = k.scale.data() + c, *__restrict__ sh = k.shift.data() + c;
       const A mu = k.mean[c], is = k.invstd[c];
       return sum_span<A>(count, [&](int64_t i) {
-        const A dz = grad_pre_activation<T, ACT, HAS_RES, true>(g, xp, rr, i, sc, sh, slope);
+        const A dz = grad_pre_activation<U, ACT, HAS_RES, true>(g, xp, rr, i, sc, sh, slope);
         return std::pair<A, A>(dz, dz * ((load(xp, i) - mu) * is));
       });
     });
@@ -555,11 +633,11 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
     const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
     const A *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
     for (int64_t r = r0; r < r1; ++r) {
-      const T* __restrict__ row = x + r * C + c0;
-      const T* __restrict__ g = dy + r * C + c0;
-      const T* __restrict__ rr = HAS_RES ? res + r * C + c0 : nullptr;
+      const U* __restrict__ row = read_staged(x + r * C + c0, n, 0);
+      const U* __restrict__ g = read_staged(dy + r * C + c0, n, 1);
+      const U* __restrict__ rr = HAS_RES ? read_staged(res + r * C + c0, n, 2) : nullptr;
       for (int64_t c = 0; c < n; ++c) {
-        const A dz = grad_pre_activation<T, ACT, HAS_RES, false>(g, row, rr, c, sc, sh, slope);
+        const A dz = grad_pre_activation<U, ACT, HAS_RES, false>(g, row, rr, c, sc, sh, slope);
         a[c] += dz;
         b[c] += dz * ((load(row, c) - mu[c]) * is[c]);
       }
@@ -571,17 +649,18 @@ template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
 void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_res, const Geometry& geometry,
                     const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope) {
   using A = acc_t<T>;
+  using U = staged_t<T>;  // what the loops read and write (fp16: fp32 buffers)
   for_each_line(geometry, 16384, [&](int64_t offset, int64_t c0, int64_t n) {
     // rows: per-channel arrays indexed by the column; planes: one channel's value for the whole line
     const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
     const A *__restrict__ mu = k.mean.data() + c0;
     const A *__restrict__ a1 = k.k1.data() + c0, *__restrict__ a2 = k.k2.data() + c0;
     const A *__restrict__ a3 = k.k3.data() + c0;
-    const T* __restrict__ row = x + offset;
-    const T* __restrict__ g = dy + offset;
-    const T* __restrict__ rr = HAS_RES ? res + offset : nullptr;
-    T* __restrict__ ox = DX ? grad_x + offset : nullptr;
-    T* __restrict__ orr = DRES ? grad_res + offset : nullptr;
+    const U* __restrict__ row = read_staged(x + offset, n, 0);
+    const U* __restrict__ g = read_staged(dy + offset, n, 1);
+    const U* __restrict__ rr = HAS_RES ? read_staged(res + offset, n, 2) : nullptr;
+    U* __restrict__ ox = DX ? write_target(grad_x + offset, n, 3) : nullptr;
+    U* __restrict__ orr = DRES ? write_target(grad_res + offset, n, 4) : nullptr;
     const auto grad_x_at = [&](int64_t i, A dz) {
       const int64_t c = column<PLANES>(i);
       return dz * a1[c] - (load(row, i) - mu[c]) * a2[c] - a3[c];
@@ -595,18 +674,20 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
       for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
         const int64_t m = std::min(kChunk, n - i0);
         for (int64_t j = 0; j < m; ++j) {
-          dz_chunk[j] = grad_pre_activation<T, ACT, HAS_RES, PLANES>(g, row, rr, i0 + j, sc, sh, slope);
+          dz_chunk[j] = grad_pre_activation<U, ACT, HAS_RES, PLANES>(g, row, rr, i0 + j, sc, sh, slope);
         }
         for (int64_t j = 0; j < m; ++j) store(ox, i0 + j, grad_x_at(i0 + j, dz_chunk[j]));
         for (int64_t j = 0; j < m; ++j) store(orr, i0 + j, dz_chunk[j]);
       }
     } else {
       for (int64_t i = 0; i < n; ++i) {
-        const A dz = grad_pre_activation<T, ACT, HAS_RES, PLANES>(g, row, rr, i, sc, sh, slope);
+        const A dz = grad_pre_activation<U, ACT, HAS_RES, PLANES>(g, row, rr, i, sc, sh, slope);
         if constexpr (DX) store(ox, i, grad_x_at(i, dz));
         if constexpr (DRES) store(orr, i, dz);
       }
     }
+    if constexpr (DX) write_back(grad_x + offset, n, 3);
+    if constexpr (DRES) write_back(grad_res + offset, n, 4);
   });
 }
 
