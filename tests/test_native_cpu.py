@@ -110,6 +110,18 @@ def test_statistics_at_a_large_mean_stay_accurate(layout, dtype):
     torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=tol)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_fp16_statistics_in_vector_lanes(layout):
+    """fp16 statistics with the conversions in registers where the build has F16C (rows of 24 channels,
+    planes of 35 values: the vector bodies and their tails) against float64, at the fp32 statistics'
+    tolerances of the training-forward test."""
+    x = _input((6, 24, 5, 7), torch.float16, layout)
+    _, mean, invstd = reference.batch_norm_training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
+    var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), exact_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
@@ -161,7 +173,7 @@ def test_backward_takes_gradients_of_any_layout_and_skips_what_is_not_wanted():
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 def test_results_do_not_depend_on_the_thread_count(layout, dtype):
     """The reductions cut the rows (planes) by their count alone and merge in order: 1 thread and 2 threads
     give bitwise the same statistics, output and gradients."""
@@ -326,9 +338,9 @@ def test_fp16_conversions_are_exact_for_every_bit_pattern(layout):
     """Every one of the 65536 fp16 patterns through the loops' fp16 reads and writes (c10::Half's conversion
     one value at a time, or, where the build has F16C, fp32 buffers converted 8 values per instruction: the
     rows of 2 channels take the one-value tails, the wide rows and the planes the vector body): y = x * 1
-    + 0 gives x back bitwise (subnormals, infinities, signed zeros; NaN stays NaN), and y = x * w rounds
+    + 0 gives x back bitwise (subnormals, infinities, signed zeros; NaN stays NaN), y = x * w rounds
     the fp32 product to nearest even exactly as PyTorch's conversion does (ties, overflow to inf, results
-    in the subnormal range)."""
+    in the subnormal range), and so does ReLU(x * w)."""
     patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
     if layout == "rows":  # (N, C) = (65536, 2): every pattern in both channels
         x = patterns.reshape(-1, 1).expand(-1, 2).contiguous()
@@ -350,6 +362,13 @@ def test_fp16_conversions_are_exact_for_every_bit_pattern(layout):
     assert torch.isnan(y[~finite]).all()
     y = apply(x, zero, one, weight, None, None, 0.0, False, 0, 0.0)
     expected = (x.float() * weight.reshape(per_channel) + 0.0).half()
+    finite = ~torch.isnan(expected)
+    assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert torch.isnan(y[~finite]).all()
+    # ReLU (its own fp16 loop where the build has F16C): z < 0 gives 0, anything else z itself, NaN included
+    y = apply(x, zero, one, weight, None, None, 0.0, False, ACTIVATION_IDS["relu"], 0.0)
+    z = x.float() * weight.reshape(per_channel) + 0.0
+    expected = torch.where(z < 0, torch.zeros_like(z), z).half()
     finite = ~torch.isnan(expected)
     assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
     assert torch.isnan(y[~finite]).all()

@@ -87,20 +87,23 @@ template <typename T> constexpr bool kStaged = false;
 template <typename T> using staged_t = std::conditional_t<kStaged<T>, float, T>;
 
 #if defined(__F16C__)
+// 8 fp16 values as fp32, and 8 fp32 values stored as fp16 (rounded to nearest even).
+inline __m256 load_half8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store_half8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 void half_to_float(const c10::Half* in, float* out, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load_half8(in + i));
   for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
 }
 
 void float_to_half(const float* in, c10::Half* out, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  for (; i + 8 <= n; i += 8) store_half8(out + i, _mm256_loadu_ps(in + i));
   for (; i < n; ++i) out[i] = c10::Half(in[i]);
 }
 #endif
@@ -394,6 +397,82 @@ template <typename Body> void for_each_line(const Geometry& g, int64_t values_pe
 template <bool PLANES> constexpr int64_t column(int64_t i) { return PLANES ? 0 : i; }
 
 // -- forward ---------------------------------------------------------------------------------------------
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+constexpr bool kHalfInRegisters = true;
+// One fp16 line of y = act(x * scale + shift [+ residual]), ACT identity or ReLU, with the conversions in
+// registers, 8 values per step: one pass over memory, as PyTorch's own fp16 kernel makes, where the fp32
+// buffers take three (perf/NOTES.md). The same arithmetic as the fp32 loops (x * scale + shift fused, the
+// residual added, then ReLU as `z < 0 ? 0 : z`: max(0, z) returns z itself for a NaN and for -0); the last
+// n % 8 values take the scalar conversion.
+template <int ACT, bool PLANES>
+void normalize_half_line(const c10::Half* in, const c10::Half* res, c10::Half* out, int64_t n, const float* sc,
+                         const float* sh) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 scale = PLANES ? _mm256_set1_ps(sc[0]) : _mm256_loadu_ps(sc + i);
+    const __m256 shift = PLANES ? _mm256_set1_ps(sh[0]) : _mm256_loadu_ps(sh + i);
+    __m256 z = _mm256_fmadd_ps(load_half8(in + i), scale, shift);
+    if (res != nullptr) z = _mm256_add_ps(z, load_half8(res + i));
+    if constexpr (ACT == 1) z = _mm256_max_ps(_mm256_setzero_ps(), z);
+    store_half8(out + i, z);
+  }
+  for (; i < n; ++i) {
+    float z = load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)];
+    if (res != nullptr) z += load(res, i);
+    store(out, i, activate<ACT>(z, 0.f));
+  }
+}
+// Statistics of fp16 values with the conversions in registers: (sum of d, sum of d * d), d = x - shift,
+// over count values of a plane, in two sets of 8 fp32 lanes added in a fixed order at the end.
+inline std::pair<float, float> half_shifted_sums(const c10::Half* p, int64_t count, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m256 d0 = _mm256_sub_ps(load_half8(p + i), sh), d1 = _mm256_sub_ps(load_half8(p + i + 8), sh);
+    a0 = _mm256_add_ps(a0, d0);
+    a1 = _mm256_add_ps(a1, d1);
+    b0 = _mm256_fmadd_ps(d0, d0, b0);
+    b1 = _mm256_fmadd_ps(d1, d1, b1);
+  }
+  float lanes_a[8], lanes_b[8];
+  _mm256_storeu_ps(lanes_a, _mm256_add_ps(a0, a1));
+  _mm256_storeu_ps(lanes_b, _mm256_add_ps(b0, b1));
+  float sum_a = 0.f, sum_b = 0.f;
+  for (int k = 0; k < 8; ++k) {
+    sum_a += lanes_a[k];
+    sum_b += lanes_b[k];
+  }
+  for (; i < count; ++i) {
+    const float d = load(p, i) - shift;
+    sum_a += d;
+    sum_b += d * d;
+  }
+  return {sum_a, sum_b};
+}
+
+// The same along a row: a[c] += d, b[c] += d * d for the n channels of one row, d = x - shift[c].
+inline void half_row_sums(const c10::Half* row, const float* shift, int64_t n, float* a, float* b) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 d = _mm256_sub_ps(load_half8(row + c), _mm256_loadu_ps(shift + c));
+    _mm256_storeu_ps(a + c, _mm256_add_ps(_mm256_loadu_ps(a + c), d));
+    _mm256_storeu_ps(b + c, _mm256_fmadd_ps(d, d, _mm256_loadu_ps(b + c)));
+  }
+  for (; c < n; ++c) {
+    const float d = load(row, c) - shift[c];
+    a[c] += d;
+    b[c] += d * d;
+  }
+}
+#else
+constexpr bool kHalfInRegisters = false;
+template <int ACT, bool PLANES>
+void normalize_half_line(const c10::Half*, const c10::Half*, c10::Half*, int64_t, const float*, const float*) {}
+inline std::pair<float, float> half_shifted_sums(const c10::Half*, int64_t, float) { return {0.f, 0.f}; }
+inline void half_row_sums(const c10::Half*, const float*, int64_t, float*, float*) {}
+#endif
+
 // (mean, biased variance) per channel, in the compute type: one read of x. The shift is each channel's
 // first value.
 template <typename T>
@@ -405,18 +484,26 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
   std::vector<double> s1, s2;
   if (g.planes) {
     reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count) {
-      const staged_t<T>* __restrict__ p = read_staged(x + offset, count, 0);
-      const A sh = shift[c];
-      return sum_span<A>(count, [&](int64_t i) {
-        const A d = load(p, i) - sh;
-        return std::pair<A, A>(d, d * d);
-      });
+      if constexpr (std::is_same_v<T, c10::Half> && kHalfInRegisters) {
+        return half_shifted_sums(x + offset, count, shift[c]);
+      } else {
+        const staged_t<T>* __restrict__ p = read_staged(x + offset, count, 0);
+        const A sh = shift[c];
+        return sum_span<A>(count, [&](int64_t i) {
+          const A d = load(p, i) - sh;
+          return std::pair<A, A>(d, d * d);
+        });
+      }
     });
   } else {
     reduce_rows<A>(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, A* __restrict__ a,
                                      A* __restrict__ b) {
       const A* __restrict__ sh = shift.data() + c0;
       for (int64_t r = r0; r < r1; ++r) {
+        if constexpr (std::is_same_v<T, c10::Half> && kHalfInRegisters) {
+          half_row_sums(x + r * C + c0, sh, n, a, b);
+          continue;
+        }
         const staged_t<T>* __restrict__ row = read_staged(x + r * C + c0, n, 0);
         for (int64_t c = 0; c < n; ++c) {
           const A d = load(row, c) - sh[c];
@@ -434,10 +521,18 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
   }
 }
 
+
 // y = act(x * scale + shift [+ residual]) line by line (for_each_line), rounded once to T.
 template <typename T, int ACT, bool PLANES>
 void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const acc_t<T>* scale,
                      const acc_t<T>* shift, acc_t<T> slope) {
+  if constexpr (std::is_same_v<T, c10::Half> && kHalfInRegisters && (ACT == 0 || ACT == 1)) {
+    for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
+      normalize_half_line<ACT, PLANES>(x + offset, residual == nullptr ? nullptr : residual + offset, y + offset, n,
+                                       scale + c, shift + c);
+    });
+    return;
+  }
   for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
     const staged_t<T>* __restrict__ in = read_staged(x + offset, n, 0);
     staged_t<T>* __restrict__ out = write_target(y + offset, n, 1);
