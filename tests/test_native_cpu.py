@@ -111,15 +111,35 @@ def test_statistics_at_a_large_mean_stay_accurate(layout, dtype):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
-def test_fp16_statistics_in_vector_lanes(layout):
-    """fp16 statistics with the conversions in registers where the build has F16C (rows of 24 channels,
-    planes of 35 values: the vector bodies and their tails) against float64, at the fp32 statistics'
-    tolerances of the training-forward test."""
-    x = _input((6, 24, 5, 7), torch.float16, layout)
-    _, mean, invstd = reference.batch_norm_training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
+@pytest.mark.parametrize("activation", [None, "relu"], ids=str)
+def test_fp16_in_vector_lanes(layout, activation):
+    """fp16 with the conversions in registers where the build has F16C (identity and ReLU), on rows of 24
+    channels and planes of 35 values (the vector bodies and their tails): the statistics at the fp32
+    statistics' tolerances of the training-forward test, y, and every gradient with a residual, against
+    float64."""
+    shape = (6, 24, 5, 7)
+    x, residual = _input(shape, torch.float16, layout), _input(shape, torch.float16, layout, seed=2)
+    grad_y = _input(shape, torch.float16, layout, seed=3)
+    weight, bias = _parameters(24)
+    act = ACTIVATION_IDS[activation]
+    y, mean, invstd = reference.batch_norm_training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
+                                                    act, 0.0)
     var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), exact_mean, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    expected_y = _float64_forward(*leaves, True, None, None, activation)
+    assert_close(y, expected_y, torch.float16, "y")
+    grads = reference.batch_norm_backward(grad_y, x, mean, invstd, weight, bias, residual, 1e-5, True, act, 0.0,
+                                          [True, True, True, True])
+    expected = torch.autograd.grad(expected_y, leaves, grad_y.double())
+    for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected):
+        if name in ("dweight", "dbias"):  # sums over the batch, compared at the tolerances scaled by n
+            torch.testing.assert_close(got.double(), want, atol=TOLERANCES[torch.float16][0] * 60,
+                                       rtol=TOLERANCES[torch.float16][1])
+        else:
+            assert got.stride() == x.stride()
+            assert_close(got, want, torch.float16, name)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)

@@ -702,6 +702,118 @@ inline acc_t<T> grad_pre_activation(const T* __restrict__ dy, const T* __restric
   }
 }
 
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+// The backward of fp16 with the conversions in registers (ACT identity or ReLU; other activations take the
+// fp32 buffers), the same arithmetic as grad_pre_activation and the fp32 loops. dz for 8 values: dy, or 0
+// where z = x * scale + shift [+ residual] <= 0 (threshold_backward's rule; a NaN z passes dy).
+template <int ACT, bool HAS_RES>
+inline __m256 half_grad8(__m256 x, const c10::Half* dy, const c10::Half* res, __m256 scale, __m256 shift) {
+  const __m256 g = load_half8(dy);
+  if constexpr (ACT == 0) {
+    return g;
+  } else {
+    __m256 z = _mm256_fmadd_ps(x, scale, shift);
+    if constexpr (HAS_RES) z = _mm256_add_ps(z, load_half8(res));
+    return _mm256_andnot_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LE_OQ), g);
+  }
+}
+
+// Pass 1 over count values of one plane: (sum dz, sum dz * (x - mean) * invstd), 8 lanes added in a fixed
+// order at the end.
+template <int ACT, bool HAS_RES>
+std::pair<float, float> half_backward_plane_sums(const c10::Half* x, const c10::Half* dy, const c10::Half* res,
+                                                 int64_t count, float sc, float sh, float mu, float is, float slope) {
+  const __m256 scale = _mm256_set1_ps(sc), shift = _mm256_set1_ps(sh), mean = _mm256_set1_ps(mu);
+  const __m256 invstd = _mm256_set1_ps(is);
+  __m256 a = _mm256_setzero_ps(), b = a;
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 xv = load_half8(x + i);
+    const __m256 dz = half_grad8<ACT, HAS_RES>(xv, dy + i, HAS_RES ? res + i : nullptr, scale, shift);
+    a = _mm256_add_ps(a, dz);
+    b = _mm256_fmadd_ps(dz, _mm256_mul_ps(_mm256_sub_ps(xv, mean), invstd), b);
+  }
+  float lanes_a[8], lanes_b[8];
+  _mm256_storeu_ps(lanes_a, a);
+  _mm256_storeu_ps(lanes_b, b);
+  float sum_a = 0.f, sum_b = 0.f;
+  for (int k = 0; k < 8; ++k) {
+    sum_a += lanes_a[k];
+    sum_b += lanes_b[k];
+  }
+  for (; i < count; ++i) {
+    const float dz = grad_pre_activation<c10::Half, ACT, HAS_RES, true>(dy, x, res, i, &sc, &sh, slope);
+    sum_a += dz;
+    sum_b += dz * ((load(x, i) - mu) * is);
+  }
+  return {sum_a, sum_b};
+}
+
+// Pass 1 along one row segment of n channels: a[c] += dz, b[c] += dz * (x - mean[c]) * invstd[c].
+template <int ACT, bool HAS_RES>
+void half_backward_row_sums(const c10::Half* x, const c10::Half* dy, const c10::Half* res, int64_t n,
+                            const float* sc, const float* sh, const float* mu, const float* is, float* a, float* b,
+                            float slope) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 xv = load_half8(x + c);
+    const __m256 dz = half_grad8<ACT, HAS_RES>(xv, dy + c, HAS_RES ? res + c : nullptr, _mm256_loadu_ps(sc + c),
+                                               _mm256_loadu_ps(sh + c));
+    const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(xv, _mm256_loadu_ps(mu + c)), _mm256_loadu_ps(is + c));
+    _mm256_storeu_ps(a + c, _mm256_add_ps(_mm256_loadu_ps(a + c), dz));
+    _mm256_storeu_ps(b + c, _mm256_fmadd_ps(dz, xhat, _mm256_loadu_ps(b + c)));
+  }
+  for (; c < n; ++c) {
+    const float dz = grad_pre_activation<c10::Half, ACT, HAS_RES, false>(dy, x, res, c, sc, sh, slope);
+    a[c] += dz;
+    b[c] += dz * ((load(x, c) - mu[c]) * is[c]);
+  }
+}
+
+// Pass 2 along one line: dx = dz * k1 - (x - mean) * k2 - k3 and d residual = dz, as wanted.
+template <int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
+void half_backward_line(const c10::Half* x, const c10::Half* dy, const c10::Half* res, c10::Half* grad_x,
+                        c10::Half* grad_res, int64_t n, const float* sc, const float* sh, const float* mu,
+                        const float* k1, const float* k2, const float* k3, float slope) {
+  const auto per_channel = [](const float* p, int64_t i) {
+    return PLANES ? _mm256_set1_ps(p[0]) : _mm256_loadu_ps(p + i);
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = load_half8(x + i);
+    const __m256 dz = half_grad8<ACT, HAS_RES>(xv, dy + i, HAS_RES ? res + i : nullptr, per_channel(sc, i),
+                                               per_channel(sh, i));
+    if constexpr (DX) {
+      const __m256 centered = _mm256_mul_ps(_mm256_sub_ps(xv, per_channel(mu, i)), per_channel(k2, i));
+      store_half8(grad_x + i, _mm256_sub_ps(_mm256_fmsub_ps(dz, per_channel(k1, i), centered), per_channel(k3, i)));
+    }
+    if constexpr (DRES) store_half8(grad_res + i, dz);
+  }
+  for (; i < n; ++i) {
+    const int64_t c = column<PLANES>(i);
+    const float dz = grad_pre_activation<c10::Half, ACT, HAS_RES, PLANES>(dy, x, res, i, sc, sh, slope);
+    if constexpr (DX) store(grad_x, i, dz * k1[c] - (load(x, i) - mu[c]) * k2[c] - k3[c]);
+    if constexpr (DRES) store(grad_res, i, dz);
+  }
+}
+#else
+template <int ACT, bool HAS_RES>
+std::pair<float, float> half_backward_plane_sums(const c10::Half*, const c10::Half*, const c10::Half*, int64_t, float,
+                                                 float, float, float, float) {
+  return {0.f, 0.f};
+}
+template <int ACT, bool HAS_RES>
+void half_backward_row_sums(const c10::Half*, const c10::Half*, const c10::Half*, int64_t, const float*, const float*,
+                            const float*, const float*, float*, float*, float) {}
+template <int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
+void half_backward_line(const c10::Half*, const c10::Half*, const c10::Half*, c10::Half*, c10::Half*, int64_t,
+                        const float*, const float*, const float*, const float*, const float*, const float*, float) {}
+#endif
+
+// fp16 with an identity or ReLU takes the register loops above where the build has them.
+template <typename T, int ACT> constexpr bool kHalfBackwardInRegisters =
+    std::is_same_v<T, c10::Half> && kHalfInRegisters && (ACT == 0 || ACT == 1);
+
 template <typename T, int ACT, bool HAS_RES>
 void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry,
                    const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope, std::vector<double>& sum_dz,
@@ -710,6 +822,10 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
   using U = staged_t<T>;  // what the loops read (fp16: fp32 buffers)
   if (geometry.planes) {
     reduce_planes(geometry, sum_dz, sum_dz_xhat, [&](int64_t c, int64_t offset, int64_t count) {
+      if constexpr (kHalfBackwardInRegisters<T, ACT>) {
+        return half_backward_plane_sums<ACT, HAS_RES>(x + offset, dy + offset, HAS_RES ? res + offset : nullptr,
+                                                       count, k.scale[c], k.shift[c], k.mean[c], k.invstd[c], slope);
+      }
       const U* __restrict__ xp = read_staged(x + offset, count, 0);
       const U* __restrict__ g = read_staged(dy + offset, count, 1);
       const U* __restrict__ rr = HAS_RES ? read_staged(res + offset, count, 2) : nullptr;
@@ -728,6 +844,11 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
     const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
     const A *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
     for (int64_t r = r0; r < r1; ++r) {
+      if constexpr (kHalfBackwardInRegisters<T, ACT>) {
+        half_backward_row_sums<ACT, HAS_RES>(x + r * C + c0, dy + r * C + c0, HAS_RES ? res + r * C + c0 : nullptr, n,
+                                             sc, sh, mu, is, a, b, slope);
+        continue;
+      }
       const U* __restrict__ row = read_staged(x + r * C + c0, n, 0);
       const U* __restrict__ g = read_staged(dy + r * C + c0, n, 1);
       const U* __restrict__ rr = HAS_RES ? read_staged(res + r * C + c0, n, 2) : nullptr;
@@ -745,6 +866,15 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
                     const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope) {
   using A = acc_t<T>;
   using U = staged_t<T>;  // what the loops read and write (fp16: fp32 buffers)
+  if constexpr (kHalfBackwardInRegisters<T, ACT>) {
+    for_each_line(geometry, 16384, [&](int64_t offset, int64_t c0, int64_t n) {
+      half_backward_line<ACT, HAS_RES, DX, DRES, PLANES>(
+          x + offset, dy + offset, HAS_RES ? res + offset : nullptr, DX ? grad_x + offset : nullptr,
+          DRES ? grad_res + offset : nullptr, n, k.scale.data() + c0, k.shift.data() + c0, k.mean.data() + c0,
+          k.k1.data() + c0, k.k2.data() + c0, k.k3.data() + c0, slope);
+    });
+    return;
+  }
   for_each_line(geometry, 16384, [&](int64_t offset, int64_t c0, int64_t n) {
     // rows: per-channel arrays indexed by the column; planes: one channel's value for the whole line
     const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
