@@ -53,8 +53,8 @@ template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>
 
 // Element i of p in the compute type, and v stored as T (rounded to nearest even). bf16 is converted by
 // bit arithmetic that vectorizes (c10::BFloat16's own conversion has a branch for NaN that keeps the
-// compiler from it); fp16 takes c10::Half's conversion (where the build has F16C, the loops read and
-// write fp16 through fp32 buffers instead: read_staged below).
+// compiler from it); fp16 takes c10::Half's conversion (where the build has F16C, fp16 is converted 8
+// values at a time instead, in registers or through fp32 buffers: below).
 template <typename T> inline acc_t<T> load(const T* p, int64_t i) { return static_cast<acc_t<T>>(p[i]); }
 template <> inline float load<float>(const float* p, int64_t i) { return p[i]; }
 template <> inline float load<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
@@ -76,9 +76,12 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float 
 // -- fp16 through fp32 buffers ---------------------------------------------------------------------------
 // fp16 has no fast scalar conversion: c10::Half's is a software routine, one value at a time, and GCC 12
 // does not vectorize _Float16 conversions (perf/NOTES.md: our fp16 loops ran at 0.27-0.50x of PyTorch's).
-// Where the build has the CPU's F16C instructions, the loops read and write fp16 spans through fp32
-// buffers, converted 8 values per instruction (rounded to nearest even, as c10::Half does), and run their
-// fp32 code on them. Every other dtype is read and written in place: staged_t<T> is T itself.
+// Where the build has the CPU's F16C instructions, fp16 is converted 8 values per instruction (rounded to
+// nearest even, as c10::Half does): in registers by the loops written for identity and ReLU (the
+// normalization, the statistics and the backward: normalize_half_line, half_shifted_sums, half_backward_*),
+// and for every other activation through fp32 buffers holding the span a loop works on, which then runs
+// its fp32 code (three passes over an L1-resident buffer instead of one). Every other dtype is read and
+// written in place: staged_t<T> is T itself.
 #if defined(__F16C__)
 template <typename T> constexpr bool kStaged = std::is_same_v<T, c10::Half>;
 #else
