@@ -227,9 +227,9 @@ def _normalize_eval(x, weight, bias, mean, var, eps: float):
 
 
 def _eval_fast(x, mean, var, weight, bias, residual, eps: float, activation: int, negative_slope: float):
-    """Eval: the native kernel where it serves x (one pass, epilogue fused; it reads
-    per-channel tensors of any dtype as fp32 itself); else PyTorch's kernel with the running statistics,
-    then the epilogue in place."""
+    """Eval: the native kernel where it serves x (one pass, epilogue fused; it reads per-channel tensors of
+    any dtype in its compute type itself: fp32, double for float64); else PyTorch's kernel with the running
+    statistics, then the epilogue in place."""
     native_ops = native.serves(x)
     if native_ops is not None:
         return native_ops.apply(x, mean, var, weight, bias, native.like(residual, x), eps, False, activation,
@@ -367,7 +367,7 @@ def _fused_training(x, running_mean, running_var, weight, bias, residual, factor
                     activation: int, negative_slope: float):
     """``batch_norm_training`` where ``fast_path`` says yes, the running statistics weighted by ``factor``:
     the native kernels where they serve x (``native.py``: statistics in one read, y with
-    the epilogue in one more; they read and update per-channel tensors of any dtype in fp32 themselves),
+    the epilogue in one more; they read and update per-channel tensors of any dtype in their compute type themselves),
     else PyTorch's kernels, with the per-channel tensors converted (``_in_compute_dtype``) and the
     running statistics, where they had to be, written back (rounded once, as the step functions' update)."""
     native_ops = native.serves(x)
@@ -455,7 +455,7 @@ def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: floa
         return None
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
     native_ops = native.serves(x)
-    if native_ops is not None:  # both passes in native code, z recomputed inside (per-channel tensors read as fp32)
+    if native_ops is not None:  # both passes in native code, z recomputed inside (per-channel: compute type)
         wanted = (want_dx, want_dweight and weight is not None, want_dbias and bias is not None, want_dresidual)
         grads = native_ops.backward(native.like(grad_y, x), x, mean, stat, weight, bias,
                                     native.like(residual, x) if activation != 0 else None, eps, batch_stats,
