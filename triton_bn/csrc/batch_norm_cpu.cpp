@@ -30,8 +30,13 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
-#if defined(__F16C__)
+// fp16 vector conversions (F16C) with the AVX2 and FMA that the fp16 loops below use: what -march=native
+// gives on x86 CPUs of the last decade; without them fp16 takes c10::Half's scalar conversion.
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+#define TRITON_BN_HALF_VECTORS 1
 #include <immintrin.h>
+#else
+#define TRITON_BN_HALF_VECTORS 0
 #endif
 
 #include <algorithm>
@@ -76,20 +81,19 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float 
 // -- fp16 through fp32 buffers ---------------------------------------------------------------------------
 // fp16 has no fast scalar conversion: c10::Half's is a software routine, one value at a time, and GCC 12
 // does not vectorize _Float16 conversions (perf/NOTES.md: our fp16 loops ran at 0.27-0.50x of PyTorch's).
-// Where the build has the CPU's F16C instructions, fp16 is converted 8 values per instruction (rounded to
+// Where the build has F16C (TRITON_BN_HALF_VECTORS), fp16 is converted 8 values per instruction (rounded to
 // nearest even, as c10::Half does): in registers by the loops written for identity and ReLU (the
 // normalization, the statistics and the backward: normalize_half_line, half_shifted_sums, half_backward_*),
 // and for every other activation through fp32 buffers holding the span a loop works on, which then runs
 // its fp32 code (three passes over an L1-resident buffer instead of one). Every other dtype is read and
 // written in place: staged_t<T> is T itself.
-#if defined(__F16C__)
-template <typename T> constexpr bool kStaged = std::is_same_v<T, c10::Half>;
-#else
-template <typename T> constexpr bool kStaged = false;
-#endif
+template <typename T> constexpr bool kStaged = TRITON_BN_HALF_VECTORS && std::is_same_v<T, c10::Half>;
 template <typename T> using staged_t = std::conditional_t<kStaged<T>, float, T>;
+// Whether a loop of T and activation ACT converts in registers (fp16 with identity or ReLU; the statistics
+// ask with ACT 0) rather than through the buffers.
+template <typename T, int ACT> constexpr bool kHalfLoops = kStaged<T> && (ACT == 0 || ACT == 1);
 
-#if defined(__F16C__)
+#if TRITON_BN_HALF_VECTORS
 // 8 fp16 values as fp32, and 8 fp32 values stored as fp16 (rounded to nearest even).
 inline __m256 load_half8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -400,8 +404,7 @@ template <typename Body> void for_each_line(const Geometry& g, int64_t values_pe
 template <bool PLANES> constexpr int64_t column(int64_t i) { return PLANES ? 0 : i; }
 
 // -- forward ---------------------------------------------------------------------------------------------
-#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
-constexpr bool kHalfInRegisters = true;
+#if TRITON_BN_HALF_VECTORS
 // One fp16 line of y = act(x * scale + shift [+ residual]), ACT identity or ReLU, with the conversions in
 // registers, 8 values per step: one pass over memory, as PyTorch's own fp16 kernel makes, where the fp32
 // buffers take three (perf/NOTES.md). The same arithmetic as the fp32 loops (x * scale + shift fused, the
@@ -469,7 +472,6 @@ inline void half_row_sums(const c10::Half* row, const float* shift, int64_t n, f
   }
 }
 #else
-constexpr bool kHalfInRegisters = false;
 template <int ACT, bool PLANES>
 void normalize_half_line(const c10::Half*, const c10::Half*, c10::Half*, int64_t, const float*, const float*) {}
 inline std::pair<float, float> half_shifted_sums(const c10::Half*, int64_t, float) { return {0.f, 0.f}; }
@@ -487,7 +489,7 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
   std::vector<double> s1, s2;
   if (g.planes) {
     reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count) {
-      if constexpr (std::is_same_v<T, c10::Half> && kHalfInRegisters) {
+      if constexpr (kHalfLoops<T, 0>) {
         return half_shifted_sums(x + offset, count, shift[c]);
       } else {
         const staged_t<T>* __restrict__ p = read_staged(x + offset, count, 0);
@@ -503,7 +505,7 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
                                      A* __restrict__ b) {
       const A* __restrict__ sh = shift.data() + c0;
       for (int64_t r = r0; r < r1; ++r) {
-        if constexpr (std::is_same_v<T, c10::Half> && kHalfInRegisters) {
+        if constexpr (kHalfLoops<T, 0>) {
           half_row_sums(x + r * C + c0, sh, n, a, b);
           continue;
         }
@@ -529,7 +531,7 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
 template <typename T, int ACT, bool PLANES>
 void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const acc_t<T>* scale,
                      const acc_t<T>* shift, acc_t<T> slope) {
-  if constexpr (std::is_same_v<T, c10::Half> && kHalfInRegisters && (ACT == 0 || ACT == 1)) {
+  if constexpr (kHalfLoops<T, ACT>) {
     for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
       normalize_half_line<ACT, PLANES>(x + offset, residual == nullptr ? nullptr : residual + offset, y + offset, n,
                                        scale + c, shift + c);
@@ -705,7 +707,7 @@ inline acc_t<T> grad_pre_activation(const T* __restrict__ dy, const T* __restric
   }
 }
 
-#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+#if TRITON_BN_HALF_VECTORS
 // The backward of fp16 with the conversions in registers (ACT identity or ReLU; other activations take the
 // fp32 buffers), the same arithmetic as grad_pre_activation and the fp32 loops. dz for 8 values: dy, or 0
 // where z = x * scale + shift [+ residual] <= 0 (threshold_backward's rule; a NaN z passes dy).
@@ -813,10 +815,6 @@ void half_backward_line(const c10::Half*, const c10::Half*, const c10::Half*, c1
                         const float*, const float*, const float*, const float*, const float*, const float*, float) {}
 #endif
 
-// fp16 with an identity or ReLU takes the register loops above where the build has them.
-template <typename T, int ACT> constexpr bool kHalfBackwardInRegisters =
-    std::is_same_v<T, c10::Half> && kHalfInRegisters && (ACT == 0 || ACT == 1);
-
 template <typename T, int ACT, bool HAS_RES>
 void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry,
                    const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope, std::vector<double>& sum_dz,
@@ -825,7 +823,7 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
   using U = staged_t<T>;  // what the loops read (fp16: fp32 buffers)
   if (geometry.planes) {
     reduce_planes(geometry, sum_dz, sum_dz_xhat, [&](int64_t c, int64_t offset, int64_t count) {
-      if constexpr (kHalfBackwardInRegisters<T, ACT>) {
+      if constexpr (kHalfLoops<T, ACT>) {
         return half_backward_plane_sums<ACT, HAS_RES>(x + offset, dy + offset, HAS_RES ? res + offset : nullptr,
                                                        count, k.scale[c], k.shift[c], k.mean[c], k.invstd[c], slope);
       }
@@ -847,7 +845,7 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
     const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
     const A *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
     for (int64_t r = r0; r < r1; ++r) {
-      if constexpr (kHalfBackwardInRegisters<T, ACT>) {
+      if constexpr (kHalfLoops<T, ACT>) {
         half_backward_row_sums<ACT, HAS_RES>(x + r * C + c0, dy + r * C + c0, HAS_RES ? res + r * C + c0 : nullptr, n,
                                              sc, sh, mu, is, a, b, slope);
         continue;
@@ -869,7 +867,7 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
                     const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope) {
   using A = acc_t<T>;
   using U = staged_t<T>;  // what the loops read and write (fp16: fp32 buffers)
-  if constexpr (kHalfBackwardInRegisters<T, ACT>) {
+  if constexpr (kHalfLoops<T, ACT>) {
     for_each_line(geometry, 16384, [&](int64_t offset, int64_t c0, int64_t n) {
       half_backward_line<ACT, HAS_RES, DX, DRES, PLANES>(
           x + offset, dy + offset, HAS_RES ? res + offset : nullptr, DX ? grad_x + offset : nullptr,
