@@ -31,6 +31,9 @@ def _input(shape, dtype, layout, offset=0.0, seed=0):
         x = x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)])
     elif layout == "c_innermost":  # (N, C, L) with C innermost
         x = x.transpose(1, -1).contiguous().transpose(1, -1)
+    elif layout == "channels_last, odd strides of size-1 dims":  # still dense: a size-1 dim's stride is never used
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.as_strided(x.shape, [97 if size == 1 else stride for size, stride in zip(x.shape, x.stride())])
     assert native.serves(x) is not None, "the native kernels must serve this input"
     return x
 
@@ -81,7 +84,8 @@ def test_training_forward_every_activation_and_dtype(activation, dtype, layout):
                                            ((17, 6), "contiguous"), ((4, 6, 9), "c_innermost"),
                                            ((5, 6, 1, 1), "contiguous"), ((4, 6, 3, 5), "contiguous"),
                                            ((3, 4, 2, 3, 5), "contiguous"), ((4, 6, 9), "contiguous"),
-                                           ((2, 3, 2500), "contiguous")], ids=str)
+                                           ((2, 3, 2500), "contiguous"),
+                                           ((1, 6, 1, 5), "channels_last, odd strides of size-1 dims")], ids=str)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 def test_every_channels_innermost_layout_in_training_and_eval(shape, layout, affine):
     x = _input(shape, torch.float32, layout)
@@ -112,14 +116,16 @@ def test_statistics_at_a_large_mean_stay_accurate(layout, dtype):
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("activation", [None, "relu"], ids=str)
-def test_fp16_in_vector_lanes(layout, activation):
-    """fp16 with the conversions in registers where the build has F16C (identity and ReLU), on rows of 24
-    channels and planes of 35 values (the vector bodies and their tails): the statistics at the fp32
-    statistics' tolerances of the training-forward test, y, and every gradient with a residual, against
-    float64."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_floats_in_vector_lanes(layout, activation, dtype):
+    """fp16 and bf16 with the conversions in registers where the build has the vector instructions
+    (identity and ReLU: packs of 16 values, for fp16 then 8; fp16's backward), on rows of 24 channels
+    and planes of 35 values (the vector bodies and their tails; bf16 rows read their per-channel values
+    in the packs' order): the statistics at the fp32 statistics' tolerances of the training-forward test,
+    y, and every gradient with a residual, against float64."""
     shape = (6, 24, 5, 7)
-    x, residual = _input(shape, torch.float16, layout), _input(shape, torch.float16, layout, seed=2)
-    grad_y = _input(shape, torch.float16, layout, seed=3)
+    x, residual = _input(shape, dtype, layout), _input(shape, dtype, layout, seed=2)
+    grad_y = _input(shape, dtype, layout, seed=3)
     weight, bias = _parameters(24)
     act = ACTIVATION_IDS[activation]
     y, mean, invstd = reference.batch_norm_training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
@@ -129,17 +135,16 @@ def test_fp16_in_vector_lanes(layout, activation):
     torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-5)
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
     expected_y = _float64_forward(*leaves, True, None, None, activation)
-    assert_close(y, expected_y, torch.float16, "y")
+    assert_close(y, expected_y, dtype, "y")
     grads = reference.batch_norm_backward(grad_y, x, mean, invstd, weight, bias, residual, 1e-5, True, act, 0.0,
                                           [True, True, True, True])
     expected = torch.autograd.grad(expected_y, leaves, grad_y.double())
     for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected):
         if name in ("dweight", "dbias"):  # sums over the batch, compared at the tolerances scaled by n
-            torch.testing.assert_close(got.double(), want, atol=TOLERANCES[torch.float16][0] * 60,
-                                       rtol=TOLERANCES[torch.float16][1])
+            torch.testing.assert_close(got.double(), want, atol=TOLERANCES[dtype][0] * 60, rtol=TOLERANCES[dtype][1])
         else:
             assert got.stride() == x.stride()
-            assert_close(got, want, torch.float16, name)
+            assert_close(got, want, dtype, name)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
@@ -193,10 +198,12 @@ def test_backward_takes_gradients_of_any_layout_and_skips_what_is_not_wanted():
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
-def test_results_do_not_depend_on_the_thread_count(layout, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ["silu", "relu"])
+def test_results_do_not_depend_on_the_thread_count(layout, dtype, activation):
     """The reductions cut the rows (planes) by their count alone and merge in order: 1 thread and 2 threads
-    give bitwise the same statistics, output and gradients."""
+    give bitwise the same statistics, output and gradients (ReLU: fp16's and bf16's vector loops)."""
+    act = ACTIVATION_IDS[activation]
     x = _input((16, 8, 20, 20), dtype, layout)
     grad_y = _input((16, 8, 20, 20), dtype, layout, seed=4)
     weight, bias = _parameters(8)
@@ -206,8 +213,8 @@ def test_results_do_not_depend_on_the_thread_count(layout, dtype):
         for count in (1, 2):
             torch.set_num_threads(count)
             y, mean, invstd = reference.batch_norm_training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5,
-                                                            4, 0.0)
-            grads = reference.batch_norm_backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5, True, 4, 0.0,
+                                                            act, 0.0)
+            grads = reference.batch_norm_backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5, True, act, 0.0,
                                                   [True, True, True, False])
             results.append((y, mean, invstd) + tuple(grads[:3]))
     finally:
@@ -354,41 +361,43 @@ def test_training_node_refuses_bad_arguments_before_any_write():
 
 
 @pytest.mark.parametrize("layout", ["rows", "wide rows", "planes"])
-def test_fp16_conversions_are_exact_for_every_bit_pattern(layout):
-    """Every one of the 65536 fp16 patterns through the loops' fp16 reads and writes (c10::Half's conversion
-    one value at a time, or, where the build has F16C, fp32 buffers converted 8 values per instruction: the
-    rows of 2 channels take the one-value tails, the wide rows and the planes the vector body): y = x * 1
-    + 0 gives x back bitwise (subnormals, infinities, signed zeros; NaN stays NaN), y = x * w rounds
-    the fp32 product to nearest even exactly as PyTorch's conversion does (ties, overflow to inf, results
-    in the subnormal range), and so does ReLU(x * w)."""
-    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_conversions_are_exact_for_every_bit_pattern(layout, dtype):
+    """Every one of the 65536 fp16 or bf16 patterns through the loops' reads and writes (one value at a
+    time, or, where the build has the vector instructions, packs of 16 in registers (fp16 also through
+    fp32 buffers): the rows of 2 channels take the one-value tails, the wide rows and the planes the vector
+    bodies, bf16's wide rows with each channel's weight in the packs' order): y = x * 1 + 0 gives x back
+    bitwise (subnormals, infinities, signed zeros; NaN stays NaN), y = x * w rounds the fp32 product to
+    nearest even exactly as PyTorch's conversion does (ties, overflow to inf, results in the subnormal
+    range), and so does ReLU(x * w). A bf16 NaN is written as 0x7FC0 (c10::BFloat16's), by every loop."""
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    rounding = torch.tensor([1.37, 1e-4])  # products that round at every spacing, down into the subnormals
     if layout == "rows":  # (N, C) = (65536, 2): every pattern in both channels
         x = patterns.reshape(-1, 1).expand(-1, 2).contiguous()
-        weight = torch.tensor([1.37, 1e-4])  # products that round at every spacing, down into the subnormals
+        weight = rounding
     elif layout == "wide rows":  # (N, C) = (256, 256): each pattern once, rows of 256 channels
         x = patterns.reshape(256, 256)
-        weight = torch.tensor([1.37, 1e-4]).repeat(128)
+        weight = rounding.repeat(128) * (1 + torch.arange(256) / 512)  # a weight of its own for every channel
     else:  # (N, C, L) = (1, 2, 65536), contiguous: two planes of every pattern
         x = patterns.reshape(1, 1, -1).expand(1, 2, -1).contiguous()
-        weight = torch.tensor([1.37, 1e-4])
+        weight = rounding
     channels = x.shape[1]
     per_channel = [1, channels] + [1] * (x.dim() - 2)
     apply = native.ops().apply
     zero, one = torch.zeros(channels), torch.ones(channels)
+
+    def check(y, expected):
+        finite = ~torch.isnan(expected)
+        assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
+        assert torch.isnan(y[~finite]).all()
+        if dtype == torch.bfloat16:
+            assert (y[~finite].view(torch.int16) == 0x7FC0).all()
+
     y = apply(x, zero, one, None, None, None, 0.0, False, 0, 0.0)  # eval: (x - 0) / sqrt(1 + 0) * 1 + 0
-    expected = (x.float() + 0.0).half()  # x itself, but -0 + 0 = +0
-    finite = ~torch.isnan(x)
-    assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
-    assert torch.isnan(y[~finite]).all()
+    check(y, (x.float() + 0.0).to(dtype))  # x itself, but -0 + 0 = +0
     y = apply(x, zero, one, weight, None, None, 0.0, False, 0, 0.0)
-    expected = (x.float() * weight.reshape(per_channel) + 0.0).half()
-    finite = ~torch.isnan(expected)
-    assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
-    assert torch.isnan(y[~finite]).all()
-    # ReLU (its own fp16 loop where the build has F16C): z < 0 gives 0, anything else z itself, NaN included
+    check(y, (x.float() * weight.reshape(per_channel) + 0.0).to(dtype))
+    # ReLU (its own vector loop): z < 0 gives 0, anything else z itself, NaN included
     y = apply(x, zero, one, weight, None, None, 0.0, False, ACTIVATION_IDS["relu"], 0.0)
     z = x.float() * weight.reshape(per_channel) + 0.0
-    expected = torch.where(z < 0, torch.zeros_like(z), z).half()
-    finite = ~torch.isnan(expected)
-    assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
-    assert torch.isnan(y[~finite]).all()
+    check(y, torch.where(z < 0, torch.zeros_like(z), z).to(dtype))

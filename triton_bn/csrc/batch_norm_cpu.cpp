@@ -30,13 +30,14 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
-// fp16 vector conversions (F16C) with the AVX2 and FMA that the fp16 loops below use: what -march=native
-// gives on x86 CPUs of the last decade; without them fp16 takes c10::Half's scalar conversion.
+// The hand-written vector loops for the 16-bit float types (fp16, bf16) need AVX2 and FMA, and F16C for
+// fp16's conversions: what -march=native gives on x86 CPUs of the last decade. Without them fp16 takes
+// c10::Half's scalar conversion and bf16 the compiler's vectorization of its scalar code.
 #if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
-#define TRITON_BN_HALF_VECTORS 1
+#define TRITON_BN_16BIT_VECTORS 1
 #include <immintrin.h>
 #else
-#define TRITON_BN_HALF_VECTORS 0
+#define TRITON_BN_16BIT_VECTORS 0
 #endif
 
 #include <algorithm>
@@ -81,19 +82,24 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float 
 // -- fp16 through fp32 buffers ---------------------------------------------------------------------------
 // fp16 has no fast scalar conversion: c10::Half's is a software routine, one value at a time, and GCC 12
 // does not vectorize _Float16 conversions (perf/NOTES.md: our fp16 loops ran at 0.27-0.50x of PyTorch's).
-// Where the build has F16C (TRITON_BN_HALF_VECTORS), fp16 is converted 8 values per instruction (rounded to
+// Where the build has F16C (TRITON_BN_16BIT_VECTORS), fp16 is converted 8 values per instruction (rounded to
 // nearest even, as c10::Half does): in registers by the loops written for identity and ReLU (the
 // normalization, the statistics and the backward: normalize_half_line, half_shifted_sums, half_backward_*),
 // and for every other activation through fp32 buffers holding the span a loop works on, which then runs
 // its fp32 code (three passes over an L1-resident buffer instead of one). Every other dtype is read and
 // written in place: staged_t<T> is T itself.
-template <typename T> constexpr bool kStaged = TRITON_BN_HALF_VECTORS && std::is_same_v<T, c10::Half>;
+template <typename T> constexpr bool kStaged = TRITON_BN_16BIT_VECTORS && std::is_same_v<T, c10::Half>;
 template <typename T> using staged_t = std::conditional_t<kStaged<T>, float, T>;
 // Whether a loop of T and activation ACT converts in registers (fp16 with identity or ReLU; the statistics
 // ask with ACT 0) rather than through the buffers.
 template <typename T, int ACT> constexpr bool kHalfLoops = kStaged<T> && (ACT == 0 || ACT == 1);
+// Whether the normalization of T with activation ACT and the statistics of T's planes (ACT 0) run the
+// loops over packs of 16 values below (fp16 and bf16, identity or ReLU).
+template <typename T, int ACT> constexpr bool kPackLoops =
+    TRITON_BN_16BIT_VECTORS && (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) &&
+    (ACT == 0 || ACT == 1);
 
-#if TRITON_BN_HALF_VECTORS
+#if TRITON_BN_16BIT_VECTORS
 // 8 fp16 values as fp32, and 8 fp32 values stored as fp16 (rounded to nearest even).
 inline __m256 load_half8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -113,7 +119,63 @@ void float_to_half(const float* in, c10::Half* out, int64_t n) {
   for (; i + 8 <= n; i += 8) store_half8(out + i, _mm256_loadu_ps(in + i));
   for (; i < n; ++i) out[i] = c10::Half(in[i]);
 }
+
+// -- packs: 16 values of a 16-bit float type as two vectors of 8 fp32 ------------------------------------
+// fp16: values 0-7 and 8-15. bf16: the even values and the odd ones. A bf16 value is the high half of an
+// fp32, and a 32-bit lane of memory holds values 2k (low half) and 2k + 1 (high half): shifting the lane
+// up gives value 2k as an fp32, masking its low half gives value 2k + 1, and rounding both and blending
+// them back is the store. That is two instructions to widen 16 values and two to narrow them, where
+// keeping the order costs a widening move and a shift per 8 values, and a cross-lane pack and permute to
+// narrow (perf/NOTES.md: bf16's normalization ran ~1.7x faster this way). Elementwise loops do not mind
+// the order; per-channel values along a row are put in the same order first (in_pack_order).
+struct Pack {
+  __m256 first, second;
+};
+
+inline Pack load_pack(const c10::Half* p) { return {load_half8(p), load_half8(p + 8)}; }
+inline void store_pack(c10::Half* p, const Pack& v) {
+  store_half8(p, v.first);
+  store_half8(p + 8, v.second);
+}
+
+inline Pack load_pack(const c10::BFloat16* p) {
+  const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+}
+// v rounded to bf16 as store<c10::BFloat16> rounds it (nearest even; every NaN as 0x7FC0), in the high
+// half of each lane.
+inline __m256i bf16_in_high_halves(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lowest_kept);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(nan));
+}
+inline void store_pack(c10::BFloat16* p, const Pack& v) {
+  const __m256i even = _mm256_srli_epi32(bf16_in_high_halves(v.first), 16);  // to the low halves
+  const __m256i lanes = _mm256_blend_epi16(even, bf16_in_high_halves(v.second), 0xAA);  // odd: high halves
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), lanes);
+}
 #endif
+
+// Per-channel values of a row (values[c] for channel c) in the order of T's packs: each whole block of 16
+// channels permuted as load_pack permutes values (bf16: even channels, then odd ones); the last C % 16,
+// which the loops take one by one, and every other type's, as they are.
+template <typename T, typename A> std::vector<A> in_pack_order(const std::vector<A>& values) {
+  if constexpr (!std::is_same_v<T, c10::BFloat16>) {
+    return values;
+  } else {
+    std::vector<A> ordered(values);
+    for (size_t block = 0; block + 16 <= values.size(); block += 16) {
+      for (size_t k = 0; k < 8; ++k) {
+        ordered[block + k] = values[block + 2 * k];
+        ordered[block + 8 + k] = values[block + 2 * k + 1];
+      }
+    }
+    return ordered;
+  }
+}
 
 // A thread's fp32 buffer of n values for slot 0-4 (one per array staged at once), all five in one
 // allocation reused from call to call. The slots are kStageSkew floats more than n apart, never a multiple
@@ -243,11 +305,29 @@ struct Geometry {
   int64_t N, C, S, R;  // R = N * S: the values per channel
 };
 
+// Whether x.movedim(1, -1) is contiguous (read from the strides: the view itself costs a microsecond,
+// as much as a small eval call's whole arithmetic): dim 1 innermost, then the last dim to dim 2, then dim
+// 0, each dense over the ones inside it (a dim of size 1 may have any stride, as for is_contiguous).
+bool channels_innermost(const at::Tensor& x) {
+  if (x.numel() == 0) return true;
+  int64_t dense = 1;
+  const auto dense_at = [&](int64_t dim) {
+    const bool ok = x.size(dim) == 1 || x.stride(dim) == dense;
+    dense *= x.size(dim);
+    return ok;
+  };
+  if (!dense_at(1)) return false;
+  for (int64_t dim = x.dim() - 1; dim >= 2; --dim) {
+    if (!dense_at(dim)) return false;
+  }
+  return dense_at(0);
+}
+
 Geometry geometry_of(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "triton_bn_cpu: x must be a CPU tensor [N, C, *]");
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t R = C == 0 ? 0 : x.numel() / C;
-  if (x.movedim(1, -1).is_contiguous()) return {false, N, C, N == 0 ? 0 : R / N, R};
+  if (channels_innermost(x)) return {false, N, C, N == 0 ? 0 : R / N, R};
   TORCH_CHECK(x.is_contiguous(), "triton_bn_cpu: x must have its channels innermost (dense rows) or be contiguous");
   return {true, N, C, N == 0 ? 0 : R / N, R};
 }
@@ -277,10 +357,30 @@ at::ScalarType compute_type_of(const at::Tensor& x) {
 template <typename A>
 std::vector<A> channel_values(const c10::optional<at::Tensor>& t, int64_t channels, A absent) {
   std::vector<A> out(channels, absent);
-  if (present(t)) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, "triton_bn_cpu: per-channel vectors must be [C]");
-    const at::Tensor f = t->to(scalar_type_of<A>()).contiguous();
-    std::copy(f.data_ptr<A>(), f.data_ptr<A>() + channels, out.begin());
+  if (!present(t)) return out;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, "triton_bn_cpu: per-channel vectors must be [C]");
+  // read in place, converted one value at a time (as Tensor.to converts: exact, or rounded to nearest from
+  // double); a converted copy would cost two allocations per vector, per call
+  const auto read = [&](auto tag) {
+    using V = decltype(tag);
+    const V* p = t->data_ptr<V>();
+    const int64_t step = t->stride(0);
+    A* __restrict__ values = out.data();
+    if (step == 1) {
+      for (int64_t c = 0; c < channels; ++c) values[c] = static_cast<A>(static_cast<acc_t<V>>(p[c]));
+    } else {
+      for (int64_t c = 0; c < channels; ++c) values[c] = static_cast<A>(static_cast<acc_t<V>>(p[c * step]));
+    }
+  };
+  switch (t->scalar_type()) {
+    case at::kFloat: read(float{}); break;
+    case at::kDouble: read(double{}); break;
+    case at::kBFloat16: read(c10::BFloat16{}); break;
+    case at::kHalf: read(c10::Half{}); break;
+    default: {
+      const at::Tensor f = t->to(scalar_type_of<A>()).contiguous();
+      std::copy(f.data_ptr<A>(), f.data_ptr<A>() + channels, out.begin());
+    }
   }
   return out;
 }
@@ -396,7 +496,12 @@ template <typename Body> void for_each_line(const Geometry& g, int64_t values_pe
   const int64_t lines = g.planes ? g.N * g.C : g.R, length = g.planes ? g.S : g.C;
   const int64_t grain = std::max<int64_t>(1, values_per_task / std::max<int64_t>(length, 1));
   at::parallel_for(0, lines, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t line = begin; line < end; ++line) body(line * length, g.planes ? line % g.C : 0, length);
+    // a plane's channel counted along, not line % C: a division per line shows on small planes (7x7)
+    int64_t c = g.planes ? begin % g.C : 0;
+    for (int64_t line = begin; line < end; ++line) {
+      body(line * length, c, length);
+      if (g.planes && ++c == g.C) c = 0;
+    }
   });
 }
 
@@ -404,23 +509,41 @@ template <typename Body> void for_each_line(const Geometry& g, int64_t values_pe
 template <bool PLANES> constexpr int64_t column(int64_t i) { return PLANES ? 0 : i; }
 
 // -- forward ---------------------------------------------------------------------------------------------
-#if TRITON_BN_HALF_VECTORS
-// One fp16 line of y = act(x * scale + shift [+ residual]), ACT identity or ReLU, with the conversions in
-// registers, 8 values per step: one pass over memory, as PyTorch's own fp16 kernel makes, where the fp32
-// buffers take three (perf/NOTES.md). The same arithmetic as the fp32 loops (x * scale + shift fused, the
-// residual added, then ReLU as `z < 0 ? 0 : z`: max(0, z) returns z itself for a NaN and for -0); the last
-// n % 8 values take the scalar conversion.
-template <int ACT, bool PLANES>
-void normalize_half_line(const c10::Half* in, const c10::Half* res, c10::Half* out, int64_t n, const float* sc,
-                         const float* sh) {
+#if TRITON_BN_16BIT_VECTORS
+// One fp16 or bf16 line of y = act(x * scale + shift [+ residual]), ACT identity or ReLU, with the
+// conversions in registers, a pack of 16 values per step (then, for fp16, 8): one pass over memory, as
+// PyTorch's own kernels make, where fp16's fp32 buffers take three (perf/NOTES.md). The same arithmetic as
+// the fp32 loops (x * scale + shift fused, the residual added, then ReLU as `z < 0 ? 0 : z`: max(0, z)
+// returns z itself for a NaN and for -0); the last values take the scalar conversion. Along a row, sc and
+// sh are in pack order (in_pack_order).
+template <int ACT> inline __m256 normalize8(__m256 x, __m256 scale, __m256 shift, const __m256* residual) {
+  __m256 z = _mm256_fmadd_ps(x, scale, shift);
+  if (residual != nullptr) z = _mm256_add_ps(z, *residual);
+  if constexpr (ACT == 1) z = _mm256_max_ps(_mm256_setzero_ps(), z);
+  return z;
+}
+
+template <typename T, int ACT, bool PLANES>
+void normalize_packed_line(const T* in, const T* res, T* out, int64_t n, const float* sc, const float* sh) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 scale = PLANES ? _mm256_set1_ps(sc[0]) : _mm256_loadu_ps(sc + i);
-    const __m256 shift = PLANES ? _mm256_set1_ps(sh[0]) : _mm256_loadu_ps(sh + i);
-    __m256 z = _mm256_fmadd_ps(load_half8(in + i), scale, shift);
-    if (res != nullptr) z = _mm256_add_ps(z, load_half8(res + i));
-    if constexpr (ACT == 1) z = _mm256_max_ps(_mm256_setzero_ps(), z);
-    store_half8(out + i, z);
+  for (; i + 16 <= n; i += 16) {
+    const Pack scale = PLANES ? Pack{_mm256_set1_ps(sc[0]), _mm256_set1_ps(sc[0])}
+                              : Pack{_mm256_loadu_ps(sc + i), _mm256_loadu_ps(sc + i + 8)};
+    const Pack shift = PLANES ? Pack{_mm256_set1_ps(sh[0]), _mm256_set1_ps(sh[0])}
+                              : Pack{_mm256_loadu_ps(sh + i), _mm256_loadu_ps(sh + i + 8)};
+    const Pack x = load_pack(in + i);
+    const Pack r = res != nullptr ? load_pack(res + i) : Pack{};
+    store_pack(out + i, Pack{normalize8<ACT>(x.first, scale.first, shift.first, res != nullptr ? &r.first : nullptr),
+                             normalize8<ACT>(x.second, scale.second, shift.second,
+                                             res != nullptr ? &r.second : nullptr)});
+  }
+  if constexpr (std::is_same_v<T, c10::Half>) {  // a half pack: values in order, as the scalar tail indexes them
+    for (; i + 8 <= n; i += 8) {
+      const __m256 r = res != nullptr ? load_half8(res + i) : __m256{};
+      store_half8(out + i, normalize8<ACT>(load_half8(in + i), PLANES ? _mm256_set1_ps(sc[0]) : _mm256_loadu_ps(sc + i),
+                                           PLANES ? _mm256_set1_ps(sh[0]) : _mm256_loadu_ps(sh + i),
+                                           res != nullptr ? &r : nullptr));
+    }
   }
   for (; i < n; ++i) {
     float z = load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)];
@@ -428,14 +551,16 @@ void normalize_half_line(const c10::Half* in, const c10::Half* res, c10::Half* o
     store(out, i, activate<ACT>(z, 0.f));
   }
 }
-// Statistics of fp16 values with the conversions in registers: (sum of d, sum of d * d), d = x - shift,
-// over count values of a plane, in two sets of 8 fp32 lanes added in a fixed order at the end.
-inline std::pair<float, float> half_shifted_sums(const c10::Half* p, int64_t count, float shift) {
+// Statistics of fp16 or bf16 values with the conversions in registers: (sum of d, sum of d * d),
+// d = x - shift, over count values of a plane, a pack per step into two sets of 8 fp32 lanes added in a
+// fixed order at the end.
+template <typename T> inline std::pair<float, float> packed_shifted_sums(const T* p, int64_t count, float shift) {
   const __m256 sh = _mm256_set1_ps(shift);
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
-    const __m256 d0 = _mm256_sub_ps(load_half8(p + i), sh), d1 = _mm256_sub_ps(load_half8(p + i + 8), sh);
+    const Pack x = load_pack(p + i);
+    const __m256 d0 = _mm256_sub_ps(x.first, sh), d1 = _mm256_sub_ps(x.second, sh);
     a0 = _mm256_add_ps(a0, d0);
     a1 = _mm256_add_ps(a1, d1);
     b0 = _mm256_fmadd_ps(d0, d0, b0);
@@ -472,9 +597,9 @@ inline void half_row_sums(const c10::Half* row, const float* shift, int64_t n, f
   }
 }
 #else
-template <int ACT, bool PLANES>
-void normalize_half_line(const c10::Half*, const c10::Half*, c10::Half*, int64_t, const float*, const float*) {}
-inline std::pair<float, float> half_shifted_sums(const c10::Half*, int64_t, float) { return {0.f, 0.f}; }
+template <typename T, int ACT, bool PLANES>
+void normalize_packed_line(const T*, const T*, T*, int64_t, const float*, const float*) {}
+template <typename T> inline std::pair<float, float> packed_shifted_sums(const T*, int64_t, float) { return {0.f, 0.f}; }
 inline void half_row_sums(const c10::Half*, const float*, int64_t, float*, float*) {}
 #endif
 
@@ -489,8 +614,8 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
   std::vector<double> s1, s2;
   if (g.planes) {
     reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count) {
-      if constexpr (kHalfLoops<T, 0>) {
-        return half_shifted_sums(x + offset, count, shift[c]);
+      if constexpr (kPackLoops<T, 0>) {
+        return packed_shifted_sums(x + offset, count, shift[c]);
       } else {
         const staged_t<T>* __restrict__ p = read_staged(x + offset, count, 0);
         const A sh = shift[c];
@@ -531,10 +656,10 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
 template <typename T, int ACT, bool PLANES>
 void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const acc_t<T>* scale,
                      const acc_t<T>* shift, acc_t<T> slope) {
-  if constexpr (kHalfLoops<T, ACT>) {
+  if constexpr (kPackLoops<T, ACT>) {
     for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
-      normalize_half_line<ACT, PLANES>(x + offset, residual == nullptr ? nullptr : residual + offset, y + offset, n,
-                                       scale + c, shift + c);
+      normalize_packed_line<T, ACT, PLANES>(x + offset, residual == nullptr ? nullptr : residual + offset, y + offset,
+                                            n, scale + c, shift + c);
     });
     return;
   }
@@ -565,6 +690,9 @@ void normalize(const T* x, const T* residual, T* y, const Geometry& g, const std
     constexpr int ACT = decltype(act)::value;
     if (g.planes) {
       normalize_lines<T, ACT, true>(x, residual, y, g, scale.data(), shift.data(), slope);
+    } else if constexpr (kPackLoops<T, ACT>) {  // the row loops read per-channel values as packs
+      const std::vector<acc_t<T>> ordered_scale = in_pack_order<T>(scale), ordered_shift = in_pack_order<T>(shift);
+      normalize_lines<T, ACT, false>(x, residual, y, g, ordered_scale.data(), ordered_shift.data(), slope);
     } else {
       normalize_lines<T, ACT, false>(x, residual, y, g, scale.data(), shift.data(), slope);
     }
@@ -707,7 +835,7 @@ inline acc_t<T> grad_pre_activation(const T* __restrict__ dy, const T* __restric
   }
 }
 
-#if TRITON_BN_HALF_VECTORS
+#if TRITON_BN_16BIT_VECTORS
 // The backward of fp16 with the conversions in registers (ACT identity or ReLU; other activations take the
 // fp32 buffers), the same arithmetic as grad_pre_activation and the fp32 loops. dz for 8 values: dy, or 0
 // where z = x * scale + shift [+ residual] <= 0 (threshold_backward's rule; a NaN z passes dy).
