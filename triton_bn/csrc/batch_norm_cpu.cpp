@@ -84,10 +84,11 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float 
 // does not vectorize _Float16 conversions (perf/NOTES.md: our fp16 loops ran at 0.27-0.50x of PyTorch's).
 // Where the build has F16C (TRITON_BN_16BIT_VECTORS), fp16 is converted 8 values per instruction (rounded to
 // nearest even, as c10::Half does): in registers by the loops written for identity and ReLU (the
-// normalization, the statistics and the backward: normalize_half_line, half_shifted_sums, half_backward_*),
-// and for every other activation through fp32 buffers holding the span a loop works on, which then runs
-// its fp32 code (three passes over an L1-resident buffer instead of one). Every other dtype is read and
-// written in place: staged_t<T> is T itself.
+// normalization and the plane statistics over packs, shared with bf16: normalize_packed_line,
+// packed_shifted_sums; the row statistics and the backward: half_row_sums, half_backward_*), and for
+// every other activation through fp32 buffers holding the span a loop works on, which then runs its fp32
+// code (three passes over an L1-resident buffer instead of one). Every other dtype is read and written in
+// place: staged_t<T> is T itself.
 template <typename T> constexpr bool kStaged = TRITON_BN_16BIT_VECTORS && std::is_same_v<T, c10::Half>;
 template <typename T> using staged_t = std::conditional_t<kStaged<T>, float, T>;
 // Whether a loop of T and activation ACT converts in registers (fp16 with identity or ReLU; the statistics
