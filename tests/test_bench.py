@@ -111,6 +111,20 @@ def test_a_channels_last_case_is_channels_last_in_4d_and_5d(shape, memory_format
     assert y.is_contiguous(memory_format=memory_format) and not y.is_contiguous()
 
 
+@pytest.mark.parametrize("case", ["train_fwd_silu", "train_fwdbwd_silu", "eval_fwd_silu", "train_fwd_gelu",
+                                  "train_fwdbwd_gelu", "eval_fwd_gelu"])
+def test_the_silu_and_gelu_cases_compare_like_with_like(case):
+    """The SiLU and GELU cases (asked for by name with --cases; a default run leaves them out) apply the
+    same activation on both sides: PyTorch's BN then F.silu / F.gelu against the fused call."""
+    ours = cases.build(case, "triton_bn", (2, 4, 3, 5), torch.float32, "nchw", "cpu").output()
+    theirs = cases.build(case, "eager_native", (2, 4, 3, 5), torch.float32, "nchw", "cpu").output()
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    plain = cases.build("train_fwd" if case.startswith("train") else "eval_fwd", "eager_native", (2, 4, 3, 5),
+                        torch.float32, "nchw", "cpu").output()
+    assert not torch.allclose(plain, theirs)  # the activation is applied at all
+    assert case not in cases.DEFAULT_CASES
+
+
 @pytest.mark.parametrize("flag,bad", [("--sets", "resnet5"), ("--cases", "train"), ("--providers", "cudnn"),
                                       ("--dtypes", "fp8"), ("--layouts", "nhwc")])
 def test_bench_names_the_valid_choices(flag, bad, tmp_path):

@@ -34,11 +34,22 @@ CASES: Dict[str, Tuple[bool, bool, Optional[str], bool, int]] = {
     "eval_fwd": (False, False, None, False, 2),
     "eval_fwd_relu": (False, False, "relu", False, 2),
     "train_add_relu_fwdbwd": (True, True, "relu", True, 7),  # + read residual, write d residual
+    # the transcendental activations (SiLU: EfficientNet, MobileNetV3's later blocks; GELU), asked for by name
+    "train_fwd_silu": (True, False, "silu", False, 2),
+    "train_fwdbwd_silu": (True, True, "silu", False, 5),
+    "eval_fwd_silu": (False, False, "silu", False, 2),
+    "train_fwd_gelu": (True, False, "gelu", False, 2),
+    "train_fwdbwd_gelu": (True, True, "gelu", False, 5),
+    "eval_fwd_gelu": (False, False, "gelu", False, 2),
 }
+# what a run measures without --cases: plain BN, BN + ReLU and BN + add + ReLU
+DEFAULT_CASES = ("train_fwd", "train_fwd_relu", "train_fwdbwd", "train_fwdbwd_relu", "eval_fwd", "eval_fwd_relu",
+                 "train_add_relu_fwdbwd")
 # the order a run measures cases in: those the [speed] targets name (BN+ReLU training, eval) first
 CASE_PRIORITY = ("train_fwd_relu", "train_fwdbwd_relu", "eval_fwd_relu", "train_add_relu_fwdbwd", "train_fwd",
-                 "train_fwdbwd", "eval_fwd")
-assert sorted(CASE_PRIORITY) == sorted(CASES)
+                 "train_fwdbwd", "eval_fwd", "train_fwd_silu", "train_fwdbwd_silu", "eval_fwd_silu", "train_fwd_gelu",
+                 "train_fwdbwd_gelu", "eval_fwd_gelu")
+assert sorted(CASE_PRIORITY) == sorted(CASES) and set(DEFAULT_CASES) <= set(CASES)
 LATENCY_CASES = ("eval_fwd", "eval_fwd_relu")
 PROVIDERS = ("triton_bn", "eager_cudnn", "eager_native", "torch_compile")
 GPU_ONLY_PROVIDERS = ("eager_cudnn",)  # cuDNN is a CUDA library
@@ -67,19 +78,25 @@ class Workload:
     output: Callable[[], torch.Tensor]  # the forward output of one fresh call, for the error check
 
 
-def _torch_batch_norm(x, running_mean, running_var, weight, bias, residual, training: bool, relu: bool):
-    """PyTorch's BN (+ add) (+ ReLU), the anchors' function. Module state arrives as tensors, so one
-    compiled version of it serves every module and (with dynamic shapes) every size of a case."""
+def _torch_batch_norm(x, running_mean, running_var, weight, bias, residual, training: bool,
+                      activation: Optional[str]):
+    """PyTorch's BN (+ add) (+ its activation module's function), the anchors' function. Module state
+    arrives as tensors, so one compiled version of it serves every module and (with dynamic shapes) every
+    size of a case."""
     z = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
     if residual is not None:
         z = z + residual
-    return F.relu(z) if relu else z
+    return _TORCH_ACTIVATIONS[activation](z)
 
 
-def _triton_batch_norm(x, running_mean, running_var, weight, bias, residual, training: bool, relu: bool):
+_TORCH_ACTIVATIONS = {None: lambda z: z, "relu": F.relu, "silu": F.silu, "gelu": F.gelu}
+
+
+def _triton_batch_norm(x, running_mean, running_var, weight, bias, residual, training: bool,
+                       activation: Optional[str]):
     import triton_bn
     return triton_bn.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5,
-                                activation="relu" if relu else None, residual=residual)
+                                activation=activation, residual=residual)
 
 
 _COMPILED: Dict[tuple, Callable] = {}
@@ -116,7 +133,6 @@ def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, devi
     if backward:
         weight.requires_grad_()
         bias.requires_grad_()
-    relu = activation == "relu"
     if provider == "triton_bn":
         fn = _triton_batch_norm
     elif provider == "torch_compile":
@@ -129,17 +145,17 @@ def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, devi
         with torch.backends.cudnn.flags(enabled=cudnn):
             if not backward:
                 with torch.no_grad():
-                    return fn(x, running_mean, running_var, weight, bias, residual, training, relu)
+                    return fn(x, running_mean, running_var, weight, bias, residual, training, activation)
             inp = x.detach().requires_grad_()
             res = residual.detach().requires_grad_() if residual is not None else None
-            y = fn(inp, running_mean, running_var, weight, bias, res, training, relu)
+            y = fn(inp, running_mean, running_var, weight, bias, res, training, activation)
             y.backward(grad)
             return y
 
     def output():
         saved = (running_mean.clone(), running_var.clone())
         with torch.backends.cudnn.flags(enabled=cudnn), torch.no_grad():
-            y = fn(x, running_mean, running_var, weight, bias, residual, training, relu)
+            y = fn(x, running_mean, running_var, weight, bias, residual, training, activation)
         running_mean.copy_(saved[0])
         running_var.copy_(saved[1])
         return y

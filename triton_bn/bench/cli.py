@@ -31,7 +31,8 @@ def _parse(argv):
     bench.add_argument("--sets", default=None,
                        help=f"comma-separated shape sets, of: {', '.join(C.SHAPE_SETS)} (default GPU: "
                             f"{', '.join(C.QUICK_SETS)}; CPU: {', '.join(C.CPU_SETS)}; interpreter: tiny)")
-    bench.add_argument("--cases", default=None, help=f"comma-separated cases, of: {', '.join(C.CASES)} (default: all)")
+    bench.add_argument("--cases", default=None, help=f"comma-separated cases, of: {', '.join(C.CASES)} (default: "
+                       f"{', '.join(C.DEFAULT_CASES)})")
     bench.add_argument("--providers", default=None,
                        help=f"comma-separated providers, of: {', '.join(C.PROVIDERS)} (default: all a device has, "
                             "except torch_compile on the CPU, whose compiles take minutes there)")
@@ -243,7 +244,7 @@ def run_bench(args) -> int:
         dtypes = split(args.dtypes) or sorted({d for d, _ in combos})
         layouts = split(args.layouts) or sorted({l for _, l in combos})
         combos = [(d, l) for d in dtypes for l in layouts]
-    case_names = split(args.cases) or list(C.CASES)
+    case_names = split(args.cases) or list(C.DEFAULT_CASES)
     for kind, asked, valid in (("provider", providers, C.PROVIDERS), ("case", case_names, C.CASES),
                                ("shape set", sets, C.SHAPE_SETS), ("dtype", [d for d, _ in combos], C.DTYPES),
                                ("layout", [l for _, l in combos], C.LAYOUTS)):
