@@ -275,7 +275,8 @@ def test_transcendental_activations_against_float64(activation, layout):
     error = (y[finite].double() - expected[finite]).abs()
     bound = 1e-6 + 1e-5 * expected[finite].abs()
     worst = int(torch.argmax(error / bound))
-    assert bool((error <= bound).all()), (float(z[finite][worst]), float(y[finite][worst]), float(expected[finite][worst]))
+    assert bool((error <= bound).all()), (float(z[finite][worst]), float(y[finite][worst]),
+                                          float(expected[finite][worst]))
 
 
 @pytest.mark.parametrize("layout", ["planes", "rows of one channel"])

@@ -292,12 +292,15 @@ inline __m256 copy_sign8(__m256 magnitude, __m256 sign_of) {
 // e^x = 2^n e^r: n = x / ln 2 rounded, r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] (ln 2 in two parts, so that
 // n ln 2 is exact to fp32's precision), e^r by its Taylor series to r^7 (truncation below 6e-9
 // relative), 2^n built in the exponent bits. Above ln(FLT_MAX) the result is inf, below ln(FLT_MIN) 0
-// (where e^x would be subnormal: an absolute difference below 1.2e-38).
+// (where e^x would be subnormal: an absolute difference below 1.2e-38). x is first clamped to where n
+// stays a normal exponent (at most 127), so within 0.35 below ln(FLT_MAX) the result is e^88.376 (a
+// third low at worst): the activations only divide by 1 + e^x or multiply by e^(-x^2) there, which
+// makes that a difference below 1e-36 in their results.
 inline __m256 exp8(__m256 x) {
   constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
-  constexpr float kOverflow = 88.7228394f, kUnderflow = -87.3365479f;
+  constexpr float kOverflow = 88.7228394f, kUnderflow = -87.3365479f, kClampHigh = 88.3762589f;
   // min(hi, x) and max(lo, x) return x itself for a NaN
-  const __m256 clamped = _mm256_max_ps(_mm256_set1_ps(kUnderflow), _mm256_min_ps(_mm256_set1_ps(88.3762589f), x));
+  const __m256 clamped = _mm256_max_ps(_mm256_set1_ps(kUnderflow), _mm256_min_ps(_mm256_set1_ps(kClampHigh), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), clamped);
@@ -365,16 +368,20 @@ template <int ACT> inline __m256 activation_backward8(__m256 g, __m256 z) {
     return _mm256_mul_ps(_mm256_mul_ps(g, s), _mm256_fmadd_ps(z, _mm256_sub_ps(one, s), one));
   }
   if constexpr (ACT == 5) {
-    const __m256 cdf = _mm256_mul_ps(half, _mm256_add_ps(one, erf8(_mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kSqrt1_2))))));
+    const __m256 erf = erf8(_mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kSqrt1_2))));
+    const __m256 cdf = _mm256_mul_ps(half, _mm256_add_ps(one, erf));
     const __m256 pdf = exp8(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(-0.5f), z), z));
-    return _mm256_mul_ps(g, _mm256_fmadd_ps(_mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kGeluPdf))), pdf, cdf));
+    const __m256 scaled_z = _mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kGeluPdf)));
+    return _mm256_mul_ps(g, _mm256_fmadd_ps(scaled_z, pdf, cdf));
   }
   if constexpr (ACT == 6) {
-    const __m256 beta = _mm256_set1_ps(static_cast<float>(kTanhBeta)), kappa = _mm256_set1_ps(static_cast<float>(kTanhKappa));
+    const __m256 beta = _mm256_set1_ps(static_cast<float>(kTanhBeta));
+    const __m256 kappa = _mm256_set1_ps(static_cast<float>(kTanhKappa));
     const __m256 square = _mm256_mul_ps(z, z);
     const __m256 t = tanh8(_mm256_mul_ps(beta, _mm256_fmadd_ps(kappa, _mm256_mul_ps(square, z), z)));
-    const __m256 slope = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, z), _mm256_fnmadd_ps(t, t, one)),
-                                       _mm256_mul_ps(beta, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(3.0f), kappa), square, one)));
+    const __m256 inner_slope = _mm256_mul_ps(beta, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(3.0f), kappa), square,
+                                                                   one));
+    const __m256 slope = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, z), _mm256_fnmadd_ps(t, t, one)), inner_slope);
     return _mm256_mul_ps(g, _mm256_fmadd_ps(half, _mm256_add_ps(one, t), slope));
   }
   if constexpr (ACT == 8) {
@@ -746,7 +753,9 @@ inline void half_row_sums(const c10::Half* row, const float* shift, int64_t n, f
 #else
 template <typename T, int ACT, bool PLANES>
 void normalize_packed_line(const T*, const T*, T*, int64_t, const float*, const float*) {}
-template <typename T> inline std::pair<float, float> packed_shifted_sums(const T*, int64_t, float) { return {0.f, 0.f}; }
+template <typename T> inline std::pair<float, float> packed_shifted_sums(const T*, int64_t, float) {
+  return {0.f, 0.f};
+}
 inline void half_row_sums(const c10::Half*, const float*, int64_t, float*, float*) {}
 #endif
 
