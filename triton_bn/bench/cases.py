@@ -6,6 +6,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..activations import torch_activation
 from ..layout import CHANNELS_LAST_FORMATS
 
 SHAPE_SETS: Dict[str, List[Tuple[int, ...]]] = {
@@ -86,10 +87,7 @@ def _torch_batch_norm(x, running_mean, running_var, weight, bias, residual, trai
     z = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
     if residual is not None:
         z = z + residual
-    return _TORCH_ACTIVATIONS[activation](z)
-
-
-_TORCH_ACTIVATIONS = {None: lambda z: z, "relu": F.relu, "silu": F.silu, "gelu": F.gelu}
+    return torch_activation(activation)(z)
 
 
 def _triton_batch_norm(x, running_mean, running_var, weight, bias, residual, training: bool,

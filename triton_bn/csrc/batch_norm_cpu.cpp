@@ -129,7 +129,7 @@ void float_to_half(const float* in, c10::Half* out, int64_t n) {
 // them back is the store. That is two instructions to widen 16 values and two to narrow them, where
 // keeping the order costs a widening move and a shift per 8 values, and a cross-lane pack and permute to
 // narrow (perf/NOTES.md: bf16's normalization ran ~1.7x faster this way). Elementwise loops do not mind
-// the order; per-channel values along a row are put in the same order first (in_pack_order).
+// the order; per-channel values along a row are put in the same order first (in_bf16_pack_order).
 struct Pack {
   __m256 first, second;
 };
@@ -161,22 +161,18 @@ inline void store_pack(c10::BFloat16* p, const Pack& v) {
 }
 #endif
 
-// Per-channel values of a row (values[c] for channel c) in the order of T's packs: each whole block of 16
-// channels permuted as load_pack permutes values (bf16: even channels, then odd ones); the last C % 16,
-// which the loops take one by one, and every other type's, as they are.
-template <typename T, typename A> std::vector<A> in_pack_order(const std::vector<A>& values) {
-  if constexpr (!std::is_same_v<T, c10::BFloat16>) {
-    return values;
-  } else {
-    std::vector<A> ordered(values);
-    for (size_t block = 0; block + 16 <= values.size(); block += 16) {
-      for (size_t k = 0; k < 8; ++k) {
-        ordered[block + k] = values[block + 2 * k];
-        ordered[block + 8 + k] = values[block + 2 * k + 1];
-      }
+// Per-channel values of a bf16 row (values[c] for channel c) in the order of its packs: each whole block of
+// 16 channels permuted as load_pack permutes values (even channels, then odd ones); the last C % 16, which
+// the loops take one by one, as they are. (fp16's packs keep the order.)
+std::vector<float> in_bf16_pack_order(const std::vector<float>& values) {
+  std::vector<float> ordered(values);
+  for (size_t block = 0; block + 16 <= values.size(); block += 16) {
+    for (size_t k = 0; k < 8; ++k) {
+      ordered[block + k] = values[block + 2 * k];
+      ordered[block + 8 + k] = values[block + 2 * k + 1];
     }
-    return ordered;
   }
+  return ordered;
 }
 
 // A thread's fp32 buffer of n values for slot 0-4 (one per array staged at once), all five in one
@@ -284,6 +280,8 @@ template <typename T, int ACT> constexpr bool kVectorMath =
 // These take 8 fp32 values at a time, to within a few ulp of the scalar functions (erf: 1.5e-7 absolute,
 // the approximation PyTorch's own AVX2 erf uses), with NaN in giving NaN out and the infinities of the
 // scalar formulas.
+inline __m256 negate8(__m256 v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.0f)); }
+
 inline __m256 copy_sign8(__m256 magnitude, __m256 sign_of) {
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
   return _mm256_or_ps(_mm256_andnot_ps(sign_bit, magnitude), _mm256_and_ps(sign_bit, sign_of));
@@ -326,7 +324,7 @@ inline __m256 erf8(__m256 x) {
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(coefficient));
   }
   poly = _mm256_mul_ps(poly, t);
-  const __m256 tail = _mm256_mul_ps(poly, exp8(_mm256_mul_ps(_mm256_xor_ps(a, _mm256_set1_ps(-0.0f)), a)));
+  const __m256 tail = _mm256_mul_ps(poly, exp8(_mm256_mul_ps(negate8(a), a)));
   return copy_sign8(_mm256_sub_ps(_mm256_set1_ps(1.0f), tail), x);
 }
 
@@ -339,13 +337,13 @@ inline __m256 tanh8(__m256 u) {
 
 inline __m256 sigmoid8(__m256 z) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(z, _mm256_set1_ps(-0.0f)))));
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(negate8(z))));
 }
 
 // act(z) for 8 values, the formulas of activate<ACT> (SiLU z / (1 + e^-z), as PyTorch writes it).
 template <int ACT> inline __m256 activate8(__m256 z) {
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-  if constexpr (ACT == 4) return _mm256_div_ps(z, _mm256_add_ps(one, exp8(_mm256_xor_ps(z, _mm256_set1_ps(-0.0f)))));
+  if constexpr (ACT == 4) return _mm256_div_ps(z, _mm256_add_ps(one, exp8(negate8(z))));
   if constexpr (ACT == 5) {
     const __m256 cdf = _mm256_add_ps(one, erf8(_mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kSqrt1_2)))));
     return _mm256_mul_ps(_mm256_mul_ps(half, z), cdf);
@@ -669,7 +667,7 @@ template <bool PLANES> constexpr int64_t column(int64_t i) { return PLANES ? 0 :
 // PyTorch's own kernels make, where fp16's fp32 buffers take three (perf/NOTES.md). The same arithmetic as
 // the fp32 loops (x * scale + shift fused, the residual added, then ReLU as `z < 0 ? 0 : z`: max(0, z)
 // returns z itself for a NaN and for -0); the last values take the scalar conversion. Along a row, sc and
-// sh are in pack order (in_pack_order).
+// sh are in pack order (in_bf16_pack_order).
 template <int ACT> inline __m256 normalize8(__m256 x, __m256 scale, __m256 shift, const __m256* residual) {
   __m256 z = _mm256_fmadd_ps(x, scale, shift);
   if (residual != nullptr) z = _mm256_add_ps(z, *residual);
@@ -863,8 +861,8 @@ void normalize(const T* x, const T* residual, T* y, const Geometry& g, const std
     constexpr int ACT = decltype(act)::value;
     if (g.planes) {
       normalize_lines<T, ACT, true>(x, residual, y, g, scale.data(), shift.data(), slope);
-    } else if constexpr (kPackLoops<T, ACT>) {  // the row loops read per-channel values as packs
-      const std::vector<acc_t<T>> ordered_scale = in_pack_order<T>(scale), ordered_shift = in_pack_order<T>(shift);
+    } else if constexpr (kPackLoops<T, ACT> && std::is_same_v<T, c10::BFloat16>) {  // rows read them as packs
+      const std::vector<float> ordered_scale = in_bf16_pack_order(scale), ordered_shift = in_bf16_pack_order(shift);
       normalize_lines<T, ACT, false>(x, residual, y, g, ordered_scale.data(), ordered_shift.data(), slope);
     } else {
       normalize_lines<T, ACT, false>(x, residual, y, g, scale.data(), shift.data(), slope);
@@ -1235,31 +1233,27 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
       const int64_t c = column<PLANES>(i);
       return dz * a1[c] - (load(row, i) - mu[c]) * a2[c] - a3[c];
     };
-    if constexpr (kVectorMath<T, ACT>) {
-      float dz[kDzChunk];
+    if constexpr (kVectorMath<T, ACT> || (DX && DRES)) {
+      // dz a chunk at a time into a buffer, then each output written by a loop of its own: the activation's
+      // derivative runs over the chunk in vector registers (kVectorMath), and with both outputs one loop
+      // storing to both ran ~10x slower in fp32, both layouts (2.8 ms against 0.25 ms for either output
+      // alone on 2x1024x14x14; why was not pinned down; this form takes 0.30 ms).
+      A dz[kDzChunk];
       for (int64_t i0 = 0; i0 < n; i0 += kDzChunk) {
         const int64_t m = std::min(kDzChunk, n - i0);
-        grad_pre_activation_chunk<U, ACT, HAS_RES, PLANES>(g, row, rr, i0, m, sc, sh, dz);
+        if constexpr (kVectorMath<T, ACT>) {
+          grad_pre_activation_chunk<U, ACT, HAS_RES, PLANES>(g, row, rr, i0, m, sc, sh, dz);
+        } else {
+          for (int64_t j = 0; j < m; ++j) {
+            dz[j] = grad_pre_activation<U, ACT, HAS_RES, PLANES>(g, row, rr, i0 + j, sc, sh, slope);
+          }
+        }
         if constexpr (DX) {
           for (int64_t j = 0; j < m; ++j) store(ox, i0 + j, grad_x_at(i0 + j, dz[j]));
         }
         if constexpr (DRES) {
           for (int64_t j = 0; j < m; ++j) store(orr, i0 + j, dz[j]);
         }
-      }
-    } else if constexpr (DX && DRES) {
-      // Both outputs: dz goes through a small buffer, and each output is written by a loop of its own. One
-      // loop storing to both ran ~10x slower in fp32, both layouts: 2.8 ms against 0.25 ms for either
-      // output alone on 2x1024x14x14 (why was not pinned down; this form takes 0.30 ms).
-      constexpr int64_t kChunk = 256;
-      A dz_chunk[kChunk];
-      for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-        const int64_t m = std::min(kChunk, n - i0);
-        for (int64_t j = 0; j < m; ++j) {
-          dz_chunk[j] = grad_pre_activation<U, ACT, HAS_RES, PLANES>(g, row, rr, i0 + j, sc, sh, slope);
-        }
-        for (int64_t j = 0; j < m; ++j) store(ox, i0 + j, grad_x_at(i0 + j, dz_chunk[j]));
-        for (int64_t j = 0; j < m; ++j) store(orr, i0 + j, dz_chunk[j]);
       }
     } else {
       for (int64_t i = 0; i < n; ++i) {
