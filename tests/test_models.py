@@ -233,6 +233,209 @@ def test_convert_sync_batchnorm_keeps_tails_and_leaves_unknown_subclasses():
     assert type(converted.stem[1]) is triton_bn.SyncBatchNormAct and converted.stem[1].activation == "silu"
 
 
+# -- guards: a fused forward runs only for the calls its trace stands for -------------------------------------
+GUARDED = ["tree", "tree-none-only", "arguments"]
+
+
+def _converted_quietly(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return triton_bn.convert_model(model)
+
+
+def test_calls_the_trace_does_not_stand_for_run_unfused_counted_and_warned():
+    """The DLA pattern: tree2 is called with shortcut=None, which its fused graph (traced with a shortcut)
+    does not stand for; the call runs the block's own forward, is counted, and warned about once."""
+    from zoo import TreeLike
+    torch.manual_seed(0)
+    original = TreeLike().double()
+    converted = triton_bn.convert_model(copy.deepcopy(original))
+    report = converted.fusion_report
+    assert report.guarded["tree2"][0].startswith("shortcut is not None") and not report.fallbacks
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="tree2 ran its own forward, unfused, because shortcut is not None"):
+        out = converted(x)
+    torch.testing.assert_close(out, original(x), atol=1e-12, rtol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per module
+        converted(x)
+    assert report.fallbacks == {"tree2": 2}
+    # the fused path still serves the calls it stands for, with the fusions in place
+    assert converted.tree1.bn2.activation == "relu" and isinstance(converted.tree1.relu, nn.Identity)
+
+
+@pytest.mark.parametrize("name", GUARDED)
+def test_disabling_the_guards_breaks_the_guarded_models(name, monkeypatch):
+    """The mutation check: with every guard switched off, the fused graphs serve calls they do not stand
+    for, and the converted models compute something else or raise (the zoo test above then fails)."""
+    from triton_bn import tracing
+    builder, shape, _ = ZOO[name]
+    torch.manual_seed(0)
+    original = builder().double().eval()
+    monkeypatch.setattr(tracing.Guard, "violation", lambda self, owner, args, kwargs: None)
+    converted = _converted_quietly(copy.deepcopy(original))
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        try:
+            broken = (converted(x) - original(x)).abs().max() > 1e-3
+        except TypeError:  # a graph for tensors given None (``out * scale``)
+            broken = True
+    assert broken
+
+
+class _Flagged(nn.Module):
+    """Python-level decisions on the module's own attributes: a flag, an optional child, a ModuleList loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.SiLU()
+        self.add_input = True
+        self.extra = None
+        self.post = nn.ModuleList([nn.Conv2d(4, 4, 1)])
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        if self.add_input:
+            out = out + x
+        out = self.act(out)
+        if self.extra is not None:
+            out = self.extra(out)
+        for layer in self.post:
+            out = layer(out)
+        return out
+
+
+@pytest.mark.parametrize("change", ["flag", "child", "container"])
+def test_attributes_changed_after_conversion_run_unfused(change):
+    torch.manual_seed(0)
+    original = _Flagged().double()
+    converted = triton_bn.convert_model(copy.deepcopy(original))
+    assert converted.fusion_report.residual == 1
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), original(x), atol=1e-12, rtol=1e-12)
+    for model in (original, converted):
+        torch.manual_seed(1)
+        if change == "flag":
+            model.add_input = False
+        elif change == "child":
+            model.extra = nn.Tanh()
+        else:
+            model.post.append(nn.Conv2d(4, 4, 1).double())
+    with pytest.warns(UserWarning, match="changed since convert_model traced the forward"):
+        out = converted(x)
+    torch.testing.assert_close(out, original(x), atol=1e-12, rtol=1e-12)
+    assert converted.fusion_report.fallbacks == {"model": 1}
+
+
+class _TypeTests(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if self.how == "type":
+            single = type(x) is torch.Tensor
+        elif self.how == "is_tensor":
+            single = torch.is_tensor(x)
+        else:
+            single = isinstance(x, torch.Tensor)
+        if not single:
+            x = x[0] - x[1]
+        return self.relu(self.bn(x))
+
+
+@pytest.mark.parametrize("how", ["isinstance", "type", "is_tensor"])
+def test_type_tests_on_arguments_are_guarded(how):
+    """fx's proxy is no tensor: the graph for a tensor is traced by answering as for one, and a call with
+    anything else (here a pair) runs the module's own forward."""
+    torch.manual_seed(0)
+    original = _TypeTests(how).double()
+    converted = _converted_quietly(copy.deepcopy(original))
+    assert converted.fusion_report.activation == 1 and "is a torch.Tensor" in converted.fusion_report.guarded["model"][0]
+    x, y = torch.randn(2, 2, 4, 3, 3, dtype=torch.float64)
+    for args in ((x,), ([x, y],), ((x, y),)):
+        torch.testing.assert_close(converted(*args), original(*args), atol=1e-12, rtol=1e-12)
+    assert converted.fusion_report.fallbacks == {"model": 2}
+
+
+class _InspectsItsOwnValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.conv(x)
+        if isinstance(out, tuple):  # what a child returns: no argument check can stand for it
+            out = out[0]
+        return F.relu(self.bn(out))
+
+
+def test_type_test_on_a_computed_value_is_not_fused():
+    with pytest.warns(UserWarning, match="could not trace model"):
+        converted = triton_bn.convert_model(_InspectsItsOwnValue())
+    assert converted.fusion_report.plain == 1 and "GuardError" in converted.fusion_report.notes[0]
+
+
+class _NoneShortcut(nn.Module):
+    """A residual computed inside the forward (a child's output): checked where the graph computes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        return self.bn(x) + self.shortcut(x)
+
+
+class _ReturnsNone(nn.Module):
+    def forward(self, x):
+        return None
+
+
+def test_a_fused_residual_that_is_none_raises_as_the_original_does():
+    original = _NoneShortcut()
+    converted = triton_bn.convert_model(copy.deepcopy(original))
+    assert converted.fusion_report.residual == 1
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(converted(x), original(x), atol=1e-5, rtol=1e-5)
+    original.shortcut = converted.shortcut = _ReturnsNone()
+    with pytest.raises(TypeError):
+        original(x)
+    with pytest.raises(TypeError, match="residual add fused by convert_model got NoneType"):
+        converted(x)
+
+
+def test_fold_folds_only_where_the_forward_does_not_branch_on_arguments():
+    """fold_batch_norms reads the same graphs: the tree blocks branch on ``shortcut is None``, so their BNs
+    are frozen (a fixed table) and their convolutions left as they are; the stem is folded."""
+    from zoo import TreeLike
+    torch.manual_seed(0)
+    model = TreeLike().double()
+    model(torch.randn(4, 3, 5, 5, dtype=torch.float64))
+    model.eval()
+    for source in (model, _converted_quietly(copy.deepcopy(model))):
+        folded = _folded_quietly(source)
+        assert torch.equal(folded.tree1.conv1.weight, model.tree1.conv1.weight)
+        assert isinstance(folded.tree1.bn1, triton_bn.FrozenBatchNorm)
+        assert not torch.equal(folded.stem[0].weight, model.stem[0].weight)
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(folded(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+def _folded_quietly(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return triton_bn.fold_batch_norms(model)
+
+
 # -- drop-in signatures ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ours,theirs", [(triton_bn.BatchNorm1d, nn.BatchNorm1d), (triton_bn.BatchNorm2d, nn.BatchNorm2d),
                                          (triton_bn.BatchNorm3d, nn.BatchNorm3d),

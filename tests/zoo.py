@@ -306,6 +306,130 @@ class UntraceableLike(nn.Module):
         return self.head(self.body(self.stem(x)).mean((2, 3)))
 
 
+class TreeBlock(nn.Module):
+    """DLA's block (timm ``dla.py``): the shortcut is an optional argument, replaced by the input when None;
+    ``children`` is an argument the block never reads. fx traces ``shortcut`` as a proxy, for which
+    ``is None`` is False: the graph is only the branch for a given shortcut."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x, shortcut=None, children=None):
+        if shortcut is None:
+            shortcut = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += shortcut
+        return self.relu(out)
+
+
+class TreeLike(nn.Module):
+    """A parent that calls one block with a projected shortcut and the other with None (and a list)."""
+
+    def __init__(self, both_ways=True):
+        super().__init__()
+        self.both_ways = both_ways
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.tree1 = TreeBlock(4)
+        self.tree2 = TreeBlock(4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.tree1(x, self.project(x) if self.both_ways else None)
+        y = self.tree2(y, None, [x, y])
+        return self.head(y.mean((2, 3)))
+
+
+class OptionalScaleBlock(nn.Module):
+    """Optional arguments that change the computation when given (FiLM-style conditioning)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x, scale=None, shift=None):
+        out = self.act(self.bn(self.conv(x)))
+        if scale is not None:
+            out = out * scale
+        if shift is not None:
+            out = out + shift
+        return out
+
+
+class PairBlock(nn.Module):
+    """``*args`` unpacked into two names, the second added after the BN: a residual taken from ``*args``."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, *inputs):
+        x, skip = inputs
+        return self.relu(self.bn(self.conv(x)) + skip)
+
+
+class ListBlock(nn.Module):
+    """A list argument indexed in the graph, one of its elements the residual."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, features):
+        return F.relu(self.bn(self.conv(features[0])) + features[1])
+
+
+class ConcatInputLayer(nn.Module):
+    """torchvision's ``_DenseLayer``: a tensor or a list of tensors, told apart by ``isinstance``."""
+
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(cin, growth, 1, bias=False)
+
+    def forward(self, features):
+        if isinstance(features, torch.Tensor):
+            features = [features]
+        return self.conv(self.relu(self.norm(torch.cat(features, 1))))
+
+
+class ArgumentsLike(nn.Module):
+    """Each of the blocks above, called in every way its signature allows."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.film = OptionalScaleBlock(4)
+        self.pair = PairBlock(4)
+        self.listed = ListBlock(4)
+        self.dense = ConcatInputLayer(4, 4)
+        self.dense_list = ConcatInputLayer(8, 4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        gate = torch.sigmoid(x.mean((2, 3), keepdim=True))
+        x = self.film(x) + self.film(x, gate) + self.film(x, None, gate) + self.film(x, gate, 0.5)
+        x = self.pair(x, x * 0.5)
+        x = self.listed([x, x.flip(-1)])
+        y = self.dense(x)
+        y = self.dense_list([x, y])
+        return self.head(y.mean((2, 3)))
+
+
 # name -> (builder, input shape, expected (plain, activation, residual))
 ZOO = {
     # stem BN+SiLU; per block: expand BN+SiLU, depthwise BN+SiLU, project BN plain (stochastic depth between it
@@ -325,4 +449,11 @@ ZOO = {
     # stem: untraceable, BN swapped only; body: BN+ReLU in the Sequential; AuxInTraining reads self.training,
     # so its BN is swapped only
     "untraceable": (UntraceableLike, (4, 3, 7, 7), (2, 1, 0)),
+    # stem BN+ReLU; each tree block: bn1+ReLU, bn2+add+ReLU; the projection BN is tree1's shortcut (plain).
+    # tree2 is called with shortcut=None: its fused forward never applies, every call runs its own forward
+    "tree": (TreeLike, (4, 3, 6, 6), (1, 3, 2)),
+    "tree-none-only": (lambda: TreeLike(both_ways=False), (4, 3, 6, 6), (1, 3, 2)),
+    # film BN+SiLU (fused under "scale and shift are tensors or None as traced"), pair BN+add+ReLU (the
+    # residual from *inputs), listed BN+add+relu (the residual from the list), the dense layers BN+ReLU
+    "arguments": (ArgumentsLike, (4, 3, 6, 6), (0, 3, 2)),
 }

@@ -17,6 +17,11 @@ What it guarantees (tests/test_models.py checks each on a zoo of real-model idio
   child called twice) needs the module's ``forward`` replaced by its fused graph: a ``TracedForward``
   instance attribute that runs the graph against the module itself, so later changes to the module's
   children and buffers (``.to()``, a new head) are seen.
+- A fused forward runs only for the calls its trace stands for: ``tracing.trace_one_level`` records what
+  fx froze (``is None`` tests, type tests and unpacking of arguments, the module's own attributes), and
+  ``_fuse_module`` adds "an argument fused as a residual is a tensor"; a call that breaks one of these
+  runs the module's own forward with its fusions undone (``tracing.TracedForward``), counted in
+  ``FusionReport.fallbacks``.
 - BatchNorm subclasses: one that does not override ``forward`` is swapped like its base. One that does
   is converted only when its ``forward`` is understood as "BN, then some of its own children in order"
   (timm's ``BatchNormAct2d``: ``drop`` then ``act``) *and* the replacement behaves identically on probe
@@ -43,6 +48,7 @@ from torch import fx, nn
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
                       carry_state, has_tail)
 from .sync import SyncBatchNorm, SyncBatchNormAct
+from .tracing import ArgumentCheck, OneLevelTrace, TracedForward, root_and_path, running_graph, trace_one_level
 
 # PyTorch's exact classes -> (ours, ours followed by a tail of children). SyncBatchNorm first: it is
 # not a BatchNorm2d, but the order keeps the lookup of a subclass's base unambiguous.
@@ -58,11 +64,17 @@ _PROBE_SHAPES = {nn.BatchNorm1d: lambda c: (5, c), nn.BatchNorm2d: lambda c: (3,
 @dataclass
 class FusionReport:
     """What ``convert_model`` did: BNs left plain, fused with an activation, fused with add (+ act), and
-    notes on everything it left alone (untraceable or mode-dependent modules, unknown BN subclasses)."""
+    notes on everything it left alone (untraceable or mode-dependent modules, unknown BN subclasses).
+
+    ``guarded``: per module path, what its fused forward assumes about its arguments (checked on every
+    call); ``fallbacks``: per module path, how many calls broke an assumption and ran the module's own
+    forward, unfused (counted as the model runs)."""
     plain: int = 0
     activation: int = 0
     residual: int = 0
     notes: List[str] = field(default_factory=list)
+    guarded: Dict[str, List[str]] = field(default_factory=dict)
+    fallbacks: Dict[str, int] = field(default_factory=dict)
 
     @property
     def converted(self) -> int:
@@ -115,66 +127,6 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
 
 
-# -- one-level tracing ---------------------------------------------------------------------------------
-class _OneLevelTracer(fx.Tracer):
-    """Every submodule call stays a call site: only the traced module's own ``forward`` is recorded."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
-
-
-def trace_one_level(module: nn.Module, training: bool) -> fx.Graph:
-    """fx graph of ``module.forward`` with ``module.training`` set to ``training`` (its children's flags
-    are not touched: they are leaves). Attributes that fx attaches to the module while tracing (tensor
-    constants) are removed again; a graph that needs one raises, since it could not run against the
-    module itself."""
-    before, was = set(vars(module)), module.training
-    module.training = training
-    try:
-        graph = _OneLevelTracer().trace(module)
-    finally:
-        module.training = was
-        added = set(vars(module)) - before
-        for name in added:
-            delattr(module, name)
-    if added:
-        raise RuntimeError(f"forward creates tensor constants ({', '.join(sorted(added))})")
-    return graph
-
-
-def _set_path(root: nn.Module, target: str, leaf) -> None:
-    *parents, name = target.split(".")
-    owner = root
-    for part in parents:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    if not hasattr(owner, name):
-        setattr(owner, name, leaf)
-
-
-class TracedForward:
-    """A module's ``forward`` replaced by a (fused) fx graph of it, run against the module itself.
-
-    Installed as the instance attribute ``forward``, so ``module(x)`` runs the graph with ``self`` bound
-    to the module: every child and buffer is looked up at call time. The generated code lives in a
-    code-only GraphModule whose attributes are empty stand-ins, so it holds no reference to the model's
-    tensors; it pickles and deep-copies as GraphModules do."""
-
-    def __init__(self, owner: nn.Module, graph: fx.Graph):
-        stand_ins = nn.Module()
-        for node in graph.nodes:
-            if node.op == "call_module":
-                _set_path(stand_ins, node.target, nn.Module())
-            elif node.op == "get_attr":
-                _set_path(stand_ins, node.target, torch.empty(0))
-        self.owner = owner
-        self.code = fx.GraphModule(stand_ins, graph, type(owner).__name__ + "Fused")
-
-    def __call__(self, *args, **kwargs):
-        return type(self.code).forward(self.owner, *args, **kwargs)
-
-
 # -- BN swap ----------------------------------------------------------------------------------------------
 def _torch_base(module: nn.Module) -> Optional[type]:
     return next((base for base in _SWAPS if isinstance(module, base)), None)
@@ -194,7 +146,7 @@ def _tail_candidates(module: nn.Module):
     for a forward fx can not read, every order of up to three children."""
     names = [name for name, _ in module.named_children()]
     try:
-        graph = trace_one_level(module, training=False)
+        graph = trace_one_level(module, training=False).graph
         nodes = list(graph.nodes)
         bn = [n for n in nodes if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)]
         inputs = [n for n in nodes if n.op == "placeholder"]
@@ -309,12 +261,17 @@ def _plain(module: nn.Module) -> bool:
 
 
 def one_level_graphs(model: nn.Module, modes, skip=()):
-    """({module: its one-level graph}, [(path, module, why not)]) for every module with children (but those
-    of the types in ``skip``, and ours) that torch.fx traces, and traces the same way in every training mode
-    of ``modes``. The others keep their own forward."""
-    graphs, failures = {}, []
+    """({module: OneLevelTrace}, [(path, module, why not)]) for every module with children (but those of the
+    types in ``skip``, and ours) whose forward torch.fx traces, the same way in every training mode of
+    ``modes``. A module that already runs a fused forward gives that one (it is what runs). The others keep
+    their own forward."""
+    traces, failures = {}, []
     for path, module in model.named_modules():
         if isinstance(module, _OURS + tuple(skip)) or not any(True for _ in module.children()):
+            continue
+        fused = running_graph(module)
+        if fused is not None:
+            traces[module] = OneLevelTrace(fused.graph, fused.guard)
             continue
         try:
             traced = [trace_one_level(module, mode) for mode in modes]
@@ -322,32 +279,35 @@ def one_level_graphs(model: nn.Module, modes, skip=()):
             failures.append((path or "model", module, f"torch.fx could not trace its forward ({type(exc).__name__}: "
                                                       f"{str(exc)[:120]})"))
             continue
-        if any(graph.python_code("self").src != traced[0].python_code("self").src for graph in traced[1:]):
+        if any(t.graph.python_code("self").src != traced[0].graph.python_code("self").src for t in traced[1:]):
             failures.append((path or "model", module, "its forward depends on the training mode"))
             continue
-        graphs[module] = traced[0]
-    return graphs, failures
+        guard = traced[0].guard
+        for other in traced[1:]:
+            guard = guard.merged(other.guard.arguments, other.guard.attributes)
+        traces[module] = OneLevelTrace(traced[0].graph, guard)
+    return traces, failures
 
 
-def _graphs(model: nn.Module, report: FusionReport):
-    """The one-level graphs to fuse in (the same in both modes), and notes for the modules with BN
+def _traces(model: nn.Module, report: FusionReport):
+    """The one-level traces to fuse in (the same in both modes), and notes for the modules with BN
     children that have none."""
-    graphs, failures = one_level_graphs(model, (True, False))
+    traces, failures = one_level_graphs(model, (True, False))
     untraced = []
     for path, module, why in failures:
         if any(_plain(child) for child in module.children()):
             report.notes.append(f"{path}: {why}; its BNs were swapped, not fused")
             if why.startswith("torch.fx"):
                 untraced.append(path)
-    return graphs, untraced
+    return traces, untraced
 
 
-def _call_counts(model: nn.Module, graphs) -> Counter:
+def _call_counts(model: nn.Module, traces) -> Counter:
     """How often each module object is called, over every traced graph, plus one for every extra place it
     is registered (a module shared between parents is never fused or replaced)."""
     counts = Counter()
-    for module, graph in graphs.items():
-        for node in graph.nodes:
+    for module, trace in traces.items():
+        for node in trace.graph.nodes:
             if node.op == "call_module":
                 counts[id(module.get_submodule(node.target))] += 1
     registered = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -356,10 +316,27 @@ def _call_counts(model: nn.Module, graphs) -> Counter:
     return counts
 
 
-def _fuse_module(module: nn.Module, graph: fx.Graph, counts: Counter, report: FusionReport) -> None:
+def residual_operand(value):
+    """The other operand of a fused ``bn(x) + other``, where the graph computes it: fused, a None would
+    read as "no residual" where the original add raises, so anything but a tensor raises here. Traced again
+    by fx (a pickled fused forward is re-traced when loaded), it stays one call."""
+    if isinstance(value, fx.Proxy):
+        return value.tracer.create_proxy("call_function", residual_operand, (value,), {})
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"triton_bn: a residual add fused by convert_model got {type(value).__name__}, not a "
+                        "tensor (the original model would have added it to a BN output)")
+    return value
+
+
+def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, report: FusionReport, path: str) -> None:
+    """Fuse the activations and residual adds that follow ``module``'s own plain BN children in its graph.
+    What the graph assumed (``trace.guard``), plus "a fused residual taken from an argument is a tensor",
+    is checked on every call of the fused forward; a call that breaks it runs the module's own forward
+    with these fusions undone (``TracedForward``), so everything changed on a child is noted here."""
+    graph, guard = trace.graph, trace.guard
     children = dict(module.named_children())
     own_calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    rewrite = False
+    rewrite, activation_owners, taken = False, [], {}
     for node in list(graph.nodes):
         if node.op != "call_module" or node.target not in children or not _plain(children[node.target]):
             continue
@@ -370,7 +347,9 @@ def _fuse_module(module: nn.Module, graph: fx.Graph, counts: Counter, report: Fu
         act = _activation_of_node(user, children)
         if act is not None and user.args[0] is node:
             bn.activation, bn.negative_slope = act
+            activation_owners.append(node.target)
             if user.op == "call_module" and counts[id(children[user.target])] == 1:
+                taken[user.target] = children[user.target]
                 setattr(module, user.target, nn.Identity())  # the graph's call now passes through
             else:
                 user.replace_all_uses_with(node)
@@ -379,30 +358,48 @@ def _fuse_module(module: nn.Module, graph: fx.Graph, counts: Counter, report: Fu
             report.activation += 1
         elif _is_add(user):
             other = user.args[1] if user.args[0] is node else user.args[0]
-            if not isinstance(other, fx.Node) or other is node:
+            # a parameter or buffer operand broadcasts: only an operand shaped like the BN output is fused
+            if not isinstance(other, fx.Node) or other is node or other.op == "get_attr":
                 continue
             tail = user
             after = next(iter(user.users)) if len(user.users) == 1 else None
             act = _activation_of_node(after, children) if after is not None else None
             if act is not None and after.args[0] is user:
                 bn.activation, bn.negative_slope = act
+                activation_owners.append(node.target)
                 tail = after
-            with graph.inserting_after(tail):
-                fused = graph.call_module(node.target, (node.args[0],), {"residual": other})
+            argument, indices = root_and_path(other)
+            if argument is not None:  # checked before the graph runs: a call with anything else runs unfused
+                guard = guard.merged([ArgumentCheck(argument.target, indices, "tensor",
+                                                    why=f"fused as the residual of {node.target}")])
+                residual = other
+            else:
+                with graph.inserting_after(tail):
+                    residual = graph.call_function(residual_operand, (other,))
+            with graph.inserting_after(tail if argument is not None else residual):
+                fused = graph.call_module(node.target, (node.args[0],), {"residual": residual})
             tail.replace_all_uses_with(fused)
             for dead in ([after] if tail is after else []) + [user, node]:
                 graph.erase_node(dead)
             rewrite = True
             report.residual += 1
-    if not rewrite:
-        return
-    graph.lint()
-    object.__setattr__(module, "forward", TracedForward(module, graph))  # not a submodule: bypass nn.Module
     called = {node.target for node in graph.nodes if node.op == "call_module"}
     for name, child in children.items():  # activations that nothing calls any more: show that they do nothing
         unused = name not in called and counts[id(child)] == own_calls[name]
-        if unused and own_calls[name] and _activation_of_module(child) is not None:
+        if unused and own_calls[name] and _activation_of_module(child) is not None and name not in taken:
+            taken[name] = child
             setattr(module, name, nn.Identity())
+    if not (rewrite or (guard.narrows and (activation_owners or taken))):
+        return  # the module's own forward, with the children changed above, computes the fused result
+    graph.lint()
+    previous = running_graph(module)  # converted twice: keep what the first conversion undoes
+    if previous is not None:
+        activation_owners = list(previous.activation_owners) + activation_owners
+        taken = {**taken, **previous.taken}
+    if guard.describe():
+        report.guarded[path or "model"] = guard.describe()
+    forward = TracedForward(module, graph, guard, path, report, activation_owners, taken)
+    object.__setattr__(module, "forward", forward)  # not a submodule: bypass nn.Module
 
 
 def convert_model(module: nn.Module, fuse_activations: bool = True) -> nn.Module:
@@ -413,10 +410,11 @@ def convert_model(module: nn.Module, fuse_activations: bool = True) -> nn.Module
     report = FusionReport()
     model = _swap_batch_norms(copy.deepcopy(module), report, fuse_activations)
     if fuse_activations:
-        graphs, untraced = _graphs(model, report)
-        counts = _call_counts(model, graphs)
-        for owner, graph in graphs.items():
-            _fuse_module(owner, graph, counts, report)
+        traces, untraced = _traces(model, report)
+        counts = _call_counts(model, traces)
+        paths = {module: path for path, module in model.named_modules()}
+        for owner, trace in traces.items():
+            _fuse_module(owner, trace, counts, report, paths[owner])
         if untraced:
             warnings.warn(f"triton_bn.convert_model: torch.fx could not trace {', '.join(untraced)}; the BNs directly "
                           "inside were swapped but not fused (details in fusion_report.notes)")

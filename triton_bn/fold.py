@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from .activations import activation_id
 from .convert import FusionReport, _OURS, _call_counts, _swap_batch_norms, one_level_graphs
+from .tracing import OneLevelTrace
 from .functional import apply_step
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -68,6 +69,14 @@ class FrozenBatchNorm(nn.Module):
         for name in self.tail:
             out = getattr(self, name)(out)
         return out
+
+    def without_activation(self) -> nn.Module:
+        """This table with no fused activation (see ``_FusedBatchNormMixin.without_activation``)."""
+        if self.activation is None:
+            return self
+        twin = copy.copy(self)
+        twin.activation, twin.act_id = None, activation_id(None)
+        return twin
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}" + (f", activation={self.activation!r}" if self.activation else "")
@@ -124,11 +133,15 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias.copy_(new_bias)
 
 
-def _fold_module(module: nn.Module, graph: fx.Graph, counts) -> None:
+def _fold_module(module: nn.Module, trace: OneLevelTrace, counts) -> None:
     """Fold each BN child of ``module`` whose input, in ``module``'s own graph, is the sole output of a
-    Conv/ConvTranspose/Linear child; neither may be called from anywhere else."""
+    Conv/ConvTranspose/Linear child; neither may be called from anywhere else. Not in a module whose graph
+    holds only for some of its calls (its forward branches on its arguments): folding changes the layer for every
+    call, and the calls the guard sends to the module's own forward may not pass through that BN."""
+    if trace.guard.branches_on_arguments:
+        return
     children = dict(module.named_children())
-    for node in graph.nodes:
+    for node in trace.graph.nodes:
         if node.op != "call_module" or node.target not in children:
             continue
         bn = children[node.target]
@@ -165,11 +178,11 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
                            "(folding uses the running statistics, which training would keep changing)")
     report = FusionReport()
     model = _swap_batch_norms(copy.deepcopy(model), report, fuse=False)
-    graphs, failures = one_level_graphs(model, (False,), skip=(FrozenBatchNorm,))  # eval: what a folded model runs
+    traces, failures = one_level_graphs(model, (False,), skip=(FrozenBatchNorm,))  # eval: what a folded model runs
     untraced = [path for path, module, _ in failures if any(isinstance(c, _OURS) for c in module.children())]
-    counts = _call_counts(model, graphs)
-    for module, graph in graphs.items():
-        _fold_module(module, graph, counts)
+    counts = _call_counts(model, traces)
+    for module, trace in traces.items():
+        _fold_module(module, trace, counts)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, _OURS) and child.running_mean is not None:

@@ -2,6 +2,7 @@
 ``state_dict`` keys, ``load_state_dict`` both ways, ``reset_parameters``, ``train()``/``eval()`` and
 ``_check_input_dim`` are PyTorch's own. Only ``forward`` differs: it calls ``triton_bn.batch_norm``
 with an optional fused activation and residual."""
+import copy
 import inspect
 from typing import Optional
 
@@ -38,6 +39,15 @@ class _FusedBatchNormMixin:
             activation=self.activation, negative_slope=self.negative_slope, residual=residual,
             num_batches_tracked=buffers["num_batches_tracked"] if (training and self.track_running_stats) else None,
         )
+
+    def without_activation(self) -> torch.nn.Module:
+        """This BN with no fused activation: a twin sharing its parameters, buffers, hooks and mode at this
+        moment (a fused forward that falls back to the module's own forward runs the activation itself)."""
+        if self.activation is None:
+            return self
+        twin = copy.copy(self)
+        twin.activation = None
+        return twin
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -1,0 +1,547 @@
+"""One-level torch.fx traces of a module's ``forward``, the assumptions each trace bakes in, and the
+fused forward that runs a rewritten trace only while those assumptions hold.
+
+fx runs ``forward`` once, on proxies, and keeps only the tensor operations it saw. Every decision the
+Python code took on the way is frozen into the graph as it went during that one run:
+
+- ``arg is None`` on a proxy is False, so the graph is the branch for an argument that is not None;
+- ``isinstance(arg, ...)``, ``type(arg)``, ``callable``, ``hasattr``, ``torch.is_tensor`` answer for
+  whatever the proxy is (we answer as for a plain ``torch.Tensor``, and say so in the guard);
+- ``a, b = arg`` fixes how many elements ``arg`` has;
+- the module's own attributes read in Python (``self.use_se``, ``self.downsample is None``, a
+  ``ModuleList`` iterated) are taken as they were during the trace.
+
+``trace_one_level`` records each of these in a ``Guard``. The argument checks come from two sources: the
+introspecting builtins are replaced, in ``forward``'s own module namespace and only while it is traced, by
+versions that note which argument they were asked about; and ``is None`` tests, which no Python hook can
+see, are found by tracing ``forward`` once more with each argument set to None and comparing the graphs
+(different graphs, or a trace that fails, mean the code depends on that argument being None).
+
+``TracedForward`` runs a (fused) graph against the module only when its guard holds for the call, and
+otherwise runs the module's class ``forward`` with every fusion undone for that call (the BNs without the
+activation they took over, the activation modules that became ``nn.Identity`` back in place). Calls that
+fall back are counted per module in ``FusionReport.fallbacks`` and warned about once per module.
+"""
+import builtins
+import contextlib
+import copy
+import dis
+import inspect
+import operator
+import sys
+import threading
+import warnings
+from bisect import bisect_left
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+_MISSING = object()
+# attributes every nn.Module has: hooks, registries, flags. ``training`` is covered by tracing each mode.
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"forward"}
+# containers whose children a forward may iterate: the graph unrolls them as they were
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict)
+# immutable values that compare by value when a module attribute was re-assigned an equal one
+_VALUE_TYPES = (bool, int, float, complex, str, bytes)
+
+
+class GuardError(RuntimeError):
+    """A forward that inspects a value fx can not stand for (the type of something it computed)."""
+
+
+# -- the checks ---------------------------------------------------------------------------------------------
+class ArgumentCheck(NamedTuple):
+    """What one argument (or an element of it, at ``path``) must be for the traced graph to apply."""
+    name: str           # the parameter's name in forward's signature; "*args" / "**kwargs" for the var ones
+    path: Tuple         # indices into the argument, () for the argument itself
+    # what the trace decided on (the forward branches on it): "not_none", "plain_tensor" (type is
+    # torch.Tensor), "length"; what keeps an error an error: "raises_on_none" (forward raises for None, the
+    # graph might not); what a fusion needs: "tensor" (isinstance; an operand that became a BN's residual)
+    kind: str
+    length: int = -1    # for kind "length"
+    why: str = ""
+
+    def describe(self) -> str:
+        where = self.name + "".join(f"[{i!r}]" for i in self.path)
+        what = {"not_none": "is not None", "raises_on_none": "is not None", "tensor": "is a tensor",
+                "plain_tensor": "is a torch.Tensor", "length": f"has {self.length} elements"}[self.kind]
+        return f"{where} {what} ({self.why})"
+
+    def test(self):
+        """A predicate on the argument's value: whether this check holds."""
+        kind, length = self.kind, self.length
+        if kind in ("not_none", "raises_on_none"):
+            test = lambda value: value is not None  # noqa: E731
+        elif kind == "tensor":
+            test = lambda value: isinstance(value, torch.Tensor)  # noqa: E731
+        elif kind == "plain_tensor":
+            test = lambda value: type(value) is torch.Tensor  # noqa: E731
+        else:
+            test = lambda value: hasattr(value, "__len__") and len(value) == length  # noqa: E731
+        if not self.path:
+            return test
+        path = self.path
+
+        def test_element(value):
+            for index in path:
+                try:
+                    value = value[index]
+                except (IndexError, KeyError, TypeError):
+                    return False
+            return test(value)
+        return test_element
+
+
+class AttributeCheck(NamedTuple):
+    """A module attribute read during the trace: it must still be the same value (``kind`` "same"), or a
+    container with the same entries (``kind`` "keys")."""
+    name: str
+    kind: str
+    value: Any
+
+    def describe(self) -> str:
+        return f"self.{self.name} " + ("has the same entries" if self.kind == "keys" else "is unchanged")
+
+    def holds(self, owner: nn.Module) -> bool:
+        current = _attribute(owner, self.name)
+        if self.kind == "keys":
+            return isinstance(current, nn.Module) and _entries(current) == self.value
+        return current is self.value or (type(current) is type(self.value) and isinstance(current, _VALUE_TYPES)
+                                         and current == self.value)
+
+
+def _attribute(owner: nn.Module, name: str):
+    """``owner.name`` as the trace saw it: the instance dict, then the parameter, buffer and module registries
+    (nn.Module.__getattr__'s order), without calling any hook."""
+    value = owner.__dict__.get(name, _MISSING)
+    if value is not _MISSING:
+        return value
+    for registry in ("_parameters", "_buffers", "_modules"):
+        entries = owner.__dict__.get(registry)
+        if entries is not None and name in entries:
+            return entries[name]
+    return _MISSING
+
+
+def _entries(container: nn.Module) -> Tuple:
+    return tuple(container._modules), tuple(container._parameters)
+
+
+def _unique_attributes(checks: Tuple[AttributeCheck, ...]) -> Tuple[AttributeCheck, ...]:
+    """One check per attribute and kind (its values may not be hashable: a list, a tensor)."""
+    unique = {}
+    for check in checks:
+        unique.setdefault((check.name, check.kind), check)
+    return tuple(unique.values())
+
+
+class Guard:
+    """Everything a traced graph assumed about its call: checks on the arguments and on the module's
+    attributes. ``violation`` returns None when the graph applies to a call, else why not. It runs on
+    every call of a fused forward, so the checks are compiled once into small functions (rebuilt after
+    unpickling: closures do not pickle)."""
+
+    def __init__(self, forward, arguments=(), attributes=()):
+        parameters = list(inspect.signature(forward).parameters.values())[1:]  # without self
+        self.positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+        self.varargs = next(("*" + p.name for p in parameters if p.kind == p.VAR_POSITIONAL), None)
+        self.varkw = next(("**" + p.name for p in parameters if p.kind == p.VAR_KEYWORD), None)
+        self.named = frozenset(p.name for p in parameters)
+        self.arguments = tuple(dict.fromkeys(arguments))  # in order, without repeats
+        self.attributes = _unique_attributes(tuple(attributes))
+        self._compile()
+
+    def _compile(self) -> None:
+        """Per check: where the argument is found (its position, or -1 keyword-only, -2 ``*args``, -3
+        ``**kwargs``), its name and default, and the predicate. Of "is not None", "is a tensor" and "is a
+        torch.Tensor" on one value only the strongest is tested (each implies the ones before it)."""
+        strength = {"raises_on_none": 0, "not_none": 0, "tensor": 1, "plain_tensor": 2}
+        strongest = {}
+        for check in self.arguments:
+            key = (check.name, check.path, check.kind == "length")
+            kept = strongest.get(key)
+            if kept is None or strength.get(check.kind, 0) > strength.get(kept.kind, 0):
+                strongest[key] = check
+        tests = []
+        for check in strongest.values():
+            if check.name == self.varargs:
+                where = -2
+            elif check.name == self.varkw:
+                where = -3
+            else:
+                where = self.positional.index(check.name) if check.name in self.positional else -1
+            tests.append((where, check.name, self.defaults.get(check.name, _MISSING), check.test(), check))
+        self._argument_tests = tuple(tests)
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key != "_argument_tests"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+    def __bool__(self) -> bool:
+        return bool(self.arguments or self.attributes)
+
+    def merged(self, arguments=(), attributes=()) -> "Guard":
+        """This guard plus more checks (the same check once)."""
+        merged = copy.copy(self)
+        merged.arguments = tuple(dict.fromkeys(self.arguments + tuple(arguments)))
+        merged.attributes = _unique_attributes(self.attributes + tuple(attributes))
+        merged._compile()
+        return merged
+
+    def violation(self, owner: nn.Module, args: tuple, kwargs: dict) -> Optional[str]:
+        for where, name, default, holds, check in self._argument_tests:
+            if where >= 0:
+                value = args[where] if where < len(args) else kwargs.get(name, default)
+            elif where == -1:
+                value = kwargs.get(name, default)
+            elif where == -2:
+                value = args[len(self.positional):]
+            else:
+                value = {key: value for key, value in kwargs.items() if key not in self.named}
+            # _MISSING: a required argument is absent; the graph raises the TypeError the original would
+            if value is not _MISSING and not holds(value):
+                broken = [other.describe() for other in self.arguments if other.name == check.name
+                          and other.path == check.path and not other.test()(value)]
+                return f"{' and '.join(broken)} does not hold for this call"
+        for check in self.attributes:
+            if not check.holds(owner):
+                return f"{check.describe()} does not hold: it changed since convert_model traced the forward"
+        return None
+
+    def describe(self) -> List[str]:
+        """The checks that a call the original accepts can fail (not those that keep an error an error)."""
+        return [check.describe() for check in self.arguments if check.kind != "raises_on_none"]
+
+    @property
+    def narrows(self) -> bool:
+        """Whether a call the original forward accepts may fail a check (then the module needs its fused
+        forward to send such calls to the unfused one, even where its graph was not rewritten)."""
+        return bool(self.describe() or self.attributes)
+
+    @property
+    def branches_on_arguments(self) -> bool:
+        """Whether the forward takes a Python-level decision on its arguments that the graph froze (then
+        calls the guard rejects may take another path through the module's own forward)."""
+        return any(check.kind in ("not_none", "plain_tensor", "length") for check in self.arguments)
+
+
+# -- recording what the Python code asked about ---------------------------------------------------------------
+def root_and_path(node: fx.Node):
+    """(placeholder, indices) when ``node`` is an argument or an element of one (a chain of constant
+    indexing), else (None, ())."""
+    path = []
+    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+            and isinstance(node.args[1], (int, str)):
+        path.append(node.args[1])
+        node = node.args[0]
+    return (node, tuple(reversed(path))) if node.op == "placeholder" else (None, ())
+
+
+class _Recorder:
+    """Collects argument checks while fx traces; installed as the tracer's ``recorder``."""
+
+    def __init__(self):
+        self.checks: List[ArgumentCheck] = []
+
+    def inspected(self, proxy: fx.Proxy, how: str, kind: str, length: int = -1) -> None:
+        root, path = root_and_path(proxy.node)
+        if root is None:
+            raise GuardError(f"forward calls {how} on a value it computed ({proxy.node.format_node()}): the trace "
+                             "can not say what that value will be")
+        self.checks.append(ArgumentCheck(root.target, path, kind, length, f"forward calls {how} on it"))
+
+
+class _RecordingProxy(fx.Proxy):
+    def __iter__(self):
+        # fx allows iteration only to unpack a fixed number of values (``a, b = arg``); that number is an
+        # assumption about the argument. The calling frame's instruction says how many (as fx itself reads it).
+        caller = sys._getframe(1)
+        instructions = list(dis.get_instructions(caller.f_code))
+        if sys.version_info >= (3, 11):
+            index = bisect_left(instructions, caller.f_lasti, key=lambda i: i.offset)
+        else:
+            index = caller.f_lasti // 2
+        instruction = instructions[index]
+        if instruction.opname == "UNPACK_SEQUENCE":
+            if root_and_path(self.node)[0] is not None:
+                self.tracer.recorder.inspected(self, "unpacking", "length", instruction.argval)
+            return (self[i] for i in range(instruction.argval))
+        return self.tracer.iter(self)
+
+
+def _introspecting_builtins(recorder: _Recorder):
+    """Replacements for the builtins that look at a value's identity or type: for a proxy they answer as
+    for a plain torch.Tensor and record that the argument must be one."""
+
+    def _isinstance(value, classes):
+        if isinstance(value, fx.Proxy):
+            recorder.inspected(value, "isinstance", "plain_tensor")
+            return builtins.issubclass(torch.Tensor, classes)
+        return builtins.isinstance(value, classes)
+
+    def _type(*args):
+        if len(args) == 1 and isinstance(args[0], fx.Proxy):
+            recorder.inspected(args[0], "type()", "plain_tensor")
+            return torch.Tensor
+        return builtins.type(*args)
+
+    def _callable(value):
+        if isinstance(value, fx.Proxy):
+            recorder.inspected(value, "callable()", "plain_tensor")
+            return False
+        return builtins.callable(value)
+
+    def _hasattr(value, name):
+        if isinstance(value, fx.Proxy):
+            recorder.inspected(value, "hasattr()", "plain_tensor")
+            return builtins.hasattr(torch.Tensor, name)
+        return builtins.hasattr(value, name)
+
+    def _id(value):
+        if isinstance(value, fx.Proxy):
+            recorder.inspected(value, "id()", "plain_tensor")
+        return builtins.id(value)
+
+    def _is_tensor(value):
+        if isinstance(value, fx.Proxy):
+            recorder.inspected(value, "torch.is_tensor", "plain_tensor")
+            return True
+        return builtins.isinstance(value, torch.Tensor)
+
+    return {"isinstance": _isinstance, "type": _type, "callable": _callable, "hasattr": _hasattr, "id": _id}, \
+        _is_tensor
+
+
+@contextlib.contextmanager
+def _builtins_recorded(forward, recorder: _Recorder):
+    """The introspecting builtins replaced in ``forward``'s module namespace (and ``torch.is_tensor``)
+    while it is traced; functions of that module that ``forward`` calls see them too. Names the module
+    defines itself are left alone."""
+    namespace = forward.__globals__
+    replacements, is_tensor = _introspecting_builtins(recorder)
+    added = {name: fn for name, fn in replacements.items() if name not in namespace}
+    namespace.update(added)
+    original_is_tensor, torch.is_tensor = torch.is_tensor, is_tensor
+    try:
+        yield
+    finally:
+        torch.is_tensor = original_is_tensor
+        for name, fn in added.items():
+            if namespace.get(name) is fn:
+                del namespace[name]
+
+
+@contextlib.contextmanager
+def _attribute_reads_recorded(module: nn.Module, checks: List[AttributeCheck]):
+    """While fx traces, ``module`` is an instance of a subclass that notes each of its own attributes the
+    code reads: plain instance attributes (the value), registered entries that are None (``self.downsample
+    is None``), and containers (their entries, which a loop over them unrolls)."""
+    cls = type(module)
+
+    def __getattribute__(self, name):
+        value = super(recording, self).__getattribute__(name)
+        if name not in _MODULE_INTERNALS and name in object.__getattribute__(self, "__dict__"):
+            checks.append(AttributeCheck(name, "same", value))
+        return value
+
+    def __getattr__(self, name):
+        value = cls.__getattr__(self, name)
+        if value is None:
+            checks.append(AttributeCheck(name, "same", None))
+        elif isinstance(value, _CONTAINERS):
+            checks.append(AttributeCheck(name, "keys", _entries(value)))
+        return value
+
+    recording = type(cls)(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__getattr__": __getattr__,
+                                                  "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    module.__class__ = recording
+    try:
+        yield
+    finally:
+        module.__class__ = cls
+
+
+# -- tracing ----------------------------------------------------------------------------------------------------
+class _OneLevelTracer(fx.Tracer):
+    """Every submodule call stays a call site: only the traced module's own ``forward`` is recorded."""
+
+    def __init__(self, recorder: Optional[_Recorder] = None):
+        super().__init__()
+        self.recorder = recorder or _Recorder()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _RecordingProxy(node, self)
+
+
+class OneLevelTrace(NamedTuple):
+    graph: fx.Graph
+    guard: Guard
+
+
+def _assert_is_none_node(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none"
+
+
+def _canonical(graph: fx.Graph, as_none: Optional[str] = None) -> List[Tuple]:
+    """The graph's operations with nodes replaced by their position, arguments by their name, and the
+    argument ``as_none`` by None: two graphs compute the same when these are equal."""
+    names: Dict[fx.Node, Any] = {}
+    operations = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            names[node] = None if node.target == as_none else ("argument", node.target)
+            continue
+        if _assert_is_none_node(node):
+            continue
+        names[node] = ("node", len(operations))
+        rename = lambda a: names.get(a, ("dropped",)) if isinstance(a, fx.Node) else a  # noqa: E731
+        operations.append((node.op, node.target, fx.node.map_aggregate(node.args, rename),
+                           fx.node.map_aggregate(node.kwargs, rename)))
+    return operations
+
+
+@contextlib.contextmanager
+def _constants_removed(module: nn.Module, added: set):
+    """Attributes fx attaches to the module while tracing (tensor constants) are removed again and named in
+    ``added``: a graph that needs one could not run against the module itself."""
+    before = set(vars(module))
+    try:
+        yield
+    finally:
+        added.update(set(vars(module)) - before)
+        for name in set(vars(module)) - before:
+            delattr(module, name)
+
+
+def _none_dependent(module: nn.Module, graph: fx.Graph, forward) -> List[ArgumentCheck]:
+    """The named arguments whose being None changes what ``forward`` computes: traced again with each one
+    set to None, the graph differs from ``graph`` read with that argument as None, or the trace fails."""
+    checks = []
+    for parameter in list(inspect.signature(forward).parameters.values())[1:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        added = set()
+        try:
+            with _builtins_recorded(forward, _Recorder()), _constants_removed(module, added):
+                variant = _OneLevelTracer().trace(module, concrete_args={parameter.name: None})
+            if not added and _canonical(variant) == _canonical(graph, as_none=parameter.name):
+                continue
+            kind, why = "not_none", "forward computes something else when it is None"
+        except Exception:  # noqa: BLE001 - the original raises on None; the fused graph might not
+            kind, why = "raises_on_none", "forward raises when it is None"
+        checks.append(ArgumentCheck(parameter.name, (), kind, why=why))
+    return checks
+
+
+_tracing = threading.Lock()  # the builtins are replaced in a module namespace while one forward is traced
+
+
+def trace_one_level(module: nn.Module, training: bool) -> OneLevelTrace:
+    """fx graph of ``module.forward`` with ``module.training`` set to ``training`` (its children's flags
+    are not touched: they are leaves), and the guard of everything the graph assumed. A graph that needs a
+    tensor constant fx attached to the module raises (it could not run against the module itself)."""
+    forward = type(module).forward
+    was, recorder, attributes, added = module.training, _Recorder(), [], set()
+    with _tracing:
+        module.training = training
+        try:
+            with _builtins_recorded(forward, recorder), _attribute_reads_recorded(module, attributes), \
+                    _constants_removed(module, added):
+                graph = _OneLevelTracer(recorder).trace(module)
+            if added:
+                raise RuntimeError(f"forward creates tensor constants ({', '.join(sorted(added))})")
+            arguments = recorder.checks + _none_dependent(module, graph, forward)
+        finally:
+            module.training = was
+    # a container the graph calls as a whole (an nn.Sequential) is looked up at call time, entries and all
+    targets = [node.target for node in graph.nodes if node.op in ("call_module", "get_attr")]
+    attributes = [check for check in attributes if check.kind != "keys" or check.name not in targets
+                  or any(target.startswith(check.name + ".") for target in targets)]
+    return OneLevelTrace(graph, Guard(forward, arguments, attributes))
+
+
+# -- the fused forward ------------------------------------------------------------------------------------------
+def _set_path(root: nn.Module, target: str, leaf) -> None:
+    *parents, name = target.split(".")
+    owner = root
+    for part in parents:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if not hasattr(owner, name):
+        setattr(owner, name, leaf)
+
+
+class TracedForward:
+    """A module's ``forward`` replaced by a (fused) fx graph of it, run against the module itself while
+    ``guard`` holds.
+
+    Installed as the instance attribute ``forward``, so ``module(x)`` runs the graph with ``self`` bound
+    to the module: every child and buffer is looked up at call time. The generated code lives in a
+    code-only GraphModule whose attributes are empty stand-ins, so it holds no reference to the model's
+    tensors; it pickles and deep-copies as GraphModules do.
+
+    A call the guard rejects runs the class ``forward`` against a per-call twin of the module whose
+    children are unfused: each BN named in ``activation_owners`` without its activation (a twin sharing
+    its parameters, buffers and hooks), and each activation module in ``taken`` (name -> the original
+    module, now an ``nn.Identity`` in the model) back in place."""
+
+    def __init__(self, owner: nn.Module, graph: fx.Graph, guard: Guard, path: str = "", report=None,
+                 activation_owners=(), taken=None):
+        stand_ins = nn.Module()
+        for node in graph.nodes:
+            if node.op == "call_module":
+                _set_path(stand_ins, node.target, nn.Module())
+            elif node.op == "get_attr":
+                _set_path(stand_ins, node.target, torch.empty(0))
+        self.owner = owner
+        self.code = fx.GraphModule(stand_ins, graph, type(owner).__name__ + "Fused")
+        self.guard = guard
+        self.checked = guard if guard else None  # None: nothing to check per call
+        self.path, self.report = path or "model", report
+        self.activation_owners, self.taken = tuple(activation_owners), dict(taken or {})
+        self.warned = False
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.code.graph
+
+    def __call__(self, *args, **kwargs):
+        if self.checked is not None:
+            reason = self.checked.violation(self.owner, args, kwargs)
+            if reason is not None:
+                return self.unfused(reason, args, kwargs)
+        return type(self.code).forward(self.owner, *args, **kwargs)
+
+    def unfused(self, reason: str, args: tuple, kwargs: dict):
+        if self.report is not None:
+            self.report.fallbacks[self.path] = self.report.fallbacks.get(self.path, 0) + 1
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"triton_bn: {self.path} ran its own forward, unfused, because {reason}; such calls "
+                          "stay correct but are not fused (counted in fusion_report.fallbacks)", stacklevel=3)
+        owner = self.owner
+        twin = copy.copy(owner)  # shares parameters, buffers, hooks and children; the copy's dicts are its own
+        twin.__dict__.pop("forward", None)
+        children = dict(owner._modules)
+        for name in self.activation_owners:
+            child = children.get(name)
+            if hasattr(child, "without_activation"):
+                children[name] = child.without_activation()
+        children.update(self.taken)
+        twin.__dict__["_modules"] = children
+        return type(owner).forward(twin, *args, **kwargs)
+
+
+def running_graph(module: nn.Module) -> Optional[TracedForward]:
+    """The module's fused forward, if ``convert_model`` gave it one."""
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, TracedForward) else None
