@@ -10,7 +10,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/triton-bn-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_INTERPRET=0  # compiled kernels on CUDA tensors
-# The native CPU kernels (csrc/batch_norm_cpu.cpp) compile in ~2 minutes on first use: device time this check
+# The native CPU kernels (csrc/cpu/) compile in ~2 minutes on first use: device time this check
 # must not spend on a CPU path it does not measure (a CPU tensor reaching the pure path takes PyTorch's kernels).
 export TRITON_BN_NATIVE_CPU=0
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv

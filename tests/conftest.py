@@ -25,6 +25,22 @@ TOLERANCES = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """The native CPU kernels found or built once, before any test (and before xdist starts its workers):
+    no test then waits for a build under a timeout of its own. Says which path serves CPU tensors."""
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller has done it
+    from triton_bn import native
+    if not native.ENABLED:
+        served = "PyTorch's kernels (TRITON_BN_NATIVE_CPU=0)"
+    elif native.ops() is None:
+        served = "PyTorch's kernels: the native CPU kernels could not be built (the warning above says why)"
+    else:
+        served = f"the native CPU kernels ({native.loaded_from()})"
+    print(f"triton_bn: dense CPU tensors off the interpreter take {served}", flush=True)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

@@ -123,7 +123,7 @@ def training_with_backward(x, weight, bias, residual, running_mean, running_var,
                            cumulative: bool, eps: float, activation: int, negative_slope: float):
     """A training forward that records its backward (``functional.batch_norm`` calls it when something needs a
     gradient), with ``TrainingBatchNormFunction``'s arguments. Where the native CPU kernels serve x on the
-    pure-PyTorch path, their op records a C++ autograd node instead (``csrc/batch_norm_cpu.cpp``,
+    pure-PyTorch path, their op records a C++ autograd node instead (``csrc/cpu/``,
     ``TrainingNode``: the same saved tensors, gradients and once-differentiable backward, without the Python
     Function's host time, which on a small layer exceeds the kernels' own)."""
     native_ops = launch.native_ops_for(x)

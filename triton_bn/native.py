@@ -1,7 +1,7 @@
 """Native CPU kernels for dense CPU inputs, channels innermost (channels_last, channels_last_3d, (N, C),
-C-innermost (N, C, L)) or contiguous (NCHW, NCDHW, (N, C, L)): ``csrc/batch_norm_cpu.cpp``, compiled on
-first use with ``torch.utils.cpp_extension`` (once per machine and source version, ~2 minutes on two
-cores; then cached by PyTorch) and registered as ``torch.ops.triton_bn_cpu``.
+C-innermost (N, C, L)) or contiguous (NCHW, NCDHW, (N, C, L)): ``csrc/cpu/``, compiled on first use by
+``build.py`` (once per machine, torch, compiler and source version, one process per file on every core;
+``TRITON_BN_BUILD_DIR`` says where) and registered as ``torch.ops.triton_bn_cpu``.
 
 Why: PyTorch's CPU batch norm reads x three times in a training forward (channels_last; it sums those
 rows without compensation), and an activation module reads and writes the result once more. These kernels
@@ -13,24 +13,32 @@ kernels serve. They compute in fp32 for fp32, bf16 and fp16 inputs and in double
 statistics, dweight and dbias are then float64, as on the rest of the pure path).
 ``TRITON_BN_NATIVE_CPU=0`` (read at import) switches them off.
 """
-import hashlib
+import glob
 import os
 import platform
-import sys
 import threading
 import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from . import build
 from .layout import channels_innermost, like_input
 
 ENABLED = os.environ.get("TRITON_BN_NATIVE_CPU", "1") != "0"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "batch_norm_cpu.cpp")
-
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu")
+# the longest compiles first, so that the cores finish together (on this project's 2-core VM: the bf16 and
+# fp16 backward 23-24 s, ops.cpp 21 s, the fp32 backward 21 s, float64's 13 s, each forward 4-7 s)
+_LONGEST_FIRST = ("kernels_bfloat16_backward", "kernels_half_backward", "ops", "kernels_float_backward",
+                  "kernels_double_backward")
+SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.cpp")), key=lambda path: (
+    _LONGEST_FIRST.index(os.path.basename(path)[:-4]) if os.path.basename(path)[:-4] in _LONGEST_FIRST
+    else len(_LONGEST_FIRST), path))
+HEADERS = sorted(glob.glob(os.path.join(CSRC, "*.h")))
+BUILD_TIME = "about 70 s on two cores"  # measured, README
 class NativeOps(NamedTuple):
-    """The ops of ``csrc/batch_norm_cpu.cpp`` as C++ callables (the Python wrapper of an op costs
+    """The ops of ``csrc/cpu/`` as C++ callables (the Python wrapper of an op costs
     microseconds per call)."""
     training_forward: Callable
     apply: Callable
@@ -45,7 +53,7 @@ _UNSET = object()
 
 def _compile_flags():
     """Optimised for this machine's CPU (its vector width decides the loops' speed); the CPU is part of the
-    build's name, so a home directory shared by different machines never hands one another's binary.
+    build's key, so a home directory shared by different machines never hands one another's binary.
     ``-fopenmp``: ATen's ``parallel_for`` is an inline template that runs serially unless the code that
     instantiates it is compiled with OpenMP (it then shares PyTorch's own OpenMP runtime and threads)."""
     flags = ["-O3", "-fno-math-errno", "-fopenmp"]
@@ -54,34 +62,9 @@ def _compile_flags():
     return flags
 
 
-def _cpu_identity() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(line for line in f if line.startswith(("model name", "flags", "Features")))[:4096]
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _built(name: str) -> bool:
-    """Whether PyTorch's extension cache already holds this build (best effort: a private helper)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-        return os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so"))
-    except Exception:  # noqa: BLE001 - only decides whether to print a line
-        return False
-
-
 def _build():
-    from torch.utils.cpp_extension import load
-    flags = _compile_flags()
-    with open(SOURCE) as f:
-        source = f.read()
-    digest = hashlib.sha1((source + _cpu_identity() + " ".join(flags) + torch.__version__).encode()).hexdigest()
-    name = f"triton_bn_cpu_{digest[:12]}"
-    if not _built(name):  # a minute or two of silence otherwise, on the first CPU call
-        print("triton_bn: compiling the native CPU kernels (once per machine; a minute or two)", file=sys.stderr,
-              flush=True)
-    load(name, [SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    _loaded["path"] = build.load_library("triton_bn_cpu", SOURCES, HEADERS, extra_cflags=_compile_flags(), extra_ldflags=["-fopenmp"],
+                       what="the native CPU kernels", duration=BUILD_TIME)
     ops = torch.ops.triton_bn_cpu
     return NativeOps(*(getattr(getattr(ops, op_name).default, "_op", getattr(ops, op_name).default)
                        for op_name in NativeOps._fields))
@@ -99,12 +82,20 @@ def ops() -> Optional[NativeOps]:
             if ENABLED:
                 try:
                     loaded = _build()
-                except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: PyTorch's kernels serve
+                except Exception as exc:  # noqa: BLE001 - no compiler, a failed or abandoned build: PyTorch's kernels
+                    log = getattr(exc, "log", None)
+                    tail = build.log_tail(log)
                     warnings.warn(f"triton_bn: the native CPU kernels could not be built ({type(exc).__name__}: "
-                                  f"{str(exc)[:300]}); dense CPU tensors take PyTorch's "
+                                  f"{str(exc)[:400]}){'; compiler output in ' + log if log else ''}"
+                                  f"{': ...' + chr(10) + tail if tail else ''}\ndense CPU tensors take PyTorch's "
                                   "kernels instead (slower). TRITON_BN_NATIVE_CPU=0 skips the attempt.")
             _loaded["ops"] = loaded
     return _loaded["ops"]
+
+
+def loaded_from() -> Optional[str]:
+    """The path of the loaded build (None before ``ops()`` or where none was loaded)."""
+    return _loaded.get("path")
 
 
 def serves(x: torch.Tensor) -> Optional[NativeOps]:

@@ -1,0 +1,6 @@
+// The backward kernels for float inputs, compiled on their own (common.h says why).
+#include "kernels.h"
+
+namespace triton_bn_cpu {
+TRITON_BN_BACKWARD_KERNELS(, float)
+}  // namespace triton_bn_cpu

@@ -1,0 +1,6 @@
+// The forward kernels for float inputs, compiled on their own (common.h says why).
+#include "kernels.h"
+
+namespace triton_bn_cpu {
+TRITON_BN_FORWARD_KERNELS(, float)
+}  // namespace triton_bn_cpu
