@@ -64,6 +64,22 @@ def test_plots_and_autotune_report(tmp_path):
     assert len(pd.read_csv(tmp_path / "autotune.csv")) == 2
 
 
+@pytest.mark.parametrize("case", ["train_add_relu_fwdbwd", "eval_fwd_relu"])
+def test_the_error_column_covers_every_result(case):
+    """What the bench compares: y, and for a training forward + backward dx, dweight, dbias, d residual and
+    the updated running statistics; a wrong value in any one of them shows in the error column."""
+    from triton_bn.bench import cases as C
+    ours = C.build(case, "triton_bn", (4, 3, 5, 5), torch.float32, "nchw", "cpu").output()
+    theirs = C.build(case, C.REFERENCE, (4, 3, 5, 5), torch.float32, "nchw", "cpu").output()
+    assert len(ours) == (7 if case == "train_add_relu_fwdbwd" else 1)
+    assert all(part.dtype == torch.float64 for part in theirs)
+    assert C.worst_relative_error(ours, theirs) < 1e-5
+    for i in range(len(ours)):
+        wrong = list(ours)
+        wrong[i] = wrong[i] * 1.01
+        assert C.worst_relative_error(wrong, theirs) > 5e-3
+
+
 def test_bench_interpreter_smoke_run(tmp_path):
     """``--interpreter``: tiny shapes through the Triton interpreter, every file written, labelled as no figures."""
     out = tmp_path / "bench"
@@ -107,7 +123,7 @@ def test_bench_on_the_cpu_measures_the_cpu_path(tmp_path):
 def test_a_channels_last_case_is_channels_last_in_4d_and_5d(shape, memory_format):
     """A row labelled channels_last measures a channels-innermost input, 5-D shapes included (the bench
     once built those as NCDHW under that label)."""
-    y = cases.build("eval_fwd", "eager_native", shape, torch.float32, "channels_last", "cpu").output()
+    y, = cases.build("eval_fwd", "eager_native", shape, torch.float32, "channels_last", "cpu").output()
     assert y.is_contiguous(memory_format=memory_format) and not y.is_contiguous()
 
 
@@ -118,10 +134,10 @@ def test_the_silu_and_gelu_cases_compare_like_with_like(case):
     same activation on both sides: PyTorch's BN then F.silu / F.gelu against the fused call."""
     ours = cases.build(case, "triton_bn", (2, 4, 3, 5), torch.float32, "nchw", "cpu").output()
     theirs = cases.build(case, "eager_native", (2, 4, 3, 5), torch.float32, "nchw", "cpu").output()
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)  # y, the gradients, the running statistics
     plain = cases.build("train_fwd" if case.startswith("train") else "eval_fwd", "eager_native", (2, 4, 3, 5),
                         torch.float32, "nchw", "cpu").output()
-    assert not torch.allclose(plain, theirs)  # the activation is applied at all
+    assert not torch.allclose(plain[0], theirs[0])  # the activation is applied at all
     assert case not in cases.DEFAULT_CASES
 
 

@@ -22,6 +22,18 @@ def test_activation_fp32(activation, layout, training, with_residual, device):
              scale=4.0)
 
 
+@pytest.mark.parametrize("wanted", ["dresidual-only", "dx-only"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", (None,) + ACTIVATIONS)
+def test_residual_gradient_without_dx_and_dx_without_it(activation, layout, training, wanted, device):
+    """A frozen input with a residual that needs its gradient (d residual alone), and a detached residual
+    (dx alone): the launchers take other paths for each (d residual = dy without an activation, a dx
+    kernel that writes one output), every activation."""
+    run_case((5, 4, 3, 3), torch.float32, device, layout, training, activation, with_residual=True, scale=4.0,
+             x_grad=wanted == "dx-only", residual_grad=wanted == "dresidual-only")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activation_half_precision(activation, dtype, device):

@@ -388,3 +388,47 @@ def test_one_module_from_several_threads_on_cuda(own_streams):
     errors = _one_module_from_several_threads("cuda", own_streams)
     torch.cuda.synchronize()
     assert not errors, errors
+
+
+# -- the kernels' gradients against finite differences of their own forward --------------------------------
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", (None,) + triton_bn.SUPPORTED_ACTIVATIONS)
+def test_kernel_gradients_against_finite_differences(activation, layout, with_residual, training):
+    """The Triton kernels' backward (float64 never reaches them, so no gradcheck) against central differences
+    of their own forward in fp32: directional derivatives of L = sum(c * y) along random directions of x,
+    weight, bias and the residual. With a step of 1e-3 the truncation error is ~1e-6 of the derivative and
+    fp32 rounding of L ~5e-4; the few elements that cross an activation's kink within the step add ~1e-3; a
+    wrong derivative term is off by far more than the tolerance of 1%."""
+    assert launch.uses_kernels(torch.empty(1)), "CPU tensors must run the Triton kernels here"
+    gen = torch.Generator().manual_seed(11)
+    shape = (5, 4, 3, 3)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(shape, generator=gen) * 2).contiguous(memory_format=fmt)
+    residual = torch.randn(shape, generator=gen) if with_residual else None
+    weight, bias = torch.rand(4, generator=gen) + 0.5, torch.randn(4, generator=gen)
+    running_mean, running_var = torch.randn(4, generator=gen) * 0.1, torch.rand(4, generator=gen) + 0.5
+    cotangent = torch.randn(shape, generator=gen)
+
+    def loss(x, weight, bias, residual):
+        y = triton_bn.batch_norm(x, running_mean.clone(), running_var.clone(), weight, bias, training, 0.1, 1e-5,
+                                 activation=activation, negative_slope=0.2, residual=residual)
+        return (y * cotangent).sum()
+
+    inputs = [x, weight, bias] + ([residual] if with_residual else [None])
+    leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    loss(*leaves).backward()
+    step = 1e-3
+    for index, name in enumerate(("x", "weight", "bias", "residual")):
+        if inputs[index] is None:
+            continue
+        for _ in range(2):
+            direction = torch.randn(inputs[index].shape, generator=gen)
+            moved = [list(inputs), list(inputs)]
+            moved[0][index] = inputs[index] + step * direction
+            moved[1][index] = inputs[index] - step * direction
+            numeric = (loss(*moved[0]) - loss(*moved[1])).item() / (2 * step)
+            analytic = (leaves[index].grad * direction).sum().item()
+            scale = leaves[index].grad.norm().item() * direction.norm().item()
+            assert abs(numeric - analytic) <= 1e-2 * scale, (name, numeric, analytic)

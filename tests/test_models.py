@@ -141,14 +141,23 @@ def _saved_and_loaded(model, tmp_path):
 
 
 def test_fused_forward_follows_to_and_new_children():
-    """The fused forward looks children and buffers up at call time: .double() and a swapped child take effect."""
+    """The fused forward looks children and buffers up at call time: .double() and a swapped child take
+    effect, as they do on the original."""
     from zoo import ResNeXtLike
     torch.manual_seed(0)
-    converted = triton_bn.convert_model(ResNeXtLike()).eval().double()
+    original = ResNeXtLike().eval()
+    converted = triton_bn.convert_model(original).eval().double()
+    original.double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    assert converted(x).dtype == torch.float64
-    converted.layer1[0].conv3 = nn.Conv2d(4, 8, 1, bias=False).double()
-    converted(x)
+    before = converted(x)
+    assert before.dtype == torch.float64
+    torch.testing.assert_close(before, original(x), atol=1e-12, rtol=1e-12)
+    new_conv = nn.Conv2d(4, 8, 1, bias=False).double()
+    original.layer1[0].conv3 = new_conv
+    converted.layer1[0].conv3 = new_conv
+    after = converted(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, original(x), atol=1e-12, rtol=1e-12)
 
 
 def test_checkpoints_load_both_ways_strict():

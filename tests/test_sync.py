@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import triton_bn
+from conftest import TOLERANCES
 
 CHANNELS = 5
 SPATIAL = (3, 4)
@@ -81,14 +82,17 @@ def _run_distributed(world_size, sizes, momentum=0.1, layout="contiguous", timeo
 
 
 def _single_process(sizes, momentum):
+    """The reference: PyTorch's own BatchNorm2d over the whole batch in float64, then + residual, ReLU."""
     x, residual, grad = _full_batch(sizes)
-    mod = _make_module(momentum)
-    xs, rs = x.clone().requires_grad_(), residual.clone().requires_grad_()
+    ours = _make_module(momentum)
+    mod = nn.BatchNorm2d(CHANNELS, momentum=momentum).double()
+    mod.load_state_dict(ours.state_dict())
+    xs, rs = x.double().requires_grad_(), residual.double().requires_grad_()
     for step in range(2):
         xs.grad = rs.grad = None
         mod.zero_grad()
-        y = mod(xs * (step + 1), residual=rs)
-        y.backward(grad)
+        y = torch.relu(mod(xs * (step + 1)) + rs)
+        y.backward(grad.double())
     return dict(y=y.detach(), dx=xs.grad, dr=rs.grad, dw=mod.weight.grad, db=mod.bias.grad, rm=mod.running_mean,
                 rv=mod.running_var, nbt=mod.num_batches_tracked)
 
@@ -102,27 +106,52 @@ def _single_process(sizes, momentum):
 def test_sync_matches_single_process_over_the_whole_batch(world_size, sizes, momentum, layout):
     results = _run_distributed(world_size, sizes, momentum, layout)
     ref = _single_process(sizes, momentum)
+    atol, rtol = TOLERANCES[torch.float32]
     for key in ("y", "dx", "dr"):
-        torch.testing.assert_close(torch.cat([r[key] for r in results]), ref[key], atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(torch.cat([r[key] for r in results]).double(), ref[key], atol=atol, rtol=rtol,
+                                   msg=key)
     for r in results:
         for key in ("dw", "db", "rm", "rv"):
-            torch.testing.assert_close(r[key], ref[key], atol=1e-5, rtol=1e-5, msg=key)
+            torch.testing.assert_close(r[key].double(), ref[key], atol=atol, rtol=rtol, msg=key)
         assert r["nbt"].item() == ref["nbt"].item() == 2
 
 
-def test_local_path_without_process_group_equals_batchnorm(device):
-    """No process group, eval, world size 1: the local kernels, no communication."""
-    torch.manual_seed(0)
-    sync = triton_bn.SyncBatchNorm(4, activation="silu").to(device)
-    local = triton_bn.BatchNorm2d(4, activation="silu").to(device)
-    local.load_state_dict(sync.state_dict())
-    assert isinstance(sync, nn.SyncBatchNorm)
-    for train in (True, False):
-        sync.train(train)
-        local.train(train)
-        x = torch.randn(3, 4, 5, 5, device=device)
-        torch.testing.assert_close(sync(x), local(x))
-    torch.testing.assert_close(sync.running_var, local.running_var)
+@pytest.mark.parametrize("world_size_one", [False, True], ids=["no-process-group", "world-size-1"])
+def test_local_path_matches_pytorch(world_size_one, device, tmp_path):
+    """No process group, or a group of one, and eval: the local kernels, no communication; against
+    PyTorch's BatchNorm2d then SiLU in float64 (outputs, gradients, running statistics)."""
+    import torch.distributed as dist
+    if world_size_one:
+        if device != "cpu":
+            pytest.skip("gloo on the CPU only")
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        sync = triton_bn.SyncBatchNorm(4, activation="silu").to(device)
+        with torch.no_grad():
+            sync.weight.uniform_(0.5, 1.5)
+            sync.bias.uniform_(-0.5, 0.5)
+        reference = nn.BatchNorm2d(4).double().to(device)
+        reference.load_state_dict(sync.state_dict())
+        assert isinstance(sync, nn.SyncBatchNorm)
+        atol, rtol = TOLERANCES[torch.float32]
+        for train in (True, False):
+            sync.train(train)
+            reference.train(train)
+            x = (torch.randn(3, 4, 5, 5, device=device) * 2 + 1).requires_grad_()
+            xd = x.detach().double().requires_grad_()
+            y, expected = sync(x), torch.nn.functional.silu(reference(xd))
+            torch.testing.assert_close(y.double(), expected, atol=atol, rtol=rtol)
+            grad = torch.randn_like(y)
+            y.backward(grad)
+            expected.backward(grad.double())
+            torch.testing.assert_close(x.grad.double(), xd.grad, atol=atol, rtol=rtol)
+            torch.testing.assert_close(sync.weight.grad.double(), reference.weight.grad, atol=atol, rtol=rtol)
+        torch.testing.assert_close(sync.running_var.double(), reference.running_var, atol=atol, rtol=rtol)
+        torch.testing.assert_close(sync.running_mean.double(), reference.running_mean, atol=atol, rtol=rtol)
+    finally:
+        if world_size_one:
+            dist.destroy_process_group()
 
 
 def test_convert_sync_batchnorm_keeps_fusions():

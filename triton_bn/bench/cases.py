@@ -53,6 +53,9 @@ CASE_PRIORITY = ("train_fwd_relu", "train_fwdbwd_relu", "eval_fwd_relu", "train_
 assert sorted(CASE_PRIORITY) == sorted(CASES) and set(DEFAULT_CASES) <= set(CASES)
 LATENCY_CASES = ("eval_fwd", "eval_fwd_relu")
 PROVIDERS = ("triton_bn", "eager_cudnn", "eager_native", "torch_compile")
+# not a provider (never timed): the same inputs in float64 through PyTorch, what every provider's results
+# (y, gradients, running statistics) are compared with
+REFERENCE = "float64"
 GPU_ONLY_PROVIDERS = ("eager_cudnn",)  # cuDNN is a CUDA library
 # the latency set on a GPU also times these, each captured in a CUDA graph and replayed
 GRAPH_PROVIDERS = ("triton_bn", "eager_cudnn")
@@ -76,7 +79,9 @@ def efficiency(case: str, shape, dtype: torch.dtype, ms: float, copy_gbps: float
 class Workload:
     """One (case, shape, dtype, layout) measured for one provider: ``run()`` is what is timed."""
     run: Callable[[], object]
-    output: Callable[[], torch.Tensor]  # the forward output of one fresh call, for the error check
+    # every result of one fresh call, for the error check: y; dx, dweight, dbias (and d residual) of a backward
+    # case; the updated running statistics of a training case
+    output: Callable[[], Tuple[torch.Tensor, ...]]
 
 
 def _torch_batch_norm(x, running_mean, running_var, weight, bias, residual, training: bool,
@@ -119,7 +124,8 @@ def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, devi
     x = torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=fmt)
     residual = (torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=fmt)
                 if with_residual else None)
-    grad = torch.randn_like(x) if backward else None
+    # from the seeded generator too: every provider gets the same dy, so their gradients can be compared
+    grad = torch.randn(shape, generator=gen, device=device).to(dtype).contiguous(memory_format=fmt) if backward else None
     channels = shape[1]
     # the same parameters and statistics for every provider, so outputs can be compared: fp32, as a
     # mixed-precision model has them, or float64 for a float64 model (PyTorch's CPU kernels take no other)
@@ -128,6 +134,10 @@ def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, devi
     bias = torch.rand(channels, **per_channel) - 0.5
     running_mean = torch.randn(channels, **per_channel) * 0.1
     running_var = torch.rand(channels, **per_channel) + 0.5
+    if provider == REFERENCE:  # the very same values, in float64
+        x, residual, grad, weight, bias, running_mean, running_var = (
+            None if t is None else t.double().contiguous(memory_format=fmt) if t.dim() > 1 else t.double()
+            for t in (x, residual, grad, weight, bias, running_mean, running_var))
     if backward:
         weight.requires_grad_()
         bias.requires_grad_()
@@ -137,7 +147,7 @@ def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, devi
         fn = compiled_torch_batch_norm(compile_dynamic)
     else:
         fn = _torch_batch_norm
-    cudnn = provider != "eager_native"
+    cudnn = provider not in ("eager_native", REFERENCE)
 
     def call():
         with torch.backends.cudnn.flags(enabled=cudnn):
@@ -152,15 +162,34 @@ def build(case: str, provider: str, shape, dtype: torch.dtype, layout: str, devi
 
     def output():
         saved = (running_mean.clone(), running_var.clone())
-        with torch.backends.cudnn.flags(enabled=cudnn), torch.no_grad():
-            y = fn(x, running_mean, running_var, weight, bias, residual, training, activation)
+        with torch.backends.cudnn.flags(enabled=cudnn):
+            if backward:
+                weight.grad = bias.grad = None
+                inp = x.detach().requires_grad_()
+                res = residual.detach().requires_grad_() if residual is not None else None
+                y = fn(inp, running_mean, running_var, weight, bias, res, training, activation)
+                y.backward(grad)
+                parts = [y.detach(), inp.grad, weight.grad, bias.grad] + ([res.grad] if res is not None else [])
+                weight.grad = bias.grad = None
+            else:
+                with torch.no_grad():
+                    parts = [fn(x, running_mean, running_var, weight, bias, residual, training, activation)]
+        if training:
+            parts += [running_mean.clone(), running_var.clone()]
         running_mean.copy_(saved[0])
         running_var.copy_(saved[1])
-        return y
+        return tuple(parts)
 
     if cuda_graph:
         call = _graph_replay(call)
     return Workload(call, output)
+
+
+def worst_relative_error(parts, reference) -> float:
+    """The largest relative error (norm of the difference over the norm of the reference) over the
+    results of ``Workload.output``, compared in the reference's dtype."""
+    return max(((part.to(ref.dtype) - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+               for part, ref in zip(parts, reference))
 
 
 def _graph_replay(call: Callable[[], object]) -> Callable[[], object]:

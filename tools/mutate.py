@@ -1,0 +1,196 @@
+"""Plant plausible bugs one at a time and check that the test suite catches each.
+
+Each mutation replaces one exact piece of text in one file (which must appear there exactly once, so the list
+fails loudly when the code moves on) in a fresh copy of the repository's tracked files, then runs the test
+files that cover that code, in the copy, stopping at the first failure. A mutation is *caught* when the
+tests fail, *missed* when they pass. The C++ mutations rebuild the native CPU kernels (their build key
+changes with the source: about 70 s each on two cores).
+
+    python tools/mutate.py                 # every mutation; prints a table, writes it to --report
+    python tools/mutate.py eps-channels-last unbiased-factor   # only these
+    python tools/mutate.py --list
+
+The whole list takes about 25 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, NamedTuple, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+KERNEL_TESTS = ("tests/test_core.py", "tests/test_epilogue.py", "tests/test_kernels.py")
+NATIVE_TESTS = ("tests/test_native_cpu.py",)
+
+
+class Mutation(NamedTuple):
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: Tuple[str, ...]
+    why: str
+
+
+MUTATIONS: List[Mutation] = [
+    # the Triton kernels (run through the interpreter by the CPU tests)
+    Mutation("eps-channels-last", "triton_bn/kernels/channels_last.py",
+             "                          running_mean_stride, running_var_stride, eps, momentum,",
+             "                          running_mean_stride, running_var_stride, 0.0, momentum,", KERNEL_TESTS,
+             "channels_last training invstd without eps"),
+    Mutation("eps-channels-first", "triton_bn/kernels/channels_first.py",
+             "                          running_mean_stride, running_var_stride, eps, momentum,",
+             "                          running_mean_stride, running_var_stride, 0.0, momentum,", KERNEL_TESTS,
+             "NCHW training invstd without eps"),
+    Mutation("eps-eval", "triton_bn/kernels/common.py", "invstd = tl.math.rsqrt(stat + eps)",
+             "invstd = tl.math.rsqrt(stat)", KERNEL_TESTS, "eval invstd from the running variance without eps"),
+    Mutation("unbiased-factor", "triton_bn/kernels/welford.py", "var_unbiased = var_biased * unbiased_factor",
+             "var_unbiased = var_biased", KERNEL_TESTS, "running_var takes the biased variance"),
+    Mutation("momentum-swapped", "triton_bn/kernels/welford.py", "rm = (1.0 - factor) * rm + factor * mean",
+             "rm = factor * rm + (1.0 - factor) * mean", KERNEL_TESTS, "running mean weighs the old value by momentum"),
+    Mutation("cumulative-off-by-one", "triton_bn/kernels/welford.py",
+             "factor = 1.0 / (tl.load(num_batches_ptr) + 1).to(tl.float32)",
+             "factor = 1.0 / (tl.load(num_batches_ptr) + 2).to(tl.float32)", KERNEL_TESTS,
+             "momentum=None: the cumulative average counts one batch too many"),
+    Mutation("chan-merge-m2", "triton_bn/kernels/welford.py",
+             "m2 = m2_a + m2_b + delta * delta * count_a * weight_b", "m2 = m2_a + m2_b", KERNEL_TESTS,
+             "the merge of two parts drops the between-part term"),
+    Mutation("k-way-merge-m2", "triton_bn/kernels/welford.py",
+             "merged_m2 = tl.sum(m2, 0) + tl.sum(count * deviation * deviation, 0)", "merged_m2 = tl.sum(m2, 0)",
+             KERNEL_TESTS, "the k-way merge of splits drops the between-split term"),
+    Mutation("silu-derivative", "triton_bn/kernels/activations.py", "out = s * (1.0 + z * (1.0 - s))",
+             "out = s * (1.0 + z * s)", KERNEL_TESTS, "SiLU's derivative with a wrong term"),
+    Mutation("gelu-derivative", "triton_bn/kernels/activations.py",
+             "out = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)",
+             "out = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))", KERNEL_TESTS,
+             "GELU's derivative without its density term"),
+    Mutation("leaky-relu-derivative", "triton_bn/kernels/activations.py",
+             "out = tl.where(z > 0.0, 1.0, negative_slope)", "out = tl.where(z > 0.0, 1.0, 0.0)", KERNEL_TESTS,
+             "leaky ReLU's derivative ignores the slope"),
+    Mutation("hardswish-derivative", "triton_bn/kernels/activations.py", "z / 3.0 + 0.5", "z / 3.0",
+             KERNEL_TESTS, "hardswish's derivative off by 0.5 between the kinks"),
+    Mutation("sigmoid-derivative", "triton_bn/kernels/activations.py", "        out = s * (1.0 - s)\n",
+             "        out = s\n", KERNEL_TESTS, "sigmoid's derivative is the sigmoid"),
+    Mutation("residual-in-backward-z", "triton_bn/kernels/common.py",
+             "        residual = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)\n    dz =",
+             "        residual = tl.zeros_like(x)\n    dz =", KERNEL_TESTS,
+             "the backward recomputes z without the residual"),
+    Mutation("channel-mask", "triton_bn/kernels/channels_last.py",
+             "    rows, cols = _elementwise_tile(C, BLOCK_R, BLOCK_C)\n    cmask = cols < C\n    mean, _, scale",
+             "    rows, cols = _elementwise_tile(C, BLOCK_R, BLOCK_C)\n    cmask = cols < C + 1\n    mean, _, scale",
+             KERNEL_TESTS, "the channels_last apply reads and writes one channel past the end"),
+    # the launchers
+    Mutation("dresidual-shortcut", "triton_bn/launch.py", "if want_dresidual and not want_dx and activation == 0:",
+             "if want_dresidual and not want_dx:", KERNEL_TESTS,
+             "d residual = dy taken with an activation too, when dx is not wanted"),
+    # the native CPU kernels (C++: each rebuilds)
+    Mutation("native-eps", "triton_bn/csrc/cpu/ops.cpp", "v = A(1) / std::sqrt(v + static_cast<A>(eps));",
+             "v = A(1) / std::sqrt(v);", NATIVE_TESTS, "native invstd without eps"),
+    Mutation("native-unbiased", "triton_bn/csrc/cpu/ops.cpp",
+             "const A unbias = R > 1 ? static_cast<A>(static_cast<double>(R) / (R - 1)) : A(NAN);",
+             "const A unbias = A(1);", NATIVE_TESTS, "native running_var biased"),
+    Mutation("native-dx-mean-term", "triton_bn/csrc/cpu/kernels.h",
+             "k.k3[c] = static_cast<A>(sum_dz[c] / R * k.invstd[c] * w[c]);", "k.k3[c] = A(0);", NATIVE_TESTS,
+             "native dx without the mean of dz"),
+    Mutation("native-momentum", "triton_bn/csrc/cpu/ops.cpp", "rm[c] = lerp(rm[c], m[c], f);",
+             "rm[c] = lerp(m[c], rm[c], f);", NATIVE_TESTS, "native running mean weighs the old value by momentum"),
+    # the layers around the kernels
+    Mutation("sync-merge", "triton_bn/sync.py", "m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)",
+             "m2 = m2s.sum(0)", ("tests/test_sync.py",), "SyncBatchNorm's merge of ranks drops the between-rank term"),
+    Mutation("fold-shift-sign", "triton_bn/fold.py", "shift = -bn.running_mean.double() * scale",
+             "shift = bn.running_mean.double() * scale", ("tests/test_inference.py", "tests/test_models.py"),
+             "folding adds the mean instead of subtracting it"),
+    Mutation("guards-off", "triton_bn/tracing.py",
+             "        for where, name, default, holds, check in self._argument_tests:",
+             "        return None\n        for where, name, default, holds, check in self._argument_tests:",
+             ("tests/test_models.py",), "convert_model's fused forwards run for calls their trace does not stand for"),
+]
+
+
+def _copy_tree(destination: str) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        target = os.path.join(destination, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), target)
+
+
+def _apply(copy: str, mutation: Mutation) -> None:
+    path = os.path.join(copy, mutation.path)
+    with open(path) as f:
+        text = f.read()
+    found = text.count(mutation.old)
+    if found != 1:
+        raise SystemExit(f"{mutation.name}: the text to replace occurs {found} times in {mutation.path} (want once)")
+    with open(path, "w") as f:
+        f.write(text.replace(mutation.old, mutation.new))
+
+
+def run(mutation: Mutation, timeout: float) -> Tuple[str, float, str]:
+    """(caught / missed / error, seconds, the first failing test or the error)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.name}-") as copy:
+        _copy_tree(copy)
+        _apply(copy, mutation)
+        env = dict(os.environ, PYTHONPATH=copy, PYTHONDONTWRITEBYTECODE="1")
+        where = subprocess.run([sys.executable, "-c", "import triton_bn; print(triton_bn.__file__)"], cwd=copy,
+                               env=env, capture_output=True, text=True)
+        if not where.stdout.strip().startswith(copy):
+            return "error", 0.0, f"the copy's package is not the one imported: {where.stdout}{where.stderr[-500:]}"
+        started = time.monotonic()
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "2", "--dist", "loadfile",
+                                   "-p", "no:cacheprovider", *mutation.tests], cwd=copy, env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "error", time.monotonic() - started, f"timed out after {timeout:.0f} s"
+        seconds = time.monotonic() - started
+        if done.returncode == 0:
+            return "missed", seconds, ""
+        # 1: tests failed; 2: xdist's -x interrupted the run after a failure (an ERROR is a failure too)
+        failed = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+        if done.returncode in (1, 2) and failed:
+            return "caught", seconds, failed[0].split(" ", 1)[1][:120]
+        return "error", seconds, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per mutation's tests")
+    parser.add_argument("--report", default=None, help="also write the table to this file")
+    args = parser.parse_args()
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:24} {m.path:40} {m.why}")
+        return 0
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"unknown mutations: {', '.join(sorted(unknown))}")
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    lines = ["| mutation | file | what it breaks | result | seconds | first failing test |", "|---|---|---|---|---|---|"]
+    results = []
+    for mutation in chosen:
+        outcome, seconds, detail = run(mutation, args.timeout)
+        results.append(outcome)
+        first_line = detail.splitlines()[0] if detail else ""
+        lines.append(f"| {mutation.name} | {mutation.path} | {mutation.why} | {outcome} | {seconds:.0f} | "
+                     f"{first_line} |")
+        print(lines[-1], flush=True)
+        if outcome == "error":
+            print(detail, file=sys.stderr)
+    summary = (f"\n{results.count('caught')} of {len(results)} caught, {results.count('missed')} missed, "
+               f"{results.count('error')} errors")
+    print(summary)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write("\n".join(lines) + "\n" + summary + "\n")
+    return 0 if results.count("caught") == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
