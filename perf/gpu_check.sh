@@ -2,7 +2,8 @@
 # The one prepared GPU check (perf/NOTES.md says why and what to look at). Run from the repository root
 # on the GPU machine, where nothing can be installed: torch/triton/pandas/matplotlib/pytest are the image's.
 #   OUT=/some/folder bash perf/gpu_check.sh
-# Writes at most 6 files to $OUT (the device tool brings back 8): gpu.txt, tests-cuda.txt, bench.log,
+# Writes at most 7 files to $OUT (the device tool brings back 8): gpu.txt, tests-cuda.txt, tests-cpp-launch.txt,
+# bench.log,
 # bench.tgz (the whole triton-bn bench output folder, with MODEL_S > 0 the ResNet-50 steps and with
 # SHORT_LOOPS_S > 0 perf/short_loops.py's tables in it), summary.md (a copy, readable at once), and with
 # PROFILE_S > 0 profile.tgz (perf/profile_gpu.py's files).
@@ -25,6 +26,15 @@ BENCH_ARGS=${BENCH_ARGS:---quick --graphs}  # --graphs: GPU time alone too (CUDA
 TRITON_BN_AUTOTUNE=0 timeout "$TESTS_S" python3 -m pytest -q -n 8 --maxfail=20 -p no:cacheprovider -k "cuda or gpu" tests \
   > "$OUT/tests-cuda.txt" 2>&1
 echo "tests exit $?" >> "$OUT/tests-cuda.txt"
+# The same CUDA tests through the C++ launch path (docs/launch.md; opt-in until this passes on a GPU), and
+# its own tests (the recording stand-in, which also checks every plan against the PTX of this triton)
+CPP_TESTS_S=${CPP_TESTS_S:-150}
+TRITON_BN_AUTOTUNE=0 TRITON_BN_CPP_LAUNCH=1 timeout "$CPP_TESTS_S" python3 -m pytest -q -n 8 --maxfail=20 \
+  -p no:cacheprovider -k "cuda or gpu" tests > "$OUT/tests-cpp-launch.txt" 2>&1
+echo "tests exit $?" >> "$OUT/tests-cpp-launch.txt"
+LAUNCH_ABI_S=${LAUNCH_ABI_S:-120}
+timeout "$LAUNCH_ABI_S" python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_launch.py >> "$OUT/tests-cpp-launch.txt" 2>&1
+echo "launch tests exit $?" >> "$OUT/tests-cpp-launch.txt"
 # shellcheck disable=SC2086
 timeout $((BENCH_BUDGET_S + 90)) python3 -m triton_bn bench $BENCH_ARGS --budget-s "$BENCH_BUDGET_S" \
   --out "$OUT/bench" > "$OUT/bench.log" 2>&1

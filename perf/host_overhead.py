@@ -1,23 +1,33 @@
-"""Host cost per call: triton_bn's own Python against PyTorch's BN + ReLU, side by side in one process.
+"""Host cost per call: triton_bn's own work against PyTorch's BN + ReLU, side by side in one process.
 
-Every Triton launch is replaced by a no-op (under ``TRITON_INTERPRET=1``, ``InterpretedFunction.run``
-returns at once), so what is timed is triton_bn's own work per call: validation, layout planning,
-configuration lookup, allocations, the autograd Function. PyTorch's ``nn.Sequential(BatchNorm, ReLU)``
-runs for real on a tensor so small (2x8x2x2) that its arithmetic is negligible: what it costs is its
-host path too. One thread; medians of repeated rounds.
+Two modes:
+- default, the Python launch path: every Triton launch is replaced by a no-op (under ``TRITON_INTERPRET=1``,
+  ``InterpretedFunction.run`` returns at once), so what is timed is triton_bn's own work per call:
+  validation, layout planning, configuration lookup, allocations, the autograd Function.
+- ``--cpp-null``, the C++ launch path (plans.py, csrc/cuda/) under its null stand-in driver
+  (``TRITON_BN_CUDA_DRIVER=null``): one C++ call per forward (the plan found, outputs allocated, parameters
+  packed, nothing launched), the C++ autograd node in the backward.
+PyTorch's ``nn.Sequential(BatchNorm, ReLU)`` runs for real on a tensor so small (2x8x2x2) that its
+arithmetic is negligible: what it costs is its host path too. One thread; medians of repeated rounds; each
+module's train/eval mode set once before its calls, as a training loop does.
 
-    python perf/host_overhead.py            # prints the table (the ratio column is triton_bn / torch)
+    python perf/host_overhead.py              # prints the table (the ratio column is triton_bn / torch)
+    python perf/host_overhead.py --cpp-null   # the same for the C++ launch path
 """
 import os
 import statistics
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: launches become interpreter calls, stubbed below
+CPP_NULL = "--cpp-null" in sys.argv
+if CPP_NULL:  # before triton_bn is imported: CPU tensors take the C++ path, nothing is launched
+    os.environ["TRITON_BN_CUDA_DRIVER"] = "null"
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: launches become interpreter calls, stubbed
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import triton_bn  # noqa: E402
 
@@ -26,6 +36,7 @@ ROUNDS = int(os.environ.get("HOST_OVERHEAD_ROUNDS", 25))
 
 
 def _stub_launches():
+    from triton.runtime.interpreter import InterpretedFunction
     InterpretedFunction.run = lambda self, *args, **kwargs: None
 
 
@@ -46,27 +57,26 @@ def per_call_us(ours, theirs, calls: int = CALLS_PER_ROUND, rounds: int = ROUNDS
 
 
 def _cases(ours: nn.Module, theirs: nn.Module, shape, memory_format):
-    """(name, triton_bn callable, torch callable) for training forward, eval forward, forward + backward."""
+    """(name, training mode, triton_bn callable, torch callable) for training forward, eval forward, forward +
+    backward; the caller sets the mode once before timing a case."""
     x = torch.randn(shape).contiguous(memory_format=memory_format)
     x_grad = x.clone().requires_grad_()
     grad = torch.ones_like(x)
 
-    def forward(module, training):
+    def forward(module):
         def call():
-            module.train(training)
             with torch.no_grad():
                 module(x)
         return call
 
     def forward_backward(module):
         def call():
-            module.train()
             module(x_grad).backward(grad)
         return call
 
-    return [("training forward (no_grad)", forward(ours, True), forward(theirs, True)),
-            ("eval forward (no_grad)", forward(ours, False), forward(theirs, False)),
-            ("training forward + backward", forward_backward(ours), forward_backward(theirs))]
+    return [("training forward (no_grad)", True, forward(ours), forward(theirs)),
+            ("eval forward (no_grad)", False, forward(ours), forward(theirs)),
+            ("training forward + backward", True, forward_backward(ours), forward_backward(theirs))]
 
 
 class _EmptyFunction(torch.autograd.Function):
@@ -115,7 +125,9 @@ def measure():
          nn.Sequential(nn.SyncBatchNorm(8), nn.ReLU()), (2, 8, 2, 2), torch.contiguous_format),
     ]
     for label, ours, theirs, shape, fmt in setups:
-        for case, mine, reference in _cases(ours, theirs, shape, fmt):
+        for case, training, mine, reference in _cases(ours, theirs, shape, fmt):
+            ours.train(training)
+            theirs.train(training)
             rows.append((label, case, *per_call_us(mine, reference)))
     rows.append(_function_floor())
     frozen = triton_bn.fold_batch_norms(nn.Sequential(triton_bn.BatchNorm2d(8, activation="relu")).eval())
@@ -128,10 +140,13 @@ def measure():
 
 
 def main():
-    _stub_launches()
+    if not CPP_NULL:
+        _stub_launches()
     rows = measure()
-    print(f"host time per call, us (median of {ROUNDS} rounds of {CALLS_PER_ROUND} calls; triton_bn launches "
-          f"stubbed; torch {torch.__version__}, {torch.get_num_threads()} thread)\n")
+    path = ("the C++ launch path, null driver (nothing launched)" if CPP_NULL else
+            "the Python launch path, launches stubbed")
+    print(f"host time per call, us (median of {ROUNDS} rounds of {CALLS_PER_ROUND} calls; triton_bn: {path}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread)\n")
     print("| module, input | call | triton_bn | torch BN + ReLU | ratio |")
     print("|---|---|---|---|---|")
     for label, case, mine, theirs in rows:

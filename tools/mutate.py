@@ -112,8 +112,12 @@ MUTATIONS: List[Mutation] = [
 
 
 def _copy_tree(destination: str) -> None:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    """The working tree's files git tracks or would track (new ones not yet committed included)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.split(b"\0")
     for name in filter(None, (f.decode() for f in files)):
+        if not os.path.exists(os.path.join(ROOT, name)):  # deleted in the working tree
+            continue
         target = os.path.join(destination, name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, name), target)

@@ -225,14 +225,17 @@ def _compile(cxx: str, sources: Sequence[str], workdir: str, cflags: Sequence[st
 
 def load_library(name: str, sources: Sequence[str], headers: Sequence[str] = (), extra_cflags: Sequence[str] = (),
                  extra_ldflags: Sequence[str] = (), what: str = "the native library", duration: str = "",
-                 wait: Optional[float] = None, loader: Callable[[str], None] = torch.ops.load_library) -> str:
+                 wait: Optional[float] = None, loader: Callable[[str], None] = torch.ops.load_library,
+                 include_dirs: Sequence[str] = ()) -> str:
     """Load the build of ``sources`` (built first if this machine has none), returning its path.
 
-    ``what`` names it in messages, ``duration`` says how long a build takes ("about 80 s"). Raises
+    ``headers``: every header outside torch the sources include (their bytes are part of the key);
+    ``include_dirs``: where they are (paths, so not part of the key). ``what`` names the library in
+    messages, ``duration`` says how long a build takes ("about 80 s"). Raises
     BuildError when the build fails (the log's path in the message and in ``.log``) or when another live
     process has been building it for longer than ``wait`` seconds (``TRITON_BN_BUILD_WAIT``, 900)."""
     cxx = compiler()
-    cflags = _torch_flags() + list(extra_cflags)
+    cflags = _torch_flags() + [flag for path in include_dirs for flag in ("-isystem", path)] + list(extra_cflags)
     ldflags = list(extra_ldflags) + _torch_libraries()
     key = build_key(sources, headers, list(extra_cflags), list(extra_ldflags), cxx)
     folder = build_dir()

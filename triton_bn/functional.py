@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import launch, ops  # noqa: F401  (ops registers the torch.ops.triton_bn operators)
+from . import launch, ops, plans  # noqa: F401  (ops registers the torch.ops.triton_bn operators)
 from .activations import activation_id
 from .autograd import BatchNormFunction, training_with_backward
 
@@ -39,6 +39,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             with running statistics it is incremented, as ``nn.BatchNorm`` does.
     Returns: a tensor of input's shape, dtype and memory format.
     """
+    if plans.ACTIVE:  # the C++ launch path (TRITON_BN_CPP_LAUNCH=1): a call like one it already served
+        y = plans.known_call(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                             negative_slope, residual, num_batches_tracked)
+        if y is not None:
+            return y
     if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0 and all(
             isinstance(t, Tensor) and t.numel() == 0 for t in (running_mean, running_var, weight, bias) if t is not None):
         return input.clone()  # PyTorch reads a 1-D input as zero channels: an empty one is an empty result
@@ -66,6 +71,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return torch.ops.triton_bn.batch_norm_apply(input, mean, invstd, weight, bias, residual, float(eps), True, act,
                                                     float(negative_slope))
     # Eager: the training launcher counts the batch itself, in its normalization launch (no increment kernel).
+    if plans.serves(input):  # the C++ launch path (TRITON_BN_CPP_LAUNCH=1): one call, its node records the backward
+        y = plans.training(input, weight, bias, residual, running_mean, running_var, batches, factor, cumulative,
+                           float(eps), act, float(negative_slope))
+        if y is not None:
+            return y
     if _needs_gradient(input, weight, bias, residual):
         return training_with_backward(input, weight, bias, residual, running_mean, running_var, batches, factor,
                                       cumulative, float(eps), act, float(negative_slope))
@@ -85,9 +95,21 @@ def apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     residual, eps, batch_stats, activation, negative_slope)."""
     if tracing:
         return torch.ops.triton_bn.batch_norm_apply
+    if plans.serves(input):
+        return _cpp_apply
     if _needs_gradient(input, weight, bias, residual):
         return BatchNormFunction.apply
     return launch.apply_launcher(input, residual)
+
+
+def _cpp_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
+    """``apply_step``'s callable on the C++ launch path (eval statistics), with the Python one where no plan
+    takes the call."""
+    y = plans.apply(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
+    if y is not None:
+        return y
+    step = BatchNormFunction.apply if _needs_gradient(x, weight, bias, residual) else launch.apply_launcher(x, residual)
+    return step(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
 
 
 def _needs_gradient(input, weight, bias, residual) -> bool:

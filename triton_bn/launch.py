@@ -73,8 +73,31 @@ def _on_input_device(launcher):
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Under a stand-in CUDA driver (TRITON_BN_CUDA_DRIVER=record or null: tests and host-cost measurements of
+# the C++ launch path, plans.py) CPU tensors take the kernel path as CUDA tensors would, and nothing is
+# launched from Python: the launches are only watched.
+STAND_IN = os.environ.get("TRITON_BN_CUDA_DRIVER", "") in ("record", "null")
+
+
 def uses_kernels(x: torch.Tensor) -> bool:
-    return (x.is_cuda or INTERPRET) and x.dtype in KERNEL_DTYPES
+    return (x.is_cuda or INTERPRET or STAND_IN) and x.dtype in KERNEL_DTYPES
+
+
+_watching = threading.local()
+
+
+@contextlib.contextmanager
+def watch(dry: bool = False):
+    """Collect the (PlannedLaunch, arguments) of every launch the launchers make on this thread meanwhile (the
+    tuner's candidate runs are not among them); ``dry``: collect them without launching (plans.py writes its
+    plans from them)."""
+    previous = getattr(_watching, "state", None)
+    launches = []
+    _watching.state = (launches, dry)
+    try:
+        yield launches
+    finally:
+        _watching.state = previous
 
 
 def _family(plan) -> str:
@@ -192,6 +215,13 @@ class PlannedLaunch:
         self.variants = {}  # argument_signature -> the compiled variant's launcher for this grid
 
     def __call__(self, args, device: torch.device) -> None:
+        watching = getattr(_watching, "state", None)
+        if watching is not None:
+            watching[0].append((self, args))
+            if watching[1]:
+                return
+        if STAND_IN and device.type != "cuda":
+            return  # a stand-in driver's CPU tensors: nothing runs on them (plans.py)
         if not (DIRECT_LAUNCH and device.type == "cuda"):
             _launch(self.kernel, self.grid, args, self.kwargs, device)
             return

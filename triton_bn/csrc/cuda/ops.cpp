@@ -1,0 +1,306 @@
+// The eager GPU path's ops (torch.ops.triton_bn_cuda.*): one call per forward, which checks the call
+// against its plan, runs it, and when a gradient is needed records a C++ autograd node whose backward runs
+// the backward plan. No Python runs in either, beyond the module's forward and its one call.
+//
+//   training(x, weight?, bias?, residual?, running_mean!?, running_var!?, num_batches_tracked!?, eps,
+//            momentum, negative_slope, activation, cumulative) -> [y] or []
+//                                  a training forward: statistics, running update, normalization (and the
+//                                  batch counted)
+//   apply(x, mean, stat, weight?, bias?, residual?, eps, negative_slope, activation) -> [y] or []
+//   remember_training / remember_apply(the same tensors and flags, forward, backward): the plans (handles
+//                                  from make_plan; backward -1: none) of calls like this one
+//                                                     y from given statistics (eval, FrozenBatchNorm)
+// An empty result means no plan was made for a call like this one yet: the caller writes one and
+// remembers it. The saved tensors are those of triton_bn/autograd.py: x and the per-channel vectors,
+// the residual only when an activation follows it.
+#include "plan.h"
+
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <unordered_map>
+
+namespace triton_bn_cuda {
+namespace {
+
+using torch::autograd::variable_list;
+using Slots = std::array<at::Tensor, kSlots>;
+using PlanPtr = std::shared_ptr<const Plan>;
+
+at::Tensor defined_or_empty(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? *t : at::Tensor();
+}
+
+bool needs_gradient(const Slots& slots) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (int64_t slot : {kX, kWeight, kBias, kResidual}) {
+    if (slots[slot].defined() && slots[slot].requires_grad()) return true;
+  }
+  return false;
+}
+
+// The gradients are not differentiable again: under create_graph they come back behind a node that raises
+// if anything differentiates through them (Python's once_differentiable, as the native CPU node does).
+variable_list once_differentiable(variable_list grads, const variable_list& grad_outputs) {
+  if (!at::GradMode::is_enabled() || std::none_of(grad_outputs.begin(), grad_outputs.end(), [](const at::Tensor& g) {
+        return g.defined() && g.requires_grad();
+      })) {
+    return grads;
+  }
+  variable_list detached;
+  for (auto& g : grads) detached.push_back(g.defined() ? g.detach().requires_grad_(true) : at::Tensor());
+  torch::autograd::DelayedError error("triton_bn: the batch-norm gradient is not differentiable again "
+                                      "(trying to differentiate twice)", static_cast<int64_t>(detached.size()));
+  return error.apply(std::move(detached));
+}
+
+// The node of both ops: its forward runs the forward plan from the slots of x, the per-channel inputs and
+// the residual (and, for a training forward, the running statistics), and saves what the backward plan
+// reads; the backward fills the slots back in, with dy in x's strides and alignment, and runs it.
+// The backward node of both ops, written as PyTorch's own generated nodes are (not as a custom Function,
+// whose context, saved-data map and output bookkeeping cost microseconds per call on a small layer). Its
+// next edges are x, weight, bias and the residual, in that order (an absent one an empty edge). The saved
+// tensors are SavedVariables: version counters checked, saved-tensor hooks applied, freed with the graph.
+struct BatchNormBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x, mean, stat, weight, bias, residual;
+  PlanPtr plan;
+  std::vector<double> scalars;
+
+  std::string name() const override { return "BatchNormBackward (triton_bn C++ launch path)"; }
+
+  void release_variables() override {
+    for (auto* saved : {&x, &mean, &stat, &weight, &bias, &residual}) saved->reset_data();
+  }
+
+  variable_list apply(variable_list&& grad_outputs) override {
+    Slots slots;  // none is an output of this node: unpacked without it
+    slots[kX] = x.unpack();
+    slots[kMean] = mean.unpack();
+    slots[kStat] = stat.unpack();
+    slots[kWeight] = weight.unpack();
+    slots[kBias] = bias.unpack();
+    slots[kResidual] = residual.unpack();
+    const at::Tensor& input = slots[kX];
+    at::Tensor grad = grad_outputs[0];
+    variable_list out(4);
+    if (!grad.defined()) return out;  // y was not used: no gradient flows
+    // dy in x's strides and 16-byte aligned (a gradient arrives in any layout: sum().backward() sends an
+    // expanded one): what the backward plan was made for
+    if (grad.strides() != input.strides() || grad.scalar_type() != input.scalar_type() ||
+        (reinterpret_cast<uintptr_t>(grad.data_ptr()) & 15) != 0) {
+      grad = at::empty_like(input).copy_(grad);
+    }
+    slots[kGradY] = grad;
+    TORCH_CHECK(plan->matches(slots), "triton_bn: the backward plan does not fit the saved tensors");
+    plan->run(slots, scalars);
+    const int64_t produced[4] = {kGradX, kGradWeight, kGradBias, kGradResidual};
+    for (size_t i = 0; i < 4; ++i) {
+      if (!should_compute_output(i)) continue;
+      out[i] = slots[produced[i]];
+      TORCH_CHECK(out[i].defined(), "triton_bn: a gradient was asked for that the backward plan does not compute");
+    }
+    return once_differentiable(std::move(out), grad_outputs);
+  }
+};
+
+// -- finding a call's plans --------------------------------------------------------------------------------
+// Plans are found by a key C++ computes from the call (every given tensor's dtype, sizes, strides, alignment
+// and, under grad mode, requires_grad; the call's flags; the stream): a call costs no Python beyond its one
+// op call. A key names candidates, and a candidate serves only if its plan matches the call exactly. A miss
+// returns no result; Python then writes the plans and remembers them here (remember_*).
+enum Kind : int64_t { kTraining = 0, kApply = 1 };
+
+struct Entry {
+  PlanPtr forward, backward;  // backward null: none (a call that needs no gradient)
+};
+std::mutex table_mutex;
+std::unordered_map<uint64_t, std::vector<Entry>> table;
+
+void mix(uint64_t& h, uint64_t v) { h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); }
+
+uint64_t call_key(const Slots& slots, Kind kind, int64_t flags) {
+  uint64_t h = static_cast<uint64_t>(kind) * 1000003ULL + static_cast<uint64_t>(flags);
+  const bool grad_mode = at::GradMode::is_enabled();
+  mix(h, grad_mode);
+  for (int64_t slot = 0; slot < kY; ++slot) {
+    const at::Tensor& t = slots[slot];
+    if (!t.defined()) {
+      mix(h, 0x5bd1e995ULL + slot);
+      continue;
+    }
+    mix(h, static_cast<uint64_t>(t.scalar_type()) * 64 + slot);
+    for (int64_t size : t.sizes()) mix(h, static_cast<uint64_t>(size));
+    for (int64_t stride : t.strides()) mix(h, static_cast<uint64_t>(stride));
+    mix(h, (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0);
+    mix(h, grad_mode && t.requires_grad());
+  }
+  mix(h, current_stream(slots[kX].device()));
+  return h;
+}
+
+// The entry whose plans serve this call (forward null: none).
+Entry find(const Slots& slots, Kind kind, int64_t flags) {
+  if (capturing(slots[kX].device())) return {};
+  const uint64_t key = call_key(slots, kind, flags);
+  const bool gradient = needs_gradient(slots);
+  std::lock_guard<std::mutex> lock(table_mutex);
+  auto it = table.find(key);
+  if (it == table.end()) return {};
+  for (const Entry& e : it->second) {
+    if ((!gradient || e.backward) && e.forward->matches(slots)) return e;
+  }
+  return {};
+}
+
+void remember(const Slots& slots, Kind kind, int64_t flags, int64_t forward, int64_t backward) {
+  Entry entry{plan_of(forward), plan_of(backward)};
+  TORCH_CHECK(entry.forward->matches(slots), "triton_bn: a plan remembered for a call it does not match");
+  const uint64_t key = call_key(slots, kind, flags);
+  std::lock_guard<std::mutex> lock(table_mutex);
+  table[key].push_back(std::move(entry));
+}
+
+// Run the forward plan; where a gradient is needed (find made sure there is a backward plan) record the node.
+variable_list run_with_node(Slots& slots, const Entry& plans, const std::vector<double>& scalars,
+                            int64_t activation) {
+  if (!needs_gradient(slots)) {
+    plans.forward->run(slots, scalars);
+    return {slots[kY]};
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;  // the kernels' outputs carry no history of their own
+    plans.forward->run(slots, scalars);
+  }
+  auto node = c10::make_intrusive<BatchNormBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(slots[kX], slots[kWeight], slots[kBias], slots[kResidual]));
+  node->x = torch::autograd::SavedVariable(slots[kX], false);
+  node->mean = torch::autograd::SavedVariable(slots[kMean], false);
+  node->stat = torch::autograd::SavedVariable(slots[kStat], false);
+  node->weight = torch::autograd::SavedVariable(slots[kWeight], false);
+  node->bias = torch::autograd::SavedVariable(slots[kBias], false);
+  // the residual only where an activation follows the add (act'(z) reads it); else d residual = dz
+  node->residual = torch::autograd::SavedVariable(activation != 0 ? slots[kResidual] : at::Tensor(), false);
+  node->plan = plans.backward;
+  node->scalars = scalars;
+  torch::autograd::set_history(slots[kY], node);
+  return {slots[kY]};
+}
+
+Slots training_slots(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                     const c10::optional<at::Tensor>& num_batches_tracked) {
+  Slots slots;
+  slots[kX] = x;
+  slots[kWeight] = defined_or_empty(weight);
+  slots[kBias] = defined_or_empty(bias);
+  slots[kResidual] = defined_or_empty(residual);
+  slots[kRunningMean] = defined_or_empty(running_mean);
+  slots[kRunningVar] = defined_or_empty(running_var);
+  slots[kNumBatches] = defined_or_empty(num_batches_tracked);
+  return slots;
+}
+
+Slots apply_slots(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& stat,
+                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& residual) {
+  Slots slots;
+  slots[kX] = x;
+  slots[kMean] = mean;
+  slots[kStat] = stat;
+  slots[kWeight] = defined_or_empty(weight);
+  slots[kBias] = defined_or_empty(bias);
+  slots[kResidual] = defined_or_empty(residual);
+  return slots;
+}
+
+int64_t training_flags(int64_t activation, bool cumulative) { return activation * 2 + cumulative; }
+
+std::vector<at::Tensor> training(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                                 const c10::optional<at::Tensor>& running_mean,
+                                 const c10::optional<at::Tensor>& running_var,
+                                 const c10::optional<at::Tensor>& num_batches_tracked, double eps, double momentum,
+                                 double negative_slope, int64_t activation, bool cumulative) {
+  Slots slots = training_slots(x, weight, bias, residual, running_mean, running_var, num_batches_tracked);
+  const Entry plans = find(slots, kTraining, training_flags(activation, cumulative));
+  if (!plans.forward) return {};
+  return run_with_node(slots, plans, {eps, momentum, negative_slope}, activation);
+}
+
+void remember_training(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                       const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                       const c10::optional<at::Tensor>& num_batches_tracked, int64_t activation, bool cumulative,
+                       int64_t forward, int64_t backward) {
+  remember(training_slots(x, weight, bias, residual, running_mean, running_var, num_batches_tracked), kTraining,
+           training_flags(activation, cumulative), forward, backward);
+}
+
+std::vector<at::Tensor> apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& stat,
+                              const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& residual, double eps, double negative_slope,
+                              int64_t activation) {
+  Slots slots = apply_slots(x, mean, stat, weight, bias, residual);
+  const Entry plans = find(slots, kApply, activation);
+  if (!plans.forward) return {};
+  return run_with_node(slots, plans, {eps, 0.0, negative_slope}, activation);
+}
+
+void remember_apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& stat,
+                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& residual, int64_t activation, int64_t forward,
+                    int64_t backward) {
+  remember(apply_slots(x, mean, stat, weight, bias, residual), kApply, activation, forward, backward);
+}
+
+int64_t make_plan(std::vector<int64_t> expectations, std::vector<int64_t> outputs, std::vector<int64_t> launches,
+                  std::vector<double> reals, std::vector<std::string> names, std::vector<at::Tensor> persistent) {
+  return register_plan(std::make_shared<const Plan>(std::move(expectations), std::move(outputs), std::move(launches),
+                                                    std::move(reals), std::move(names), std::move(persistent)));
+}
+
+int64_t plan_launches(int64_t handle) { return plan_of(handle)->launch_count(); }
+
+void set_driver_op(const std::string& mode) { set_driver(mode); }
+std::string driver_op() { return driver(); }
+std::string recorded_op() { return recorded_json(); }
+void clear_recorded_op() { clear_recorded(); }
+
+}  // namespace
+}  // namespace triton_bn_cuda
+
+using namespace triton_bn_cuda;
+
+TORCH_LIBRARY(triton_bn_cuda, m) {
+  m.def("make_plan(int[] expectations, int[] outputs, int[] launches, float[] reals, str[] names, "
+        "Tensor[] persistent) -> int", &make_plan);
+  m.def("plan_launches(int plan) -> int", &plan_launches);
+  m.def("training(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float eps, float momentum, float negative_slope, "
+        "int activation, bool cumulative) -> Tensor[]");
+  m.def("remember_training(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor? running_mean, "
+        "Tensor? running_var, Tensor? num_batches_tracked, int activation, bool cumulative, int forward, "
+        "int backward) -> ()");
+  m.def("apply(Tensor x, Tensor mean, Tensor stat, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
+        "float negative_slope, int activation) -> Tensor[]");
+  m.def("remember_apply(Tensor x, Tensor mean, Tensor stat, Tensor? weight, Tensor? bias, Tensor? residual, "
+        "int activation, int forward, int backward) -> ()");
+  m.def("set_driver(str mode) -> ()", &set_driver_op);
+  m.def("driver() -> str", &driver_op);
+  m.def("recorded() -> str", &recorded_op);
+  m.def("clear_recorded() -> ()", &clear_recorded_op);
+}
+
+// One kernel for every device and for autograd: the node is made here when a gradient is needed (the CPU
+// key serves the stand-in drivers' tests, which run this path on CPU tensors).
+TORCH_LIBRARY_IMPL(triton_bn_cuda, CompositeImplicitAutograd, m) {
+  m.impl("training", &training);
+  m.impl("remember_training", &remember_training);
+  m.impl("apply", &apply);
+  m.impl("remember_apply", &remember_apply);
+}
