@@ -416,8 +416,36 @@ def test_a_fused_residual_that_is_none_raises_as_the_original_does():
     original.shortcut = converted.shortcut = _ReturnsNone()
     with pytest.raises(TypeError):
         original(x)
-    with pytest.raises(TypeError, match="residual add fused by convert_model got NoneType"):
+    with pytest.raises(TypeError, match="residual add fused by convert_model got None"):
         converted(x)
+
+
+class _BroadcastShortcut(nn.Module):
+    """An add the graph shows after a BN whose other operand only broadcasts to it (a per-image mean) and a
+    number: fused as a residual, the BN adds such operands as the original does, after the normalization."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x, offset):
+        y = torch.relu(self.bn(self.conv(x)) + x.mean(1, keepdim=True))
+        return self.bn2(y) + offset
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_residual_that_broadcasts_is_added_as_the_original_adds_it(mode):
+    torch.manual_seed(0)
+    original = _BroadcastShortcut().double().train(MODES[mode])
+    converted = triton_bn.convert_model(copy.deepcopy(original))
+    assert converted.fusion_report.residual == 2
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for offset in (0.5, torch.randn(4, 1, 1, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)):
+        torch.testing.assert_close(converted(x, offset), original(x, offset), atol=1e-12, rtol=1e-12)
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[key], value, atol=1e-12, rtol=1e-12, msg=key)
 
 
 def test_fold_folds_only_where_the_forward_does_not_branch_on_arguments():

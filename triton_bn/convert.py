@@ -318,19 +318,20 @@ def _call_counts(model: nn.Module, traces) -> Counter:
 
 def residual_operand(value):
     """The other operand of a fused ``bn(x) + other``, where the graph computes it: fused, a None would
-    read as "no residual" where the original add raises, so anything but a tensor raises here. Traced again
-    by fx (a pickled fused forward is re-traced when loaded), it stays one call."""
+    read as "no residual" where the original add raises, so None raises here. (Anything else the BN module
+    adds as the original would: ``modules._fusable``.) Traced again by fx (a pickled fused forward is
+    re-traced when loaded), it stays one call."""
     if isinstance(value, fx.Proxy):
         return value.tracer.create_proxy("call_function", residual_operand, (value,), {})
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"triton_bn: a residual add fused by convert_model got {type(value).__name__}, not a "
-                        "tensor (the original model would have added it to a BN output)")
+    if value is None:
+        raise TypeError("triton_bn: a residual add fused by convert_model got None (the original model would have "
+                        "added it to a BN output)")
     return value
 
 
 def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, report: FusionReport, path: str) -> None:
     """Fuse the activations and residual adds that follow ``module``'s own plain BN children in its graph.
-    What the graph assumed (``trace.guard``), plus "a fused residual taken from an argument is a tensor",
+    What the graph assumed (``trace.guard``), plus "a fused residual taken from an argument is given",
     is checked on every call of the fused forward; a call that breaks it runs the module's own forward
     with these fusions undone (``TracedForward``), so everything changed on a child is noted here."""
     graph, guard = trace.graph, trace.guard
@@ -370,7 +371,7 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
                 tail = after
             argument, indices = root_and_path(other)
             if argument is not None:  # checked before the graph runs: a call with anything else runs unfused
-                guard = guard.merged([ArgumentCheck(argument.target, indices, "tensor",
+                guard = guard.merged([ArgumentCheck(argument.target, indices, "given",
                                                     why=f"fused as the residual of {node.target}")])
                 residual = other
             else:

@@ -20,10 +20,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import fx, nn
 
-from .activations import activation_id
+from .activations import activation_id, torch_activation
 from .convert import FusionReport, _OURS, _call_counts, _swap_batch_norms, one_level_graphs
+from .functional import SCRIPT_REFUSAL, apply_step, recording_for_export
 from .tracing import OneLevelTrace
-from .functional import apply_step
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -33,16 +33,23 @@ class FrozenBatchNorm(nn.Module):
     """``act(input * scale + shift [+ residual])`` with fixed per-channel ``scale`` and ``shift`` buffers
     (fp32, or float64 for a float64 model): an eval-mode BN whose table was computed once, one kernel
     launch per call. ``tail`` names child modules run afterwards, in order (what a BN-with-activation
-    subclass kept as modules: a dropout, an unsupported activation)."""
+    subclass kept as modules: a dropout, an unsupported activation).
+
+    ``identity=True``: what is left of a BN folded into the layer before it, the epilogue alone
+    (``act(input [+ residual])``); its table is fixed at 1 and 0 and not part of the ``state_dict``, and an
+    exported program records no multiply or add for it."""
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, activation: Optional[str] = None,
-                 negative_slope: float = 0.01, tail: Sequence[Tuple[str, nn.Module]] = ()):
+                 negative_slope: float = 0.01, tail: Sequence[Tuple[str, nn.Module]] = (), identity: bool = False):
         super().__init__()
         self.act_id = activation_id(activation)
         self.activation, self.negative_slope = activation, float(negative_slope)
+        self.identity = identity
         table_dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
-        self.register_buffer("scale", scale.detach().to(table_dtype).clone())
-        self.register_buffer("shift", shift.detach().to(table_dtype).clone())
+        if identity:
+            scale, shift = torch.ones_like(scale), torch.zeros_like(shift)
+        self.register_buffer("scale", scale.detach().to(table_dtype).clone(), persistent=not identity)
+        self.register_buffer("shift", shift.detach().to(table_dtype).clone(), persistent=not identity)
         # mean 0 and variance 1 with eps 0 turn the eval kernel's (x - mean) * w * rsqrt(var + eps) + b
         # into exactly x * scale + shift
         self.register_buffer("_zeros", torch.zeros_like(self.scale), persistent=False)
@@ -63,12 +70,31 @@ class FrozenBatchNorm(nn.Module):
                              f"{tuple(input.shape)}")
         if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
             raise ValueError("FrozenBatchNorm: residual must have the input's shape and dtype")
+        if recording_for_export():
+            out = self._portable(input, residual)
+            for name in self.tail:
+                out = getattr(self, name)(out)
+            return out
         apply = apply_step(input, None, None, residual, torch.compiler.is_compiling())
         out = apply(input, buffers["_zeros"], buffers["_ones"], scale, buffers["shift"], residual, 0.0, False,
                     self.act_id, self.negative_slope)
         for name in self.tail:
             out = getattr(self, name)(out)
         return out
+
+    def _portable(self, input: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """The same result from PyTorch's own operators (what an exported program records), computed in the
+        table's dtype and rounded once to the input's, as the kernel does."""
+        z = input
+        if not self.identity:
+            view = [1, -1] + [1] * (input.dim() - 2)
+            z = input.to(self.scale.dtype) * self.scale.view(view) + self.shift.view(view)
+        if residual is not None:
+            z = z + residual
+        return torch_activation(self.activation, self.negative_slope)(z).to(input.dtype)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(SCRIPT_REFUSAL)
 
     def without_activation(self) -> nn.Module:
         """This table with no fused activation (see ``_FusedBatchNormMixin.without_activation``)."""
@@ -101,9 +127,8 @@ def _tail(bn: nn.Module):
 
 def _frozen(bn: nn.Module, identity: bool = False) -> FrozenBatchNorm:
     scale, shift, _, _ = _scale_shift(bn)
-    if identity:  # the table went into the layer before: only the activation / residual / tail remain
-        scale, shift = torch.ones_like(scale), torch.zeros_like(shift)
-    return FrozenBatchNorm(scale, shift, bn.activation, bn.negative_slope, _tail(bn))
+    # identity: the table went into the layer before; only the activation / residual / tail remain
+    return FrozenBatchNorm(scale, shift, bn.activation, bn.negative_slope, _tail(bn), identity=identity)
 
 
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:

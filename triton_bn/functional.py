@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import launch, ops, plans  # noqa: F401  (ops registers the torch.ops.triton_bn operators)
-from .activations import activation_id
+from .activations import activation_id, torch_activation
 from .autograd import BatchNormFunction, training_with_backward
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -52,6 +52,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
         raise TypeError(f"batch_norm: negative_slope must be a number, got {type(negative_slope).__name__}")
     # -- nothing above writes; everything below may --
+    if recording_for_export():
+        return portable_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                   activation, negative_slope, residual, num_batches_tracked)
     tracing = torch.compiler.is_compiling()
     # Traced code (torch.compile) goes through the custom ops; eager code calls the launchers directly
     # (same kernels, same autograd formula, without the op dispatch's per-call cost).
@@ -81,6 +84,38 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                                       cumulative, float(eps), act, float(negative_slope))
     return launch.batch_norm_training(input, running_mean, running_var, batches, weight, bias, residual, factor,
                                       cumulative, float(eps), act, float(negative_slope))[0]
+
+
+# What a module of triton_bn says to torch.jit.script (through __prepare_scriptable__, which TorchScript calls on
+# every module it is about to compile), instead of an error from deep inside the compiler.
+SCRIPT_REFUSAL = ("triton_bn: torch.jit.script can not compile triton_bn's modules (their forward calls Triton "
+                  "kernels and C++ operators from Python). Routes to a program that runs without triton_bn: "
+                  "torch.export.export (and torch.onnx.export(..., dynamo=True)), torch.jit.trace, or loading the "
+                  "converted model's state_dict into the original model class (docs/deploy.md).")
+
+
+def recording_for_export() -> bool:
+    """Whether this call is being recorded into a program meant to run elsewhere: ``torch.export`` (and so
+    ONNX export) or ``torch.jit.trace``. Such a program must hold PyTorch's own operators only, so that it runs
+    where triton_bn and Triton are not installed (docs/deploy.md)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def portable_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                        negative_slope, residual, num_batches_tracked) -> Tensor:
+    """``batch_norm`` from PyTorch's own operators, as ``nn.BatchNorm`` and an activation module compute it:
+    the batch counted in ``num_batches_tracked``, a cumulative average weighing it 1 / count. What an exported
+    program records in place of the kernels (an exporter then sees BatchNormalization, Add and the
+    activation, which it knows)."""
+    factor = 0.0 if momentum is None else momentum
+    if training and running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    z = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, factor, eps)
+    if residual is not None:
+        z = z + residual
+    return torch_activation(activation, negative_slope)(z)
 
 
 def _requires_grad(t: Optional[Tensor]) -> bool:

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .activations import activation_id
-from .functional import batch_norm
+from .activations import activation_id, torch_activation
+from .functional import SCRIPT_REFUSAL, batch_norm
 
 
 class _FusedBatchNormMixin:
@@ -30,15 +30,24 @@ class _FusedBatchNormMixin:
         training = self.training
         bn_training = training or (running_mean is None and running_var is None)
         track = not training or self.track_running_stats
-        return batch_norm(
+        activation, fused = self.activation, residual
+        if residual is not None and not _fusable(residual, input):
+            fused, activation = None, None  # added below, after the normalization, as the model's own add would
+        y = batch_norm(
             input,
             running_mean if track else None,
             running_var if track else None,
             parameters["weight"], parameters["bias"], bn_training,
             self.momentum, self.eps,
-            activation=self.activation, negative_slope=self.negative_slope, residual=residual,
+            activation=activation, negative_slope=self.negative_slope, residual=fused,
             num_batches_tracked=buffers["num_batches_tracked"] if (training and self.track_running_stats) else None,
         )
+        if fused is not residual:
+            return torch_activation(self.activation, self.negative_slope)(y + residual)
+        return y
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(SCRIPT_REFUSAL)
 
     def without_activation(self) -> torch.nn.Module:
         """This BN with no fused activation: a twin sharing its parameters, buffers, hooks and mode at this
@@ -56,6 +65,15 @@ class _FusedBatchNormMixin:
             if self.activation == "leaky_relu":
                 text += f", negative_slope={self.negative_slope}"
         return text
+
+
+def _fusable(residual, input: Tensor) -> bool:
+    """Whether the kernels can add ``residual`` themselves: a tensor of the input's shape, dtype and device.
+    Any other (one that broadcasts, a number: what a model's ``out + shortcut`` may meet) is added after the
+    normalization, with PyTorch's own add and the activation after it, so that a converted model still
+    computes what the original did."""
+    return (isinstance(residual, Tensor) and residual.shape == input.shape and residual.dtype == input.dtype
+            and residual.device == input.device)
 
 
 def with_fused_signature(init, torch_class):
@@ -82,7 +100,8 @@ def _fused_module(torch_class, doc_dims):
     Fused.__module__ = __name__
     Fused.__doc__ = (f"``torch.nn.{torch_class.__name__}`` on Triton kernels, for inputs {doc_dims}, with an "
                      "optional fused ``activation`` and ``forward(input, residual=None)`` computing "
-                     "``act(bn(input) + residual)``.")
+                     "``act(bn(input) + residual)`` (fused for a residual of the input's shape, dtype and "
+                     "device; any other that PyTorch's add takes is added after the normalization).")
     return Fused
 
 

@@ -144,7 +144,8 @@ def known_call(x, running_mean, running_var, weight, bias, training, momentum, e
     only for a call that passed them, and C++ takes a call only if every tensor matches that call's (which are
     given, and each one's dtype, shape, strides, device and alignment). What no plan holds, the scalars, is
     checked here first; anything unusual (a bool for a number, an unknown activation) goes the long way."""
-    if not (isinstance(x, torch.Tensor) and serves(x)) or torch.compiler.is_compiling() or ops() is None:
+    if not (isinstance(x, torch.Tensor) and serves(x)) or torch.compiler.is_compiling() or torch.jit.is_tracing() \
+            or ops() is None:
         return None
     act = ACTIVATION_IDS.get(activation) if activation is None or type(activation) is str else None
     if act is None or type(eps) not in _NUMBERS or type(negative_slope) not in _NUMBERS or eps != eps:

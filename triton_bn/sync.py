@@ -27,7 +27,8 @@ from torch.autograd.function import once_differentiable
 
 from . import launch
 from .functional import _check_arguments
-from .modules import TailMixin, _FusedBatchNormMixin, carry_state, with_fused_signature
+from .activations import torch_activation
+from .modules import TailMixin, _FusedBatchNormMixin, _fusable, carry_state, with_fused_signature
 
 
 def merge_moments(gathered: Tensor):
@@ -107,13 +108,19 @@ class SyncBatchNorm(_FusedBatchNormMixin, nn.SyncBatchNorm):
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
         num_batches = self.num_batches_tracked if track else None
+        activation, fused = self.activation, residual
+        if residual is not None and not _fusable(residual, input):  # added after, as in _FusedBatchNormMixin
+            activation, fused = None, None
         act = _check_arguments(input, running_mean, running_var, self.weight, self.bias, True, self.momentum, self.eps,
-                               self.activation, residual, num_batches, check_batch_size=False)
+                               activation, fused, num_batches, check_batch_size=False)
         if num_batches is not None:
             num_batches.add_(1)
-        return SyncBatchNormFunction.apply(input, self.weight, self.bias, residual, running_mean, running_var,
-                                           num_batches, self.momentum, float(self.eps), act,
-                                           float(self.negative_slope), self.process_group, world_size)
+        y = SyncBatchNormFunction.apply(input, self.weight, self.bias, fused, running_mean, running_var,
+                                        num_batches, self.momentum, float(self.eps), act,
+                                        float(self.negative_slope), self.process_group, world_size)
+        if fused is not residual:
+            return torch_activation(self.activation, self.negative_slope)(y + residual)
+        return y
 
 
 class SyncBatchNormAct(TailMixin, SyncBatchNorm):

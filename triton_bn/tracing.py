@@ -57,24 +57,23 @@ class ArgumentCheck(NamedTuple):
     path: Tuple         # indices into the argument, () for the argument itself
     # what the trace decided on (the forward branches on it): "not_none", "plain_tensor" (type is
     # torch.Tensor), "length"; what keeps an error an error: "raises_on_none" (forward raises for None, the
-    # graph might not); what a fusion needs: "tensor" (isinstance; an operand that became a BN's residual)
+    # graph might not); what a fusion needs: "given" (not None: an operand that became a BN's residual, where
+    # None would read as "no residual")
     kind: str
     length: int = -1    # for kind "length"
     why: str = ""
 
     def describe(self) -> str:
         where = self.name + "".join(f"[{i!r}]" for i in self.path)
-        what = {"not_none": "is not None", "raises_on_none": "is not None", "tensor": "is a tensor",
+        what = {"not_none": "is not None", "raises_on_none": "is not None", "given": "is not None",
                 "plain_tensor": "is a torch.Tensor", "length": f"has {self.length} elements"}[self.kind]
         return f"{where} {what} ({self.why})"
 
     def test(self):
         """A predicate on the argument's value: whether this check holds."""
         kind, length = self.kind, self.length
-        if kind in ("not_none", "raises_on_none"):
+        if kind in ("not_none", "raises_on_none", "given"):
             test = lambda value: value is not None  # noqa: E731
-        elif kind == "tensor":
-            test = lambda value: isinstance(value, torch.Tensor)  # noqa: E731
         elif kind == "plain_tensor":
             test = lambda value: type(value) is torch.Tensor  # noqa: E731
         else:
@@ -155,9 +154,9 @@ class Guard:
 
     def _compile(self) -> None:
         """Per check: where the argument is found (its position, or -1 keyword-only, -2 ``*args``, -3
-        ``**kwargs``), its name and default, and the predicate. Of "is not None", "is a tensor" and "is a
-        torch.Tensor" on one value only the strongest is tested (each implies the ones before it)."""
-        strength = {"raises_on_none": 0, "not_none": 0, "tensor": 1, "plain_tensor": 2}
+        ``**kwargs``), its name and default, and the predicate. Of "is not None" and "is a torch.Tensor" on
+        one value only the stronger is tested (it implies the other)."""
+        strength = {"raises_on_none": 0, "not_none": 0, "given": 0, "plain_tensor": 2}
         strongest = {}
         for check in self.arguments:
             key = (check.name, check.path, check.kind == "length")
@@ -513,6 +512,17 @@ class TracedForward:
     @property
     def graph(self) -> fx.Graph:
         return self.code.graph
+
+    # What tools that inspect a module's forward read (torch.export: its code object's file and line,
+    # ``inspect.signature``): the original forward's, which this one stands for.
+    @property
+    def __code__(self):
+        return type(self.owner).forward.__code__
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(type(self.owner).forward)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
 
     def __call__(self, *args, **kwargs):
         if self.checked is not None:

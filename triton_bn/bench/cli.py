@@ -52,6 +52,11 @@ def _parse(argv):
     bench.add_argument("--graphs", action="store_true",
                        help="also time triton_bn and eager cuDNN replayed from a CUDA graph on every set (GPU time "
                             "without the host's launch work; the latency set always gets these)")
+    bench.add_argument("--latency", action="store_true",
+                       help="deployed models at batch 1 and 8: the original, converted, folded, the folded one "
+                            "compiled and exported to ONNX Runtime, side by side (latency.csv, latency.md, "
+                            "latency.png)")
+    bench.add_argument("--batches", default="1,8", help="--latency: comma-separated batch sizes")
     bench.add_argument("--budget-s", type=float, default=None,
                        help="stop starting new measurements after this many seconds and write what was measured "
                             "(jobs run in priority order: the target cases first)")
@@ -68,6 +73,8 @@ def main(argv=None) -> int:
         if want:
             env["TRITON_INTERPRET"] = want
         os.execve(sys.executable, [sys.executable, "-m", "triton_bn", *argv], env)
+    if args.latency:
+        return run_latency(args)
     return run_model(args) if args.model else run_bench(args)
 
 
@@ -139,6 +146,33 @@ def run_model(args) -> int:
     (out / "model.md").write_text(text)
     print(text)
     print(f"wrote {out}/model.csv and model.md")
+    return 0
+
+
+def run_latency(args) -> int:
+    """``--latency``: the deployed models at small batches; writes latency.csv, latency.md, latency.png."""
+    import torch
+    import pandas as pd
+    from .latency import CALLS, ROUNDS, SIDE, latency_markdown, plot_latency, run_latency_bench
+    on_gpu = _uses_gpu(args)
+    device = "cuda" if on_gpu else "cpu"
+    batches = [int(b) for b in args.batches.split(",") if b]
+    rows = run_latency_bench(batches, device, progress=lambda text: _progress(0, 1, text))
+    name = torch.cuda.get_device_name() if on_gpu else "cpu-" + _cpu_name()
+    stamp = datetime.date.today().isoformat()
+    safe = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
+    out = Path(args.out or Path("perf") / "results" / f"{safe}-{stamp}-latency")
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "latency.csv", index=False)
+    header = (f"# triton-bn bench --latency: {name}, {stamp}\n\n"
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads; inference (no_grad), 3x{SIDE}x{SIDE} "
+              f"images; median ms per call of {ROUNDS} rounds of {CALLS} calls, the variants taking turns; rel. "
+              "error of each output against the original's; the compiled model's compile time not counted.")
+    text = latency_markdown(rows, header)
+    (out / "latency.md").write_text(text)
+    plot_latency(rows, out / "latency.png")
+    print(text)
+    print(f"wrote {out}/latency.csv, latency.md and latency.png")
     return 0
 
 
