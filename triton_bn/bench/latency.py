@@ -19,6 +19,7 @@ turns (``ROUNDS`` rounds of ``CALLS`` calls each, medians), so that a slow spell
 """
 import statistics
 import time
+from collections import Counter
 import warnings
 from typing import Callable, Dict, List, Optional
 
@@ -129,11 +130,15 @@ def _onnx_session(model: nn.Module, x: torch.Tensor):
         program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # ONNX Runtime's threads spin for a while after each run by default: on a small machine they would take
+    # the cores from whichever variant is timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(program.model_proto.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     feed = {name: x.numpy()}
-    return (lambda: session.run(None, feed)[0]), len(program.model_proto.SerializeToString())
+    ops = sorted(Counter(node.op_type for node in program.model_proto.graph.node).items())
+    return (lambda: session.run(None, feed)[0]), len(program.model_proto.SerializeToString()), ops
 
 
 def variants(model: nn.Module, x: torch.Tensor, device: str, progress: Callable[[str], None]) -> Dict[str, tuple]:
@@ -153,10 +158,16 @@ def variants(model: nn.Module, x: torch.Tensor, device: str, progress: Callable[
         out["folded, compiled"] = (lambda: compiled(x), compiled(x), "")
     if device == "cpu":
         try:
+            sessions = {}
             for name, m in (("onnxruntime", folded), ("onnxruntime, original", model)):
                 progress(f"exporting to ONNX: {name}")
-                run, size = _onnx_session(m, x)
-                out[name] = (run, torch.from_numpy(run()), f"{size} bytes")
+                sessions[name] = _onnx_session(m, x)
+            same = sessions["onnxruntime"][2] == sessions["onnxruntime, original"][2]
+            for name, (run, size, ops) in sessions.items():
+                note = f"{size} bytes, {sum(n for _, n in ops)} nodes" + (
+                    "" if name != "onnxruntime" else ", the same operators as the original's export" if same else
+                    ", operators differ from the original's export")
+                out[name] = (run, torch.from_numpy(run()), note)
         except ImportError:
             progress("onnxruntime / onnxscript not installed: no ONNX rows (pip install onnx onnxruntime onnxscript)")
     return out
