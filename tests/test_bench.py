@@ -190,3 +190,22 @@ def test_host_overhead_script_runs():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line.endswith("x |")]
     assert len(rows) == 14 and all("training forward + backward" in r for r in rows[2::3][:4])
     assert "empty autograd.Function" in rows[12] and "training forward + backward" in rows[12]
+
+
+def test_latency_bench_runs_every_variant(tmp_path):
+    """``--latency`` on one model at batch 1 (off the interpreter, as a user runs it): every variant timed, each
+    output the original's (rel. 1e-5), the ONNX export of the folded model the original export's operators,
+    the table and the plot written."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "latency"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--latency", "--batches", "1", "--models",
+                           "mobilenet_like", "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = pd.read_csv(out / "latency.csv")
+    assert list(frame["variant"]) == ["original", "converted", "folded", "folded, compiled", "onnxruntime",
+                                      "onnxruntime, original"]
+    assert (frame["ms"] > 0).all() and (frame["rel_err"] < 1e-5).all()
+    assert "the same operators as the original's export" in frame["note"].iloc[4]
+    assert (out / "latency.md").read_text().count("| mobilenet_like |") == 6
+    assert (out / "latency.png").stat().st_size > 0

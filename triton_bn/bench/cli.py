@@ -57,6 +57,8 @@ def _parse(argv):
                             "compiled and exported to ONNX Runtime, side by side (latency.csv, latency.md, "
                             "latency.png)")
     bench.add_argument("--batches", default="1,8", help="--latency: comma-separated batch sizes")
+    bench.add_argument("--models", default=None,
+                       help="--latency: comma-separated, of: resnet18_like, mobilenet_like (default: both)")
     bench.add_argument("--budget-s", type=float, default=None,
                        help="stop starting new measurements after this many seconds and write what was measured "
                             "(jobs run in priority order: the target cases first)")
@@ -156,8 +158,13 @@ def run_latency(args) -> int:
     from .latency import CALLS, ROUNDS, SIDE, latency_markdown, plot_latency, run_latency_bench
     on_gpu = _uses_gpu(args)
     device = "cuda" if on_gpu else "cpu"
+    from .latency import MODELS
     batches = [int(b) for b in args.batches.split(",") if b]
-    rows = run_latency_bench(batches, device, progress=lambda text: _progress(0, 1, text))
+    models = [m for m in (args.models or ",".join(MODELS)).split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"triton-bn bench --models: unknown {', '.join(unknown)}; valid: {', '.join(MODELS)}")
+    rows = run_latency_bench(batches, device, progress=lambda text: _progress(0, 1, text), models=models)
     name = torch.cuda.get_device_name() if on_gpu else "cpu-" + _cpu_name()
     stamp = datetime.date.today().isoformat()
     safe = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
