@@ -116,6 +116,28 @@ def test_bench_on_the_cpu_measures_the_cpu_path(tmp_path):
     assert set(frame["layout"]) == {"nchw", "channels_last"}
     assert (frame[frame["provider"] == "triton_bn"]["rel_err"] < 1e-5).all()
     assert "**CPU figures**" in (out / "summary.md").read_text()
+    # against a copy of each row's own size: no row moves its bytes faster than a copy does
+    assert (frame["efficiency"] <= 1.0).all(), frame.sort_values("efficiency").tail(3)
+    assert "triton_bn against the fastest anchor of each row" in proc.stdout
+    assert "train_fwdbwd_relu" in proc.stdout.split("fastest anchor")[-1]  # the closing summary names the cases
+
+
+def test_results_go_to_a_new_folder_outside_the_source(tmp_path, monkeypatch):
+    """Without --out a run writes to a new folder under TRITON_BN_RESULTS_DIR (default ~/triton_bn-results):
+    a second run the same second gets a folder of its own."""
+    from triton_bn.bench.cli import results_folder
+    monkeypatch.setenv("TRITON_BN_RESULTS_DIR", str(tmp_path / "results"))
+    first, second = results_folder(None, "cpu-x"), results_folder(None, "cpu-x")
+    assert first != second and first.parent == second.parent == tmp_path / "results"
+    monkeypatch.delenv("TRITON_BN_RESULTS_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert results_folder(None, "cpu-x").parent == tmp_path / "home" / "triton_bn-results"
+    assert results_folder(str(tmp_path / "mine"), "ignored") == tmp_path / "mine"
+
+
+def test_version():
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "--version"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"triton-bn {__import__('triton_bn').__version__}"
 
 
 @pytest.mark.parametrize("shape, memory_format", [((2, 4, 3, 5), torch.channels_last),

@@ -550,3 +550,18 @@ def test_launch_counts(layout, monkeypatch):
     mod.bias.requires_grad_(False)
     mod(x).sum().backward()  # eval, no parameter gradients: the dx pass alone
     assert sum(counts.values()) == 2 and list(counts.values()).count(1) == 2  # apply + dx
+
+
+def test_import_is_light():
+    """``import triton_bn`` loads no report or export tooling (pandas, matplotlib, onnx, the bench) and builds
+    nothing: the native kernels and the C++ launch path are built on first use. (What it costs in seconds is
+    perf/import_cost.py's, in perf/NOTES.md.)"""
+    import subprocess
+    import sys
+    child = ("import sys, torch; before = set(sys.modules); import triton_bn; from triton_bn import native, plans; "
+             "new = {m.split('.')[0] if not m.startswith('triton_bn') else m for m in set(sys.modules) - before}; "
+             "print(sorted(new & {'pandas', 'matplotlib', 'onnx', 'onnxruntime', 'onnxscript', 'triton_bn.bench'})); "
+             "print(native._loaded, plans._library)")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["[]", "{} {}"], done.stdout

@@ -5,11 +5,11 @@ Public API: ``batch_norm`` (functional), ``BatchNorm1d/2d/3d`` (modules), ``conv
 tensors through the Triton interpreter.
 """
 from .activations import SUPPORTED_ACTIVATIONS
-from .convert import FusionReport, convert_model
+from .convert import FusionReport, convert_model, convert_sync_batchnorm
 from .fold import FrozenBatchNorm, fold_batch_norms
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-from .sync import SyncBatchNorm, SyncBatchNormAct, convert_sync_batchnorm
+from .sync import SyncBatchNorm, SyncBatchNormAct
 
 __version__ = "0.1.0"
 

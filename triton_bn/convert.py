@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
-                      carry_state, has_tail)
+                      _FusedBatchNormMixin, carry_state, has_tail)
 from .sync import SyncBatchNorm, SyncBatchNormAct
 from .tracing import ArgumentCheck, OneLevelTrace, TracedForward, root_and_path, running_graph, trace_one_level
 
@@ -423,3 +423,36 @@ def convert_model(module: nn.Module, fuse_activations: bool = True) -> nn.Module
     report.plain = total - report.activation - report.residual
     model.fusion_report = report
     return model
+
+
+# -- SyncBatchNorm ------------------------------------------------------------------------------------------
+_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # triton_bn's modules subclass these
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every ``torch.nn.BatchNorm*d`` and ``triton_bn.BatchNorm*d`` in ``module`` (in place, like
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) by ``triton_bn.SyncBatchNorm``, keeping the
+    fused activation (and so the residual form of converted models), the tail of a ``BatchNormAct*d``
+    (it becomes a ``SyncBatchNormAct``), parameters, buffers and mode. A PyTorch BN subclass with its own
+    forward is converted only when ``convert_model`` understands it; otherwise it is left as it is, with a
+    warning."""
+    out = module
+    if isinstance(module, _CONVERTIBLE) and not isinstance(module, nn.SyncBatchNorm):
+        source = module
+        if type(module) not in _CONVERTIBLE and not isinstance(module, _FusedBatchNormMixin):
+            source = replacement(module)
+            if source is None:
+                warnings.warn(f"triton_bn.convert_sync_batchnorm: {type(module).__name__} has its own forward, which "
+                              "was not recognised; left as it is (not synchronised)")
+        if source is not None:
+            tail = getattr(source, "tail", ())
+            out = carry_state(source, (SyncBatchNormAct if tail else SyncBatchNorm)(
+                source.num_features, source.eps, source.momentum, source.affine, source.track_running_stats,
+                process_group, activation=getattr(source, "activation", None),
+                negative_slope=getattr(source, "negative_slope", 0.01)))
+            out.tail = tail
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, process_group))
+    return out

@@ -161,10 +161,7 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
     if input.dim() < 2:
         raise ValueError(f"batch_norm: expected an input of at least 2 dimensions [N, C, *], got shape "
                          f"{tuple(input.shape)}")
-    if input.dtype not in _SUPPORTED_DTYPE_SET:  # one test when all is well; the two messages below otherwise
-        if not input.is_floating_point():
-            raise TypeError(f"batch_norm: unsupported input dtype {input.dtype}; expected float32, float16 or "
-                            f"bfloat16")
+    if input.dtype not in _SUPPORTED_DTYPE_SET:  # one test when all is well
         raise TypeError(f"batch_norm: unsupported input dtype {input.dtype}; expected float32, float16, bfloat16 "
                         f"or float64")
     act = activation_id(activation)

@@ -17,7 +17,6 @@ No value crosses to the host: counts stay on the device, so there is no synchron
 two collectives. Eval, world size 1 and an uninitialised process group take the local path.
 """
 import functools
-import warnings
 from typing import Optional
 
 import torch
@@ -26,9 +25,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import launch
-from .functional import _check_arguments
 from .activations import torch_activation
-from .modules import TailMixin, _FusedBatchNormMixin, _fusable, carry_state, with_fused_signature
+from .functional import _check_arguments
+from .modules import TailMixin, _FusedBatchNormMixin, _fusable, with_fused_signature
 
 
 def merge_moments(gathered: Tensor):
@@ -126,36 +125,3 @@ class SyncBatchNorm(_FusedBatchNormMixin, nn.SyncBatchNorm):
 class SyncBatchNormAct(TailMixin, SyncBatchNorm):
     """``SyncBatchNorm`` then the child modules named in ``tail`` (see ``modules.TailMixin``): what
     ``convert_model`` makes of timm's ``SyncBatchNormAct``."""
-
-
-_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # triton_bn's modules subclass these
-
-
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm*d`` and ``triton_bn.BatchNorm*d`` in ``module`` (in place, like
-    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) by ``triton_bn.SyncBatchNorm``, keeping the
-    fused activation (and so the residual form of converted models), the tail of a ``BatchNormAct*d``
-    (it becomes a ``SyncBatchNormAct``), parameters, buffers and mode. A PyTorch BN subclass with its own
-    forward is converted only when ``convert_model`` understands it; otherwise it is left as it is, with a
-    warning."""
-    out = module
-    if isinstance(module, _CONVERTIBLE) and not isinstance(module, nn.SyncBatchNorm):
-        source = module
-        if type(module) not in _CONVERTIBLE and not isinstance(module, _FusedBatchNormMixin):
-            from .convert import replacement  # convert.py imports this module: import at call time
-            source = replacement(module)
-            if source is None:
-                warnings.warn(f"triton_bn.convert_sync_batchnorm: {type(module).__name__} has its own forward, which "
-                              "was not recognised; left as it is (not synchronised)")
-        if source is not None:
-            tail = getattr(source, "tail", ())
-            out = carry_state(source, (SyncBatchNormAct if tail else SyncBatchNorm)(
-                source.num_features, source.eps, source.momentum, source.affine, source.track_running_stats,
-                process_group, activation=getattr(source, "activation", None),
-                negative_slope=getattr(source, "negative_slope", 0.01)))
-            out.tail = tail
-            if hasattr(module, "qconfig"):
-                out.qconfig = module.qconfig
-    for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, process_group))
-    return out

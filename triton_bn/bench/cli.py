@@ -1,25 +1,30 @@
 """``triton-bn bench``: measure triton_bn against eager PyTorch (cuDNN on and off) and torch.compile.
 
 On a GPU it times with ``triton.testing.do_bench`` (median of many runs, L2 flushed between them). On a
-machine without a GPU (or with ``--device cpu``) it measures the CPU path, triton_bn's pure-PyTorch path
-against PyTorch's own CPU batch norm, on real shapes scaled to finish in about a minute on two cores:
-CPU figures, labelled so. ``--interpreter`` instead sends tiny shapes through the Triton interpreter, a
-smoke check of the kernels whose timings mean nothing.
+machine without a GPU (or with ``--device cpu``) it measures triton_bn's CPU path (its native C++ kernels;
+PyTorch's kernels where those do not serve) against PyTorch's own CPU batch norm, on real shapes scaled to
+finish in about a minute on two cores: CPU figures, labelled so. ``--interpreter`` instead sends tiny shapes
+through the Triton interpreter, a smoke check of the kernels whose timings mean nothing. ``--model`` times
+whole training steps, ``--latency`` deployed models at batch 1 and 8.
 """
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def _parse(argv):
     from . import cases as C
+    from .. import __version__
     parser = argparse.ArgumentParser(prog="triton-bn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"triton-bn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run the benchmark and write CSV, markdown, plots, autotune report")
     bench.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
@@ -27,7 +32,9 @@ def _parse(argv):
     bench.add_argument("--interpreter", action="store_true",
                        help="tiny shapes through the Triton interpreter on the CPU: checks the kernels and the "
                             "tool, its timings are no figures")
-    bench.add_argument("--quick", action="store_true", help="GPU: fp32 NCHW + bf16 channels_last, one pass of each set")
+    bench.add_argument("--quick", action="store_true",
+                       help="GPU runs: fp32 NCHW + bf16 channels_last, one pass of each set (the CPU default is "
+                            "already about a minute)")
     bench.add_argument("--sets", default=None,
                        help=f"comma-separated shape sets, of: {', '.join(C.SHAPE_SETS)} (default GPU: "
                             f"{', '.join(C.QUICK_SETS)}; CPU: {', '.join(C.CPU_SETS)}; interpreter: tiny)")
@@ -38,7 +45,9 @@ def _parse(argv):
                             "except torch_compile on the CPU, whose compiles take minutes there)")
     bench.add_argument("--dtypes", default=None, help=f"comma-separated, of: {', '.join(C.DTYPES)}")
     bench.add_argument("--layouts", default=None, help=f"comma-separated, of: {', '.join(C.LAYOUTS)}")
-    bench.add_argument("--out", default=None, help="output folder (default perf/results/<device>-<date>)")
+    bench.add_argument("--out", default=None,
+                       help="output folder (default: a new folder <device>-<date>-<time> in $TRITON_BN_RESULTS_DIR, "
+                            "or ~/triton_bn-results; an earlier run is never overwritten)")
     bench.add_argument("--tune-candidates", type=int, default=None,
                        help="autotune at most this many configurations per kernel key (default: all; --quick: 4)")
     bench.add_argument("--model", default=None, choices=["resnet50", "tiny"],
@@ -134,9 +143,7 @@ def run_model(args) -> int:
     gpu_name = {"gpu": torch.cuda.get_device_name() if on_gpu else "", "interpreter": "cpu-interpreter",
                 "cpu": "cpu-" + _cpu_name()}[mode]
     stamp = datetime.date.today().isoformat()
-    safe_gpu = "".join(ch if ch.isalnum() else "-" for ch in gpu_name).strip("-").lower()
-    out = Path(args.out or Path("perf") / "results" / f"{safe_gpu}-{stamp}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_folder(args.out, _safe(gpu_name) + "-model")
     pd.DataFrame(rows).to_csv(out / "model.csv", index=False)
     header = (f"# triton-bn bench --model {args.model}: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}; a step = forward, "
@@ -167,9 +174,7 @@ def run_latency(args) -> int:
     rows = run_latency_bench(batches, device, progress=lambda text: _progress(0, 1, text), models=models)
     name = torch.cuda.get_device_name() if on_gpu else "cpu-" + _cpu_name()
     stamp = datetime.date.today().isoformat()
-    safe = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
-    out = Path(args.out or Path("perf") / "results" / f"{safe}-{stamp}-latency")
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_folder(args.out, _safe(name) + "-latency")
     pd.DataFrame(rows).to_csv(out / "latency.csv", index=False)
     header = (f"# triton-bn bench --latency: {name}, {stamp}\n\n"
               f"torch {torch.__version__}, {torch.get_num_threads()} threads; inference (no_grad), 3x{SIDE}x{SIDE} "
@@ -181,6 +186,27 @@ def run_latency(args) -> int:
     print(text)
     print(f"wrote {out}/latency.csv, latency.md and latency.png")
     return 0
+
+
+def results_folder(out: Optional[str], name: str) -> Path:
+    """``--out`` as given, or a new folder ``<name>-<date>-<time>`` under ``$TRITON_BN_RESULTS_DIR`` (default
+    ``~/triton_bn-results``): never inside the package's source, never an earlier run's."""
+    if out:
+        folder = Path(out)
+    else:
+        root = Path(os.environ.get("TRITON_BN_RESULTS_DIR") or Path.home() / "triton_bn-results")
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+        folder = root / f"{name}-{stamp}"
+        suffix = 2
+        while folder.exists():
+            folder = root / f"{name}-{stamp}-{suffix}"
+            suffix += 1
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
 
 
 def _progress(done: int, total: int, label: str) -> None:
@@ -238,14 +264,41 @@ def _time_cpu_interleaved(runs):
     return {name: _quantiles(times) for name, times in samples.items()}
 
 
-def measure_copy_gbps(device: str, on_gpu: bool) -> float:
-    """Device-to-device copy bandwidth (bytes read + written), the efficiency reference of this run."""
+def measure_copy_gbps(device: str, on_gpu: bool, numel: Optional[int] = None, dtype=None) -> float:
+    """Copy bandwidth (bytes read + written), the efficiency reference. On a GPU: one 1 GiB copy (L2 flushed
+    by do_bench). On a CPU: ``numel`` elements of ``dtype`` (default 64 MiB of fp32, beyond the caches), the
+    best of several copies with every thread, after the buffers were touched once: a row's efficiency is
+    measured against a copy of its own size, which its data's cache residence favours alike."""
     import torch
-    numel = (256 << 20) if on_gpu else (4 << 20)
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    ms, _, _ = _time_ms(lambda: dst.copy_(src), on_gpu)
+    dtype = dtype or torch.float32
+    if on_gpu:
+        numel = numel or (256 << 20)
+        src = torch.randn(numel, device=device).to(dtype)
+        dst = torch.empty_like(src)
+        ms, _, _ = _time_ms(lambda: dst.copy_(src), on_gpu)
+    else:
+        numel = numel or (16 << 20)
+        src = torch.randn(numel).to(dtype)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        best, began, count = float("inf"), time.perf_counter(), 0
+        while count < 10 or (time.perf_counter() - began < 0.2 and count < 400):
+            start = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - start)
+            count += 1
+        ms = best * 1e3
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+_COPY_GBPS = {}
+
+
+def _copy_gbps_of_size(numel: int, dtype) -> float:
+    key = (numel, dtype)
+    if key not in _COPY_GBPS:
+        _COPY_GBPS[key] = measure_copy_gbps("cpu", False, numel, dtype)
+    return _COPY_GBPS[key]
 
 
 def run_bench(args) -> int:
@@ -306,13 +359,12 @@ def run_bench(args) -> int:
             setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 512))
 
     stamp = datetime.date.today().isoformat()
-    safe_gpu = "".join(ch if ch.isalnum() else "-" for ch in gpu_name).strip("-").lower()
-    out = Path(args.out or Path("perf") / "results" / f"{safe_gpu}-{stamp}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_folder(args.out, _safe(gpu_name))
 
     copy_gbps = measure_copy_gbps(device, on_gpu)
     print(f"device: {gpu_name}; torch {torch.__version__}; triton_bn {triton_bn.__version__}; "
-          f"copy bandwidth {copy_gbps:.1f} GB/s")
+          f"copy bandwidth {copy_gbps:.1f} GB/s" + ("" if on_gpu else " (a large buffer; each row's efficiency "
+                                                     "uses a copy of its own size)") + f"; writing to {out}")
     jobs = []
     # case-major, the cases the targets name first: a run cut short by --budget-s still holds them
     for case in sorted(case_names, key=C.CASE_PRIORITY.index):
@@ -360,6 +412,8 @@ def run_bench(args) -> int:
                 print(f"\n  {name} failed on {case} {shape_text} {dtype_name} {layout}: {exc}")
             done += 1
         timings = {} if on_gpu else _time_cpu_interleaved({name: work.run for name, (work, _) in results.items()})
+        # on a CPU a shape's data may sit in the caches: its efficiency is against a copy of the same size
+        row_copy_gbps = copy_gbps if on_gpu else _copy_gbps_of_size(math.prod(shape), dtype)
         for provider, (work, output) in results.items():
             try:
                 ms, p20, p80 = _time_ms(work.run, on_gpu) if on_gpu else timings[provider]
@@ -372,7 +426,7 @@ def run_bench(args) -> int:
             rows.append(dict(case=case, shape=shape_text, dtype=dtype_name, layout=layout, provider=provider,
                              ms=ms, ms_p20=p20, ms_p80=p80, bytes=C.minimal_bytes(case, shape, dtype),
                              gbps=C.minimal_bytes(case, shape, dtype) / (ms * 1e-3) / 1e9,
-                             efficiency=C.efficiency(case, shape, dtype, ms, copy_gbps), rel_err=rel_err,
+                             efficiency=C.efficiency(case, shape, dtype, ms, row_copy_gbps), rel_err=rel_err,
                              device=gpu_name, mode=mode))
         if rows:  # after every job, so that a run killed from outside still leaves what it measured
             report.write_csv(rows, out / "results.csv")
@@ -384,7 +438,7 @@ def run_bench(args) -> int:
     frame = report.write_csv(rows, out / "results.csv")
     header = (f"# triton-bn bench: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}, python {platform.python_version()}; "
-              f"copy bandwidth {copy_gbps:.1f} GB/s (read + write); efficiency = minimal bytes / copy bandwidth / time; "
+              f"copy bandwidth {copy_gbps:.1f} GB/s (read + write{'' if on_gpu else ', a 64 MiB buffer; each row uses a copy of its own size'}); efficiency = minimal bytes / copy bandwidth / time; "
               "rel err = the worst relative error of y, the gradients and the updated running statistics against "
               "PyTorch in float64 on the same inputs."
               + _mode_note(mode)
@@ -394,4 +448,7 @@ def run_bench(args) -> int:
     report.write_plots(frame, out)
     report.write_autotune_report(tuner.report, out)
     print(f"wrote {out}/results.csv, summary.md, autotune.md/.csv and {len(list(out.glob('*.png')))} plots")
+    print("\ntriton_bn against the fastest anchor of each row (> 1: faster):")
+    for line in report.headline(frame):
+        print("  " + line)
     return 0

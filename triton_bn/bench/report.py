@@ -35,6 +35,24 @@ def geomean(values) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
+def headline(frame) -> List[str]:
+    """Per case, layout and dtype: triton_bn's geomean speedup over the fastest anchor of each row and its worst
+    row (what the console prints at the end of a run)."""
+    anchors = [p for p in ("eager_cudnn", "eager_native", "torch_compile") if p in set(frame["provider"])]
+    lines = []
+    for (case, layout, dtype), group in frame.groupby(["case", "layout", "dtype"], sort=True):
+        speedups = []
+        for shape, problem in group.groupby("shape"):
+            ours = problem[problem["provider"] == "triton_bn"]["ms"]
+            best = problem[problem["provider"].isin(anchors)]["ms"]
+            if len(ours) and len(best):
+                speedups.append(best.min() / ours.iloc[0])
+        if speedups:
+            lines.append(f"{case:24} {layout:14} {dtype:5} geomean {geomean(speedups):.2f}x, worst row "
+                         f"{min(speedups):.2f}x over {len(speedups)} shapes")
+    return lines
+
+
 def summary_markdown(frame, header: str) -> str:
     """Per case and layout: triton_bn's efficiency per shape, its speedup over the fastest anchor,
     the geomean of that speedup and the worst row."""
