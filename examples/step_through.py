@@ -1,11 +1,15 @@
 """Step through the statistics kernel: what each program of the split reduction computes.
 
 Runs on a CPU through the Triton interpreter (set here, before triton is imported) or compiled on a
-GPU. Prints each program's partial (count, mean, M2) and the merged result next to torch's.
+GPU. Prints each program's partial (count, mean, M2) and the merged result next to torch's. The tile is
+small on purpose (``--tile``), so that even a tiny tensor is cut into several splits and the last program
+of each channel block has a real merge to do (docs/kernels.md draws it).
 
-    python examples/step_through.py            # tiny NCHW tensor
+    python examples/step_through.py            # tiny NCHW tensor, several splits
     python examples/step_through.py --layout channels_last
+    python examples/step_through.py --tile 0,0 # the tile the library would choose (one split here)
 """
+import dataclasses
 import argparse
 import os
 
@@ -24,6 +28,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
     parser.add_argument("--shape", default="6,3,5,5", help="N,C,H,W")
+    parser.add_argument("--tile", default=None,
+                        help="BLOCK_A,BLOCK_B: rows x channels (channels_last) or images x plane elements (NCHW); "
+                             "default 8,4 or 2,16; 0,0: the library's own choice")
+    parser.add_argument("--programs-per-sm", type=int, default=8,
+                        help="programs per multiprocessor the split count aims at (the interpreter counts 2)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -34,6 +43,11 @@ def main() -> None:
     x, plan = plan_layout(x)
     family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
     cfg = heuristic_config(family, "stats", plan, x.element_size())
+    tile = args.tile or ("8,4" if family == "channels_last" else "2,16")
+    block_a, block_b = (int(v) for v in tile.split(","))
+    if block_a and block_b:
+        cfg = dataclasses.replace(cfg, block_a=block_a, block_b=block_b, flat=False,
+                                  programs_per_sm=args.programs_per_sm)
     splits, grid, size_args, blocks = launch._reduction_grid(plan, cfg, x.device, cfg.programs_per_sm)
     print(f"triton_bn {triton_bn.__version__}: x {tuple(x.shape)} {args.layout} -> family {family}, plan {plan}")
     print(f"tile {cfg.block_a}x{cfg.block_b}, {splits} splits, grid {grid}")
@@ -67,6 +81,10 @@ def main() -> None:
         print(f"  c{c}: count {moments[0, c]:.0f}  mean {moments[1, c]:.6f} (torch {torch_mean:.6f})  "
               f"M2 {moments[2, c]:.5f} (torch {torch_m2:.5f})")
     assert torch.allclose(moments[1].double(), x.double().mean(dims), atol=1e-5)
+    torch_m2 = x.double().var(dims, unbiased=False) * moments[0].double()
+    assert torch.allclose(moments[2].double(), torch_m2, rtol=1e-5), "the merge of the splits is wrong"
+    assert (moments[0] == count).all()
+    print(f"\n{splits} splits merged by the last program of each channel block: count, mean and M2 as torch's")
 
 
 if __name__ == "__main__":
