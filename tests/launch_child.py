@@ -215,6 +215,20 @@ def check_node():
         assert "not differentiable again" in str(exc)
     else:
         raise AssertionError("a second derivative must raise")
+    # the node both devices share (csrc/node/), with the backward plan behind it
+    assert module(x).grad_fn.name() == "BatchNormBackward (triton_bn C++ launch path)"
+    # forward-mode AD has no formula: refused before anything is written, never a tangent dropped
+    import torch.autograd.forward_ad as fwAD
+    module.train()
+    before = module.running_mean.clone()
+    with fwAD.dual_level():
+        try:
+            module(fwAD.make_dual(x.detach(), torch.ones_like(x)))
+        except RuntimeError as exc:
+            assert "forward-mode AD" in str(exc), exc
+        else:
+            raise AssertionError("a dual input must raise")
+    assert torch.equal(module.running_mean, before)
 
 
 def check_a_plan_is_per_kind():

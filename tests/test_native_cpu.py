@@ -418,6 +418,37 @@ def test_training_node_refuses_a_second_derivative():
         grad_x.sum().backward()
 
 
+def test_training_node_is_the_shared_node_and_refuses_forward_mode_ad():
+    """The node is the one both devices record (csrc/node/batch_norm_backward.h), with the CPU kernels behind it;
+    a dual input (forward-mode AD, which has no formula here) raises before the running statistics move."""
+    import torch.autograd.forward_ad as fwAD
+    x = _input((3, 4, 5, 2), torch.float32, "channels_last").requires_grad_()
+    y = _train_node(x, None, None, None, None, None, None, "relu")
+    assert y.grad_fn.name() == "BatchNormBackward (triton_bn native CPU)"
+    assert [edge[0] is not None for edge in y.grad_fn.next_functions] == [True, False, False, False]
+    rm, rv, count = torch.zeros(4), torch.ones(4), torch.zeros((), dtype=torch.long)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        _train_node(fwAD.make_dual(x.detach(), torch.ones_like(x)), None, None, None, rm, rv, count, "relu")
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4)) and int(count) == 0
+
+
+def test_training_node_keeps_version_counters_and_frees_what_it_saved():
+    """SavedVariables: x modified in place after the forward is an error at the backward (not a wrong
+    gradient); after a backward the saved tensors are freed (a second backward says so)."""
+    x = _input((3, 4, 5, 2), torch.float32, "channels_last").requires_grad_()
+    leaf = x.detach().clone().requires_grad_()
+    y = _train_node(leaf * 1.0, None, None, None, None, None, None, "relu")
+    y.sum().backward(retain_graph=False)
+    with pytest.raises(RuntimeError, match="freed|second time"):
+        y.sum().backward()
+    inner = leaf * 1.0
+    y = _train_node(inner, None, None, None, None, None, None, "relu")
+    with torch.no_grad():
+        inner.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_training_node_refuses_bad_arguments_before_any_write():
     """Running statistics, the batch count and the output stay untouched when the op refuses its arguments;
     under inference mode (no autograd key) the same op runs its plain CPU kernel."""

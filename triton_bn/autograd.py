@@ -123,9 +123,9 @@ def training_with_backward(x, weight, bias, residual, running_mean, running_var,
                            cumulative: bool, eps: float, activation: int, negative_slope: float):
     """A training forward that records its backward (``functional.batch_norm`` calls it when something needs a
     gradient), with ``TrainingBatchNormFunction``'s arguments. Where the native CPU kernels serve x on the
-    pure-PyTorch path, their op records a C++ autograd node instead (``csrc/cpu/``,
-    ``TrainingNode``: the same saved tensors, gradients and once-differentiable backward, without the Python
-    Function's host time, which on a small layer exceeds the kernels' own)."""
+    pure-PyTorch path, their op records a C++ autograd node instead (``csrc/node/``, the node both devices
+    share, with the CPU backward behind it): the same saved tensors, gradients and once-differentiable
+    backward, without the Python Function's host time, which on a small layer exceeds the kernels' own)."""
     native_ops = launch.native_ops_for(x)
     if native_ops is not None:
         factor = reference.host_factor(running_mean, num_batches_tracked, momentum, cumulative)

@@ -2,10 +2,9 @@
 // the per-channel vectors, the running-statistics update and the C++ autograd node, around the kernels of
 // common.h. The only file that includes ATen's and the autograd's headers (their parsing alone is ~15 s).
 #include "common.h"
+#include "../node/batch_norm_backward.h"
 
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -256,85 +255,36 @@ std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::T
 }
 
 // -- a training forward with its backward recorded in C++ ----------------------------------------------
-// What triton_bn/autograd.py's TrainingBatchNormFunction does, as a C++ autograd node: on a small layer
-// the Python Function's forward and backward cost more host time than these kernels take (perf/NOTES.md).
-// Same saved tensors (x, the mean and invstd in the compute type, weight, bias; the residual only when an
-// activation follows it), same gradients, and the same refusal to be differentiated twice.
+// What triton_bn/autograd.py's TrainingBatchNormFunction does, with the node both devices share
+// (csrc/node/batch_norm_backward.h): on a small layer the Python Function's forward and backward cost more
+// host time than these kernels take (perf/NOTES.md). Same saved tensors (x, the mean and invstd in the
+// compute type, weight, bias; the residual only when an activation follows it), same gradients, and the
+// same refusal to be differentiated twice.
 
 // The batch counted once the statistics are computed (a cumulative factor was read before the call).
 void count_batch(const c10::optional<at::Tensor>& num_batches_tracked) {
   if (present(num_batches_tracked)) num_batches_tracked->add_(1);
 }
 
-// t with x's strides and dtype (a gradient arrives in any layout: sum().backward() sends an expanded one)
-at::Tensor like_x(const at::Tensor& t, const at::Tensor& x) {
-  if (t.scalar_type() == x.scalar_type() && (t.numel() <= 1 || t.strides() == x.strides())) return t;
-  return at::empty_like(x).copy_(t);
-}
+at::Tensor defined_or_empty(const c10::optional<at::Tensor>& t) { return present(t) ? *t : at::Tensor(); }
+c10::optional<at::Tensor> optional(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
 
-struct TrainingNode : public torch::autograd::Function<TrainingNode> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                            const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& running_mean,
-                            const c10::optional<at::Tensor>& running_var,
-                            const c10::optional<at::Tensor>& num_batches_tracked, double factor, double eps,
-                            int64_t activation, double slope) {
-    auto [y, mean, invstd] = training_forward(x, weight, bias, residual, running_mean, running_var, factor, eps,
-                                              activation, slope);
-    count_batch(num_batches_tracked);
-    const bool keep_residual = present(residual) && activation != 0;
-    ctx->save_for_backward({x, mean, invstd, present(weight) ? *weight : at::Tensor(),
-                            present(bias) ? *bias : at::Tensor(), keep_residual ? *residual : at::Tensor()});
-    // needs_input_grad counts only the tensor arguments given: x is 0, then weight, bias, residual
-    int64_t edge = 1;
-    ctx->saved_data["weight_edge"] = present(weight) ? edge++ : int64_t{-1};
-    ctx->saved_data["bias_edge"] = present(bias) ? edge++ : int64_t{-1};
-    ctx->saved_data["residual_edge"] = present(residual) ? edge++ : int64_t{-1};
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["activation"] = activation;
-    ctx->saved_data["slope"] = slope;
-    return y;
-  }
+// The shared node with the CPU kernels behind it.
+struct CpuBatchNormBackward : public triton_bn_node::BatchNormBackward {
+  double eps = 0.0, slope = 0.0;
+  int64_t activation = 0;
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &mean = saved[1], &invstd = saved[2], &weight = saved[3], &bias = saved[4];
-    const auto wanted = [&](const char* key) {
-      const int64_t edge = ctx->saved_data[key].toInt();
-      return edge >= 0 && ctx->needs_input_grad(edge);
-    };
-    const bool want_dx = ctx->needs_input_grad(0), want_dweight = wanted("weight_edge"),
-               want_dbias = wanted("bias_edge"), want_dresidual = wanted("residual_edge");
-    const auto optional = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-    auto grads = triton_bn_backward(like_x(grad_outputs[0], x), x, mean, invstd, optional(weight), optional(bias),
-                                    optional(saved[5]), ctx->saved_data["eps"].toDouble(), true,
-                                    ctx->saved_data["activation"].toInt(), ctx->saved_data["slope"].toDouble(),
-                                    want_dx, want_dweight, want_dbias, want_dresidual);
-    torch::autograd::variable_list out(11);
-    if (want_dx) out[0] = grads[0];
-    if (want_dweight) out[1] = grads[1].to(weight.scalar_type());  // in the parameter's dtype
-    if (want_dbias) out[2] = grads[2].to(bias.scalar_type());
-    if (want_dresidual) out[3] = grads[3];
-    return once_differentiable(std::move(out), grad_outputs);
-  }
+  std::string name() const override { return "BatchNormBackward (triton_bn native CPU)"; }
 
-  // As Python's torch.autograd.function.once_differentiable: under create_graph the gradients are
-  // returned behind a node that raises if anything differentiates through them (the formula above is
-  // not differentiable again; a silent zero would drop terms).
-  static torch::autograd::variable_list once_differentiable(torch::autograd::variable_list grads,
-                                                            const torch::autograd::variable_list& grad_outputs) {
-    if (!at::GradMode::is_enabled() ||
-        std::none_of(grad_outputs.begin(), grad_outputs.end(), [](const at::Tensor& g) {
-          return g.defined() && g.requires_grad();
-        })) {
-      return grads;
-    }
-    torch::autograd::variable_list detached;
-    for (auto& g : grads) detached.push_back(g.defined() ? g.detach().requires_grad_(true) : at::Tensor());
-    torch::autograd::DelayedError error("triton_bn: the batch-norm gradient is not differentiable again "
-                                        "(trying to differentiate twice)", static_cast<int64_t>(detached.size()));
-    return error.apply(std::move(detached));
+  std::array<at::Tensor, 4> run_kernels(const at::Tensor& grad_y, const triton_bn_node::SavedTensors& saved,
+                                        const triton_bn_node::WantedGradients& wanted) override {
+    auto grads = triton_bn_backward(grad_y, saved.x, saved.mean, saved.stat, optional(saved.weight),
+                                    optional(saved.bias), optional(saved.residual), eps, true, activation, slope,
+                                    wanted.x, wanted.weight, wanted.bias, wanted.residual);
+    // dweight and dbias in the parameters' dtype (the kernels sum in the compute type)
+    if (wanted.weight) grads[1] = grads[1].to(saved.weight.scalar_type());
+    if (wanted.bias) grads[2] = grads[2].to(saved.bias.scalar_type());
+    return {grads[0], grads[1], grads[2], grads[3]};
   }
 };
 
@@ -348,13 +298,30 @@ at::Tensor training(const at::Tensor& x, const c10::optional<at::Tensor>& weight
   return y;
 }
 
+// The Autograd kernel of `training`: the forward below the autograd key, then, where a gradient is needed,
+// the node recorded on y.
 at::Tensor training_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                              const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
                              const c10::optional<at::Tensor>& num_batches_tracked, double factor, double eps,
                              int64_t activation, double slope) {
-  return TrainingNode::apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, factor, eps,
-                             activation, slope);
+  const at::Tensor w = defined_or_empty(weight), b = defined_or_empty(bias), r = defined_or_empty(residual);
+  triton_bn_node::refuse_forward_ad(x, w, b, r);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // the kernels' outputs carry no history of their own
+  if (!triton_bn_node::needs_gradient(x, w, b, r)) {
+    return training(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, factor, eps,
+                    activation, slope);
+  }
+  auto [y, mean, invstd] = training_forward(x, weight, bias, residual, running_mean, running_var, factor, eps,
+                                            activation, slope);
+  count_batch(num_batches_tracked);
+  auto node = triton_bn_node::make_node<CpuBatchNormBackward>();
+  auto* cpu_node = static_cast<CpuBatchNormBackward*>(node.get());
+  cpu_node->eps = eps;
+  cpu_node->activation = activation;
+  cpu_node->slope = slope;
+  triton_bn_node::BatchNormBackward::record(node, y, x, w, b, r, mean, invstd, r.defined() && activation != 0);
+  return y;
 }
 
 }  // namespace
@@ -371,7 +338,7 @@ TORCH_LIBRARY(triton_bn_cpu, m) {
   m.def("backward(Tensor grad_y, Tensor x, Tensor mean, Tensor stat, Tensor? weight, Tensor? bias, "
         "Tensor? residual, float eps, bool batch_stats, int activation, float slope, bool want_dx, "
         "bool want_dweight, bool want_dbias, bool want_dresidual) -> Tensor[]", &triton_bn_backward);
-  // training_forward + counting the batch, differentiable: its autograd kernel records TrainingNode
+  // training_forward + counting the batch, differentiable: its autograd kernel records CpuBatchNormBackward
   m.def("training(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float factor, float eps, int activation, "
         "float slope) -> Tensor");

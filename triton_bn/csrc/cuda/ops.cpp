@@ -14,11 +14,8 @@
 // remembers it. The saved tensors are those of triton_bn/autograd.py: x and the per-channel vectors,
 // the residual only when an activation follows it.
 #include "plan.h"
+#include "../node/batch_norm_backward.h"
 
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
-#include <torch/csrc/autograd/functions/utils.h>
-#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -36,74 +33,36 @@ at::Tensor defined_or_empty(const c10::optional<at::Tensor>& t) {
 }
 
 bool needs_gradient(const Slots& slots) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (int64_t slot : {kX, kWeight, kBias, kResidual}) {
-    if (slots[slot].defined() && slots[slot].requires_grad()) return true;
-  }
-  return false;
+  return triton_bn_node::needs_gradient(slots[kX], slots[kWeight], slots[kBias], slots[kResidual]);
 }
 
-// The gradients are not differentiable again: under create_graph they come back behind a node that raises
-// if anything differentiates through them (Python's once_differentiable, as the native CPU node does).
-variable_list once_differentiable(variable_list grads, const variable_list& grad_outputs) {
-  if (!at::GradMode::is_enabled() || std::none_of(grad_outputs.begin(), grad_outputs.end(), [](const at::Tensor& g) {
-        return g.defined() && g.requires_grad();
-      })) {
-    return grads;
-  }
-  variable_list detached;
-  for (auto& g : grads) detached.push_back(g.defined() ? g.detach().requires_grad_(true) : at::Tensor());
-  torch::autograd::DelayedError error("triton_bn: the batch-norm gradient is not differentiable again "
-                                      "(trying to differentiate twice)", static_cast<int64_t>(detached.size()));
-  return error.apply(std::move(detached));
-}
-
-// The node of both ops: its forward runs the forward plan from the slots of x, the per-channel inputs and
-// the residual (and, for a training forward, the running statistics), and saves what the backward plan
-// reads; the backward fills the slots back in, with dy in x's strides and alignment, and runs it.
-// The backward node of both ops, written as PyTorch's own generated nodes are (not as a custom Function,
-// whose context, saved-data map and output bookkeeping cost microseconds per call on a small layer). Its
-// next edges are x, weight, bias and the residual, in that order (an absent one an empty edge). The saved
-// tensors are SavedVariables: version counters checked, saved-tensor hooks applied, freed with the graph.
-struct BatchNormBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable x, mean, stat, weight, bias, residual;
+// The backward of both ops is the node both devices share (csrc/node/batch_norm_backward.h); here its
+// kernels are the backward plan's launches: the slots filled back in from the saved tensors and dy, the
+// plan run, the gradients read off its output slots.
+struct CudaBatchNormBackward : public triton_bn_node::BatchNormBackward {
   PlanPtr plan;
   std::vector<double> scalars;
 
   std::string name() const override { return "BatchNormBackward (triton_bn C++ launch path)"; }
 
-  void release_variables() override {
-    for (auto* saved : {&x, &mean, &stat, &weight, &bias, &residual}) saved->reset_data();
+  // the backward plan was made for a dy in x's strides and dtype, 16-byte aligned
+  bool takes_grad_as_is(const at::Tensor& grad_y, const at::Tensor& x) const override {
+    return BatchNormBackward::takes_grad_as_is(grad_y, x) && (reinterpret_cast<uintptr_t>(grad_y.data_ptr()) & 15) == 0;
   }
 
-  variable_list apply(variable_list&& grad_outputs) override {
-    Slots slots;  // none is an output of this node: unpacked without it
-    slots[kX] = x.unpack();
-    slots[kMean] = mean.unpack();
-    slots[kStat] = stat.unpack();
-    slots[kWeight] = weight.unpack();
-    slots[kBias] = bias.unpack();
-    slots[kResidual] = residual.unpack();
-    const at::Tensor& input = slots[kX];
-    at::Tensor grad = grad_outputs[0];
-    variable_list out(4);
-    if (!grad.defined()) return out;  // y was not used: no gradient flows
-    // dy in x's strides and 16-byte aligned (a gradient arrives in any layout: sum().backward() sends an
-    // expanded one): what the backward plan was made for
-    if (grad.strides() != input.strides() || grad.scalar_type() != input.scalar_type() ||
-        (reinterpret_cast<uintptr_t>(grad.data_ptr()) & 15) != 0) {
-      grad = at::empty_like(input).copy_(grad);
-    }
-    slots[kGradY] = grad;
+  std::array<at::Tensor, 4> run_kernels(const at::Tensor& grad_y, const triton_bn_node::SavedTensors& saved,
+                                        const triton_bn_node::WantedGradients&) override {
+    Slots slots;  // the plan computes the gradients it was made for: those asked for when it was written
+    slots[kX] = saved.x;
+    slots[kMean] = saved.mean;
+    slots[kStat] = saved.stat;
+    slots[kWeight] = saved.weight;
+    slots[kBias] = saved.bias;
+    slots[kResidual] = saved.residual;
+    slots[kGradY] = grad_y;
     TORCH_CHECK(plan->matches(slots), "triton_bn: the backward plan does not fit the saved tensors");
     plan->run(slots, scalars);
-    const int64_t produced[4] = {kGradX, kGradWeight, kGradBias, kGradResidual};
-    for (size_t i = 0; i < 4; ++i) {
-      if (!should_compute_output(i)) continue;
-      out[i] = slots[produced[i]];
-      TORCH_CHECK(out[i].defined(), "triton_bn: a gradient was asked for that the backward plan does not compute");
-    }
-    return once_differentiable(std::move(out), grad_outputs);
+    return {slots[kGradX], slots[kGradWeight], slots[kGradBias], slots[kGradResidual]};
   }
 };
 
@@ -175,18 +134,13 @@ variable_list run_with_node(Slots& slots, const Entry& plans, const std::vector<
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels' outputs carry no history of their own
     plans.forward->run(slots, scalars);
   }
-  auto node = c10::make_intrusive<BatchNormBackward>();
-  node->set_next_edges(torch::autograd::collect_next_edges(slots[kX], slots[kWeight], slots[kBias], slots[kResidual]));
-  node->x = torch::autograd::SavedVariable(slots[kX], false);
-  node->mean = torch::autograd::SavedVariable(slots[kMean], false);
-  node->stat = torch::autograd::SavedVariable(slots[kStat], false);
-  node->weight = torch::autograd::SavedVariable(slots[kWeight], false);
-  node->bias = torch::autograd::SavedVariable(slots[kBias], false);
+  auto node = triton_bn_node::make_node<CudaBatchNormBackward>();
+  auto* cuda_node = static_cast<CudaBatchNormBackward*>(node.get());
+  cuda_node->plan = plans.backward;
+  cuda_node->scalars = scalars;
   // the residual only where an activation follows the add (act'(z) reads it); else d residual = dz
-  node->residual = torch::autograd::SavedVariable(activation != 0 ? slots[kResidual] : at::Tensor(), false);
-  node->plan = plans.backward;
-  node->scalars = scalars;
-  torch::autograd::set_history(slots[kY], node);
+  triton_bn_node::BatchNormBackward::record(node, slots[kY], slots[kX], slots[kWeight], slots[kBias],
+                                            slots[kResidual], slots[kMean], slots[kStat], activation != 0);
   return {slots[kY]};
 }
 
@@ -227,6 +181,7 @@ std::vector<at::Tensor> training(const at::Tensor& x, const c10::optional<at::Te
                                  const c10::optional<at::Tensor>& num_batches_tracked, double eps, double momentum,
                                  double negative_slope, int64_t activation, bool cumulative) {
   Slots slots = training_slots(x, weight, bias, residual, running_mean, running_var, num_batches_tracked);
+  triton_bn_node::refuse_forward_ad(slots[kX], slots[kWeight], slots[kBias], slots[kResidual]);
   const Entry plans = find(slots, kTraining, training_flags(activation, cumulative));
   if (!plans.forward) return {};
   return run_with_node(slots, plans, {eps, momentum, negative_slope}, activation);
@@ -246,6 +201,7 @@ std::vector<at::Tensor> apply(const at::Tensor& x, const at::Tensor& mean, const
                               const c10::optional<at::Tensor>& residual, double eps, double negative_slope,
                               int64_t activation) {
   Slots slots = apply_slots(x, mean, stat, weight, bias, residual);
+  triton_bn_node::refuse_forward_ad(slots[kX], slots[kWeight], slots[kBias], slots[kResidual]);
   const Entry plans = find(slots, kApply, activation);
   if (!plans.forward) return {};
   return run_with_node(slots, plans, {eps, 0.0, negative_slope}, activation);
