@@ -362,7 +362,8 @@ def run_bench(args) -> int:
     out = results_folder(args.out, _safe(gpu_name))
 
     copy_gbps = measure_copy_gbps(device, on_gpu)
-    print(f"device: {gpu_name}; torch {torch.__version__}; triton_bn {triton_bn.__version__}; "
+    print(f"device: {gpu_name}" + ("" if on_gpu else f" ({torch.backends.cpu.get_cpu_capability()})")
+          + f"; torch {torch.__version__}; triton_bn {triton_bn.__version__}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s" + ("" if on_gpu else " (a large buffer; each row's efficiency "
                                                      "uses a copy of its own size)") + f"; writing to {out}")
     jobs = []
@@ -438,6 +439,8 @@ def run_bench(args) -> int:
     frame = report.write_csv(rows, out / "results.csv")
     header = (f"# triton-bn bench: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}, python {platform.python_version()}; "
+              + ("" if on_gpu else f"PyTorch's CPU kernels for {torch.backends.cpu.get_cpu_capability()}; ")
+              + 
               f"copy bandwidth {copy_gbps:.1f} GB/s (read + write{'' if on_gpu else ', a 64 MiB buffer; each row uses a copy of its own size'}); efficiency = minimal bytes / copy bandwidth / time; "
               "rel err = the worst relative error of y, the gradients and the updated running statistics against "
               "PyTorch in float64 on the same inputs."
