@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list takes about 25 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (26) takes about 30 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -98,6 +98,15 @@ MUTATIONS: List[Mutation] = [
              "native dx without the mean of dz"),
     Mutation("native-momentum", "triton_bn/csrc/cpu/ops.cpp", "rm[c] = lerp(rm[c], m[c], f);",
              "rm[c] = lerp(m[c], rm[c], f);", NATIVE_TESTS, "native running mean weighs the old value by momentum"),
+    # the autograd node both devices record (csrc/node/), here behind the CPU kernels
+    Mutation("node-twice-differentiable", "triton_bn/csrc/node/batch_norm_backward.h",
+             "  if (!at::GradMode::is_enabled() || std::none_of(", "  if (true || std::none_of(", NATIVE_TESTS,
+             "the node's gradients no longer refuse a second derivative under create_graph"),
+    Mutation("node-edges-swapped", "triton_bn/csrc/node/batch_norm_backward.h",
+             "collect_next_edges(x, weight, bias, residual)", "collect_next_edges(x, bias, weight, residual)",
+             NATIVE_TESTS, "the node hands dweight to the bias and dbias to the weight"),
+    Mutation("node-residual-not-saved", "triton_bn/csrc/cpu/ops.cpp", "mean, invstd, r.defined() && activation != 0);",
+             "mean, invstd, false);", NATIVE_TESTS, "the CPU node forgets the residual an activation's derivative needs"),
     # the layers around the kernels
     Mutation("sync-merge", "triton_bn/sync.py", "m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)",
              "m2 = m2s.sum(0)", ("tests/test_sync.py",), "SyncBatchNorm's merge of ranks drops the between-rank term"),
