@@ -104,13 +104,14 @@ def _triton_cuda_include() -> str:
 
 
 ACTIVE = ENABLED or bool(STAND_IN)
+_ANY_DEVICE = bool(STAND_IN)  # a stand-in driver takes CPU tensors on the C++ path too
 
 
 def serves(x: torch.Tensor) -> bool:
     """Whether the C++ path may take this call: switched on, a kernel dtype on a GPU (or any device under a
     stand-in driver), not empty. (Inside a CUDA graph capture C++ finds no plan, and none is written: the
     Python path serves, with its warm-up rule.)"""
-    return ACTIVE and x.dtype in launch.KERNEL_DTYPES and x.numel() > 0 and (x.is_cuda or bool(STAND_IN))
+    return ACTIVE and x.dtype in launch.KERNEL_DTYPES and x.numel() > 0 and (x.is_cuda or _ANY_DEVICE)
 
 
 # -- the calls ------------------------------------------------------------------------------------------------
@@ -146,8 +147,10 @@ def known_call(x, running_mean, running_var, weight, bias, training, momentum, e
     only for a call that passed them, and C++ takes a call only if every tensor matches that call's (which are
     given, and each one's dtype, shape, strides, device and alignment). What no plan holds, the scalars, is
     checked here first; anything unusual (a bool for a number, an unknown activation) goes the long way."""
-    if not (isinstance(x, torch.Tensor) and serves(x)) or torch.compiler.is_compiling() or torch.jit.is_tracing() \
-            or ops() is None:
+    # serves(x) without its dtype and size checks: a call of another dtype or an empty one has no plan, and C++
+    # returns nothing for it
+    if not (isinstance(x, torch.Tensor) and (x.is_cuda or _ANY_DEVICE)) or torch.compiler.is_compiling() \
+            or torch._C._get_tracing_state() is not None or (_training_op is None and ops() is None):
         return None
     act = ACTIVATION_IDS.get(activation) if activation is None or type(activation) is str else None
     if act is None or type(eps) not in _NUMBERS or type(negative_slope) not in _NUMBERS or eps != eps:

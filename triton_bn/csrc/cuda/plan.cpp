@@ -59,6 +59,13 @@ Plan::Plan(std::vector<int64_t> expectations, std::vector<int64_t> outputs, std:
     TORCH_CHECK(allocation >= kLikeX && allocation <= kScratch, "triton_bn: a plan names allocation ", allocation);
     o.allocation = static_cast<Allocation>(allocation);
     o.numel = out.next();
+    o.workspace_offset = -1;
+    if (o.allocation == kPerChannel || o.allocation == kScratch) {
+      // each piece starts 16 bytes after a multiple of 16: as aligned as an allocation of its own, which is
+      // what the compiled variants were specialized for
+      o.workspace_offset = workspace_numel_;
+      workspace_numel_ += (o.numel + 3) / 4 * 4;
+    }
     outputs_.push_back(o);
   }
   Reader launch(launches);
@@ -104,17 +111,33 @@ bool Plan::matches(const std::array<at::Tensor, kSlots>& tensors) const {
   return true;
 }
 
+namespace {
+// values [offset, offset + numel) of a 1-D workspace as a tensor of their own, sharing its storage: built
+// directly, as at::empty builds a tensor, because a view through the dispatcher (narrow, as_strided) costs
+// more host time than the allocation it saves
+at::Tensor slice_of(const at::Tensor& workspace, int64_t offset, int64_t numel) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(workspace.storage()), workspace.key_set(),
+                                                   workspace.dtype());
+  impl->set_sizes_contiguous({numel});
+  impl->set_storage_offset(workspace.storage_offset() + offset);
+  return at::Tensor(std::move(impl));
+}
+}  // namespace
+
 void Plan::run(std::array<at::Tensor, kSlots>& tensors, const std::vector<double>& scalars) const {
   const at::Tensor& x = tensors[kX];
   for (size_t i = 0; i < persistent_.size(); ++i) tensors[kFirstPersistent + i] = persistent_[i];
-  const auto per_channel = x.options().dtype(at::kFloat);
+  // One allocation for the per-channel outputs (mean, invstd) and the scratch, each a slice of it: on a GPU
+  // every allocation is a trip through the caching allocator, and a layer's training forward needs three.
+  const at::Tensor workspace =
+      workspace_numel_ > 0 ? at::empty({workspace_numel_}, x.options().dtype(at::kFloat)) : at::Tensor();
   for (const Output& o : outputs_) {
     switch (o.allocation) {
       case kLikeX: tensors[o.slot] = at::empty_like(x); break;  // x is dense: empty_like keeps its strides
-      case kPerChannel: tensors[o.slot] = at::empty({o.numel}, per_channel); break;
+      case kPerChannel:
+      case kScratch: tensors[o.slot] = slice_of(workspace, o.workspace_offset, o.numel); break;
       case kLikeWeight: tensors[o.slot] = at::empty_like(tensors[kWeight]); break;
       case kLikeBias: tensors[o.slot] = at::empty_like(tensors[kBias]); break;
-      case kScratch: tensors[o.slot] = at::empty({o.numel}, per_channel); break;
     }
   }
   std::vector<uint64_t> words;

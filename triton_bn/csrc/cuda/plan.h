@@ -66,6 +66,7 @@ struct Output {
   int64_t slot;
   Allocation allocation;
   int64_t numel;  // kPerChannel, kScratch
+  int64_t workspace_offset;  // kPerChannel, kScratch: where in the call's one fp32 workspace (16-byte aligned)
 };
 
 class Plan {
@@ -91,6 +92,7 @@ class Plan {
  private:
   std::vector<Expectation> expectations_;
   std::vector<Output> outputs_;
+  int64_t workspace_numel_ = 0;  // fp32 values of the per-channel outputs and scratch, all in one allocation
   std::vector<Launch> launches_;
   std::vector<at::Tensor> persistent_;
 };
