@@ -10,12 +10,31 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["svg.hashsalt"] = "triton_bn"  # fixed element ids: the same drawing, the same file
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, Rectangle  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 SVG = dict(format="svg", metadata={"Date": None})  # no timestamp: a figure changes only when the drawing does
+
+
+def _cells(ax, width: int, height: int) -> None:
+    """A light grid of width x height element cells, row 0 at the top."""
+    for i in range(height):
+        for j in range(width):
+            ax.add_patch(Rectangle((j, height - 1 - i), 1, 1, fill=False, lw=0.3, color="#999999"))
+
+
+def _frame(ax, width: int, height: int, xlabel: str, ylabel: str, title: str, xticks) -> None:
+    ax.set_xlim(0, width + 0.5)
+    ax.set_ylim(0, height + 0.5)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(xticks)
+    ax.set_yticks([])
 
 
 def tiles(path: str) -> None:
@@ -25,9 +44,7 @@ def tiles(path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     n, s, block_n, block_s, tiles_per_split = 6, 25, 2, 16, 1
     num_s_blocks = -(-s // block_s)
-    for i in range(n):
-        for j in range(s):
-            left.add_patch(Rectangle((j, n - 1 - i), 1, 1, fill=False, lw=0.3, color="#999999"))
+    _cells(left, s, n)
     tile = 0
     for bi in range(0, n, block_n):
         for bj in range(0, s, block_s):
@@ -37,19 +54,11 @@ def tiles(path: str) -> None:
             left.add_patch(Rectangle((bj, n - bi - h), w, h, fill=False, lw=1.5, color=COLORS[split % len(COLORS)]))
             left.text(bj + w / 2, n - bi - h / 2, f"split {split}", ha="center", va="center", fontsize=8)
             tile += 1
-    left.set_xlim(0, s + 0.5)
-    left.set_ylim(0, n + 0.5)
-    left.set_aspect("equal")
-    left.set_xlabel("S = H x W (contiguous in memory)")
-    left.set_ylabel("N (images)")
-    left.set_title(f"NCHW, one channel: tiles [BLOCK_N={block_n}, BLOCK_S={block_s}],\n"
-                   f"{num_s_blocks} per row of images; one program per (channel, split)", fontsize=9)
-    left.set_xticks([0, block_s, s])
-    left.set_yticks([])
+    _frame(left, s, n, "S = H x W (contiguous in memory)", "N (images)",
+           f"NCHW, one channel: tiles [BLOCK_N={block_n}, BLOCK_S={block_s}],\n"
+           f"{num_s_blocks} per row of images; one program per (channel, split)", [0, block_s, s])
     rows, channels, block_r, block_c, rows_per_split = 24, 12, 4, 4, 8
-    for r in range(rows):
-        for c in range(channels):
-            right.add_patch(Rectangle((c, rows - 1 - r), 1, 1, fill=False, lw=0.3, color="#999999"))
+    _cells(right, channels, rows)
     for cb, c0 in enumerate(range(0, channels, block_c)):
         for split, r0 in enumerate(range(0, rows, rows_per_split)):
             color = COLORS[(cb * 3 + split) % len(COLORS)]
@@ -58,15 +67,9 @@ def tiles(path: str) -> None:
                 right.add_patch(Rectangle((c0, rows - t - block_r), block_c, block_r, fill=False, lw=1.0, color=color))
             right.text(c0 + block_c / 2, rows - r0 - rows_per_split / 2, f"program\n({cb}, {split})", ha="center",
                        va="center", fontsize=7)
-    right.set_xlim(0, channels + 0.5)
-    right.set_ylim(0, rows + 0.5)
-    right.set_aspect("equal")
-    right.set_xlabel("C (contiguous in memory)")
-    right.set_ylabel("R = N x H x W (rows)")
-    right.set_title(f"channels_last: tiles [BLOCK_R={block_r}, BLOCK_C={block_c}], {rows_per_split} rows per split;\n"
-                    "program (channel block, split) walks its rows tile by tile", fontsize=9)
-    right.set_xticks([0, block_c, 2 * block_c, channels])
-    right.set_yticks([])
+    _frame(right, channels, rows, "C (contiguous in memory)", "R = N x H x W (rows)",
+           f"channels_last: tiles [BLOCK_R={block_r}, BLOCK_C={block_c}], {rows_per_split} rows per split;\n"
+           "program (channel block, split) walks its rows tile by tile", [0, block_c, 2 * block_c, channels])
     fig.tight_layout()
     fig.savefig(path, **SVG)
     plt.close(fig)
