@@ -118,9 +118,14 @@ def check_training_forward(layout, activation, with_residual, grad):
                    (twin.num_batches_tracked, module.num_batches_tracked), (y_python, y))
     assert_same_launches(recorded, expected, roles)
     assert y.shape == x.shape and y.stride() == x.stride()
-    if not grad:
-        assert y.grad_fn is None
-        return
+    if grad:
+        _check_training_backward(x, residual, y, module, twin, mean, invstd, act)
+    else:
+        assert y.grad_fn is None  # no gradient needed: no node recorded
+
+
+def _check_training_backward(x, residual, y, module, twin, mean, invstd, act):
+    """The node a training forward recorded, then its backward's launches as Python's backward launches them."""
     assert y.grad_fn is not None and "BatchNormBackward" in y.grad_fn.name()
     grad_y = torch.randn_like(y)
     recorded, _ = recorded_during(lambda: y.backward(grad_y))

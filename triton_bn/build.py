@@ -42,6 +42,14 @@ except ImportError:  # not POSIX: an exclusive lock file, taken over when its ho
     fcntl = None
 
 PROGRESS_EVERY = 20.0  # seconds between progress lines while compiling
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+
+def headers_of(*folders: str) -> List[str]:
+    """The headers of these folders of ``csrc/`` (a library's own and those it includes, such as ``node/``, the
+    autograd node both native libraries share): what a build's key reads besides its sources."""
+    return sorted(os.path.join(CSRC, folder, name) for folder in folders
+                  for name in os.listdir(os.path.join(CSRC, folder)) if name.endswith(".h"))
 
 
 class BuildError(RuntimeError):

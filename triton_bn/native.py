@@ -35,8 +35,7 @@ _LONGEST_FIRST = ("kernels_bfloat16_backward", "kernels_half_backward", "ops", "
 SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.cpp")), key=lambda path: (
     _LONGEST_FIRST.index(os.path.basename(path)[:-4]) if os.path.basename(path)[:-4] in _LONGEST_FIRST
     else len(_LONGEST_FIRST), path))
-# the headers the build's key reads: the CPU kernels' and the autograd node both devices share (csrc/node/)
-HEADERS = sorted(glob.glob(os.path.join(CSRC, "*.h")) + glob.glob(os.path.join(CSRC, "..", "node", "*.h")))
+HEADERS = build.headers_of("cpu", "node")  # the CPU kernels' and the autograd node both devices share
 BUILD_TIME = "about 70 s on two cores"  # measured, README
 class NativeOps(NamedTuple):
     """The ops of ``csrc/cpu/`` as C++ callables (the Python wrapper of an op costs

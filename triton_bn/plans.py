@@ -80,9 +80,7 @@ def _load():
     include = _triton_cuda_include()
     try:
         sources = sorted(os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith(".cpp"))
-        node = os.path.join(CSRC, "..", "node")  # the autograd node both devices share
-        headers = sorted([os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith(".h")] +
-                         [os.path.join(node, f) for f in os.listdir(node) if f.endswith(".h")])
+        headers = build.headers_of("cuda", "node")  # its own and the autograd node both devices share
         build.load_library("triton_bn_cuda", sources, headers + [os.path.join(include, "cuda.h")],
                            extra_cflags=["-O2"], extra_ldflags=["-ldl"], include_dirs=[include],
                            what="the C++ launch path", duration="about a minute on two cores")

@@ -162,10 +162,9 @@ def run_latency(args) -> int:
     """``--latency``: the deployed models at small batches; writes latency.csv, latency.md, latency.png."""
     import torch
     import pandas as pd
-    from .latency import CALLS, ROUNDS, SIDE, latency_markdown, plot_latency, run_latency_bench
+    from .latency import CALLS, MODELS, ROUNDS, SIDE, latency_markdown, plot_latency, run_latency_bench
     on_gpu = _uses_gpu(args)
     device = "cuda" if on_gpu else "cpu"
-    from .latency import MODELS
     batches = [int(b) for b in args.batches.split(",") if b]
     models = [m for m in (args.models or ",".join(MODELS)).split(",") if m]
     unknown = [m for m in models if m not in MODELS]
@@ -440,8 +439,7 @@ def run_bench(args) -> int:
     header = (f"# triton-bn bench: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}, python {platform.python_version()}; "
               + ("" if on_gpu else f"PyTorch's CPU kernels for {torch.backends.cpu.get_cpu_capability()}; ")
-              + 
-              f"copy bandwidth {copy_gbps:.1f} GB/s (read + write{'' if on_gpu else ', a 64 MiB buffer; each row uses a copy of its own size'}); efficiency = minimal bytes / copy bandwidth / time; "
+              + f"copy bandwidth {copy_gbps:.1f} GB/s (read + write{'' if on_gpu else ', a 64 MiB buffer; each row uses a copy of its own size'}); efficiency = minimal bytes / copy bandwidth / time; "
               "rel err = the worst relative error of y, the gradients and the updated running statistics against "
               "PyTorch in float64 on the same inputs."
               + _mode_note(mode)

@@ -308,13 +308,10 @@ at::Tensor training_autograd(const at::Tensor& x, const c10::optional<at::Tensor
   const at::Tensor w = defined_or_empty(weight), b = defined_or_empty(bias), r = defined_or_empty(residual);
   triton_bn_node::refuse_forward_ad(x, w, b, r);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the kernels' outputs carry no history of their own
-  if (!triton_bn_node::needs_gradient(x, w, b, r)) {
-    return training(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, factor, eps,
-                    activation, slope);
-  }
   auto [y, mean, invstd] = training_forward(x, weight, bias, residual, running_mean, running_var, factor, eps,
                                             activation, slope);
   count_batch(num_batches_tracked);
+  if (!triton_bn_node::needs_gradient(x, w, b, r)) return y;
   auto node = triton_bn_node::make_node<CpuBatchNormBackward>();
   auto* cpu_node = static_cast<CpuBatchNormBackward*>(node.get());
   cpu_node->eps = eps;

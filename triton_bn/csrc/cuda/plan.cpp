@@ -61,8 +61,8 @@ Plan::Plan(std::vector<int64_t> expectations, std::vector<int64_t> outputs, std:
     o.numel = out.next();
     o.workspace_offset = -1;
     if (o.allocation == kPerChannel || o.allocation == kScratch) {
-      // each piece starts 16 bytes after a multiple of 16: as aligned as an allocation of its own, which is
-      // what the compiled variants were specialized for
+      // each piece starts on a 16-byte boundary: as aligned as an allocation of its own, which is what the
+      // compiled variants were specialized for
       o.workspace_offset = workspace_numel_;
       workspace_numel_ += (o.numel + 3) / 4 * 4;
     }
