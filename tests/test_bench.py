@@ -217,7 +217,7 @@ def test_host_overhead_script_runs():
 def test_latency_bench_runs_every_variant(tmp_path):
     """``--latency`` on one model at batch 1 (off the interpreter, as a user runs it): every variant timed, each
     output the original's (rel. 1e-5), the ONNX export of the folded model the original export's operators,
-    the table and the plot written."""
+    the table and the plot written; the BN-free bound timed beside them."""
     pytest.importorskip("onnxruntime")
     out = tmp_path / "latency"
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
@@ -225,9 +225,13 @@ def test_latency_bench_runs_every_variant(tmp_path):
                            "mobilenet_like", "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     frame = pd.read_csv(out / "latency.csv")
-    assert list(frame["variant"]) == ["original", "converted", "folded", "folded, compiled", "onnxruntime",
-                                      "onnxruntime, original"]
-    assert (frame["ms"] > 0).all() and (frame["rel_err"] < 1e-5).all()
-    assert "the same operators as the original's export" in frame["note"].iloc[4]
-    assert (out / "latency.md").read_text().count("| mobilenet_like |") == 6
+    assert list(frame["variant"]) == ["original", "converted", "folded", "no BN (bound)", "folded, compiled",
+                                      "onnxruntime", "onnxruntime, original"]
+    same_function = frame["variant"] != "no BN (bound)"
+    assert (frame["ms"] > 0).all() and (frame[same_function]["rel_err"] < 1e-5).all()
+    # the bound really left the BNs out: a different function, so its output is not the original's
+    assert (frame[~same_function]["rel_err"] > 1e-3).all()
+    assert "the same operators as the original's export" in frame["note"].iloc[5]
+    assert (out / "latency.md").read_text().count("| mobilenet_like |") == 7
     assert (out / "latency.png").stat().st_size > 0
+

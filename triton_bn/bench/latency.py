@@ -6,6 +6,9 @@ Variants of each model, all from the same weights and running statistics:
 - ``converted``: ``convert_model`` of it (fused BN + activation, BN + add + activation), eval mode;
 - ``folded``: ``fold_batch_norms`` of the converted model (BNs folded into the convolutions before them,
   the rest frozen into per-channel tables, epilogues kept);
+- ``no BN (bound)``: the original with every BN replaced by an identity. Not the same function (its rel.
+  error is large and meaningless), but what the convolutions, activations and the rest cost alone: the
+  floor that no way of running the BNs faster, folding included, can get under;
 - ``folded, compiled``: ``torch.compile`` of the folded model (its compile time not counted);
 - ``onnxruntime``: the folded model exported with ``torch.onnx.export(..., dynamo=True)`` and run by ONNX
   Runtime's CPU provider; ``onnxruntime, original``: the original exported the same way (the exporter
@@ -17,6 +20,7 @@ ResNet-18-like CNN (BasicBlocks, stages of 32-256 channels) and a MobileNet-like
 blocks, depthwise convolutions, hardswish, squeeze-excitation), on 3x96x96 images. The variants take
 turns (``ROUNDS`` rounds of ``CALLS`` calls each, medians), so that a slow spell of the machine hits all.
 """
+import copy
 import statistics
 import time
 from collections import Counter
@@ -141,6 +145,19 @@ def _onnx_session(model: nn.Module, x: torch.Tensor):
     return (lambda: session.run(None, feed)[0]), len(program.model_proto.SerializeToString()), ops
 
 
+def without_batch_norms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BN module an ``nn.Identity`` (the ``no BN (bound)`` variant)."""
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, nn.Identity())
+    return model
+
+
+BOUND_NOTE = "not the same function: every BN an identity (the floor of any BN speed-up)"
+
+
 def variants(model: nn.Module, x: torch.Tensor, device: str, progress: Callable[[str], None]) -> Dict[str, tuple]:
     """{variant: (callable, its output, what it is)} for one model and input."""
     import triton_bn
@@ -152,6 +169,8 @@ def variants(model: nn.Module, x: torch.Tensor, device: str, progress: Callable[
     with torch.no_grad():
         for name, m in (("original", model), ("converted", converted), ("folded", folded)):
             out[name] = (lambda m=m: m(x), m(x), "")
+        bound = without_batch_norms(model)
+        out["no BN (bound)"] = (lambda: bound(x), bound(x), BOUND_NOTE)
         progress("compiling the folded model")
         compiled = torch.compile(folded)
         compiled(x)  # the compile itself, not timed
