@@ -279,6 +279,47 @@ def check_errors_before_any_write():
         assert cuda_driver.recorded() == []
 
 
+def check_entries():
+    """Both entries of the forward calls: the one bound directly (csrc/cuda/python.cpp), which plans.py takes
+    wherever Python's headers are, and the torch.ops one it takes elsewhere. The same call launches the same
+    kernels with the same parameters through either, a call no plan takes is None through either, and an
+    error from C++ arrives as a RuntimeError with the message alone (no C++ backtrace)."""
+    torch.manual_seed(0)
+    module = triton_bn.BatchNorm2d(6, activation="relu")
+    x = _input("channels_last")
+    ops = plans.ops()  # built or loaded here
+    dispatcher = plans._y_or_none(ops.training.default._op)
+    if plans.python_entry_flags()[0]:
+        assert plans._training_op.__module__ == plans.ENTRY_MODULE, plans._training_op
+        assert plans._apply_op.__module__ == plans.ENTRY_MODULE, plans._apply_op
+    args = (x, module.weight, module.bias, None, module.running_mean, module.running_var,
+            module.num_batches_tracked, module.eps, module.momentum, 0.01, 1, False)
+
+    def launched(entry):
+        recorded, y = recorded_during(lambda: entry(*args))
+        assert y is not None and y.shape == x.shape
+        return [(r["kernel"], r["grid"], r["block"], r["shared"],
+                 [p if "ptr" not in p else p["ptr"] in (x.data_ptr(), module.weight.data_ptr()) for p in r["params"]])
+                for r in recorded]
+    with torch.no_grad():
+        module(x)  # the plans of this kind
+        assert launched(plans._training_op) == launched(dispatcher)
+        other = torch.randn(5, 6, 3, 7)  # a kind no check writes plans for: no launch, None
+        other_args = (other,) + args[1:]
+        for entry in (plans._training_op, dispatcher):
+            recorded, y = recorded_during(lambda entry=entry: entry(*other_args))
+            assert y is None and recorded == []
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        try:
+            plans._training_op(dual, *args[1:])
+        except RuntimeError as exc:
+            assert "forward-mode AD" in str(exc) and "Exception raised from" not in str(exc), str(exc)
+        else:
+            raise AssertionError("a dual input must raise")
+
+
 def check_threads():
     """Several threads calling modules of two kinds at once: every call launches its plan's kernels."""
     import threading
@@ -318,6 +359,7 @@ CHECKS = {
     "node": check_node,
     "plan-per-kind": check_a_plan_is_per_kind,
     "errors": check_errors_before_any_write,
+    "entries": check_entries,
     "threads": check_threads,
 }
 

@@ -49,6 +49,10 @@ def main() -> int:
     installed = os.path.join(os.path.dirname(torch.__file__), "include")
     flags = [flag.replace(installed, include) for flag in build._torch_flags()]
     flags += ["-isystem", plans._triton_cuda_include(), "-fopenmp", "-fsyntax-only"]
+    entry_cflags, _, entry_includes = plans.python_entry_flags()  # csrc/cuda/python.cpp's binding, as built here
+    flags += entry_cflags + [flag for path in entry_includes for flag in ("-isystem", path)]
+    if not entry_cflags:
+        print("no Python headers here: csrc/cuda/python.cpp is checked empty, as it would be built")
     cxx = os.environ.get("CXX", "c++")
     failed = []
     for source in sorted(glob.glob(os.path.join(ROOT, "triton_bn", "csrc", "*", "*.cpp"))):

@@ -58,7 +58,7 @@ CALL_SCALARS = {"eps": 0, "momentum": 1, "negative_slope": 2}
 
 _library = {}
 _lock = threading.Lock()
-_training_op = _apply_op = None  # set by _load
+_training_op = _apply_op = None  # set by _load: (the call's arguments) -> y, or None where no plan takes it
 
 
 class PlanUnsupported(Exception):
@@ -78,12 +78,15 @@ def ops():
 def _load():
     import warnings
     include = _triton_cuda_include()
+    python_entry = python_entry_flags()
     try:
         sources = sorted(os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith(".cpp"))
         headers = build.headers_of("cuda", "node")  # its own and the autograd node both devices share
-        build.load_library("triton_bn_cuda", sources, headers + [os.path.join(include, "cuda.h")],
-                           extra_cflags=["-O2"], extra_ldflags=["-ldl"], include_dirs=[include],
-                           what="the C++ launch path", duration="about a minute on two cores")
+        library = build.load_library(
+            "triton_bn_cuda", sources, headers + [os.path.join(include, "cuda.h")],
+            extra_cflags=["-O2"] + python_entry[0], extra_ldflags=["-ldl"] + python_entry[1],
+            include_dirs=[include] + python_entry[2], what="the C++ launch path",
+            duration="about a minute on two cores")
     except Exception as exc:  # noqa: BLE001 - the Python path serves
         warnings.warn(f"triton_bn: the C++ launch path could not be built ({type(exc).__name__}: {str(exc)[:300]}); "
                       "the Python launchers serve")
@@ -91,9 +94,46 @@ def _load():
     cuda_ops = torch.ops.triton_bn_cuda
     cuda_ops.set_driver(STAND_IN or "real")
     global _training_op, _apply_op
-    # the ops' C++ callables: the Python wrapper of an op costs microseconds per call
-    _training_op, _apply_op = cuda_ops.training.default._op, cuda_ops.apply.default._op
+    if python_entry[0]:  # the forward calls bound directly (csrc/cuda/python.cpp), from the same library
+        entry = _import_entry(library)
+        _training_op, _apply_op = entry.training, entry.apply
+    else:  # the ops' C++ callables (an op's Python wrapper costs microseconds more per call)
+        _training_op, _apply_op = _y_or_none(cuda_ops.training.default._op), _y_or_none(cuda_ops.apply.default._op)
     return cuda_ops
+
+
+def _y_or_none(op):
+    """A torch.ops entry, which returns [y] or [], as a call that returns y or None (as python.cpp's do)."""
+    def call(*args):
+        out = op(*args)
+        return out[0] if out else None
+    return call
+
+
+ENTRY_MODULE = "triton_bn_cuda_entry"  # PYBIND11_MODULE's name in csrc/cuda/python.cpp
+
+
+def python_entry_flags():
+    """(cflags, ldflags, include folders) that build csrc/cuda/python.cpp's direct Python entry of the forward
+    calls into the library: Python's headers and torch's Python bindings. All empty where Python's headers are
+    missing (a Python without its development files): the library is then built without that entry, and
+    the forward calls go through torch.ops."""
+    import sysconfig
+    include = sysconfig.get_paths().get("include") or ""
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        return [], [], []
+    return ["-DTRITON_BN_PYTHON_ENTRY"], ["-ltorch_python"], [include]
+
+
+def _import_entry(library: str):
+    """The Python module in ``library`` (already loaded as the ops' library: the same copy, one plan table)."""
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.ExtensionFileLoader(ENTRY_MODULE, library)
+    spec = importlib.util.spec_from_file_location(ENTRY_MODULE, library, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def _triton_cuda_include() -> str:
@@ -162,14 +202,12 @@ def known_call(x, running_mean, running_var, weight, bias, training, momentum, e
             return None
         if eps <= 0:
             return None
-        out = _training_op(x, weight, bias, residual, running_mean, running_var,
-                           num_batches_tracked if running_mean is not None else None, float(eps), factor,
-                           float(negative_slope), act, cumulative)
-    elif training is False and running_mean is not None and eps >= 0:
-        out = _apply_op(x, running_mean, running_var, weight, bias, residual, float(eps), float(negative_slope), act)
-    else:
-        return None
-    return out[0] if out else None
+        return _training_op(x, weight, bias, residual, running_mean, running_var,
+                            num_batches_tracked if running_mean is not None else None, float(eps), factor,
+                            float(negative_slope), act, cumulative)
+    if training is False and running_mean is not None and eps >= 0:
+        return _apply_op(x, running_mean, running_var, weight, bias, residual, float(eps), float(negative_slope), act)
+    return None
 
 
 def training(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum: float,
@@ -179,9 +217,9 @@ def training(x, weight, bias, residual, running_mean, running_var, num_batches_t
     if ops() is None:
         return None
     args = (x, weight, bias, residual, running_mean, running_var, num_batches_tracked)
-    out = _training_op(*args, eps, momentum, negative_slope, activation, cumulative)
-    if out:
-        return out[0]
+    y = _training_op(*args, eps, momentum, negative_slope, activation, cumulative)
+    if y is not None:
+        return y
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return None  # plans are written outside captures, from calls that ran
     # no plan for a call like this one yet: write them (once per kind; None where the path does not serve it)
@@ -192,8 +230,7 @@ def training(x, weight, bias, residual, running_mean, running_var, num_batches_t
     if plans is None:
         return None
     torch.ops.triton_bn_cuda.remember_training(*args, activation, cumulative, *plans)
-    out = _training_op(*args, eps, momentum, negative_slope, activation, cumulative)
-    return out[0] if out else None
+    return _training_op(*args, eps, momentum, negative_slope, activation, cumulative)
 
 
 def apply(x, mean, stat, weight, bias, residual, eps: float, activation: int, negative_slope: float):
@@ -202,9 +239,9 @@ def apply(x, mean, stat, weight, bias, residual, eps: float, activation: int, ne
     if ops() is None:
         return None
     args = (x, mean, stat, weight, bias, residual)
-    out = _apply_op(*args, eps, negative_slope, activation)
-    if out:
-        return out[0]
+    y = _apply_op(*args, eps, negative_slope, activation)
+    if y is not None:
+        return y
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     key = _key("apply", args, (activation,))
@@ -214,8 +251,7 @@ def apply(x, mean, stat, weight, bias, residual, eps: float, activation: int, ne
     if plans is None:
         return None
     torch.ops.triton_bn_cuda.remember_apply(*args, activation, *plans)
-    out = _apply_op(*args, eps, negative_slope, activation)
-    return out[0] if out else None
+    return _apply_op(*args, eps, negative_slope, activation)
 
 
 _UNBUILT = object()

@@ -7,12 +7,14 @@
 //                                  a training forward: statistics, running update, normalization (and the
 //                                  batch counted)
 //   apply(x, mean, stat, weight?, bias?, residual?, eps, negative_slope, activation) -> [y] or []
+//                                  y from given statistics (eval, FrozenBatchNorm)
 //   remember_training / remember_apply(the same tensors and flags, forward, backward): the plans (handles
 //                                  from make_plan; backward -1: none) of calls like this one
-//                                                     y from given statistics (eval, FrozenBatchNorm)
 // An empty result means no plan was made for a call like this one yet: the caller writes one and
 // remembers it. The saved tensors are those of triton_bn/autograd.py: x and the per-channel vectors,
-// the residual only when an activation follows it.
+// the residual only when an activation follows it. python.cpp binds the two forward calls (run_training,
+// run_apply: ops.h) for Python directly as well: plans.py calls those where they were built.
+#include "ops.h"
 #include "plan.h"
 #include "../node/batch_norm_backward.h"
 
@@ -124,11 +126,10 @@ void remember(const Slots& slots, Kind kind, int64_t flags, int64_t forward, int
 }
 
 // Run the forward plan; where a gradient is needed (find made sure there is a backward plan) record the node.
-variable_list run_with_node(Slots& slots, const Entry& plans, const std::vector<double>& scalars,
-                            int64_t activation) {
+at::Tensor run_with_node(Slots& slots, const Entry& plans, const std::vector<double>& scalars, int64_t activation) {
   if (!needs_gradient(slots)) {
     plans.forward->run(slots, scalars);
-    return {slots[kY]};
+    return slots[kY];
   }
   {
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels' outputs carry no history of their own
@@ -141,7 +142,7 @@ variable_list run_with_node(Slots& slots, const Entry& plans, const std::vector<
   // the residual only where an activation follows the add (act'(z) reads it); else d residual = dz
   triton_bn_node::BatchNormBackward::record(node, slots[kY], slots[kX], slots[kWeight], slots[kBias],
                                             slots[kResidual], slots[kMean], slots[kStat], activation != 0);
-  return {slots[kY]};
+  return slots[kY];
 }
 
 Slots training_slots(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
@@ -174,17 +175,20 @@ Slots apply_slots(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
 
 int64_t training_flags(int64_t activation, bool cumulative) { return activation * 2 + cumulative; }
 
+// The dispatcher's form of run_training / run_apply (below): [y], or [] where no plan takes the call.
+std::vector<at::Tensor> listed(at::Tensor y) {
+  if (!y.defined()) return {};
+  return {std::move(y)};
+}
+
 std::vector<at::Tensor> training(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                                  const c10::optional<at::Tensor>& running_mean,
                                  const c10::optional<at::Tensor>& running_var,
                                  const c10::optional<at::Tensor>& num_batches_tracked, double eps, double momentum,
                                  double negative_slope, int64_t activation, bool cumulative) {
-  Slots slots = training_slots(x, weight, bias, residual, running_mean, running_var, num_batches_tracked);
-  triton_bn_node::refuse_forward_ad(slots[kX], slots[kWeight], slots[kBias], slots[kResidual]);
-  const Entry plans = find(slots, kTraining, training_flags(activation, cumulative));
-  if (!plans.forward) return {};
-  return run_with_node(slots, plans, {eps, momentum, negative_slope}, activation);
+  return listed(run_training(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, eps,
+                             momentum, negative_slope, activation, cumulative));
 }
 
 void remember_training(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
@@ -200,11 +204,7 @@ std::vector<at::Tensor> apply(const at::Tensor& x, const at::Tensor& mean, const
                               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                               const c10::optional<at::Tensor>& residual, double eps, double negative_slope,
                               int64_t activation) {
-  Slots slots = apply_slots(x, mean, stat, weight, bias, residual);
-  triton_bn_node::refuse_forward_ad(slots[kX], slots[kWeight], slots[kBias], slots[kResidual]);
-  const Entry plans = find(slots, kApply, activation);
-  if (!plans.forward) return {};
-  return run_with_node(slots, plans, {eps, 0.0, negative_slope}, activation);
+  return listed(run_apply(x, mean, stat, weight, bias, residual, eps, negative_slope, activation));
 }
 
 void remember_apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& stat,
@@ -228,6 +228,30 @@ std::string recorded_op() { return recorded_json(); }
 void clear_recorded_op() { clear_recorded(); }
 
 }  // namespace
+
+at::Tensor run_training(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                        const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+                        const c10::optional<at::Tensor>& num_batches_tracked, double eps, double momentum,
+                        double negative_slope, int64_t activation, bool cumulative) {
+  Slots slots = training_slots(x, weight, bias, residual, running_mean, running_var, num_batches_tracked);
+  triton_bn_node::refuse_forward_ad(slots[kX], slots[kWeight], slots[kBias], slots[kResidual]);
+  const Entry plans = find(slots, kTraining, training_flags(activation, cumulative));
+  if (!plans.forward) return {};
+  return run_with_node(slots, plans, {eps, momentum, negative_slope}, activation);
+}
+
+at::Tensor run_apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& stat,
+                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& residual, double eps, double negative_slope,
+                     int64_t activation) {
+  Slots slots = apply_slots(x, mean, stat, weight, bias, residual);
+  triton_bn_node::refuse_forward_ad(slots[kX], slots[kWeight], slots[kBias], slots[kResidual]);
+  const Entry plans = find(slots, kApply, activation);
+  if (!plans.forward) return {};
+  return run_with_node(slots, plans, {eps, 0.0, negative_slope}, activation);
+}
+
 }  // namespace triton_bn_cuda
 
 using namespace triton_bn_cuda;
