@@ -61,12 +61,14 @@ def host_us_per_call(fn, calls: int = 50) -> float:
 def module_rows(device: str = "cuda", calls: int = 200):
     """Host time per call of a whole module against PyTorch's, on a layer small enough that the host
     decides (16x64x14x14): training forward, eval forward (both under no_grad) and a training forward +
-    backward, triton_bn with its direct launches (``launch.DIRECT_LAUNCH``) and with every launch through
-    Triton's ``JITFunction`` (side by side, alternating), and the kernels one triton_bn training forward
+    backward, triton_bn with its direct launches (``launch.DIRECT_LAUNCH``), with every launch through
+    Triton's ``JITFunction`` and through the C++ launch path (``plans.ACTIVE``, docs/launch.md; where it
+    builds here), side by side, alternating; and the kernels one triton_bn training forward
     launches: the module counts the batch in its apply launch, so two kernels and no ``add``
     (nn.BatchNorm launches an ``add_`` for ``num_batches_tracked``). Returns (text lines, kernel names)."""
     import triton_bn
-    from triton_bn import launch
+    from triton_bn import launch, plans
+    cpp_available = plans.ops() is not None  # builds the C++ path here on first use (a warning where it can not)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     x = torch.randn(16, 64, 14, 14, device=device)
     grad = torch.randn_like(x)
@@ -80,15 +82,19 @@ def module_rows(device: str = "cuda", calls: int = 200):
     def forward_backward(module):
         module(x.detach().requires_grad_()).backward(grad)
 
-    def per_call(module, direct, call):
+    def per_call(module, direct, call, cpp=False):
         launch.DIRECT_LAUNCH = direct
-        call(module)  # compile, tune, learn the direct variants
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            call(module)
-        elapsed = time.perf_counter() - start
-        sync()
+        before, plans.ACTIVE = plans.ACTIVE, cpp
+        try:
+            call(module)  # compile, tune, learn the direct variants (or write the C++ path's plans)
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                call(module)
+            elapsed = time.perf_counter() - start
+            sync()
+        finally:
+            plans.ACTIVE = before
         return elapsed / calls * 1e6
 
     lines = []
@@ -97,14 +103,18 @@ def module_rows(device: str = "cuda", calls: int = 200):
                                  ("training forward + backward", True, forward_backward)):
         ours.train(training)
         theirs.train(training)
-        direct, through_triton, torch_us = [], [], []
+        direct, through_triton, cpp, torch_us = [], [], [], []
         for _ in range(5):  # alternating rounds, medians
             direct.append(per_call(ours, True, call))
             through_triton.append(per_call(ours, False, call))
+            if cpp_available:
+                cpp.append(per_call(ours, True, call, cpp=True))
             torch_us.append(per_call(theirs, True, call))
         d, t, p = (sorted(v)[2] for v in (direct, through_triton, torch_us))
+        via_cpp = f", C++ launch path {sorted(cpp)[2]:.1f} us ({sorted(cpp)[2] / p:.2f}x)" if cpp else \
+            ", C++ launch path not built here"
         lines.append(f"{name}, 16x64x14x14 fp32: triton_bn {d:.1f} us (through JITFunction.run {t:.1f} us), "
-                     f"nn.Sequential(BatchNorm2d, ReLU) {p:.1f} us, ratio {d / p:.2f}x ({t / p:.2f}x)")
+                     f"nn.Sequential(BatchNorm2d, ReLU) {p:.1f} us, ratio {d / p:.2f}x ({t / p:.2f}x){via_cpp}")
     launch.DIRECT_LAUNCH = True
     ours.train()
     activities = [torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU]

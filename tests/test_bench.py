@@ -235,3 +235,16 @@ def test_latency_bench_runs_every_variant(tmp_path):
     assert (out / "latency.md").read_text().count("| mobilenet_like |") == 7
     assert (out / "latency.png").stat().st_size > 0
 
+
+def test_cpp_launch_variant_switches_the_path_on_for_its_steps_only(monkeypatch):
+    """The model bench's ``converted, C++ launch`` variant (GPU only) runs each of its steps with the C++
+    launch path on, and leaves the switch as it found it, also when a step raises."""
+    from triton_bn import plans
+    from triton_bn.bench.model import with_cpp_launch
+    monkeypatch.setattr(plans, "ACTIVE", False)
+    seen = []
+    with_cpp_launch(lambda: seen.append(plans.ACTIVE))()
+    assert seen == [True] and plans.ACTIVE is False
+    with pytest.raises(ZeroDivisionError):
+        with_cpp_launch(lambda: 1 / 0)()
+    assert plans.ACTIVE is False

@@ -3,7 +3,8 @@
 A step is forward, cross-entropy loss, backward and an SGD step, on random images and labels. For each
 precision (fp32 NCHW; bf16 autocast with channels_last) it times, side by side in one process:
 ``original`` (the model as built), ``converted`` (``triton_bn.convert_model`` of a copy with the same
-weights), and with ``--compile`` the ``torch.compile`` of each. Reported: median ms per step,
+weights), on a GPU where the opt-in C++ launch path builds also ``converted, C++ launch`` (the same, each step
+with that path switched on), and with ``--compile`` the ``torch.compile`` of each. Reported: median ms per step,
 images/s, the speedup over the original in the same mode (eager or compiled), the host's share of a
 step, and the relative difference of the first step's loss from the original's (the converted model
 must compute the same function: a fast wrong model must not hide).
@@ -79,6 +80,29 @@ def _step_fn(model: nn.Module, images, labels, dtype) -> Callable[[], torch.Tens
     return step
 
 
+CPP_VARIANT = "converted, C++ launch"
+
+
+def cpp_launch_available() -> bool:
+    """Whether the C++ launch path (docs/launch.md) is off by default here but can be built: then the bench
+    times it as a variant of its own (``CPP_VARIANT``), each of its steps run with it switched on."""
+    from triton_bn import plans
+    return not plans.ACTIVE and plans.ops() is not None
+
+
+def with_cpp_launch(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``step`` with the C++ launch path switched on while it runs, and back as it was after (even if it raises)."""
+    from triton_bn import plans
+
+    def run():
+        before, plans.ACTIVE = plans.ACTIVE, True
+        try:
+            return step()
+        finally:
+            plans.ACTIVE = before
+    return run
+
+
 ROUNDS = 3
 
 
@@ -122,13 +146,16 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
         report = converted.fusion_report
         fusion = f"{report.activation} BN+act, {report.residual} BN+add+act, {report.plain} plain"
         variants = {"original": copy.deepcopy(base), "converted": converted}
+        if on_gpu and cpp_launch_available():  # the opt-in C++ launch path, side by side with the default one
+            variants[CPP_VARIANT] = triton_bn.convert_model(copy.deepcopy(base))
         if compile_too:
             variants["compiled original"] = torch.compile(copy.deepcopy(base))
             variants["compiled converted"] = torch.compile(triton_bn.convert_model(copy.deepcopy(base)))
         first_loss, step_fns = {}, {}
         for variant, model in variants.items():
             progress(f"model {name} {precision} {variant}: warm-up")
-            step = step_fns[variant] = _step_fn(model.train(), images, labels, dtype)
+            step = _step_fn(model.train(), images, labels, dtype)
+            step = step_fns[variant] = with_cpp_launch(step) if variant == CPP_VARIANT else step
             first_loss[variant] = float(step().detach())
             step()  # a second warm-up: the optimizer's state exists from here on
         step_times = {variant: [] for variant in variants}
