@@ -76,3 +76,25 @@ def test_the_cpp_path_is_off_unless_asked_for():
     import torch
     assert not plans.ENABLED and not plans.STAND_IN
     assert not plans.serves(torch.empty(2, 3))
+
+
+def test_an_entry_that_does_not_import_leaves_the_torch_ops_entry():
+    """A library without the direct Python entry (here torch's own libc10) gives None and a warning, never an
+    error: plans.py then calls the torch.ops entry of the same library."""
+    import torch
+    library = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+    assert os.path.exists(library)
+    with pytest.warns(UserWarning, match="Python entry did not import"):
+        assert plans._import_entry(library) is None
+
+
+def test_the_entry_is_built_where_python_headers_are(monkeypatch, tmp_path):
+    """The binding's build flags follow Python.h: present, the entry is compiled in; absent, the library is
+    built without it."""
+    import sysconfig
+    include = sysconfig.get_paths()["include"]
+    expected = (["-DTRITON_BN_PYTHON_ENTRY"], ["-ltorch_python"], [include]) if os.path.isfile(
+        os.path.join(include, "Python.h")) else ([], [], [])
+    assert plans.python_entry_flags() == expected
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    assert plans.python_entry_flags() == ([], [], [])

@@ -94,8 +94,8 @@ def _load():
     cuda_ops = torch.ops.triton_bn_cuda
     cuda_ops.set_driver(STAND_IN or "real")
     global _training_op, _apply_op
-    if python_entry[0]:  # the forward calls bound directly (csrc/cuda/python.cpp), from the same library
-        entry = _import_entry(library)
+    entry = _import_entry(library) if python_entry[0] else None
+    if entry is not None:  # the forward calls bound directly (csrc/cuda/python.cpp), from the same library
         _training_op, _apply_op = entry.training, entry.apply
     else:  # the ops' C++ callables (an op's Python wrapper costs microseconds more per call)
         _training_op, _apply_op = _y_or_none(cuda_ops.training.default._op), _y_or_none(cuda_ops.apply.default._op)
@@ -126,13 +126,20 @@ def python_entry_flags():
 
 
 def _import_entry(library: str):
-    """The Python module in ``library`` (already loaded as the ops' library: the same copy, one plan table)."""
+    """The Python module in ``library`` (already loaded as the ops' library: the same copy, one plan table), or
+    None, said in a warning, where it does not import (the torch.ops entry then serves)."""
     import importlib.machinery
     import importlib.util
-    loader = importlib.machinery.ExtensionFileLoader(ENTRY_MODULE, library)
-    spec = importlib.util.spec_from_file_location(ENTRY_MODULE, library, loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
+    import warnings
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(ENTRY_MODULE, library)
+        spec = importlib.util.spec_from_file_location(ENTRY_MODULE, library, loader=loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except ImportError as exc:
+        warnings.warn(f"triton_bn: the C++ launch path's Python entry did not import ({exc}); its calls go through "
+                      "torch.ops, a few microseconds slower each")
+        return None
     return module
 
 
