@@ -229,6 +229,7 @@ def test_latency_bench_runs_every_variant(tmp_path):
                                       "onnxruntime", "onnxruntime, original"]
     same_function = frame["variant"] != "no BN (bound)"
     assert (frame["ms"] > 0).all() and (frame[same_function]["rel_err"] < 1e-5).all()
+    assert frame["speedup_paired"].iloc[0] == 1.0 and (frame["speedup_paired"] > 0).all()
     # the bound really left the BNs out: a different function, so its output is not the original's
     assert (frame[~same_function]["rel_err"] > 1e-3).all()
     assert "the same operators as the original's export" in frame["note"].iloc[5]

@@ -177,7 +177,8 @@ def run_latency(args) -> int:
     pd.DataFrame(rows).to_csv(out / "latency.csv", index=False)
     header = (f"# triton-bn bench --latency: {name}, {stamp}\n\n"
               f"torch {torch.__version__}, {torch.get_num_threads()} threads; inference (no_grad), 3x{SIDE}x{SIDE} "
-              f"images; median ms per call of {ROUNDS} rounds of {CALLS} calls, the variants taking turns; rel. "
+              f"images; median ms per call of {ROUNDS} rounds of {CALLS} calls, the variants taking turns (the paired "
+              "speedup: the median of each round's ratio to the original); rel. "
               "error of each output against the original's; the compiled model's compile time not counted.")
     text = latency_markdown(rows, header)
     (out / "latency.md").write_text(text)
