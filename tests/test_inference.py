@@ -72,11 +72,42 @@ def test_resnet_like_model_folds_every_bn(device):
 
 
 def test_converted_resnet_keeps_its_fused_activations(device):
+    """A fused activation moves into the layer the BN was folded into (still an nn.Conv2d, with the state_dict
+    keys of PyTorch's own folding); a residual add and its activation stay as an identity table."""
     model = triton_bn.convert_model(TinyResNet().to(device))
     folded = _check(model, torch.randn(2, 3, 8, 8, device=device), expected_bns=0, atol=1e-4)
     frozen = [m for m in folded.modules() if isinstance(m, triton_bn.FrozenBatchNorm)]
-    assert len(frozen) == 6 and all(m.activation == "relu" for m in frozen)  # act / residual forms survive
+    assert len(frozen) == 2 and all(m.activation == "relu" for m in frozen)  # the residual forms survive
     assert all(torch.equal(m.scale, torch.ones_like(m.scale)) for m in frozen)  # only the epilogue is left
+    layers = [m for m in folded.modules() if isinstance(m, triton_bn.fold.Conv2dWithActivation)]
+    assert len(layers) == 4 and all(isinstance(m, nn.Conv2d) and m.activation == "relu" for m in layers)
+    # what PyTorch's own folding (fuse_conv_bn_eval) leaves: a weight and a bias per layer, nothing else
+    assert set(folded.state_dict()) == {f"{name}.{p}" for name, m in folded.named_modules()
+                                        if isinstance(m, (nn.Conv2d, nn.Linear)) for p in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("activation", ["relu", "hardswish", "gelu", "leaky_relu"])
+def test_folded_epilogues_never_write_their_inputs(activation, device):
+    """The activation moved into a layer writes only into the layer's own output, and an identity table's
+    residual add only into its new sum: the input, the residual and anything else holding them are unchanged
+    (also with autograd recording, where nothing is written in place)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), triton_bn.BatchNorm2d(4, activation=activation)).to(device)
+    folded = _check(model, torch.randn(2, 3, 6, 6, device=device))
+    assert isinstance(folded[0], triton_bn.fold.Conv2dWithActivation) and isinstance(folded[1], nn.Identity)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    before = x.clone()
+    folded(x)
+    assert torch.equal(x, before)
+    identity = triton_bn.FrozenBatchNorm(torch.ones(4), torch.zeros(4), activation, identity=True).to(device)
+    y, residual = torch.randn(2, 4, 5, 5, device=device), torch.randn(2, 4, 5, 5, device=device)
+    kept = (y.clone(), residual.clone())
+    out = identity(y, residual)
+    torch.testing.assert_close(out, triton_bn.activations.torch_activation(activation)(kept[0] + kept[1]))
+    assert torch.equal(y, kept[0]) and torch.equal(residual, kept[1])
+    leaf = y.clone().requires_grad_()
+    identity(leaf, residual).sum().backward()  # out of place under autograd: a gradient, no error
+    assert leaf.grad is not None and torch.equal(leaf.detach(), kept[0])
 
 
 @pytest.mark.parametrize("layer,bn,x_shape", [

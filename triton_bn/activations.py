@@ -1,5 +1,6 @@
 """The activation registry: user-facing names, the constexpr ids the kernels branch on, and the
 PyTorch function each one must match (used by the pure-PyTorch path and by ``convert_model``)."""
+import functools
 import math
 from typing import Callable, Optional
 
@@ -31,21 +32,33 @@ def activation_id(name: Optional[str]) -> int:
         ) from None
 
 
-def torch_activation(name: Optional[str], negative_slope: float = 0.01) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The PyTorch function that ``name`` stands for (what the fused kernels are tested against)."""
+def _unchanged(z: torch.Tensor) -> torch.Tensor:
+    return z
+
+
+# name -> (the PyTorch function, its in-place form: the function itself where PyTorch has none, as for GELU);
+# leaky_relu, which takes its slope, is made per call
+_TORCH_FUNCTIONS = {
+    None: (_unchanged, _unchanged),
+    "relu": (F.relu, torch.relu_),
+    "relu6": (F.relu6, functools.partial(F.relu6, inplace=True)),
+    "silu": (F.silu, functools.partial(F.silu, inplace=True)),
+    "gelu": (F.gelu, F.gelu),
+    "gelu_tanh": (functools.partial(F.gelu, approximate="tanh"),) * 2,
+    "hardswish": (F.hardswish, functools.partial(F.hardswish, inplace=True)),
+    "sigmoid": (torch.sigmoid, torch.sigmoid_),
+}
+
+
+def torch_activation(name: Optional[str], negative_slope: float = 0.01,
+                     inplace: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The PyTorch function that ``name`` stands for (what the fused kernels are tested against). ``inplace``:
+    its form that writes into its argument where PyTorch has one, only for a tensor the caller owns outright
+    (a layer's fresh output, a new sum)."""
     activation_id(name)
-    table = {
-        None: lambda z: z,
-        "relu": F.relu,
-        "leaky_relu": lambda z: F.leaky_relu(z, negative_slope),
-        "relu6": F.relu6,
-        "silu": F.silu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-        "hardswish": F.hardswish,
-        "sigmoid": torch.sigmoid,
-    }
-    return table[name]
+    if name == "leaky_relu":
+        return functools.partial(F.leaky_relu_ if inplace else F.leaky_relu, negative_slope=negative_slope)
+    return _TORCH_FUNCTIONS[name][inplace]
 
 
 def torch_activation_grad(name: Optional[str], negative_slope: float = 0.01) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -10,8 +10,11 @@ so when y = conv(x) (or conv_transpose, linear), the BN disappears into the laye
     W'[o] = W[o] * scale[o]        b'[o] = b[o] * scale[o] + shift[o]
 
 (``o`` is the output channel: dim 0 of a Conv/Linear weight, dim 1 within each group of a
-ConvTranspose weight). A fused activation or residual add survives as a ``FrozenBatchNorm`` with
-scale 1 and shift 0, which is one elementwise pass: the activation had to be applied anyway.
+ConvTranspose weight). A fused activation moves into the layer (``Conv2dWithActivation`` and its
+siblings: the layer, then the activation on its own fresh output, in place, as a model's
+``nn.ReLU(inplace=True)`` would); a residual add survives as a ``FrozenBatchNorm`` with scale 1 and
+shift 0, which adds and activates with PyTorch's own ops on a CPU (in place on the new sum) and with one
+fused pass on a GPU: the add and the activation had to be done anyway.
 """
 import copy
 import warnings
@@ -37,7 +40,8 @@ class FrozenBatchNorm(nn.Module):
 
     ``identity=True``: what is left of a BN folded into the layer before it, the epilogue alone
     (``act(input [+ residual])``); its table is fixed at 1 and 0 and not part of the ``state_dict``, and an
-    exported program records no multiply or add for it."""
+    exported program records no multiply or add for it. In eager it runs PyTorch's own add and activation,
+    except for a residual add on a GPU, where the fused kernel saves a pass."""
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, activation: Optional[str] = None,
                  negative_slope: float = 0.01, tail: Sequence[Tuple[str, nn.Module]] = (), identity: bool = False):
@@ -72,15 +76,26 @@ class FrozenBatchNorm(nn.Module):
             raise ValueError("FrozenBatchNorm: residual must have the input's shape and dtype")
         if recording_for_export():
             out = self._portable(input, residual)
-            for name in self.tail:
-                out = getattr(self, name)(out)
-            return out
-        apply = apply_step(input, None, None, residual, torch.compiler.is_compiling())
-        out = apply(input, buffers["_zeros"], buffers["_ones"], scale, buffers["shift"], residual, 0.0, False,
-                    self.act_id, self.negative_slope)
+        elif self.identity and (residual is None or not input.is_cuda):
+            out = self._torch_epilogue(input, residual)
+        else:
+            apply = apply_step(input, None, None, residual, torch.compiler.is_compiling())
+            out = apply(input, buffers["_zeros"], buffers["_ones"], scale, buffers["shift"], residual, 0.0, False,
+                        self.act_id, self.negative_slope)
         for name in self.tail:
             out = getattr(self, name)(out)
         return out
+
+    def _torch_epilogue(self, input: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """An identity's ``act(input [+ residual])`` with PyTorch's elementwise ops: on a CPU at inference sizes
+        the fused kernel's fixed cost per call is more than the pass itself (perf/NOTES.md); on a GPU it stays
+        for a residual add, where it saves a pass (x and the residual read once, y written once). The sum is a
+        new tensor, so the activation writes into it where no gradient is recorded; ``input`` is never
+        written (another module may hold it)."""
+        if residual is None:
+            return torch_activation(self.activation, self.negative_slope)(input)
+        z = input + residual
+        return torch_activation(self.activation, self.negative_slope, _may_overwrite(z))(z)
 
     def _portable(self, input: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
         """The same result from PyTorch's own operators (what an exported program records), computed in the
@@ -107,6 +122,49 @@ class FrozenBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_features}" + (f", activation={self.activation!r}" if self.activation else "")
                 + (f", tail={self.tail!r}" if self.tail else ""))
+
+
+def _may_overwrite(fresh: torch.Tensor) -> bool:
+    """Whether an activation may write into ``fresh``, a tensor just made by the caller: only where autograd
+    records nothing (an in-place activation would have to save its input for the backward)."""
+    return not (torch.is_grad_enabled() and fresh.requires_grad)
+
+
+class _ActivationAfter:
+    """A Conv/ConvTranspose/Linear that a BN with an activation was folded into: the layer, whose weights
+    now carry the BN's table, then the BN's activation on the layer's own output. That output is a new
+    tensor nothing else holds, so the activation works in place on it (where autograd records nothing), as
+    a model's ``nn.ReLU(inplace=True)`` after its BN would: no second tensor, no second allocation. The
+    ``state_dict`` is the layer's own (the activation is not state), and an exported program records the
+    layer and the activation, as PyTorch's own folding of the original would."""
+
+    activation: Optional[str] = None
+    negative_slope: float = 0.01
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        return torch_activation(self.activation, self.negative_slope, _may_overwrite(out))(out)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(SCRIPT_REFUSAL)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr() + f", activation={self.activation!r}"
+        return text + (f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else "")
+
+
+# layer class -> the same with a folded BN's activation after it; module attributes, so a folded model pickles
+WITH_ACTIVATION = {}
+for _layer in _CONVS + _TRANSPOSED + (nn.Linear,):
+    _name = f"{_layer.__name__}WithActivation"
+    WITH_ACTIVATION[_layer] = globals()[_name] = type(_name, (_ActivationAfter, _layer), {
+        "__module__": __name__, "__doc__": f"``nn.{_layer.__name__}``, then a folded BN's activation (see _ActivationAfter)"})
+
+
+def _move_activation_into(layer: nn.Module, bn: nn.Module) -> None:
+    """Make ``layer`` (of one of WITH_ACTIVATION's exact classes) apply ``bn``'s activation itself."""
+    layer.__class__ = WITH_ACTIVATION[type(layer)]
+    layer.activation, layer.negative_slope = bn.activation, bn.negative_slope
 
 
 def _scale_shift(bn: nn.Module):
@@ -179,14 +237,20 @@ def _fold_module(module: nn.Module, trace: OneLevelTrace, counts) -> None:
                 and _foldable(layer, bn)):
             continue
         _fold_into(layer, bn)
-        plain = bn.activation is None and not node.kwargs and not getattr(bn, "tail", ())
-        setattr(module, node.target, nn.Identity() if plain else _frozen(bn, identity=True))
+        if node.kwargs or getattr(bn, "tail", ()) or (bn.activation is not None and type(layer) not in WITH_ACTIVATION):
+            # a residual add, a tail of modules, or a layer subclass whose forward is its own: an identity table
+            setattr(module, node.target, _frozen(bn, identity=True))
+            continue
+        if bn.activation is not None:
+            _move_activation_into(layer, bn)
+        setattr(module, node.target, nn.Identity())
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """A copy of an eval-mode ``model`` with every foldable BN folded into the Conv/ConvTranspose/Linear
-    before it (replaced by ``nn.Identity``, or by an identity ``FrozenBatchNorm`` that keeps a fused
-    activation, residual or tail), and every other BN with running statistics frozen into a
+    before it (replaced by ``nn.Identity``, a fused activation moving into the layer, which becomes
+    ``Conv2dWithActivation`` or its sibling; or by an identity ``FrozenBatchNorm`` that keeps a residual
+    add or a tail), and every other BN with running statistics frozen into a
     ``FrozenBatchNorm``, in place: the result is an instance of the model's class, every submodule path
     still resolves.
 
