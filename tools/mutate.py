@@ -117,6 +117,17 @@ MUTATIONS: List[Mutation] = [
              "        for where, name, default, holds, check in self._argument_tests:",
              "        return None\n        for where, name, default, holds, check in self._argument_tests:",
              ("tests/test_models.py",), "convert_model's fused forwards run for calls their trace does not stand for"),
+    Mutation("fold-epilogue-writes-input", "triton_bn/fold.py", "        z = input + residual\n",
+             "        z = input.add_(residual)\n", ("tests/test_inference.py",),
+             "a folded BN's residual add writes into its input, which another module may hold"),
+    Mutation("fold-activation-dropped", "triton_bn/fold.py",
+             "        if bn.activation is not None:\n            _move_activation_into(layer, bn)\n",
+             "", ("tests/test_inference.py", "tests/test_models.py"),
+             "folding a BN with an activation into its layer loses the activation"),
+    # the C++ launch path's Python entry (under the recording stand-in driver)
+    Mutation("entry-error-backtrace", "triton_bn/csrc/cuda/python.cpp",
+             "throw std::runtime_error(error.what_without_backtrace());", "throw std::runtime_error(error.what());",
+             ("tests/test_launch.py",), "the direct entry's errors carry the C++ backtrace torch.ops strips"),
 ]
 
 
