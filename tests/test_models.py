@@ -338,6 +338,42 @@ def test_attributes_changed_after_conversion_run_unfused(change):
     assert converted.fusion_report.fallbacks == {"model": 1}
 
 
+class _FlaggedActivation(nn.Module):
+    """conv -> BN -> hardswish (not idempotent: run twice, it changes the result), then a branch on a flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.Hardswish()
+        self.doubled = False
+
+    def forward(self, x):
+        out = self.act(self.bn(self.conv(x)))
+        return out * 2 if self.doubled else out
+
+
+def test_a_folded_activation_runs_once_when_the_fused_forward_falls_back():
+    """convert_model fuses the hardswish module into the BN; folding moves it into the conv. A call the guard
+    rejects runs the class forward with the hardswish module back: the conv must then leave it out."""
+    torch.manual_seed(0)
+    original = _FlaggedActivation().double()
+    with torch.no_grad():
+        original.bn.running_mean.uniform_(-1, 1)
+        original.bn.running_var.uniform_(0.5, 2)
+    original.eval()
+    folded = _folded_quietly(triton_bn.convert_model(copy.deepcopy(original)))
+    assert isinstance(folded.conv, triton_bn.fold.Conv2dWithActivation) and isinstance(folded.bn, nn.Identity)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(folded(x), original(x), atol=1e-12, rtol=1e-12)
+    for model in (original, folded):
+        model.doubled = True
+    with pytest.warns(UserWarning, match="changed since convert_model traced the forward"):
+        out = folded(x)
+    torch.testing.assert_close(out, original(x), atol=1e-12, rtol=1e-12)
+    assert folded.conv.activation == "hardswish"  # the model's own layer keeps it for fused calls
+
+
 class _TypeTests(nn.Module):
     def __init__(self, how):
         super().__init__()

@@ -124,6 +124,10 @@ MUTATIONS: List[Mutation] = [
              "        if bn.activation is not None:\n            _move_activation_into(layer, bn)\n",
              "", ("tests/test_inference.py", "tests/test_models.py"),
              "folding a BN with an activation into its layer loses the activation"),
+    Mutation("fold-fallback-activation-twice", "triton_bn/fold.py",
+             "    if fused is not None and bn_name in fused.activation_owners:",
+             "    if False:", ("tests/test_models.py",),
+             "a folded activation runs twice when the parent's fused forward falls back to its own"),
     # the C++ launch path's Python entry (under the recording stand-in driver)
     Mutation("entry-error-backtrace", "triton_bn/csrc/cuda/python.cpp",
              "throw std::runtime_error(error.what_without_backtrace());", "throw std::runtime_error(error.what());",

@@ -26,7 +26,7 @@ from torch import fx, nn
 from .activations import activation_id, torch_activation
 from .convert import FusionReport, _OURS, _call_counts, _swap_batch_norms, one_level_graphs
 from .functional import SCRIPT_REFUSAL, apply_step, recording_for_export
-from .tracing import OneLevelTrace
+from .tracing import OneLevelTrace, running_graph
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -145,6 +145,13 @@ class _ActivationAfter:
         out = super().forward(*args, **kwargs)
         return torch_activation(self.activation, self.negative_slope, _may_overwrite(out))(out)
 
+    def without_activation(self) -> nn.Module:
+        """This layer without the activation (see ``_FusedBatchNormMixin.without_activation``): a parent's fused
+        forward that falls back to its own forward runs the model's activation module itself."""
+        twin = copy.copy(self)
+        twin.activation = None
+        return twin
+
     def __prepare_scriptable__(self):
         raise RuntimeError(SCRIPT_REFUSAL)
 
@@ -161,10 +168,18 @@ for _layer in _CONVS + _TRANSPOSED + (nn.Linear,):
         "__module__": __name__, "__doc__": f"``nn.{_layer.__name__}``, then a folded BN's activation (see _ActivationAfter)"})
 
 
-def _move_activation_into(layer: nn.Module, bn: nn.Module) -> None:
-    """Make ``layer`` (of one of WITH_ACTIVATION's exact classes) apply ``bn``'s activation itself."""
+def _move_activation_into(parent: nn.Module, layer_name: str, bn_name: str) -> None:
+    """Make ``parent``'s child ``layer_name`` (of one of WITH_ACTIVATION's exact classes) apply the activation of
+    its child ``bn_name`` itself. Where that activation was a module of the model that ``convert_model`` fused
+    into the BN, the parent's fused forward, on a call its guard rejects, runs the class forward with that
+    module back in place and the BN's activation taken off: it must now take it off the layer instead, or
+    the activation would run twice."""
+    layer, bn = getattr(parent, layer_name), getattr(parent, bn_name)
     layer.__class__ = WITH_ACTIVATION[type(layer)]
     layer.activation, layer.negative_slope = bn.activation, bn.negative_slope
+    fused = running_graph(parent)
+    if fused is not None and bn_name in fused.activation_owners:
+        fused.activation_owners = tuple(layer_name if name == bn_name else name for name in fused.activation_owners)
 
 
 def _scale_shift(bn: nn.Module):
@@ -242,7 +257,7 @@ def _fold_module(module: nn.Module, trace: OneLevelTrace, counts) -> None:
             setattr(module, node.target, _frozen(bn, identity=True))
             continue
         if bn.activation is not None:
-            _move_activation_into(layer, bn)
+            _move_activation_into(module, producer.target, node.target)
         setattr(module, node.target, nn.Identity())
 
 
