@@ -166,6 +166,7 @@ for _layer in _CONVS + _TRANSPOSED + (nn.Linear,):
     _name = f"{_layer.__name__}WithActivation"
     WITH_ACTIVATION[_layer] = globals()[_name] = type(_name, (_ActivationAfter, _layer), {
         "__module__": __name__, "__doc__": f"``nn.{_layer.__name__}``, then a folded BN's activation (see _ActivationAfter)"})
+del _layer, _name
 
 
 def _move_activation_into(parent: nn.Module, layer_name: str, bn_name: str) -> None:
