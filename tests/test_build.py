@@ -77,10 +77,14 @@ def test_an_interrupted_build_blocks_nothing(probe, how):
     """A build stopped in the middle of compiling leaves no library and no lock that holds: the next
     process rebuilds within seconds (and removes what a killed builder left). Ctrl-C cleans up itself."""
     source, folder, env = probe
-    child = _start(source, env, SLOW_SECONDS="60")
+    child = _start(source, env, SLOW_SECONDS="120")  # a compile that outlasts the wait below
     assert _wait_for(_compiling(folder)), child.communicate()
     child.send_signal(getattr(signal, how))
-    child.wait(timeout=30)
+    try:  # prompt, not after the compile: 60 s is for a loaded machine (CI, two test workers on two cores)
+        child.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        pytest.fail(f"the builder was still running 60 s after {how}: {child.communicate()[1][-2000:]}")
     assert child.returncode != 0
     assert not list(folder.glob("*.so"))  # never a half-built library
     if how == "SIGINT":
