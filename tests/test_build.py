@@ -19,9 +19,13 @@ ROOT = os.path.dirname(HERE)
 BUILD_PY = os.path.join(ROOT, "triton_bn", "build.py")
 
 PROBE_SOURCE = 'extern "C" int triton_bn_build_probe() { return 42; }\n'
-# a child process: build.py alone (not the package: no triton import), the probe built and called
+# a child process: build.py alone (not the package: no triton import), the probe built and called. Ctrl-C
+# reaches it as it reaches a program run from a terminal: a test worker's children can inherit SIGINT ignored
+# or blocked (seen in CI under pytest-xdist: the builder never saw the signal and compiled on)
 CHILD = textwrap.dedent(f"""
-    import ctypes, importlib.util, sys
+    import ctypes, importlib.util, signal, sys
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = importlib.util.spec_from_file_location("triton_bn_build", {BUILD_PY!r})
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
