@@ -200,6 +200,16 @@ def test_model_bench_end_to_end_on_cpu(tmp_path):
     assert refused.returncode != 0 and "--steps must be at least 1" in refused.stderr
 
 
+def test_model_bench_hands_over_its_rows_after_each_precision():
+    """A model run cut short by a time limit (the GPU check's) keeps the precisions it finished: the rows so
+    far go to ``measured`` after each one, and the CLI writes them."""
+    from triton_bn.bench.model import run_model_bench
+    seen = []
+    rows = run_model_bench("tiny", ["fp32", "fp32"], 2, 1, False, "cpu", progress=lambda text: None,
+                           measured=lambda so_far: seen.append([r["variant"] for r in so_far]))
+    assert seen == [["original", "converted"], ["original", "converted"] * 2] and len(rows) == 4
+
+
 def test_host_overhead_script_runs():
     """perf/host_overhead.py (launches stubbed, side by side with PyTorch): every row printed. A smoke run
     with few rounds; its figures are no claim (those come from a full run, in perf/NOTES.md)."""

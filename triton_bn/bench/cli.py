@@ -138,22 +138,25 @@ def run_model(args) -> int:
         raise SystemExit("triton-bn bench --model --interpreter: only --model tiny is practical")
     if args.steps < 1:
         raise SystemExit(f"triton-bn bench --model: --steps must be at least 1, got {args.steps}")
-    rows = run_model_bench(args.model, precisions, args.batch, args.steps, args.compile, device,
-                           progress=lambda text: _progress(0, 1, text))
     gpu_name = {"gpu": torch.cuda.get_device_name() if on_gpu else "", "interpreter": "cpu-interpreter",
                 "cpu": "cpu-" + _cpu_name()}[mode]
     stamp = datetime.date.today().isoformat()
     out = results_folder(args.out, _safe(gpu_name) + "-model")
-    pd.DataFrame(rows).to_csv(out / "model.csv", index=False)
     header = (f"# triton-bn bench --model {args.model}: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}; a step = forward, "
               f"cross-entropy, backward, SGD; median of {args.steps} steps after two warm-up steps, the variants "
               f"taking turns in {ROUNDS} rounds; host ms = until the step's Python returned; triton_bn "
               f"autotuning {'off (heuristic tiles)' if os.environ.get('TRITON_BN_AUTOTUNE') == '0' else 'on'}."
               + _mode_note(mode))
-    text = model_markdown(rows, header)
-    (out / "model.md").write_text(text)
-    print(text)
+
+    def write(rows) -> str:  # after each precision: a run cut short by a time limit keeps what it measured
+        pd.DataFrame(rows).to_csv(out / "model.csv", index=False)
+        text = model_markdown(rows, header)
+        (out / "model.md").write_text(text)
+        return text
+    rows = run_model_bench(args.model, precisions, args.batch, args.steps, args.compile, device,
+                           progress=lambda text: _progress(0, 1, text), measured=write)
+    print(write(rows))
     print(f"wrote {out}/model.csv and model.md")
     return 0
 

@@ -127,10 +127,11 @@ def _timed_steps(step: Callable, steps: int, on_gpu: bool, times: List[float], h
 
 
 def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, compile_too: bool, device: str,
-                    progress: Callable[[str], None] = print) -> List[dict]:
+                    progress: Callable[[str], None] = print,
+                    measured: Callable[[List[dict]], object] = lambda rows: None) -> List[dict]:
     """One row per (precision, variant). The original and the converted model start from the same
     weights and see the same batch; the first step of each is the warm-up (compile, autotune) and gives
-    the loss that is compared."""
+    the loss that is compared. ``measured`` gets the rows so far after each precision."""
     import triton_bn
     builder, default_batch, side, classes = MODELS[name]
     batch = batch or default_batch
@@ -178,6 +179,7 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
                              loss_rel_diff=abs(first_loss[variant] - reference) / max(abs(reference), 1e-30),
                              fusion=fusion if "converted" in variant else "",
                              device=torch.cuda.get_device_name() if on_gpu else "cpu"))
+        measured(rows)
     return rows
 
 
