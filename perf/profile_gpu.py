@@ -84,8 +84,7 @@ def module_rows(device: str = "cuda", calls: int = 200):
 
     def per_call(module, direct, call, cpp=False):
         launch.DIRECT_LAUNCH = direct
-        before, plans.ACTIVE = plans.ACTIVE, cpp
-        try:
+        with plans.switched(cpp):
             call(module)  # compile, tune, learn the direct variants (or write the C++ path's plans)
             sync()
             start = time.perf_counter()
@@ -93,8 +92,6 @@ def module_rows(device: str = "cuda", calls: int = 200):
                 call(module)
             elapsed = time.perf_counter() - start
             sync()
-        finally:
-            plans.ACTIVE = before
         return elapsed / calls * 1e6
 
     lines = []

@@ -77,7 +77,10 @@ class FrozenBatchNorm(nn.Module):
         if recording_for_export():
             out = self._portable(input, residual)
         elif self.identity and (residual is None or not input.is_cuda):
-            out = self._torch_epilogue(input, residual)
+            # on a CPU at inference sizes the fused kernel's fixed cost per call is more than the pass itself
+            # (perf/NOTES.md); on a GPU it stays for a residual add, where it saves a pass (x and the residual
+            # read once, y written once)
+            out = self._portable(input, residual, may_overwrite=True)
         else:
             apply = apply_step(input, None, None, residual, torch.compiler.is_compiling())
             out = apply(input, buffers["_zeros"], buffers["_ones"], scale, buffers["shift"], residual, 0.0, False,
@@ -86,27 +89,21 @@ class FrozenBatchNorm(nn.Module):
             out = getattr(self, name)(out)
         return out
 
-    def _torch_epilogue(self, input: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-        """An identity's ``act(input [+ residual])`` with PyTorch's elementwise ops: on a CPU at inference sizes
-        the fused kernel's fixed cost per call is more than the pass itself (perf/NOTES.md); on a GPU it stays
-        for a residual add, where it saves a pass (x and the residual read once, y written once). The sum is a
-        new tensor, so the activation writes into it where no gradient is recorded; ``input`` is never
+    def _portable(self, input: torch.Tensor, residual: Optional[torch.Tensor],
+                  may_overwrite: bool = False) -> torch.Tensor:
+        """The same result from PyTorch's own operators (what an exported program records, and what an
+        identity runs in eager), computed in the table's dtype and rounded once to the input's, as the kernel
+        does. ``may_overwrite``: the activation may write into the intermediate it is given when that is a new
+        tensor (the table applied, or the residual added) and autograd records nothing; ``input`` is never
         written (another module may hold it)."""
-        if residual is None:
-            return torch_activation(self.activation, self.negative_slope)(input)
-        z = input + residual
-        return torch_activation(self.activation, self.negative_slope, _may_overwrite(z))(z)
-
-    def _portable(self, input: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
-        """The same result from PyTorch's own operators (what an exported program records), computed in the
-        table's dtype and rounded once to the input's, as the kernel does."""
-        z = input
+        z, fresh = input, False
         if not self.identity:
             view = [1, -1] + [1] * (input.dim() - 2)
-            z = input.to(self.scale.dtype) * self.scale.view(view) + self.shift.view(view)
+            z, fresh = input.to(self.scale.dtype) * self.scale.view(view) + self.shift.view(view), True
         if residual is not None:
-            z = z + residual
-        return torch_activation(self.activation, self.negative_slope)(z).to(input.dtype)
+            z, fresh = z + residual, True
+        in_place = may_overwrite and fresh and _may_overwrite(z)
+        return torch_activation(self.activation, self.negative_slope, in_place)(z).to(input.dtype)
 
     def __prepare_scriptable__(self):
         raise RuntimeError(SCRIPT_REFUSAL)

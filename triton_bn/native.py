@@ -37,6 +37,8 @@ SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.cpp")), key=lambda path: (
     else len(_LONGEST_FIRST), path))
 HEADERS = build.headers_of("cpu", "node")  # the CPU kernels' and the autograd node both devices share
 BUILD_TIME = "about 70 s on two cores"  # measured, README
+
+
 class NativeOps(NamedTuple):
     """The ops of ``csrc/cpu/`` as C++ callables (the Python wrapper of an op costs
     microseconds per call)."""

@@ -26,6 +26,7 @@ Not (yet) on this path: CUDA graph capture (the Python path serves it, with its 
 batches, inputs that need a copy into one of the two layouts, a d residual without dx and without an
 activation (Python's shortcut copies dy).
 """
+import contextlib
 import math
 import os
 import re
@@ -150,6 +151,18 @@ def _triton_cuda_include() -> str:
 
 ACTIVE = ENABLED or bool(STAND_IN)
 _ANY_DEVICE = bool(STAND_IN)  # a stand-in driver takes CPU tensors on the C++ path too
+
+
+@contextlib.contextmanager
+def switched(active: bool):
+    """The C++ path switched on (or off) inside the block, and back as it was after, also on an error: how a
+    bench times it beside the default path in one process."""
+    global ACTIVE
+    before, ACTIVE = ACTIVE, active
+    try:
+        yield
+    finally:
+        ACTIVE = before
 
 
 def serves(x: torch.Tensor) -> bool:

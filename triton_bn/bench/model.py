@@ -95,11 +95,8 @@ def with_cpp_launch(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
     from triton_bn import plans
 
     def run():
-        before, plans.ACTIVE = plans.ACTIVE, True
-        try:
+        with plans.switched(True):
             return step()
-        finally:
-            plans.ACTIVE = before
     return run
 
 
