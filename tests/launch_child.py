@@ -279,6 +279,63 @@ def check_errors_before_any_write():
         assert cuda_driver.recorded() == []
 
 
+def check_errors_alike_on_both_paths():
+    """Every bad call of tests/bad_calls.py, after good training and eval calls of its kind (so C++ holds
+    plans for the good ones and sees the bad one first): the same exception type and message as the Python
+    path gives, nothing launched, and every tensor's bytes unchanged."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bad_calls import bad_calls, snapshot, tensors_of
+    torch.manual_seed(0)
+    for layout in ("channels_last", "nchw"):
+        module = triton_bn.BatchNorm2d(6)
+        x = _input(layout)
+        state = dict(running_mean=module.running_mean, running_var=module.running_var, weight=module.weight,
+                     bias=module.bias, num_batches_tracked=module.num_batches_tracked, residual=torch.randn_like(x))
+        with torch.no_grad():
+            for training in (True, False):  # the plans of the good calls
+                for _ in range(2):
+                    triton_bn.batch_norm(x, state["running_mean"], state["running_var"], state["weight"],
+                                         state["bias"], training, residual=state["residual"],
+                                         num_batches_tracked=state["num_batches_tracked"])
+        for name, kwargs, error in bad_calls(x, state):
+            outcomes = []
+            for cpp in (True, False):
+                tensors = tensors_of(state, x) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+                before = snapshot(tensors)
+                cuda_driver.clear()
+                with plans.switched(cpp):
+                    try:
+                        triton_bn.batch_norm(**kwargs)
+                    except Exception as exc:  # noqa: BLE001 - compared below
+                        outcomes.append((type(exc), str(exc)))
+                    else:
+                        raise AssertionError(f"{layout}, {name}: a bad call ran (C++ path: {cpp})")
+                assert cuda_driver.recorded() == [], (layout, name, cpp)
+                assert snapshot(tensors) == before, f"{layout}, {name}: a tensor changed (C++ path: {cpp})"
+            assert outcomes[0] == outcomes[1], (layout, name, outcomes)
+            assert outcomes[0][0] is error, (layout, name, outcomes[0])
+
+
+def check_a_plan_is_per_device():
+    """A plan serves the device it was made for, and no other: its arrival counters and compiled functions are
+    that device's (on a machine with two GPUs, cuda:1's call launched with cuda:0's buffers would be an illegal
+    access). Here the two devices are the CPU and ``meta``: after a CPU call wrote its plans, the same call with
+    every tensor on meta finds none in C++ (no launch, no result)."""
+    torch.manual_seed(0)
+    module = triton_bn.BatchNorm2d(6, activation="relu")
+    x = _input("channels_last")
+    args = (module.weight, module.bias, None, module.running_mean, module.running_var, module.num_batches_tracked)
+    scalars = (module.eps, module.momentum, 0.01, 1, False)
+    with torch.no_grad():
+        module(x)
+        module(x)
+        recorded, y = recorded_during(lambda: plans._training_op(x, *args, *scalars))
+        assert y is not None and recorded  # the CPU call's plan serves the CPU call
+        on_meta = [None if t is None else t.detach().to("meta") for t in (x,) + args]
+        recorded, y = recorded_during(lambda: plans._training_op(*on_meta, *scalars))
+        assert y is None and recorded == [], recorded
+
+
 def check_entries():
     """Both entries of the forward calls: the one bound directly (csrc/cuda/python.cpp), which plans.py takes
     wherever Python's headers are, and the torch.ops one it takes elsewhere. The same call launches the same
@@ -359,6 +416,8 @@ CHECKS = {
     "node": check_node,
     "plan-per-kind": check_a_plan_is_per_kind,
     "errors": check_errors_before_any_write,
+    "errors-alike": check_errors_alike_on_both_paths,
+    "plan-per-device": check_a_plan_is_per_device,
     "entries": check_entries,
     "threads": check_threads,
 }

@@ -33,7 +33,7 @@ def _checks():
 
 
 GROUPS = ("training-channels_last", "training-nchw", "training-bn1d", "training-bn3d", "eval", "sync-local", "node",
-          "plan-per-kind", "errors", "entries", "threads")
+          "plan-per-kind", "plan-per-device", "errors", "entries", "threads")
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -36,12 +36,15 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
+
+from . import settings
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -84,6 +87,26 @@ class TileConfig:
         """Whether this configuration is valid for ``plan``: a FLAT tile numbers a channel's elements in
         int32, so it is never used (even from a cache filled at a smaller batch) once N x S reaches 2^31."""
         return not (family == "channels_first" and self.flat and plan.batch * plan.spatial >= 2 ** 31)
+
+
+_POWER_OF_TWO_FIELDS = ("block_a", "block_b", "num_warps")
+
+
+def tile_config_from_json(entry) -> Optional[TileConfig]:
+    """The TileConfig a tuning cache entry describes, or None when it is not exactly one as this version writes
+    them (every field, nothing else, of the right type; tiles and warps powers of two, counts >= 1): a cache
+    entry of another shape must cost a re-tune, never a crash or a kernel compiled with garbage."""
+    names = [f.name for f in fields(TileConfig)]
+    if not isinstance(entry, dict) or sorted(entry) != sorted(names):
+        return None
+    for name in names:
+        value = entry[name]
+        if name == "flat":
+            if not isinstance(value, bool):
+                return None
+        elif type(value) is not int or value < 1 or (name in _POWER_OF_TWO_FIELDS and value & (value - 1)):
+            return None
+    return TileConfig(**entry)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -252,11 +275,10 @@ class Tuner:
         self.generation = 0
         self._tune_on_cpu = False
         # TRITON_BN_AUTOTUNE=0 turns tuning off; read once (this is asked on every launch)
-        self._autotune = os.environ.get("TRITON_BN_AUTOTUNE", "1") != "0"
+        self._autotune = settings.flag("TRITON_BN_AUTOTUNE")
         # at most this many candidates per key, the heuristic's choice first, then the tiles closest to it
         # (every candidate costs a compile the first time); None: all. TRITON_BN_TUNE_MAX_CANDIDATES sets it.
-        limit = os.environ.get("TRITON_BN_TUNE_MAX_CANDIDATES")
-        self.max_candidates: Optional[int] = int(limit) if limit else None
+        self.max_candidates: Optional[int] = settings.get("TRITON_BN_TUNE_MAX_CANDIDATES")
         self._forced: Dict[str, TileConfig] = {}
         self._disk_loaded = False
         self._lock = threading.RLock()
@@ -332,22 +354,41 @@ class Tuner:
 
     # -- disk cache -------------------------------------------------------------------------------------
     def cache_file(self, device: torch.device) -> Path:
-        root = Path(os.environ.get("TRITON_BN_CACHE_DIR", Path.home() / ".cache" / "triton_bn"))
+        root = Path(settings.folder("TRITON_BN_CACHE_DIR", str(Path.home() / ".cache" / "triton_bn")))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
         safe = "".join(ch if ch.isalnum() else "-" for ch in name)
-        return root / f"autotune-{safe}-triton{triton.__version__}.json"
+        from . import __version__  # the entries' form is this version's: another version keeps its own file
+        return root / f"autotune-{safe}-triton{triton.__version__}-triton_bn{__version__}.json"
 
     def _load_disk(self, device: torch.device) -> None:
+        """Read the cache file into memory. What is not this version's entry (a file edited by hand, another
+        version's form, a broken write) is left out, with one warning: the keys it held are tuned again."""
         if self._disk_loaded:
             return
         self._disk_loaded = True
         path = self.cache_file(device)
         try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
+            text = path.read_text()
+        except OSError:
             return
-        for key, cfg in stored.items():
-            self.memory.setdefault(key, TileConfig(**cfg))
+        try:
+            stored = json.loads(text)
+        except ValueError:
+            stored = None
+        if not isinstance(stored, dict):
+            warnings.warn(f"triton_bn: the tuning cache {path} is not a JSON object of this version's entries; "
+                          "ignoring it (it is rewritten after the next tuning)", RuntimeWarning)
+            return
+        ignored = 0
+        for key, entry in stored.items():
+            cfg = tile_config_from_json(entry)
+            if cfg is None:
+                ignored += 1
+            else:
+                self.memory.setdefault(key, cfg)
+        if ignored:
+            warnings.warn(f"triton_bn: ignored {ignored} of {len(stored)} entries of the tuning cache {path} that "
+                          "are not this version's tile configurations (those keys are tuned again)", RuntimeWarning)
 
     def _save_disk(self, device: torch.device) -> None:
         path = self.cache_file(device)

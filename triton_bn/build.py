@@ -9,7 +9,10 @@ What a build is (its key): the bytes of its sources and headers, the compiler's 
 environment or checkout with the same torch and compiler finds the first one's build.
 
 Where: ``TRITON_BN_BUILD_DIR``, else ``$XDG_CACHE_HOME/triton_bn/build`` (``~/.cache/triton_bn/build``).
-A build is one file, ``<name>-<key>.so``, with its compiler output beside it in ``<name>-<key>.log``.
+A build is one file, ``<name>-<key>.so``, with its compiler output beside it in ``<name>-<key>.log`` and its
+size and SHA-256 in ``<name>-<key>.sha256``. A library is loaded only when it matches them: a file cut short
+(a full disk, a broken copy, a sync tool) would otherwise crash every process that loads it (SIGBUS), so it
+is said and rebuilt instead.
 
 Never hanging, whatever stops a build (SIGKILL, Ctrl-C, a test timeout, a full disk):
 - the library is linked in a private folder and renamed into place when complete, so a half-written
@@ -36,6 +39,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from . import settings
+
 try:
     import fcntl
 except ImportError:  # not POSIX: an exclusive lock file, taken over when its holder is gone (same host)
@@ -61,9 +66,9 @@ class BuildError(RuntimeError):
 
 
 def build_dir() -> str:
-    configured = os.environ.get("TRITON_BN_BUILD_DIR")
+    configured = settings.get("TRITON_BN_BUILD_DIR")
     if configured:
-        return os.path.abspath(os.path.expanduser(configured))
+        return configured
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "triton_bn", "build")
 
@@ -190,7 +195,7 @@ def _compile(cxx: str, sources: Sequence[str], workdir: str, cflags: Sequence[st
     """Compile each source to an object file in ``workdir``, several at once, then link ``library``
     there; every command and its output goes to ``log_path``. Raises BuildError (compiler processes
     killed) on a failure or an interruption."""
-    jobs = max(1, int(os.environ.get("TRITON_BN_BUILD_JOBS", 0)) or os.cpu_count() or 1)
+    jobs = settings.get("TRITON_BN_BUILD_JOBS") or os.cpu_count() or 1
     objects = [os.path.join(workdir, f"{i}-{os.path.basename(source)}.o") for i, source in enumerate(sources)]
     pending = list(zip(sources, objects))
     running, done, start, last_note = [], 0, time.monotonic(), time.monotonic()
@@ -249,16 +254,19 @@ def load_library(name: str, sources: Sequence[str], headers: Sequence[str] = (),
     folder = build_dir()
     stem = os.path.join(folder, f"{name}-{key}")
     library, log_path = stem + ".so", stem + ".log"
-    if os.path.exists(library):
+    if _intact(library):
         loader(library)
         return library
+    if os.path.exists(library):
+        _say(f"{library} is not what its build wrote (size or checksum differ from {_fingerprint_path(library)}: "
+             "a copy cut short, a full disk?); building it again")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise BuildError(f"can not create the build folder {folder} ({exc}); set TRITON_BN_BUILD_DIR to a "
                          "writable folder") from exc
     lock = _Lock(stem + ".lock")
-    limit = float(os.environ.get("TRITON_BN_BUILD_WAIT", 900)) if wait is None else wait
+    limit = settings.get("TRITON_BN_BUILD_WAIT") if wait is None else wait
     waited_since = None
     while not lock.try_acquire():
         holder = lock.holder()
@@ -267,7 +275,7 @@ def load_library(name: str, sources: Sequence[str], headers: Sequence[str] = (),
             _say(f"another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since "
                  f"{holder.get('since', '?')}) is building {what} in {folder}; waiting for it (at most "
                  f"{limit:.0f} s)")
-        if os.path.exists(library):
+        if _intact(library):
             loader(library)
             return library
         if time.monotonic() - waited_since > limit:
@@ -277,9 +285,10 @@ def load_library(name: str, sources: Sequence[str], headers: Sequence[str] = (),
                              "TRITON_BN_BUILD_DIR to another folder, or TRITON_BN_BUILD_WAIT to wait longer")
         time.sleep(0.5)
     try:
-        if os.path.exists(library):  # built by the process we waited for
+        if _intact(library):  # built by the process we waited for
             loader(library)
             return library
+        _remove(library)  # a damaged one (said above): no process may load it while we build
         for leftover in os.listdir(folder):  # folders of builders that died: no one else builds this key now
             if leftover.startswith(f"{name}-{key}.") and leftover.endswith(".tmp"):
                 shutil.rmtree(os.path.join(folder, leftover), ignore_errors=True)
@@ -290,7 +299,7 @@ def load_library(name: str, sources: Sequence[str], headers: Sequence[str] = (),
              f"and CPU{', ' + duration if duration else ''}) in {folder}; compiler output: {log_path}")
         try:
             _compile(cxx, sources, workdir, cflags, ldflags, os.path.join(workdir, "library.so"), log_path, what)
-            os.replace(os.path.join(workdir, "library.so"), library)  # atomic: complete or absent
+            _install(os.path.join(workdir, "library.so"), library)  # atomic: complete or absent
         except OSError as exc:
             raise BuildError(f"the build could not be written ({exc})", log_path) from exc
         finally:
@@ -300,6 +309,40 @@ def load_library(name: str, sources: Sequence[str], headers: Sequence[str] = (),
         lock.release()
     loader(library)
     return library
+
+
+# -- verifying a build -------------------------------------------------------------------------------------------
+def _fingerprint(path: str) -> str:
+    """``<size> <sha256>`` of a file: what the builder writes beside a library and a loader checks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{os.path.getsize(path)} {digest.hexdigest()}"
+
+
+def _fingerprint_path(library: str) -> str:
+    return library[:-len(".so")] + ".sha256"
+
+
+def _intact(library: str) -> bool:
+    """Whether ``library`` is there and is what its builder wrote (size and checksum as recorded beside it)."""
+    try:
+        with open(_fingerprint_path(library)) as f:
+            recorded = f.read().strip()
+        return os.path.exists(library) and _fingerprint(library) == recorded
+    except OSError:
+        return False
+
+
+def _install(built: str, library: str) -> None:
+    """Put a complete build in place: its fingerprint first, then the library by an atomic rename, so that a
+    library in place always has the fingerprint it must match."""
+    fingerprint = _fingerprint_path(library)
+    with open(built + ".sha256", "w") as f:
+        f.write(_fingerprint(built) + "\n")
+    os.replace(built + ".sha256", fingerprint)
+    os.replace(built, library)
 
 
 def log_tail(log: Optional[str], lines: int = 12) -> str:

@@ -32,6 +32,20 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+def _check_residual(residual, input: torch.Tensor) -> None:
+    """FrozenBatchNorm adds a residual of the input's shape, dtype and device (what ``fold_batch_norms`` moved
+    into it), with the error types of ``batch_norm``'s own checks."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"FrozenBatchNorm: residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(f"FrozenBatchNorm: residual shape {tuple(residual.shape)} differs from input shape "
+                         f"{tuple(input.shape)}")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"FrozenBatchNorm: residual dtype {residual.dtype} differs from input dtype {input.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError(f"FrozenBatchNorm: residual is on {residual.device} but input is on {input.device}")
+
+
 class FrozenBatchNorm(nn.Module):
     """``act(input * scale + shift [+ residual])`` with fixed per-channel ``scale`` and ``shift`` buffers
     (fp32, or float64 for a float64 model): an eval-mode BN whose table was computed once, one kernel
@@ -72,8 +86,8 @@ class FrozenBatchNorm(nn.Module):
         if input.dim() < 2 or input.shape[1] != scale.shape[0]:
             raise ValueError(f"FrozenBatchNorm: expected input of shape (N, {scale.shape[0]}, *), got "
                              f"{tuple(input.shape)}")
-        if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
-            raise ValueError("FrozenBatchNorm: residual must have the input's shape and dtype")
+        if residual is not None:
+            _check_residual(residual, input)
         if recording_for_export():
             out = self._portable(input, residual)
         elif self.identity and (residual is None or not input.is_cuda):

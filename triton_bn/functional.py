@@ -39,18 +39,22 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             with running statistics it is incremented, as ``nn.BatchNorm`` does.
     Returns: a tensor of input's shape, dtype and memory format.
     """
+    arguments = (input, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope,
+                 residual, num_batches_tracked)
     if plans.ACTIVE:  # the C++ launch path (TRITON_BN_CPP_LAUNCH=1): a call like one it already served
-        y = plans.known_call(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-                             negative_slope, residual, num_batches_tracked)
+        try:
+            y = plans.known_call(*arguments)
+        except (TypeError, ValueError, RuntimeError):
+            # C++ refused the call before any write (its own checks, or pybind's on the argument types): a bad
+            # call gets the error the checks below give on every path, the same type and message
+            _checked_activation(*arguments)
+            raise  # the call passes those checks: C++'s error is the answer
         if y is not None:
             return y
     if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0 and all(
             isinstance(t, Tensor) and t.numel() == 0 for t in (running_mean, running_var, weight, bias) if t is not None):
         return input.clone()  # PyTorch reads a 1-D input as zero channels: an empty one is an empty result
-    act = _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                           activation, residual, num_batches_tracked)
-    if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
-        raise TypeError(f"batch_norm: negative_slope must be a number, got {type(negative_slope).__name__}")
+    act = _checked_activation(*arguments)
     # -- nothing above writes; everything below may --
     if recording_for_export():
         return portable_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -152,6 +156,45 @@ def _needs_gradient(input, weight, bias, residual) -> bool:
                                         or _requires_grad(residual))
 
 
+def _checked_activation(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                        negative_slope, residual, num_batches_tracked) -> int:
+    """Every check of ``batch_norm``'s arguments (raising the documented error); the activation's kernel id."""
+    act = _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                           residual, num_batches_tracked)
+    if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
+        raise TypeError(f"batch_norm: negative_slope must be a number, got {type(negative_slope).__name__}")
+    return act
+
+
+def _check_running_statistics(running_mean: Tensor, running_var: Tensor, training: bool) -> None:
+    """Buffers, not parameters: PyTorch refuses running statistics that require grad while grad mode is on
+    (in training and in eval alike), and so do we, on every path and dtype. In training they are written in
+    place, so neither may have elements that share memory (a stride-0 ``expand``) or overlap the other:
+    PyTorch writes such buffers silently and leaves them holding one of the channels' values; we refuse them."""
+    if (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
+        raise ValueError("batch_norm: running_mean and running_var must not require grad (they are buffers, "
+                         "updated in place; PyTorch refuses them too). Detach them, or call under torch.no_grad()")
+    if not training:
+        return
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t.stride(0) == 0 and t.shape[0] > 1:
+            raise ValueError(f"batch_norm: {name} is written in training, but its {t.shape[0]} elements share one "
+                             "memory location (stride 0, as from expand()): pass a tensor of its own (.clone())")
+    if running_mean is running_var or (running_mean.shape[0] > 0 and running_mean.device.type != "meta"
+                                       and not torch.compiler.is_compiling()  # no addresses while tracing
+                                       and _spans_overlap(running_mean, running_var)):
+        raise ValueError("batch_norm: running_mean and running_var share memory and are both written in training: "
+                         "pass two separate tensors")
+
+
+def _spans_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the byte ranges two 1-D tensors span intersect (a cheap, conservative test of shared memory)."""
+    start_a, start_b = a.data_ptr(), b.data_ptr()
+    end_a = start_a + ((a.shape[0] - 1) * a.stride(0) + 1) * a.element_size()
+    end_b = start_b + ((b.shape[0] - 1) * b.stride(0) + 1) * b.element_size()
+    return start_a < end_b and start_b < end_a
+
+
 def _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
                      residual, num_batches_tracked, check_batch_size: bool = True) -> int:
     """All validation, in one place; returns the activation's kernel id. SyncBatchNorm passes
@@ -186,6 +229,8 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
             raise TypeError(f"batch_norm: {name} must be floating point, got {t.dtype}")
         if t.device != input.device:
             raise RuntimeError(f"batch_norm: {name} is on {t.device} but input is on {input.device}")
+    if running_mean is not None:
+        _check_running_statistics(running_mean, running_var, training)
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")

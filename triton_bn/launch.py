@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import native, reference
+from . import native, reference, settings
 from .autotune import INTERPRET, TileConfig, cdiv, merge_block, split_count, tuner
 from .kernels import channels_first as cf
 from .kernels import channels_last as cl
@@ -76,7 +76,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Under a stand-in CUDA driver (TRITON_BN_CUDA_DRIVER=record or null: tests and host-cost measurements of
 # the C++ launch path, plans.py) CPU tensors take the kernel path as CUDA tensors would, and nothing is
 # launched from Python: the launches are only watched.
-STAND_IN = os.environ.get("TRITON_BN_CUDA_DRIVER", "") in ("record", "null")
+STAND_IN = settings.get("TRITON_BN_CUDA_DRIVER") in ("record", "null")
 
 
 def uses_kernels(x: torch.Tensor) -> bool:
@@ -181,7 +181,7 @@ def _launch(kernel, grid, args, kwargs, device: torch.device):
 # Whether a call plan may call its compiled variants directly (``PlannedLaunch``); TRITON_BN_DIRECT_LAUNCH=0
 # (read at import) sends every launch through Triton's JITFunction, for comparison or if a Triton release
 # ever breaks the direct call.
-DIRECT_LAUNCH = os.environ.get("TRITON_BN_DIRECT_LAUNCH", "1") != "0"
+DIRECT_LAUNCH = settings.flag("TRITON_BN_DIRECT_LAUNCH")
 
 
 def argument_signature(args) -> tuple:

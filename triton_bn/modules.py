@@ -32,6 +32,7 @@ class _FusedBatchNormMixin:
         track = not training or self.track_running_stats
         activation, fused = self.activation, residual
         if residual is not None and not _fusable(residual, input):
+            check_added_residual(residual, input)  # before batch_norm writes the running statistics
             fused, activation = None, None  # added below, after the normalization, as the model's own add would
         y = batch_norm(
             input,
@@ -74,6 +75,27 @@ def _fusable(residual, input: Tensor) -> bool:
     computes what the original did."""
     return (isinstance(residual, Tensor) and residual.shape == input.shape and residual.dtype == input.dtype
             and residual.device == input.device)
+
+
+def check_added_residual(residual, input: Tensor) -> None:
+    """Raise, before anything is written, what ``bn(input) + residual`` would raise after the normalization for a
+    residual the kernels do not add themselves: one that broadcasts against the input (a ``ValueError``
+    otherwise), on the input's device or a 0-dimensional CPU tensor (a ``RuntimeError`` otherwise), a real tensor
+    or a real number (a ``TypeError`` otherwise). The sum then follows PyTorch's add: its shape is the broadcast
+    shape, its dtype the promoted one (a float64 residual on a float32 input gives a float64 output, as the
+    original model's ``out + shortcut`` does)."""
+    if isinstance(residual, Tensor):
+        if residual.is_complex():
+            raise TypeError(f"batch_norm: residual must be real, got {residual.dtype}")
+        if residual.device != input.device and not (residual.dim() == 0 and residual.device.type == "cpu"):
+            raise RuntimeError(f"batch_norm: residual is on {residual.device} but input is on {input.device}")
+        try:
+            torch.broadcast_shapes(input.shape, residual.shape)
+        except RuntimeError:
+            raise ValueError(f"batch_norm: residual shape {tuple(residual.shape)} does not broadcast against input "
+                             f"shape {tuple(input.shape)}") from None
+    elif not isinstance(residual, (int, float)):
+        raise TypeError(f"batch_norm: residual must be a Tensor, a real number or None, got {type(residual).__name__}")
 
 
 def with_fused_signature(init, torch_class):

@@ -22,10 +22,10 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import build
+from . import build, settings
 from .layout import channels_innermost, like_input
 
-ENABLED = os.environ.get("TRITON_BN_NATIVE_CPU", "1") != "0"
+ENABLED = settings.flag("TRITON_BN_NATIVE_CPU")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu")
 # the longest compiles first, so that the cores finish together (on this project's 2-core VM: the bf16 and

@@ -35,14 +35,11 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import build, launch
+from . import build, launch, settings
 from .activations import ACTIVATION_IDS
 
-ENABLED = os.environ.get("TRITON_BN_CPP_LAUNCH", "0") == "1"
-STAND_IN = os.environ.get("TRITON_BN_CUDA_DRIVER", "") if os.environ.get("TRITON_BN_CUDA_DRIVER", "") in (
-    "record", "null") else ""
-if os.environ.get("TRITON_BN_CUDA_DRIVER", "") not in ("", "real", "record", "null"):
-    raise ValueError(f"TRITON_BN_CUDA_DRIVER={os.environ['TRITON_BN_CUDA_DRIVER']!r}: expected record, null or real")
+ENABLED = settings.flag("TRITON_BN_CPP_LAUNCH")
+STAND_IN = settings.get("TRITON_BN_CUDA_DRIVER") if launch.STAND_IN else ""  # "record", "null" or "" (real)
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cuda")
 
@@ -422,7 +419,7 @@ def _write(watched, known: dict, outputs: dict, expectations: dict, device, requ
     allocations = [v for slot, allocation in outputs.items()
                    for v in (slot, allocation, known[slot].numel() if allocation == PER_CHANNEL else 0)]
     allocations += [v for slot, numel in scratch.values() for v in (slot, SCRATCH, numel)]
-    return torch.ops.triton_bn_cuda.make_plan(expect, allocations, launches, reals, names, persistent)
+    return torch.ops.triton_bn_cuda.make_plan(expect, allocations, launches, reals, names, persistent, device)
 
 
 def _bool_kind() -> int:

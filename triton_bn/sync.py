@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from . import launch
 from .activations import torch_activation
 from .functional import _check_arguments
-from .modules import TailMixin, _FusedBatchNormMixin, _fusable, with_fused_signature
+from .modules import TailMixin, _FusedBatchNormMixin, _fusable, check_added_residual, with_fused_signature
 
 
 def merge_moments(gathered: Tensor):
@@ -109,6 +109,7 @@ class SyncBatchNorm(_FusedBatchNormMixin, nn.SyncBatchNorm):
         num_batches = self.num_batches_tracked if track else None
         activation, fused = self.activation, residual
         if residual is not None and not _fusable(residual, input):  # added after, as in _FusedBatchNormMixin
+            check_added_residual(residual, input)
             activation, fused = None, None
         act = _check_arguments(input, running_mean, running_var, self.weight, self.bias, True, self.momentum, self.eps,
                                activation, fused, num_batches, check_batch_size=False)

@@ -130,6 +130,7 @@ def run_model(args) -> int:
     import torch
     import pandas as pd
     from .model import ROUNDS, model_markdown, run_model_bench
+    from ..autotune import tuner
     on_gpu = _uses_gpu(args)
     device = "cuda" if on_gpu else "cpu"
     precisions = [p for p in args.precisions.split(",") if p]
@@ -146,7 +147,7 @@ def run_model(args) -> int:
               f"torch {torch.__version__}, triton {__import__('triton').__version__}; a step = forward, "
               f"cross-entropy, backward, SGD; median of {args.steps} steps after two warm-up steps, the variants "
               f"taking turns in {ROUNDS} rounds; host ms = until the step's Python returned; triton_bn "
-              f"autotuning {'off (heuristic tiles)' if os.environ.get('TRITON_BN_AUTOTUNE') == '0' else 'on'}."
+              f"autotuning {'on' if tuner.autotune else 'off (heuristic tiles)'}."
               + _mode_note(mode))
 
     def write(rows) -> str:  # after each precision: a run cut short by a time limit keeps what it measured
@@ -197,7 +198,8 @@ def results_folder(out: Optional[str], name: str) -> Path:
     if out:
         folder = Path(out)
     else:
-        root = Path(os.environ.get("TRITON_BN_RESULTS_DIR") or Path.home() / "triton_bn-results")
+        from .. import settings
+        root = Path(settings.folder("TRITON_BN_RESULTS_DIR", str(Path.home() / "triton_bn-results")))
         stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
         folder = root / f"{name}-{stamp}"
         suffix = 2

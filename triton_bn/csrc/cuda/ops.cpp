@@ -70,7 +70,7 @@ struct CudaBatchNormBackward : public triton_bn_node::BatchNormBackward {
 
 // -- finding a call's plans --------------------------------------------------------------------------------
 // Plans are found by a key C++ computes from the call (every given tensor's dtype, sizes, strides, alignment
-// and, under grad mode, requires_grad; the call's flags; the stream): a call costs no Python beyond its one
+// and, under grad mode, requires_grad; the call's flags; x's device and stream): a call costs no Python beyond its one
 // op call. A key names candidates, and a candidate serves only if its plan matches the call exactly. A miss
 // returns no result; Python then writes the plans and remembers them here (remember_*).
 enum Kind : int64_t { kTraining = 0, kApply = 1 };
@@ -99,7 +99,10 @@ uint64_t call_key(const Slots& slots, Kind kind, int64_t flags) {
     mix(h, (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0);
     mix(h, grad_mode && t.requires_grad());
   }
-  mix(h, current_stream(slots[kX].device()));
+  // the device too: a plan's persistent buffers (arrival counters) and compiled functions belong to one device
+  const at::Device device = slots[kX].device();
+  mix(h, static_cast<uint64_t>(device.type()) * 1024 + static_cast<uint64_t>(device.index() + 1));
+  mix(h, current_stream(device));
   return h;
 }
 
@@ -215,9 +218,11 @@ void remember_apply(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
 }
 
 int64_t make_plan(std::vector<int64_t> expectations, std::vector<int64_t> outputs, std::vector<int64_t> launches,
-                  std::vector<double> reals, std::vector<std::string> names, std::vector<at::Tensor> persistent) {
+                  std::vector<double> reals, std::vector<std::string> names, std::vector<at::Tensor> persistent,
+                  at::Device device) {
   return register_plan(std::make_shared<const Plan>(std::move(expectations), std::move(outputs), std::move(launches),
-                                                    std::move(reals), std::move(names), std::move(persistent)));
+                                                    std::move(reals), std::move(names), std::move(persistent),
+                                                    device));
 }
 
 int64_t plan_launches(int64_t handle) { return plan_of(handle)->launch_count(); }
@@ -258,7 +263,7 @@ using namespace triton_bn_cuda;
 
 TORCH_LIBRARY(triton_bn_cuda, m) {
   m.def("make_plan(int[] expectations, int[] outputs, int[] launches, float[] reals, str[] names, "
-        "Tensor[] persistent) -> int", &make_plan);
+        "Tensor[] persistent, Device device) -> int", &make_plan);
   m.def("plan_launches(int plan) -> int", &plan_launches);
   m.def("training(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float eps, float momentum, float negative_slope, "

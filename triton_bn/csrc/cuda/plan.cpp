@@ -35,8 +35,12 @@ bool aligned(const at::Tensor& t) { return (reinterpret_cast<uintptr_t>(t.data_p
 }  // namespace
 
 Plan::Plan(std::vector<int64_t> expectations, std::vector<int64_t> outputs, std::vector<int64_t> launches,
-           std::vector<double> reals, std::vector<std::string> names, std::vector<at::Tensor> persistent)
-    : persistent_(std::move(persistent)) {
+           std::vector<double> reals, std::vector<std::string> names, std::vector<at::Tensor> persistent,
+           at::Device device)
+    : persistent_(std::move(persistent)), device_(device) {
+  for (const at::Tensor& t : persistent_) {
+    TORCH_CHECK(t.device() == device_, "triton_bn: a plan for ", device_, " holds a buffer on ", t.device());
+  }
   TORCH_CHECK(static_cast<int64_t>(persistent_.size()) <= kSlots - kFirstPersistent,
               "triton_bn: a plan with too many persistent buffers");
   Reader expect(expectations);
@@ -99,6 +103,7 @@ Plan::Plan(std::vector<int64_t> expectations, std::vector<int64_t> outputs, std:
 
 bool Plan::matches(const std::array<at::Tensor, kSlots>& tensors) const {
   const at::Device device = tensors[kX].device();
+  if (device != device_) return false;
   for (const Expectation& e : expectations_) {
     const at::Tensor& t = tensors[e.slot];
     if (t.defined() != e.defined) return false;

@@ -78,10 +78,12 @@ class Plan {
   //   reals:        the fp32 parameters' values, in order (used where the slot is -1); names: the kernels'
   //                 names
   Plan(std::vector<int64_t> expectations, std::vector<int64_t> outputs, std::vector<int64_t> launches,
-       std::vector<double> reals, std::vector<std::string> names, std::vector<at::Tensor> persistent);
+       std::vector<double> reals, std::vector<std::string> names, std::vector<at::Tensor> persistent,
+       at::Device device);
 
   // Whether this call's tensors are those the plan was made for (each one given or not as then, with the
-  // same dtype, sizes, strides and alignment, all on x's device).
+  // same dtype, sizes, strides and alignment, all on the device the plan was made for: its persistent buffers
+  // and its compiled functions are that device's, type and index).
   bool matches(const std::array<at::Tensor, kSlots>& tensors) const;
   // Allocate the outputs into `tensors`, then launch every kernel on the current stream. `scalars` are the
   // call's (eps, momentum, negative_slope): module attributes a user may change between calls.
@@ -95,6 +97,7 @@ class Plan {
   int64_t workspace_numel_ = 0;  // fp32 values of the per-channel outputs and scratch, all in one allocation
   std::vector<Launch> launches_;
   std::vector<at::Tensor> persistent_;
+  at::Device device_;
 };
 
 // Plans live in a registry and travel to and from Python as integer handles: an op's argument of a
