@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import triton_bn
+from triton_bn import native
 from helpers import make_input
 from test_core import run_case
 
@@ -122,6 +123,37 @@ def test_nan_and_inf_propagate_like_pytorch(layout, device):
     ref = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
     torch.testing.assert_close(y[:, 2], ref[:, 2])
+
+
+@pytest.mark.parametrize("pytorch_kernels", [False, True], ids=["default-path", "pytorch-kernels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (32, 3, 33, 17)], ids=["one-split", "many-splits"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_infinite_values_give_pytorchs_statistics(shape, layout, dtype, pytorch_kernels, device, monkeypatch):
+    """A channel holding +inf has the mean +inf, one holding -inf has -inf, one holding both NaN; the variance
+    of each is NaN (PyTorch's sum / n and its variance), on every path: the Triton kernels (interpreter), the
+    native CPU kernels and PyTorch's kernels with our epilogue (the last two when this file runs without the
+    interpreter). Before, the Triton kernels' shifted sums took an infinite shift or pivot (inf - inf), their
+    split merge mean_a + delta * w gave NaN, the native kernels' shift was an infinite first value, and the
+    channels-last correction of PyTorch's mean added inf - inf."""
+    if pytorch_kernels:
+        monkeypatch.setattr(native, "serves", lambda t: None)
+    torch.manual_seed(0)
+    x = make_input(shape, dtype, device, layout)
+    x[1, 0, 2, 3] = float("inf")
+    x[0, 1, 0, 0] = float("-inf")  # the pivot of channel 1
+    x[2, 1, 1, 1] = float("-inf")
+    x[3, 2, 4, 4] = float("inf")
+    x[0, 2, 0, 0] = float("-inf")
+    stats = [torch.zeros(3, device=device), torch.ones(3, device=device)]
+    expected = [torch.zeros(3, device=device), torch.ones(3, device=device)]
+    with torch.no_grad():
+        y = triton_bn.batch_norm(x, *stats, training=True)
+    ref = torch.nn.functional.batch_norm(x.float(), *expected, training=True)
+    assert expected[0][:2].isinf().all() and expected[0][2].isnan()  # what PyTorch gives, for the record
+    for got, want in zip(stats, expected):
+        torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
 
 
 def test_constant_channel_and_tiny_eps(device):

@@ -45,6 +45,17 @@ def _reduce_dims(x: torch.Tensor):
     return [d for d in range(x.dim()) if d != 1]
 
 
+def _var_mean(x):
+    """(biased variance, mean) per channel, the mean as PyTorch's batch norm gives it where the data holds inf:
+    ``torch.var_mean``'s Welford steps turn a channel holding +inf into a NaN mean (inf - inf), where batch
+    norm's sum / n is +inf; such a channel's mean is taken again as a plain mean (its variance is NaN either
+    way). The check costs a sync on a GPU, where only float64 comes this way."""
+    var, mean = torch.var_mean(x, dim=_reduce_dims(x), unbiased=False)
+    if mean.isnan().any():
+        mean = torch.where(mean.isnan(), x.mean(dim=_reduce_dims(x)), mean)
+    return var, mean
+
+
 def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum: float, cumulative: bool, eps: float):
     dtype = _compute_dtype(x)
     channels = x.shape[1]
@@ -52,7 +63,7 @@ def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum: flo
         return torch.zeros(channels, dtype=dtype, device=x.device), torch.full(
             (channels,), float("nan"), dtype=dtype, device=x.device)
     xf = x.to(dtype)
-    var, mean = torch.var_mean(xf, dim=_reduce_dims(x), unbiased=False)
+    var, mean = _var_mean(xf)
     if running_mean is not None:
         count = x.numel() // channels
         factor = (1.0 / (num_batches_tracked.to(dtype) + 1)) if cumulative else momentum  # the count with this batch
@@ -87,7 +98,7 @@ def batch_moments(x):
     channels = x.shape[1]
     if x.numel() == 0:
         return torch.zeros((3, channels), dtype=dtype, device=x.device)
-    var, mean = torch.var_mean(x.to(dtype), dim=_reduce_dims(x), unbiased=False)
+    var, mean = _var_mean(x.to(dtype))
     count = x.numel() // channels
     return torch.stack([torch.full_like(mean, count), mean, var * count])
 
@@ -400,7 +411,8 @@ def _pytorch_training(x, running_mean, running_var, weight, bias, residual, fact
         rough_mean, var = torch.batch_norm_update_stats(xc, running_mean, running_var, factor)
         mean = _accurate_mean(xc, rough_mean.dtype)
         if running_mean is not None:
-            running_mean.add_(mean - rough_mean, alpha=factor)
+            # where the channel holds inf both means are inf and the running mean already is (NaN: inf - inf)
+            running_mean.add_((mean - rough_mean).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), alpha=factor)
     y = _normalize_eval(xc, weight, bias, mean, var, eps)
     return _finish(y, residual, activation, negative_slope, x.dtype), mean, var.add(eps).rsqrt_()
 

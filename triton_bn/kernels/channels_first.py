@@ -20,7 +20,8 @@ merge of ``welford.py``.
 import triton
 import triton.language as tl
 
-from .common import count_batch, load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
+from .common import (count_batch, finite_or_zero, load_channel_coefficients, load_grad_pre_activation, normalize_tile,
+                     shifted_moments)
 from .welford import finish_backward_sums, finish_statistics, last_to_arrive
 
 
@@ -67,7 +68,7 @@ def _bn_fwd_stats_channels_first(
     pid = tl.program_id(0)
     channel = pid // num_splits
     split = pid % num_splits
-    pivot = tl.load(x_ptr + channel.to(tl.int64) * stride_c).to(tl.float32)
+    pivot = finite_or_zero(tl.load(x_ptr + channel.to(tl.int64) * stride_c).to(tl.float32))
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
     # First tile: its mean is the shift, and it is the accumulators' first term. Every split has at
@@ -75,7 +76,8 @@ def _bn_fwd_stats_channels_first(
     offs, mask = _tile_offsets(tile_begin, channel, N, S, stride_n, stride_c, num_s_blocks, BLOCK_N, BLOCK_S, FLAT)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lanes = mask.to(tl.float32)
-    shift = tl.sum(tl.reshape(x, [BLOCK_N * BLOCK_S]), axis=0) / tl.sum(tl.reshape(lanes, [BLOCK_N * BLOCK_S]), axis=0)
+    shift = finite_or_zero(tl.sum(tl.reshape(x, [BLOCK_N * BLOCK_S]), axis=0) /
+                           tl.sum(tl.reshape(lanes, [BLOCK_N * BLOCK_S]), axis=0))
     sum_d = tl.where(mask, x - shift, 0.0)
     sum_d2 = sum_d * sum_d
     for tile in tl.range(tile_begin + 1, tile_end, num_stages=NUM_STAGES):

@@ -28,7 +28,8 @@ x and dy twice and writes dx once (5 passes). Offsets are int64: R * stride_r ca
 import triton
 import triton.language as tl
 
-from .common import count_batch, load_channel_coefficients, load_grad_pre_activation, normalize_tile, shifted_moments
+from .common import (count_batch, finite_or_zero, load_channel_coefficients, load_grad_pre_activation, normalize_tile,
+                     shifted_moments)
 from .welford import finish_backward_sums, finish_statistics, last_to_arrive
 
 
@@ -65,14 +66,14 @@ def _bn_fwd_stats_channels_last(
     cmask = cols < C
     # The partial means are written relative to x[0, c], the pivot the merge adds back once: with a
     # mean of 1e4 the merged quantities then stay of the size of the spread.
-    pivot = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    pivot = finite_or_zero(tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32))
     row_begin = split.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_begin + rows_per_split, R)
     # First tile: its per-channel mean is the shift, and it is the accumulators' first term.
     rows = row_begin + tl.arange(0, BLOCK_R)
     mask = (rows < row_end)[:, None] & cmask[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    shift = tl.sum(x, axis=0) / tl.minimum(row_end - row_begin, BLOCK_R).to(tl.float32)
+    shift = finite_or_zero(tl.sum(x, axis=0) / tl.minimum(row_end - row_begin, BLOCK_R).to(tl.float32))
     sum_d = tl.where(mask, x - shift[None, :], 0.0)
     sum_d2 = sum_d * sum_d
     # Full tiles need no row mask: nothing in the loop but the three operations per element. The loop's

@@ -18,8 +18,18 @@ def shifted_moments(sum_d, sum_d2, count):
     add, fused multiply-add), against five to ten for a Welford step: the loop stays far under the
     arithmetic that full memory bandwidth leaves per element."""
     mean = sum_d / tl.maximum(count, 1.0)
-    m2 = tl.maximum(sum_d2 - sum_d * mean, 0.0)
+    # NaN propagates (an inf in the channel gives inf - inf here): a GPU's max would otherwise return the 0
+    # and report a variance of zero for a channel whose variance PyTorch reports as NaN
+    m2 = tl.maximum(sum_d2 - sum_d * mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return mean, m2
+
+
+@triton.jit
+def finite_or_zero(value):
+    """``value`` where it is finite, else 0: what a shift or pivot taken from the data must be. An infinite
+    shift would turn every finite value of the channel into inf - inf = NaN, where PyTorch's mean of a channel
+    holding +inf (and no -inf or NaN) is +inf."""
+    return tl.where(tl.abs(value) <= 3.4028234663852886e38, value, 0.0)
 
 
 @triton.jit

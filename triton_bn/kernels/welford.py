@@ -31,7 +31,11 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     # weight of part b; 0 when both parts are empty (avoids 0 / 0)
     weight_b = tl.where(count > 0.0, count_b / tl.maximum(count, 1.0), 0.0)
     delta = mean_b - mean_a
-    mean = mean_a + delta * weight_b
+    # an infinite mean (a channel holding inf) merges as PyTorch's sum / n would: inf with finite parts is inf,
+    # +inf with -inf is NaN. mean_a + delta * weight_b would give inf - inf = NaN for the first, so the
+    # weighted sum serves there (only there: for finite means the delta form rounds better)
+    mean = tl.where(tl.abs(delta) <= 3.4028234663852886e38, mean_a + delta * weight_b,
+                    mean_a * (1.0 - weight_b) + mean_b * weight_b)
     m2 = m2_a + m2_b + delta * delta * count_a * weight_b
     return count, mean, m2
 

@@ -654,7 +654,7 @@ inline void half_row_sums(const c10::Half*, const float*, int64_t, float*, float
 #endif
 
 // (mean, biased variance) per channel, in the compute type: one read of x. The shift is each channel's
-// first value.
+// first value (0 where that is not finite).
 }  // namespace
 
 template <typename T>
@@ -662,7 +662,12 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
   using A = acc_t<T>;
   const int64_t R = g.R, C = g.C;
   std::vector<A> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = load(x, g.planes ? c * g.S : c);
+  for (int64_t c = 0; c < C; ++c) {
+    // a finite shift: an infinite one would make every finite value inf - inf = NaN, where PyTorch's mean of
+    // a channel holding +inf (and no -inf or NaN) is +inf
+    const A first = load(x, g.planes ? c * g.S : c);
+    shift[c] = std::isfinite(first) ? first : A(0);
+  }
   std::vector<double> s1, s2;
   if (g.planes) {
     reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count) {
