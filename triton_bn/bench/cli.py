@@ -252,9 +252,10 @@ def _quantiles(times):
 
 
 def _time_cpu_interleaved(runs):
-    """{name: (median, p20, p80)} in ms for CPU workloads measured side by side: rounds alternate between
-    them, so that a slow spell of a shared machine hits every provider alike. One warm-up call each, then
-    at least 5 rounds and a quarter of a second per provider (at most 50 rounds)."""
+    """{name: sorted times} in ms for CPU workloads measured side by side: rounds alternate between them, so
+    that a slow spell of a shared machine hits every provider (and the copy each row is measured against)
+    alike. One warm-up call each, then at least 5 rounds and a quarter of a second per workload (at most 50
+    rounds)."""
     samples = {name: [] for name in runs}
     for fn in runs.values():
         fn()
@@ -266,7 +267,7 @@ def _time_cpu_interleaved(runs):
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
         rounds += 1
-    return {name: _quantiles(times) for name, times in samples.items()}
+    return {name: sorted(times) for name, times in samples.items()}
 
 
 def measure_copy_gbps(device: str, on_gpu: bool, numel: Optional[int] = None, dtype=None) -> float:
@@ -296,14 +297,16 @@ def measure_copy_gbps(device: str, on_gpu: bool, numel: Optional[int] = None, dt
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-_COPY_GBPS = {}
+COPY = "copy of the row's size"  # the workload a CPU row's efficiency is measured against, timed beside it
 
 
-def _copy_gbps_of_size(numel: int, dtype) -> float:
-    key = (numel, dtype)
-    if key not in _COPY_GBPS:
-        _COPY_GBPS[key] = measure_copy_gbps("cpu", False, numel, dtype)
-    return _COPY_GBPS[key]
+def _row_copy(numel: int, dtype):
+    """(a copy of ``numel`` elements of ``dtype``, its bytes read + written): on a CPU the efficiency reference
+    of a row, timed in the same rounds as the row's providers, so that both see the same load and caches."""
+    import torch
+    src = torch.randn(numel).to(dtype)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
 def run_bench(args) -> int:
@@ -417,9 +420,12 @@ def run_bench(args) -> int:
             except Exception as exc:  # a provider that can not run this case is reported, not fatal
                 print(f"\n  {name} failed on {case} {shape_text} {dtype_name} {layout}: {exc}")
             done += 1
-        timings = {} if on_gpu else _time_cpu_interleaved({name: work.run for name, (work, _) in results.items()})
-        # on a CPU a shape's data may sit in the caches: its efficiency is against a copy of the same size
-        row_copy_gbps = copy_gbps if on_gpu else _copy_gbps_of_size(math.prod(shape), dtype)
+        timings, row_copy_gbps = {}, copy_gbps
+        if not on_gpu:  # a shape's data may sit in the caches: its efficiency is against a copy of the same size,
+            copy, copy_bytes = _row_copy(math.prod(shape), dtype)  # timed in the same rounds (the same load)
+            samples = _time_cpu_interleaved({**{name: work.run for name, (work, _) in results.items()}, COPY: copy})
+            row_copy_gbps = copy_bytes / (samples.pop(COPY)[0] * 1e-3) / 1e9  # its best round
+            timings = {name: _quantiles(times) for name, times in samples.items()}
         for provider, (work, output) in results.items():
             try:
                 ms, p20, p80 = _time_ms(work.run, on_gpu) if on_gpu else timings[provider]
@@ -429,11 +435,12 @@ def run_bench(args) -> int:
             rel_err = float("nan")
             if reference_output is not None:  # the worst of y, the gradients and the running statistics
                 rel_err = C.worst_relative_error(output, reference_output)
-            rows.append(dict(case=case, shape=shape_text, dtype=dtype_name, layout=layout, provider=provider,
-                             ms=ms, ms_p20=p20, ms_p80=p80, bytes=C.minimal_bytes(case, shape, dtype),
-                             gbps=C.minimal_bytes(case, shape, dtype) / (ms * 1e-3) / 1e9,
-                             efficiency=C.efficiency(case, shape, dtype, ms, row_copy_gbps), rel_err=rel_err,
-                             device=gpu_name, mode=mode))
+            row = dict(case=case, shape=shape_text, dtype=dtype_name, layout=layout, provider=provider,
+                       ms=ms, ms_p20=p20, ms_p80=p80, bytes=C.minimal_bytes(case, shape, dtype),
+                       gbps=C.minimal_bytes(case, shape, dtype) / (ms * 1e-3) / 1e9,
+                       efficiency=C.efficiency(case, shape, dtype, ms, row_copy_gbps), rel_err=rel_err,
+                       device=gpu_name, mode=mode)
+            rows.append(dict(row, noise=report.noise_of(row)))
         if rows:  # after every job, so that a run killed from outside still leaves what it measured
             report.write_csv(rows, out / "results.csv")
     _progress(total, total, "done")
@@ -445,7 +452,7 @@ def run_bench(args) -> int:
     header = (f"# triton-bn bench: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}, python {platform.python_version()}; "
               + ("" if on_gpu else f"PyTorch's CPU kernels for {torch.backends.cpu.get_cpu_capability()}; ")
-              + f"copy bandwidth {copy_gbps:.1f} GB/s (read + write{'' if on_gpu else ', a 64 MiB buffer; each row uses a copy of its own size'}); efficiency = minimal bytes / copy bandwidth / time; "
+              + f"copy bandwidth {copy_gbps:.1f} GB/s (read + write{'' if on_gpu else ', a 64 MiB buffer; each row uses a copy of its own size, timed in the same rounds'}); efficiency = minimal bytes / copy bandwidth / time; "
               "rel err = the worst relative error of y, the gradients and the updated running statistics against "
               "PyTorch in float64 on the same inputs."
               + _mode_note(mode)
@@ -458,4 +465,6 @@ def run_bench(args) -> int:
     print("\ntriton_bn against the fastest anchor of each row (> 1: faster):")
     for line in report.headline(frame):
         print("  " + line)
+    for line in report.noise_lines(frame):
+        print(line)
     return 0

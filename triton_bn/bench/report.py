@@ -7,7 +7,27 @@ from pathlib import Path
 from typing import Dict, List
 
 KEY = ["case", "shape", "dtype", "layout", "provider"]
-COLUMNS = KEY + ["ms", "ms_p20", "ms_p80", "bytes", "gbps", "efficiency", "rel_err", "device", "mode"]
+COLUMNS = KEY + ["ms", "ms_p20", "ms_p80", "bytes", "gbps", "efficiency", "rel_err", "device", "mode", "noise"]
+
+# A row is noise, not a result, when its figure is impossible (moving its bytes faster than a copy of the same
+# size measured beside it: efficiency > 1) or its times spread widely (p80 - p20 more than half the median: on
+# a quiet machine 90-99% of CPU rows and nearly every GPU row are well inside that; a busy one goes past it).
+MAX_SPREAD = 0.5
+
+
+def noise_of(row: dict) -> str:
+    """Why a row's figure is noise ("" when it is a result)."""
+    reasons = []
+    if row["efficiency"] > 1.0:
+        reasons.append(f"efficiency {row['efficiency']:.2f} > 1 (faster than a copy)")
+    if row["ms"] > 0 and (row["ms_p80"] - row["ms_p20"]) > MAX_SPREAD * row["ms"]:
+        reasons.append(f"p20-p80 {row['ms_p20']:.3g}-{row['ms_p80']:.3g} ms around a median of {row['ms']:.3g}")
+    return "; ".join(reasons)
+
+
+def is_noisy(noise) -> bool:
+    """A ``noise`` cell as read back from the CSV (an empty reason reads as NaN)."""
+    return isinstance(noise, str) and noise != ""
 
 
 def add_speedups(rows: List[dict], providers) -> List[dict]:
@@ -35,21 +55,56 @@ def geomean(values) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
+ANCHORS = ("eager_cudnn", "eager_native", "torch_compile")
+
+
+def speedup_over_anchors(problem, anchors):
+    """(triton_bn's speedup over the fastest anchor of one problem, whether that is noise: either row is), or
+    None where one of them was not measured."""
+    ours = problem[problem["provider"] == "triton_bn"]
+    rivals = problem[problem["provider"].isin(anchors)]
+    if not len(ours) or not len(rivals):
+        return None
+    fastest = rivals.loc[rivals["ms"].idxmin()]
+    noisy = is_noisy(ours["noise"].iloc[0]) or is_noisy(fastest["noise"]) if "noise" in problem else False
+    return fastest["ms"] / ours["ms"].iloc[0], noisy
+
+
 def headline(frame) -> List[str]:
     """Per case, layout and dtype: triton_bn's geomean speedup over the fastest anchor of each row and its worst
-    row (what the console prints at the end of a run)."""
-    anchors = [p for p in ("eager_cudnn", "eager_native", "torch_compile") if p in set(frame["provider"])]
+    row, over the rows that are results (noise left out, and counted): what the console prints at the end."""
+    anchors = [p for p in ANCHORS if p in set(frame["provider"])]
     lines = []
     for (case, layout, dtype), group in frame.groupby(["case", "layout", "dtype"], sort=True):
-        speedups = []
+        speedups, noisy = [], 0
         for shape, problem in group.groupby("shape"):
-            ours = problem[problem["provider"] == "triton_bn"]["ms"]
-            best = problem[problem["provider"].isin(anchors)]["ms"]
-            if len(ours) and len(best):
-                speedups.append(best.min() / ours.iloc[0])
+            found = speedup_over_anchors(problem, anchors)
+            if found is None:
+                continue
+            if found[1]:
+                noisy += 1
+            else:
+                speedups.append(found[0])
+        left_out = f"; {noisy} noisy left out" if noisy else ""
         if speedups:
             lines.append(f"{case:24} {layout:14} {dtype:5} geomean {geomean(speedups):.2f}x, worst row "
-                         f"{min(speedups):.2f}x over {len(speedups)} shapes")
+                         f"{min(speedups):.2f}x over {len(speedups)} shapes{left_out}")
+        elif noisy:
+            lines.append(f"{case:24} {layout:14} {dtype:5} no result: all {noisy} shapes noisy")
+    return lines
+
+
+def noise_lines(frame, limit: int = 8) -> List[str]:
+    """The console's account of the noisy rows: how many, and the first few with their reasons."""
+    noisy = frame[frame["noise"].map(is_noisy)] if "noise" in frame else frame.iloc[:0]
+    if not len(noisy):
+        return []
+    lines = [f"{len(noisy)} of {len(frame)} rows are noise, not results (a busy machine?), and are left out of the "
+             "geomeans above; rerun on a quiet machine:"]
+    for _, row in noisy.head(limit).iterrows():
+        lines.append(f"  {row['case']} {row['shape']} {row['dtype']} {row['layout']} {row['provider']}: {row['noise']}")
+    if len(noisy) > limit:
+        lines.append(f"  ... and {len(noisy) - limit} more (column 'noise' of results.csv)")
     return lines
 
 
@@ -57,7 +112,12 @@ def summary_markdown(frame, header: str) -> str:
     """Per case and layout: triton_bn's efficiency per shape, its speedup over the fastest anchor,
     the geomean of that speedup and the worst row."""
     lines = [header, ""]
-    anchors = [p for p in ("eager_cudnn", "eager_native", "torch_compile") if p in set(frame["provider"])]
+    anchors = [p for p in ANCHORS if p in set(frame["provider"])]
+    noisy_rows = int(frame["noise"].map(is_noisy).sum()) if "noise" in frame else 0
+    if noisy_rows:
+        lines += [f"**{noisy_rows} of {len(frame)} rows are noise, not results** (efficiency above 1, or a p20-p80 "
+                  f"spread wider than {MAX_SPREAD:.0%} of the median: a busy machine): marked *noisy* below, their "
+                  "speedups in brackets and left out of the geomeans; rerun on a quiet machine.", ""]
     # GPU time alone (CUDA graph replay, no host launch work): shown beside the eager figures when measured
     graphed = [p for p in ("triton_bn+cudagraph", "eager_cudnn+cudagraph") if p in set(frame["provider"])]
     ours = frame[frame["provider"] == "triton_bn"]
@@ -65,34 +125,39 @@ def summary_markdown(frame, header: str) -> str:
         lines.append(f"### {case}, {layout}, {dtype}")
         lines.append("")
         cols = (["shape", "triton_bn ms", "efficiency"] + [f"{a} eff" for a in anchors]
-                + ["speedup vs best anchor", "rel err"] + [f"{g} eff" for g in graphed])
+                + ["speedup vs best anchor", "rel err"] + [f"{g} eff" for g in graphed] + ["noise"])
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
-        speedups = []
+        speedups, left_out = [], 0
         for _, row in group.iterrows():
             problem = frame[(frame["case"] == case) & (frame["layout"] == layout) & (frame["dtype"] == dtype)
                             & (frame["shape"] == row["shape"])]
             anchor_eff = []
-            best = float("inf")
             for a in anchors:
                 hit = problem[problem["provider"] == a]
-                if len(hit):
-                    anchor_eff.append(f"{hit['efficiency'].iloc[0]:.2f}")
-                    best = min(best, hit["ms"].iloc[0])
-                else:
-                    anchor_eff.append("-")
-            speedup = best / row["ms"] if math.isfinite(best) else float("nan")
-            speedups.append(speedup)
+                anchor_eff.append(f"{hit['efficiency'].iloc[0]:.2f}" if len(hit) else "-")
+            found = speedup_over_anchors(problem, anchors)
+            speedup_text, noise = "-", ""
+            if found is not None:
+                speedup, noisy = found
+                speedup_text = f"({speedup:.2f}x)" if noisy else f"{speedup:.2f}x"
+                if noisy:
+                    left_out += 1
+                    reasons = [f"{r['provider']}: {r['noise']}" for _, r in problem.iterrows() if is_noisy(r["noise"])]
+                    noise = "*noisy*: " + "; ".join(reasons)
+                elif math.isfinite(speedup):
+                    speedups.append(speedup)
             graph_eff = []
             for g in graphed:
                 hit = problem[problem["provider"] == g]
                 graph_eff.append(f"{hit['efficiency'].iloc[0]:.2f}" if len(hit) else "-")
             lines.append(f"| {row['shape']} | {row['ms']:.4f} | {row['efficiency']:.2f} | " + " | ".join(anchor_eff)
-                         + f" | {speedup:.2f}x | {row['rel_err']:.1e} |" + "".join(f" {e} |" for e in graph_eff))
-        finite = [s for s in speedups if math.isfinite(s)]
-        if finite:
+                         + f" | {speedup_text} | {row['rel_err']:.1e} |" + "".join(f" {e} |" for e in graph_eff)
+                         + f" {noise} |")
+        if speedups:
             lines.append("")
-            lines.append(f"geomean speedup vs best anchor: {geomean(finite):.2f}x; worst row: {min(finite):.2f}x")
+            lines.append(f"geomean speedup vs best anchor: {geomean(speedups):.2f}x; worst row: {min(speedups):.2f}x"
+                         + (f" ({left_out} noisy rows left out)" if left_out else ""))
         lines.append("")
     return "\n".join(lines)
 
