@@ -146,6 +146,31 @@ def test_a_build_is_found_under_another_path_and_environment(probe, tmp_path):
     assert (tmp_path / "compiles.log").read_text().count("compile") == 1
 
 
+@pytest.mark.parametrize("damage", ["cut short", "no fingerprint"])
+def test_a_damaged_library_is_rebuilt_never_loaded(probe, tmp_path, damage):
+    """A library whose bytes are not what its builder wrote (cut short by a full disk, a broken copy or a sync
+    tool: loading it dies with SIGBUS in every process), or that has no size and checksum beside it to tell, is
+    said, rebuilt and then loaded; the next process loads the rebuilt one without building."""
+    source, folder, env = probe
+    first = subprocess.run([sys.executable, "-c", CHILD, source], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    (library,) = folder.glob("*.so")
+    fingerprint = library.with_suffix(".sha256")
+    assert fingerprint.read_text().split()[0] == str(library.stat().st_size)
+    if damage == "cut short":
+        library.write_bytes(library.read_bytes()[:library.stat().st_size // 3])
+    else:
+        fingerprint.unlink()
+    again = subprocess.run([sys.executable, "-c", CHILD, source], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "RESULT 42" in again.stdout
+    assert "is not what its build wrote" in again.stderr and "building the probe library" in again.stderr
+    third = subprocess.run([sys.executable, "-c", CHILD, source], env=env, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and "RESULT 42" in third.stdout and "building" not in third.stderr
+    assert (tmp_path / "compiles.log").read_text().count("compile") == 2
+
+
 # -- the native CPU kernels --------------------------------------------------------------------------------
 NATIVE_CHILD = textwrap.dedent("""
     import warnings

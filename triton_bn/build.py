@@ -39,7 +39,14 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import settings
+try:
+    from . import settings
+except ImportError:  # build.py loaded as a file of its own (tests/test_build.py's probe): settings.py beside it
+    import importlib.util
+    _spec = importlib.util.spec_from_file_location(
+        "triton_bn_settings", os.path.join(os.path.dirname(os.path.abspath(__file__)), "settings.py"))
+    settings = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(settings)
 
 try:
     import fcntl
