@@ -210,6 +210,8 @@ def known_call(x, running_mean, running_var, weight, bias, training, momentum, e
     act = ACTIVATION_IDS.get(activation) if activation is None or type(activation) is str else None
     if act is None or type(eps) not in _NUMBERS or type(negative_slope) not in _NUMBERS or eps != eps:
         return None
+    if running_mean is not None and running_mean is running_var:  # one buffer passed twice: no plan's key tells
+        return None
     if training is True:
         if momentum is None:
             cumulative, factor = True, 0.0
