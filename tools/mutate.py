@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (26) takes about 30 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (39) takes about 40 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -132,6 +132,28 @@ MUTATIONS: List[Mutation] = [
     Mutation("entry-error-backtrace", "triton_bn/csrc/cuda/python.cpp",
              "throw std::runtime_error(error.what_without_backtrace());", "throw std::runtime_error(error.what());",
              ("tests/test_launch.py",), "the direct entry's errors carry the C++ backtrace torch.ops strips"),
+    # [seams]: errors before any write, one device per plan, broken artefacts, infinities, noise
+    Mutation("seams-residual-checked-late", "triton_bn/modules.py",
+             "            check_added_residual(residual, input)  # before batch_norm writes the running statistics\n",
+             "", ("tests/test_seams.py",), "a module's added residual is checked only by the add, after the write"),
+    Mutation("seams-stride-zero-statistics", "triton_bn/functional.py", "        if t.stride(0) == 0 and t.shape[0] > 1:",
+             "        if False:", ("tests/test_seams.py",), "running statistics of stride 0 are written, then refused"),
+    Mutation("seams-cpp-error-type", "triton_bn/functional.py", "            _checked_activation(*arguments)\n",
+             "", ("tests/test_launch.py",), "a call the C++ path refuses gets pybind's error, not the documented one"),
+    Mutation("seams-plan-any-device", "triton_bn/csrc/cuda/plan.cpp", "  if (device != device_) return false;\n",
+             "", ("tests/test_launch.py",), "a plan made for one device serves a call on another"),
+    Mutation("seams-library-unverified", "triton_bn/build.py", "    if _intact(library):\n        loader(library)",
+             "    if os.path.exists(library):\n        loader(library)", ("tests/test_build.py",),
+             "a native library cut short is loaded (SIGBUS in every process)"),
+    Mutation("seams-tuning-cache-trusted", "triton_bn/autotune.py", "            cfg = tile_config_from_json(entry)",
+             "            cfg = TileConfig(**entry) if isinstance(entry, dict) else None", ("tests/test_seams.py",),
+             "a tuning cache entry of another shape crashes the first call"),
+    Mutation("seams-infinite-shift", "triton_bn/kernels/channels_last.py",
+             "    pivot = finite_or_zero(tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32))",
+             "    pivot = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)", ("tests/test_robust.py",),
+             "an infinite pivot turns a channel's +inf mean into NaN"),
+    Mutation("seams-noise-reported", "triton_bn/bench/report.py", "    if row[\"efficiency\"] > 1.0:",
+             "    if False:", ("tests/test_bench.py",), "a row faster than a copy is reported as a result"),
 ]
 
 

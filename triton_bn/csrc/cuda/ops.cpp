@@ -70,8 +70,9 @@ struct CudaBatchNormBackward : public triton_bn_node::BatchNormBackward {
 
 // -- finding a call's plans --------------------------------------------------------------------------------
 // Plans are found by a key C++ computes from the call (every given tensor's dtype, sizes, strides, alignment
-// and, under grad mode, requires_grad; the call's flags; x's device and stream): a call costs no Python beyond its one
-// op call. A key names candidates, and a candidate serves only if its plan matches the call exactly. A miss
+// and, under grad mode, requires_grad; the call's flags; the stream): a call costs no Python beyond its one
+// op call. A key names candidates, and a candidate serves only if its plan matches the call exactly (the
+// device included: the same call on two devices has one key and two plans). A miss
 // returns no result; Python then writes the plans and remembers them here (remember_*).
 enum Kind : int64_t { kTraining = 0, kApply = 1 };
 
@@ -99,10 +100,7 @@ uint64_t call_key(const Slots& slots, Kind kind, int64_t flags) {
     mix(h, (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0);
     mix(h, grad_mode && t.requires_grad());
   }
-  // the device too: a plan's persistent buffers (arrival counters) and compiled functions belong to one device
-  const at::Device device = slots[kX].device();
-  mix(h, static_cast<uint64_t>(device.type()) * 1024 + static_cast<uint64_t>(device.index() + 1));
-  mix(h, current_stream(device));
+  mix(h, current_stream(slots[kX].device()));
   return h;
 }
 
