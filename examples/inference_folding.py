@@ -1,17 +1,12 @@
-"""Fold batch norms for inference and compare the outputs.
+"""Fold batch norms for inference and compare the outputs (a few seconds on a CPU, after the native
+kernels' one-time build).
 
     python examples/inference_folding.py
 """
-import os
-
 import torch
+import torch.nn as nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn as nn  # noqa: E402
-
-import triton_bn  # noqa: E402
+import triton_bn
 
 
 def main() -> None:
@@ -26,6 +21,7 @@ def main() -> None:
     for _ in range(3):  # give the running statistics something to hold
         model(torch.randn(8, 3, 8, 8, device=device))
     model.eval()
+    print("converting (BN+ReLU, BN+SiLU fused), then folding the BNs into the layers before them", flush=True)
     fused = triton_bn.convert_model(model)            # BN+ReLU, BN+SiLU fused
     folded = triton_bn.fold_batch_norms(fused)         # BNs folded into conv/convT/linear
     x = torch.randn(4, 3, 8, 8, device=device)

@@ -274,6 +274,9 @@ def test_latency_bench_runs_every_variant(tmp_path):
     assert "the same operators as the original's export" in frame["note"].iloc[5]
     assert (out / "latency.md").read_text().count("| mobilenet_like |") == 7
     assert (out / "latency.png").stat().st_size > 0
+    # the progress counts its steps (one here: one model at one batch), and the exporter's log stays quiet
+    assert "[0/1] mobilenet_like batch 1" in proc.stderr and "[1/1] mobilenet_like batch 1: timed" in proc.stderr
+    assert "Skipping torchvision" not in proc.stderr + proc.stdout
 
 
 def test_cpp_launch_variant_switches_the_path_on_for_its_steps_only(monkeypatch):

@@ -403,13 +403,25 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
     object.__setattr__(module, "forward", forward)  # not a submodule: bypass nn.Module
 
 
-def convert_model(module: nn.Module, fuse_activations: bool = True) -> nn.Module:
-    """A converted copy of ``module``: every PyTorch BatchNorm (1d/2d/3d, SyncBatchNorm, and understood
-    subclasses) replaced by triton_bn's, and, with ``fuse_activations``, the activations and residual adds
-    that follow them fused. The input model is left untouched; the result is an instance of the same
-    class, carrying ``fusion_report`` (a ``FusionReport``). See the module docstring for the guarantees."""
+def convert_model(module: nn.Module, fuse_activations: bool = True, *, inplace: bool = False) -> nn.Module:
+    """``module`` with every PyTorch BatchNorm (1d/2d/3d, SyncBatchNorm, and understood subclasses) replaced by
+    triton_bn's, and, with ``fuse_activations``, the activations and residual adds that follow them fused. The
+    result is an instance of the same class, carrying ``fusion_report`` (a ``FusionReport``). See the module
+    docstring for the guarantees.
+
+    By default it is a converted **copy** and the input model is left untouched: its parameters are new
+    tensors, so an optimizer built on the original's parameters before the conversion does not train the
+    copy (build it from ``converted.parameters()``). ``inplace=True`` converts ``module`` itself, as
+    ``torch.ao.quantization.fuse_modules(..., inplace=True)`` does: the BN modules are replaced, but their
+    parameters and buffers are the very tensors they were, so an optimizer built before keeps training them.
+
+    Raises TypeError for anything but an ``nn.Module`` (a model's name is not one: build the model first);
+    warns when the model holds no BatchNorm (nothing to convert)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"triton_bn.convert_model: expected a torch.nn.Module (a model instance, such as "
+                        f"torchvision.models.resnet18()), got {type(module).__name__} {module!r:.60}")
     report = FusionReport()
-    model = _swap_batch_norms(copy.deepcopy(module), report, fuse_activations)
+    model = _swap_batch_norms(module if inplace else copy.deepcopy(module), report, fuse_activations)
     if fuse_activations:
         traces, untraced = _traces(model, report)
         counts = _call_counts(model, traces)
@@ -420,6 +432,9 @@ def convert_model(module: nn.Module, fuse_activations: bool = True) -> nn.Module
             warnings.warn(f"triton_bn.convert_model: torch.fx could not trace {', '.join(untraced)}; the BNs directly "
                           "inside were swapped but not fused (details in fusion_report.notes)")
     total = sum(1 for m in model.modules() if isinstance(m, _OURS))
+    if total == 0 and not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules()):
+        warnings.warn(f"triton_bn.convert_model: {type(model).__name__} has no BatchNorm layer; nothing was "
+                      "converted (the result computes what the original does, on PyTorch's layers)")
     report.plain = total - report.activation - report.residual
     model.fusion_report = report
     return model

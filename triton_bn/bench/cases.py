@@ -20,6 +20,8 @@ SHAPE_SETS: Dict[str, List[Tuple[int, ...]]] = {
     "cpu_small": [(16, 64, 28, 28), (32, 64, 56, 56), (4, 32, 8, 16, 16)],
     "cpu_resnet50": [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28), (2, 1024, 14, 14), (2, 2048, 7, 7)],
     "cpu_bn1d": [(2048, 1024)],
+    # --quick on a CPU: the three largest of ResNet-50's layers at batch 2, where a BN's time is its bytes'
+    "cpu_quick": [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28)],
     # the interpreter's smoke run
     "tiny": [(4, 8, 6, 6), (64, 16)],
 }

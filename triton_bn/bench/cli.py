@@ -33,8 +33,8 @@ def _parse(argv):
                        help="tiny shapes through the Triton interpreter on the CPU: checks the kernels and the "
                             "tool, its timings are no figures")
     bench.add_argument("--quick", action="store_true",
-                       help="GPU runs: fp32 NCHW + bf16 channels_last, one pass of each set (the CPU default is "
-                            "already about a minute)")
+                       help="GPU: fp32 NCHW + bf16 channels_last over the default sets; CPU: fp32 in both layouts "
+                            "on the three largest ResNet-50 layers at batch 2 (under a minute on two quiet cores)")
     bench.add_argument("--sets", default=None,
                        help=f"comma-separated shape sets, of: {', '.join(C.SHAPE_SETS)} (default GPU: "
                             f"{', '.join(C.QUICK_SETS)}; CPU: {', '.join(C.CPU_SETS)}; interpreter: tiny)")
@@ -174,7 +174,7 @@ def run_latency(args) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise SystemExit(f"triton-bn bench --models: unknown {', '.join(unknown)}; valid: {', '.join(MODELS)}")
-    rows = run_latency_bench(batches, device, progress=lambda text: _progress(0, 1, text), models=models)
+    rows = run_latency_bench(batches, device, progress=_progress, models=models)
     name = torch.cuda.get_device_name() if on_gpu else "cpu-" + _cpu_name()
     stamp = datetime.date.today().isoformat()
     out = results_folder(args.out, _safe(name) + "-latency")
@@ -225,6 +225,29 @@ def _progress(done: int, total: int, label: str) -> None:
     if done == total:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+# Seconds a CPU measurement takes (a row's providers and its copy timed in rounds for at least a quarter of a
+# second each, the float64 reference, the setup), measured on this project's 2-core VM with nothing else
+# running: the duration a run announces before its first measurement. A busy machine takes longer.
+CPU_SECONDS_PER_ROW_PROVIDER = 0.45
+
+
+def _expected_duration(rows: int, measurements: int, providers, mode: str, budget_s) -> str:
+    """The line a run prints before its first measurement: how many, and (on a CPU) about how long."""
+    text = f"{measurements} measurements ({rows} rows x {len(providers)} providers)"
+    if mode == "cpu":
+        seconds = measurements * CPU_SECONDS_PER_ROW_PROVIDER + (
+            30 if "torch_compile" in providers else 0) * rows  # inductor compiles each row's function
+        text += (f"; about {seconds / 60:.1f} minutes on two quiet cores (more on a busy machine; add the native "
+                 "kernels' build, a minute or two, the first time)" if seconds >= 90 else
+                 f"; about {seconds:.0f} s on two quiet cores (more on a busy machine; add the native kernels' "
+                 "build, a minute or two, the first time)")
+    elif mode == "gpu":
+        text += "; the first call of each kernel key compiles (and autotunes: TRITON_BN_AUTOTUNE=0 skips that)"
+    if budget_s is not None:
+        text += f"; stopping after {budget_s:g} s (--budget-s)"
+    return text
 
 
 def _time_ms(fn, on_gpu: bool):
@@ -335,8 +358,9 @@ def run_bench(args) -> int:
         print("Interpreter run: tiny shapes through the Triton interpreter. These timings are interpreter "
               "timings, NOT figures; use them only to check that the kernels and the tool work.")
     else:
-        sets = split(args.sets) or list(C.CPU_SETS)
-        combos = [("fp32", "nchw"), ("fp32", "channels_last"), ("bf16", "channels_last")]
+        sets = split(args.sets) or (["cpu_quick"] if args.quick else list(C.CPU_SETS))
+        combos = ([("fp32", "nchw"), ("fp32", "channels_last")] if args.quick else
+                  [("fp32", "nchw"), ("fp32", "channels_last"), ("bf16", "channels_last")])
         providers = split(args.providers) or ["triton_bn", "eager_native"]
         gpu_name = "cpu-" + _cpu_name()
         mode = "cpu"
@@ -392,6 +416,7 @@ def run_bench(args) -> int:
     graphed_set = lambda set_name: set_name == "latency" or args.graphs  # noqa: E731
     total = sum(len(providers) + (len(graph_variants) if graphed_set(job[4]) else 0) for job in jobs)
     done = 0
+    print(_expected_duration(len(jobs), total, providers, mode, args.budget_s), flush=True)
     started = time.perf_counter()
     skipped = []
     for case, shape, dtype_name, layout, set_name in jobs:
@@ -411,7 +436,9 @@ def run_bench(args) -> int:
             variants += [(p, True) for p in graph_variants]
         for provider, graphed in variants:
             name = provider + ("+cudagraph" if graphed else "")
-            _progress(done, total, f"{case} {shape_text} {dtype_name} {layout} {name}")
+            left = (time.perf_counter() - started) / done * (total - done) if done else None
+            _progress(done, total, f"{case} {shape_text} {dtype_name} {layout} {name}"
+                      + (f", ~{left:.0f} s left" if left is not None else ""))
             try:
                 work = C.build(case, provider, shape, dtype, layout, device, compile_dynamic=compile_dynamic,
                                cuda_graph=graphed)

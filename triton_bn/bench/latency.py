@@ -22,11 +22,13 @@ turns (``ROUNDS`` rounds of ``CALLS`` calls each, medians), so that a slow spell
 ``speedup_paired`` is the median over the rounds of each round's original ms / the variant's ms, which a
 slow spell lasting a few rounds moves less than it moves the ratio of the two medians.
 """
+import contextlib
 import copy
+import logging
 import statistics
 import time
-from collections import Counter
 import warnings
+from collections import Counter
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -129,10 +131,25 @@ def _trained(builder) -> nn.Module:
     return model.eval()
 
 
+@contextlib.contextmanager
+def _exporter_quiet():
+    """The ONNX exporter's warnings and log lines kept off the console while it runs (it logs one "torchvision is
+    not installed. Skipping torchvision::..." per operator of that library, on every export, where torchvision
+    is not installed: nothing to do with these models)."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        exporter_log.setLevel(level)
+
+
 def _onnx_session(model: nn.Module, x: torch.Tensor):
     import onnxruntime as ort
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _exporter_quiet():
         program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
@@ -194,17 +211,25 @@ def variants(model: nn.Module, x: torch.Tensor, device: str, progress: Callable[
     return out
 
 
-def run_latency_bench(batches: List[int], device: str, progress: Callable[[str], None] = print,
+def _say_progress(done: int, total: int, text: str) -> None:
+    print(f"[{done}/{total}] {text}", flush=True)
+
+
+def run_latency_bench(batches: List[int], device: str, progress: Callable[[int, int, str], None] = _say_progress,
                       models: Optional[List[str]] = None) -> List[dict]:
     """One row per (model, batch, variant): median ms per call over the interleaved rounds, p20/p80, the
-    speedup over the original's eager call, and the relative error of its output against the original's."""
+    speedup over the original's eager call, and the relative error of its output against the original's.
+    ``progress(done, total, text)`` hears of each step: (model, batch) pairs done of all, what runs now."""
     rows = []
-    for model_name in models or list(MODELS):
+    models = models or list(MODELS)
+    total, done = len(models) * len(batches), 0
+    for model_name in models:
         base = _trained(MODELS[model_name]).to(device)
         for batch in batches:
             x = torch.randn(batch, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(batch)).to(device)
-            progress(f"{model_name} batch {batch}")
-            runs = variants(base, x, device, progress)
+            step = f"{model_name} batch {batch}"
+            progress(done, total, step)
+            runs = variants(base, x, device, lambda text, step=step, done=done: progress(done, total, f"{step}: {text}"))
             samples = {name: [] for name in runs}
             with torch.no_grad():
                 for fn, _, _ in runs.values():
@@ -227,6 +252,8 @@ def run_latency_bench(batches: List[int], device: str, progress: Callable[[str],
                 rows.append(dict(model=model_name, batch=batch, variant=name, ms=ms, ms_p20=times[len(times) // 5],
                                  ms_p80=times[(4 * len(times)) // 5], speedup_vs_original=original_ms / ms,
                                  speedup_paired=paired, rel_err=error, note=note))
+            done += 1
+            progress(done, total, f"{step}: timed")
     return rows
 
 
