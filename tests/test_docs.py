@@ -66,6 +66,41 @@ def test_docs_have_runnable_blocks():
     assert len(DOC_BLOCKS) >= 5
 
 
+README_BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+@pytest.mark.parametrize("index", range(len(README_BLOCKS)))
+def test_readme_code_block_runs_as_a_new_user_runs_it(index, tmp_path):
+    """Each python block of the README, as written, in a fresh process of what the install brings: without the
+    Triton interpreter (the native CPU path a user gets), from a folder outside the checkout."""
+    script = tmp_path / "readme_block.py"
+    script.write_text(README_BLOCKS[index])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_readme_is_a_front_door():
+    """Short (the rest is in docs/), with a python block, a picture that exists, and links that resolve."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150 and README_BLOCKS
+    for target in re.findall(r"\]\(([\w./-]+)\)", text):
+        if not target.startswith("http") and target != "...":
+            assert (ROOT / target).exists(), target
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for target in re.findall(r"\]\(([\w./-]+)\)", page.read_text()):
+            if not target.startswith("http") and target != "...":  # "f(...)" in a formula
+                assert (page.parent / target).exists(), (page.name, target)
+
+
+def test_the_headline_picture_is_drawn_from_committed_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "headline.py"), "--out", str(tmp_path / "h.png")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "h.png").stat().st_size > 10000 and (ROOT / "docs" / "headline.png").is_file()
+
+
 @pytest.mark.parametrize("script,args,expect", [
     ("step_through.py", [], "splits merged by the last program"),
     ("step_through.py", ["--layout", "channels_last", "--shape", "40,4,3,3"], "split 1"),
