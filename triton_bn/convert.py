@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .activations import SUPPORTED_ACTIVATIONS, torch_activation
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
                       _FusedBatchNormMixin, carry_state, has_tail)
 from .sync import SyncBatchNorm, SyncBatchNormAct
@@ -83,6 +84,9 @@ class FusionReport:
 
 # -- activations ------------------------------------------------------------------------------------------
 def _activation_of_module(module: nn.Module) -> Optional[Tuple[str, float]]:
+    """(name, negative_slope) of the activation ``module`` computes, or None: PyTorch's own classes by type,
+    any other module (Hugging Face's ``SiLUActivation``/``GELUActivation``, timm's, a library's own) by what it
+    does (``activation_by_behaviour``)."""
     if type(module) in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid):
         return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
                 nn.Sigmoid: "sigmoid"}[type(module)], 0.01
@@ -90,7 +94,71 @@ def _activation_of_module(module: nn.Module) -> Optional[Tuple[str, float]]:
         return "leaky_relu", float(module.negative_slope)
     if type(module) is nn.GELU:
         return ("gelu" if module.approximate == "none" else "gelu_tanh"), 0.01
+    return activation_by_behaviour(module)
+
+
+def _probe_values(dtype: torch.dtype) -> torch.Tensor:
+    """The inputs an activation is recognised on: the range where they differ (-8 to 8, fine steps), every kink
+    (-3, 0, 3, 6 and their neighbours), large values (where sigmoid saturates and GELU's tails vanish) and tiny
+    ones (where leaky slopes and GELU's curvature show), in a [2, C, H, W] tensor as a BN's output is."""
+    grid = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
+    points = torch.tensor([-3.0, 0.0, 3.0, 6.0], dtype=torch.float64)
+    near = torch.cat([points - 1e-3, points, points + 1e-3])
+    extremes = torch.tensor([-1e4, -100.0, -30.0, -1e-3, -1e-6, 1e-6, 1e-3, 30.0, 100.0, 1e4], dtype=torch.float64)
+    values = torch.cat([grid, near, extremes])
+    values = torch.cat([values, values.flip(0)])[:192]  # 2 x 4 x 4 x 6
+    return values.reshape(2, 4, 4, 6).to(dtype)
+
+
+# What a module's output may differ from ours by on the probes and still be that activation (a formula written
+# another way, x * sigmoid(x) for silu, rounds differently), and the dtypes it is probed in.
+_PROBE_TOLERANCE = {torch.float64: (1e-12, 1e-9), torch.float32: (1e-6, 1e-5), torch.bfloat16: (2e-2, 2e-2),
+                    torch.float16: (2e-3, 2e-3)}
+
+
+def activation_by_behaviour(module: nn.Module) -> Optional[Tuple[str, float]]:
+    """(name, negative_slope) when ``module`` behaves as one of triton_bn's activations, else None.
+
+    A module is taken for an activation only when it holds no parameters, no buffers (no state the kernels
+    would not have) and no child modules (a container's children must keep their paths), and its output equals that activation's within rounding on every probe value
+    (``_probe_values``), in float64, fp32, bf16 and fp16, in training and in eval mode, returning the input's
+    shape and dtype, without error; an in-place one (``inplace=True``) is probed on copies and counts as the
+    activation it computes. The slope of a leaky ReLU is read off the probes, then checked with the rest.
+    Modules whose output depends on anything else (dropout in training, randomness, a flag they read later)
+    fail some probe in some mode and are left alone."""
+    if isinstance(module, nn.Identity) or any(True for _ in module.children()) or any(True for _ in module.buffers()) \
+            or any(True for _ in module.parameters()):
+        return None  # a container is not taken whole: its children's paths must still resolve in the copy
+    was_training = module.training
+    try:
+        outputs = {}
+        for training in (True, False):
+            module.train(training)
+            for dtype in _PROBE_TOLERANCE:
+                probe = _probe_values(dtype)
+                with torch.no_grad():
+                    out = module(probe.clone())
+                if not isinstance(out, torch.Tensor) or out.shape != probe.shape or out.dtype != dtype:
+                    return None
+                outputs[training, dtype] = (probe, out)
+    except Exception:  # noqa: BLE001 - a module that can not take a tensor alone is no activation
+        return None
+    finally:
+        module.train(was_training)
+    probe, out = outputs[False, torch.float64]
+    slope = float(out[probe == -1e-3].mean() / -1e-3) if bool((probe == -1e-3).any()) else 0.01
+    for name in SUPPORTED_ACTIVATIONS:
+        negative_slope = slope if name == "leaky_relu" else 0.01
+        if name == "leaky_relu" and not (0.0 < slope < 1.0):
+            continue
+        expected = torch_activation(name, negative_slope)
+        if all(_close(out, expected(probe), *_PROBE_TOLERANCE[dtype]) for (_, dtype), (probe, out) in outputs.items()):
+            return name, negative_slope
     return None
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> bool:
+    return bool(torch.isclose(got.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=True).all())
 
 
 _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu", F.relu6: "relu6",

@@ -1,0 +1,165 @@
+"""[fusion] Activations recognised by what they do, not by their class: Hugging Face's and timm's activation
+modules, a YOLO-style Conv-BN-SiLU stack, any library's own, fused as PyTorch's own classes are; modules that
+only look like one (a parameter, a child, randomness, a mode flag, another function) left alone. Every converted
+model is compared with the original in float64, training and eval."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import triton_bn
+from triton_bn.convert import activation_by_behaviour
+
+
+class SiLUActivation(nn.Module):  # Hugging Face's older SiLU: the formula, not F.silu
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class GELUActivation(nn.Module):  # Hugging Face's: the function held in an attribute
+    def __init__(self):
+        super().__init__()
+        self.act = F.gelu
+
+    def forward(self, x):
+        return self.act(x)
+
+
+class HardSwish(nn.Module):  # timm's own, with an inplace flag
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x):
+        return x.mul_(F.relu6(x + 3.0) / 6.0) if self.inplace else x * F.relu6(x + 3.0) / 6.0
+
+
+class LeakyWhere(nn.Module):
+    def forward(self, x):
+        return torch.where(x > 0, x, 0.2 * x)
+
+
+class GeluTanh(nn.Module):
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
+
+
+class QuickGELU(nn.Module):  # CLIP's: not one of ours
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Mish(nn.Module):
+    def forward(self, x):
+        return x * torch.tanh(F.softplus(x))
+
+
+class ReluThenDropout(nn.Module):  # random in training: not an activation
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(F.relu(x))
+
+
+class ReluInTrainingOnly(nn.Module):
+    def forward(self, x):
+        return F.relu(x) if self.training else x
+
+
+class ScaledSiLU(nn.Module):  # a parameter: state the kernels would not have
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return F.silu(x) * self.scale
+
+
+RECOGNISED = [(SiLUActivation(), "silu", 0.01), (GELUActivation(), "gelu", 0.01), (HardSwish(), "hardswish", 0.01),
+              (HardSwish(inplace=True), "hardswish", 0.01), (LeakyWhere(), "leaky_relu", 0.2),
+              (GeluTanh(), "gelu_tanh", 0.01)]
+LEFT_ALONE = [QuickGELU(), Mish(), ReluThenDropout(), ReluInTrainingOnly(), ScaledSiLU(), nn.Sequential(nn.ReLU()),
+              nn.Tanh(), nn.Hardsigmoid(), nn.ELU(), nn.Identity()]
+
+
+@pytest.mark.parametrize("module,name,slope", RECOGNISED, ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v))
+def test_an_activation_is_recognised_by_what_it_computes(module, name, slope):
+    found = activation_by_behaviour(module)
+    assert found is not None and found[0] == name and found[1] == pytest.approx(slope)
+    assert module.training  # the probes leave the module's mode as it was
+
+
+@pytest.mark.parametrize("module", LEFT_ALONE, ids=lambda m: type(m).__name__)
+def test_what_only_looks_like_an_activation_is_left_alone(module):
+    assert activation_by_behaviour(module) is None
+
+
+class ConvBnAct(nn.Module):
+    """Ultralytics' Conv: Conv2d, BatchNorm2d, then an activation module (SiLU by default)."""
+
+    def __init__(self, cin, cout, act):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+def _stack():
+    torch.manual_seed(0)
+    acts = [SiLUActivation(), GELUActivation(), HardSwish(inplace=True), LeakyWhere(), nn.SiLU(), QuickGELU()]
+    layers, cin = [], 3
+    for act in acts:
+        layers.append(ConvBnAct(cin, 6, act))
+        cin = 6
+    return nn.Sequential(*layers).double()
+
+
+def test_a_conv_bn_act_stack_fuses_every_activation_of_ours_and_stays_exact():
+    model = _stack()
+    converted = triton_bn.convert_model(model)
+    report = converted.fusion_report
+    assert report.activation == 5 and report.plain == 1  # QuickGELU is not one of ours
+    assert [getattr(layer.bn, "activation", None) for layer in converted] == [
+        "silu", "gelu", "hardswish", "leaky_relu", "silu", None]
+    assert isinstance(converted[0].act, nn.Identity) and isinstance(converted[5].act, QuickGELU)
+    assert converted[3].bn.negative_slope == pytest.approx(0.2)
+    assert list(converted.state_dict()) == list(model.state_dict())
+    x = torch.randn(4, 3, 7, 7, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        converted.train(mode == "train")
+        torch.testing.assert_close(converted(x), model(x), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(converted[0].bn.running_var, model[0].bn.running_var, atol=1e-12, rtol=1e-12)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d shape: a BN subclass whose forward ends with its own act child."""
+
+    def __init__(self, num_features, act):
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = act
+
+    def forward(self, x):
+        x = super().forward(x)
+        x = self.drop(x)
+        return self.act(x)
+
+
+def test_a_bn_subclass_with_its_own_activation_class_fuses_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), BatchNormAct2d(4, SiLUActivation())).double()
+    converted = triton_bn.convert_model(model)
+    assert converted[1].activation == "silu" and isinstance(converted[1].act, nn.Identity)
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    expected = model(x)
+    got = converted(x)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(grad_got, grad_expected, atol=1e-10, rtol=1e-10)
