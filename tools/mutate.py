@@ -105,7 +105,7 @@ MUTATIONS: List[Mutation] = [
     Mutation("node-edges-swapped", "triton_bn/csrc/node/batch_norm_backward.h",
              "collect_next_edges(x, weight, bias, residual)", "collect_next_edges(x, bias, weight, residual)",
              NATIVE_TESTS, "the node hands dweight to the bias and dbias to the weight"),
-    Mutation("node-residual-not-saved", "triton_bn/csrc/cpu/ops.cpp", "mean, invstd, r.defined() && activation != 0);",
+    Mutation("node-residual-not-saved", "triton_bn/csrc/cpu/ops.cpp", "mean, invstd, r.defined() && activation != kIdentity);",
              "mean, invstd, false);", NATIVE_TESTS, "the CPU node forgets the residual an activation's derivative needs"),
     # the layers around the kernels
     Mutation("sync-merge", "triton_bn/sync.py", "m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)",
@@ -121,7 +121,7 @@ MUTATIONS: List[Mutation] = [
              "            z, fresh = z.add_(residual), True\n", ("tests/test_inference.py",),
              "a folded BN's residual add writes into its input, which another module may hold"),
     Mutation("fold-activation-dropped", "triton_bn/fold.py",
-             "        if bn.activation is not None:\n            _move_activation_into(layer, bn)\n",
+             "        if bn.activation is not None:\n            _move_activation_into(module, producer.target, node.target)\n",
              "", ("tests/test_inference.py", "tests/test_models.py"),
              "folding a BN with an activation into its layer loses the activation"),
     Mutation("fold-fallback-activation-twice", "triton_bn/fold.py",

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .activations import SUPPORTED_ACTIVATIONS, torch_activation
+from .activations import TABLE as ACTIVATION_TABLE
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
                       _FusedBatchNormMixin, carry_state, has_tail)
 from .sync import SyncBatchNorm, SyncBatchNormAct
@@ -87,13 +88,13 @@ def _activation_of_module(module: nn.Module) -> Optional[Tuple[str, float]]:
     """(name, negative_slope) of the activation ``module`` computes, or None: PyTorch's own classes by type,
     any other module (Hugging Face's ``SiLUActivation``/``GELUActivation``, timm's, a library's own) by what it
     does (``activation_by_behaviour``)."""
-    if type(module) in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Sigmoid):
-        return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-                nn.Sigmoid: "sigmoid"}[type(module)], 0.01
-    if type(module) is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    if type(module) is nn.GELU:
+    name = _MODULES.get(type(module))
+    if name == "leaky_relu":
+        return name, float(module.negative_slope)
+    if name == "gelu":
         return ("gelu" if module.approximate == "none" else "gelu_tanh"), 0.01
+    if name is not None:
+        return name, 0.01
     return activation_by_behaviour(module)
 
 
@@ -161,10 +162,11 @@ def _close(got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) 
     return bool(torch.isclose(got.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=True).all())
 
 
-_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu", F.relu6: "relu6",
-              F.silu: "silu", F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-              F.gelu: "gelu", F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu"}
-_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+# What convert_model takes for an activation by type (activations.TABLE): PyTorch's classes, the functions and
+# the tensor methods a traced forward may call
+_MODULES = {cls: a.name for a in ACTIVATION_TABLE for cls in a.modules}
+_FUNCTIONS = {fn: a.name for a in ACTIVATION_TABLE for fn in a.functions}
+_METHODS = {method: a.name for a in ACTIVATION_TABLE for method in a.methods}
 
 
 def _activation_of_node(node: fx.Node, children: Dict[str, nn.Module]) -> Optional[Tuple[str, float]]:

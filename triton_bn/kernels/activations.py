@@ -15,16 +15,22 @@ relu6' = 0 at 0 and 6, hardswish'(-3) = 0 and hardswish'(3) = 1).
 import triton
 import triton.language as tl
 
-# Keep in step with triton_bn/activations.py (checked by the code block of docs/adding-an-activation.md).
-IDENTITY = tl.constexpr(0)
-RELU = tl.constexpr(1)
-LEAKY_RELU = tl.constexpr(2)
-RELU6 = tl.constexpr(3)
-SILU = tl.constexpr(4)
-GELU = tl.constexpr(5)
-GELU_TANH = tl.constexpr(6)
-HARDSWISH = tl.constexpr(7)
-SIGMOID = tl.constexpr(8)
+from ..activations import TABLE as ACTIVATION_TABLE
+
+# The ids, named as in the table (triton_bn/activations.py), from which they are read: the branches below
+# compare ACTIVATION with these names, never with a number.
+_IDS = {a.constant: a.id for a in ACTIVATION_TABLE}
+IDENTITY = tl.constexpr(_IDS["IDENTITY"])
+RELU = tl.constexpr(_IDS["RELU"])
+LEAKY_RELU = tl.constexpr(_IDS["LEAKY_RELU"])
+RELU6 = tl.constexpr(_IDS["RELU6"])
+SILU = tl.constexpr(_IDS["SILU"])
+GELU = tl.constexpr(_IDS["GELU"])
+GELU_TANH = tl.constexpr(_IDS["GELU_TANH"])
+HARDSWISH = tl.constexpr(_IDS["HARDSWISH"])
+SIGMOID = tl.constexpr(_IDS["SIGMOID"])
+assert set(_IDS) == {name for name, value in globals().items() if isinstance(value, tl.constexpr)}, \
+    "every activation of the table has its constant here (and a branch in both functions below)"
 
 # The float constants below are written as literals inside the functions: the compiler rejects plain
 # float globals in @triton.jit code, and the interpreter mishandles tl.constexpr float globals that
@@ -49,21 +55,21 @@ def _tanh(u):
 def apply_activation(z, ACTIVATION: tl.constexpr, negative_slope):
     """act(z) for fp32 ``z``."""
     out = z
-    if ACTIVATION == 1:  # relu
+    if ACTIVATION == RELU:  # relu
         out = tl.where(z < 0.0, 0.0, z)
-    elif ACTIVATION == 2:  # leaky_relu
+    elif ACTIVATION == LEAKY_RELU:  # leaky_relu
         out = tl.where(z < 0.0, z * negative_slope, z)
-    elif ACTIVATION == 3:  # relu6
+    elif ACTIVATION == RELU6:  # relu6
         out = tl.where(z < 0.0, 0.0, tl.where(z > 6.0, 6.0, z))
-    elif ACTIVATION == 4:  # silu
+    elif ACTIVATION == SILU:  # silu
         out = z * _sigmoid(z)
-    elif ACTIVATION == 5:  # gelu (erf)
+    elif ACTIVATION == GELU:  # gelu (erf)
         out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACTIVATION == 6:  # gelu (tanh approximation)
+    elif ACTIVATION == GELU_TANH:  # gelu (tanh approximation)
         out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-    elif ACTIVATION == 7:  # hardswish
+    elif ACTIVATION == HARDSWISH:  # hardswish
         out = z * tl.where(z < -3.0, 0.0, tl.where(z > 3.0, 6.0, z + 3.0)) / 6.0
-    elif ACTIVATION == 8:  # sigmoid
+    elif ACTIVATION == SIGMOID:  # sigmoid
         out = _sigmoid(z)
     return out
 
@@ -72,24 +78,24 @@ def apply_activation(z, ACTIVATION: tl.constexpr, negative_slope):
 def activation_grad(z, ACTIVATION: tl.constexpr, negative_slope):
     """d act(z) / dz for fp32 ``z``, with PyTorch's choices at the kinks."""
     out = tl.full(z.shape, 1.0, tl.float32)
-    if ACTIVATION == 1:  # relu: torch uses (result > 0), so 0 at z == 0
+    if ACTIVATION == RELU:  # relu: torch uses (result > 0), so 0 at z == 0
         out = tl.where(z > 0.0, 1.0, 0.0)
-    elif ACTIVATION == 2:  # leaky_relu: torch uses (z > 0 ? 1 : slope)
+    elif ACTIVATION == LEAKY_RELU:  # leaky_relu: torch uses (z > 0 ? 1 : slope)
         out = tl.where(z > 0.0, 1.0, negative_slope)
-    elif ACTIVATION == 3:  # relu6 = hardtanh(0, 6): zero gradient at and beyond both ends
+    elif ACTIVATION == RELU6:  # relu6 = hardtanh(0, 6): zero gradient at and beyond both ends
         out = tl.where((z > 0.0) & (z < 6.0), 1.0, 0.0)
-    elif ACTIVATION == 4:  # silu
+    elif ACTIVATION == SILU:  # silu
         s = _sigmoid(z)
         out = s * (1.0 + z * (1.0 - s))
-    elif ACTIVATION == 5:  # gelu (erf)
+    elif ACTIVATION == GELU:  # gelu (erf)
         out = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    elif ACTIVATION == 6:  # gelu (tanh)
+    elif ACTIVATION == GELU_TANH:  # gelu (tanh)
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         inner_grad = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * inner_grad
-    elif ACTIVATION == 7:  # hardswish: torch gives 0 for z <= -3 and 1 for z >= 3 (checked in the tests)
+    elif ACTIVATION == HARDSWISH:  # hardswish: torch gives 0 for z <= -3 and 1 for z >= 3 (checked in the tests)
         out = tl.where(z <= -3.0, 0.0, tl.where(z >= 3.0, 1.0, z / 3.0 + 0.5))
-    elif ACTIVATION == 8:  # sigmoid
+    elif ACTIVATION == SIGMOID:  # sigmoid
         s = _sigmoid(z)
         out = s * (1.0 - s)
     return out

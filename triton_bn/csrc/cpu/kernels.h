@@ -4,6 +4,7 @@
 // for one dtype; the helpers live in an anonymous namespace, a copy per file.
 #pragma once
 
+#include "activation_ids.h"
 #include "common.h"
 
 #include <ATen/Parallel.h>
@@ -71,12 +72,12 @@ template <typename T> constexpr bool kStaged = TRITON_BN_VECTORS && std::is_same
 template <typename T> using staged_t = std::conditional_t<kStaged<T>, float, T>;
 // Whether a loop of T and activation ACT converts in registers (fp16 with identity or ReLU; the statistics
 // ask with ACT 0) rather than through the buffers.
-template <typename T, int ACT> constexpr bool kHalfLoops = kStaged<T> && (ACT == 0 || ACT == 1);
+template <typename T, int ACT> constexpr bool kHalfLoops = kStaged<T> && (ACT == kIdentity || ACT == kRelu);
 // Whether the normalization of T with activation ACT and the statistics of T's planes (ACT 0) run the
 // loops over packs of 16 values below (fp16 and bf16, identity or ReLU).
 template <typename T, int ACT> constexpr bool kPackLoops =
     TRITON_BN_VECTORS && (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) &&
-    (ACT == 0 || ACT == 1);
+    (ACT == kIdentity || ACT == kRelu);
 
 #if TRITON_BN_VECTORS
 // 8 fp16 values as fp32, and 8 fp32 values stored as fp16 (rounded to nearest even).
@@ -204,40 +205,40 @@ static_assert(static_cast<float>(kSqrt1_2) == 0.70710678118654752440f && static_
 
 template <int ACT, typename A> inline A activate(A z, A slope) {
   constexpr A zero = 0, one = 1, half = 0.5, three = 3, six = 6;
-  if constexpr (ACT == 0) return z;
-  if constexpr (ACT == 1) return z < zero ? zero : z;                               // relu (NaN stays NaN)
-  if constexpr (ACT == 2) return z > zero ? z : z * slope;                          // leaky_relu
-  if constexpr (ACT == 3) return z < zero ? zero : (z > six ? six : z);             // relu6 = hardtanh(0, 6)
-  if constexpr (ACT == 4) return z / (one + std::exp(-z));                          // silu
-  if constexpr (ACT == 5) return half * z * (one + std::erf(z * A(kSqrt1_2)));      // gelu
-  if constexpr (ACT == 6) return half * z * (one + std::tanh(A(kTanhBeta) * (z + A(kTanhKappa) * z * z * z)));
-  if constexpr (ACT == 7) return z * std::min(std::max(z + three, zero), six) / six;  // hardswish
-  if constexpr (ACT == 8) return one / (one + std::exp(-z));                        // sigmoid
+  if constexpr (ACT == kIdentity) return z;
+  if constexpr (ACT == kRelu) return z < zero ? zero : z;                               // relu (NaN stays NaN)
+  if constexpr (ACT == kLeakyRelu) return z > zero ? z : z * slope;                          // leaky_relu
+  if constexpr (ACT == kRelu6) return z < zero ? zero : (z > six ? six : z);             // relu6 = hardtanh(0, 6)
+  if constexpr (ACT == kSilu) return z / (one + std::exp(-z));                          // silu
+  if constexpr (ACT == kGelu) return half * z * (one + std::erf(z * A(kSqrt1_2)));      // gelu
+  if constexpr (ACT == kGeluTanh) return half * z * (one + std::tanh(A(kTanhBeta) * (z + A(kTanhKappa) * z * z * z)));
+  if constexpr (ACT == kHardswish) return z * std::min(std::max(z + three, zero), six) / six;  // hardswish
+  if constexpr (ACT == kSigmoid) return one / (one + std::exp(-z));                        // sigmoid
   return z;
 }
 
 template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
   constexpr A zero = 0, one = 1, half = 0.5, three = 3, six = 6;
-  if constexpr (ACT == 0) return g;
-  if constexpr (ACT == 1) return z <= zero ? zero : g;                              // threshold_backward
-  if constexpr (ACT == 2) return z > zero ? g : g * slope;                          // leaky_relu_backward
-  if constexpr (ACT == 3) return (z <= zero || z >= six) ? zero : g;                // hardtanh_backward
-  if constexpr (ACT == 4) {                                                         // silu_backward
+  if constexpr (ACT == kIdentity) return g;
+  if constexpr (ACT == kRelu) return z <= zero ? zero : g;                              // threshold_backward
+  if constexpr (ACT == kLeakyRelu) return z > zero ? g : g * slope;                          // leaky_relu_backward
+  if constexpr (ACT == kRelu6) return (z <= zero || z >= six) ? zero : g;                // hardtanh_backward
+  if constexpr (ACT == kSilu) {                                                         // silu_backward
     const A s = one / (one + std::exp(-z));
     return g * s * (one + z * (one - s));
   }
-  if constexpr (ACT == 5) {                                                         // gelu_backward
+  if constexpr (ACT == kGelu) {                                                         // gelu_backward
     const A cdf = half * (one + std::erf(z * A(kSqrt1_2)));
     return g * (cdf + z * A(kGeluPdf) * std::exp(-half * z * z));
   }
-  if constexpr (ACT == 6) {                                                         // gelu_backward, tanh
+  if constexpr (ACT == kGeluTanh) {                                                         // gelu_backward, tanh
     const A inner = A(kTanhBeta) * (z + A(kTanhKappa) * z * z * z);
     const A t = std::tanh(inner);
     const A left = half * z, right = one + t;
     return g * (half * right + left * (one - t * t) * A(kTanhBeta) * (one + three * A(kTanhKappa) * z * z));
   }
-  if constexpr (ACT == 7) return z <= -three ? zero : (z < three ? g * (z / three + half) : g);  // hardswish_backward
-  if constexpr (ACT == 8) {                                                         // sigmoid_backward
+  if constexpr (ACT == kHardswish) return z <= -three ? zero : (z < three ? g * (z / three + half) : g);  // hardswish_backward
+  if constexpr (ACT == kSigmoid) {                                                         // sigmoid_backward
     const A s = one / (one + std::exp(-z));
     return g * (one - s) * s;
   }
@@ -247,7 +248,7 @@ template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
 // Whether the activation ACT of a T line runs in vector registers (act_span below): SiLU, GELU, GELU-tanh
 // and sigmoid, for the inputs computed in fp32.
 template <typename T, int ACT> constexpr bool kVectorMath =
-    TRITON_BN_VECTORS && !std::is_same_v<T, double> && (ACT == 4 || ACT == 5 || ACT == 6 || ACT == 8);
+    TRITON_BN_VECTORS && !std::is_same_v<T, double> && (ACT == kSilu || ACT == kGelu || ACT == kGeluTanh || ACT == kSigmoid);
 
 #if TRITON_BN_VECTORS
 // -- the transcendental activations in vector registers -------------------------------------------------
@@ -320,36 +321,36 @@ inline __m256 sigmoid8(__m256 z) {
 // act(z) for 8 values, the formulas of activate<ACT> (SiLU z / (1 + e^-z), as PyTorch writes it).
 template <int ACT> inline __m256 activate8(__m256 z) {
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-  if constexpr (ACT == 4) return _mm256_div_ps(z, _mm256_add_ps(one, exp8(negate8(z))));
-  if constexpr (ACT == 5) {
+  if constexpr (ACT == kSilu) return _mm256_div_ps(z, _mm256_add_ps(one, exp8(negate8(z))));
+  if constexpr (ACT == kGelu) {
     const __m256 cdf = _mm256_add_ps(one, erf8(_mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kSqrt1_2)))));
     return _mm256_mul_ps(_mm256_mul_ps(half, z), cdf);
   }
-  if constexpr (ACT == 6) {
+  if constexpr (ACT == kGeluTanh) {
     const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(z, z), z);
     const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(kTanhBeta)),
                                        _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(kTanhKappa)), cube, z));
     return _mm256_mul_ps(_mm256_mul_ps(half, z), _mm256_add_ps(one, tanh8(inner)));
   }
-  if constexpr (ACT == 8) return sigmoid8(z);
+  if constexpr (ACT == kSigmoid) return sigmoid8(z);
   return z;
 }
 
 // dL/dz = g * act'(z) for 8 values, the formulas of activation_backward<ACT>.
 template <int ACT> inline __m256 activation_backward8(__m256 g, __m256 z) {
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-  if constexpr (ACT == 4) {
+  if constexpr (ACT == kSilu) {
     const __m256 s = sigmoid8(z);
     return _mm256_mul_ps(_mm256_mul_ps(g, s), _mm256_fmadd_ps(z, _mm256_sub_ps(one, s), one));
   }
-  if constexpr (ACT == 5) {
+  if constexpr (ACT == kGelu) {
     const __m256 erf = erf8(_mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kSqrt1_2))));
     const __m256 cdf = _mm256_mul_ps(half, _mm256_add_ps(one, erf));
     const __m256 pdf = exp8(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(-0.5f), z), z));
     const __m256 scaled_z = _mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kGeluPdf)));
     return _mm256_mul_ps(g, _mm256_fmadd_ps(scaled_z, pdf, cdf));
   }
-  if constexpr (ACT == 6) {
+  if constexpr (ACT == kGeluTanh) {
     const __m256 beta = _mm256_set1_ps(static_cast<float>(kTanhBeta));
     const __m256 kappa = _mm256_set1_ps(static_cast<float>(kTanhKappa));
     const __m256 square = _mm256_mul_ps(z, z);
@@ -359,7 +360,7 @@ template <int ACT> inline __m256 activation_backward8(__m256 g, __m256 z) {
     const __m256 slope = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, z), _mm256_fnmadd_ps(t, t, one)), inner_slope);
     return _mm256_mul_ps(g, _mm256_fmadd_ps(half, _mm256_add_ps(one, t), slope));
   }
-  if constexpr (ACT == 8) {
+  if constexpr (ACT == kSigmoid) {
     const __m256 s = sigmoid8(z);
     return _mm256_mul_ps(_mm256_mul_ps(g, _mm256_sub_ps(one, s)), s);
   }
@@ -401,16 +402,18 @@ template <int ACT> void act_backward_span(float*, const float*, int64_t) {}
 // Calls body(std::integral_constant<int, ACT>{}) with the activation id as a compile-time constant, so
 // that every inner loop is specialized (and vectorized) for one activation.
 template <typename Body> void dispatch_activation(int64_t activation, Body&& body) {
+  static_assert(kActivationCount == 9, "a new activation needs its case here and its branches in activate() and "
+                "activation_backward() (docs/adding-an-activation.md)");
   switch (activation) {
-    case 0: body(std::integral_constant<int, 0>{}); break;
-    case 1: body(std::integral_constant<int, 1>{}); break;
-    case 2: body(std::integral_constant<int, 2>{}); break;
-    case 3: body(std::integral_constant<int, 3>{}); break;
-    case 4: body(std::integral_constant<int, 4>{}); break;
-    case 5: body(std::integral_constant<int, 5>{}); break;
-    case 6: body(std::integral_constant<int, 6>{}); break;
-    case 7: body(std::integral_constant<int, 7>{}); break;
-    case 8: body(std::integral_constant<int, 8>{}); break;
+    case kIdentity: body(std::integral_constant<int, kIdentity>{}); break;
+    case kRelu: body(std::integral_constant<int, kRelu>{}); break;
+    case kLeakyRelu: body(std::integral_constant<int, kLeakyRelu>{}); break;
+    case kRelu6: body(std::integral_constant<int, kRelu6>{}); break;
+    case kSilu: body(std::integral_constant<int, kSilu>{}); break;
+    case kGelu: body(std::integral_constant<int, kGelu>{}); break;
+    case kGeluTanh: body(std::integral_constant<int, kGeluTanh>{}); break;
+    case kHardswish: body(std::integral_constant<int, kHardswish>{}); break;
+    case kSigmoid: body(std::integral_constant<int, kSigmoid>{}); break;
     default: TORCH_CHECK(false, "triton_bn_cpu: unknown activation id ", activation);
   }
 }
@@ -567,7 +570,7 @@ template <bool PLANES> constexpr int64_t column(int64_t i) { return PLANES ? 0 :
 template <int ACT> inline __m256 normalize8(__m256 x, __m256 scale, __m256 shift, const __m256* residual) {
   __m256 z = _mm256_fmadd_ps(x, scale, shift);
   if (residual != nullptr) z = _mm256_add_ps(z, *residual);
-  if constexpr (ACT == 1) z = _mm256_max_ps(_mm256_setzero_ps(), z);
+  if constexpr (ACT == kRelu) z = _mm256_max_ps(_mm256_setzero_ps(), z);
   return z;
 }
 
@@ -671,7 +674,7 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
   std::vector<double> s1, s2;
   if (g.planes) {
     reduce_planes(g, s1, s2, [&](int64_t c, int64_t offset, int64_t count) {
-      if constexpr (kPackLoops<T, 0>) {
+      if constexpr (kPackLoops<T, kIdentity>) {
         return packed_shifted_sums(x + offset, count, shift[c]);
       } else {
         const staged_t<T>* __restrict__ p = read_staged(x + offset, count, 0);
@@ -687,7 +690,7 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
                                      A* __restrict__ b) {
       const A* __restrict__ sh = shift.data() + c0;
       for (int64_t r = r0; r < r1; ++r) {
-        if constexpr (kHalfLoops<T, 0>) {
+        if constexpr (kHalfLoops<T, kIdentity>) {
           half_row_sums(x + r * C + c0, sh, n, a, b);
           continue;
         }
@@ -792,7 +795,7 @@ template <typename T, int ACT, bool HAS_RES, bool PLANES>
 inline acc_t<T> grad_pre_activation(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ res,
                                     int64_t i, const acc_t<T>* __restrict__ sc, const acc_t<T>* __restrict__ sh,
                                     acc_t<T> slope) {
-  if constexpr (ACT == 0) {
+  if constexpr (ACT == kIdentity) {
     return load(dy, i);
   } else {
     const int64_t c = column<PLANES>(i);
@@ -826,7 +829,7 @@ void grad_pre_activation_chunk(const U* __restrict__ dy, const U* __restrict__ x
 template <int ACT, bool HAS_RES>
 inline __m256 half_grad8(__m256 x, const c10::Half* dy, const c10::Half* res, __m256 scale, __m256 shift) {
   const __m256 g = load_half8(dy);
-  if constexpr (ACT == 0) {
+  if constexpr (ACT == kIdentity) {
     return g;
   } else {
     __m256 z = _mm256_fmadd_ps(x, scale, shift);
@@ -1093,8 +1096,8 @@ void backward(const T* dy, const T* xp, const T* res, T* gx, T* gr, acc_t<T>* gw
   dispatch_activation(activation, [&](auto act) {
     constexpr int ACT = decltype(act)::value;
     // the residual enters only through z, which only an activation needs: no such variant for ACT 0
-    dispatch_bool(ACT != 0 && has_residual, [&](auto with_residual) {
-      constexpr bool HAS_RES = ACT != 0 && decltype(with_residual)::value;
+    dispatch_bool(ACT != kIdentity && has_residual, [&](auto with_residual) {
+      constexpr bool HAS_RES = ACT != kIdentity && decltype(with_residual)::value;
       std::vector<double> sum_dz(C, 0.0), sum_dz_xhat(C, 0.0);
       if (need_sums) {
         backward_sums<T, ACT, HAS_RES>(dy, xp, res, geometry, k, aslope, sum_dz, sum_dz_xhat);
@@ -1117,7 +1120,7 @@ void backward(const T* dy, const T* xp, const T* res, T* gx, T* gr, acc_t<T>* gw
       // so only the common cases have their own. Without an activation (d residual = dy): any of the three.
       // With one and no residual: dx alone (there is no d residual). With one and a residual: both at once,
       // the one not wanted (a detached residual, a frozen input) written to a scratch buffer.
-      if constexpr (ACT == 0) {
+      if constexpr (ACT == kIdentity) {
         if (want_dx && want_dresidual) {
           backward_elementwise<T, ACT, HAS_RES, true, true>(dy, xp, res, gx, gr, geometry, k, aslope);
         } else if (want_dx) {

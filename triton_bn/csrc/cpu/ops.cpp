@@ -1,6 +1,7 @@
 // The ops of the native CPU path (registered as torch.ops.triton_bn_cpu.*): argument checks, allocation,
 // the per-channel vectors, the running-statistics update and the C++ autograd node, around the kernels of
 // common.h. The only file that includes ATen's and the autograd's headers (their parsing alone is ~15 s).
+#include "activation_ids.h"
 #include "common.h"
 #include "../node/batch_norm_backward.h"
 
@@ -223,7 +224,7 @@ std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::T
   const Geometry geometry = geometry_of(x);
   const int64_t C = geometry.C;
   check_like(grad_y, "grad_y", x);
-  const bool has_residual = present(residual) && activation != 0;
+  const bool has_residual = present(residual) && activation != kIdentity;
   if (has_residual) check_like(*residual, "residual", x);
   at::Tensor grad_x = want_dx ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor grad_residual = want_dresidual ? at::empty_like(x) : at::empty({0}, x.options());
@@ -317,7 +318,7 @@ at::Tensor training_autograd(const at::Tensor& x, const c10::optional<at::Tensor
   cpu_node->eps = eps;
   cpu_node->activation = activation;
   cpu_node->slope = slope;
-  triton_bn_node::BatchNormBackward::record(node, y, x, w, b, r, mean, invstd, r.defined() && activation != 0);
+  triton_bn_node::BatchNormBackward::record(node, y, x, w, b, r, mean, invstd, r.defined() && activation != kIdentity);
   return y;
 }
 

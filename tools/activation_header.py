@@ -1,0 +1,60 @@
+"""Write triton_bn/csrc/cpu/activation_ids.h from the activation table (triton_bn/activations.py): the ids the
+C++ kernels' templates take, under the table's constant names (kIdentity, kRelu, ...). The header is
+committed; tests/test_activation_table.py checks that it is what this script writes.
+
+    python tools/activation_header.py            # rewrites the header
+    python tools/activation_header.py --check    # exit 1 if the committed header is not the table's
+"""
+import argparse
+import importlib.util
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = os.path.join(ROOT, "triton_bn", "csrc", "cpu", "activation_ids.h")
+
+
+def _table():
+    """The table, read from activations.py alone (no package import: no triton, no build)."""
+    spec = importlib.util.spec_from_file_location("triton_bn_activations", os.path.join(ROOT, "triton_bn",
+                                                                                         "activations.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TABLE
+
+
+def cpp_name(constant: str) -> str:
+    """RELU6 -> kRelu6, GELU_TANH -> kGeluTanh."""
+    return "k" + "".join(part.capitalize() for part in constant.split("_"))
+
+
+def header_text() -> str:
+    table = _table()
+    lines = ["// Written by tools/activation_header.py from the activation table (triton_bn/activations.py): edit the",
+             "// table, then run the script (tests/test_activation_table.py fails while this file is not the table's).",
+             "#pragma once", "", "namespace triton_bn_cpu {", ""]
+    for a in table:
+        lines.append(f"constexpr int {cpp_name(a.constant)} = {a.id};  // {a.name!r}")
+    lines += ["constexpr int kActivationCount = %d;  // ids are 0 .. kActivationCount - 1" % len(table), "",
+              "}  // namespace triton_bn_cpu", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    text = header_text()
+    if args.check:
+        with open(HEADER) as f:
+            same = f.read() == text
+        print("the header is the table's" if same else f"{HEADER} is not the table's: run python tools/activation_header.py")
+        return 0 if same else 1
+    with open(HEADER, "w") as f:
+        f.write(text)
+    print(f"wrote {HEADER}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

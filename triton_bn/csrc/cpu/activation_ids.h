@@ -1,0 +1,18 @@
+// Written by tools/activation_header.py from the activation table (triton_bn/activations.py): edit the
+// table, then run the script (tests/test_activation_table.py fails while this file is not the table's).
+#pragma once
+
+namespace triton_bn_cpu {
+
+constexpr int kIdentity = 0;  // None
+constexpr int kRelu = 1;  // 'relu'
+constexpr int kLeakyRelu = 2;  // 'leaky_relu'
+constexpr int kRelu6 = 3;  // 'relu6'
+constexpr int kSilu = 4;  // 'silu'
+constexpr int kGelu = 5;  // 'gelu'
+constexpr int kGeluTanh = 6;  // 'gelu_tanh'
+constexpr int kHardswish = 7;  // 'hardswish'
+constexpr int kSigmoid = 8;  // 'sigmoid'
+constexpr int kActivationCount = 9;  // ids are 0 .. kActivationCount - 1
+
+}  // namespace triton_bn_cpu
