@@ -291,3 +291,44 @@ def test_cpp_launch_variant_switches_the_path_on_for_its_steps_only(monkeypatch)
     with pytest.raises(ZeroDivisionError):
         with_cpp_launch(lambda: 1 / 0)()
     assert plans.ACTIVE is False
+
+
+def test_model_graphs_refuse_on_a_cpu_before_measuring_anything(tmp_path):
+    """``--model --graphs`` (the whole step captured in a CUDA graph) needs a GPU: on a CPU it says so and
+    measures nothing, from the command line and from the function alike."""
+    from triton_bn.bench.model import graphed_step, run_model_bench
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--model", "tiny", "--graphs", "--out",
+                           str(tmp_path / "m")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and "CUDA graphs need a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "m" / "model.csv").exists()
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA GPU"):
+        run_model_bench("tiny", ["fp32"], 2, 1, False, "cpu", progress=lambda text: None, graphs=True)
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA GPU"):
+        graphed_step(model, torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_graphed_training_step_replays_the_step_of_the_eager_model():
+    """The CUDA-graph regime of the model bench: the tiny model's whole step captured and replayed gives the
+    eager step's losses (same weights, same batch, same SGD)."""
+    import copy
+    from triton_bn.bench.model import TinyResNet, _step_fn, graphed_step
+    torch.manual_seed(0)
+    base = triton_bn_convert(TinyResNet().cuda())
+    images, labels = torch.randn(4, 3, 16, 16, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
+    eager, graphed = copy.deepcopy(base), copy.deepcopy(base)
+    eager_step = _step_fn(eager, images, labels, torch.float32)
+    for _ in range(3):  # what graphed_step's warm-up does
+        eager_step()
+    replay = graphed_step(graphed, images, labels, torch.float32, warmup=3)
+    for _ in range(3):
+        expected, got = float(eager_step()), float(replay())
+        assert abs(expected - got) <= 1e-4 * max(1.0, abs(expected)), (expected, got)
+
+
+def triton_bn_convert(model):
+    import triton_bn
+    return triton_bn.convert_model(model)

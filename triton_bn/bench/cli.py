@@ -50,8 +50,9 @@ def _parse(argv):
                             "or ~/triton_bn-results; an earlier run is never overwritten)")
     bench.add_argument("--tune-candidates", type=int, default=None,
                        help="autotune at most this many configurations per kernel key (default: all; --quick: 4)")
-    bench.add_argument("--model", default=None, choices=["resnet50", "tiny"],
-                       help="time whole training steps of this model (original vs converted) instead of layers")
+    bench.add_argument("--model", default=None, choices=["resnet50", "efficientnet_b0", "mobilenet_v3_large", "tiny"],
+                       help="time whole training steps of this model (original vs converted) instead of layers "
+                            "(the first three need torchvision)")
     bench.add_argument("--precisions", default="bf16,fp32",
                        help="--model: comma-separated, bf16 (autocast, channels_last) and/or fp32 (NCHW)")
     bench.add_argument("--batch", type=int, default=None, help="--model: batch size (default: the model's)")
@@ -60,7 +61,8 @@ def _parse(argv):
                        help="--model: also time torch.compile of the original and of the converted model")
     bench.add_argument("--graphs", action="store_true",
                        help="also time triton_bn and eager cuDNN replayed from a CUDA graph on every set (GPU time "
-                            "without the host's launch work; the latency set always gets these)")
+                            "without the host's launch work; the latency set always gets these); with --model, each "
+                            "model's whole training step captured once and replayed (a GPU only)")
     bench.add_argument("--latency", action="store_true",
                        help="deployed models at batch 1 and 8: the original, converted, folded, the folded one "
                             "compiled and exported to ONNX Runtime, side by side (latency.csv, latency.md, "
@@ -139,6 +141,9 @@ def run_model(args) -> int:
         raise SystemExit("triton-bn bench --model --interpreter: only --model tiny is practical")
     if args.steps < 1:
         raise SystemExit(f"triton-bn bench --model: --steps must be at least 1, got {args.steps}")
+    if args.graphs and not on_gpu:
+        raise SystemExit("triton-bn bench --model --graphs: CUDA graphs need a CUDA GPU; this run is on the CPU "
+                         "(leave out --graphs to time eager steps)")
     gpu_name = {"gpu": torch.cuda.get_device_name() if on_gpu else "", "interpreter": "cpu-interpreter",
                 "cpu": "cpu-" + _cpu_name()}[mode]
     stamp = datetime.date.today().isoformat()
@@ -156,7 +161,8 @@ def run_model(args) -> int:
         (out / "model.md").write_text(text)
         return text
     rows = run_model_bench(args.model, precisions, args.batch, args.steps, args.compile, device,
-                           progress=lambda text: _progress(0, 1, text), measured=write)
+                           progress=lambda text: print(text, file=sys.stderr, flush=True), measured=write,
+                           graphs=args.graphs)
     print(write(rows))
     print(f"wrote {out}/model.csv and model.md")
     return 0

@@ -4,7 +4,9 @@ A step is forward, cross-entropy loss, backward and an SGD step, on random image
 precision (fp32 NCHW; bf16 autocast with channels_last) it times, side by side in one process:
 ``original`` (the model as built), ``converted`` (``triton_bn.convert_model`` of a copy with the same
 weights), on a GPU where the opt-in C++ launch path builds also ``converted, C++ launch`` (the same, each step
-with that path switched on), and with ``--compile`` the ``torch.compile`` of each. Reported: median ms per step,
+with that path switched on), with ``--compile`` the ``torch.compile`` of each, and with ``--graphs`` (a GPU
+only) each one's whole step (forward, loss, backward, optimizer step) captured once in a CUDA graph and
+replayed, as NVIDIA's MLPerf ResNet-50 trains (``graphed_step``). Reported: median ms per step,
 images/s, the speedup over the original in the same mode (eager or compiled), the host's share of a
 step, and the relative difference of the first step's loss from the original's (the converted model
 must compute the same function: a fast wrong model must not hide).
@@ -15,8 +17,10 @@ the time until ``step()`` returns, before waiting for the GPU: where it is close
 step is host-bound (Python, autograd, launches), and its time follows the host's speed from one process
 to the next.
 
-Models: ``resnet50`` (torchvision's, batch 128 at 224x224 by default) and ``tiny`` (a small
-ResNet-like network built here, for machines without torchvision or a GPU).
+Models: ``resnet50`` (torchvision's, batch 128 at 224x224 by default), ``efficientnet_b0`` and
+``mobilenet_v3_large`` (torchvision's: depthwise convolutions, SiLU / hardswish, squeeze-excitation; other BN
+shapes than ResNet-50's) and ``tiny`` (a small ResNet-like network built here, for machines without
+torchvision or a GPU).
 """
 import copy
 import statistics
@@ -62,6 +66,8 @@ class TinyResNet(nn.Module):
 # name -> (builder, default batch, image side, classes)
 MODELS: Dict[str, tuple] = {
     "resnet50": (lambda: __import__("torchvision").models.resnet50(), 128, 224, 1000),
+    "efficientnet_b0": (lambda: __import__("torchvision").models.efficientnet_b0(), 128, 224, 1000),
+    "mobilenet_v3_large": (lambda: __import__("torchvision").models.mobilenet_v3_large(), 128, 224, 1000),
     "tiny": (TinyResNet, 4, 16, 10),
 }
 
@@ -78,6 +84,45 @@ def _step_fn(model: nn.Module, images, labels, dtype) -> Callable[[], torch.Tens
         optimizer.step()
         return loss
     return step
+
+
+def graphed_step(model: nn.Module, images, labels, dtype, warmup: int = 3) -> Callable[[], torch.Tensor]:
+    """The whole training step of ``model`` on the static ``images`` and ``labels`` captured once in a CUDA graph;
+    returns a step that replays it (and the loss tensor the graph writes). As PyTorch's docs capture a whole
+    network: warm-up steps on a side stream (so that kernels are compiled and tuned and the optimizer's state
+    exists before the capture: a triton_bn layer seen first inside a capture is refused), the gradients set to
+    None, then one step captured (its backward allocates the gradients in the graph's pool; replays overwrite
+    them). SGD with momentum keeps no step counter: nothing in its step reads the host. ``replay.first_loss`` is
+    the first warm-up step's loss (what the bench compares with the original's first step)."""
+    if images.device.type != "cuda":
+        raise RuntimeError("triton-bn bench --model --graphs: CUDA graphs need a CUDA GPU")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    autocast = dtype != torch.float32
+
+    def body():
+        with torch.autocast(images.device.type, dtype=dtype, enabled=autocast):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        losses = []
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(body().detach())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = body()
+
+    def replay():
+        graph.replay()
+        return static_loss
+    replay.first_loss = float(losses[0]) if losses else float("nan")  # the first step's, as the others report it
+    return replay
 
 
 CPP_VARIANT = "converted, C++ launch"
@@ -125,14 +170,17 @@ def _timed_steps(step: Callable, steps: int, on_gpu: bool, times: List[float], h
 
 def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, compile_too: bool, device: str,
                     progress: Callable[[str], None] = print,
-                    measured: Callable[[List[dict]], object] = lambda rows: None) -> List[dict]:
+                    measured: Callable[[List[dict]], object] = lambda rows: None, graphs: bool = False) -> List[dict]:
     """One row per (precision, variant). The original and the converted model start from the same
     weights and see the same batch; the first step of each is the warm-up (compile, autotune) and gives
-    the loss that is compared. ``measured`` gets the rows so far after each precision."""
+    the loss that is compared. ``measured`` gets the rows so far after each precision. ``graphs`` (a GPU
+    only) adds each model's whole step replayed from a CUDA graph."""
     import triton_bn
     builder, default_batch, side, classes = MODELS[name]
     batch = batch or default_batch
     on_gpu = device == "cuda"
+    if graphs and not on_gpu:
+        raise RuntimeError("triton-bn bench --model --graphs: CUDA graphs need a CUDA GPU (this run is on the CPU)")
     rows = []
     for precision in precisions:
         dtype, fmt = PRECISIONS[precision]
@@ -149,12 +197,19 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
         if compile_too:
             variants["compiled original"] = torch.compile(copy.deepcopy(base))
             variants["compiled converted"] = torch.compile(triton_bn.convert_model(copy.deepcopy(base)))
+        if graphs:
+            variants["graphed original"] = copy.deepcopy(base)
+            variants["graphed converted"] = triton_bn.convert_model(copy.deepcopy(base))
         first_loss, step_fns = {}, {}
         for variant, model in variants.items():
             progress(f"model {name} {precision} {variant}: warm-up")
-            step = _step_fn(model.train(), images, labels, dtype)
-            step = step_fns[variant] = with_cpp_launch(step) if variant == CPP_VARIANT else step
-            first_loss[variant] = float(step().detach())
+            if variant.startswith("graphed"):  # warmed up (its first step's loss is the compared one), captured
+                step = step_fns[variant] = graphed_step(model.train(), images, labels, dtype)
+                first_loss[variant] = step.first_loss
+            else:
+                step = _step_fn(model.train(), images, labels, dtype)
+                step = step_fns[variant] = with_cpp_launch(step) if variant == CPP_VARIANT else step
+                first_loss[variant] = float(step().detach())
             step()  # a second warm-up: the optimizer's state exists from here on
         step_times = {variant: [] for variant in variants}
         host_step_times = {variant: [] for variant in variants}
@@ -166,7 +221,8 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
                              host_step_times[variant])
         times = {variant: statistics.median(values) for variant, values in step_times.items()}
         for variant, ms in times.items():
-            baseline = "compiled original" if variant.startswith("compiled") else "original"
+            baseline = ("compiled original" if variant.startswith("compiled") else
+                        "graphed original" if variant.startswith("graphed") else "original")
             reference = first_loss["original"]
             rows.append(dict(model=name, precision=precision, variant=variant, batch=batch, steps=steps,
                              ms_per_step=ms, host_ms_per_step=statistics.median(host_step_times[variant]),
