@@ -25,25 +25,11 @@ from torch import fx, nn
 
 from .activations import activation_id, torch_activation
 from .convert import FusionReport, _OURS, _call_counts, _swap_batch_norms, one_level_graphs
-from .functional import SCRIPT_REFUSAL, apply_step, recording_for_export
+from .functional import SCRIPT_REFUSAL, apply_step, check_fused_residual, recording_for_export
 from .tracing import OneLevelTrace, running_graph
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _check_residual(residual, input: torch.Tensor) -> None:
-    """FrozenBatchNorm adds a residual of the input's shape, dtype and device (what ``fold_batch_norms`` moved
-    into it), with the error types of ``batch_norm``'s own checks."""
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"FrozenBatchNorm: residual must be a Tensor or None, got {type(residual).__name__}")
-    if residual.shape != input.shape:
-        raise ValueError(f"FrozenBatchNorm: residual shape {tuple(residual.shape)} differs from input shape "
-                         f"{tuple(input.shape)}")
-    if residual.dtype != input.dtype:
-        raise TypeError(f"FrozenBatchNorm: residual dtype {residual.dtype} differs from input dtype {input.dtype}")
-    if residual.device != input.device:
-        raise RuntimeError(f"FrozenBatchNorm: residual is on {residual.device} but input is on {input.device}")
 
 
 class FrozenBatchNorm(nn.Module):
@@ -87,7 +73,7 @@ class FrozenBatchNorm(nn.Module):
             raise ValueError(f"FrozenBatchNorm: expected input of shape (N, {scale.shape[0]}, *), got "
                              f"{tuple(input.shape)}")
         if residual is not None:
-            _check_residual(residual, input)
+            check_fused_residual(residual, input, "FrozenBatchNorm")
         if recording_for_export():
             out = self._portable(input, residual)
         elif self.identity and (residual is None or not input.is_cuda):

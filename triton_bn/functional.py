@@ -166,6 +166,19 @@ def _checked_activation(input, running_mean, running_var, weight, bias, training
     return act
 
 
+def check_fused_residual(residual, input: Tensor, who: str = "batch_norm") -> None:
+    """A residual the kernels add: a Tensor of the input's shape (ValueError), dtype (TypeError) and device
+    (RuntimeError)."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"{who}: residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(f"{who}: residual shape {tuple(residual.shape)} differs from input shape {tuple(input.shape)}")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"{who}: residual dtype {residual.dtype} differs from input dtype {input.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError(f"{who}: residual is on {residual.device} but input is on {input.device}")
+
+
 def _check_running_statistics(running_mean: Tensor, running_var: Tensor, training: bool) -> None:
     """Buffers, not parameters: PyTorch refuses running statistics that require grad while grad mode is on
     (in training and in eval alike), and so do we, on every path and dtype. In training they are written in
@@ -232,15 +245,7 @@ def _check_arguments(input, running_mean, running_var, weight, bias, training, m
     if running_mean is not None:
         _check_running_statistics(running_mean, running_var, training)
     if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
-        if residual.shape != input.shape:
-            raise ValueError(f"batch_norm: residual shape {tuple(residual.shape)} differs from input shape "
-                             f"{tuple(input.shape)}")
-        if residual.dtype != input.dtype:
-            raise TypeError(f"batch_norm: residual dtype {residual.dtype} differs from input dtype {input.dtype}")
-        if residual.device != input.device:
-            raise RuntimeError(f"batch_norm: residual is on {residual.device} but input is on {input.device}")
+        check_fused_residual(residual, input)
     if training:
         if not (isinstance(eps, (int, float)) and eps > 0):
             raise ValueError(f"batch_norm: eps must be > 0 in training, got {eps}")

@@ -30,18 +30,13 @@ def _flag(text: str) -> bool:
     raise ValueError(text)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def _count_or_auto(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(text)
+        return value
+    return parse
 
 
 def _seconds(text: str) -> float:
@@ -86,7 +81,7 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in [
     Setting("TRITON_BN_AUTOTUNE", FLAG, True, _flag,
             "Benchmark the tile configurations of a new kernel key on a GPU (off: the heuristic's choice). "
             "Read at import; ``triton_bn.autotune.tuner.autotune`` changes it later."),
-    Setting("TRITON_BN_TUNE_MAX_CANDIDATES", "whole number >= 1", None, _positive_int,
+    Setting("TRITON_BN_TUNE_MAX_CANDIDATES", "whole number >= 1", None, _whole_number(1),
             "At most this many configurations tried per key, the heuristic's first (unset: all). Read at import."),
     Setting("TRITON_BN_CACHE_DIR", "folder", None, _path,
             "Where tuning choices are kept (default ~/.cache/triton_bn). Read when tuning."),
@@ -96,7 +91,7 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in [
     Setting("TRITON_BN_BUILD_WAIT", "seconds >= 0", 900.0, _seconds,
             "How long a process waits for another one building the same library before it gives up with an "
             "error. Read when building."),
-    Setting("TRITON_BN_BUILD_JOBS", "whole number >= 0", 0, _count_or_auto,
+    Setting("TRITON_BN_BUILD_JOBS", "whole number >= 0", 0, _whole_number(0),
             "Compiler processes at once in a build (0: one per core). Read when building."),
     Setting("TRITON_BN_RESULTS_DIR", "folder", None, _path,
             "Where ``triton-bn bench`` writes a run's folder (default ~/triton_bn-results). Read by the bench."),
