@@ -183,26 +183,33 @@ def _check_running_statistics(running_mean: Tensor, running_var: Tensor, trainin
     """Buffers, not parameters: PyTorch refuses running statistics that require grad while grad mode is on
     (in training and in eval alike), and so do we, on every path and dtype. In training they are written in
     place, so neither may have elements that share memory (a stride-0 ``expand``) or overlap the other:
-    PyTorch writes such buffers silently and leaves them holding one of the channels' values; we refuse them."""
+    PyTorch writes such buffers silently and leaves them holding one of the channels' values; we refuse them.
+    (On every call with running statistics: the usual dense pair costs two contiguity tests and two addresses.)"""
     if (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
         raise ValueError("batch_norm: running_mean and running_var must not require grad (they are buffers, "
                          "updated in place; PyTorch refuses them too). Detach them, or call under torch.no_grad()")
     if not training:
         return
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t.stride(0) == 0 and t.shape[0] > 1:
-            raise ValueError(f"batch_norm: {name} is written in training, but its {t.shape[0]} elements share one "
-                             "memory location (stride 0, as from expand()): pass a tensor of its own (.clone())")
-    if running_mean is running_var or (running_mean.shape[0] > 0 and running_mean.device.type != "meta"
-                                       and not torch.compiler.is_compiling()  # no addresses while tracing
-                                       and _spans_overlap(running_mean, running_var)):
+    dense = running_mean.is_contiguous() and running_var.is_contiguous()
+    if not dense:  # a view: stride 0 is possible
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t.stride(0) == 0 and t.shape[0] > 1:
+                raise ValueError(f"batch_norm: {name} is written in training, but its {t.shape[0]} elements share "
+                                 "one memory location (stride 0, as from expand()): pass a tensor of its own (.clone())")
+    if running_mean is running_var or (not torch.compiler.is_compiling()  # no addresses while tracing
+                                       and _spans_overlap(running_mean, running_var, dense)):
         raise ValueError("batch_norm: running_mean and running_var share memory and are both written in training: "
                          "pass two separate tensors")
 
 
-def _spans_overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether the byte ranges two 1-D tensors span intersect (a cheap, conservative test of shared memory)."""
+def _spans_overlap(a: Tensor, b: Tensor, dense: bool) -> bool:
+    """Whether the byte ranges two 1-D tensors span intersect (a cheap, conservative test of shared memory;
+    never for tensors without memory: empty, or meta, whose addresses are 0). ``dense``: both contiguous."""
     start_a, start_b = a.data_ptr(), b.data_ptr()
+    if not (start_a and start_b):
+        return False
+    if dense:
+        return start_a < start_b + b.nbytes and start_b < start_a + a.nbytes
     end_a = start_a + ((a.shape[0] - 1) * a.stride(0) + 1) * a.element_size()
     end_b = start_b + ((b.shape[0] - 1) * b.stride(0) + 1) * b.element_size()
     return start_a < end_b and start_b < end_a
