@@ -163,3 +163,72 @@ def test_a_bn_subclass_with_its_own_activation_class_fuses_it():
     (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
     (grad_got,) = torch.autograd.grad(got.square().sum(), x)
     torch.testing.assert_close(grad_got, grad_expected, atol=1e-10, rtol=1e-10)
+
+
+# -- fusion coverage: what the original's data flow allows against what was fused ---------------------------
+class _Bottleneck(nn.Module):
+    """torchvision's Bottleneck idiom: one in-place ReLU module used twice, bn3 + downsample BN, then ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.downsample = nn.Sequential(nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.relu = nn.ReLU(inplace=True)
+        self.head_bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(out))
+        out += self.downsample(x)
+        out = self.relu(out)
+        return self.head_bn(out).mean((2, 3)) + self.head_bn(out).amax((2, 3))  # read twice: not fusable
+
+
+def test_coverage_counts_what_the_data_flow_allows_and_what_was_fused():
+    torch.manual_seed(0)
+    model = _Bottleneck()
+    x = torch.randn(2, 4, 5, 5)
+    converted = triton_bn.convert_model(model)
+    coverage = triton_bn.fusion_coverage(model, converted, x)
+    assert coverage.batch_norms == 4
+    assert coverage.feeds_activation == ["bn1"]  # read by the in-place ReLU only (its later readers are not bn1's)
+    assert coverage.feeds_add_activation == ["bn3"] and coverage.partners == {"bn3": ["downsample.1"]}
+    assert coverage.fusable == 2 and coverage.fused == 2 and coverage.missed == []
+    assert converted.fusion_report.coverage is coverage
+    assert "2 of 2 fusable BNs fused" in str(coverage)
+
+
+class _Untraceable(nn.Module):
+    """A forward fx can not trace (a branch on a value): its BN + SiLU is swapped, not fused: coverage says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.SiLU()
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # data-dependent control flow
+            return self.act(self.bn(self.conv(x)))
+        return x
+
+
+def test_coverage_names_what_convert_model_missed():
+    torch.manual_seed(0)
+    model = _Untraceable()
+    with pytest.warns(UserWarning, match="could not trace"):
+        converted = triton_bn.convert_model(model)
+    coverage = triton_bn.fusion_coverage(model, converted, torch.randn(2, 3, 6, 6))
+    assert coverage.feeds_activation == ["bn"] and coverage.fused == 0 and coverage.missed == ["bn"]
+    assert "missed: bn" in str(coverage)
+
+
+def test_the_coverage_script_runs_over_the_zoo():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(root, "tools", "fusion_coverage.py")], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "YoloConvStack      3 of 3 fusable BNs fused" in done.stdout and "all: " in done.stdout

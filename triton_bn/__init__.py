@@ -8,11 +8,12 @@ __version__ = "0.1.0"  # first: modules below read it (the tuning cache's file n
 
 from .activations import SUPPORTED_ACTIVATIONS
 from .convert import FusionReport, convert_model, convert_sync_batchnorm
+from .coverage import fusion_coverage
 from .fold import FrozenBatchNorm, fold_batch_norms
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .sync import SyncBatchNorm, SyncBatchNormAct
 
-__all__ = ["batch_norm", "convert_model", "FusionReport", "fold_batch_norms", "FrozenBatchNorm", "BatchNorm1d", "BatchNorm2d",
+__all__ = ["batch_norm", "convert_model", "FusionReport", "fusion_coverage", "fold_batch_norms", "FrozenBatchNorm", "BatchNorm1d", "BatchNorm2d",
            "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "SyncBatchNorm", "SyncBatchNormAct",
            "convert_sync_batchnorm", "SUPPORTED_ACTIVATIONS", "__version__"]

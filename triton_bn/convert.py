@@ -77,6 +77,7 @@ class FusionReport:
     notes: List[str] = field(default_factory=list)
     guarded: Dict[str, List[str]] = field(default_factory=dict)
     fallbacks: Dict[str, int] = field(default_factory=dict)
+    coverage: Optional[object] = None  # a coverage.Coverage once triton_bn.fusion_coverage measured it
 
     @property
     def converted(self) -> int:

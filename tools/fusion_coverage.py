@@ -1,0 +1,71 @@
+"""Print how much of each model's fusable batch norm convert_model fused (triton_bn.fusion_coverage: the BNs
+that feed an activation, directly or through an add, in the original's data flow, against those fused), for
+the test zoo's models (tests/zoo.py: torchvision-, timm- and DLA-like idioms built here) and a YOLO-style
+Conv-BN-SiLU stack.
+
+    python tools/fusion_coverage.py
+"""
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
+
+import triton_bn  # noqa: E402
+import zoo  # noqa: E402
+
+
+class ConvBnSiLU(nn.Module):
+    """Ultralytics' Conv block."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+def models():
+    """(name, model, input) for every zoo model that takes a 2x3x16x16 image, and the YOLO-style stack."""
+    found = []
+    for name in sorted(dir(zoo)):
+        cls = getattr(zoo, name)
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and name.endswith("Like"):
+            try:
+                model = cls()
+                x = torch.randn(2, 3, 16, 16)
+                with torch.no_grad():
+                    model(x)
+            except Exception:  # noqa: BLE001 - a zoo model that takes other inputs
+                continue
+            found.append((name, model, x))
+    found.append(("YoloConvStack", nn.Sequential(ConvBnSiLU(3, 8), ConvBnSiLU(8, 8), ConvBnSiLU(8, 16)),
+                  torch.randn(2, 3, 16, 16)))
+    return found
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    total_fusable = total_fused = 0
+    for name, model, x in models():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = triton_bn.convert_model(model)
+            coverage = triton_bn.fusion_coverage(model, converted, x)
+        total_fusable += coverage.fusable
+        total_fused += coverage.fused
+        print(f"{name:18} {coverage}")
+    print(f"all: {total_fused} of {total_fusable} fusable BNs fused")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
