@@ -122,8 +122,8 @@ def activation_by_behaviour(module: nn.Module) -> Optional[Tuple[str, float]]:
     """(name, negative_slope) when ``module`` behaves as one of triton_bn's activations, else None.
 
     A module is taken for an activation only when it holds no parameters, no buffers (no state the kernels
-    would not have) and no child modules (a container's children must keep their paths), and its output equals that activation's within rounding on every probe value
-    (``_probe_values``), in float64, fp32, bf16 and fp16, in training and in eval mode, returning the input's
+    would not have) and no child modules (a container's children must keep their paths), and its output equals
+    that activation's within rounding on every probe value (``_probe_values``), in float64, fp32, bf16 and fp16, in training and in eval mode, returning the input's
     shape and dtype, without error; an in-place one (``inplace=True``) is probed on copies and counts as the
     activation it computes. The slope of a leaky ReLU is read off the probes, then checked with the rest.
     Modules whose output depends on anything else (dropout in training, randomness, a flag they read later)

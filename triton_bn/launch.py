@@ -76,7 +76,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Under a stand-in CUDA driver (TRITON_BN_CUDA_DRIVER=record or null: tests and host-cost measurements of
 # the C++ launch path, plans.py) CPU tensors take the kernel path as CUDA tensors would, and nothing is
 # launched from Python: the launches are only watched.
-STAND_IN = settings.get("TRITON_BN_CUDA_DRIVER") in ("record", "null")
+CUDA_DRIVER = settings.get("TRITON_BN_CUDA_DRIVER")  # "real", "record" or "null" (plans.py reads it here)
+STAND_IN = CUDA_DRIVER in ("record", "null")
 
 
 def uses_kernels(x: torch.Tensor) -> bool:

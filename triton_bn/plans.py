@@ -39,7 +39,7 @@ from . import build, launch, settings
 from .activations import ACTIVATION_IDS
 
 ENABLED = settings.flag("TRITON_BN_CPP_LAUNCH")
-STAND_IN = settings.get("TRITON_BN_CUDA_DRIVER") if launch.STAND_IN else ""  # "record", "null" or "" (real)
+STAND_IN = launch.CUDA_DRIVER if launch.STAND_IN else ""  # "record", "null" or "" (the real driver)
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cuda")
 
