@@ -53,8 +53,9 @@ def test_convert_model_warns_once_when_there_is_nothing_to_convert():
         warnings.simplefilter("always")
         triton_bn.convert_model(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
         triton_bn.convert_model(_model())
+        triton_bn.convert_model(nn.Sequential(nn.Conv2d(3, 3, 1), nn.InstanceNorm2d(3)))  # a norm, not a BN
     said = [str(w.message) for w in caught if "no BatchNorm" in str(w.message)]
-    assert len(said) == 1 and "Sequential has no BatchNorm layer" in said[0]
+    assert len(said) == 2 and all("Sequential has no BatchNorm layer" in text for text in said)
 
 
 def test_bench_quick_on_a_cpu_is_fp32_on_the_three_largest_resnet50_layers(tmp_path):

@@ -503,7 +503,7 @@ def convert_model(module: nn.Module, fuse_activations: bool = True, *, inplace: 
             warnings.warn(f"triton_bn.convert_model: torch.fx could not trace {', '.join(untraced)}; the BNs directly "
                           "inside were swapped but not fused (details in fusion_report.notes)")
     total = sum(1 for m in model.modules() if isinstance(m, _OURS))
-    if total == 0 and not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules()):
+    if total == 0 and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         warnings.warn(f"triton_bn.convert_model: {type(model).__name__} has no BatchNorm layer; nothing was "
                       "converted (the result computes what the original does, on PyTorch's layers)")
     report.plain = total - report.activation - report.residual
