@@ -264,62 +264,92 @@ def test_kinks_follow_pytorch_subgradients(activation):
     assert torch.equal(dx, z.grad), (dx, z.grad)
 
 
-def _activation_inputs():
+def _activation_inputs(dtype=torch.float32):
     """z over the range where the transcendental activations change (a fine grid over [-20, 20]), their far
-    ends (over- and underflow of e^z, values past fp32's), the infinities, NaN and signed zeros."""
+    ends (over- and underflow of e^z, values past fp32's), the infinities, NaN and signed zeros; in ``dtype``
+    (float64: the grid drawn in float64, with bits below fp32's)."""
     special = [0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, 80.0, -80.0, 87.5, -87.5, 88.5, -88.5, 89.0, -89.0, 100.0,
-               -100.0, 1e30, -1e30, float("inf"), float("-inf"), float("nan")]
-    return torch.cat([torch.linspace(-20, 20, 40001), torch.tensor(special)])
+               -100.0, 1e30, -1e30, 710.0, -710.0, 1e300, -1e300, float("inf"), float("-inf"), float("nan")]
+    return torch.cat([torch.linspace(-20, 20, 40001, dtype=dtype), torch.tensor(special, dtype=dtype)])
 
 
+# (relative, absolute) bounds of the vector math against float64 PyTorch: fp32 within 1e-5 relative plus 1e-6
+# absolute (ATen's fp32 erf is a polynomial of 1.5e-7 absolute error, its exp and tanh Sleef's 1 ulp); float64
+# within 1e-13 relative plus 1e-15 absolute (Sleef's double functions are 1 ulp; the formulas add a few).
+VECTOR_MATH_BOUNDS = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-13, 1e-15)}
+
+
+def _assert_within(got, expected, z, dtype):
+    relative, absolute = VECTOR_MATH_BOUNDS[dtype]
+    error = (got.double() - expected).abs()
+    bound = absolute + relative * expected.abs()
+    worst = int(torch.argmax(error / bound))
+    assert bool((error <= bound).all()), (float(z[worst]), float(got[worst]), float(expected[worst]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("layout", ["planes", "rows of one channel"])
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "sigmoid"])
-def test_transcendental_activations_against_float64(activation, layout):
-    """SiLU, GELU, GELU-tanh and sigmoid computed in vector registers (where the build has AVX2: e^z, erf
-    and tanh by our own approximations) against float64 PyTorch, z = x exactly (eval, mean 0, variance 1,
-    eps 0): within 1e-5 relative plus 1e-6 absolute (fp32; erf's approximation is 1.5e-7 absolute), NaN
-    and the infinities where PyTorch's formulas give them. Planes of 40022 values take the vector body and a
-    padded last block; rows of one channel take only padded blocks."""
-    z = _activation_inputs()
+def test_transcendental_activations_against_float64(activation, layout, dtype):
+    """SiLU, GELU, GELU-tanh and sigmoid computed in vector registers (at::vec::Vectorized of the compute
+    type, fp32 or double) against float64 PyTorch, z = x exactly (eval, mean 0, variance 1, eps 0): within
+    VECTOR_MATH_BOUNDS, NaN and the infinities where PyTorch's formulas give them. Planes of 40025 values take
+    the vector body and a partial last vector; rows of one channel take only partial vectors."""
+    z = _activation_inputs(dtype)
     x = z.reshape(1, 1, -1).contiguous() if layout == "planes" else z.reshape(-1, 1).contiguous()
     y = native.ops().apply(x, torch.zeros(1), torch.ones(1), None, None, None, 0.0, False, ACTIVATION_IDS[activation],
                            0.0).reshape(-1)
+    assert y.dtype == dtype
     expected = torch_activation(activation)(z.double())
     assert torch.equal(torch.isnan(y), torch.isnan(expected))
     finite = torch.isfinite(expected)
-    assert torch.equal(y[~finite & ~torch.isnan(expected)], expected[~finite & ~torch.isnan(expected)].float())
-    error = (y[finite].double() - expected[finite]).abs()
-    bound = 1e-6 + 1e-5 * expected[finite].abs()
-    worst = int(torch.argmax(error / bound))
-    assert bool((error <= bound).all()), (float(z[finite][worst]), float(y[finite][worst]),
-                                          float(expected[finite][worst]))
+    assert torch.equal(y[~finite & ~torch.isnan(expected)], expected[~finite & ~torch.isnan(expected)].to(dtype))
+    _assert_within(y[finite], expected[finite], z[finite], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("layout", ["planes", "rows of one channel"])
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "sigmoid"])
-def test_transcendental_activation_derivatives_against_float64(activation, layout):
+def test_transcendental_activation_derivatives_against_float64(activation, layout, dtype):
     """Their derivatives in vector registers, the same way: the backward with running statistics (mean 0,
-    variance 1, eps 0, weight 1: dx = dz = dy * act'(x)) against float64 autograd within 1e-5 relative plus
-    1e-6 absolute, and the per-channel sums of pass 1 (dbias = sum dz, dweight = sum dz * x) against
-    float64 within 1e-5 relative. Finite inputs up to 100 in magnitude (beyond, z^3 overflows fp32 in
-    GELU-tanh's derivative, as in PyTorch's own fp32 kernel)."""
-    z = _activation_inputs()
+    variance 1, eps 0, weight 1: dx = dz = dy * act'(x)) against float64 autograd within VECTOR_MATH_BOUNDS,
+    and the per-channel sums of pass 1 (dbias = sum dz, dweight = sum dz * x) against float64 within its
+    relative bound. Finite inputs up to 100 in magnitude (beyond, z^3 overflows fp32 in GELU-tanh's
+    derivative, as in PyTorch's own fp32 kernel)."""
+    z = _activation_inputs(dtype)
     z = z[torch.isfinite(z) & (z.abs() <= 100)]
-    grad_y = torch.linspace(-2, 3, z.numel())
+    grad_y = torch.linspace(-2, 3, z.numel(), dtype=dtype)
     shape = (1, 1, -1) if layout == "planes" else (-1, 1)
     x, dy = z.reshape(shape).contiguous(), grad_y.reshape(shape).contiguous()
-    dx, dweight, dbias, _ = reference.batch_norm_backward(dy, x, torch.zeros(1), torch.ones(1), torch.ones(1),
-                                                          torch.zeros(1), None, 0.0, False, ACTIVATION_IDS[activation],
-                                                          0.0, [True, True, True, False])
+    zero, one = torch.zeros(1, dtype=dtype), torch.ones(1, dtype=dtype)  # dweight and dbias come in their dtype
+    dx, dweight, dbias, _ = reference.batch_norm_backward(dy, x, zero, one, one, zero, None, 0.0, False,
+                                                          ACTIVATION_IDS[activation], 0.0, [True, True, True, False])
+    assert dx.dtype == dbias.dtype == dtype
     leaf = z.double().requires_grad_()
     torch_activation(activation)(leaf).backward(grad_y.double())
     expected = leaf.grad
-    error = (dx.reshape(-1).double() - expected).abs()
-    bound = 1e-6 + 1e-5 * expected.abs()
-    worst = int(torch.argmax(error / bound))
-    assert bool((error <= bound).all()), (float(z[worst]), float(dx.reshape(-1)[worst]), float(expected[worst]))
-    torch.testing.assert_close(dbias.double(), expected.sum().reshape(1), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(dweight.double(), (expected * z.double()).sum().reshape(1), atol=1e-6, rtol=1e-5)
+    _assert_within(dx.reshape(-1), expected, z, dtype)
+    relative, absolute = VECTOR_MATH_BOUNDS[dtype]
+    torch.testing.assert_close(dbias.double(), expected.sum().reshape(1), atol=absolute, rtol=relative)
+    torch.testing.assert_close(dweight.double(), (expected * z.double()).sum().reshape(1), atol=absolute,
+                               rtol=relative)
+
+
+def test_vector_math_built_for_pytorchs_isa():
+    """The build names the vector ISA PyTorch dispatches to on this CPU (torch.backends.cpu.get_cpu_capability),
+    and the loaded library's vector type has that ISA's lanes: 16 fp32 / 8 double for AVX-512, 8 / 4 for AVX2.
+    Without the capability macros ATen's Vectorized is its portable code (on x86, scalar calls in a loop)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa = native.vector_isa()
+    flags = native._compile_flags()
+    lanes = native.vector_lanes()
+    if capability in ("AVX512", "AVX2"):
+        assert isa == capability
+        assert f"-DCPU_CAPABILITY={isa}" in flags and f"-DCPU_CAPABILITY_{isa}" in flags
+        assert lanes == {"AVX512": (16, 8), "AVX2": (8, 4)}[isa]
+    else:
+        assert isa == "DEFAULT" and not any(flag.startswith("-DCPU_CAPABILITY") for flag in flags)
+        assert lanes[0] >= 1 and lanes[1] >= 1
 
 
 def test_the_ops_refuse_bad_arguments_before_writing_the_running_statistics():

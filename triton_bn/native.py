@@ -18,7 +18,7 @@ import os
 import platform
 import threading
 import warnings
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -53,15 +53,43 @@ _lock = threading.Lock()
 _UNSET = object()
 
 
+# ATen's vector ISAs (torch.backends.cpu.get_cpu_capability()) that at::vec::Vectorized is built for by a
+# CPU_CAPABILITY macro, and the compiler macros the build must then show (ATen's own AVX-512 kernels are
+# compiled with AVX512F, BW, VL and DQ; csrc/cpu/kernels.h refuses a capability the compiler does not target).
+VECTOR_ISAS = {
+    "AVX512": ("__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512DQ__", "__FMA__"),
+    "AVX2": ("__AVX2__", "__FMA__"),
+}
+
+
+def vector_isa() -> str:
+    """The vector ISA the native kernels' transcendental activations are built for: PyTorch's own choice on
+    this CPU (its ``get_cpu_capability``: "AVX512" or "AVX2" on x86, lowered by ``ATEN_CPU_CAPABILITY`` as
+    PyTorch's kernels are), or "DEFAULT" (ATen's portable code: NEON on aarch64, which ATen's headers pick by
+    themselves, scalar loops elsewhere) where PyTorch names no x86 ISA. Part of the build's key (through the
+    flags) and of the bench's header."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability if capability in VECTOR_ISAS else "DEFAULT"
+
+
+def capability_flags(isa: str):
+    """The macros that build at::vec::Vectorized for ``isa`` (a key of VECTOR_ISAS, or DEFAULT): what inductor's
+    C++ code passes too (torch/_inductor/cpu_vec_isa.py). Without them Vectorized is ATen's portable code, on x86
+    a loop of scalar calls: the known trap of including vec.h in an extension."""
+    return [] if isa == "DEFAULT" else [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]
+
+
 def _compile_flags():
     """Optimised for this machine's CPU (its vector width decides the loops' speed); the CPU is part of the
     build's key, so a home directory shared by different machines never hands one another's binary.
     ``-fopenmp``: ATen's ``parallel_for`` is an inline template that runs serially unless the code that
-    instantiates it is compiled with OpenMP (it then shares PyTorch's own OpenMP runtime and threads)."""
+    instantiates it is compiled with OpenMP (it then shares PyTorch's own OpenMP runtime and threads).
+    The vector ISA's macros (``vector_isa``): csrc/cpu/kernels.h checks that -march=native gives what they
+    ask for."""
     flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
-    return flags
+    return flags + capability_flags(vector_isa())
 
 
 def _build():
@@ -93,6 +121,15 @@ def ops() -> Optional[NativeOps]:
                                   "kernels instead (slower). TRITON_BN_NATIVE_CPU=0 skips the attempt.")
             _loaded["ops"] = loaded
     return _loaded["ops"]
+
+
+def vector_lanes() -> Optional[Tuple[int, int]]:
+    """(fp32 lanes, double lanes) of the vector type the loaded build's transcendental activations run on
+    (16 and 8 where it was built for AVX-512, 8 and 4 for AVX2, 1 and 1 where ATen's code is scalar); None
+    where no build is loaded."""
+    if ops() is None:
+        return None
+    return tuple(torch.ops.triton_bn_cpu.vector_lanes())
 
 
 def loaded_from() -> Optional[str]:

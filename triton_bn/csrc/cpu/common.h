@@ -71,6 +71,12 @@ void backward(const T* dy, const T* x, const T* res, T* grad_x, T* grad_res, acc
               acc_t<T>* grad_bias, const Geometry& geometry, BackwardCoefficients<acc_t<T>>& k,
               const std::vector<acc_t<T>>& w, bool batch_stats, bool need_sums, int64_t activation, acc_t<T> slope);
 
+// Lanes of the vector type the transcendental activations run on (at::vec::Vectorized of the compute
+// type: fp32, double), as built: 16 / 8 for AVX-512, 8 / 4 for AVX2, 4 / 2 for NEON, 1 where ATen's code is
+// scalar. Defined in kernels_float_forward.cpp and kernels_double_forward.cpp; the op vector_lanes.
+int64_t activation_lanes_float();
+int64_t activation_lanes_double();
+
 // The entry points of one dtype: instantiated (PREFIX empty) in kernels_<dtype>_forward.cpp (statistics,
 // normalize) and kernels_<dtype>_backward.cpp, declared extern here for the rest.
 #define TRITON_BN_FORWARD_KERNELS(PREFIX, T)                                                                  \

@@ -8,6 +8,15 @@
 #include "common.h"
 
 #include <ATen/Parallel.h>
+// at::vec::Vectorized, for the ISA of the CPU_CAPABILITY macros the build passes (native.py: vector_isa)
+#if defined(CPU_CAPABILITY_AVX512) && !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+                                        defined(__AVX512DQ__) && defined(__FMA__))
+#error "CPU_CAPABILITY_AVX512 without the AVX-512 instructions ATen's vector code needs (F, BW, VL, DQ, FMA)"
+#endif
+#if defined(CPU_CAPABILITY_AVX2) && !(defined(__AVX2__) && defined(__FMA__))
+#error "CPU_CAPABILITY_AVX2 without AVX2 and FMA"
+#endif
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 
 // The hand-written vector code (the 16-bit float types' loops, the transcendental activations) needs AVX2
@@ -245,159 +254,89 @@ template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
   return g;
 }
 
-// Whether the activation ACT of a T line runs in vector registers (act_span below): SiLU, GELU, GELU-tanh
-// and sigmoid, for the inputs computed in fp32.
-template <typename T, int ACT> constexpr bool kVectorMath =
-    TRITON_BN_VECTORS && !std::is_same_v<T, double> && (ACT == kSilu || ACT == kGelu || ACT == kGeluTanh || ACT == kSigmoid);
-
-#if TRITON_BN_VECTORS
-// -- the transcendental activations in vector registers -------------------------------------------------
+// -- the transcendental activations in vector registers: ATen's vector library ---------------------------
 // GCC vectorizes no call to std::exp, std::erf or std::tanh (only -ffast-math would let it call glibc's
-// vector versions, and it would also drop the NaN semantics the loops keep), so SiLU and GELU ran one
-// value at a time: 3-6x slower than PyTorch's BN followed by its vectorized activation (perf/NOTES.md).
-// These take 8 fp32 values at a time, to within a few ulp of the scalar functions (erf: 1.5e-7 absolute,
-// the approximation PyTorch's own AVX2 erf uses), with NaN in giving NaN out and the infinities of the
-// scalar formulas.
-inline __m256 negate8(__m256 v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.0f)); }
+// vector versions, and it would also drop the NaN semantics the loops keep), so a loop calling them runs
+// one value at a time: 3-6x slower than PyTorch's BN followed by its vectorized activation
+// (perf/NOTES.md). SiLU, GELU, GELU-tanh and sigmoid therefore run on at::vec::Vectorized<A>, the vector
+// type PyTorch's own CPU kernels use, built for the ISA the build names (native.py: the CPU_CAPABILITY
+// macros, AVX-512 or AVX2 on x86, as PyTorch itself dispatches on this CPU): 16 fp32 / 8 double lanes
+// under AVX-512, 8 / 4 under AVX2, NEON's 4 / 2 on Arm, and ATen's scalar loops where no vector ISA is
+// known. Its exp and tanh are Sleef's (1 ulp; the symbols come from libtorch_cpu, which the library links),
+// its fp32 erf ATen's own polynomial, its double erf Sleef's: the functions, to the ulp, that PyTorch's
+// silu, gelu and sigmoid kernels call, float64 included. The formulas are activate<ACT>'s.
+template <typename A> using Vec = at::vec::Vectorized<A>;
+template <typename A> inline Vec<A> splat(double value) { return Vec<A>(static_cast<A>(value)); }  // every lane
 
-inline __m256 copy_sign8(__m256 magnitude, __m256 sign_of) {
-  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-  return _mm256_or_ps(_mm256_andnot_ps(sign_bit, magnitude), _mm256_and_ps(sign_bit, sign_of));
+// Whether the activation ACT of a T line runs in vector registers (act_span below): SiLU, GELU, GELU-tanh
+// and sigmoid, for every dtype (in its compute type A: fp32, or double for float64).
+template <typename T, int ACT> constexpr bool kVectorMath =
+    ACT == kSilu || ACT == kGelu || ACT == kGeluTanh || ACT == kSigmoid;
+
+template <typename A> inline Vec<A> sigmoid_vec(const Vec<A>& z) {
+  const Vec<A> one = splat<A>(1);
+  return one / (one + z.neg().exp());
 }
 
-// e^x = 2^n e^r: n = x / ln 2 rounded, r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] (ln 2 in two parts, so that
-// n ln 2 is exact to fp32's precision), e^r by its Taylor series to r^7 (truncation below 6e-9
-// relative), 2^n built in the exponent bits. Above ln(FLT_MAX) the result is inf, below ln(FLT_MIN) 0
-// (where e^x would be subnormal: an absolute difference below 1.2e-38). x is first clamped to where n
-// stays a normal exponent (at most 127), so within 0.35 below ln(FLT_MAX) the result is e^88.376 (a
-// third low at worst): the activations only divide by 1 + e^x or multiply by e^(-x^2) there, which
-// makes that a difference below 1e-36 in their results.
-inline __m256 exp8(__m256 x) {
-  constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
-  constexpr float kOverflow = 88.7228394f, kUnderflow = -87.3365479f, kClampHigh = 88.3762589f;
-  // min(hi, x) and max(lo, x) return x itself for a NaN
-  const __m256 clamped = _mm256_max_ps(_mm256_set1_ps(kUnderflow), _mm256_min_ps(_mm256_set1_ps(kClampHigh), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), clamped);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040);
-  for (const float coefficient : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(coefficient));
-  }
-  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
-  result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(kOverflow), _CMP_GT_OQ));
-  return _mm256_blendv_ps(result, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(kUnderflow), _CMP_LT_OQ));
-}
-
-// erf by Abramowitz and Stegun's 7.1.26: 1 - t (a1 + t (a2 + ... + t a5)) e^(-x^2), t = 1 / (1 + p |x|),
-// odd in x; absolute error below 1.5e-7.
-inline __m256 erf8(__m256 x) {
-  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a,
-                                                                        _mm256_set1_ps(1.0f)));
-  __m256 poly = _mm256_set1_ps(1.061405429f);
-  for (const float coefficient : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f}) {
-    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(coefficient));
-  }
-  poly = _mm256_mul_ps(poly, t);
-  const __m256 tail = _mm256_mul_ps(poly, exp8(_mm256_mul_ps(negate8(a), a)));
-  return copy_sign8(_mm256_sub_ps(_mm256_set1_ps(1.0f), tail), x);
-}
-
-// tanh u = (1 - e^(-2|u|)) / (1 + e^(-2|u|)), odd in u.
-inline __m256 tanh8(__m256 u) {
-  const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), u)));
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return copy_sign8(_mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e)), u);
-}
-
-inline __m256 sigmoid8(__m256 z) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(negate8(z))));
-}
-
-// act(z) for 8 values, the formulas of activate<ACT> (SiLU z / (1 + e^-z), as PyTorch writes it).
-template <int ACT> inline __m256 activate8(__m256 z) {
-  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
-  if constexpr (ACT == kSilu) return _mm256_div_ps(z, _mm256_add_ps(one, exp8(negate8(z))));
-  if constexpr (ACT == kGelu) {
-    const __m256 cdf = _mm256_add_ps(one, erf8(_mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kSqrt1_2)))));
-    return _mm256_mul_ps(_mm256_mul_ps(half, z), cdf);
-  }
+// act(z) for Vec<A>::size() values (SiLU z / (1 + e^-z), as PyTorch writes it).
+template <int ACT, typename A> inline Vec<A> activate_vec(const Vec<A>& z) {
+  const Vec<A> half = splat<A>(0.5), one = splat<A>(1);
+  if constexpr (ACT == kSilu) return z / (one + z.neg().exp());
+  if constexpr (ACT == kGelu) return half * z * (one + (z * splat<A>(kSqrt1_2)).erf());
   if constexpr (ACT == kGeluTanh) {
-    const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(z, z), z);
-    const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(static_cast<float>(kTanhBeta)),
-                                       _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(kTanhKappa)), cube, z));
-    return _mm256_mul_ps(_mm256_mul_ps(half, z), _mm256_add_ps(one, tanh8(inner)));
+    const Vec<A> inner = splat<A>(kTanhBeta) * at::vec::fmadd(splat<A>(kTanhKappa), z * z * z, z);
+    return half * z * (one + inner.tanh());
   }
-  if constexpr (ACT == kSigmoid) return sigmoid8(z);
+  if constexpr (ACT == kSigmoid) return sigmoid_vec(z);
   return z;
 }
 
-// dL/dz = g * act'(z) for 8 values, the formulas of activation_backward<ACT>.
-template <int ACT> inline __m256 activation_backward8(__m256 g, __m256 z) {
-  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+// dL/dz = g * act'(z) for Vec<A>::size() values, the formulas of activation_backward<ACT>.
+template <int ACT, typename A> inline Vec<A> activation_backward_vec(const Vec<A>& g, const Vec<A>& z) {
+  const Vec<A> half = splat<A>(0.5), one = splat<A>(1);
   if constexpr (ACT == kSilu) {
-    const __m256 s = sigmoid8(z);
-    return _mm256_mul_ps(_mm256_mul_ps(g, s), _mm256_fmadd_ps(z, _mm256_sub_ps(one, s), one));
+    const Vec<A> s = sigmoid_vec(z);
+    return g * s * at::vec::fmadd(z, one - s, one);
   }
   if constexpr (ACT == kGelu) {
-    const __m256 erf = erf8(_mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kSqrt1_2))));
-    const __m256 cdf = _mm256_mul_ps(half, _mm256_add_ps(one, erf));
-    const __m256 pdf = exp8(_mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(-0.5f), z), z));
-    const __m256 scaled_z = _mm256_mul_ps(z, _mm256_set1_ps(static_cast<float>(kGeluPdf)));
-    return _mm256_mul_ps(g, _mm256_fmadd_ps(scaled_z, pdf, cdf));
+    const Vec<A> cdf = half * (one + (z * splat<A>(kSqrt1_2)).erf());
+    const Vec<A> pdf = (splat<A>(-0.5) * z * z).exp();
+    return g * at::vec::fmadd(z * splat<A>(kGeluPdf), pdf, cdf);
   }
   if constexpr (ACT == kGeluTanh) {
-    const __m256 beta = _mm256_set1_ps(static_cast<float>(kTanhBeta));
-    const __m256 kappa = _mm256_set1_ps(static_cast<float>(kTanhKappa));
-    const __m256 square = _mm256_mul_ps(z, z);
-    const __m256 t = tanh8(_mm256_mul_ps(beta, _mm256_fmadd_ps(kappa, _mm256_mul_ps(square, z), z)));
-    const __m256 inner_slope = _mm256_mul_ps(beta, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(3.0f), kappa), square,
-                                                                   one));
-    const __m256 slope = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, z), _mm256_fnmadd_ps(t, t, one)), inner_slope);
-    return _mm256_mul_ps(g, _mm256_fmadd_ps(half, _mm256_add_ps(one, t), slope));
+    const Vec<A> beta = splat<A>(kTanhBeta), kappa = splat<A>(kTanhKappa), square = z * z;
+    const Vec<A> t = (beta * at::vec::fmadd(kappa, square * z, z)).tanh();
+    const Vec<A> inner_slope = beta * at::vec::fmadd(splat<A>(3) * kappa, square, one);
+    const Vec<A> slope = half * z * (one - t * t) * inner_slope;
+    return g * at::vec::fmadd(half, one + t, slope);
   }
   if constexpr (ACT == kSigmoid) {
-    const __m256 s = sigmoid8(z);
-    return _mm256_mul_ps(_mm256_mul_ps(g, _mm256_sub_ps(one, s)), s);
+    const Vec<A> s = sigmoid_vec(z);
+    return g * (one - s) * s;
   }
   return g;
 }
 
-// z[0, n) = act(z[0, n)) in place, 8 values at a time; the last n % 8 through a padded block, so that
-// every value takes the same approximation whatever its position.
-template <int ACT> void act_span(float* z, int64_t n) {
+// z[0, n) = act(z[0, n)) in place, a vector at a time; the last n % size() through a partial load (the
+// lanes past n zero), so that every value takes the same arithmetic whatever its position.
+template <int ACT, typename A> void act_span(A* z, int64_t n) {
+  constexpr int64_t kLanes = Vec<A>::size();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(z + i, activate8<ACT>(_mm256_loadu_ps(z + i)));
-  if (i < n) {
-    float block[8] = {};
-    std::copy(z + i, z + n, block);
-    _mm256_storeu_ps(block, activate8<ACT>(_mm256_loadu_ps(block)));
-    std::copy(block, block + (n - i), z + i);
-  }
+  for (; i + kLanes <= n; i += kLanes) activate_vec<ACT, A>(Vec<A>::loadu(z + i)).store(z + i);
+  if (i < n) activate_vec<ACT, A>(Vec<A>::loadu(z + i, n - i)).store(z + i, n - i);
 }
 
 // g[0, n) = g * act'(z) in place (dz from dy), likewise.
-template <int ACT> void act_backward_span(float* g, const float* z, int64_t n) {
+template <int ACT, typename A> void act_backward_span(A* g, const A* z, int64_t n) {
+  constexpr int64_t kLanes = Vec<A>::size();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(g + i, activation_backward8<ACT>(_mm256_loadu_ps(g + i), _mm256_loadu_ps(z + i)));
+  for (; i + kLanes <= n; i += kLanes) {
+    activation_backward_vec<ACT, A>(Vec<A>::loadu(g + i), Vec<A>::loadu(z + i)).store(g + i);
   }
   if (i < n) {
-    float g_block[8] = {}, z_block[8] = {};
-    std::copy(g + i, g + n, g_block);
-    std::copy(z + i, z + n, z_block);
-    _mm256_storeu_ps(g_block, activation_backward8<ACT>(_mm256_loadu_ps(g_block), _mm256_loadu_ps(z_block)));
-    std::copy(g_block, g_block + (n - i), g + i);
+    activation_backward_vec<ACT, A>(Vec<A>::loadu(g + i, n - i), Vec<A>::loadu(z + i, n - i)).store(g + i, n - i);
   }
 }
-#else
-template <int ACT> void act_span(float*, int64_t) {}
-template <int ACT> void act_backward_span(float*, const float*, int64_t) {}
-#endif
 
 // Calls body(std::integral_constant<int, ACT>{}) with the activation id as a compile-time constant, so
 // that every inner loop is specialized (and vectorized) for one activation.
@@ -732,17 +671,19 @@ void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, con
     const acc_t<T>* __restrict__ sc = scale + c;
     const acc_t<T>* __restrict__ sh = shift + c;
     if constexpr (kVectorMath<T, ACT>) {
-      // z in fp32 (y itself where the loops write fp32), the activation over it in vector registers, then y
-      constexpr bool kFloatOut = std::is_same_v<staged_t<T>, float>;
-      float* __restrict__ z;
-      if constexpr (kFloatOut) z = out; else z = stage_buffer(3, n);
+      // z in the compute type (y itself where the loops write it: fp32, fp16's buffers, float64), the
+      // activation over it in vector registers, then y
+      using A = acc_t<T>;
+      constexpr bool kComputeOut = std::is_same_v<staged_t<T>, A>;
+      A* __restrict__ z;
+      if constexpr (kComputeOut) z = out; else z = stage_buffer(3, n);  // bf16: an fp32 buffer
       const staged_t<T>* __restrict__ res = residual != nullptr ? read_staged(residual + offset, n, 2) : nullptr;
       for (int64_t i = 0; i < n; ++i) z[i] = load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)];
       if (res != nullptr) {
         for (int64_t i = 0; i < n; ++i) z[i] += load(res, i);
       }
       act_span<ACT>(z, n);
-      if constexpr (!kFloatOut) {
+      if constexpr (!kComputeOut) {
         for (int64_t i = 0; i < n; ++i) store(out, i, z[i]);
       }
       write_back(y + offset, n, 1);
@@ -806,14 +747,13 @@ inline acc_t<T> grad_pre_activation(const T* __restrict__ dy, const T* __restric
 }
 
 // The same for the values [i0, i0 + m) of a line (m <= kDzChunk) into dz[0, m), where the activation's
-// derivative runs in vector registers (kVectorMath): z and dy gathered into fp32 blocks, then
-// act_backward_span.
+// derivative runs in vector registers (kVectorMath): z and dy gathered into blocks of the compute type A,
+// then act_backward_span.
 constexpr int64_t kDzChunk = 256;
-template <typename U, int ACT, bool HAS_RES, bool PLANES>
+template <typename U, int ACT, bool HAS_RES, bool PLANES, typename A>
 void grad_pre_activation_chunk(const U* __restrict__ dy, const U* __restrict__ x, const U* __restrict__ res, int64_t i0,
-                               int64_t m, const float* __restrict__ sc, const float* __restrict__ sh,
-                               float* __restrict__ dz) {
-  float z[kDzChunk];
+                               int64_t m, const A* __restrict__ sc, const A* __restrict__ sh, A* __restrict__ dz) {
+  A z[kDzChunk];
   for (int64_t j = 0; j < m; ++j) z[j] = load(x, i0 + j) * sc[column<PLANES>(i0 + j)] + sh[column<PLANES>(i0 + j)];
   if constexpr (HAS_RES) {
     for (int64_t j = 0; j < m; ++j) z[j] += load(res, i0 + j);
@@ -949,7 +889,7 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
       const A mu = k.mean[c], is = k.invstd[c];
       if constexpr (kVectorMath<T, ACT>) {  // dz a chunk at a time, the chunks' sums added in order
         A sum_a = 0, sum_b = 0;
-        float dz[kDzChunk];
+        A dz[kDzChunk];
         for (int64_t i0 = 0; i0 < count; i0 += kDzChunk) {
           const int64_t m = std::min(kDzChunk, count - i0);
           grad_pre_activation_chunk<U, ACT, HAS_RES, true>(g, xp, rr, i0, m, sc, sh, dz);
@@ -983,7 +923,7 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
       const U* __restrict__ g = read_staged(dy + r * C + c0, n, 1);
       const U* __restrict__ rr = HAS_RES ? read_staged(res + r * C + c0, n, 2) : nullptr;
       if constexpr (kVectorMath<T, ACT>) {
-        float dz[kDzChunk];
+        A dz[kDzChunk];
         for (int64_t j0 = 0; j0 < n; j0 += kDzChunk) {
           const int64_t m = std::min(kDzChunk, n - j0);
           grad_pre_activation_chunk<U, ACT, HAS_RES, false>(g, row, rr, j0, m, sc, sh, dz);

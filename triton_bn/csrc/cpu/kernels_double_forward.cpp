@@ -3,4 +3,5 @@
 
 namespace triton_bn_cpu {
 TRITON_BN_FORWARD_KERNELS(, double)
+int64_t activation_lanes_double() { return Vec<double>::size(); }
 }  // namespace triton_bn_cpu

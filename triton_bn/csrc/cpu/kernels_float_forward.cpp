@@ -3,4 +3,5 @@
 
 namespace triton_bn_cpu {
 TRITON_BN_FORWARD_KERNELS(, float)
+int64_t activation_lanes_float() { return Vec<float>::size(); }
 }  // namespace triton_bn_cpu

@@ -322,6 +322,10 @@ at::Tensor training_autograd(const at::Tensor& x, const c10::optional<at::Tensor
   return y;
 }
 
+// [fp32 lanes, double lanes] of the activations' vector type, as built (common.h): what tests and the bench
+// read to show which ISA the build took.
+std::vector<int64_t> vector_lanes() { return {activation_lanes_float(), activation_lanes_double()}; }
+
 }  // namespace
 }  // namespace triton_bn_cpu
 
@@ -340,6 +344,7 @@ TORCH_LIBRARY(triton_bn_cpu, m) {
   m.def("training(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float factor, float eps, int activation, "
         "float slope) -> Tensor");
+  m.def("vector_lanes() -> int[]", &vector_lanes);
 }
 
 TORCH_LIBRARY_IMPL(triton_bn_cpu, CPU, m) { m.impl("training", &training); }
