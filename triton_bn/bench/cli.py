@@ -111,7 +111,9 @@ def _mode_note(mode: str) -> str:
     if not native.ENABLED:
         built = "switched off by TRITON_BN_NATIVE_CPU=0: PyTorch's kernels"
     elif mode == "cpu" and native.ops() is not None:
-        built = "built and used"
+        fp32_lanes, double_lanes = native.vector_lanes()
+        built = (f"built and used; their SiLU/GELU/sigmoid vector math on ATen's Vectorized for "
+                 f"{native.vector_isa()}: {fp32_lanes} fp32 / {double_lanes} double lanes")
     else:
         built = "not available here: PyTorch's kernels"
     return _MODE_NOTES[mode].format(threads=torch.get_num_threads(), native=built)

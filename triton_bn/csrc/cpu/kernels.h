@@ -16,6 +16,7 @@
 #if defined(CPU_CAPABILITY_AVX2) && !(defined(__AVX2__) && defined(__FMA__))
 #error "CPU_CAPABILITY_AVX2 without AVX2 and FMA"
 #endif
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 
@@ -34,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <type_traits>
 #include <vector>
@@ -653,6 +655,60 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
 
 namespace {
 
+// One line of the normalization with a transcendental activation (kVectorMath), in one pass of vectors:
+// x (and the residual) loaded and widened to the compute type A a vector at a time (16-bit types as two fp32
+// vectors, ATen's convert_to_float: in order), z = x * scale + shift [+ residual], act(z) (activate_vec),
+// rounded to T (convert_from_float: to nearest even, NaN kept) and stored; the last n % size() values by
+// partial loads and stores. Per-channel values: rows read a vector of them at the column, planes one value
+// for the whole line.
+template <typename T, int ACT, bool PLANES>
+void normalize_vector_line(const T* x, const T* residual, T* y, int64_t n, const acc_t<T>* scale,
+                           const acc_t<T>* shift) {
+  using A = acc_t<T>;
+  constexpr int64_t kLanes = Vec<A>::size();
+  const auto per_channel = [](const A* values, int64_t i, int64_t count) {
+    if constexpr (PLANES) return Vec<A>(values[0]);
+    return count == kLanes ? Vec<A>::loadu(values + i) : Vec<A>::loadu(values + i, count);
+  };
+  // act(x * scale + shift [+ residual]) for the count values (count <= kLanes) of one vector at i
+  const auto finish = [&](Vec<A> xv, const Vec<A>& rv, int64_t i, int64_t count) {
+    Vec<A> z = at::vec::fmadd(xv, per_channel(scale, i, count), per_channel(shift, i, count));
+    if (residual != nullptr) z = z + rv;
+    return activate_vec<ACT, A>(z);
+  };
+  if constexpr (std::is_same_v<T, A>) {  // fp32, float64
+    const auto step = [&](int64_t i, int64_t count) {
+      const Vec<A> xv = count == kLanes ? Vec<A>::loadu(x + i) : Vec<A>::loadu(x + i, count);
+      const Vec<A> rv = residual == nullptr ? Vec<A>(A(0))
+                        : count == kLanes ? Vec<A>::loadu(residual + i) : Vec<A>::loadu(residual + i, count);
+      const Vec<A> out = finish(xv, rv, i, count);
+      if (count == kLanes) out.store(y + i); else out.store(y + i, count);
+    };
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) step(i, kLanes);
+    if (i < n) step(i, n - i);
+  } else {  // bf16, fp16: a vector of T is two vectors of fp32
+    constexpr int64_t kWide = Vec<T>::size();
+    const auto step = [&](int64_t i, int64_t count) {
+      const Vec<T> xt = count == kWide ? Vec<T>::loadu(x + i) : Vec<T>::loadu(x + i, count);
+      auto [x0, x1] = at::vec::convert_to_float<T>(xt);
+      Vec<A> r0(A(0)), r1(A(0));
+      if (residual != nullptr) {
+        std::tie(r0, r1) = at::vec::convert_to_float<T>(count == kWide ? Vec<T>::loadu(residual + i)
+                                                                        : Vec<T>::loadu(residual + i, count));
+      }
+      const int64_t first = std::min(count, kLanes), second = count - first;
+      const Vec<A> y0 = finish(x0, r0, i, first);
+      const Vec<A> y1 = second > 0 ? finish(x1, r1, i + kLanes, second) : Vec<A>(A(0));
+      const Vec<T> out = at::vec::convert_from_float<T>(y0, y1);
+      if (count == kWide) out.store(y + i); else out.store(y + i, count);
+    };
+    int64_t i = 0;
+    for (; i + kWide <= n; i += kWide) step(i, kWide);
+    if (i < n) step(i, n - i);
+  }
+}
+
 // y = act(x * scale + shift [+ residual]) line by line (for_each_line), rounded once to T.
 template <typename T, int ACT, bool PLANES>
 void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const acc_t<T>* scale,
@@ -664,31 +720,19 @@ void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, con
     });
     return;
   }
+  if constexpr (kVectorMath<T, ACT>) {
+    for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
+      normalize_vector_line<T, ACT, PLANES>(x + offset, residual == nullptr ? nullptr : residual + offset, y + offset,
+                                            n, scale + c, shift + c);
+    });
+    return;
+  }
   for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
     const staged_t<T>* __restrict__ in = read_staged(x + offset, n, 0);
     staged_t<T>* __restrict__ out = write_target(y + offset, n, 1);
     // rows: per-channel arrays indexed by the column; planes: one channel's value for the whole line
     const acc_t<T>* __restrict__ sc = scale + c;
     const acc_t<T>* __restrict__ sh = shift + c;
-    if constexpr (kVectorMath<T, ACT>) {
-      // z in the compute type (y itself where the loops write it: fp32, fp16's buffers, float64), the
-      // activation over it in vector registers, then y
-      using A = acc_t<T>;
-      constexpr bool kComputeOut = std::is_same_v<staged_t<T>, A>;
-      A* __restrict__ z;
-      if constexpr (kComputeOut) z = out; else z = stage_buffer(3, n);  // bf16: an fp32 buffer
-      const staged_t<T>* __restrict__ res = residual != nullptr ? read_staged(residual + offset, n, 2) : nullptr;
-      for (int64_t i = 0; i < n; ++i) z[i] = load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)];
-      if (res != nullptr) {
-        for (int64_t i = 0; i < n; ++i) z[i] += load(res, i);
-      }
-      act_span<ACT>(z, n);
-      if constexpr (!kComputeOut) {
-        for (int64_t i = 0; i < n; ++i) store(out, i, z[i]);
-      }
-      write_back(y + offset, n, 1);
-      return;
-    }
     if (residual != nullptr) {
       const staged_t<T>* __restrict__ res = read_staged(residual + offset, n, 2);
       for (int64_t i = 0; i < n; ++i) {
