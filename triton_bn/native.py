@@ -79,17 +79,26 @@ def capability_flags(isa: str):
     return [] if isa == "DEFAULT" else [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]
 
 
-def _compile_flags():
-    """Optimised for this machine's CPU (its vector width decides the loops' speed); the CPU is part of the
-    build's key, so a home directory shared by different machines never hands one another's binary.
+def compile_flags(machine: str, isa: str, target: str = "native"):
+    """The kernels' flags for a ``machine`` (``platform.machine()``'s names), a vector ``isa`` (``vector_isa``)
+    and a CPU ``target`` (``native``: this machine's CPU; tools/check_aarch64.py names a generic one).
     ``-fopenmp``: ATen's ``parallel_for`` is an inline template that runs serially unless the code that
     instantiates it is compiled with OpenMP (it then shares PyTorch's own OpenMP runtime and threads).
-    The vector ISA's macros (``vector_isa``): csrc/cpu/kernels.h checks that -march=native gives what they
-    ask for."""
+    On aarch64, ``AT_BUILD_ARM_VEC256_WITH_SLEEF``: ATen's NEON ``Vectorized`` calls Sleef (which the Arm
+    wheels of torch export, as PyTorch's own Arm build does) instead of its scalar map of std::exp."""
     flags = ["-O3", "-fno-math-errno", "-fopenmp"]
-    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
-    return flags + capability_flags(vector_isa())
+    if machine in ("x86_64", "AMD64"):
+        flags.append(f"-march={target}")
+    elif machine in ("aarch64", "arm64"):
+        flags += [f"-mcpu={target}" if target == "native" else f"-march={target}", "-DAT_BUILD_ARM_VEC256_WITH_SLEEF"]
+    return flags + capability_flags(isa)
+
+
+def _compile_flags():
+    """Optimised for this machine's CPU (its vector width decides the loops' speed); the CPU is part of the
+    build's key, so a home directory shared by different machines never hands one another's binary. The
+    vector ISA's macros (``vector_isa``): csrc/cpu/kernels.h checks that -march=native gives what they ask for."""
+    return compile_flags(platform.machine(), vector_isa())
 
 
 def _build():

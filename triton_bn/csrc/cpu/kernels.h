@@ -32,6 +32,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -270,7 +271,7 @@ template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
 template <typename A> using Vec = at::vec::Vectorized<A>;
 template <typename A> inline Vec<A> splat(double value) { return Vec<A>(static_cast<A>(value)); }  // every lane
 
-// Whether the activation ACT of a T line runs in vector registers (act_span below): SiLU, GELU, GELU-tanh
+// Whether the activation ACT of a T line runs in vector registers (the vector lines below): SiLU, GELU, GELU-tanh
 // and sigmoid, for every dtype (in its compute type A: fp32, or double for float64).
 template <typename T, int ACT> constexpr bool kVectorMath =
     ACT == kSilu || ACT == kGelu || ACT == kGeluTanh || ACT == kSigmoid;
@@ -319,25 +320,49 @@ template <int ACT, typename A> inline Vec<A> activation_backward_vec(const Vec<A
   return g;
 }
 
-// z[0, n) = act(z[0, n)) in place, a vector at a time; the last n % size() through a partial load (the
-// lanes past n zero), so that every value takes the same arithmetic whatever its position.
-template <int ACT, typename A> void act_span(A* z, int64_t n) {
-  constexpr int64_t kLanes = Vec<A>::size();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) activate_vec<ACT, A>(Vec<A>::loadu(z + i)).store(z + i);
-  if (i < n) activate_vec<ACT, A>(Vec<A>::loadu(z + i, n - i)).store(z + i, n - i);
+// -- lines of T as vectors of the compute type -----------------------------------------------------------
+// A vector of T (Vec<T>::size() values) is kParts vectors of its compute type A: one for fp32 and double, two
+// fp32 vectors for bf16 and fp16 (ATen's convert_to_float widens them in order, convert_from_float rounds
+// to nearest even and keeps NaN). The vector lines of the forward and the backward (transcendental
+// activations) read and write T through these, the last values of a line by partial loads and stores.
+template <typename T> constexpr int kParts = std::is_same_v<T, acc_t<T>> ? 1 : 2;
+template <typename T> using Parts = std::array<Vec<acc_t<T>>, kParts<T>>;
+
+template <typename T> inline Parts<T> load_parts(const T* p, int64_t count) {
+  static_assert(Vec<T>::size() == kParts<T> * Vec<acc_t<T>>::size(), "a vector of T is kParts vectors of A");
+  const Vec<T> v = count == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, count);
+  if constexpr (kParts<T> == 1) {
+    return {v};
+  } else {
+    auto [first, second] = at::vec::convert_to_float<T>(v);
+    return {first, second};
+  }
 }
 
-// g[0, n) = g * act'(z) in place (dz from dy), likewise.
-template <int ACT, typename A> void act_backward_span(A* g, const A* z, int64_t n) {
-  constexpr int64_t kLanes = Vec<A>::size();
+template <typename T> inline void store_parts(T* p, const Parts<T>& parts, int64_t count) {
+  Vec<T> v;
+  if constexpr (kParts<T> == 1) v = parts[0]; else v = at::vec::convert_from_float<T>(parts[0], parts[1]);
+  if (count == Vec<T>::size()) v.store(p); else v.store(p, count);
+}
+
+// How many of a vector's count values fall in part k.
+template <typename A> inline int64_t part_count(int64_t count, int k) {
+  return std::clamp<int64_t>(count - k * Vec<A>::size(), 0, Vec<A>::size());
+}
+
+// Per-channel values for the count values at i of a line: rows read them at the column, planes (one
+// channel) repeat values[0].
+template <bool PLANES, typename A> inline Vec<A> per_channel_vector(const A* values, int64_t i, int64_t count) {
+  if constexpr (PLANES) return Vec<A>(values[0]);
+  return count == Vec<A>::size() ? Vec<A>::loadu(values + i) : Vec<A>::loadu(values + i, count);
+}
+
+// Calls body(i, count) for the vectors of T of a line of n values: whole ones, then one partial vector.
+template <typename T, typename Body> inline void for_each_vector(int64_t n, const Body& body) {
+  constexpr int64_t kWide = Vec<T>::size();
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    activation_backward_vec<ACT, A>(Vec<A>::loadu(g + i), Vec<A>::loadu(z + i)).store(g + i);
-  }
-  if (i < n) {
-    activation_backward_vec<ACT, A>(Vec<A>::loadu(g + i, n - i), Vec<A>::loadu(z + i, n - i)).store(g + i, n - i);
-  }
+  for (; i + kWide <= n; i += kWide) body(i, kWide);
+  if (i < n) body(i, n - i);
 }
 
 // Calls body(std::integral_constant<int, ACT>{}) with the activation id as a compile-time constant, so
@@ -656,57 +681,24 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
 namespace {
 
 // One line of the normalization with a transcendental activation (kVectorMath), in one pass of vectors:
-// x (and the residual) loaded and widened to the compute type A a vector at a time (16-bit types as two fp32
-// vectors, ATen's convert_to_float: in order), z = x * scale + shift [+ residual], act(z) (activate_vec),
-// rounded to T (convert_from_float: to nearest even, NaN kept) and stored; the last n % size() values by
-// partial loads and stores. Per-channel values: rows read a vector of them at the column, planes one value
-// for the whole line.
+// x (and the residual) widened to the compute type (load_parts), z = x * scale + shift [+ residual],
+// act(z) (activate_vec), rounded once to T and stored (store_parts).
 template <typename T, int ACT, bool PLANES>
 void normalize_vector_line(const T* x, const T* residual, T* y, int64_t n, const acc_t<T>* scale,
                            const acc_t<T>* shift) {
   using A = acc_t<T>;
-  constexpr int64_t kLanes = Vec<A>::size();
-  const auto per_channel = [](const A* values, int64_t i, int64_t count) {
-    if constexpr (PLANES) return Vec<A>(values[0]);
-    return count == kLanes ? Vec<A>::loadu(values + i) : Vec<A>::loadu(values + i, count);
-  };
-  // act(x * scale + shift [+ residual]) for the count values (count <= kLanes) of one vector at i
-  const auto finish = [&](Vec<A> xv, const Vec<A>& rv, int64_t i, int64_t count) {
-    Vec<A> z = at::vec::fmadd(xv, per_channel(scale, i, count), per_channel(shift, i, count));
-    if (residual != nullptr) z = z + rv;
-    return activate_vec<ACT, A>(z);
-  };
-  if constexpr (std::is_same_v<T, A>) {  // fp32, float64
-    const auto step = [&](int64_t i, int64_t count) {
-      const Vec<A> xv = count == kLanes ? Vec<A>::loadu(x + i) : Vec<A>::loadu(x + i, count);
-      const Vec<A> rv = residual == nullptr ? Vec<A>(A(0))
-                        : count == kLanes ? Vec<A>::loadu(residual + i) : Vec<A>::loadu(residual + i, count);
-      const Vec<A> out = finish(xv, rv, i, count);
-      if (count == kLanes) out.store(y + i); else out.store(y + i, count);
-    };
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) step(i, kLanes);
-    if (i < n) step(i, n - i);
-  } else {  // bf16, fp16: a vector of T is two vectors of fp32
-    constexpr int64_t kWide = Vec<T>::size();
-    const auto step = [&](int64_t i, int64_t count) {
-      const Vec<T> xt = count == kWide ? Vec<T>::loadu(x + i) : Vec<T>::loadu(x + i, count);
-      auto [x0, x1] = at::vec::convert_to_float<T>(xt);
-      Vec<A> r0(A(0)), r1(A(0));
-      if (residual != nullptr) {
-        std::tie(r0, r1) = at::vec::convert_to_float<T>(count == kWide ? Vec<T>::loadu(residual + i)
-                                                                        : Vec<T>::loadu(residual + i, count));
-      }
-      const int64_t first = std::min(count, kLanes), second = count - first;
-      const Vec<A> y0 = finish(x0, r0, i, first);
-      const Vec<A> y1 = second > 0 ? finish(x1, r1, i + kLanes, second) : Vec<A>(A(0));
-      const Vec<T> out = at::vec::convert_from_float<T>(y0, y1);
-      if (count == kWide) out.store(y + i); else out.store(y + i, count);
-    };
-    int64_t i = 0;
-    for (; i + kWide <= n; i += kWide) step(i, kWide);
-    if (i < n) step(i, n - i);
-  }
+  for_each_vector<T>(n, [&](int64_t i, int64_t count) {
+    Parts<T> z = load_parts(x + i, count);
+    const Parts<T> r = residual != nullptr ? load_parts(residual + i, count) : Parts<T>{};
+    for (int k = 0; k < kParts<T>; ++k) {
+      const int64_t at = i + k * Vec<A>::size(), part = part_count<A>(count, k);
+      if (part == 0) break;
+      z[k] = at::vec::fmadd(z[k], per_channel_vector<PLANES>(scale, at, part), per_channel_vector<PLANES>(shift, at, part));
+      if (residual != nullptr) z[k] = z[k] + r[k];
+      z[k] = activate_vec<ACT, A>(z[k]);
+    }
+    store_parts(y + i, z, count);
+  });
 }
 
 // y = act(x * scale + shift [+ residual]) line by line (for_each_line), rounded once to T.
@@ -790,20 +782,30 @@ inline acc_t<T> grad_pre_activation(const T* __restrict__ dy, const T* __restric
   }
 }
 
-// The same for the values [i0, i0 + m) of a line (m <= kDzChunk) into dz[0, m), where the activation's
-// derivative runs in vector registers (kVectorMath): z and dy gathered into blocks of the compute type A,
-// then act_backward_span.
+// Pass 1's terms for the m values (m <= kDzChunk) at [i0, i0 + m) of a line, with a transcendental activation
+// (kVectorMath), in vectors: dz = dy * act'(z) into dz[0, m) and dz * xhat, xhat = (x - mean) * invstd, into
+// dz_xhat[0, m), in the compute type A (the sums then add them in a fixed order: sum_span, reduce_rows).
+// Per-channel values as in the lines (rows at the column, planes [0]).
 constexpr int64_t kDzChunk = 256;
-template <typename U, int ACT, bool HAS_RES, bool PLANES, typename A>
-void grad_pre_activation_chunk(const U* __restrict__ dy, const U* __restrict__ x, const U* __restrict__ res, int64_t i0,
-                               int64_t m, const A* __restrict__ sc, const A* __restrict__ sh, A* __restrict__ dz) {
-  A z[kDzChunk];
-  for (int64_t j = 0; j < m; ++j) z[j] = load(x, i0 + j) * sc[column<PLANES>(i0 + j)] + sh[column<PLANES>(i0 + j)];
-  if constexpr (HAS_RES) {
-    for (int64_t j = 0; j < m; ++j) z[j] += load(res, i0 + j);
-  }
-  for (int64_t j = 0; j < m; ++j) dz[j] = load(dy, i0 + j);
-  act_backward_span<ACT>(dz, z, m);
+template <typename T, int ACT, bool HAS_RES, bool PLANES>
+void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t m, const acc_t<T>* sc,
+                      const acc_t<T>* sh, const acc_t<T>* mu, const acc_t<T>* is, acc_t<T>* dz, acc_t<T>* dz_xhat) {
+  using A = acc_t<T>;
+  for_each_vector<T>(m, [&](int64_t j, int64_t count) {
+    const int64_t i = i0 + j;
+    const Parts<T> xv = load_parts(x + i, count), g = load_parts(dy + i, count);
+    const Parts<T> r = HAS_RES ? load_parts(res + i, count) : Parts<T>{};
+    for (int p = 0; p < kParts<T>; ++p) {
+      const int64_t at = i + p * Vec<A>::size(), part = part_count<A>(count, p);
+      if (part == 0) break;
+      Vec<A> z = at::vec::fmadd(xv[p], per_channel_vector<PLANES>(sc, at, part), per_channel_vector<PLANES>(sh, at, part));
+      if constexpr (HAS_RES) z = z + r[p];
+      const Vec<A> d = activation_backward_vec<ACT, A>(g[p], z);
+      const Vec<A> xhat = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(is, at, part);
+      d.store(dz + j + p * Vec<A>::size(), part);
+      (d * xhat).store(dz_xhat + j + p * Vec<A>::size(), part);
+    }
+  });
 }
 
 #if TRITON_BN_VECTORS
@@ -922,6 +924,19 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
   using U = staged_t<T>;  // what the loops read (fp16: fp32 buffers)
   if (geometry.planes) {
     reduce_planes(geometry, sum_dz, sum_dz_xhat, [&](int64_t c, int64_t offset, int64_t count) {
+      if constexpr (kVectorMath<T, ACT>) {  // the terms a chunk at a time, the chunks' sums added in order
+        A sum_a = 0, sum_b = 0, dz[kDzChunk], dz_xhat[kDzChunk];
+        for (int64_t i0 = 0; i0 < count; i0 += kDzChunk) {
+          const int64_t m = std::min(kDzChunk, count - i0);
+          grad_terms_chunk<T, ACT, HAS_RES, true>(x + offset, dy + offset, HAS_RES ? res + offset : nullptr, i0, m,
+                                                  k.scale.data() + c, k.shift.data() + c, k.mean.data() + c,
+                                                  k.invstd.data() + c, dz, dz_xhat);
+          const auto sums = sum_span<A>(m, [&](int64_t j) { return std::pair<A, A>(dz[j], dz_xhat[j]); });
+          sum_a += sums.first;
+          sum_b += sums.second;
+        }
+        return std::pair<A, A>(sum_a, sum_b);
+      }
       if constexpr (kHalfLoops<T, ACT>) {
         return half_backward_plane_sums<ACT, HAS_RES>(x + offset, dy + offset, HAS_RES ? res + offset : nullptr,
                                                        count, k.scale[c], k.shift[c], k.mean[c], k.invstd[c], slope);
@@ -931,20 +946,6 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
       const U* __restrict__ rr = HAS_RES ? read_staged(res + offset, count, 2) : nullptr;
       const A *__restrict__ sc = k.scale.data() + c, *__restrict__ sh = k.shift.data() + c;
       const A mu = k.mean[c], is = k.invstd[c];
-      if constexpr (kVectorMath<T, ACT>) {  // dz a chunk at a time, the chunks' sums added in order
-        A sum_a = 0, sum_b = 0;
-        A dz[kDzChunk];
-        for (int64_t i0 = 0; i0 < count; i0 += kDzChunk) {
-          const int64_t m = std::min(kDzChunk, count - i0);
-          grad_pre_activation_chunk<U, ACT, HAS_RES, true>(g, xp, rr, i0, m, sc, sh, dz);
-          const auto sums = sum_span<A>(m, [&](int64_t j) {
-            return std::pair<A, A>(dz[j], dz[j] * ((load(xp, i0 + j) - mu) * is));
-          });
-          sum_a += sums.first;
-          sum_b += sums.second;
-        }
-        return std::pair<A, A>(sum_a, sum_b);
-      }
       return sum_span<A>(count, [&](int64_t i) {
         const A dz = grad_pre_activation<U, ACT, HAS_RES, true>(g, xp, rr, i, sc, sh, slope);
         return std::pair<A, A>(dz, dz * ((load(xp, i) - mu) * is));
@@ -958,6 +959,19 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
     const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
     const A *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
     for (int64_t r = r0; r < r1; ++r) {
+      if constexpr (kVectorMath<T, ACT>) {
+        A dz[kDzChunk], dz_xhat[kDzChunk];
+        for (int64_t j0 = 0; j0 < n; j0 += kDzChunk) {
+          const int64_t m = std::min(kDzChunk, n - j0);
+          grad_terms_chunk<T, ACT, HAS_RES, false>(x + r * C + c0, dy + r * C + c0, HAS_RES ? res + r * C + c0 : nullptr,
+                                                   j0, m, sc, sh, mu, is, dz, dz_xhat);
+          for (int64_t j = 0; j < m; ++j) {
+            a[j0 + j] += dz[j];
+            b[j0 + j] += dz_xhat[j];
+          }
+        }
+        continue;
+      }
       if constexpr (kHalfLoops<T, ACT>) {
         half_backward_row_sums<ACT, HAS_RES>(x + r * C + c0, dy + r * C + c0, HAS_RES ? res + r * C + c0 : nullptr, n,
                                              sc, sh, mu, is, a, b, slope);
@@ -966,18 +980,6 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
       const U* __restrict__ row = read_staged(x + r * C + c0, n, 0);
       const U* __restrict__ g = read_staged(dy + r * C + c0, n, 1);
       const U* __restrict__ rr = HAS_RES ? read_staged(res + r * C + c0, n, 2) : nullptr;
-      if constexpr (kVectorMath<T, ACT>) {
-        A dz[kDzChunk];
-        for (int64_t j0 = 0; j0 < n; j0 += kDzChunk) {
-          const int64_t m = std::min(kDzChunk, n - j0);
-          grad_pre_activation_chunk<U, ACT, HAS_RES, false>(g, row, rr, j0, m, sc, sh, dz);
-          for (int64_t j = 0; j < m; ++j) {
-            a[j0 + j] += dz[j];
-            b[j0 + j] += dz[j] * ((load(row, j0 + j) - mu[j0 + j]) * is[j0 + j]);
-          }
-        }
-        continue;
-      }
       for (int64_t c = 0; c < n; ++c) {
         const A dz = grad_pre_activation<U, ACT, HAS_RES, false>(g, row, rr, c, sc, sh, slope);
         a[c] += dz;
@@ -987,11 +989,50 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
   });
 }
 
+// Pass 2 along one line with a transcendental activation (kVectorMath), in one pass of vectors: x, dy and the
+// residual widened (load_parts), z recomputed, dz = dy * act'(z) (activation_backward_vec), dx = dz * k1 -
+// (x - mean) * k2 - k3 and d residual = dz rounded once to T and stored (store_parts). No staging buffers
+// and no dz chunk: every value is read once and written once.
+template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
+void backward_vector_line(const T* x, const T* dy, const T* res, T* grad_x, T* grad_res, int64_t n,
+                          const BackwardCoefficients<acc_t<T>>& k, int64_t c0) {
+  using A = acc_t<T>;
+  const A *sc = k.scale.data() + c0, *sh = k.shift.data() + c0, *mu = k.mean.data() + c0;
+  const A *a1 = k.k1.data() + c0, *a2 = k.k2.data() + c0, *a3 = k.k3.data() + c0;
+  for_each_vector<T>(n, [&](int64_t i, int64_t count) {
+    const Parts<T> xv = load_parts(x + i, count), g = load_parts(dy + i, count);
+    const Parts<T> r = HAS_RES ? load_parts(res + i, count) : Parts<T>{};
+    Parts<T> dx{}, dz{};
+    for (int p = 0; p < kParts<T>; ++p) {
+      const int64_t at = i + p * Vec<A>::size(), part = part_count<A>(count, p);
+      if (part == 0) break;
+      Vec<A> z = at::vec::fmadd(xv[p], per_channel_vector<PLANES>(sc, at, part), per_channel_vector<PLANES>(sh, at, part));
+      if constexpr (HAS_RES) z = z + r[p];
+      dz[p] = activation_backward_vec<ACT, A>(g[p], z);
+      if constexpr (DX) {
+        const Vec<A> centered = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(a2, at, part);
+        dx[p] = at::vec::fmsub(dz[p], per_channel_vector<PLANES>(a1, at, part), centered) -
+                per_channel_vector<PLANES>(a3, at, part);
+      }
+    }
+    if constexpr (DX) store_parts(grad_x + i, dx, count);
+    if constexpr (DRES) store_parts(grad_res + i, dz, count);
+  });
+}
+
 template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
 void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_res, const Geometry& geometry,
                     const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope) {
   using A = acc_t<T>;
   using U = staged_t<T>;  // what the loops read and write (fp16: fp32 buffers)
+  if constexpr (kVectorMath<T, ACT>) {
+    for_each_line(geometry, 16384, [&](int64_t offset, int64_t c0, int64_t n) {
+      backward_vector_line<T, ACT, HAS_RES, DX, DRES, PLANES>(x + offset, dy + offset, HAS_RES ? res + offset : nullptr,
+                                                              DX ? grad_x + offset : nullptr,
+                                                              DRES ? grad_res + offset : nullptr, n, k, c0);
+    });
+    return;
+  }
   if constexpr (kHalfLoops<T, ACT>) {
     for_each_line(geometry, 16384, [&](int64_t offset, int64_t c0, int64_t n) {
       half_backward_line<ACT, HAS_RES, DX, DRES, PLANES>(
@@ -1016,20 +1057,15 @@ void backward_lines(const T* dy, const T* x, const T* res, T* grad_x, T* grad_re
       const int64_t c = column<PLANES>(i);
       return dz * a1[c] - (load(row, i) - mu[c]) * a2[c] - a3[c];
     };
-    if constexpr (kVectorMath<T, ACT> || (DX && DRES)) {
-      // dz a chunk at a time into a buffer, then each output written by a loop of its own: the activation's
-      // derivative runs over the chunk in vector registers (kVectorMath), and with both outputs one loop
-      // storing to both ran ~10x slower in fp32, both layouts (2.8 ms against 0.25 ms for either output
-      // alone on 2x1024x14x14; why was not pinned down; this form takes 0.30 ms).
+    if constexpr (DX && DRES) {
+      // dz a chunk at a time into a buffer, then each output written by a loop of its own: with both outputs
+      // one loop storing to both ran ~10x slower in fp32, both layouts (2.8 ms against 0.25 ms for either
+      // output alone on 2x1024x14x14; why was not pinned down; this form takes 0.30 ms).
       A dz[kDzChunk];
       for (int64_t i0 = 0; i0 < n; i0 += kDzChunk) {
         const int64_t m = std::min(kDzChunk, n - i0);
-        if constexpr (kVectorMath<T, ACT>) {
-          grad_pre_activation_chunk<U, ACT, HAS_RES, PLANES>(g, row, rr, i0, m, sc, sh, dz);
-        } else {
-          for (int64_t j = 0; j < m; ++j) {
-            dz[j] = grad_pre_activation<U, ACT, HAS_RES, PLANES>(g, row, rr, i0 + j, sc, sh, slope);
-          }
+        for (int64_t j = 0; j < m; ++j) {
+          dz[j] = grad_pre_activation<U, ACT, HAS_RES, PLANES>(g, row, rr, i0 + j, sc, sh, slope);
         }
         if constexpr (DX) {
           for (int64_t j = 0; j < m; ++j) store(ox, i0 + j, grad_x_at(i0 + j, dz[j]));
