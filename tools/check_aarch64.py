@@ -2,15 +2,15 @@
 
 An Arm host builds ``triton_bn/csrc/cpu/`` on first use as an x86 host does (native.py), with ATen's NEON
 ``Vectorized`` for the transcendental activations (no CPU_CAPABILITY macro: ATen's headers pick NEON by
-themselves on aarch64) and Sleef behind it. No Arm machine is lent to this project, so this compiles every
-CPU source with a cross compiler (Debian's ``g++-aarch64-linux-gnu``) against the installed torch's headers,
-with the flags native.py gives an aarch64 build (``-march=armv8-a`` for ``-mcpu=native``), and says how many
-NEON vector instructions the kernels hold. ``--link`` also downloads torch's aarch64 wheel for this Python
-(no install; cached) and links the objects against its libraries with every symbol resolved
-(``-Wl,--no-undefined``): the Sleef functions ATen's NEON code calls must be exported there.
+themselves on aarch64) and Sleef behind it. No Arm machine is lent to this project, so this downloads torch's
+aarch64 wheel of the installed version for this Python (no install; its headers and libraries are kept, in
+~/.cache/triton_bn/torch-aarch64: its sleef.h declares the NEON functions that the x86 wheel's does not),
+compiles every CPU source with a cross compiler (Debian's ``g++-aarch64-linux-gnu``) against its headers
+with the flags native.py gives an aarch64 build (``-march=armv8-a`` for ``-mcpu=native``), says how many NEON
+vector instructions the kernels hold, and links the objects against the wheel's libraries with every symbol
+resolved (``-Wl,--no-undefined``): the Sleef functions ATen's NEON code calls must be exported there.
 
-    python tools/check_aarch64.py            # compile (needs aarch64-linux-gnu-g++)
-    python tools/check_aarch64.py --link     # and link against torch's aarch64 wheel
+    python tools/check_aarch64.py            # needs aarch64-linux-gnu-g++ and the package index
 Exit status 0 when everything asked for succeeded, 1 on a failure, 2 when no cross compiler is installed.
 """
 import argparse
@@ -34,33 +34,37 @@ CROSS = os.environ.get("AARCH64_CXX", "aarch64-linux-gnu-g++")
 TARGET = "armv8-a"  # what every 64-bit Arm CPU runs (NEON is part of it)
 
 
-def wheel_libraries(cache: str) -> str:
-    """torch/lib of torch's aarch64 wheel of this version for this Python, downloaded and unpacked once."""
+def aarch64_wheel(cache: str) -> str:
+    """The torch folder (include/, lib/) of torch's aarch64 wheel of this version for this Python, downloaded
+    and unpacked once."""
     version = torch.__version__.split("+")[0]
     target = os.path.join(cache, f"{version}-aarch64")
-    lib = os.path.join(target, "torch", "lib")
-    if os.path.isdir(lib):
-        return lib
+    folder = os.path.join(target, "torch")
+    if os.path.isdir(os.path.join(folder, "lib")) and os.path.isdir(os.path.join(folder, "include")):
+        return folder
     os.makedirs(target, exist_ok=True)
-    print(f"downloading torch {version}'s aarch64 wheel (its libraries are kept) ...", flush=True)
+    print(f"downloading torch {version}'s aarch64 wheel (its headers and libraries are kept) ...", flush=True)
     subprocess.run([sys.executable, "-m", "pip", "download", f"torch=={version}", "--no-deps", "-q", "-d", target,
                     "--only-binary=:all:", "--platform", "manylinux_2_28_aarch64"], check=True)
     (wheel,) = glob.glob(os.path.join(target, "torch-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(target, [name for name in archive.namelist() if name.startswith("torch/lib/")])
+        archive.extractall(target, [name for name in archive.namelist()
+                                    if name.startswith(("torch/lib/", "torch/include/"))])
     os.remove(wheel)
-    return lib
+    return folder
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--link", action="store_true", help="also link against torch's aarch64 wheel")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "triton_bn", "torch-aarch64"))
     args = parser.parse_args()
     if shutil.which(CROSS) is None:
         print(f"no {CROSS} here (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu; or set AARCH64_CXX)")
         return 2
-    flags = build._torch_flags() + native.compile_flags("aarch64", "DEFAULT", TARGET)
+    wheel = aarch64_wheel(args.cache)
+    installed = os.path.join(os.path.dirname(torch.__file__), "include")
+    flags = [flag.replace(installed, os.path.join(wheel, "include")) for flag in build._torch_flags()]
+    flags += native.compile_flags("aarch64", "DEFAULT", TARGET)
     print(f"{CROSS}: {' '.join(native.compile_flags('aarch64', 'DEFAULT', TARGET))}", flush=True)
     failed = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -90,9 +94,7 @@ def main() -> int:
                   "lanes) in the kernels")
         else:
             print("aarch64: every source compiles")
-        if not args.link:
-            return 0
-        lib = wheel_libraries(args.cache)
+        lib = os.path.join(wheel, "lib")
         library = os.path.join(workdir, "triton_bn_cpu.so")
         command = [CROSS, *objects, "-shared", "-fopenmp", f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch",
                    "-Wl,--no-undefined", f"-Wl,-rpath-link,{lib}", "-o", library]
