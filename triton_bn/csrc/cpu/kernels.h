@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <type_traits>
@@ -785,11 +786,13 @@ inline acc_t<T> grad_pre_activation(const T* __restrict__ dy, const T* __restric
 // Pass 1's terms for the m values (m <= kDzChunk) at [i0, i0 + m) of a line, with a transcendental activation
 // (kVectorMath), in vectors: dz = dy * act'(z) into dz[0, m) and dz * xhat, xhat = (x - mean) * invstd, into
 // dz_xhat[0, m), in the compute type A (the sums then add them in a fixed order: sum_span, reduce_rows).
-// Per-channel values as in the lines (rows at the column, planes [0]).
+// Per-channel values as in the lines (rows at the column, planes [0]). ``saved``, where not null, also gets
+// dz at the line's positions (saved[i0 + j]): pass 2 then reads it instead of computing act'(z) again.
 constexpr int64_t kDzChunk = 256;
 template <typename T, int ACT, bool HAS_RES, bool PLANES>
 void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t m, const acc_t<T>* sc,
-                      const acc_t<T>* sh, const acc_t<T>* mu, const acc_t<T>* is, acc_t<T>* dz, acc_t<T>* dz_xhat) {
+                      const acc_t<T>* sh, const acc_t<T>* mu, const acc_t<T>* is, acc_t<T>* dz, acc_t<T>* dz_xhat,
+                      acc_t<T>* saved) {
   using A = acc_t<T>;
   for_each_vector<T>(m, [&](int64_t j, int64_t count) {
     const int64_t i = i0 + j;
@@ -804,6 +807,7 @@ void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t
       const Vec<A> xhat = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(is, at, part);
       d.store(dz + j + p * Vec<A>::size(), part);
       (d * xhat).store(dz_xhat + j + p * Vec<A>::size(), part);
+      if (saved != nullptr) d.store(saved + at, part);
     }
   });
 }
@@ -916,10 +920,12 @@ void half_backward_line(const c10::Half*, const c10::Half*, const c10::Half*, c1
                         const float*, const float*, const float*, const float*, const float*, const float*, float) {}
 #endif
 
+// Pass 1: sum dz and sum dz * xhat per channel. With a transcendental activation, dz_saved (where not null:
+// a buffer of x's size in the compute type) also gets every dz (grad_terms_chunk).
 template <typename T, int ACT, bool HAS_RES>
 void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry,
                    const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope, std::vector<double>& sum_dz,
-                   std::vector<double>& sum_dz_xhat) {
+                   std::vector<double>& sum_dz_xhat, acc_t<T>* dz_saved) {
   using A = acc_t<T>;
   using U = staged_t<T>;  // what the loops read (fp16: fp32 buffers)
   if (geometry.planes) {
@@ -930,7 +936,8 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
           const int64_t m = std::min(kDzChunk, count - i0);
           grad_terms_chunk<T, ACT, HAS_RES, true>(x + offset, dy + offset, HAS_RES ? res + offset : nullptr, i0, m,
                                                   k.scale.data() + c, k.shift.data() + c, k.mean.data() + c,
-                                                  k.invstd.data() + c, dz, dz_xhat);
+                                                  k.invstd.data() + c, dz, dz_xhat,
+                                                  dz_saved == nullptr ? nullptr : dz_saved + offset);
           const auto sums = sum_span<A>(m, [&](int64_t j) { return std::pair<A, A>(dz[j], dz_xhat[j]); });
           sum_a += sums.first;
           sum_b += sums.second;
@@ -964,7 +971,8 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
         for (int64_t j0 = 0; j0 < n; j0 += kDzChunk) {
           const int64_t m = std::min(kDzChunk, n - j0);
           grad_terms_chunk<T, ACT, HAS_RES, false>(x + r * C + c0, dy + r * C + c0, HAS_RES ? res + r * C + c0 : nullptr,
-                                                   j0, m, sc, sh, mu, is, dz, dz_xhat);
+                                                   j0, m, sc, sh, mu, is, dz, dz_xhat,
+                                                   dz_saved == nullptr ? nullptr : dz_saved + r * C + c0);
           for (int64_t j = 0; j < m; ++j) {
             a[j0 + j] += dz[j];
             b[j0 + j] += dz_xhat[j];
@@ -986,6 +994,30 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
         b[c] += dz * ((load(row, c) - mu[c]) * is[c]);
       }
     }
+  });
+}
+
+// Pass 2 along one line from the dz pass 1 saved (dz_saved, the compute type; for fp32 and double it is grad_x
+// itself, overwritten in place): dx = dz * k1 - (x - mean) * k2 - k3 and d residual = dz, rounded once to T.
+// The same values as backward_vector_line computes, without evaluating act'(z) a second time.
+template <typename T, bool DRES, bool PLANES>
+void backward_saved_line(const acc_t<T>* dz_saved, const T* x, T* grad_x, T* grad_res, int64_t n,
+                         const BackwardCoefficients<acc_t<T>>& k, int64_t c0) {
+  using A = acc_t<T>;
+  const A *mu = k.mean.data() + c0, *a1 = k.k1.data() + c0, *a2 = k.k2.data() + c0, *a3 = k.k3.data() + c0;
+  for_each_vector<T>(n, [&](int64_t i, int64_t count) {
+    const Parts<T> xv = load_parts(x + i, count);
+    Parts<T> dx{}, dz{};
+    for (int p = 0; p < kParts<T>; ++p) {
+      const int64_t at = i + p * Vec<A>::size(), part = part_count<A>(count, p);
+      if (part == 0) break;
+      dz[p] = part == Vec<A>::size() ? Vec<A>::loadu(dz_saved + at) : Vec<A>::loadu(dz_saved + at, part);
+      const Vec<A> centered = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(a2, at, part);
+      dx[p] = at::vec::fmsub(dz[p], per_channel_vector<PLANES>(a1, at, part), centered) -
+              per_channel_vector<PLANES>(a3, at, part);
+    }
+    if constexpr (DRES) store_parts(grad_res + i, dz, count);  // before dx overwrites a dz_saved that is grad_x
+    store_parts(grad_x + i, dx, count);
   });
 }
 
@@ -1119,8 +1151,23 @@ void backward(const T* dy, const T* xp, const T* res, T* gx, T* gr, acc_t<T>* gw
     dispatch_bool(ACT != kIdentity && has_residual, [&](auto with_residual) {
       constexpr bool HAS_RES = ACT != kIdentity && decltype(with_residual)::value;
       std::vector<double> sum_dz(C, 0.0), sum_dz_xhat(C, 0.0);
+      // With a transcendental activation pass 1 saves dz for pass 2's dx: evaluating act'(z) (GELU: erf and
+      // exp) costs more than writing dz and reading it back (perf/NOTES.md). fp32 and double keep it in
+      // grad_x itself (dx is then computed over it, value by value), 16-bit types in an fp32 buffer.
+      A* dz_saved = nullptr;
+      std::unique_ptr<A[]> dz_buffer;
+      if constexpr (kVectorMath<T, ACT>) {
+        if (need_sums && want_dx) {
+          if constexpr (std::is_same_v<T, A>) {
+            dz_saved = gx;
+          } else {
+            dz_buffer.reset(new A[static_cast<size_t>(R * C)]);
+            dz_saved = dz_buffer.get();
+          }
+        }
+      }
       if (need_sums) {
-        backward_sums<T, ACT, HAS_RES>(dy, xp, res, geometry, k, aslope, sum_dz, sum_dz_xhat);
+        backward_sums<T, ACT, HAS_RES>(dy, xp, res, geometry, k, aslope, sum_dz, sum_dz_xhat, dz_saved);
         for (int64_t c = 0; c < C; ++c) {
           if (gw != nullptr) gw[c] = static_cast<A>(sum_dz_xhat[c]);
           if (gb != nullptr) gb[c] = static_cast<A>(sum_dz[c]);
@@ -1135,6 +1182,19 @@ void backward(const T* dy, const T* xp, const T* res, T* gx, T* gr, acc_t<T>* gw
           k.k2[c] = static_cast<A>(sum_dz_xhat[c] / R * k.invstd[c] * k.invstd[c] * w[c]);
           k.k3[c] = static_cast<A>(sum_dz[c] / R * k.invstd[c] * w[c]);
         }
+      }
+      if (dz_saved != nullptr) {
+        dispatch_bool(geometry.planes, [&](auto planes) {
+          constexpr bool PLANES = decltype(planes)::value;
+          for_each_line(geometry, 16384, [&](int64_t offset, int64_t c0, int64_t n) {
+            if (want_dresidual) {
+              backward_saved_line<T, true, PLANES>(dz_saved + offset, xp + offset, gx + offset, gr + offset, n, k, c0);
+            } else {
+              backward_saved_line<T, false, PLANES>(dz_saved + offset, xp + offset, gx + offset, nullptr, n, k, c0);
+            }
+          });
+        });
+        return;
       }
       // Which outputs, as template parameters: the backward's instantiations are most of the build time,
       // so only the common cases have their own. Without an activation (d residual = dy): any of the three.
