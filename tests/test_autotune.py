@@ -7,7 +7,7 @@ import torch
 
 import triton_bn
 from triton_bn import autotune
-from triton_bn.autotune import DECLARED_CONFIGS, forced_config, tuner, wall_clock_benchmark
+from triton_bn.autotune import DECLARED_CONFIGS, TileConfig, forced_config, tuner, wall_clock_benchmark
 from test_core import run_case
 
 # shapes that no tile divides evenly; the channels-first one has 1260 elements per channel, so flat tiles
@@ -191,3 +191,16 @@ def test_tuning_copies_the_running_buffers_once_per_key(cpu_tuning, monkeypatch)
         mod(torch.randn(8, 6, 5, 5))
     candidates = [row for row in tuner.report if row["key"].startswith("channels_first.stats")]
     assert len(candidates) > 2 and sorted(clones) == sorted(buffers)
+
+
+@pytest.mark.parametrize("name", ["channels_first.reduce", "channels_lst", "channels_last.", "channels_last.stats.x"])
+def test_forced_config_refuses_a_name_that_forces_nothing(name):
+    """A name that is no family and no '<family>.<kind>' raises, instead of forcing nothing (the docstring's
+    own example, "channels_first.reduce", was such a name); the names it takes force the kernel they name."""
+    with pytest.raises(ValueError, match="names no family"):
+        with forced_config(name, TileConfig(1, 16)):
+            pass
+    assert not tuner._forced
+    with forced_config("channels_first.bwd_reduce", TileConfig(1, 16)):
+        assert "channels_first.bwd_reduce" in tuner._forced
+    assert not tuner._forced

@@ -171,7 +171,7 @@ def test_a_planned_launch_calls_each_compiled_variant_directly_after_its_first_l
     value is a new signature; a new float is not."""
     monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
     monkeypatch.setattr(launch, "_capturing", lambda device: False)
-    monkeypatch.setattr(launch, "_current_stream", lambda index: 1234)
+    monkeypatch.setattr(launch, "current_stream", lambda index: 1234)
     calls = []
     planned = launch.PlannedLaunch(_fake_jit_kernel(calls), (6,), dict(FLAG=True, num_warps=4))
     cuda = torch.device("cuda", 0)  # only the device's type and index are read
@@ -198,7 +198,7 @@ def test_a_planned_launch_of_a_wrapped_kernel_always_takes_tritons_path(monkeypa
     hooks never launches directly: whatever wraps it sees every launch."""
     monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
     monkeypatch.setattr(launch, "_capturing", lambda device: False)
-    monkeypatch.setattr(launch, "_current_stream", lambda index: 0)
+    monkeypatch.setattr(launch, "current_stream", lambda index: 0)
     calls = []
     hooked = _fake_jit_kernel(calls)
     hooked.pre_run_hooks = [lambda *args, **kwargs: None]

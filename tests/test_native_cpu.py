@@ -536,3 +536,16 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern(layout, dtype):
     y = apply(x, zero, one, weight, None, None, 0.0, False, ACTIVATION_IDS["relu"], 0.0)
     z = x.float() * weight.reshape(per_channel) + 0.0
     check(y, torch.where(z < 0, torch.zeros_like(z), z).to(dtype))
+
+
+def test_compile_flags_per_machine_and_isa():
+    """What native.compile_flags gives each machine: x86 the target CPU and the CPU_CAPABILITY macros of the ISA
+    (none for DEFAULT); aarch64 its CPU and ATen's switch to Sleef behind NEON, never an x86 capability macro
+    (tools/check_aarch64.py cross-compiles and links with these)."""
+    avx512 = native.compile_flags("x86_64", "AVX512")
+    assert "-march=native" in avx512 and "-DCPU_CAPABILITY=AVX512" in avx512 and "-DCPU_CAPABILITY_AVX512" in avx512
+    assert not any(flag.startswith("-DCPU_CAPABILITY") for flag in native.compile_flags("x86_64", "DEFAULT"))
+    arm = native.compile_flags("aarch64", "DEFAULT", "armv8-a")
+    assert "-march=armv8-a" in arm and "-DAT_BUILD_ARM_VEC256_WITH_SLEEF" in arm
+    assert not any(flag.startswith(("-DCPU_CAPABILITY", "-march=native")) for flag in arm)
+    assert "-mcpu=native" in native.compile_flags("aarch64", "DEFAULT")

@@ -1,9 +1,13 @@
 """The autograd formula of batch norm (+ activation, + residual). No Triton code here.
 
-Two entry points share one formula:
-- ``BatchNormFunction`` (a ``torch.autograd.Function``) is the eager path: it calls the launchers
-  directly, because the Python dispatch of a custom op costs tens of microseconds per call, which
-  is more than a small BN layer's whole GPU time.
+Four entry points share one formula:
+- ``BatchNormFunction`` (a ``torch.autograd.Function``) is the eager path given the statistics: it calls
+  the launchers directly, because the Python dispatch of a custom op costs tens of microseconds per call,
+  which is more than a small BN layer's whole GPU time.
+- ``TrainingBatchNormFunction`` is the eager training forward from x (statistics, running update, y in one
+  launcher call), with the same backward.
+- ``training_with_backward`` picks between that Function and the native CPU op whose C++ autograd node
+  records the same backward (``csrc/node/``).
 - ``op_setup_context`` / ``op_backward`` are registered (``ops.py``) as the autograd formula of the
   custom op ``triton_bn::batch_norm_apply``, which is what ``torch.compile`` traces.
 

@@ -144,9 +144,8 @@ def _declared(family: str) -> List[TileConfig]:
     return [TileConfig(a, b, _warps(a * b)) for a, b in shapes]
 
 
-DECLARED_CONFIGS: Dict[str, List[TileConfig]] = {
-    family: _declared(family) for family in ("channels_last", "channels_first")
-}
+LAYOUT_FAMILIES = ("channels_last", "channels_first")  # the kernels' two layout families (launch.py, kernels/)
+DECLARED_CONFIGS: Dict[str, List[TileConfig]] = {family: _declared(family) for family in LAYOUT_FAMILIES}
 REDUCTION_KINDS = ("stats", "bwd_reduce")
 ELEMENTWISE_KINDS = ("apply", "bwd_dx")
 KINDS = REDUCTION_KINDS + ELEMENTWISE_KINDS
@@ -413,8 +412,13 @@ tuner = Tuner()
 
 @contextlib.contextmanager
 def forced_config(name: str, config: TileConfig):
-    """Test hook: use ``config`` for ``name`` (a family such as "channels_last", or one tunable such
-    as "channels_first.reduce") while the block runs."""
+    """Test hook: use ``config`` for ``name`` (a family such as "channels_last", or one kernel of a family,
+    "<family>.<kind>" with a kind of ``KINDS``, such as "channels_first.bwd_reduce") while the block runs.
+    A name that is neither raises ValueError (it would otherwise force nothing, silently)."""
+    family, dot, kind = name.partition(".")
+    if family not in LAYOUT_FAMILIES or (dot and kind not in KINDS):
+        raise ValueError(f"forced_config: {name!r} names no family ({', '.join(LAYOUT_FAMILIES)}) or "
+                         f"'<family>.<kind>' with a kind of {', '.join(KINDS)}")
     previous = tuner._forced.get(name)
     tuner._forced[name] = config
     tuner.changed()

@@ -48,7 +48,7 @@ from torch import fx, nn
 from .activations import SUPPORTED_ACTIVATIONS, torch_activation
 from .activations import TABLE as ACTIVATION_TABLE
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
-                      _FusedBatchNormMixin, carry_state, has_tail)
+                      FusedBatchNormMixin, carry_state, has_tail)
 from .sync import SyncBatchNorm, SyncBatchNormAct
 from .tracing import ArgumentCheck, OneLevelTrace, TracedForward, root_and_path, running_graph, trace_one_level
 
@@ -56,7 +56,7 @@ from .tracing import ArgumentCheck, OneLevelTrace, TracedForward, root_and_path,
 # not a BatchNorm2d, but the order keeps the lookup of a subclass's base unambiguous.
 _SWAPS = {nn.SyncBatchNorm: (SyncBatchNorm, SyncBatchNormAct), nn.BatchNorm1d: (BatchNorm1d, BatchNormAct1d),
           nn.BatchNorm2d: (BatchNorm2d, BatchNormAct2d), nn.BatchNorm3d: (BatchNorm3d, BatchNormAct3d)}
-_OURS = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)  # the tailed classes subclass these
+OUR_MODULES = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)  # the tailed classes subclass these
 _BATCH_NORM_BASE = nn.modules.batchnorm._BatchNorm
 # a probe input per base class, for the behaviour check of BN subclasses: (N, C) -> shape
 _PROBE_SHAPES = {nn.BatchNorm1d: lambda c: (5, c), nn.BatchNorm2d: lambda c: (3, c, 2, 3),
@@ -85,7 +85,7 @@ class FusionReport:
 
 
 # -- activations ------------------------------------------------------------------------------------------
-def _activation_of_module(module: nn.Module) -> Optional[Tuple[str, float]]:
+def activation_of_module(module: nn.Module) -> Optional[Tuple[str, float]]:
     """(name, negative_slope) of the activation ``module`` computes, or None: PyTorch's own classes by type,
     any other module (Hugging Face's ``SiLUActivation``/``GELUActivation``, timm's, a library's own) by what it
     does (``activation_by_behaviour``)."""
@@ -174,7 +174,7 @@ def _activation_of_node(node: fx.Node, children: Dict[str, nn.Module]) -> Option
     """(name, negative_slope) when ``node`` applies a supported activation to its first argument and
     nothing else."""
     if node.op == "call_module" and node.target in children:
-        return _activation_of_module(children[node.target]) if len(node.args) == 1 and not node.kwargs else None
+        return activation_of_module(children[node.target]) if len(node.args) == 1 and not node.kwargs else None
     if node.op == "call_function" and node.target in _FUNCTIONS:
         name = _FUNCTIONS[node.target]
         if name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
@@ -269,7 +269,7 @@ def replacement(module: nn.Module, report: Optional[FusionReport] = None, path: 
     None when ``module`` is not a BN, is already ours, or is a subclass whose ``forward`` is not
     understood (then ``report`` gets a note)."""
     base = _torch_base(module)
-    if base is None or isinstance(module, _OURS):
+    if base is None or isinstance(module, OUR_MODULES):
         return None
     plain_cls, tail_cls = _SWAPS[base]
     if type(module) is base or type(module).forward is base.forward:
@@ -299,7 +299,7 @@ def _fuse_own_activation(bn: nn.Module) -> bool:
         child = getattr(bn, name)
         if isinstance(child, nn.Identity):
             continue
-        act = _activation_of_module(child)
+        act = activation_of_module(child)
         if act is None:
             return False
         bn.activation, bn.negative_slope = act
@@ -308,7 +308,7 @@ def _fuse_own_activation(bn: nn.Module) -> bool:
     return False
 
 
-def _swap_batch_norms(model: nn.Module, report: FusionReport, fuse: bool) -> nn.Module:
+def swap_batch_norms(model: nn.Module, report: FusionReport, fuse: bool) -> nn.Module:
     """Replace every convertible BN of ``model`` (the root too) in place; returns the (new) root."""
     root_replacement = replacement(model, report)
     if root_replacement is not None:
@@ -320,7 +320,7 @@ def _swap_batch_norms(model: nn.Module, report: FusionReport, fuse: bool) -> nn.
                 setattr(module, name, new)
     if fuse:
         for module in model.modules():
-            if getattr(module, "tail", ()) and isinstance(module, _OURS) and _fuse_own_activation(module):
+            if getattr(module, "tail", ()) and isinstance(module, OUR_MODULES) and _fuse_own_activation(module):
                 report.activation += 1
     return model
 
@@ -328,7 +328,7 @@ def _swap_batch_norms(model: nn.Module, report: FusionReport, fuse: bool) -> nn.
 # -- fusion -------------------------------------------------------------------------------------------------
 def _plain(module: nn.Module) -> bool:
     """One of our BNs with nothing fused yet and nothing running after it."""
-    return isinstance(module, _OURS) and module.activation is None and not has_tail(module)
+    return isinstance(module, OUR_MODULES) and module.activation is None and not has_tail(module)
 
 
 def one_level_graphs(model: nn.Module, modes, skip=()):
@@ -338,7 +338,7 @@ def one_level_graphs(model: nn.Module, modes, skip=()):
     their own forward."""
     traces, failures = {}, []
     for path, module in model.named_modules():
-        if isinstance(module, _OURS + tuple(skip)) or not any(True for _ in module.children()):
+        if isinstance(module, OUR_MODULES + tuple(skip)) or not any(True for _ in module.children()):
             continue
         fused = running_graph(module)
         if fused is not None:
@@ -373,7 +373,7 @@ def _traces(model: nn.Module, report: FusionReport):
     return traces, untraced
 
 
-def _call_counts(model: nn.Module, traces) -> Counter:
+def call_counts(model: nn.Module, traces) -> Counter:
     """How often each module object is called, over every traced graph, plus one for every extra place it
     is registered (a module shared between parents is never fused or replaced)."""
     counts = Counter()
@@ -390,7 +390,7 @@ def _call_counts(model: nn.Module, traces) -> Counter:
 def residual_operand(value):
     """The other operand of a fused ``bn(x) + other``, where the graph computes it: fused, a None would
     read as "no residual" where the original add raises, so None raises here. (Anything else the BN module
-    adds as the original would: ``modules._fusable``.) Traced again by fx (a pickled fused forward is
+    adds as the original would: ``modules.fusable``.) Traced again by fx (a pickled fused forward is
     re-traced when loaded), it stays one call."""
     if isinstance(value, fx.Proxy):
         return value.tracer.create_proxy("call_function", residual_operand, (value,), {})
@@ -458,7 +458,7 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
     called = {node.target for node in graph.nodes if node.op == "call_module"}
     for name, child in children.items():  # activations that nothing calls any more: show that they do nothing
         unused = name not in called and counts[id(child)] == own_calls[name]
-        if unused and own_calls[name] and _activation_of_module(child) is not None and name not in taken:
+        if unused and own_calls[name] and activation_of_module(child) is not None and name not in taken:
             taken[name] = child
             setattr(module, name, nn.Identity())
     if not (rewrite or (guard.narrows and (activation_owners or taken))):
@@ -492,17 +492,17 @@ def convert_model(module: nn.Module, fuse_activations: bool = True, *, inplace: 
         raise TypeError(f"triton_bn.convert_model: expected a torch.nn.Module (a model instance, such as "
                         f"torchvision.models.resnet18()), got {type(module).__name__} {module!r:.60}")
     report = FusionReport()
-    model = _swap_batch_norms(module if inplace else copy.deepcopy(module), report, fuse_activations)
+    model = swap_batch_norms(module if inplace else copy.deepcopy(module), report, fuse_activations)
     if fuse_activations:
         traces, untraced = _traces(model, report)
-        counts = _call_counts(model, traces)
+        counts = call_counts(model, traces)
         paths = {module: path for path, module in model.named_modules()}
         for owner, trace in traces.items():
             _fuse_module(owner, trace, counts, report, paths[owner])
         if untraced:
             warnings.warn(f"triton_bn.convert_model: torch.fx could not trace {', '.join(untraced)}; the BNs directly "
                           "inside were swapped but not fused (details in fusion_report.notes)")
-    total = sum(1 for m in model.modules() if isinstance(m, _OURS))
+    total = sum(1 for m in model.modules() if isinstance(m, OUR_MODULES))
     if total == 0 and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         warnings.warn(f"triton_bn.convert_model: {type(model).__name__} has no BatchNorm layer; nothing was "
                       "converted (the result computes what the original does, on PyTorch's layers)")
@@ -525,7 +525,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     out = module
     if isinstance(module, _CONVERTIBLE) and not isinstance(module, nn.SyncBatchNorm):
         source = module
-        if type(module) not in _CONVERTIBLE and not isinstance(module, _FusedBatchNormMixin):
+        if type(module) not in _CONVERTIBLE and not isinstance(module, FusedBatchNormMixin):
             source = replacement(module)
             if source is None:
                 warnings.warn(f"triton_bn.convert_sync_batchnorm: {type(module).__name__} has its own forward, which "

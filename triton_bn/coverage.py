@@ -120,7 +120,7 @@ def fusion_coverage(original: nn.Module, converted: nn.Module, *inputs) -> Cover
     """The ``Coverage`` of ``converted`` (``convert_model(original)``) on one call with ``inputs``; both models
     run as copies, in their current modes, without gradients, and are left untouched. Also stored in
     ``converted.fusion_report.coverage`` when there is such a report."""
-    from .convert import _activation_of_module  # (convert imports the modules this sits beside)
+    from .convert import activation_of_module  # (convert imports the modules this sits beside)
     coverage = Coverage()
     model = copy.deepcopy(original)
     flow = _Flow()
@@ -130,7 +130,7 @@ def fusion_coverage(original: nn.Module, converted: nn.Module, *inputs) -> Cover
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             coverage.batch_norms += 1
             own = [child for child in module.children() if not isinstance(child, nn.Identity)]
-            if own and _activation_of_module(own[0]) is not None:
+            if own and activation_of_module(own[0]) is not None:
                 # a BN subclass whose own first child after it is an activation (timm's BatchNormAct2d: drop,
                 # then act); a real dropout first is data flow no kernel may fuse across
                 coverage.feeds_activation.append(name)
@@ -138,7 +138,7 @@ def fusion_coverage(original: nn.Module, converted: nn.Module, *inputs) -> Cover
             handles.append(module.register_forward_hook(
                 lambda m, args, out, name=name: flow.watch(out, (name, "bn")) if isinstance(out, torch.Tensor)
                 else None))
-        elif not any(True for _ in module.children()) and _activation_of_module(module) is not None:
+        elif not any(True for _ in module.children()) and activation_of_module(module) is not None:
             def before(m, args):
                 flow.read(args, "activation")
                 flow.quiet += 1
@@ -172,12 +172,12 @@ def fusion_coverage(original: nn.Module, converted: nn.Module, *inputs) -> Cover
 
 def _fused(converted: nn.Module, inputs, coverage: Coverage) -> None:
     """Which of ``converted``'s BNs ran with a fused activation, and which took a residual, on ``inputs``."""
-    from .modules import _FusedBatchNormMixin
+    from .modules import FusedBatchNormMixin
     model = copy.deepcopy(converted)
     seen: Dict[str, bool] = {}  # path -> took a residual
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, _FusedBatchNormMixin):
+        if isinstance(module, FusedBatchNormMixin):
             def took(m, args, kwargs, name=name):
                 residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
                 seen[name] = seen.get(name, False) or residual is not None

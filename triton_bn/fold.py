@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .activations import activation_id, torch_activation
-from .convert import FusionReport, _OURS, _call_counts, _swap_batch_norms, one_level_graphs
+from .convert import FusionReport, OUR_MODULES, call_counts, swap_batch_norms, one_level_graphs
 from .functional import SCRIPT_REFUSAL, apply_step, check_fused_residual, recording_for_export
 from .tracing import OneLevelTrace, running_graph
 
@@ -109,7 +109,7 @@ class FrozenBatchNorm(nn.Module):
         raise RuntimeError(SCRIPT_REFUSAL)
 
     def without_activation(self) -> nn.Module:
-        """This table with no fused activation (see ``_FusedBatchNormMixin.without_activation``)."""
+        """This table with no fused activation (see ``FusedBatchNormMixin.without_activation``)."""
         if self.activation is None:
             return self
         twin = copy.copy(self)
@@ -143,7 +143,7 @@ class _ActivationAfter:
         return torch_activation(self.activation, self.negative_slope, _may_overwrite(out))(out)
 
     def without_activation(self) -> nn.Module:
-        """This layer without the activation (see ``_FusedBatchNormMixin.without_activation``): a parent's fused
+        """This layer without the activation (see ``FusedBatchNormMixin.without_activation``): a parent's fused
         forward that falls back to its own forward runs the model's activation module itself."""
         twin = copy.copy(self)
         twin.activation = None
@@ -241,7 +241,7 @@ def _fold_module(module: nn.Module, trace: OneLevelTrace, counts) -> None:
         if node.op != "call_module" or node.target not in children:
             continue
         bn = children[node.target]
-        if not isinstance(bn, _OURS) or bn.running_mean is None or len(node.args) != 1:
+        if not isinstance(bn, OUR_MODULES) or bn.running_mean is None or len(node.args) != 1:
             continue
         producer = node.args[0]
         layer = (children.get(producer.target) if isinstance(producer, fx.Node) and producer.op == "call_module"
@@ -279,15 +279,15 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
         raise RuntimeError("fold_batch_norms: the model is in training mode; call model.eval() first "
                            "(folding uses the running statistics, which training would keep changing)")
     report = FusionReport()
-    model = _swap_batch_norms(copy.deepcopy(model), report, fuse=False)
+    model = swap_batch_norms(copy.deepcopy(model), report, fuse=False)
     traces, failures = one_level_graphs(model, (False,), skip=(FrozenBatchNorm,))  # eval: what a folded model runs
-    untraced = [path for path, module, _ in failures if any(isinstance(c, _OURS) for c in module.children())]
-    counts = _call_counts(model, traces)
+    untraced = [path for path, module, _ in failures if any(isinstance(c, OUR_MODULES) for c in module.children())]
+    counts = call_counts(model, traces)
     for module, trace in traces.items():
         _fold_module(module, trace, counts)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, _OURS) and child.running_mean is not None:
+            if isinstance(child, OUR_MODULES) and child.running_mean is not None:
                 setattr(module, name, _frozen(child))
     if untraced:
         warnings.warn(f"triton_bn.fold_batch_norms: torch.fx could not trace {', '.join(untraced)}; the BNs directly "

@@ -159,7 +159,7 @@ def _needs_gradient(input, weight, bias, residual) -> bool:
 def _checked_activation(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
                         negative_slope, residual, num_batches_tracked) -> int:
     """Every check of ``batch_norm``'s arguments (raising the documented error); the activation's kernel id."""
-    act = _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+    act = check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
                            residual, num_batches_tracked)
     if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
         raise TypeError(f"batch_norm: negative_slope must be a number, got {type(negative_slope).__name__}")
@@ -215,7 +215,7 @@ def _spans_overlap(a: Tensor, b: Tensor, dense: bool) -> bool:
     return start_a < end_b and start_b < end_a
 
 
-def _check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+def check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
                      residual, num_batches_tracked, check_batch_size: bool = True) -> int:
     """All validation, in one place; returns the activation's kernel id. SyncBatchNorm passes
     ``check_batch_size=False``: there the count that matters is the global one."""

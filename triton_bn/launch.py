@@ -122,10 +122,16 @@ def _per_channel_args(mean, stat, weight, bias, device):
             dummy if weight is None else weight.contiguous(), dummy if bias is None else bias.contiguous())
 
 
-def _current_stream(device_index: int) -> int:
+def current_stream(device_index: int) -> int:
     """The raw handle of the device's current CUDA stream, as Triton's CUDA driver reads it (no
     ``torch.cuda.Stream`` object built, which costs microseconds per call)."""
     return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def standing_buffers() -> List[torch.Tensor]:
+    """The buffers the launchers keep across calls (the per-device dummies and the per-stream arrival counters):
+    what a C++ plan holds as persistent slots instead of per-call tensors (plans.py)."""
+    return list(_dummies.values()) + list(_COUNTERS.values())
 
 
 # -- arrival counters -------------------------------------------------------------------------------------
@@ -138,7 +144,7 @@ def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
     one stream run one after another and each resets what it used, so one buffer per stream serves every
     call; two streams never share one. Inside a CUDA graph capture the buffer is allocated (and its
     zeroing captured) for that call alone: a buffer from the graph's private memory must not be kept."""
-    stream = _current_stream(device.index) if device.type == "cuda" else 0
+    stream = current_stream(device.index) if device.type == "cuda" else 0
     if stream and torch.cuda.is_current_stream_capturing():
         return torch.zeros(needed, dtype=torch.int32, device=device)
     key = (device, stream)
@@ -234,7 +240,7 @@ class PlannedLaunch:
                 self.variants[key] = self._direct_runner(compiled, len(args))
             return
         # a variant launched before, so its module is loaded: safe inside a CUDA graph capture too
-        runner(*args, *self.constexpr_values, stream=_current_stream(device.index))
+        runner(*args, *self.constexpr_values, stream=current_stream(device.index))
 
     def _direct_runner(self, compiled, positional: int):
         """``compiled``'s launcher for this grid; None (Triton's path every time) where Triton returned no

@@ -13,7 +13,7 @@ from .activations import activation_id, torch_activation
 from .functional import SCRIPT_REFUSAL, batch_norm
 
 
-class _FusedBatchNormMixin:
+class FusedBatchNormMixin:
     """The shared part of the three modules (PyTorch's own _BatchNorm.forward logic, but with no host
     read of num_batches_tracked: momentum=None is resolved on the device)."""
 
@@ -31,7 +31,7 @@ class _FusedBatchNormMixin:
         bn_training = training or (running_mean is None and running_var is None)
         track = not training or self.track_running_stats
         activation, fused = self.activation, residual
-        if residual is not None and not _fusable(residual, input):
+        if residual is not None and not fusable(residual, input):
             check_added_residual(residual, input)  # before batch_norm writes the running statistics
             fused, activation = None, None  # added below, after the normalization, as the model's own add would
         y = batch_norm(
@@ -68,7 +68,7 @@ class _FusedBatchNormMixin:
         return text
 
 
-def _fusable(residual, input: Tensor) -> bool:
+def fusable(residual, input: Tensor) -> bool:
     """Whether the kernels can add ``residual`` themselves: a tensor of the input's shape, dtype and device.
     Any other (one that broadcasts, a number: what a model's ``out + shortcut`` may meet) is added after the
     normalization, with PyTorch's own add and the activation after it, so that a converted model still
@@ -112,7 +112,7 @@ def with_fused_signature(init, torch_class):
 
 
 def _fused_module(torch_class, doc_dims):
-    class Fused(_FusedBatchNormMixin, torch_class):
+    class Fused(FusedBatchNormMixin, torch_class):
         def __init__(self, *args, activation: Optional[str] = None, negative_slope: float = 0.01, **kwargs) -> None:
             torch_class.__init__(self, *args, **kwargs)
             self._init_fused(activation, negative_slope)

@@ -35,9 +35,9 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor], momentum: float, cumulative: bool,
                 eps: float) -> Tuple[Tensor, Tensor]:
-    from .functional import _check_arguments  # (functional imports this module)
+    from .functional import check_arguments  # (functional imports this module)
     # functional checked a traced call already; a direct call of the op gets the same errors before any write
-    _check_arguments(x, running_mean, running_var, None, None, True, None if cumulative else momentum, eps, None,
+    check_arguments(x, running_mean, running_var, None, None, True, None if cumulative else momentum, eps, None,
                      None, num_batches_tracked)
     return launch.batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
 
@@ -51,10 +51,10 @@ def _(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, e
 def batch_norm_apply(x: Tensor, mean: Tensor, stat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      residual: Optional[Tensor], eps: float, batch_stats: bool, activation: int,
                      negative_slope: float) -> Tensor:
-    from .functional import _check_arguments
+    from .functional import check_arguments
     if activation not in ACTIVATION_IDS.values():
         raise ValueError(f"triton_bn::batch_norm_apply: unknown activation id {activation}")
-    _check_arguments(x, mean, stat, weight, bias, False, None, eps, None, residual, None)
+    check_arguments(x, mean, stat, weight, bias, False, None, eps, None, residual, None)
     return launch.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
                                    negative_slope)
 

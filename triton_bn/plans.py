@@ -187,7 +187,7 @@ def _describe(t) -> tuple:
 
 def _key(kind: str, tensors, flags) -> tuple:
     grad = torch.is_grad_enabled()
-    stream = launch._current_stream(tensors[0].device.index) if tensors[0].is_cuda else 0
+    stream = launch.current_stream(tensors[0].device.index) if tensors[0].is_cuda else 0
     return (kind, tensors[0].device, stream, grad, flags) + tuple(_describe(t) for t in tensors)
 
 
@@ -369,7 +369,7 @@ def _write(watched, known: dict, outputs: dict, expectations: dict, device, requ
     persistent: List[torch.Tensor] = []
     scratch: Dict[int, Tuple[int, int]] = {}  # data_ptr -> (slot, numel)
     by_pointer = {t.data_ptr(): slot for slot, t in known.items() if t is not None}
-    standing = {t.data_ptr(): t for t in list(launch._dummies.values()) + list(launch._COUNTERS.values())}
+    standing = {t.data_ptr(): t for t in launch.standing_buffers()}
 
     def slot_of(t: torch.Tensor) -> int:
         pointer = t.data_ptr()

@@ -26,8 +26,8 @@ from torch.autograd.function import once_differentiable
 
 from . import launch
 from .activations import torch_activation
-from .functional import _check_arguments
-from .modules import TailMixin, _FusedBatchNormMixin, _fusable, check_added_residual, with_fused_signature
+from .functional import check_arguments
+from .modules import TailMixin, FusedBatchNormMixin, fusable, check_added_residual, with_fused_signature
 
 
 def merge_moments(gathered: Tensor):
@@ -83,7 +83,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return (grad_x, grad_weight, grad_bias, grad_residual) + (None,) * 9
 
 
-class SyncBatchNorm(_FusedBatchNormMixin, nn.SyncBatchNorm):
+class SyncBatchNorm(FusedBatchNormMixin, nn.SyncBatchNorm):
     """``torch.nn.SyncBatchNorm`` on the fused kernels, with ``activation`` and
     ``forward(input, residual=None)``."""
 
@@ -108,10 +108,10 @@ class SyncBatchNorm(_FusedBatchNormMixin, nn.SyncBatchNorm):
         running_var = self.running_var if track else None
         num_batches = self.num_batches_tracked if track else None
         activation, fused = self.activation, residual
-        if residual is not None and not _fusable(residual, input):  # added after, as in _FusedBatchNormMixin
+        if residual is not None and not fusable(residual, input):  # added after, as in FusedBatchNormMixin
             check_added_residual(residual, input)
             activation, fused = None, None
-        act = _check_arguments(input, running_mean, running_var, self.weight, self.bias, True, self.momentum, self.eps,
+        act = check_arguments(input, running_mean, running_var, self.weight, self.bias, True, self.momentum, self.eps,
                                activation, fused, num_batches, check_batch_size=False)
         if num_batches is not None:
             num_batches.add_(1)
