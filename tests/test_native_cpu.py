@@ -504,7 +504,8 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern(layout, dtype):
     bodies, bf16's wide rows with each channel's weight in the packs' order): y = x * 1 + 0 gives x back
     bitwise (subnormals, infinities, signed zeros; NaN stays NaN), y = x * w rounds the fp32 product to
     nearest even exactly as PyTorch's conversion does (ties, overflow to inf, results in the subnormal
-    range), and so does ReLU(x * w). A bf16 NaN is written as 0x7FC0 (c10::BFloat16's), by every loop."""
+    range), and so does ReLU(x * w). A bf16 NaN is written as 0xFFFF by every loop, SiLU's vector line
+    (ATen's conversion) included: the NaN PyTorch's own vectorized kernels write (its conversion, its BN)."""
     patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     rounding = torch.tensor([1.37, 1e-4])  # products that round at every spacing, down into the subnormals
     if layout == "rows":  # (N, C) = (65536, 2): every pattern in both channels
@@ -526,7 +527,7 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern(layout, dtype):
         assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16))
         assert torch.isnan(y[~finite]).all()
         if dtype == torch.bfloat16:
-            assert (y[~finite].view(torch.int16) == 0x7FC0).all()
+            assert (y[~finite].view(torch.int16) == -1).all()  # 0xFFFF
 
     y = apply(x, zero, one, None, None, None, 0.0, False, 0, 0.0)  # eval: (x - 0) / sqrt(1 + 0) * 1 + 0
     check(y, (x.float() + 0.0).to(dtype))  # x itself, but -0 + 0 = +0
@@ -536,6 +537,12 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern(layout, dtype):
     y = apply(x, zero, one, weight, None, None, 0.0, False, ACTIVATION_IDS["relu"], 0.0)
     z = x.float() * weight.reshape(per_channel) + 0.0
     check(y, torch.where(z < 0, torch.zeros_like(z), z).to(dtype))
+    # SiLU (ATen's vectors): NaN where PyTorch's silu gives NaN, written as PyTorch writes it
+    y = apply(x, zero, one, None, None, None, 0.0, False, ACTIVATION_IDS["silu"], 0.0)
+    nan = torch.isnan(torch.nn.functional.silu(x.float()))
+    assert torch.equal(torch.isnan(y), nan)
+    if dtype == torch.bfloat16:
+        assert torch.equal(y[nan].view(torch.int16), torch.nn.functional.silu(x)[nan].view(torch.int16))
 
 
 def test_compile_flags_per_machine_and_isa():

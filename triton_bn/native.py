@@ -36,7 +36,7 @@ SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.cpp")), key=lambda path: (
     _LONGEST_FIRST.index(os.path.basename(path)[:-4]) if os.path.basename(path)[:-4] in _LONGEST_FIRST
     else len(_LONGEST_FIRST), path))
 HEADERS = build.headers_of("cpu", "node")  # the CPU kernels' and the autograd node both devices share
-BUILD_TIME = "about a minute on two quiet cores, a few on a busy machine"  # 55-94 s and 183-239 s measured (README)
+BUILD_TIME = "about a minute on two quiet cores, a few on a busy machine"  # 55-115 s and 183-239 s measured (README)
 
 
 class NativeOps(NamedTuple):

@@ -68,7 +68,7 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float 
   std::memcpy(&bits, &v, sizeof bits);
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-  p[i].x = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+  p[i].x = static_cast<uint16_t>(nan ? 0xFFFFu : rounded);  // PyTorch's vectorized kernels' NaN (ATen's convert)
 }
 
 // -- fp16 through fp32 buffers ---------------------------------------------------------------------------
@@ -136,14 +136,14 @@ inline Pack load_pack(const c10::BFloat16* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16)),
           _mm256_castsi256_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
 }
-// v rounded to bf16 as store<c10::BFloat16> rounds it (nearest even; every NaN as 0x7FC0), in the high
-// half of each lane.
+// v rounded to bf16 as store<c10::BFloat16> rounds it (nearest even; every NaN as 0xFFFF, as ATen's vector
+// conversion and so PyTorch's own kernels write it), in the high half of each lane.
 inline __m256i bf16_in_high_halves(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lowest_kept);
   const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(nan));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)), _mm256_castps_si256(nan));
 }
 inline void store_pack(c10::BFloat16* p, const Pack& v) {
   const __m256i even = _mm256_srli_epi32(bf16_in_high_halves(v.first), 16);  // to the low halves
