@@ -53,13 +53,10 @@ _lock = threading.Lock()
 _UNSET = object()
 
 
-# ATen's vector ISAs (torch.backends.cpu.get_cpu_capability()) that at::vec::Vectorized is built for by a
-# CPU_CAPABILITY macro, and the compiler macros the build must then show (ATen's own AVX-512 kernels are
-# compiled with AVX512F, BW, VL and DQ; csrc/cpu/kernels.h refuses a capability the compiler does not target).
-VECTOR_ISAS = {
-    "AVX512": ("__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512DQ__", "__FMA__"),
-    "AVX2": ("__AVX2__", "__FMA__"),
-}
+# ATen's x86 vector ISAs (torch.backends.cpu.get_cpu_capability()'s names) that at::vec::Vectorized is built for
+# by a CPU_CAPABILITY macro (csrc/cpu/kernels.h refuses one the compiler does not target: AVX-512 needs
+# AVX512F, BW, VL and DQ, as ATen's own AVX-512 kernels are compiled with).
+VECTOR_ISAS = ("AVX512", "AVX2")
 
 
 def vector_isa() -> str:
@@ -73,7 +70,7 @@ def vector_isa() -> str:
 
 
 def capability_flags(isa: str):
-    """The macros that build at::vec::Vectorized for ``isa`` (a key of VECTOR_ISAS, or DEFAULT): what inductor's
+    """The macros that build at::vec::Vectorized for ``isa`` (one of VECTOR_ISAS, or DEFAULT): what inductor's
     C++ code passes too (torch/_inductor/cpu_vec_isa.py). Without them Vectorized is ATen's portable code, on x86
     a loop of scalar calls: the known trap of including vec.h in an extension."""
     return [] if isa == "DEFAULT" else [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]

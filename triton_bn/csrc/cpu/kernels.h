@@ -20,10 +20,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 
-// The hand-written vector code (the 16-bit float types' loops, the transcendental activations) needs AVX2
-// and FMA, and F16C for fp16's conversions: what -march=native gives on x86 CPUs of the last decade.
-// Without them fp16 takes c10::Half's scalar conversion, bf16 the compiler's vectorization of its scalar
-// code, and the activations std::exp, std::erf and std::tanh one value at a time.
+// Our own vector code (the 16-bit float types' identity and ReLU loops and the fp16 buffers) needs AVX2 and
+// FMA, and F16C for fp16's conversions: what -march=native gives on x86 CPUs of the last decade. Without
+// them fp16 takes c10::Half's scalar conversion and bf16 the compiler's vectorization of its scalar code.
+// (The transcendental activations use ATen's vectors, for whatever ISA the build names: below.)
 #if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
 #define TRITON_BN_VECTORS 1
 #include <immintrin.h>
