@@ -42,7 +42,7 @@ def _parse(argv):
                        f"{', '.join(C.DEFAULT_CASES)})")
     bench.add_argument("--providers", default=None,
                        help=f"comma-separated providers, of: {', '.join(C.PROVIDERS)} (default: all a device has, "
-                            "except torch_compile on the CPU, whose compiles take minutes there)")
+                            "except torch_compile on the CPU, whose compiles take ~10 s a row there)")
     bench.add_argument("--dtypes", default=None, help=f"comma-separated, of: {', '.join(C.DTYPES)}")
     bench.add_argument("--layouts", default=None, help=f"comma-separated, of: {', '.join(C.LAYOUTS)}")
     bench.add_argument("--out", default=None,
