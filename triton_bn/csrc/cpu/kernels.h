@@ -346,9 +346,15 @@ template <typename T> inline void store_parts(T* p, const Parts<T>& parts, int64
   if (count == Vec<T>::size()) v.store(p); else v.store(p, count);
 }
 
-// How many of a vector's count values fall in part k.
-template <typename A> inline int64_t part_count(int64_t count, int k) {
-  return std::clamp<int64_t>(count - k * Vec<A>::size(), 0, Vec<A>::size());
+// Calls body(p, at, part) for the parts of the vector of T holding the count values at i of a line: part p
+// holds the values [at, at + part) (a partial vector's later parts hold none and are skipped).
+template <typename T, typename Body> inline void for_each_part(int64_t i, int64_t count, const Body& body) {
+  constexpr int64_t kLanes = Vec<acc_t<T>>::size();
+  for (int p = 0; p < kParts<T>; ++p) {
+    const int64_t part = std::min(count - p * kLanes, kLanes);
+    if (part <= 0) break;
+    body(p, i + p * kLanes, part);
+  }
 }
 
 // Per-channel values for the count values at i of a line: rows read them at the column, planes (one
@@ -356,6 +362,13 @@ template <typename A> inline int64_t part_count(int64_t count, int k) {
 template <bool PLANES, typename A> inline Vec<A> per_channel_vector(const A* values, int64_t i, int64_t count) {
   if constexpr (PLANES) return Vec<A>(values[0]);
   return count == Vec<A>::size() ? Vec<A>::loadu(values + i) : Vec<A>::loadu(values + i, count);
+}
+
+// x * scale + shift for the part values at `at` of a line (the per-channel values as per_channel_vector reads
+// them): the z of every vector line, forward and backward.
+template <bool PLANES, typename A>
+inline Vec<A> affine_vec(const Vec<A>& x, const A* scale, const A* shift, int64_t at, int64_t part) {
+  return at::vec::fmadd(x, per_channel_vector<PLANES>(scale, at, part), per_channel_vector<PLANES>(shift, at, part));
 }
 
 // Calls body(i, count) for the vectors of T of a line of n values: whole ones, then one partial vector.
@@ -691,13 +704,11 @@ void normalize_vector_line(const T* x, const T* residual, T* y, int64_t n, const
   for_each_vector<T>(n, [&](int64_t i, int64_t count) {
     Parts<T> z = load_parts(x + i, count);
     const Parts<T> r = residual != nullptr ? load_parts(residual + i, count) : Parts<T>{};
-    for (int k = 0; k < kParts<T>; ++k) {
-      const int64_t at = i + k * Vec<A>::size(), part = part_count<A>(count, k);
-      if (part == 0) break;
-      z[k] = at::vec::fmadd(z[k], per_channel_vector<PLANES>(scale, at, part), per_channel_vector<PLANES>(shift, at, part));
+    for_each_part<T>(i, count, [&](int k, int64_t at, int64_t part) {
+      z[k] = affine_vec<PLANES>(z[k], scale, shift, at, part);
       if (residual != nullptr) z[k] = z[k] + r[k];
       z[k] = activate_vec<ACT, A>(z[k]);
-    }
+    });
     store_parts(y + i, z, count);
   });
 }
@@ -798,17 +809,15 @@ void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t
     const int64_t i = i0 + j;
     const Parts<T> xv = load_parts(x + i, count), g = load_parts(dy + i, count);
     const Parts<T> r = HAS_RES ? load_parts(res + i, count) : Parts<T>{};
-    for (int p = 0; p < kParts<T>; ++p) {
-      const int64_t at = i + p * Vec<A>::size(), part = part_count<A>(count, p);
-      if (part == 0) break;
-      Vec<A> z = at::vec::fmadd(xv[p], per_channel_vector<PLANES>(sc, at, part), per_channel_vector<PLANES>(sh, at, part));
+    for_each_part<T>(i, count, [&](int p, int64_t at, int64_t part) {
+      Vec<A> z = affine_vec<PLANES>(xv[p], sc, sh, at, part);
       if constexpr (HAS_RES) z = z + r[p];
       const Vec<A> d = activation_backward_vec<ACT, A>(g[p], z);
       const Vec<A> xhat = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(is, at, part);
-      d.store(dz + j + p * Vec<A>::size(), part);
-      (d * xhat).store(dz_xhat + j + p * Vec<A>::size(), part);
+      d.store(dz + (at - i0), part);
+      (d * xhat).store(dz_xhat + (at - i0), part);
       if (saved != nullptr) d.store(saved + at, part);
-    }
+    });
   });
 }
 
@@ -997,6 +1006,17 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
   });
 }
 
+// dx = dz * k1 - (x - mean) * k2 - k3 for the part values at `at` of the line whose per-channel values start at
+// channel c0: pass 2's formula, the same arithmetic as the scalar loops' grad_x_at.
+template <bool PLANES, typename A>
+inline Vec<A> grad_x_vec(const Vec<A>& dz, const Vec<A>& x, const BackwardCoefficients<A>& k, int64_t c0, int64_t at,
+                         int64_t part) {
+  const Vec<A> centered = (x - per_channel_vector<PLANES>(k.mean.data() + c0, at, part)) *
+                          per_channel_vector<PLANES>(k.k2.data() + c0, at, part);
+  return at::vec::fmsub(dz, per_channel_vector<PLANES>(k.k1.data() + c0, at, part), centered) -
+         per_channel_vector<PLANES>(k.k3.data() + c0, at, part);
+}
+
 // Pass 2 along one line from the dz pass 1 saved (dz_saved, the compute type; for fp32 and double it is grad_x
 // itself, overwritten in place): dx = dz * k1 - (x - mean) * k2 - k3 and d residual = dz, rounded once to T.
 // The same values as backward_vector_line computes, without evaluating act'(z) a second time.
@@ -1004,18 +1024,13 @@ template <typename T, bool DRES, bool PLANES>
 void backward_saved_line(const acc_t<T>* dz_saved, const T* x, T* grad_x, T* grad_res, int64_t n,
                          const BackwardCoefficients<acc_t<T>>& k, int64_t c0) {
   using A = acc_t<T>;
-  const A *mu = k.mean.data() + c0, *a1 = k.k1.data() + c0, *a2 = k.k2.data() + c0, *a3 = k.k3.data() + c0;
   for_each_vector<T>(n, [&](int64_t i, int64_t count) {
     const Parts<T> xv = load_parts(x + i, count);
     Parts<T> dx{}, dz{};
-    for (int p = 0; p < kParts<T>; ++p) {
-      const int64_t at = i + p * Vec<A>::size(), part = part_count<A>(count, p);
-      if (part == 0) break;
+    for_each_part<T>(i, count, [&](int p, int64_t at, int64_t part) {
       dz[p] = part == Vec<A>::size() ? Vec<A>::loadu(dz_saved + at) : Vec<A>::loadu(dz_saved + at, part);
-      const Vec<A> centered = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(a2, at, part);
-      dx[p] = at::vec::fmsub(dz[p], per_channel_vector<PLANES>(a1, at, part), centered) -
-              per_channel_vector<PLANES>(a3, at, part);
-    }
+      dx[p] = grad_x_vec<PLANES>(dz[p], xv[p], k, c0, at, part);
+    });
     if constexpr (DRES) store_parts(grad_res + i, dz, count);  // before dx overwrites a dz_saved that is grad_x
     store_parts(grad_x + i, dx, count);
   });
@@ -1029,24 +1044,17 @@ template <typename T, int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
 void backward_vector_line(const T* x, const T* dy, const T* res, T* grad_x, T* grad_res, int64_t n,
                           const BackwardCoefficients<acc_t<T>>& k, int64_t c0) {
   using A = acc_t<T>;
-  const A *sc = k.scale.data() + c0, *sh = k.shift.data() + c0, *mu = k.mean.data() + c0;
-  const A *a1 = k.k1.data() + c0, *a2 = k.k2.data() + c0, *a3 = k.k3.data() + c0;
+  const A *sc = k.scale.data() + c0, *sh = k.shift.data() + c0;
   for_each_vector<T>(n, [&](int64_t i, int64_t count) {
     const Parts<T> xv = load_parts(x + i, count), g = load_parts(dy + i, count);
     const Parts<T> r = HAS_RES ? load_parts(res + i, count) : Parts<T>{};
     Parts<T> dx{}, dz{};
-    for (int p = 0; p < kParts<T>; ++p) {
-      const int64_t at = i + p * Vec<A>::size(), part = part_count<A>(count, p);
-      if (part == 0) break;
-      Vec<A> z = at::vec::fmadd(xv[p], per_channel_vector<PLANES>(sc, at, part), per_channel_vector<PLANES>(sh, at, part));
+    for_each_part<T>(i, count, [&](int p, int64_t at, int64_t part) {
+      Vec<A> z = affine_vec<PLANES>(xv[p], sc, sh, at, part);
       if constexpr (HAS_RES) z = z + r[p];
       dz[p] = activation_backward_vec<ACT, A>(g[p], z);
-      if constexpr (DX) {
-        const Vec<A> centered = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(a2, at, part);
-        dx[p] = at::vec::fmsub(dz[p], per_channel_vector<PLANES>(a1, at, part), centered) -
-                per_channel_vector<PLANES>(a3, at, part);
-      }
-    }
+      if constexpr (DX) dx[p] = grad_x_vec<PLANES>(dz[p], xv[p], k, c0, at, part);
+    });
     if constexpr (DX) store_parts(grad_x + i, dx, count);
     if constexpr (DRES) store_parts(grad_res + i, dz, count);
   });
