@@ -51,8 +51,8 @@ def kernels_in_use(device: str) -> str:
     """Which of triton_bn's kernels serve this device (on a CPU this builds the native ones the first time)."""
     if device == "cuda":
         return "the Triton kernels"
-    from triton_bn import native
-    if native.ops() is not None:
+    from triton_bn.backends import native_cpu
+    if native_cpu.ops() is not None:
         return "the native C++ CPU kernels"
     return "PyTorch's CPU kernels with triton_bn's epilogue (the native ones are off or could not be built)"
 

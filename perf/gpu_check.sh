@@ -28,7 +28,7 @@ CPP_TESTS_S=${CPP_TESTS_S:-100}    # the same through the C++ launch path
 LAUNCH_ABI_S=${LAUNCH_ABI_S:-50}   # tests/test_launch.py (plans against this triton's PTX)
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-100}  # bench starts no new measurement after this, then writes its reports (<= 60 s)
 BENCH_ARGS=${BENCH_ARGS:---quick --graphs}  # --graphs: GPU time alone too (CUDA graph replay)
-# CUDA-parametrised tests and GPU-only tests (with the interpreter off, CPU cases would take reference.py);
+# CUDA-parametrised tests and GPU-only tests (with the interpreter off, CPU cases would take the CPU backends);
 # tuning off here: correctness of the heuristic tiles, without a compile per candidate. Eight workers:
 # compiling kernels is what takes the time, and it is CPU work.
 if [ "$TESTS_S" -gt 0 ]; then

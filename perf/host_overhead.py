@@ -4,7 +4,7 @@ Two modes:
 - default, the Python launch path: every Triton launch is replaced by a no-op (under ``TRITON_INTERPRET=1``,
   ``InterpretedFunction.run`` returns at once), so what is timed is triton_bn's own work per call:
   validation, layout planning, configuration lookup, allocations, the autograd Function.
-- ``--cpp-null``, the C++ launch path (plans.py, csrc/cuda/) under its null stand-in driver
+- ``--cpp-null``, the C++ launch path (backends/cpp_launch.py, csrc/cuda/) under its null stand-in driver
   (``TRITON_BN_CUDA_DRIVER=null``): one C++ call per forward (the plan found, outputs allocated, parameters
   packed, nothing launched), the C++ autograd node in the backward.
 PyTorch's ``nn.Sequential(BatchNorm, ReLU)`` runs for real on a tensor so small (2x8x2x2) that its

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
-from triton_bn import launch
+from triton_bn.backends import triton_kernels
 from triton_bn.autotune import TileConfig, forced_config, heuristic_config, next_power_of_2
 from triton_bn.layout import ChannelsLastPlan, plan_layout
 
@@ -74,10 +74,11 @@ def reductions(x: torch.Tensor):
     grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(bias)
 
     def stats():
-        launch.batch_stats(x, running_mean, running_var, None, 0.1, False, 1e-5)
+        triton_kernels.batch_stats(x, running_mean, running_var, None, 0.1, False, 1e-5)
 
     def sums():
-        launch.backward_sums(grad_y, x, mean, invstd, weight, bias, None, 1e-5, True, 1, 0.0, grad_weight, grad_bias)
+        triton_kernels.backward_sums(grad_y, x, mean, invstd, weight, bias, None, 1e-5, True, 1, 0.0, grad_weight,
+                                     grad_bias)
 
     read = x.numel() * x.element_size()
     return [("stats", stats, read), ("bwd_reduce", sums, 2 * read)]
@@ -85,7 +86,7 @@ def reductions(x: torch.Tensor):
 
 def tiles_per_program(family: str, plan, cfg: TileConfig, device) -> int:
     """What each program of the reduction walks, from the launcher's own grid."""
-    _, _, size_args, _ = launch._reduction_grid(plan, cfg, device, cfg.programs_per_sm)
+    _, _, size_args, _ = triton_kernels._reduction_grid(plan, cfg, device, cfg.programs_per_sm)
     return size_args[-1] if family == "channels_first" else size_args[3] // cfg.block_a
 
 

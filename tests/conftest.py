@@ -31,13 +31,13 @@ def pytest_sessionstart(session):
     no test then waits for a build under a timeout of its own. Says which path serves CPU tensors."""
     if hasattr(session.config, "workerinput"):
         return  # an xdist worker: the controller has done it
-    from triton_bn import native
-    if not native.ENABLED:
+    from triton_bn.backends import native_cpu
+    if not native_cpu.ENABLED:
         served = "PyTorch's kernels (TRITON_BN_NATIVE_CPU=0)"
-    elif native.ops() is None:
+    elif native_cpu.ops() is None:
         served = "PyTorch's kernels: the native CPU kernels could not be built (the warning above says why)"
     else:
-        served = f"the native CPU kernels ({native.loaded_from()})"
+        served = f"the native CPU kernels ({native_cpu.loaded_from()})"
     print(f"triton_bn: dense CPU tensors off the interpreter take {served}", flush=True)
 
 

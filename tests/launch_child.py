@@ -15,18 +15,18 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the Triton i
 import torch  # noqa: E402
 
 import triton_bn  # noqa: E402
-from triton_bn import cuda_driver, launch, plans  # noqa: E402
+from triton_bn.backends import cpp_launch, cuda_driver, triton_kernels  # noqa: E402
 
 
 def python_launches(call):
     """What the Python launchers launch for ``call()`` (watched, not run): per launch the kernel's name, the
     grid as three numbers, and each passed parameter as ("ptr", tensor), ("int", value) or ("f32", value),
-    read off the compiled variant as plans.py reads it; plus call()'s result."""
-    with launch.watch(dry=True) as watched:
+    read off the compiled variant as cpp_launch.py reads it; plus call()'s result."""
+    with triton_kernels.watch(dry=True) as watched:
         result = call()
     launches = []
     for planned, args in watched:
-        compiled = plans.compiled_variant(planned.kernel, planned.grid, args, planned.kwargs, torch.device("cpu"))
+        compiled = cpp_launch.compiled_variant(planned.kernel, planned.grid, args, planned.kwargs, torch.device("cpu"))
         params = []
         for name, arg in zip(planned.kernel.arg_names, args):
             kind = compiled.signature[name]
@@ -49,7 +49,7 @@ def assert_same_launches(recorded, expected, roles):
     wherever Python passes the same one."""
     assert [r["kernel"] for r in recorded] == [e["kernel"] for e in expected], (recorded, expected)
     scratch = {}
-    standing = {t.data_ptr() for t in list(launch._dummies.values()) + list(launch._COUNTERS.values())}
+    standing = {t.data_ptr() for t in list(triton_kernels._dummies.values()) + list(triton_kernels._COUNTERS.values())}
     for got, want in zip(recorded, expected):
         where = want["kernel"]
         assert got["grid"] == want["grid"] and got["block"] == want["block"] and got["shared"] == want["shared"], where
@@ -110,7 +110,7 @@ def check_training_forward(layout, activation, with_residual, grad):
         recorded, y = recorded_during(lambda: module(x, residual=residual))
     assert recorded, "the C++ path did not take the call"
     act = triton_bn.activations.activation_id(activation)
-    expected, (y_python, mean, invstd) = python_launches(lambda: launch.batch_norm_training(
+    expected, (y_python, mean, invstd) = python_launches(lambda: triton_kernels.batch_norm_training(
         x.detach(), twin.running_mean, twin.running_var, twin.num_batches_tracked, twin.weight, twin.bias, residual,
         0.1, False, 1e-5, act, 0.01))
     roles = _roles((x, x), (residual, residual), (twin.weight, module.weight), (twin.bias, module.bias),
@@ -131,7 +131,7 @@ def _check_training_backward(x, residual, y, module, twin, mean, invstd, act):
     recorded, _ = recorded_during(lambda: y.backward(grad_y))
     mask = [True, True, True, residual is not None]
     kept = residual if act != 0 else None
-    expected, grads = python_launches(lambda: launch.batch_norm_backward(
+    expected, grads = python_launches(lambda: triton_kernels.batch_norm_backward(
         grad_y, x.detach(), mean, invstd, twin.weight, twin.bias, kept, 1e-5, True, act, 0.01, mask))
     # mean and invstd: the node saved C++'s own (scratch on the Python side: C++ passes one buffer for each)
     roles = _roles((x, x), (grad_y, grad_y), (twin.weight, module.weight), (twin.bias, module.bias),
@@ -151,7 +151,7 @@ def check_eval_and_frozen(layout, activation):
         module(x)
         recorded, y = recorded_during(lambda: module(x))
         act = triton_bn.activations.activation_id(activation)
-        expected, y_python = python_launches(lambda: launch.batch_norm_apply(
+        expected, y_python = python_launches(lambda: triton_kernels.batch_norm_apply(
             x, module.running_mean, module.running_var, module.weight, module.bias, None, 1e-5, False, act, 0.01))
         assert recorded
         assert_same_launches(recorded, expected, _roles((x, x), (module.running_mean, module.running_mean),
@@ -161,7 +161,7 @@ def check_eval_and_frozen(layout, activation):
         frozen = triton_bn.FrozenBatchNorm(torch.rand(x.shape[1]) + 0.5, torch.randn(x.shape[1]), activation)
         frozen(x)
         recorded, y = recorded_during(lambda: frozen(x))
-        expected, y_python = python_launches(lambda: launch.batch_norm_apply(
+        expected, y_python = python_launches(lambda: triton_kernels.batch_norm_apply(
             x, frozen._zeros, frozen._ones, frozen.scale, frozen.shift, None, 0.0, False, act, 0.01))
         assert recorded
         assert_same_launches(recorded, expected, _roles((x, x), (frozen._zeros, frozen._zeros),
@@ -244,14 +244,14 @@ def check_a_plan_is_per_kind():
     with torch.no_grad():
         x = _input("nchw")
         module(x)
-        before = len(plans._PLANS)
+        before = len(cpp_launch._PLANS)
         recorded, _ = recorded_during(lambda: module(x))
-        assert len(plans._PLANS) == before and recorded  # the same kind: the same plan
+        assert len(cpp_launch._PLANS) == before and recorded  # the same kind: the same plan
         wide = torch.randn(4 * 6 * 3 * 5 + 1)
         unaligned = wide[1:].view(4, 6, 3, 5)
         assert unaligned.data_ptr() % 16 != 0
         recorded, _ = recorded_during(lambda: module(unaligned))
-        assert len(plans._PLANS) == before + 1 and recorded
+        assert len(cpp_launch._PLANS) == before + 1 and recorded
         assert recorded[0]["params"][0] == {"ptr": unaligned.data_ptr()}
 
 
@@ -303,7 +303,7 @@ def check_errors_alike_on_both_paths():
                 tensors = tensors_of(state, x) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
                 before = snapshot(tensors)
                 cuda_driver.clear()
-                with plans.switched(cpp):
+                with cpp_launch.switched(cpp):
                     try:
                         triton_bn.batch_norm(**kwargs)
                     except Exception as exc:  # noqa: BLE001 - compared below
@@ -329,26 +329,26 @@ def check_a_plan_is_per_device():
     with torch.no_grad():
         module(x)
         module(x)
-        recorded, y = recorded_during(lambda: plans._training_op(x, *args, *scalars))
+        recorded, y = recorded_during(lambda: cpp_launch._training_op(x, *args, *scalars))
         assert y is not None and recorded  # the CPU call's plan serves the CPU call
         on_meta = [None if t is None else t.detach().to("meta") for t in (x,) + args]
-        recorded, y = recorded_during(lambda: plans._training_op(*on_meta, *scalars))
+        recorded, y = recorded_during(lambda: cpp_launch._training_op(*on_meta, *scalars))
         assert y is None and recorded == [], recorded
 
 
 def check_entries():
-    """Both entries of the forward calls: the one bound directly (csrc/cuda/python.cpp), which plans.py takes
+    """Both entries of the forward calls: the one bound directly (csrc/cuda/python.cpp), which cpp_launch.py takes
     wherever Python's headers are, and the torch.ops one it takes elsewhere. The same call launches the same
     kernels with the same parameters through either, a call no plan takes is None through either, and an
     error from C++ arrives as a RuntimeError with the message alone (no C++ backtrace)."""
     torch.manual_seed(0)
     module = triton_bn.BatchNorm2d(6, activation="relu")
     x = _input("channels_last")
-    ops = plans.ops()  # built or loaded here
-    dispatcher = plans._y_or_none(ops.training.default._op)
-    if plans.python_entry_flags()[0]:
-        assert plans._training_op.__module__ == plans.ENTRY_MODULE, plans._training_op
-        assert plans._apply_op.__module__ == plans.ENTRY_MODULE, plans._apply_op
+    ops = cpp_launch.ops()  # built or loaded here
+    dispatcher = cpp_launch._y_or_none(ops.training.default._op)
+    if cpp_launch.python_entry_flags()[0]:
+        assert cpp_launch._training_op.__module__ == cpp_launch.ENTRY_MODULE, cpp_launch._training_op
+        assert cpp_launch._apply_op.__module__ == cpp_launch.ENTRY_MODULE, cpp_launch._apply_op
     args = (x, module.weight, module.bias, None, module.running_mean, module.running_var,
             module.num_batches_tracked, module.eps, module.momentum, 0.01, 1, False)
 
@@ -360,17 +360,17 @@ def check_entries():
                 for r in recorded]
     with torch.no_grad():
         module(x)  # the plans of this kind
-        assert launched(plans._training_op) == launched(dispatcher)
+        assert launched(cpp_launch._training_op) == launched(dispatcher)
         other = torch.randn(5, 6, 3, 7)  # a kind no check writes plans for: no launch, None
         other_args = (other,) + args[1:]
-        for entry in (plans._training_op, dispatcher):
+        for entry in (cpp_launch._training_op, dispatcher):
             recorded, y = recorded_during(lambda entry=entry: entry(*other_args))
             assert y is None and recorded == []
     import torch.autograd.forward_ad as fwAD
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, torch.ones_like(x))
         try:
-            plans._training_op(dual, *args[1:])
+            cpp_launch._training_op(dual, *args[1:])
         except RuntimeError as exc:
             assert "forward-mode AD" in str(exc) and "Exception raised from" not in str(exc), str(exc)
         else:

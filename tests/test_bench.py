@@ -282,15 +282,15 @@ def test_latency_bench_runs_every_variant(tmp_path):
 def test_cpp_launch_variant_switches_the_path_on_for_its_steps_only(monkeypatch):
     """The model bench's ``converted, C++ launch`` variant (GPU only) runs each of its steps with the C++
     launch path on, and leaves the switch as it found it, also when a step raises."""
-    from triton_bn import plans
+    from triton_bn.backends import cpp_launch
     from triton_bn.bench.model import with_cpp_launch
-    monkeypatch.setattr(plans, "ACTIVE", False)
+    monkeypatch.setattr(cpp_launch, "ACTIVE", False)
     seen = []
-    with_cpp_launch(lambda: seen.append(plans.ACTIVE))()
-    assert seen == [True] and plans.ACTIVE is False
+    with_cpp_launch(lambda: seen.append(cpp_launch.ACTIVE))()
+    assert seen == [True] and cpp_launch.ACTIVE is False
     with pytest.raises(ZeroDivisionError):
         with_cpp_launch(lambda: 1 / 0)()
-    assert plans.ACTIVE is False
+    assert cpp_launch.ACTIVE is False
 
 
 def test_model_graphs_refuse_on_a_cpu_before_measuring_anything(tmp_path):

@@ -176,7 +176,7 @@ NATIVE_CHILD = textwrap.dedent("""
     import warnings
     import torch, torch.nn.functional as F
     import triton_bn
-    from triton_bn import native
+    from triton_bn.backends import native_cpu
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
@@ -190,7 +190,7 @@ NATIVE_CHILD = textwrap.dedent("""
     expected.sum().backward()
     assert torch.allclose(grad, x.grad, atol=1e-5, rtol=1e-5)
     print("MODULE", triton_bn.__file__)
-    print("NATIVE", native.ops() is not None)
+    print("NATIVE", native_cpu.ops() is not None)
     for w in caught:
         print("WARNING", w.message)
 """)
@@ -205,8 +205,9 @@ def _native_env(**extra):
 def test_a_second_checkout_uses_the_same_native_build(tmp_path):
     """The package imported from a copy in another folder (another checkout, another virtual environment's
     site-packages) loads the build this process loaded: no second build."""
-    from triton_bn import build, native
-    if native.ops() is None:
+    from triton_bn import build
+    from triton_bn.backends import native_cpu
+    if native_cpu.ops() is None:
         pytest.fail("the native CPU kernels could not be built here (see the warning)")
     copy = tmp_path / "checkout"
     shutil.copytree(os.path.join(ROOT, "triton_bn"), copy / "triton_bn",

@@ -140,13 +140,13 @@ def test_statistics_in_blocks(dtype, shape, layout, offset, monkeypatch):
     """The pure-PyTorch path's blocked reductions (a large 16-bit input's mean, a large fp32 input's
     variance), forced onto a small input: seven samples in blocks of two, the last one short, must give
     float64's mean, variance, running statistics and normalized output, also at a mean of 1e4 std. (The
-    native CPU kernels, which serve channels-innermost inputs before any of this, are switched off: this
-    is the path where they cannot be built.)"""
-    from triton_bn import native, reference
-    monkeypatch.setattr(native, "serves", lambda x: None)
+    backend of PyTorch's kernels, called directly: the native CPU kernels serve these inputs where they are
+    built.)"""
+    from triton_bn import dispatch
+    from triton_bn.backends import pytorch_kernels
     per_sample = math.prod(shape[1:])
-    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 2 * per_sample)
-    monkeypatch.setattr(reference, "BLOCKED_STATISTICS_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(pytorch_kernels, "BLOCK_ELEMENTS", 2 * per_sample)
+    monkeypatch.setattr(pytorch_kernels, "BLOCKED_STATISTICS_MIN_ELEMENTS", 0)
     blocks = []
     split = torch.Tensor.split
     monkeypatch.setattr(torch.Tensor, "split", lambda t, *a, **k: blocks.append(split(t, *a, **k)) or blocks[-1])
@@ -157,7 +157,7 @@ def test_statistics_in_blocks(dtype, shape, layout, offset, monkeypatch):
     channels, dims = shape[1], [0] + list(range(2, len(shape)))
     weight, bias = torch.rand(channels, generator=gen) + 0.5, torch.randn(channels, generator=gen)
     rm, rv = torch.zeros(channels), torch.ones(channels)
-    y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, weight, bias, None, 1.0, False, 1e-5, 1, 0.0)
+    y, mean, invstd = dispatch.PYTORCH.training(x, rm, rv, None, weight, bias, None, 1.0, False, 1e-5, 1, 0.0)
     assert blocks and all(len(b) == 4 for b in blocks), "the blocked path did not run"
     var, ref_mean = torch.var_mean(x.double(), dims, correction=0)
     tol = dict(atol=0, rtol=1e-6)  # an fp32 mean: its own rounding (6e-8) and the blocks' sums
@@ -198,7 +198,7 @@ def test_16bit_residual_and_relu_round_once(layout, device):
     second rounding, lands up to a whole ulp away. (The Triton interpreter truncates fp32 -> bf16 stores,
     whatever `fp_downcast_rounding` says, where a GPU rounds to nearest: there one truncation stays under
     one ulp, two reach two.)"""
-    from triton_bn import launch
+    from triton_bn.backends import triton_kernels
     from triton_bn.autotune import INTERPRET
     gen = torch.Generator().manual_seed(6)
     x = make_input((8, 6, 5, 5), torch.bfloat16, device, layout, generator=gen)
@@ -209,7 +209,7 @@ def test_16bit_residual_and_relu_round_once(layout, device):
     ref = torch.relu(torch.nn.functional.batch_norm(x.double(), None, None, weight.double(), bias.double(),
                                                     training=True) + r.double())
     ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
-    bound = 1.01 if (launch.uses_kernels(x) and INTERPRET and not x.is_cuda) else 0.505
+    bound = 1.01 if (triton_kernels.uses_kernels(x) and INTERPRET and not x.is_cuda) else 0.505
     assert ((y.double() - ref).abs() <= bound * ulp).all()
 
 
@@ -368,7 +368,7 @@ def test_float64_channels_last_statistics_take_one_fused_call():
     summed in float64 by PyTorch's kernel, so at a mean of 1e4 standard deviations its channels_last
     statistics are still within the float64 tolerance, and the pure path makes one fused call there (no
     accurate-mean pass, which fp32 rows need)."""
-    from triton_bn import native, reference
+    from triton_bn import dispatch
     calls = []
     fused = torch.native_batch_norm
 
@@ -381,8 +381,7 @@ def test_float64_channels_last_statistics_take_one_fused_call():
     rm, rv = torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "native_batch_norm", counting)
-        patch.setattr(native, "serves", lambda t: None)
-        y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
+        y, mean, invstd = dispatch.PYTORCH.training(x, rm, rv, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
     assert calls == [x.stride()]
     var, exact_mean = torch.var_mean(x, (0, 2, 3), correction=0)
     atol, rtol = TOLERANCES[torch.float64]
@@ -403,10 +402,10 @@ def test_parameters_of_another_dtype_take_the_fast_path(layout, dtype, parameter
     it no longer falls back to the step functions (18x slower at 2x512x28x28). Checked on both of its
     routes, the native kernels and PyTorch's (where they are not built): the step functions never run;
     training forward, running statistics, backward and eval against float64."""
-    from triton_bn import native, reference
-    if not native_kernels:
-        monkeypatch.setattr(native, "serves", lambda t: None)
-    elif native.ops() is None:
+    from triton_bn import dispatch, spec
+    from triton_bn.backends import native_cpu
+    backend = dispatch.NATIVE if native_kernels else dispatch.PYTORCH
+    if native_kernels and native_cpu.ops() is None:
         pytest.fail("the native CPU kernels could not be built here (see the warning)")
     fused = []  # PyTorch's batch-norm kernels, called by the library's training forward
     for name in ("native_batch_norm", "batch_norm", "batch_norm_update_stats"):
@@ -416,7 +415,7 @@ def test_parameters_of_another_dtype_take_the_fast_path(layout, dtype, parameter
     def refuse(*args, **kwargs):
         raise AssertionError("a step function ran: the fast path declined")
     for step in ("batch_stats", "backward_sums", "backward_elementwise"):
-        monkeypatch.setattr(reference, step, refuse)
+        monkeypatch.setattr(spec, step, refuse)
     gen = torch.Generator().manual_seed(3)
     shape, channels, dims = (4, 6, 5, 3), 6, (0, 2, 3)
     x = make_input(shape, dtype, "cpu", layout, offset=1.0, generator=gen)
@@ -426,7 +425,7 @@ def test_parameters_of_another_dtype_take_the_fast_path(layout, dtype, parameter
     rm = (torch.randn(channels, generator=gen) * 0.1).to(parameter_dtype)
     rv = (torch.rand(channels, generator=gen) + 0.5).to(parameter_dtype)
     rm0, rv0 = rm.double(), rv.double()
-    y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
+    y, mean, invstd = backend.training(x, rm, rv, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
     assert bool(fused) != native_kernels, "the route under test did not serve"
     y_ref, (xd, wd, bd, _), (rm_ref, rv_ref) = reference_batch_norm(
         x.requires_grad_(), rm0, rv0, weight.requires_grad_(), bias.requires_grad_(), True, 0.1, 1e-5, "relu")
@@ -434,7 +433,7 @@ def test_parameters_of_another_dtype_take_the_fast_path(layout, dtype, parameter
     assert_close(y, y_ref, dtype, "y")
     for actual, expected, what in ((rm, rm_ref, "running mean"), (rv, rv_ref, "running var")):
         assert_close(actual, expected, parameter_dtype, what)
-    grad_x, grad_weight, grad_bias, _ = reference.batch_norm_backward(
+    grad_x, grad_weight, grad_bias, _ = backend.backward(
         grad, x.detach(), mean, invstd, weight.detach(), bias.detach(), None, 1e-5, True, 1, 0.0,
         [True, True, True, False])
     y_ref.backward(grad.double())
@@ -442,7 +441,7 @@ def test_parameters_of_another_dtype_take_the_fast_path(layout, dtype, parameter
     assert_close(grad_x, xd.grad, dtype, "dx")
     for actual, expected, what in ((grad_weight, wd.grad, "dweight"), (grad_bias, bd.grad, "dbias")):
         assert_close(actual, expected, parameter_dtype, what)
-    y_eval = reference.batch_norm_apply(x.detach(), rm, rv, weight.detach(), bias.detach(), None, 1e-5, False, 1,
+    y_eval = backend.apply(x.detach(), rm, rv, weight.detach(), bias.detach(), None, 1e-5, False, 1,
                                         0.0)
     eval_ref, _, _ = reference_batch_norm(x, rm.double(), rv.double(), weight, bias, False, 0.1, 1e-5, "relu")
     assert_close(y_eval, eval_ref, dtype, "eval y")
@@ -451,8 +450,8 @@ def test_parameters_of_another_dtype_take_the_fast_path(layout, dtype, parameter
 
 PURE_PYTORCH_SCRIPT = r"""
 import torch, triton_bn
-from triton_bn import launch
-assert not launch.uses_kernels(torch.empty(1)), "the interpreter should be off in this process"
+from triton_bn.backends import triton_kernels
+assert not triton_kernels.uses_kernels(torch.empty(1)), "the interpreter should be off in this process"
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.float64):
     for act in (None,) + triton_bn.SUPPORTED_ACTIVATIONS:
@@ -480,7 +479,7 @@ print("pure-pytorch-ok")
 
 
 def test_pure_pytorch_path_without_the_interpreter():
-    """CPU tensors without TRITON_INTERPRET take reference.py: same semantics, float64 included."""
+    """CPU tensors without TRITON_INTERPRET take the CPU backends (dispatch.py): same semantics, float64 included."""
     import os
     import subprocess
     import sys
@@ -492,7 +491,7 @@ def test_pure_pytorch_path_without_the_interpreter():
 
 def _count_launches(monkeypatch):
     """Wrap every kernel the launchers use, counting launches by name."""
-    from triton_bn import launch
+    from triton_bn.backends import triton_kernels
     counts = {}
 
     class Counting:
@@ -503,7 +502,7 @@ def _count_launches(monkeypatch):
             counts[self.name] = counts.get(self.name, 0) + 1
             return self.kernel[grid]
 
-    for family, kernels in launch._KERNELS.items():
+    for family, kernels in triton_kernels._KERNELS.items():
         for role, kernel in kernels.items():
             monkeypatch.setitem(kernels, role, Counting(f"{family}.{role}", kernel))
     return counts
@@ -527,8 +526,8 @@ def test_launch_counts(layout, monkeypatch):
     merged by their last program, then apply, which also counts the batch: no increment op on the side,
     where a GPU would pay a third launch), a training backward two (reduce, dx); passes nobody needs are
     skipped."""
-    from triton_bn import launch
-    if not launch.uses_kernels(torch.empty(1)):
+    from triton_bn.backends import triton_kernels
+    if not triton_kernels.uses_kernels(torch.empty(1)):
         pytest.skip("launch counts are the kernels': this process runs the pure-PyTorch path")
     counts = _count_launches(monkeypatch)
     mod = triton_bn.BatchNorm2d(4, activation="relu")
@@ -558,10 +557,11 @@ def test_import_is_light():
     perf/import_cost.py's, in perf/NOTES.md.)"""
     import subprocess
     import sys
-    child = ("import sys, torch; before = set(sys.modules); import triton_bn; from triton_bn import native, plans; "
+    child = ("import sys, torch; before = set(sys.modules); import triton_bn; "
+             "from triton_bn.backends import native_cpu, cpp_launch; "
              "new = {m.split('.')[0] if not m.startswith('triton_bn') else m for m in set(sys.modules) - before}; "
              "print(sorted(new & {'pandas', 'matplotlib', 'onnx', 'onnxruntime', 'onnxscript', 'triton_bn.bench'})); "
-             "print(native._loaded, plans._library)")
+             "print(native_cpu._loaded, cpp_launch._library)")
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["[]", "{} {}"], done.stdout

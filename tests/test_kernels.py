@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 import triton_bn
-from triton_bn import launch
+from triton_bn.backends import triton_kernels
 from triton_bn.autotune import TileConfig, forced_config, heuristic_config, merge_block, tuner, tuning_key
 from triton_bn.kernels.welford import merge_split_moments
 from triton_bn.layout import ChannelsFirstPlan, ChannelsLastPlan
@@ -61,7 +61,7 @@ def test_batch_norm_with_523_splits_matches_float64():
     x = torch.randn(523, 16, generator=torch.Generator().manual_seed(1)) * 2 + 5
     rm, rv = torch.zeros(16), torch.ones(16)
     with forced_config("channels_last", TileConfig(1, 16, programs_per_sm=1000)):
-        assert launch._reduction_grid(ChannelsLastPlan(523, 16, 16), TileConfig(1, 16), torch.device("cpu"),
+        assert triton_kernels._reduction_grid(ChannelsLastPlan(523, 16, 16), TileConfig(1, 16), torch.device("cpu"),
                                       1000)[0] == 523
         y = triton_bn.batch_norm(x, rm, rv, training=True, momentum=1.0)
     ref_rm, ref_rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
@@ -77,12 +77,12 @@ def test_grids_stay_within_axis_limits_for_huge_channel_counts():
         plan = ChannelsLastPlan(rows=8, channels=channels, row_stride=channels)
         for kind in ("stats", "apply"):
             cfg = heuristic_config("channels_last", kind, plan, 2)
-            grid = (launch._reduction_grid(plan, cfg, cpu, cfg.programs_per_sm)[1] if kind == "stats"
-                    else launch._elementwise_grid(plan, cfg)[0])
-            assert grid[0] < 2 ** 31 and all(axis <= launch.GRID_AXIS_LIMIT for axis in grid[1:]), grid
+            grid = (triton_kernels._reduction_grid(plan, cfg, cpu, cfg.programs_per_sm)[1] if kind == "stats"
+                    else triton_kernels._elementwise_grid(plan, cfg)[0])
+            assert grid[0] < 2 ** 31 and all(axis <= triton_kernels.GRID_AXIS_LIMIT for axis in grid[1:]), grid
         first = ChannelsFirstPlan(batch=2, channels=channels, spatial=3, batch_stride=3 * channels, channel_stride=3)
         cfg = heuristic_config("channels_first", "stats", first, 2)
-        assert len(launch._reduction_grid(first, cfg, cpu, cfg.programs_per_sm)[1]) == 1
+        assert len(triton_kernels._reduction_grid(first, cfg, cpu, cfg.programs_per_sm)[1]) == 1
 
 
 def test_flat_tile_from_a_cache_is_never_used_past_int32(monkeypatch):
@@ -126,15 +126,15 @@ class _FakeKernel:
 def test_capture_guard_refuses_a_first_launch_whatever_the_tuning(monkeypatch):
     """Inside a capture, a kernel variant whose module was never loaded must not launch (with tuning on
     or off, a cached key or a new flag alike): a clear error, nothing launched."""
-    monkeypatch.setattr(launch, "_capturing", lambda device: True)
+    monkeypatch.setattr(triton_kernels, "_capturing", lambda device: True)
     fresh, known = _FakeKernel(loaded=False), _FakeKernel(loaded=True)
     with pytest.raises(RuntimeError, match="Warm up first") as error:
-        launch._launch(fresh, (1,), (), {}, torch.device("cpu"))
+        triton_kernels._launch(fresh, (1,), (), {}, torch.device("cpu"))
     assert "TRITON_BN_AUTOTUNE" not in str(error.value) and fresh.launched == 0
-    launch._launch(known, (1,), (), {}, torch.device("cpu"))
+    triton_kernels._launch(known, (1,), (), {}, torch.device("cpu"))
     assert known.launched == 1
-    monkeypatch.setattr(launch, "_capturing", lambda device: False)
-    launch._launch(fresh, (1,), (), {}, torch.device("cpu"))  # outside a capture a first launch is fine
+    monkeypatch.setattr(triton_kernels, "_capturing", lambda device: False)
+    triton_kernels._launch(fresh, (1,), (), {}, torch.device("cpu"))  # outside a capture a first launch is fine
     assert fresh.launched == 1
 
 
@@ -169,11 +169,11 @@ def test_a_planned_launch_calls_each_compiled_variant_directly_after_its_first_l
     the variant); later ones call that variant directly, with the constexprs appended in parameter order
     (defaults included), the grid padded to 3 axes and the current stream. A new alignment, dtype or int
     value is a new signature; a new float is not."""
-    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
-    monkeypatch.setattr(launch, "_capturing", lambda device: False)
-    monkeypatch.setattr(launch, "current_stream", lambda index: 1234)
+    monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(triton_kernels, "_capturing", lambda device: False)
+    monkeypatch.setattr(triton_kernels, "current_stream", lambda index: 1234)
     calls = []
-    planned = launch.PlannedLaunch(_fake_jit_kernel(calls), (6,), dict(FLAG=True, num_warps=4))
+    planned = triton_kernels.PlannedLaunch(_fake_jit_kernel(calls), (6,), dict(FLAG=True, num_warps=4))
     cuda = torch.device("cuda", 0)  # only the device's type and index are read
     buffer = torch.empty(64)
     x, out, misaligned = buffer[:16], buffer[16:32], buffer[1:17]
@@ -188,7 +188,7 @@ def test_a_planned_launch_calls_each_compiled_variant_directly_after_its_first_l
         assert [c[0] for c in calls] == ["triton", "direct"], changed
     calls.clear()
     planned((x, out, 16, 0.5), torch.device("cpu"))  # the interpreter: always Triton's path
-    monkeypatch.setattr(launch, "DIRECT_LAUNCH", False)
+    monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", False)
     planned((x, out, 16, 0.5), cuda)
     assert [c[0] for c in calls] == ["triton", "triton"]
 
@@ -196,9 +196,9 @@ def test_a_planned_launch_calls_each_compiled_variant_directly_after_its_first_l
 def test_a_planned_launch_of_a_wrapped_kernel_always_takes_tritons_path(monkeypatch):
     """A kernel that is not a plain JITFunction (no ``fn``, as the tests' launch counters) or has pre-run
     hooks never launches directly: whatever wraps it sees every launch."""
-    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
-    monkeypatch.setattr(launch, "_capturing", lambda device: False)
-    monkeypatch.setattr(launch, "current_stream", lambda index: 0)
+    monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(triton_kernels, "_capturing", lambda device: False)
+    monkeypatch.setattr(triton_kernels, "current_stream", lambda index: 0)
     calls = []
     hooked = _fake_jit_kernel(calls)
     hooked.pre_run_hooks = [lambda *args, **kwargs: None]
@@ -206,7 +206,7 @@ def test_a_planned_launch_of_a_wrapped_kernel_always_takes_tritons_path(monkeypa
     type(wrapped).fn = None
     args = (torch.empty(16), torch.empty(16), 16, 0.5)
     for kernel in (hooked, wrapped):
-        planned = launch.PlannedLaunch(kernel, (2, 3), dict(FLAG=False))
+        planned = triton_kernels.PlannedLaunch(kernel, (2, 3), dict(FLAG=False))
         for _ in range(3):
             planned(args, torch.device("cuda", 0))
     assert [c[0] for c in calls] == ["triton"] * 6
@@ -229,7 +229,7 @@ def test_argument_signature_tells_apart_whatever_triton_specializes_differently(
                True, False]
     signatures = {}
     for args in [(a, b) for a in tensors + scalars for b in scalars]:
-        signatures.setdefault(launch.argument_signature(args), []).append(args)
+        signatures.setdefault(triton_kernels.argument_signature(args), []).append(args)
     checked = 0
     for group in signatures.values():
         first = specialization(group[0])
@@ -265,7 +265,7 @@ def test_direct_launches_on_cuda_are_bitwise_tritons_and_skip_its_launch_path(mo
     grad = torch.randn(2, 8, 5, 5, device="cuda")
     results, launches_through_triton = {}, {}
     for direct in (True, False):
-        monkeypatch.setattr(launch, "DIRECT_LAUNCH", direct)
+        monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", direct)
         tuner.reset()  # fresh call plans, so the direct variants are learned again
         module = copy.deepcopy(template)
         outputs, counts = [], []
@@ -368,13 +368,13 @@ def test_one_module_from_several_threads(monkeypatch):
     The Triton *interpreter* is not thread-safe itself (it patches triton.language while a kernel runs),
     so here only the kernel executions are serialised; everything triton_bn does around them interleaves."""
     interpreter = threading.Lock()
-    original_launch = launch._launch
+    original_launch = triton_kernels._launch
 
     def serialised_launch(*args, **kwargs):
         with interpreter:
             return original_launch(*args, **kwargs)
 
-    monkeypatch.setattr(launch, "_launch", serialised_launch)
+    monkeypatch.setattr(triton_kernels, "_launch", serialised_launch)
     errors = _one_module_from_several_threads("cpu", own_streams=False)
     assert not errors, errors
 
@@ -401,7 +401,7 @@ def test_kernel_gradients_against_finite_differences(activation, layout, with_re
     weight, bias and the residual. With a step of 1e-3 the truncation error is ~1e-6 of the derivative and
     fp32 rounding of L ~5e-4; the few elements that cross an activation's kink within the step add ~1e-3; a
     wrong derivative term is off by far more than the tolerance of 1%."""
-    assert launch.uses_kernels(torch.empty(1)), "CPU tensors must run the Triton kernels here"
+    assert triton_kernels.uses_kernels(torch.empty(1)), "CPU tensors must run the Triton kernels here"
     gen = torch.Generator().manual_seed(11)
     shape = (5, 4, 3, 3)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

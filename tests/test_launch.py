@@ -1,4 +1,4 @@
-"""[launch] The C++ launch path (``plans.py``, ``csrc/cuda/``) without a GPU.
+"""[launch] The C++ launch path (``cpp_launch.py``, ``csrc/cuda/``) without a GPU.
 
 Under the recording stand-in driver (``TRITON_BN_CUDA_DRIVER=record``) CPU tensors take the C++ path and every
 launch is recorded; ``tests/launch_child.py`` (a child process: the driver is chosen before import, and the
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from triton_bn import plans
+from triton_bn.backends import cpp_launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "launch_child.py")
@@ -59,33 +59,35 @@ def test_the_abi_check_refuses_a_parameter_list_the_ptx_does_not_declare():
 )
 { ret; }
 """
-    declared = plans.ptx_entry_params(ptx, "probe")
+    declared = cpp_launch.ptx_entry_params(ptx, "probe")
     assert declared == [".u64", ".u32", ".f32", ".u64", ".u64"]
-    compiled = plans.Compiled("probe", 0, {"x_ptr": "*fp32", "n": "i32", "eps": "fp32"}, 4, 0, 2, declared)
-    plans.check_abi(compiled, [plans.POINTER, plans.I32, plans.F32, plans.NULL_POINTER, plans.NULL_POINTER])
-    for wrong in ([plans.POINTER, plans.I64, plans.F32, plans.NULL_POINTER, plans.NULL_POINTER],  # a width
-                  [plans.POINTER, plans.F32, plans.I32, plans.NULL_POINTER, plans.NULL_POINTER],  # the order
-                  [plans.POINTER, plans.I32, plans.F32, plans.NULL_POINTER]):  # the count
-        with pytest.raises(plans.PlanUnsupported, match="the PTX declares"):
-            plans.check_abi(compiled, wrong)
+    compiled = cpp_launch.Compiled("probe", 0, {"x_ptr": "*fp32", "n": "i32", "eps": "fp32"}, 4, 0, 2, declared)
+    pointer, i32, i64, f32, null = (cpp_launch.POINTER, cpp_launch.I32, cpp_launch.I64, cpp_launch.F32,
+                                    cpp_launch.NULL_POINTER)
+    cpp_launch.check_abi(compiled, [pointer, i32, f32, null, null])
+    for wrong in ([pointer, i64, f32, null, null],  # a width
+                  [pointer, f32, i32, null, null],  # the order
+                  [pointer, i32, f32, null]):  # the count
+        with pytest.raises(cpp_launch.PlanUnsupported, match="the PTX declares"):
+            cpp_launch.check_abi(compiled, wrong)
 
 
 def test_the_cpp_path_is_off_unless_asked_for():
     """Opt-in until the CUDA tests have passed through it on a GPU: without TRITON_BN_CPP_LAUNCH=1 (or a
     stand-in driver) no call takes it."""
     import torch
-    assert not plans.ENABLED and not plans.STAND_IN
-    assert not plans.serves(torch.empty(2, 3))
+    assert not cpp_launch.ENABLED and not cpp_launch.STAND_IN
+    assert not cpp_launch.serves(torch.empty(2, 3))
 
 
 def test_an_entry_that_does_not_import_leaves_the_torch_ops_entry():
     """A library without the direct Python entry (here torch's own libc10) gives None and a warning, never an
-    error: plans.py then calls the torch.ops entry of the same library."""
+    error: cpp_launch.py then calls the torch.ops entry of the same library."""
     import torch
     library = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
     assert os.path.exists(library)
     with pytest.warns(UserWarning, match="Python entry did not import"):
-        assert plans._import_entry(library) is None
+        assert cpp_launch._import_entry(library) is None
 
 
 def test_the_entry_is_built_where_python_headers_are(monkeypatch, tmp_path):
@@ -95,6 +97,6 @@ def test_the_entry_is_built_where_python_headers_are(monkeypatch, tmp_path):
     include = sysconfig.get_paths()["include"]
     expected = (["-DTRITON_BN_PYTHON_ENTRY"], ["-ltorch_python"], [include]) if os.path.isfile(
         os.path.join(include, "Python.h")) else ([], [], [])
-    assert plans.python_entry_flags() == expected
+    assert cpp_launch.python_entry_flags() == expected
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
-    assert plans.python_entry_flags() == ([], [], [])
+    assert cpp_launch.python_entry_flags() == ([], [], [])

@@ -653,7 +653,7 @@ def test_pytorch_module_samples(device):
 
 
 def test_pytorch_samples_on_the_pure_pytorch_path():
-    """The same samples in a process without the Triton interpreter: CPU tensors take reference.py."""
+    """The same samples in a process without the Triton interpreter: CPU tensors take the CPU backends (dispatch.py)."""
     pytest.importorskip("expecttest")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     here = os.path.dirname(os.path.abspath(__file__))
@@ -690,7 +690,7 @@ def test_fold_keeps_the_activation_of_a_batch_norm_act_subclass():
 
 
 if __name__ == "__main__":  # the pure-PyTorch path (no TRITON_INTERPRET): run by a test above
-    from triton_bn import launch
-    assert not launch.INTERPRET, "run without TRITON_INTERPRET (triton_bn is imported before conftest sets it)"
+    from triton_bn.backends import triton_kernels
+    assert not triton_kernels.INTERPRET, "run without TRITON_INTERPRET (triton_bn is imported before conftest sets it)"
     count = check_functional_samples("cpu") + check_module_samples("cpu")
     print(f"pure path: checked {count} samples")

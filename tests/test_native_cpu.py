@@ -1,13 +1,15 @@
-"""[cpu]: the native CPU kernels (``triton_bn/native.py``, ``csrc/cpu/``) that serve
-channels-innermost CPU tensors on the pure-PyTorch path, called through ``reference.py`` as that path
-calls them, against float64 PyTorch: every activation, fp32 / bf16 / fp16 / float64, every channels-innermost
+"""[cpu]: the native CPU kernels (``triton_bn/backends/native_cpu.py``, ``csrc/cpu/``) that serve
+channels-innermost CPU tensors on the pure-PyTorch path, called through their backend record
+(``dispatch.NATIVE``, what ``dispatch.backend_for`` picks for these inputs without the interpreter), against
+float64 PyTorch: every activation, fp32 / bf16 / fp16 / float64, every channels-innermost
 layout, the residual, the statistics at a large mean, the backward with batch and with running
 statistics, and results independent of the thread count. (The whole semantic suite also runs on this
 path: ``test_robust.py::test_the_semantic_tests_pass_on_the_pure_pytorch_path``.)"""
 import pytest
 import torch
 
-from triton_bn import native, reference
+from triton_bn import dispatch
+from triton_bn.backends import native_cpu
 from triton_bn.activations import ACTIVATION_IDS, torch_activation
 
 from conftest import TOLERANCES
@@ -20,9 +22,9 @@ ACTIVATIONS = [name for name in ACTIVATION_IDS]
 def _native_kernels():
     """Skipped only where switched off on purpose; a build that fails is a failure (everything else would
     pass on PyTorch's kernels and hide it)."""
-    if not native.ENABLED:
+    if not native_cpu.ENABLED:
         pytest.skip("TRITON_BN_NATIVE_CPU=0: the native CPU kernels are switched off")
-    if native.ops() is None:
+    if native_cpu.ops() is None:
         pytest.fail("the native CPU kernels could not be built on this machine (see the warning)")
 
 
@@ -38,7 +40,7 @@ def _input(shape, dtype, layout, offset=0.0, seed=0):
     elif layout == "channels_last, odd strides of size-1 dims":  # still dense: a size-1 dim's stride is never used
         x = x.contiguous(memory_format=torch.channels_last)
         x = x.as_strided(x.shape, [97 if size == 1 else stride for size, stride in zip(x.shape, x.stride())])
-    assert native.serves(x) is not None, "the native kernels must serve this input"
+    assert native_cpu.serves(x) is not None, "the native kernels must serve this input"
     return x
 
 
@@ -70,7 +72,7 @@ def test_training_forward_every_activation_and_dtype(activation, dtype, layout):
     statistics_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     weight, bias = weight.to(statistics_dtype), bias.to(statistics_dtype)
     rm, rv = torch.zeros(5, dtype=statistics_dtype), torch.ones(5, dtype=statistics_dtype)
-    y, mean, invstd = reference.batch_norm_training(x, rm, rv, None, weight, bias, residual, 0.1, False, 1e-5,
+    y, mean, invstd = dispatch.NATIVE.training(x, rm, rv, None, weight, bias, residual, 0.1, False, 1e-5,
                                                     ACTIVATION_IDS[activation], 0.2)
     assert y.dtype == dtype and y.stride() == x.stride()
     assert mean.dtype == invstd.dtype == statistics_dtype
@@ -95,11 +97,11 @@ def test_every_channels_innermost_layout_in_training_and_eval(shape, layout, aff
     x = _input(shape, torch.float32, layout)
     channels = shape[1]
     weight, bias = _parameters(channels) if affine else (None, None)
-    y, _, _ = reference.batch_norm_training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
+    y, _, _ = dispatch.NATIVE.training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
     assert y.stride() == x.stride()
     assert_close(y, _float64_forward(x, weight, bias, None, True, None, None, "relu"), torch.float32, "training y")
     rm, rv = torch.randn(channels) * 0.1, torch.rand(channels) + 0.5
-    y = reference.batch_norm_apply(x, rm, rv, weight, bias, None, 1e-5, False, 2, 0.2)
+    y = dispatch.NATIVE.apply(x, rm, rv, weight, bias, None, 1e-5, False, 2, 0.2)
     assert y.stride() == x.stride()
     assert_close(y, _float64_forward(x, weight, bias, None, False, rm, rv, "leaky_relu"), torch.float32, "eval y")
 
@@ -111,7 +113,7 @@ def test_statistics_at_a_large_mean_stay_accurate(layout, dtype):
     (PyTorch's uncompensated row sums are off by ~5e-3 std: docs/cpu-path.md) and the variance to 1e-3;
     float64, summed in double, to float64's tolerance."""
     x = _input((64, 8, 16, 16), dtype, layout, offset=1e4)
-    _, mean, invstd = reference.batch_norm_training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
+    _, mean, invstd = dispatch.NATIVE.training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 0, 0.0)
     var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
     tol = 1e-3 if dtype == torch.float32 else TOLERANCES[torch.float64][0]
     assert ((mean.double() - exact_mean) / var.sqrt()).abs().max() < tol
@@ -132,7 +134,7 @@ def test_16bit_floats_in_vector_lanes(layout, activation, dtype):
     grad_y = _input(shape, dtype, layout, seed=3)
     weight, bias = _parameters(24)
     act = ACTIVATION_IDS[activation]
-    y, mean, invstd = reference.batch_norm_training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
+    y, mean, invstd = dispatch.NATIVE.training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
                                                     act, 0.0)
     var, exact_mean = torch.var_mean(x.double(), (0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), exact_mean, atol=1e-6, rtol=1e-6)
@@ -140,7 +142,7 @@ def test_16bit_floats_in_vector_lanes(layout, activation, dtype):
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
     expected_y = _float64_forward(*leaves, True, None, None, activation)
     assert_close(y, expected_y, dtype, "y")
-    grads = reference.batch_norm_backward(grad_y, x, mean, invstd, weight, bias, residual, 1e-5, True, act, 0.0,
+    grads = dispatch.NATIVE.backward(grad_y, x, mean, invstd, weight, bias, residual, 1e-5, True, act, 0.0,
                                           [True, True, True, True])
     expected = torch.autograd.grad(expected_y, leaves, grad_y.double())
     for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected):
@@ -174,11 +176,11 @@ def test_backward_every_activation(activation, dtype, batch_stats, layout, wante
     if dtype == torch.float64:  # a float64 model: float64 parameters and statistics
         weight, bias, rm, rv = (t.double() for t in (weight, bias, rm, rv))
     if batch_stats:
-        _, mean, stat = reference.batch_norm_training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
+        _, mean, stat = dispatch.NATIVE.training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
                                                       ACTIVATION_IDS[activation], 0.2)
     else:
         mean, stat = rm, rv
-    grads = reference.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, 1e-5, batch_stats,
+    grads = dispatch.NATIVE.backward(grad_y, x, mean, stat, weight, bias, residual, 1e-5, batch_stats,
                                           ACTIVATION_IDS[activation], 0.2, WANTED[wanted])
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
     y = _float64_forward(leaves[0], leaves[1], leaves[2], leaves[3], batch_stats, rm, rv, activation)
@@ -201,9 +203,9 @@ def test_backward_takes_gradients_of_any_layout_and_skips_what_is_not_wanted():
     correctly; gradients not asked for come back as None."""
     x = _input((3, 4, 5, 2), torch.float32, "channels_last")
     weight, bias = _parameters(4)
-    _, mean, invstd = reference.batch_norm_training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
+    _, mean, invstd = dispatch.NATIVE.training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
     grad_y = torch.ones(()).expand(x.shape)
-    dx, dweight, dbias, dresidual = reference.batch_norm_backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5,
+    dx, dweight, dbias, dresidual = dispatch.NATIVE.backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5,
                                                                   True, 1, 0.0, [True, False, True, False])
     assert dweight is None and dresidual is None
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
@@ -228,9 +230,9 @@ def test_results_do_not_depend_on_the_thread_count(layout, dtype, activation):
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            y, mean, invstd = reference.batch_norm_training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5,
+            y, mean, invstd = dispatch.NATIVE.training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5,
                                                             act, 0.0)
-            grads = reference.batch_norm_backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5, True, act, 0.0,
+            grads = dispatch.NATIVE.backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5, True, act, 0.0,
                                                   [True, True, True, False])
             results.append((y, mean, invstd) + tuple(grads[:3]))
     finally:
@@ -243,7 +245,7 @@ def test_nan_propagates_per_channel():
     x = _input((4, 3, 5, 5), torch.float32, "channels_last")
     x[1, 0, 2, 2] = float("nan")
     x[2, 1, 0, 0] = float("inf")
-    y, mean, _ = reference.batch_norm_training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 1, 0.0)
+    y, mean, _ = dispatch.NATIVE.training(x, None, None, None, None, None, None, 0.1, False, 1e-5, 1, 0.0)
     ref = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
     torch.testing.assert_close(y[:, 2], ref[:, 2])
@@ -257,7 +259,7 @@ def test_kinks_follow_pytorch_subgradients(activation):
     x = values.repeat(3, 1).contiguous()  # (N, C) = (3, 8): each kink is a channel
     mean, var = torch.zeros(8), torch.ones(8)
     grad_y = torch.full_like(x, 2.0)
-    dx = reference.batch_norm_backward(grad_y, x, mean, var, None, None, None, 0.0, False, ACTIVATION_IDS[activation],
+    dx = dispatch.NATIVE.backward(grad_y, x, mean, var, None, None, None, 0.0, False, ACTIVATION_IDS[activation],
                                        0.2, [True, False, False, False])[0]
     z = x.clone().requires_grad_()
     torch_activation(activation, 0.2)(z).backward(grad_y)
@@ -297,8 +299,8 @@ def test_transcendental_activations_against_float64(activation, layout, dtype):
     the vector body and a partial last vector; rows of one channel take only partial vectors."""
     z = _activation_inputs(dtype)
     x = z.reshape(1, 1, -1).contiguous() if layout == "planes" else z.reshape(-1, 1).contiguous()
-    y = native.ops().apply(x, torch.zeros(1), torch.ones(1), None, None, None, 0.0, False, ACTIVATION_IDS[activation],
-                           0.0).reshape(-1)
+    y = native_cpu.ops().apply(x, torch.zeros(1), torch.ones(1), None, None, None, 0.0, False,
+                               ACTIVATION_IDS[activation], 0.0).reshape(-1)
     assert y.dtype == dtype
     expected = torch_activation(activation)(z.double())
     assert torch.equal(torch.isnan(y), torch.isnan(expected))
@@ -322,7 +324,7 @@ def test_transcendental_activation_derivatives_against_float64(activation, layou
     shape = (1, 1, -1) if layout == "planes" else (-1, 1)
     x, dy = z.reshape(shape).contiguous(), grad_y.reshape(shape).contiguous()
     zero, one = torch.zeros(1, dtype=dtype), torch.ones(1, dtype=dtype)  # dweight and dbias come in their dtype
-    dx, dweight, dbias, _ = reference.batch_norm_backward(dy, x, zero, one, one, zero, None, 0.0, False,
+    dx, dweight, dbias, _ = dispatch.NATIVE.backward(dy, x, zero, one, one, zero, None, 0.0, False,
                                                           ACTIVATION_IDS[activation], 0.0, [True, True, True, False])
     assert dx.dtype == dbias.dtype == dtype
     leaf = z.double().requires_grad_()
@@ -340,9 +342,9 @@ def test_vector_math_built_for_pytorchs_isa():
     and the loaded library's vector type has that ISA's lanes: 16 fp32 / 8 double for AVX-512, 8 / 4 for AVX2.
     Without the capability macros ATen's Vectorized is its portable code (on x86, scalar calls in a loop)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    isa = native.vector_isa()
-    flags = native._compile_flags()
-    lanes = native.vector_lanes()
+    isa = native_cpu.vector_isa()
+    flags = native_cpu._compile_flags()
+    lanes = native_cpu.vector_lanes()
     if capability in ("AVX512", "AVX2"):
         assert isa == capability
         assert f"-DCPU_CAPABILITY={isa}" in flags and f"-DCPU_CAPABILITY_{isa}" in flags
@@ -356,7 +358,7 @@ def test_the_ops_refuse_bad_arguments_before_writing_the_running_statistics():
     """The C++ ops check what they are handed (the functional layer has checked it already; this is
     the second line): an unknown activation or a residual of another layout raises, and the running
     statistics are left as they were."""
-    training_forward = native.ops().training_forward
+    training_forward = native_cpu.ops().training_forward
     x = _input((2, 3, 4, 4), torch.float32, "channels_last")
     rm, rv = torch.zeros(3), torch.ones(3)
     with pytest.raises(RuntimeError, match="unknown activation"):
@@ -368,7 +370,7 @@ def test_the_ops_refuse_bad_arguments_before_writing_the_running_statistics():
 
 # -- the training op with its C++ autograd node (what autograd.training_with_backward calls) -------------
 def _train_node(x, weight, bias, residual, rm, rv, count, activation, factor=0.1):
-    return native.ops().training(x, weight, bias, residual, rm, rv, count, factor, 1e-5, ACTIVATION_IDS[activation],
+    return native_cpu.ops().training(x, weight, bias, residual, rm, rv, count, factor, 1e-5, ACTIVATION_IDS[activation],
                                  0.2)
 
 
@@ -386,7 +388,7 @@ def test_training_node_against_float64_autograd(activation, dtype, parameter_dty
     weight, bias = (t.to(parameter_dtype).requires_grad_() for t in _parameters(6))
     rm, rv = torch.zeros(6, dtype=parameter_dtype), torch.ones(6, dtype=parameter_dtype)
     count = torch.zeros((), dtype=torch.long)
-    y = _train_node(x, weight, bias, native.like(residual, x), rm, rv, count, activation)
+    y = _train_node(x, weight, bias, native_cpu.like(residual, x), rm, rv, count, activation)
     grad_y = _input(shape, dtype, "channels_last", seed=3).contiguous()  # NCHW: copied to x's layout inside
     y.backward(grad_y)
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
@@ -485,12 +487,12 @@ def test_training_node_refuses_bad_arguments_before_any_write():
     x = _input((2, 3, 4, 4), torch.float32, "channels_last").requires_grad_()
     rm, rv, count = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)
     with pytest.raises(RuntimeError, match="unknown activation"):
-        native.ops().training(x, None, None, None, rm, rv, count, 0.1, 1e-5, 99, 0.0)
+        native_cpu.ops().training(x, None, None, None, rm, rv, count, 0.1, 1e-5, 99, 0.0)
     with pytest.raises(RuntimeError, match="running statistics"):
-        native.ops().training(x, None, None, None, rm, torch.ones(4), count, 0.1, 1e-5, 1, 0.0)
+        native_cpu.ops().training(x, None, None, None, rm, torch.ones(4), count, 0.1, 1e-5, 1, 0.0)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3)) and int(count) == 0
     with torch.inference_mode():
-        y = native.ops().training(x.detach(), None, None, None, rm, rv, count, 0.1, 1e-5, 1, 0.0)
+        y = native_cpu.ops().training(x.detach(), None, None, None, rm, rv, count, 0.1, 1e-5, 1, 0.0)
     assert int(count) == 1 and y.grad_fn is None
     assert_close(y, _float64_forward(x.detach(), None, None, None, True, None, None, "relu"), torch.float32, "y")
 
@@ -519,7 +521,7 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern(layout, dtype):
         weight = rounding
     channels = x.shape[1]
     per_channel = [1, channels] + [1] * (x.dim() - 2)
-    apply = native.ops().apply
+    apply = native_cpu.ops().apply
     zero, one = torch.zeros(channels), torch.ones(channels)
 
     def check(y, expected):
@@ -546,13 +548,13 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern(layout, dtype):
 
 
 def test_compile_flags_per_machine_and_isa():
-    """What native.compile_flags gives each machine: x86 the target CPU and the CPU_CAPABILITY macros of the ISA
+    """What native_cpu.compile_flags gives each machine: x86 the target CPU and the CPU_CAPABILITY macros of the ISA
     (none for DEFAULT); aarch64 its CPU and ATen's switch to Sleef behind NEON, never an x86 capability macro
     (tools/check_aarch64.py cross-compiles and links with these)."""
-    avx512 = native.compile_flags("x86_64", "AVX512")
+    avx512 = native_cpu.compile_flags("x86_64", "AVX512")
     assert "-march=native" in avx512 and "-DCPU_CAPABILITY=AVX512" in avx512 and "-DCPU_CAPABILITY_AVX512" in avx512
-    assert not any(flag.startswith("-DCPU_CAPABILITY") for flag in native.compile_flags("x86_64", "DEFAULT"))
-    arm = native.compile_flags("aarch64", "DEFAULT", "armv8-a")
+    assert not any(flag.startswith("-DCPU_CAPABILITY") for flag in native_cpu.compile_flags("x86_64", "DEFAULT"))
+    arm = native_cpu.compile_flags("aarch64", "DEFAULT", "armv8-a")
     assert "-march=armv8-a" in arm and "-DAT_BUILD_ARM_VEC256_WITH_SLEEF" in arm
     assert not any(flag.startswith(("-DCPU_CAPABILITY", "-march=native")) for flag in arm)
-    assert "-mcpu=native" in native.compile_flags("aarch64", "DEFAULT")
+    assert "-mcpu=native" in native_cpu.compile_flags("aarch64", "DEFAULT")

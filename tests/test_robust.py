@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import triton_bn
-from triton_bn import native
+from triton_bn.backends import native_cpu
 from helpers import make_input
 from test_core import run_case
 
@@ -86,11 +86,11 @@ def test_module_wrong_rank_changes_nothing(device):
 
 
 def test_float64_takes_the_pure_pytorch_path_on_every_device(device):
-    """float64 is not a kernel dtype: on CUDA and under the interpreter alike it runs reference.py, with
-    PyTorch's results (the tests' float64 tolerance) and no kernel launch."""
-    from triton_bn import launch
+    """float64 is not a kernel dtype: on CUDA and under the interpreter alike it runs the native CPU kernels or
+    PyTorch's (dispatch.py), with PyTorch's results (the tests' float64 tolerance) and no kernel launch."""
+    from triton_bn.backends import triton_kernels
     x = torch.randn(6, 3, 4, dtype=torch.float64, device=device)
-    assert not launch.uses_kernels(x)
+    assert not triton_kernels.uses_kernels(x)
     rm, rv = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
     ref_rm, ref_rv = rm.clone(), rv.clone()
     y = triton_bn.batch_norm(x, rm, rv, training=True, activation="relu")
@@ -137,7 +137,7 @@ def test_infinite_values_give_pytorchs_statistics(shape, layout, dtype, pytorch_
     split merge mean_a + delta * w gave NaN, the native kernels' shift was an infinite first value, and the
     channels-last correction of PyTorch's mean added inf - inf."""
     if pytorch_kernels:
-        monkeypatch.setattr(native, "serves", lambda t: None)
+        monkeypatch.setattr(native_cpu, "serves", lambda t: None)
     torch.manual_seed(0)
     x = make_input(shape, dtype, device, layout)
     x[1, 0, 2, 3] = float("inf")

@@ -205,10 +205,12 @@ def test_bad_settings_warn_once_naming_the_variable_and_never_stop_an_import():
     env = dict({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **bad)
     code = ("import warnings; warnings.simplefilter('always')\n"
             "import triton_bn\n"
-            "from triton_bn import settings, native, plans, launch, build\n"
+            "from triton_bn import settings, build\n"
+            "from triton_bn.backends import native_cpu, cpp_launch, triton_kernels\n"
             "from triton_bn.autotune import tuner\n"
             "for name in settings.SETTINGS: settings.get(name); settings.get(name)\n"
-            "print('VALUES', native.ENABLED, plans.ENABLED, repr(plans.STAND_IN), launch.DIRECT_LAUNCH, tuner.autotune,"
+            "print('VALUES', native_cpu.ENABLED, cpp_launch.ENABLED, repr(cpp_launch.STAND_IN),"
+            " triton_kernels.DIRECT_LAUNCH, tuner.autotune,"
             " tuner.max_candidates, settings.get('TRITON_BN_BUILD_WAIT'), settings.get('TRITON_BN_BUILD_JOBS'))\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -232,7 +234,8 @@ def test_native_cpu_off_is_honoured_in_every_spelling():
     """``TRITON_BN_NATIVE_CPU=off`` (or ``false``) used to leave the native kernels on, silently."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for text in ("off", "false", "0"):
-        done = subprocess.run([sys.executable, "-c", "from triton_bn import native; print(native.ENABLED)"],
+        code = "from triton_bn.backends import native_cpu; print(native_cpu.ENABLED)"
+        done = subprocess.run([sys.executable, "-c", code],
                               env=dict(env, TRITON_BN_NATIVE_CPU=text), capture_output=True, text=True, timeout=300)
         assert done.stdout.strip() == "False", (text, done.stderr)
 

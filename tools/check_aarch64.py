@@ -1,12 +1,12 @@
 """Cross-compile the native CPU kernels for aarch64 (Arm: Graviton, Ampere, Apple silicon under Linux) here.
 
-An Arm host builds ``triton_bn/csrc/cpu/`` on first use as an x86 host does (native.py), with ATen's NEON
+An Arm host builds ``triton_bn/csrc/cpu/`` on first use as an x86 host does (native_cpu.py), with ATen's NEON
 ``Vectorized`` for the transcendental activations (no CPU_CAPABILITY macro: ATen's headers pick NEON by
 themselves on aarch64) and Sleef behind it. No Arm machine is lent to this project, so this downloads torch's
 aarch64 wheel of the installed version for this Python (no install; its headers and libraries are kept, in
 ~/.cache/triton_bn/torch-aarch64: its sleef.h declares the NEON functions that the x86 wheel's does not),
 compiles every CPU source with a cross compiler (Debian's ``g++-aarch64-linux-gnu``) against its headers
-with the flags native.py gives an aarch64 build (``-march=armv8-a`` for ``-mcpu=native``), says how many NEON
+with the flags native_cpu.py gives an aarch64 build (``-march=armv8-a`` for ``-mcpu=native``), says how many NEON
 vector instructions the kernels hold, and links the objects against the wheel's libraries with every symbol
 resolved (``-Wl,--no-undefined``): the Sleef functions ATen's NEON code calls must be exported there.
 
@@ -28,7 +28,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from triton_bn import build, native  # noqa: E402
+from triton_bn import build  # noqa: E402
+from triton_bn.backends import native_cpu  # noqa: E402
 
 CROSS = os.environ.get("AARCH64_CXX", "aarch64-linux-gnu-g++")
 TARGET = "armv8-a"  # what every 64-bit Arm CPU runs (NEON is part of it)
@@ -64,8 +65,8 @@ def main() -> int:
     wheel = aarch64_wheel(args.cache)
     installed = os.path.join(os.path.dirname(torch.__file__), "include")
     flags = [flag.replace(installed, os.path.join(wheel, "include")) for flag in build._torch_flags()]
-    flags += native.compile_flags("aarch64", "DEFAULT", TARGET)
-    print(f"{CROSS}: {' '.join(native.compile_flags('aarch64', 'DEFAULT', TARGET))}", flush=True)
+    flags += native_cpu.compile_flags("aarch64", "DEFAULT", TARGET)
+    print(f"{CROSS}: {' '.join(native_cpu.compile_flags('aarch64', 'DEFAULT', TARGET))}", flush=True)
     failed = []
     with tempfile.TemporaryDirectory() as workdir:
         def compile_one(source):
@@ -74,7 +75,7 @@ def main() -> int:
             return source, obj, proc
         objects = []
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for source, obj, proc in pool.map(compile_one, native.SOURCES):
+            for source, obj, proc in pool.map(compile_one, native_cpu.SOURCES):
                 name = os.path.relpath(source, ROOT)
                 print(f"{'ok    ' if proc.returncode == 0 else 'FAILED'} {name}", flush=True)
                 if proc.returncode:

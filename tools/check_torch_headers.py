@@ -20,7 +20,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from triton_bn import build, native, plans  # noqa: E402
+from triton_bn import build  # noqa: E402
+from triton_bn.backends import native_cpu, cpp_launch  # noqa: E402
 
 
 def headers_of(version: str, cache: str) -> str:
@@ -49,8 +50,8 @@ def main() -> int:
     installed = os.path.join(os.path.dirname(torch.__file__), "include")
     flags = [flag.replace(installed, include) for flag in build._torch_flags()]
     # the CPU kernels' own flags too: the CPU_CAPABILITY macros select ATen's vector code for this host's ISA
-    flags += ["-isystem", plans._triton_cuda_include(), *native._compile_flags(), "-fsyntax-only"]
-    entry_cflags, _, entry_includes = plans.python_entry_flags()  # csrc/cuda/python.cpp's binding, as built here
+    flags += ["-isystem", cpp_launch._triton_cuda_include(), *native_cpu._compile_flags(), "-fsyntax-only"]
+    entry_cflags, _, entry_includes = cpp_launch.python_entry_flags()  # csrc/cuda/python.cpp's binding, as built here
     flags += entry_cflags + [flag for path in entry_includes for flag in ("-isystem", path)]
     if not entry_cflags:
         print("no Python headers here: csrc/cuda/python.cpp is checked empty, as it would be built")

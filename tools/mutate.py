@@ -84,7 +84,8 @@ MUTATIONS: List[Mutation] = [
              "    rows, cols = _elementwise_tile(C, BLOCK_R, BLOCK_C)\n    cmask = cols < C + 1\n    mean, _, scale",
              KERNEL_TESTS, "the channels_last apply reads and writes one channel past the end"),
     # the launchers
-    Mutation("dresidual-shortcut", "triton_bn/launch.py", "if want_dresidual and not want_dx and activation == 0:",
+    Mutation("dresidual-shortcut", "triton_bn/backends/triton_kernels.py",
+             "if want_dresidual and not want_dx and activation == 0:",
              "if want_dresidual and not want_dx:", KERNEL_TESTS,
              "d residual = dy taken with an activation too, when dx is not wanted"),
     # the native CPU kernels (C++: each rebuilds)

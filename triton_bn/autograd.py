@@ -1,28 +1,27 @@
-"""The autograd formula of batch norm (+ activation, + residual). No Triton code here.
+"""The autograd formula of batch norm (+ activation, + residual), over whichever backend ``dispatch.py`` chose.
+No kernels here.
 
-Four entry points share one formula:
+Three entry points share one formula:
 - ``BatchNormFunction`` (a ``torch.autograd.Function``) is the eager path given the statistics: it calls
-  the launchers directly, because the Python dispatch of a custom op costs tens of microseconds per call,
-  which is more than a small BN layer's whole GPU time.
+  the backend's functions directly, because the Python dispatch of a custom op costs tens of microseconds
+  per call, which is more than a small BN layer's whole GPU time.
 - ``TrainingBatchNormFunction`` is the eager training forward from x (statistics, running update, y in one
-  launcher call), with the same backward.
-- ``training_with_backward`` picks between that Function and the native CPU op whose C++ autograd node
-  records the same backward (``csrc/node/``).
+  backend call), with the same backward. (On the native CPU kernels ``dispatch.py`` calls their op instead,
+  whose C++ autograd node records the same backward: ``csrc/node/``.)
 - ``op_setup_context`` / ``op_backward`` are registered (``ops.py``) as the autograd formula of the
   custom op ``triton_bn::batch_norm_apply``, which is what ``torch.compile`` traces.
+The two Functions take the backend (``backends.Backend``) as their first argument and keep it for the backward.
 
 What is saved for backward: x and the per-channel vectors (mean, invstd or running var, weight,
 bias). Never y or the pre-activation on the kernels: they recompute z = (x - mean) * scale + b from
 them. The one exception is forced by the math: with a residual *and* an activation, act'(z) needs
 z = bn(x) + residual, so the residual tensor is kept by reference (no copy). With a residual and no
-activation nothing is kept for it (d residual = dy). The pure-PyTorch path comes through here too.
+activation nothing is kept for it (d residual = dy).
 """
 import functools
 
 import torch
 from torch.autograd.function import once_differentiable
-
-from . import launch, native, reference
 
 
 def _differentiable_once(backward):
@@ -49,7 +48,7 @@ def _save(ctx, x, mean, stat, weight, bias, residual, eps, batch_stats, activati
 
 def _gradients(ctx, grad_y, backward, needs):
     """(dx, dweight, dbias, dresidual), each None unless ``needs`` (the needs_input_grad of x, weight,
-    bias, residual) asks for it; ``backward`` is the launcher or the op that computes them."""
+    bias, residual) asks for it; ``backward`` is the backend's function or the op that computes them."""
     x, mean, stat, weight, bias, residual = ctx.saved_tensors
     eps, batch_stats, activation, negative_slope = ctx.config
     output_mask = [needs[0], needs[1] and weight is not None, needs[2] and bias is not None,
@@ -61,10 +60,9 @@ def _gradients(ctx, grad_y, backward, needs):
     return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
 
 
-def _apply_gradients(ctx, grad_y, backward):
+def _apply_gradients(ctx, grad_y, backward, needs):
     """The ten input gradients of (x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
-    negative_slope)."""
-    needs = ctx.needs_input_grad
+    negative_slope); ``needs``: their needs_input_grad."""
     dx, dweight, dbias, dresidual = _gradients(ctx, grad_y, backward, (needs[0], needs[3], needs[4], needs[5]))
     return dx, None, None, dweight, dbias, dresidual, None, None, None, None
 
@@ -72,7 +70,7 @@ def _apply_gradients(ctx, grad_y, backward):
 class BatchNormFunction(torch.autograd.Function):
     """y = act(bn(x) + residual) given the per-channel statistics (the eager path).
 
-    apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
+    apply(backend, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
         x: [N, C, *]; mean, stat: [C] (stat = invstd when batch_stats, else the running variance);
         weight, bias: [C] or None; residual: like x or None; activation: kernel id (activations.py).
     With batch_stats=True, mean and invstd are taken to be x's batch statistics (computed on a detached
@@ -80,39 +78,39 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
+    def forward(ctx, backend, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
         _save(ctx, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
-        return launch.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
-                                       negative_slope)
+        ctx.backend = backend
+        return backend.apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
 
     @staticmethod
     @_differentiable_once
     def backward(ctx, grad_y):
-        return _apply_gradients(ctx, grad_y, launch.batch_norm_backward)
+        return (None,) + _apply_gradients(ctx, grad_y, ctx.backend.backward, ctx.needs_input_grad[1:])
 
 
 class TrainingBatchNormFunction(torch.autograd.Function):
     """A whole training forward from x (the eager path): batch statistics, the running-statistics update,
     the batch counted in num_batches_tracked and y = act(bn(x) + residual) in one launcher call
-    (``launch.batch_norm_training``: two kernel launches, or PyTorch's fused kernel on the pure-PyTorch
-    path); the same backward as above.
+    (``Backend.training``: two kernel launches on the Triton kernels); the same backward as above.
 
-    apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, cumulative,
+    apply(backend, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, cumulative,
           eps, activation, negative_slope)
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, cumulative,
-                eps, activation, negative_slope):
-        y, mean, invstd = launch.batch_norm_training(x, running_mean, running_var, num_batches_tracked, weight, bias,
-                                                     residual, momentum, cumulative, eps, activation, negative_slope)
+    def forward(ctx, backend, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum,
+                cumulative, eps, activation, negative_slope):
+        y, mean, invstd = backend.training(x, running_mean, running_var, num_batches_tracked, weight, bias, residual,
+                                           momentum, cumulative, eps, activation, negative_slope)
         _save(ctx, x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
+        ctx.backend = backend
         return y
 
     @staticmethod
     @_differentiable_once
     def backward(ctx, grad_y):
-        return _gradients(ctx, grad_y, launch.batch_norm_backward, ctx.needs_input_grad[:4]) + (None,) * 8
+        return (None,) + _gradients(ctx, grad_y, ctx.backend.backward, ctx.needs_input_grad[1:5]) + (None,) * 8
 
 
 def op_setup_context(ctx, inputs, output):
@@ -120,20 +118,4 @@ def op_setup_context(ctx, inputs, output):
 
 
 def op_backward(ctx, grad_y):
-    return _apply_gradients(ctx, grad_y, torch.ops.triton_bn.batch_norm_backward)
-
-
-def training_with_backward(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum: float,
-                           cumulative: bool, eps: float, activation: int, negative_slope: float):
-    """A training forward that records its backward (``functional.batch_norm`` calls it when something needs a
-    gradient), with ``TrainingBatchNormFunction``'s arguments. Where the native CPU kernels serve x on the
-    pure-PyTorch path, their op records a C++ autograd node instead (``csrc/node/``, the node both devices
-    share, with the CPU backward behind it): the same saved tensors, gradients and once-differentiable
-    backward, without the Python Function's host time, which on a small layer exceeds the kernels' own)."""
-    native_ops = launch.native_ops_for(x)
-    if native_ops is not None:
-        factor = reference.host_factor(running_mean, num_batches_tracked, momentum, cumulative)
-        return native_ops.training(x, weight, bias, native.like(residual, x), running_mean, running_var,
-                                   num_batches_tracked, factor, eps, activation, negative_slope)
-    return TrainingBatchNormFunction.apply(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                                           momentum, cumulative, eps, activation, negative_slope)
+    return _apply_gradients(ctx, grad_y, torch.ops.triton_bn.batch_norm_backward, ctx.needs_input_grad)

@@ -144,7 +144,7 @@ def _declared(family: str) -> List[TileConfig]:
     return [TileConfig(a, b, _warps(a * b)) for a, b in shapes]
 
 
-LAYOUT_FAMILIES = ("channels_last", "channels_first")  # the kernels' two layout families (launch.py, kernels/)
+LAYOUT_FAMILIES = ("channels_last", "channels_first")  # the kernels' two layout families (kernels/)
 DECLARED_CONFIGS: Dict[str, List[TileConfig]] = {family: _declared(family) for family in LAYOUT_FAMILIES}
 REDUCTION_KINDS = ("stats", "bwd_reduce")
 ELEMENTWISE_KINDS = ("apply", "bwd_dx")

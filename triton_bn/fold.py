@@ -25,7 +25,8 @@ from torch import fx, nn
 
 from .activations import activation_id, torch_activation
 from .convert import FusionReport, OUR_MODULES, call_counts, swap_batch_norms, one_level_graphs
-from .functional import SCRIPT_REFUSAL, apply_step, check_fused_residual, recording_for_export
+from .dispatch import apply_step, recording_for_export
+from .functional import SCRIPT_REFUSAL, check_fused_residual
 from .tracing import OneLevelTrace, running_graph
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import launch, ops, plans  # noqa: F401  (ops registers the torch.ops.triton_bn operators)
-from .activations import activation_id, torch_activation
-from .autograd import BatchNormFunction, training_with_backward
+from . import dispatch, ops  # noqa: F401  (ops registers the torch.ops.triton_bn operators)
+from .activations import activation_id
+from .backends import cpp_launch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SUPPORTED_DTYPE_SET = frozenset(SUPPORTED_DTYPES)
@@ -41,9 +41,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     arguments = (input, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope,
                  residual, num_batches_tracked)
-    if plans.ACTIVE:  # the C++ launch path (TRITON_BN_CPP_LAUNCH=1): a call like one it already served
-        try:
-            y = plans.known_call(*arguments)
+    if cpp_launch.ACTIVE:  # the C++ launch path (TRITON_BN_CPP_LAUNCH=1): a call like one it already served,
+        try:                  # taken before the checks below: C++ makes its own, before any write
+            y = cpp_launch.known_call(*arguments)
         except (TypeError, ValueError, RuntimeError):
             # C++ refused the call before any write (its own checks, or pybind's on the argument types): a bad
             # call gets the error the checks below give on every path, the same type and message
@@ -56,38 +56,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return input.clone()  # PyTorch reads a 1-D input as zero channels: an empty one is an empty result
     act = _checked_activation(*arguments)
     # -- nothing above writes; everything below may --
-    if recording_for_export():
-        return portable_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                   activation, negative_slope, residual, num_batches_tracked)
-    tracing = torch.compiler.is_compiling()
-    # Traced code (torch.compile) goes through the custom ops; eager code calls the launchers directly
-    # (same kernels, same autograd formula, without the op dispatch's per-call cost).
-    if not training:
-        return apply_step(input, weight, bias, residual, tracing)(
-            input, running_mean, running_var, weight, bias, residual, float(eps), False, act, float(negative_slope))
-    cumulative = momentum is None
-    factor = 0.0 if cumulative else float(momentum)
-    # The batch is counted as nn.BatchNorm counts it (only with running statistics), and a cumulative
-    # average weighs it 1 / (count before it + 1), as nn.BatchNorm's 1 / count after its increment.
-    batches = num_batches_tracked if running_mean is not None else None
-    if tracing:  # two ops: the statistics (mutating the running buffers) and the differentiable apply
-        mean, invstd = torch.ops.triton_bn.batch_stats(input.detach(), running_mean, running_var,
-                                                       batches if cumulative else None, factor, cumulative, float(eps))
-        if batches is not None:
-            batches.add_(1)  # after the statistics read the count before this batch
-        return torch.ops.triton_bn.batch_norm_apply(input, mean, invstd, weight, bias, residual, float(eps), True, act,
-                                                    float(negative_slope))
-    # Eager: the training launcher counts the batch itself, in its normalization launch (no increment kernel).
-    if plans.serves(input):  # the C++ launch path (TRITON_BN_CPP_LAUNCH=1): one call, its node records the backward
-        y = plans.training(input, weight, bias, residual, running_mean, running_var, batches, factor, cumulative,
-                           float(eps), act, float(negative_slope))
-        if y is not None:
-            return y
-    if _needs_gradient(input, weight, bias, residual):
-        return training_with_backward(input, weight, bias, residual, running_mean, running_var, batches, factor,
-                                      cumulative, float(eps), act, float(negative_slope))
-    return launch.batch_norm_training(input, running_mean, running_var, batches, weight, bias, residual, factor,
-                                      cumulative, float(eps), act, float(negative_slope))[0]
+    return dispatch.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, float(eps), act,
+                               float(negative_slope), residual, num_batches_tracked)
 
 
 # What a module of triton_bn says to torch.jit.script (through __prepare_scriptable__, which TorchScript calls on
@@ -96,64 +66,6 @@ SCRIPT_REFUSAL = ("triton_bn: torch.jit.script can not compile triton_bn's modul
                   "kernels and C++ operators from Python). Routes to a program that runs without triton_bn: "
                   "torch.export.export (and torch.onnx.export(..., dynamo=True)), torch.jit.trace, or loading the "
                   "converted model's state_dict into the original model class (docs/deploy.md).")
-
-
-def recording_for_export() -> bool:
-    """Whether this call is being recorded into a program meant to run elsewhere: ``torch.export`` (and so
-    ONNX export) or ``torch.jit.trace``. Such a program must hold PyTorch's own operators only, so that it runs
-    where triton_bn and Triton are not installed (docs/deploy.md)."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
-def portable_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-                        negative_slope, residual, num_batches_tracked) -> Tensor:
-    """``batch_norm`` from PyTorch's own operators, as ``nn.BatchNorm`` and an activation module compute it:
-    the batch counted in ``num_batches_tracked``, a cumulative average weighing it 1 / count. What an exported
-    program records in place of the kernels (an exporter then sees BatchNormalization, Add and the
-    activation, which it knows)."""
-    factor = 0.0 if momentum is None else momentum
-    if training and running_mean is not None and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / float(num_batches_tracked)
-    z = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, factor, eps)
-    if residual is not None:
-        z = z + residual
-    return torch_activation(activation, negative_slope)(z)
-
-
-def _requires_grad(t: Optional[Tensor]) -> bool:
-    return t is not None and t.requires_grad
-
-
-def apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-               tracing: bool):
-    """What applies the normalization: the custom op while torch.compile traces; the autograd Function
-    when something needs a gradient; otherwise the launcher itself (``launch.apply_launcher``: on the CPU
-    path, the native op), without an autograd node's cost. All three take (x, mean, stat, weight, bias,
-    residual, eps, batch_stats, activation, negative_slope)."""
-    if tracing:
-        return torch.ops.triton_bn.batch_norm_apply
-    if plans.serves(input):
-        return _cpp_apply
-    if _needs_gradient(input, weight, bias, residual):
-        return BatchNormFunction.apply
-    return launch.apply_launcher(input, residual)
-
-
-def _cpp_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
-    """``apply_step``'s callable on the C++ launch path (eval statistics), with the Python one where no plan
-    takes the call."""
-    y = plans.apply(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
-    if y is not None:
-        return y
-    step = BatchNormFunction.apply if _needs_gradient(x, weight, bias, residual) else launch.apply_launcher(x, residual)
-    return step(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
-
-
-def _needs_gradient(input, weight, bias, residual) -> bool:
-    return torch.is_grad_enabled() and (input.requires_grad or _requires_grad(weight) or _requires_grad(bias)
-                                        or _requires_grad(residual))
 
 
 def _checked_activation(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,

@@ -13,16 +13,16 @@ Why two forward ops: an op that mutates its arguments can not carry an autograd 
 statistics need none of their own. ``batch_stats`` runs on ``x.detach()``; ``batch_norm_apply`` with
 ``batch_stats=True`` knows that mean/invstd are x's batch statistics, so its backward returns the
 full gradient through them. Every op has a fake (meta) implementation, so ``torch.compile`` traces
-models that use them without graph breaks. Eager calls skip the op dispatch (it costs tens of
-microseconds per call) and reach the same launchers through ``autograd.BatchNormFunction``;
-``functional.py`` picks the path with ``torch.compiler.is_compiling()``.
+models that use them without graph breaks. Each op runs the backend ``dispatch.backend_for`` picks for its
+input. Eager calls skip the op dispatch (it costs tens of microseconds per call) and reach the same backends
+through ``autograd.BatchNormFunction``; ``dispatch.py`` picks the path with ``torch.compiler.is_compiling()``.
 """
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import launch
+from . import dispatch
 from .activations import ACTIVATION_IDS
 from .autograd import op_backward, op_setup_context
 
@@ -39,7 +39,8 @@ def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional
     # functional checked a traced call already; a direct call of the op gets the same errors before any write
     check_arguments(x, running_mean, running_var, None, None, True, None if cumulative else momentum, eps, None,
                      None, num_batches_tracked)
-    return launch.batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+    return dispatch.backend_for(x).batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative,
+                                               eps)
 
 
 @batch_stats.register_fake
@@ -55,8 +56,8 @@ def batch_norm_apply(x: Tensor, mean: Tensor, stat: Tensor, weight: Optional[Ten
     if activation not in ACTIVATION_IDS.values():
         raise ValueError(f"triton_bn::batch_norm_apply: unknown activation id {activation}")
     check_arguments(x, mean, stat, weight, bias, False, None, eps, None, residual, None)
-    return launch.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
-                                   negative_slope)
+    return dispatch.backend_for(x).apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+                                         negative_slope)
 
 
 @batch_norm_apply.register_fake
@@ -69,8 +70,8 @@ def batch_norm_backward(grad_y: Tensor, x: Tensor, mean: Tensor, stat: Tensor, w
                         bias: Optional[Tensor], residual: Optional[Tensor], eps: float, batch_stats: bool,
                         activation: int, negative_slope: float,
                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = launch.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
-                                       activation, negative_slope, output_mask)
+    grads = dispatch.backend_for(x).backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
+                                             activation, negative_slope, output_mask)
     # A custom op returns tensors only: an output that was not asked for is an empty placeholder.
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 

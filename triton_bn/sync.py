@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import launch
+from . import dispatch
 from .activations import torch_activation
 from .functional import check_arguments
 from .modules import TailMixin, FusedBatchNormMixin, fusable, check_added_residual, with_fused_signature
@@ -45,7 +45,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, eps,
                 activation, negative_slope, process_group, world_size):
-        moments = launch.batch_moments(x.detach())
+        backend = dispatch.backend_for(x)
+        moments = backend.moments(x.detach())
         gathered = moments.new_empty((world_size * moments.shape[0], moments.shape[1]))  # gloo wants it flat
         dist.all_gather_into_tensor(gathered, moments, group=process_group)  # the one forward collective
         count, mean, m2 = merge_moments(gathered.view(world_size, *moments.shape))
@@ -55,10 +56,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
             unbiased = m2 / (count - 1.0).clamp_min(1.0)
             running_mean.copy_((running_mean.float() * (1 - factor) + mean * factor).to(running_mean.dtype))
             running_var.copy_((running_var.float() * (1 - factor) + unbiased * factor).to(running_var.dtype))
-        y = launch.batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
+        y = backend.apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
         keep_residual = residual if (residual is not None and activation != 0) else None
         ctx.save_for_backward(x, weight, bias, keep_residual, mean, invstd, count)
         ctx.config = (eps, activation, negative_slope, process_group, residual is not None)
+        ctx.backend = backend
         return y
 
     @staticmethod
@@ -67,7 +69,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
         eps, activation, negative_slope, process_group, has_residual = ctx.config
         needs = ctx.needs_input_grad
-        sums = launch.backward_sums(grad_y, x, mean, invstd, weight, bias, residual, eps, True, activation,
+        sums = ctx.backend.backward_sums(grad_y, x, mean, invstd, weight, bias, residual, eps, True, activation,
                                     negative_slope)
         grad_weight = sums[1].to(weight.dtype) if (weight is not None and needs[1]) else None
         grad_bias = sums[0].to(bias.dtype) if (bias is not None and needs[2]) else None
@@ -77,7 +79,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             global_sums = sums.clone()
             dist.all_reduce(global_sums, group=process_group)  # the one backward collective
             # dx uses the global means of (dz, dz * xhat): the sums already divided by the global count
-            grad_x, grad_residual = launch.backward_elementwise(
+            grad_x, grad_residual = ctx.backend.backward_elementwise(
                 grad_y, x, mean, invstd, weight, bias, residual, global_sums / count.clamp_min(1.0), 1.0, eps, True,
                 activation, negative_slope, want_dx, want_dresidual)
         return (grad_x, grad_weight, grad_bias, grad_residual) + (None,) * 9

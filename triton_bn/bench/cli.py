@@ -107,13 +107,13 @@ _MODE_NOTES = {
 
 def _mode_note(mode: str) -> str:
     import torch
-    from .. import native
-    if not native.ENABLED:
+    from ..backends import native_cpu
+    if not native_cpu.ENABLED:
         built = "switched off by TRITON_BN_NATIVE_CPU=0: PyTorch's kernels"
-    elif mode == "cpu" and native.ops() is not None:
-        fp32_lanes, double_lanes = native.vector_lanes()
+    elif mode == "cpu" and native_cpu.ops() is not None:
+        fp32_lanes, double_lanes = native_cpu.vector_lanes()
         built = (f"built and used; their SiLU/GELU/sigmoid vector math on ATen's Vectorized for "
-                 f"{native.vector_isa()}: {fp32_lanes} fp32 / {double_lanes} double lanes")
+                 f"{native_cpu.vector_isa()}: {fp32_lanes} fp32 / {double_lanes} double lanes")
     else:
         built = "not available here: PyTorch's kernels"
     return _MODE_NOTES[mode].format(threads=torch.get_num_threads(), native=built)

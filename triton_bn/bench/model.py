@@ -131,16 +131,16 @@ CPP_VARIANT = "converted, C++ launch"
 def cpp_launch_available() -> bool:
     """Whether the C++ launch path (docs/launch.md) is off by default here but can be built: then the bench
     times it as a variant of its own (``CPP_VARIANT``), each of its steps run with it switched on."""
-    from triton_bn import plans
-    return not plans.ACTIVE and plans.ops() is not None
+    from triton_bn.backends import cpp_launch
+    return not cpp_launch.ACTIVE and cpp_launch.ops() is not None
 
 
 def with_cpp_launch(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """``step`` with the C++ launch path switched on while it runs, and back as it was after (even if it raises)."""
-    from triton_bn import plans
+    from triton_bn.backends import cpp_launch
 
     def run():
-        with plans.switched(True):
+        with cpp_launch.switched(True):
             return step()
     return run
 

@@ -25,7 +25,7 @@
 // The split is for the build: the template instantiations (activations x layouts x residual x outputs)
 // are nearly all of the compile time, and each dtype's forward and backward compile on a core of their
 // own, beside ops.cpp, the one file that includes ATen's heavy headers. triton_bn/build.py builds them
-// once per machine; triton_bn/native.py loads them. Activation ids are those of triton_bn/activations.py,
+// once per machine; triton_bn/backends/native_cpu.py loads them. Activation ids are those of triton_bn/activations.py,
 // and each activation and derivative follows PyTorch's own CPU formula (including at the kinks).
 #pragma once
 

@@ -8,7 +8,7 @@
 #include "common.h"
 
 #include <ATen/Parallel.h>
-// at::vec::Vectorized, for the ISA of the CPU_CAPABILITY macros the build passes (native.py: vector_isa)
+// at::vec::Vectorized, for the ISA of the CPU_CAPABILITY macros the build passes (native_cpu.py: vector_isa)
 #if defined(CPU_CAPABILITY_AVX512) && !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
                                         defined(__AVX512DQ__) && defined(__FMA__))
 #error "CPU_CAPABILITY_AVX512 without the AVX-512 instructions ATen's vector code needs (F, BW, VL, DQ, FMA)"
@@ -263,7 +263,7 @@ template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
 // vector versions, and it would also drop the NaN semantics the loops keep), so a loop calling them runs
 // one value at a time: 3-6x slower than PyTorch's BN followed by its vectorized activation
 // (perf/NOTES.md). SiLU, GELU, GELU-tanh and sigmoid therefore run on at::vec::Vectorized<A>, the vector
-// type PyTorch's own CPU kernels use, built for the ISA the build names (native.py: the CPU_CAPABILITY
+// type PyTorch's own CPU kernels use, built for the ISA the build names (native_cpu.py: the CPU_CAPABILITY
 // macros, AVX-512 or AVX2 on x86, as PyTorch itself dispatches on this CPU): 16 fp32 / 8 double lanes
 // under AVX-512, 8 / 4 under AVX2, NEON's 4 / 2 on Arm, and ATen's scalar loops where no vector ISA is
 // known. Its exp and tanh are Sleef's (1 ulp; the symbols come from libtorch_cpu, which the library links),

@@ -13,7 +13,7 @@
 // An empty result means no plan was made for a call like this one yet: the caller writes one and
 // remembers it. The saved tensors are those of triton_bn/autograd.py: x and the per-channel vectors,
 // the residual only when an activation follows it. python.cpp binds the two forward calls (run_training,
-// run_apply: ops.h) for Python directly as well: plans.py calls those where they were built.
+// run_apply: ops.h) for Python directly as well: cpp_launch.py calls those where they were built.
 #include "ops.h"
 #include "plan.h"
 #include "../node/batch_norm_backward.h"

@@ -1,4 +1,4 @@
-// A plan: reading the flat encoding plans.py writes, checking a call against it, executing it.
+// A plan: reading the flat encoding cpp_launch.py writes, checking a call against it, executing it.
 #include "plan.h"
 
 #include <c10/util/Exception.h>

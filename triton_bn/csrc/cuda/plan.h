@@ -1,7 +1,7 @@
 // The eager GPU path's C++ side: a plan (what Python decided for one call's shapes, layouts, dtypes and
 // flags) and the launches that execute it, through the CUDA driver or a stand-in that records them.
 //
-// Python decides everything (triton_bn/plans.py builds a plan by watching the launchers run one call
+// Python decides everything (triton_bn/backends/cpp_launch.py builds a plan by watching the launchers run one call
 // and reading each compiled kernel's parameter list): which kernels, grids, warps, shared memory, scalar
 // values, which tensor goes to which pointer parameter, what to allocate. C++ only checks that a call
 // is one the plan was made for (matches) and executes it (run): allocate, pack, launch. It never
@@ -21,7 +21,7 @@
 
 namespace triton_bn_cuda {
 
-// Every tensor a plan can name. Keep in step with triton_bn/plans.py (SLOTS).
+// Every tensor a plan can name. Keep in step with triton_bn/backends/cpp_launch.py (SLOTS).
 enum Slot : int64_t {
   kX = 0, kResidual, kWeight, kBias, kRunningMean, kRunningVar, kNumBatches,  // forward inputs
   kMean, kStat,                                                               // saved statistics (eval: the running ones)
@@ -71,7 +71,7 @@ struct Output {
 
 class Plan {
  public:
-  // The flat encoding plans.py writes (see Plan.__init__ there):
+  // The flat encoding cpp_launch.py writes (see Plan.__init__ there):
   //   expectations: per input [slot, defined, dtype, aligned, ndim, sizes..., strides...]
   //   outputs:      per output [slot, allocation, numel]
   //   launches:     per launch [function, grid x3, block, shared, nparams, per param (kind, slot, integer)]

@@ -4,8 +4,8 @@
 // against the op's schema, pushed on a stack and unboxed again, and the result comes back as a list: about
 // as much host time as the whole call does (perf/NOTES.md), on a path whose only purpose is host time.
 //
-// Built only where Python's headers are (build flag TRITON_BN_PYTHON_ENTRY, plans.py): elsewhere this file
-// is empty and plans.py calls the torch.ops entries. The GIL is released during a call, as PyTorch's own
+// Built only where Python's headers are (build flag TRITON_BN_PYTHON_ENTRY, cpp_launch.py): elsewhere this file
+// is empty and cpp_launch.py calls the torch.ops entries. The GIL is released during a call, as PyTorch's own
 // operator bindings do (a launch may wait for room in the CUDA launch queue; other Python threads run
 // meanwhile). An error arrives as the RuntimeError the torch.ops entry would raise, with the same message.
 #ifdef TRITON_BN_PYTHON_ENTRY

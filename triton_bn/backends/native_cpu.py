@@ -1,17 +1,17 @@
-"""Native CPU kernels for dense CPU inputs, channels innermost (channels_last, channels_last_3d, (N, C),
-C-innermost (N, C, L)) or contiguous (NCHW, NCDHW, (N, C, L)): ``csrc/cpu/``, compiled on first use by
-``build.py`` (once per machine, torch, compiler and source version, one process per file on every core;
-``TRITON_BN_BUILD_DIR`` says where) and registered as ``torch.ops.triton_bn_cpu``.
+"""The native CPU backend: C++ kernels for dense CPU inputs, channels innermost (channels_last,
+channels_last_3d, (N, C), C-innermost (N, C, L)) or contiguous (NCHW, NCDHW, (N, C, L)): ``csrc/cpu/``,
+compiled on first use by ``build.py`` (once per machine, torch, compiler and source version, one process per
+file on every core; ``TRITON_BN_BUILD_DIR`` says where) and registered as ``torch.ops.triton_bn_cpu``.
 
 Why: PyTorch's CPU batch norm reads x three times in a training forward (channels_last; it sums those
 rows without compensation), and an activation module reads and writes the result once more. These kernels
 take one read for the statistics (shifted sums, accurate), one read and one write for y with the residual
-and the activation fused, and two passes for the whole backward, z recomputed inside. ``reference.py``
-calls them from its fast path (``serves``), ``autograd.training_with_backward`` through their C++
-autograd node; where they do not apply (other strides) or cannot be built here (no compiler), PyTorch's
-kernels serve. They compute in fp32 for fp32, bf16 and fp16 inputs and in double for float64 (whose
-statistics, dweight and dbias are then float64, as on the rest of the pure path).
-``TRITON_BN_NATIVE_CPU=0`` (read at import) switches them off.
+and the activation fused, and two passes for the whole backward, z recomputed inside. ``dispatch.py`` sends
+them the whole calls of inputs they serve (``serves``), a training call that needs a gradient through their
+C++ autograd node (``training_with_node``); where they do not apply (other strides) or cannot be built here
+(no compiler), PyTorch's kernels serve (``pytorch_kernels.py``). They compute in fp32 for fp32, bf16 and
+fp16 inputs and in double for float64 (whose statistics, dweight and dbias are then float64, as on the rest
+of the pure path). ``TRITON_BN_NATIVE_CPU=0`` (read at import) switches them off.
 """
 import glob
 import os
@@ -22,12 +22,13 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import build, settings
-from .layout import channels_innermost, like_input
+from .. import build, settings, spec
+from ..layout import channels_innermost, like_input
+from . import host_factor, in_parameter_dtypes
 
 ENABLED = settings.flag("TRITON_BN_NATIVE_CPU")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu")
+CSRC = os.path.join(build.CSRC, "cpu")
 # the longest compiles first, so that the cores finish together (on this project's 2-core VM: the bf16 and
 # fp16 backward 23-24 s, ops.cpp 21 s, the fp32 backward 21 s, float64's 13 s, each forward 4-7 s)
 _LONGEST_FIRST = ("kernels_bfloat16_backward", "kernels_half_backward", "ops", "kernels_float_backward",
@@ -157,3 +158,49 @@ def like(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
     if t is None:
         return None
     return like_input(t if t.dtype == x.dtype else t.to(x.dtype), x)
+
+
+# -- the backend: whole calls on inputs ``serves`` takes (dispatch.py asks it first) ------------------------
+# They read and update per-channel tensors of any dtype in their compute type themselves (fp32; double for
+# float64); a residual or gradient is handed over with x's strides and dtype (``like``).
+def training(x, running_mean, running_var, num_batches_tracked, weight, bias, residual, momentum: float,
+             cumulative: bool, eps: float, activation: int, negative_slope: float):
+    """(y, mean, invstd): the statistics in one read, y with the epilogue in one more, the running statistics
+    updated once; then the batch counted in ``num_batches_tracked`` (when given)."""
+    factor = host_factor(running_mean, num_batches_tracked, momentum, cumulative)
+    result = ops().training_forward(x, weight, bias, like(residual, x), running_mean, running_var, factor, eps,
+                                    activation, negative_slope)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return result
+
+
+def training_with_node(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum: float,
+                       cumulative: bool, eps: float, activation: int, negative_slope: float):
+    """y of a training forward that records its backward as a C++ autograd node (``csrc/node/``: the same
+    saved tensors and gradients as ``autograd.TrainingBatchNormFunction``, without a Python Function's host
+    time, which on a small layer exceeds the kernels' own); the op counts the batch itself."""
+    factor = host_factor(running_mean, num_batches_tracked, momentum, cumulative)
+    return ops().training(x, weight, bias, like(residual, x), running_mean, running_var, num_batches_tracked,
+                          factor, eps, activation, negative_slope)
+
+
+def apply(x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+          negative_slope: float):
+    """y from the running statistics in one pass, the epilogue fused; with batch statistics (a split call's
+    step) the step function."""
+    if batch_stats:
+        return spec.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, True, activation, negative_slope)
+    return ops().apply(x, mean, stat, weight, bias, like(residual, x), eps, False, activation, negative_slope)
+
+
+def backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+             negative_slope: float, output_mask):
+    """(dx, dweight, dbias, d residual) in two passes, z recomputed inside; None where not asked for, dweight
+    and dbias in the parameters' dtype."""
+    want_dx, want_dweight, want_dbias, want_dresidual = output_mask
+    wanted = (want_dx, want_dweight and weight is not None, want_dbias and bias is not None, want_dresidual)
+    grads = ops().backward(like(grad_y, x), x, mean, stat, weight, bias,
+                           like(residual, x) if activation != 0 else None, eps, batch_stats, activation,
+                           negative_slope, *wanted)
+    return in_parameter_dtypes(tuple(g if want else None for g, want in zip(grads, wanted)), weight, bias)

@@ -1,157 +1,21 @@
-"""The pure-PyTorch path (no Triton; native C++ kernels serve part of it where they can be built,
-``native.py``): what CPU tensors run when the Triton interpreter is off (so the library works
-everywhere), and float64 on any device. Its calls go through the same autograd Functions as the kernels
-(only x and per-channel vectors are saved; gradients are not differentiable twice).
+"""PyTorch's own batch-norm kernels with our epilogue: the backend of whole calls on the pure path where the
+native CPU kernels do not serve (strides they do not take, float64 off the CPU, a machine without a compiler,
+``TRITON_BN_NATIVE_CPU=0``). ``dispatch.py`` sends it non-empty batches only.
 
-- the fast path of whole calls (``batch_norm_training``, the eval case of ``batch_norm_apply``,
-  ``batch_norm_backward``): for dense inputs (channels innermost or contiguous) the native kernels of
-  ``native.py`` (statistics, normalization, epilogue and backward in C++: one read fewer than PyTorch's,
-  no separate epilogue pass; fp32, bf16, fp16 and float64); otherwise (other strides, float64 off the
-  CPU, or no compiler) PyTorch's fused batch-norm kernels (statistics, normalization and the
-  running-statistics update in vectorised, multi-threaded calls), with the residual and the activation
-  applied in place after them, where they compute what the step functions do (``fast_path``: a
-  non-empty batch, the per-channel tensors converted to the compute dtype first, ``_in_compute_dtype``; 16-bit
-  inputs in PyTorch's mixed-precision kernels where the epilogue commutes with rounding, else in fp32:
-  ``_kernel_dtype``; an accurate mean where PyTorch's kernel adds rows without compensation:
-  ``_summed_by_planes``; large fp32 planes' statistics in blocks, where PyTorch's kernel is slow:
-  ``_statistics_in_blocks``);
-- the step functions (``batch_stats``, ``batch_norm_apply`` with batch statistics, ``backward_sums``,
-  ``backward_elementwise``, ``batch_moments``), the same functions as ``launch.py`` written with torch
-  ops: the executable specification of what the kernels compute (same formulas, fp32 accumulation, one
-  rounding at the end for 16-bit inputs, float64 in float64). They serve where a call is split into
-  steps (the custom ops under torch.compile, SyncBatchNorm) and everywhere the fast path does not.
+PyTorch's kernels normalize (statistics, running-statistics update, vectorised and multi-threaded); the
+residual and the activation are then applied in place, where that computes what the step functions of
+``spec.py`` do: the per-channel tensors converted to the compute dtype first (``_in_compute_dtype``); 16-bit
+inputs in PyTorch's mixed-precision kernels where the epilogue commutes with rounding, else in fp32
+(``_kernel_dtype``); an accurate mean where PyTorch's kernel adds rows without compensation
+(``_summed_by_planes``); large fp32 planes' statistics in blocks, where PyTorch's kernel is slow
+(``_statistics_in_blocks``). Thresholds were measured on this project's CPU (docs/cpu-path.md).
 """
-import torch.nn.functional as F
-from typing import List, Optional
-
 import torch
+import torch.nn.functional as F
 
-from . import native
-from .activations import ACTIVATION_IDS, torch_activation, torch_activation_grad
-from .layout import CHANNELS_LAST_FORMATS
-
-_ACTIVATION_NAMES = {v: k for k, v in ACTIVATION_IDS.items()}
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _per_channel(t: torch.Tensor, x: torch.Tensor, dtype) -> torch.Tensor:
-    return t.to(dtype).reshape([1, -1] + [1] * (x.dim() - 2))
-
-
-def _reduce_dims(x: torch.Tensor):
-    return [d for d in range(x.dim()) if d != 1]
-
-
-def _var_mean(x):
-    """(biased variance, mean) per channel, the mean as PyTorch's batch norm gives it where the data holds inf:
-    ``torch.var_mean``'s Welford steps turn a channel holding +inf into a NaN mean (inf - inf), where batch
-    norm's sum / n is +inf; such a channel's mean is taken again as a plain mean (its variance is NaN either
-    way). The check costs a sync on a GPU, where only float64 comes this way."""
-    var, mean = torch.var_mean(x, dim=_reduce_dims(x), unbiased=False)
-    if mean.isnan().any():
-        mean = torch.where(mean.isnan(), x.mean(dim=_reduce_dims(x)), mean)
-    return var, mean
-
-
-def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum: float, cumulative: bool, eps: float):
-    dtype = _compute_dtype(x)
-    channels = x.shape[1]
-    if x.numel() == 0:
-        return torch.zeros(channels, dtype=dtype, device=x.device), torch.full(
-            (channels,), float("nan"), dtype=dtype, device=x.device)
-    xf = x.to(dtype)
-    var, mean = _var_mean(xf)
-    if running_mean is not None:
-        count = x.numel() // channels
-        factor = (1.0 / (num_batches_tracked.to(dtype) + 1)) if cumulative else momentum  # the count with this batch
-        new_mean = running_mean.to(dtype) * (1 - factor) + mean * factor
-        new_var = running_var.to(dtype) * (1 - factor) + var * (count / (count - 1)) * factor
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
-    return mean, torch.rsqrt(var + eps)
-
-
-def _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype):
-    invstd = stat.to(dtype) if batch_stats else torch.rsqrt(stat.to(dtype) + eps)
-    scale = invstd * weight.to(dtype) if weight is not None else invstd
-    shift = bias.to(dtype) if bias is not None else torch.zeros_like(scale)
-    return _per_channel(invstd, x, dtype), _per_channel(scale, x, dtype), _per_channel(shift, x, dtype)
-
-
-def batch_norm_apply(x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
-                     negative_slope: float):
-    if not batch_stats and fast_path(x):
-        return _eval_fast(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
-    dtype = _compute_dtype(x)
-    _, scale, shift = _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype)
-    z = (x.to(dtype) - _per_channel(mean, x, dtype)) * scale + shift
-    if residual is not None:
-        z = z + residual.to(dtype)
-    return torch_activation(_ACTIVATION_NAMES[activation], negative_slope)(z).to(x.dtype)
-
-
-def batch_moments(x):
-    dtype = _compute_dtype(x)
-    channels = x.shape[1]
-    if x.numel() == 0:
-        return torch.zeros((3, channels), dtype=dtype, device=x.device)
-    var, mean = _var_mean(x.to(dtype))
-    count = x.numel() // channels
-    return torch.stack([torch.full_like(mean, count), mean, var * count])
-
-
-def _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
-                         negative_slope):
-    dtype = _compute_dtype(x)
-    invstd, scale, shift = _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype)
-    xf = x.to(dtype)
-    grad_z = grad_y.to(dtype)
-    if activation != 0:
-        z = (xf - _per_channel(mean, x, dtype)) * scale + shift
-        if residual is not None:
-            z = z + residual.to(dtype)
-        grad_z = grad_z * torch_activation_grad(_ACTIVATION_NAMES[activation], negative_slope)(z)
-    xhat = (xf - _per_channel(mean, x, dtype)) * invstd
-    return grad_z, xhat, scale, dtype
-
-
-def backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope,
-                  grad_weight=None, grad_bias=None):
-    grad_z, xhat, _, _ = _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
-                                              activation, negative_slope)
-    dims = _reduce_dims(x)
-    sums = torch.stack([grad_z.sum(dims), (grad_z * xhat).sum(dims)])
-    if grad_weight is not None:
-        grad_weight.copy_(sums[1])
-    if grad_bias is not None:
-        grad_bias.copy_(sums[0])
-    return sums
-
-
-def backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps, batch_stats,
-                         activation, negative_slope, want_dx, want_dresidual):
-    grad_z, xhat, scale, dtype = _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps,
-                                                      batch_stats, activation, negative_slope)
-    grad_x = grad_residual = None
-    if want_dx:
-        g = grad_z
-        if batch_stats:
-            g = g - _per_channel(sums[0], x, dtype) * inv_count - xhat * _per_channel(sums[1], x, dtype) * inv_count
-        grad_x = (g * scale).to(x.dtype)
-    if want_dresidual:
-        grad_residual = grad_z.to(x.dtype, copy=True)  # never an alias of grad_y (custom-op outputs must not alias)
-    return grad_x, grad_residual
-
-
-# -- the fast path of whole calls: PyTorch's fused kernels, the epilogue in place ----------------------------
-def fast_path(x) -> bool:
-    """Whether a whole call may run through PyTorch's fused kernels (or the native ones): a non-empty batch.
-    Its per-channel tensors are first converted to the compute dtype (``_in_compute_dtype``), as the step
-    functions read them."""
-    return x.numel() != 0
+from .. import spec
+from ..layout import CHANNELS_LAST_FORMATS
+from . import compute_dtype, host_factor, in_parameter_dtypes, reduce_dims
 
 
 def _in_compute_dtype(x, *per_channel):
@@ -159,7 +23,7 @@ def _in_compute_dtype(x, *per_channel):
     (fp32, float64 for float64), contiguous: what the step functions compute with. A model cast with
     ``.to(torch.bfloat16)`` keeps bf16 weights and running statistics; PyTorch's kernels would compute with
     those in 16 bits. A tensor already right is passed through (no copy)."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     return tuple(t if (t is None or (t.dtype == dtype and t.is_contiguous()))
                  else t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True) for t in per_channel)
 
@@ -237,15 +101,13 @@ def _normalize_eval(x, weight, bias, mean, var, eps: float):
     return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
 
 
-def _eval_fast(x, mean, var, weight, bias, residual, eps: float, activation: int, negative_slope: float):
-    """Eval: the native kernel where it serves x (one pass, epilogue fused; it reads per-channel tensors of
-    any dtype in its compute type itself: fp32, double for float64); else PyTorch's kernel with the running
-    statistics, then the epilogue in place."""
-    native_ops = native.serves(x)
-    if native_ops is not None:
-        return native_ops.apply(x, mean, var, weight, bias, native.like(residual, x), eps, False, activation,
-                                negative_slope)
-    mean, var, weight, bias = _in_compute_dtype(x, mean, var, weight, bias)
+def apply(x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+          negative_slope: float):
+    """y from given statistics: with running ones (eval), PyTorch's eval-mode kernel, then the residual and
+    the activation in place; with batch statistics (a split call's step), the step function."""
+    if batch_stats:
+        return spec.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, True, activation, negative_slope)
+    mean, var, weight, bias = _in_compute_dtype(x, mean, stat, weight, bias)
     dtype = _kernel_dtype(x, activation, residual, weight, bias, mean)
     y = _normalize_eval(_as(x, dtype), weight, bias, mean, var, eps)
     return _finish(y, residual, activation, negative_slope, x.dtype)
@@ -287,7 +149,7 @@ def _accurate_mean(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x's per-channel mean in ``dtype`` by ``torch.mean``'s cascade sum. PyTorch's CPU reductions convert a
     16-bit input to the fp32 result type before they sum: a full-size fp32 copy, which on a large input costs
     more than the sum itself. So a large 16-bit x is converted block by block (``_sum_in_blocks``)."""
-    dims = _reduce_dims(x)
+    dims = reduce_dims(x)
     blocks = _sample_blocks(x)
     if x.dtype == dtype or len(blocks) == 1:
         return x.mean(dims, dtype=dtype)
@@ -335,12 +197,6 @@ def _statistics_in_blocks(x) -> bool:
     return x.dtype == torch.float32 and x.numel() >= BLOCKED_STATISTICS_MIN_ELEMENTS
 
 
-def host_factor(running_mean, num_batches_tracked, momentum: float, cumulative: bool) -> float:
-    """The weight of this batch in the running average, as a number: PyTorch's kernels and the native ones
-    take it so, and a cumulative one (1 / (count before this batch + 1)) is read on the host."""
-    return (1.0 / (float(num_batches_tracked) + 1)) if (cumulative and running_mean is not None) else momentum
-
-
 def _update_running(running_mean, running_var, mean, var, count: int, factor: float) -> None:
     """PyTorch's moving average of the running statistics (in place), with the unbiased batch variance."""
     if running_mean is not None:
@@ -348,10 +204,10 @@ def _update_running(running_mean, running_var, mean, var, count: int, factor: fl
         running_var.lerp_(var * (count / (count - 1) if count > 1 else float("nan")), factor)
 
 
-def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weight, bias, residual, momentum: float,
-                        cumulative: bool, eps: float, activation: int, negative_slope: float):
-    """(y, mean, invstd) of a training forward, the running statistics updated once (unbiased), then the
-    residual and the activation in place (the step functions where ``fast_path`` says no). Three ways:
+def training(x, running_mean, running_var, num_batches_tracked, weight, bias, residual, momentum: float,
+             cumulative: bool, eps: float, activation: int, negative_slope: float):
+    """(y, mean, invstd) of a training forward on a non-empty batch, the running statistics updated once
+    (unbiased), the residual and the activation in place after PyTorch's kernels. Three ways:
     - planes summed one by one (``_summed_by_planes``): one call of PyTorch's fused kernel, except for large
       fp32 inputs (``_statistics_in_blocks``): mean and variance by ``_plane_statistics``, the running
       statistics by ``_update_running``, y by PyTorch's eval-mode kernel;
@@ -360,31 +216,10 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
       difference), y from its eval-mode kernel: the fused kernel's passes over x plus one reduction, never a
       second normalization. (Its variance is taken around its own mean: off by the square of the mean's
       error, ~1e-10 of the variance, far below fp32 rounding.)
-    ``num_batches_tracked``, when given, counts this batch (+1) once all is computed (the statistics read
-    the count before it), as the kernels' training forward does."""
-    if fast_path(x):
-        factor = host_factor(running_mean, num_batches_tracked, momentum, cumulative)
-        y, mean, invstd = _fused_training(x, running_mean, running_var, weight, bias, residual, factor, eps,
-                                          activation, negative_slope)
-    else:  # the step functions read the count on the device
-        mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
-        y = batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    return y, mean, invstd
-
-
-def _fused_training(x, running_mean, running_var, weight, bias, residual, factor: float, eps: float,
-                    activation: int, negative_slope: float):
-    """``batch_norm_training`` where ``fast_path`` says yes, the running statistics weighted by ``factor``:
-    the native kernels where they serve x (``native.py``: statistics in one read, y with
-    the epilogue in one more; they read and update per-channel tensors of any dtype in their compute type themselves),
-    else PyTorch's kernels, with the per-channel tensors converted (``_in_compute_dtype``) and the
-    running statistics, where they had to be, written back (rounded once, as the step functions' update)."""
-    native_ops = native.serves(x)
-    if native_ops is not None:
-        return native_ops.training_forward(x, weight, bias, native.like(residual, x), running_mean, running_var,
-                                           factor, eps, activation, negative_slope)
+    The per-channel tensors are converted to the compute dtype first (``_in_compute_dtype``) and the running
+    statistics, where they had to be, written back (rounded once, as the step functions' update);
+    ``num_batches_tracked``, when given, counts this batch (+1) once all is computed."""
+    factor = host_factor(running_mean, num_batches_tracked, momentum, cumulative)
     computed_mean, computed_var, weight, bias = _in_compute_dtype(x, running_mean, running_var, weight, bias)
     result = _pytorch_training(x, computed_mean, computed_var, weight, bias, residual, factor, eps, activation,
                                negative_slope)
@@ -392,6 +227,8 @@ def _fused_training(x, running_mean, running_var, weight, bias, residual, factor
         running_mean.copy_(computed_mean)
     if computed_var is not running_var:
         running_var.copy_(computed_var)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     return result
 
 
@@ -455,30 +292,16 @@ def _pre_activation(x, mean, stat, weight, bias, residual, eps, batch_stats):
     return z.add_(residual) if residual is not None else z
 
 
-def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool,
-                        activation: int, negative_slope: float, output_mask):
-    """(dx, dweight, dbias, dresidual) through the native kernels (``native.serves``) or PyTorch's fused
-    backward kernel, None where not asked for;
-    None altogether where ``fast_path`` says no (the caller then runs the step functions). Only x and the
+def backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+             negative_slope: float, output_mask):
+    """(dx, dweight, dbias, dresidual) through PyTorch's fused backward kernel, None where not asked for;
+    dweight and dbias in the parameters' own dtype, as the step functions give them. Only x and the
     per-channel vectors were saved: with an activation, z is recomputed (one pass of PyTorch's eval-mode
     kernel) and its buffer then holds dL/dz; at an exact kink (z == 0 to the last bit) its rounding can pick
     the other subgradient."""
-    if not fast_path(x):
-        return None
-    want_dx, want_dweight, want_dbias, want_dresidual = output_mask
-    native_ops = native.serves(x)
-    if native_ops is not None:  # both passes in native code, z recomputed inside (per-channel: compute type)
-        wanted = (want_dx, want_dweight and weight is not None, want_dbias and bias is not None, want_dresidual)
-        grads = native_ops.backward(native.like(grad_y, x), x, mean, stat, weight, bias,
-                                    native.like(residual, x) if activation != 0 else None, eps, batch_stats,
-                                    activation, negative_slope, *wanted)
-        grads = tuple(g if want else None for g, want in zip(grads, wanted))
-    else:
-        grads = _pytorch_backward(grad_y, x, *_in_compute_dtype(x, mean, stat, weight, bias), residual, eps,
-                                  batch_stats, activation, negative_slope, output_mask)
-    # dweight and dbias in the parameters' own dtype, as the step functions give them
-    return grads[0], _as(grads[1], weight.dtype if weight is not None else None), \
-        _as(grads[2], bias.dtype if bias is not None else None), grads[3]
+    grads = _pytorch_backward(grad_y, x, *_in_compute_dtype(x, mean, stat, weight, bias), residual, eps,
+                              batch_stats, activation, negative_slope, output_mask)
+    return in_parameter_dtypes(grads, weight, bias)
 
 
 def _pytorch_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
@@ -486,7 +309,7 @@ def _pytorch_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float,
     """``batch_norm_backward`` through PyTorch's kernels, its per-channel tensors in the compute dtype (dweight and
     dbias in it too)."""
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     kernel_dtype = _backward_dtype(x, grad_y, activation, weight, bias, mean)
     xc, grad_z = _as(x, kernel_dtype), _as(grad_y, kernel_dtype)
     if activation != 0:

@@ -1,17 +1,14 @@
-"""Launchers: plain functions that pick the layout family, allocate (statistics always in fp32),
-compute grids and call the kernels. No autograd and no nn here; arguments arrive validated by
-``functional.py`` and the ops of ``ops.py``.
-
-CUDA tensors run the compiled kernels; CPU tensors run the same kernels through the Triton
-interpreter when ``TRITON_INTERPRET=1`` was set before import, and otherwise the pure-PyTorch path of
-``reference.py`` (same semantics, so a CPU-only user still gets a working library). float64 tensors
-take the pure-PyTorch path on every device.
+"""The Triton backend: launchers, plain functions that pick the layout family, allocate (statistics always in
+fp32), compute grids and call the kernels of ``kernels/``, tuned by ``autotune.py``. No autograd and no nn
+here; arguments arrive checked (``functional.py``, ``ops.py``) and ``dispatch.py`` sends only what
+``uses_kernels`` says these kernels take: fp32, fp16 and bf16 on CUDA, and on the CPU under the Triton
+interpreter (``TRITON_INTERPRET=1`` set before import) or a stand-in CUDA driver.
 
 Entry points (each but the first also behind a custom op of ``ops.py``):
     batch_norm_training(...)   -> (y, mean, invstd)      batch_stats then batch_norm_apply (2 launches; the
                                   second also counts the batch in num_batches_tracked)
     batch_stats(...)           -> (mean, invstd)         split reduction, merged by its last program (1 launch)
-    batch_moments(x)           -> [3, C] (count, mean, M2), for SyncBatchNorm (1 launch)
+    batch_moments(x)           -> [3, C] (count, mean, M2), for SyncBatchNorm (1 launch; ``Backend.moments``)
     batch_norm_apply(...)      -> y                      1 launch
     batch_norm_backward(...)   -> (dx, dweight, dbias, dresidual): backward_sums (1 launch) when the sums
                                   are needed, then backward_elementwise (dx, 1 launch) when dx or
@@ -20,19 +17,18 @@ Entry points (each but the first also behind a custom op of ``ops.py``):
 import contextlib
 import functools
 import inspect
-import os
 import threading
 import warnings
 from typing import List, Optional, Tuple
 
 import torch
 
-from . import native, reference, settings
-from .autotune import INTERPRET, TileConfig, cdiv, merge_block, split_count, tuner
-from .kernels import channels_first as cf
-from .kernels import channels_last as cl
-from .layout import ChannelsLastPlan, empty_like_input, like_input, plan_layout
-from .occupancy import resident_per_sm
+from .. import settings, spec
+from ..autotune import INTERPRET, TileConfig, cdiv, merge_block, split_count, tuner
+from ..kernels import channels_first as cf
+from ..kernels import channels_last as cl
+from ..layout import ChannelsLastPlan, empty_like_input, like_input, plan_layout
+from ..occupancy import resident_per_sm
 
 _dummies = {}
 
@@ -74,9 +70,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # Under a stand-in CUDA driver (TRITON_BN_CUDA_DRIVER=record or null: tests and host-cost measurements of
-# the C++ launch path, plans.py) CPU tensors take the kernel path as CUDA tensors would, and nothing is
+# the C++ launch path, cpp_launch.py) CPU tensors take the kernel path as CUDA tensors would, and nothing is
 # launched from Python: the launches are only watched.
-CUDA_DRIVER = settings.get("TRITON_BN_CUDA_DRIVER")  # "real", "record" or "null" (plans.py reads it here)
+CUDA_DRIVER = settings.get("TRITON_BN_CUDA_DRIVER")  # "real", "record" or "null" (cpp_launch.py reads it here)
 STAND_IN = CUDA_DRIVER in ("record", "null")
 
 
@@ -90,7 +86,7 @@ _watching = threading.local()
 @contextlib.contextmanager
 def watch(dry: bool = False):
     """Collect the (PlannedLaunch, arguments) of every launch the launchers make on this thread meanwhile (the
-    tuner's candidate runs are not among them); ``dry``: collect them without launching (plans.py writes its
+    tuner's candidate runs are not among them); ``dry``: collect them without launching (cpp_launch.py writes its
     plans from them)."""
     previous = getattr(_watching, "state", None)
     launches = []
@@ -130,7 +126,7 @@ def current_stream(device_index: int) -> int:
 
 def standing_buffers() -> List[torch.Tensor]:
     """The buffers the launchers keep across calls (the per-device dummies and the per-stream arrival counters):
-    what a C++ plan holds as persistent slots instead of per-call tensors (plans.py)."""
+    what a C++ plan holds as persistent slots instead of per-call tensors (cpp_launch.py)."""
     return list(_dummies.values()) + list(_COUNTERS.values())
 
 
@@ -228,7 +224,7 @@ class PlannedLaunch:
             if watching[1]:
                 return
         if STAND_IN and device.type != "cuda":
-            return  # a stand-in driver's CPU tensors: nothing runs on them (plans.py)
+            return  # a stand-in driver's CPU tensors: nothing runs on them (cpp_launch.py)
         if not (DIRECT_LAUNCH and device.type == "cuda"):
             _launch(self.kernel, self.grid, args, self.kwargs, device)
             return
@@ -442,8 +438,6 @@ def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_v
     """Batch mean and invstd (fp32, [C]) of x, and the running-statistics update (once). A cumulative
     average reads ``num_batches_tracked`` as the count before this batch (weight 1 / (count + 1)); counting
     the batch is the caller's."""
-    if not uses_kernels(x):
-        return reference.batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
     x, plan = plan_layout(x)
     return _statistics(x, plan, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
 
@@ -470,9 +464,6 @@ def batch_norm_training(x: torch.Tensor, running_mean: Optional[torch.Tensor], r
     in ``num_batches_tracked`` (when given): the statistics, then the normalization, which also counts the
     batch (two launches on one layout plan, no increment kernel); on the pure-PyTorch path, PyTorch's
     kernels."""
-    if not uses_kernels(x):
-        return reference.batch_norm_training(x, running_mean, running_var, num_batches_tracked, weight, bias,
-                                             residual, momentum, cumulative, eps, activation, negative_slope)
     x, plan = plan_layout(x)
     mean, invstd = _statistics(x, plan, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
     if x.numel() == 0 and num_batches_tracked is not None:
@@ -485,8 +476,6 @@ def batch_norm_training(x: torch.Tensor, running_mean: Optional[torch.Tensor], r
 def batch_moments(x: torch.Tensor) -> torch.Tensor:
     """Local ``(count, mean, M2)`` per channel, packed as one fp32 [3, C] tensor (what SyncBatchNorm
     all-gathers). An empty x gives count 0, which weighs nothing in the merge."""
-    if not uses_kernels(x):
-        return reference.batch_moments(x)
     channels = x.shape[1]
     moments = torch.zeros((3, channels), dtype=torch.float32, device=x.device)
     if x.numel() > 0:
@@ -523,28 +512,11 @@ def _merged_statistics(x, plan, mean, invstd, moments, running_mean, running_var
     launch(make_args(layout), device)
 
 
-def native_ops_for(x: torch.Tensor):
-    """The native CPU ops when x takes the pure-PyTorch path and they serve it (``native.serves``), else None."""
-    return None if uses_kernels(x) else native.serves(x)
-
-
-def apply_launcher(x: torch.Tensor, residual: Optional[torch.Tensor]):
-    """What computes ``batch_norm_apply`` for this call, with its arguments: on the pure-PyTorch path, where the
-    native CPU kernels serve x (and a residual already has x's strides), their op itself, so that no Python
-    runs between the functional layer and the C++ (on a small eval call that Python costs as much as the
-    pass); else ``batch_norm_apply``."""
-    native_ops = native_ops_for(x) if (residual is None or residual.stride() == x.stride()) else None
-    return batch_norm_apply if native_ops is None else native_ops.apply
-
-
 @_on_input_device
 def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float,
                      batch_stats: bool, activation: int, negative_slope: float) -> torch.Tensor:
     """y = act(x * scale + shift [+ residual]). ``stat`` is invstd (batch_stats) or the running variance."""
-    if not uses_kernels(x):
-        return reference.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, batch_stats,
-                                          activation, negative_slope)
     x, plan = plan_layout(x)
     return _apply(x, plan, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
 
@@ -581,8 +553,8 @@ def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, sta
                   ) -> torch.Tensor:
     """Pass 1 of the backward: fp32 [2, C] = (sum dz, sum dz * xhat) per channel, also written to
     ``grad_bias`` / ``grad_weight`` when given (in the parameters' dtype)."""
-    if not uses_kernels(x) or x.numel() == 0:
-        return reference.backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+    if x.numel() == 0:  # nothing to launch: the step function gives the zero sums
+        return spec.backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
                                        negative_slope, grad_weight, grad_bias)
     x, plan = plan_layout(x)
     residual = like_input(residual, x) if residual is not None else None
@@ -624,8 +596,8 @@ def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tens
     uses ``sums * inv_count`` (the mean of dz and of dz * xhat over the batch; SyncBatchNorm passes
     all-reduced sums already divided by the global count, with inv_count = 1); ``sums`` is [2, C] fp32
     (or the buffer ``_sums_launch`` returns, which starts with it)."""
-    if not uses_kernels(x) or x.numel() == 0:
-        return reference.backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps,
+    if x.numel() == 0:  # nothing to launch: the step function gives the empty gradients
+        return spec.backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps,
                                               batch_stats, activation, negative_slope, want_dx, want_dresidual)
     x, plan = plan_layout(x)
     residual = like_input(residual, x) if residual is not None else None
@@ -665,25 +637,14 @@ def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
 
     ``residual`` is only needed (and only saved by the autograd formula) when an activation follows
     the add: it is part of the pre-activation whose derivative is recomputed."""
-    kernels = uses_kernels(x)
-    if not kernels:  # PyTorch's fused kernels where they compute what the steps below do
-        fused = reference.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
-                                              activation, negative_slope, output_mask)
-        if fused is not None:
-            return fused
+    if x.numel() == 0:  # nothing to launch: the step functions give the empty and zero gradients
+        return spec.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+                                        negative_slope, output_mask)
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
     grad_weight = torch.empty_like(weight) if (want_dweight and weight is not None) else None
     grad_bias = torch.empty_like(bias) if (want_dbias and bias is not None) else None
     need_sums = (want_dx and batch_stats) or grad_weight is not None or grad_bias is not None
-    want_elementwise = want_dx or want_dresidual
     count = max(x.numel() // max(x.shape[1], 1), 1)
-    if not kernels or x.numel() == 0:  # the pure-PyTorch steps, and empty batches
-        sums = (backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
-                              negative_slope, grad_weight, grad_bias) if need_sums else None)
-        grad_x, grad_residual = (backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums,
-                                                      1.0 / count, eps, batch_stats, activation, negative_slope,
-                                                      want_dx, want_dresidual) if want_elementwise else (None, None))
-        return grad_x, grad_weight, grad_bias, grad_residual
     with _input_device(x):  # both passes share one layout plan and one set of argument preparations
         x, plan = plan_layout(x)
         grad_y = like_input(grad_y, x)
@@ -692,7 +653,7 @@ def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
         sums = (_sums_launch(grad_y, x, plan, per_channel, residual, grad_weight, grad_bias, eps, batch_stats,
                              activation, negative_slope) if need_sums else None)
         grad_x = grad_residual = None
-        if want_elementwise:
+        if want_dx or want_dresidual:
             grad_x, grad_residual = _dx_launch(grad_y, x, plan, per_channel, residual, sums, 1.0 / count, eps,
                                                batch_stats, activation, negative_slope, want_dx, want_dresidual)
     return grad_x, grad_weight, grad_bias, grad_residual

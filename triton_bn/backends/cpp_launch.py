@@ -3,7 +3,7 @@ from C++, a C++ autograd node whose backward launches the backward kernels.
 
 Python stays the one place that decides. The first call of a kind (shapes, strides, dtypes, alignment,
 which inputs are given and need gradients, flags, stream) runs the Python launchers as always, and this
-module watches it (``launch.watch``): every launch's kernel, grid and arguments. From those and each
+module watches it (``triton_kernels.watch``): every launch's kernel, grid and arguments. From those and each
 compiled kernel's own parameter list it writes a *plan*: per launch the CUfunction, grid, block, shared
 memory and, per kernel parameter, where its value comes from (a tensor slot, a scalar argument of the call,
 a constant). The backward's plan is written the same way, from one watched backward on the same tensors.
@@ -35,13 +35,14 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import build, launch, settings
-from .activations import ACTIVATION_IDS
+from .. import build, settings
+from ..activations import ACTIVATION_IDS
+from . import triton_kernels
 
 ENABLED = settings.flag("TRITON_BN_CPP_LAUNCH")
-STAND_IN = launch.CUDA_DRIVER if launch.STAND_IN else ""  # "record", "null" or "" (the real driver)
+STAND_IN = triton_kernels.CUDA_DRIVER if triton_kernels.STAND_IN else ""  # "record", "null" or "" (the real driver)
 
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cuda")
+CSRC = os.path.join(build.CSRC, "cuda")
 
 # Slots (csrc/cuda/plan.h, enum Slot): every tensor a plan can name
 X, RESIDUAL, WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES, MEAN, STAT, Y, GRAD_Y, GRAD_X, GRAD_RESIDUAL, \
@@ -166,7 +167,7 @@ def serves(x: torch.Tensor) -> bool:
     """Whether the C++ path may take this call: switched on, a kernel dtype on a GPU (or any device under a
     stand-in driver), not empty. (Inside a CUDA graph capture C++ finds no plan, and none is written: the
     Python path serves, with its warm-up rule.)"""
-    return ACTIVE and x.dtype in launch.KERNEL_DTYPES and x.numel() > 0 and (x.is_cuda or _ANY_DEVICE)
+    return ACTIVE and x.dtype in triton_kernels.KERNEL_DTYPES and x.numel() > 0 and (x.is_cuda or _ANY_DEVICE)
 
 
 # -- the calls ------------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def _describe(t) -> tuple:
 
 def _key(kind: str, tensors, flags) -> tuple:
     grad = torch.is_grad_enabled()
-    stream = launch.current_stream(tensors[0].device.index) if tensors[0].is_cuda else 0
+    stream = triton_kernels.current_stream(tensors[0].device.index) if tensors[0].is_cuda else 0
     return (kind, tensors[0].device, stream, grad, flags) + tuple(_describe(t) for t in tensors)
 
 
@@ -286,8 +287,8 @@ def _training_plans(x, weight, bias, residual, running_mean, running_var, num_ba
         # a scratch copy of the running state for the watched call: the real call is the C++ one
         state = {slot: (t.clone() if t is not None else None) for slot, t in inputs.items()
                  if slot in (RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES)}
-        with launch.watch(dry=bool(STAND_IN)) as watched:
-            y, mean, invstd = launch.batch_norm_training(x, state[RUNNING_MEAN], state[RUNNING_VAR],
+        with triton_kernels.watch(dry=bool(STAND_IN)) as watched:
+            y, mean, invstd = triton_kernels.batch_norm_training(x, state[RUNNING_MEAN], state[RUNNING_VAR],
                                                          state[NUM_BATCHES], weight, bias, residual, momentum,
                                                          cumulative, eps, activation, negative_slope)
         if any(_aligned(state[slot]) != _aligned(inputs[slot]) for slot in state if state[slot] is not None):
@@ -305,8 +306,9 @@ def _apply_plans(x, mean, stat, weight, bias, residual, eps, activation, negativ
     inputs = {X: x, MEAN: mean, STAT: stat, WEIGHT: weight, BIAS: bias, RESIDUAL: residual}
     try:
         _require_dense(x, residual, (mean, stat, weight, bias))
-        with launch.watch(dry=bool(STAND_IN)) as watched:
-            y = launch.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, False, activation, negative_slope)
+        with triton_kernels.watch(dry=bool(STAND_IN)) as watched:
+            y = triton_kernels.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, False, activation,
+                                                negative_slope)
         forward = _write(watched, {**inputs, Y: y}, {Y: LIKE_X}, expectations=inputs, device=x.device)
         backward = _backward_plan(x, mean, stat, weight, bias, residual, eps, False, activation, negative_slope)
     except PlanUnsupported:
@@ -328,8 +330,8 @@ def _backward_plan(x, mean, stat, weight, bias, residual, eps, batch_stats, acti
     if not STAND_IN:
         grad_y.zero_()
     kept = residual if activation != 0 else None  # what the node saves
-    with launch.watch(dry=bool(STAND_IN)) as watched:
-        grads = launch.batch_norm_backward(grad_y, x.detach(), mean, stat, weight, bias, kept, eps, batch_stats,
+    with triton_kernels.watch(dry=bool(STAND_IN)) as watched:
+        grads = triton_kernels.batch_norm_backward(grad_y, x.detach(), mean, stat, weight, bias, kept, eps, batch_stats,
                                            activation, negative_slope, mask)
     outputs = {GRAD_X: LIKE_X, GRAD_WEIGHT: LIKE_WEIGHT, GRAD_BIAS: LIKE_BIAS, GRAD_RESIDUAL: LIKE_X}
     known = {X: x, MEAN: mean, STAT: stat, WEIGHT: weight, BIAS: bias, RESIDUAL: kept, GRAD_Y: grad_y}
@@ -343,7 +345,7 @@ def _backward_plan(x, mean, stat, weight, bias, residual, eps, batch_stats, acti
 def _require_dense(x, residual, per_channel) -> None:
     """The C++ path takes tensors the launchers use as they are: x in one of the two layout families, a
     residual with x's strides, per-channel vectors with stride 1 (anything else is copied by Python)."""
-    if launch.plan_layout(x)[0] is not x:
+    if triton_kernels.plan_layout(x)[0] is not x:
         raise PlanUnsupported("x needs a copy into a layout family")
     if residual is not None and residual.stride() != x.stride() and residual.numel() > 1:
         raise PlanUnsupported("the residual needs x's strides")
@@ -369,7 +371,7 @@ def _write(watched, known: dict, outputs: dict, expectations: dict, device, requ
     persistent: List[torch.Tensor] = []
     scratch: Dict[int, Tuple[int, int]] = {}  # data_ptr -> (slot, numel)
     by_pointer = {t.data_ptr(): slot for slot, t in known.items() if t is not None}
-    standing = {t.data_ptr(): t for t in launch.standing_buffers()}
+    standing = {t.data_ptr(): t for t in triton_kernels.standing_buffers()}
 
     def slot_of(t: torch.Tensor) -> int:
         pointer = t.data_ptr()
@@ -448,7 +450,7 @@ def compiled_variant(kernel, grid, args, kwargs, device) -> Compiled:
     """The variant Triton runs for these arguments: on a GPU the one its launch compiled and loaded (found
     again with ``warmup``); under a stand-in driver compiled for sm_90 on the CPU, specialised by Triton's
     own binder for these arguments."""
-    key = (kernel, launch.argument_signature(args), tuple(sorted(kwargs.items())))
+    key = (kernel, triton_kernels.argument_signature(args), tuple(sorted(kwargs.items())))
     found = _COMPILED.get(key)
     if found is None:
         if getattr(device, "type", "cpu") == "cuda":

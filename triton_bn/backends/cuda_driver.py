@@ -1,4 +1,4 @@
-"""The driver behind the C++ launch path (``plans.py``, ``csrc/cuda/``), and its stand-ins.
+"""The driver behind the C++ launch path (``cpp_launch.py``, ``csrc/cuda/``), and its stand-ins.
 
 ``TRITON_BN_CUDA_DRIVER`` (read at import): unset or ``real``, the CUDA driver (launches on the GPU);
 ``record``, CPU tensors take the C++ path and every launch is recorded instead of made; ``null``, nothing is
@@ -14,7 +14,7 @@ is computed: outputs hold whatever their memory held.
 import json
 from typing import List, NamedTuple, Tuple, Union
 
-from . import plans
+from . import cpp_launch
 
 
 class Launch(NamedTuple):
@@ -27,11 +27,11 @@ class Launch(NamedTuple):
 
 def mode() -> str:
     """"real", "record" or "null"."""
-    return plans.STAND_IN or "real"
+    return cpp_launch.STAND_IN or "real"
 
 
 def _ops():
-    ops = plans.ops()
+    ops = cpp_launch.ops()
     if ops is None:
         raise RuntimeError("triton_bn: the C++ launch path is not built here (see the warning)")
     return ops
