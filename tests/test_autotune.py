@@ -46,10 +46,10 @@ def test_tuning_updates_running_statistics_once_and_never_writes_the_input(cpu_t
     y.sum().backward()
     assert len(tuner.report) > 2, "tuning should have benchmarked several configurations"
     keys = {row["key"] for row in tuner.report}
-    assert {k.split("|")[0] for k in keys} == {f"channels_first.{kind}" for kind in autotune.KINDS}
+    assert {k.split("|")[0] for k in keys} == {f"channels_first.{role}" for role in autotune.ROLES}
     # 5x5 planes are not 16-byte aligned: the reductions try every split count, unpipelined
     reductions = {(row["programs_per_sm"], row["num_stages"]) for row in tuner.report
-                  if row["key"].split("|")[0].split(".")[1] in autotune.REDUCTION_KINDS}
+                  if row["key"].split("|")[0].split(".")[1] in autotune.REDUCTION_ROLES}
     assert reductions == {(2, 1), (4, 1), (8, 1)}
     assert {row["flat"] for row in tuner.report} == {False, True}  # both channels-first tilings measured
     assert torch.equal(x.detach(), x_before)
@@ -138,10 +138,10 @@ def test_reductions_pipeline_only_vector_aligned_loads(shape, fmt, aligned):
     family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
     assert autotune.vector_aligned(family, plan) == aligned
     for element_size in (2, 4):
-        for kind in autotune.REDUCTION_KINDS:
-            assert autotune.heuristic_config(family, kind, plan, element_size).num_stages == (3 if aligned else 1)
-        for kind in autotune.ELEMENTWISE_KINDS:
-            assert autotune.heuristic_config(family, kind, plan, element_size).num_stages == 3
+        for role in autotune.REDUCTION_ROLES:
+            assert autotune.heuristic_config(family, role, plan, element_size).num_stages == (3 if aligned else 1)
+        for role in autotune.ELEMENTWISE_ROLES:
+            assert autotune.heuristic_config(family, role, plan, element_size).num_stages == 3
 
 
 def test_channels_last_statistics_tile_is_narrow_in_every_dtype():
@@ -152,8 +152,8 @@ def test_channels_last_statistics_tile_is_narrow_in_every_dtype():
     for element_size in (2, 4):
         stats = autotune.heuristic_config("channels_last", "stats", plan, element_size)
         assert (stats.block_a, stats.block_b) == (128, 32)
-        for kind in ("apply", "bwd_reduce", "bwd_dx"):
-            cfg = autotune.heuristic_config("channels_last", kind, plan, element_size)
+        for role in ("apply", "bwd_reduce", "bwd_dx"):
+            cfg = autotune.heuristic_config("channels_last", role, plan, element_size)
             assert cfg.block_b * element_size >= 128 and cfg.block_a * cfg.block_b == 4096
 
 
@@ -163,10 +163,10 @@ def test_candidates_pipeline_only_vector_aligned_reductions():
     from triton_bn.layout import plan_layout
     _, aligned = plan_layout(torch.empty(8, 32, 28, 28))
     _, unaligned = plan_layout(torch.empty(8, 32, 7, 7))
-    for kind in autotune.REDUCTION_KINDS:
-        wide = autotune.candidate_configs("channels_first", kind, aligned)
+    for role in autotune.REDUCTION_ROLES:
+        wide = autotune.candidate_configs("channels_first", role, aligned)
         assert {(c.programs_per_sm, c.num_stages) for c in wide} == {(4, 3)} | set(autotune.REDUCTION_VARIANTS)
-        narrow = autotune.candidate_configs("channels_first", kind, unaligned)
+        narrow = autotune.candidate_configs("channels_first", role, unaligned)
         assert {(c.programs_per_sm, c.num_stages) for c in narrow} == {(2, 1), (4, 1), (8, 1)}
         tiles = lambda configs: {(c.block_a, c.block_b, c.flat) for c in configs}  # noqa: E731
         assert tiles(narrow) == tiles(autotune.candidate_configs("channels_first", "apply", unaligned))
@@ -195,7 +195,7 @@ def test_tuning_copies_the_running_buffers_once_per_key(cpu_tuning, monkeypatch)
 
 @pytest.mark.parametrize("name", ["channels_first.reduce", "channels_lst", "channels_last.", "channels_last.stats.x"])
 def test_forced_config_refuses_a_name_that_forces_nothing(name):
-    """A name that is no family and no '<family>.<kind>' raises, instead of forcing nothing (the docstring's
+    """A name that is no family and no '<family>.<role>' raises, instead of forcing nothing (the docstring's
     own example, "channels_first.reduce", was such a name); the names it takes force the kernel they name."""
     with pytest.raises(ValueError, match="names no family"):
         with forced_config(name, TileConfig(1, 16)):

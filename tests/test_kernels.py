@@ -17,7 +17,7 @@ import triton.language as tl
 import triton_bn
 from triton_bn.backends import triton_kernels
 from triton_bn.autotune import TileConfig, forced_config, heuristic_config, merge_block, tuner, tuning_key
-from triton_bn.kernels.welford import merge_split_moments
+from triton_bn.kernels.merge import merge_split_moments
 from triton_bn.layout import ChannelsFirstPlan, ChannelsLastPlan
 from triton_bn.occupancy import H100_LIMITS, resident_programs
 
@@ -75,9 +75,9 @@ def test_grids_stay_within_axis_limits_for_huge_channel_counts():
     cpu = torch.device("cpu")
     for channels in (2 ** 22, 3 * 2 ** 20 + 5):
         plan = ChannelsLastPlan(rows=8, channels=channels, row_stride=channels)
-        for kind in ("stats", "apply"):
-            cfg = heuristic_config("channels_last", kind, plan, 2)
-            grid = (triton_kernels._reduction_grid(plan, cfg, cpu, cfg.programs_per_sm)[1] if kind == "stats"
+        for role in ("stats", "apply"):
+            cfg = heuristic_config("channels_last", role, plan, 2)
+            grid = (triton_kernels._reduction_grid(plan, cfg, cpu, cfg.programs_per_sm)[1] if role == "stats"
                     else triton_kernels._elementwise_grid(plan, cfg)[0])
             assert grid[0] < 2 ** 31 and all(axis <= triton_kernels.GRID_AXIS_LIMIT for axis in grid[1:]), grid
         first = ChannelsFirstPlan(batch=2, channels=channels, spatial=3, batch_stride=3 * channels, channel_stride=3)

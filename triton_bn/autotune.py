@@ -146,9 +146,9 @@ def _declared(family: str) -> List[TileConfig]:
 
 LAYOUT_FAMILIES = ("channels_last", "channels_first")  # the kernels' two layout families (kernels/)
 DECLARED_CONFIGS: Dict[str, List[TileConfig]] = {family: _declared(family) for family in LAYOUT_FAMILIES}
-REDUCTION_KINDS = ("stats", "bwd_reduce")
-ELEMENTWISE_KINDS = ("apply", "bwd_dx")
-KINDS = REDUCTION_KINDS + ELEMENTWISE_KINDS
+REDUCTION_ROLES = ("stats", "bwd_reduce")
+ELEMENTWISE_ROLES = ("apply", "bwd_dx")
+ROLES = REDUCTION_ROLES + ELEMENTWISE_ROLES
 # Reductions also try other split counts and pipelining depths (a runtime argument; a recompile).
 # (programs_per_sm, num_stages), besides the default (4, 3); num_stages=1 is the loop without pipelining
 REDUCTION_VARIANTS = ((2, 3), (8, 3), (4, 2), (4, 1))
@@ -161,7 +161,7 @@ def problem_extent(family: str, plan) -> Tuple[int, int]:
     return plan.batch, plan.spatial
 
 
-def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
+def candidate_configs(family: str, role: str, plan) -> List[TileConfig]:
     """The declared tiles, each dimension clamped to the problem (a tile much larger than the problem
     only masks lanes off), duplicates removed, never empty; for reductions, each tile also with the
     split-count and pipelining variants of ``REDUCTION_VARIANTS`` (where the loads are not 16-byte
@@ -180,7 +180,7 @@ def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
         candidate = TileConfig(a, b, _warps(a * b), flat=cfg.flat)
         if candidate not in clamped:
             clamped.append(candidate)
-    if kind in REDUCTION_KINDS:
+    if role in REDUCTION_ROLES:
         if vector_aligned(family, plan):
             clamped += [TileConfig(c.block_a, c.block_b, c.num_warps, stages, per_sm, c.flat)
                         for c in list(clamped) for per_sm, stages in REDUCTION_VARIANTS]
@@ -191,7 +191,7 @@ def candidate_configs(family: str, kind: str, plan) -> List[TileConfig]:
 
 
 @functools.lru_cache(maxsize=4096)
-def heuristic_config(family: str, kind: str, plan, element_size: int) -> TileConfig:
+def heuristic_config(family: str, role: str, plan, element_size: int) -> TileConfig:
     """A good tile without benchmarking: about 4096 elements (16 KiB of fp32) per tile.
 
     Channels-last tiles: the statistics take 32 channels x 128 rows in every dtype; the other kernels
@@ -204,12 +204,12 @@ def heuristic_config(family: str, kind: str, plan, element_size: int) -> TileCon
     shared-memory read back, which ran 1.8-6x slower than the plain loop on 7x7 and 14x14 NCHW planes."""
     extent_a, extent_b = problem_extent(family, plan)
     if family == "channels_last":
-        widest = 32 if kind == "stats" else (64 if element_size >= 4 else 128)
+        widest = 32 if role == "stats" else (64 if element_size >= 4 else 128)
         block_b = max(16, min(next_power_of_2(max(extent_b, 1)), widest))
     else:
         block_b = max(16, min(next_power_of_2(max(extent_b, 1)), 2048))
     block_a = max(1, min(4096 // block_b, next_power_of_2(max(extent_a, 1))))
-    stages = 3 if kind not in REDUCTION_KINDS or vector_aligned(family, plan) else 1
+    stages = 3 if role not in REDUCTION_ROLES or vector_aligned(family, plan) else 1
     return TileConfig(block_a, block_b, _warps(block_a * block_b), num_stages=stages)
 
 
@@ -243,12 +243,12 @@ def split_count(work_items: int, parallel_programs: int, device: torch.device,
     return max(1, min(work_items, cdiv(target, max(parallel_programs, 1))))
 
 
-def tuning_key(family: str, kind: str, plan, dtype: torch.dtype) -> str:
+def tuning_key(family: str, role: str, plan, dtype: torch.dtype) -> str:
     if family == "channels_last":
         shape = f"C={plan.channels},rows~{next_power_of_2(max(plan.rows, 1))}"
     else:
         shape = f"C={plan.channels},S={plan.spatial},N~{next_power_of_2(max(plan.batch, 1))}"
-    return f"{family}.{kind}|{str(dtype).replace('torch.', '')}|{shape}"
+    return f"{family}.{role}|{str(dtype).replace('torch.', '')}|{shape}"
 
 
 def _default_benchmark(run: Callable[[], None]) -> float:
@@ -296,22 +296,22 @@ class Tuner:
             return False
         return self._tune_on_cpu if device.type != "cuda" else not INTERPRET
 
-    def select(self, family: str, kind: str, plan, x: torch.Tensor,
+    def select(self, family: str, role: str, plan, x: torch.Tensor,
                run: Callable[[TileConfig], None]) -> TileConfig:
         """The configuration for this problem. ``run(config)`` launches the tuned kernel once with
         that configuration; it is called only while benchmarking. (Launchers ask once per call site and
         generation: they remember the answer in their call plans.)"""
-        forced = self._forced.get(f"{family}.{kind}") or self._forced.get(family)
+        forced = self._forced.get(f"{family}.{role}") or self._forced.get(family)
         if forced is not None:
             return forced
-        heuristic = heuristic_config(family, kind, plan, x.element_size())
+        heuristic = heuristic_config(family, role, plan, x.element_size())
         if not self.enabled(x.device):
             return heuristic
-        key = tuning_key(family, kind, plan, x.dtype)
+        key = tuning_key(family, role, plan, x.dtype)
         with self._lock:  # one thread tunes a key; the others wait for its answer instead of re-tuning
-            return self._select_tuned(family, kind, plan, x, run, key, heuristic)
+            return self._select_tuned(family, role, plan, x, run, key, heuristic)
 
-    def _select_tuned(self, family, kind, plan, x, run, key, heuristic) -> TileConfig:
+    def _select_tuned(self, family, role, plan, x, run, key, heuristic) -> TileConfig:
         self._load_disk(x.device)
         if key not in self.memory:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -319,7 +319,7 @@ class Tuner:
                     f"triton_bn: {key} is seen for the first time inside a CUDA graph capture, where it can not "
                     "be autotuned (or compiled and loaded). Warm up first: run the same step once (forward and "
                     "backward) before capturing.")
-            candidates = self._shortlist(candidate_configs(family, kind, plan), heuristic)
+            candidates = self._shortlist(candidate_configs(family, role, plan), heuristic)
             self.memory[key] = self._benchmark(key, candidates, run)
             self._save_disk(x.device)
         # the key groups batch sizes by power of two: a choice made for one may not fit another
@@ -413,12 +413,12 @@ tuner = Tuner()
 @contextlib.contextmanager
 def forced_config(name: str, config: TileConfig):
     """Test hook: use ``config`` for ``name`` (a family such as "channels_last", or one kernel of a family,
-    "<family>.<kind>" with a kind of ``KINDS``, such as "channels_first.bwd_reduce") while the block runs.
+    "<family>.<role>" with a role of ``ROLES``, such as "channels_first.bwd_reduce") while the block runs.
     A name that is neither raises ValueError (it would otherwise force nothing, silently)."""
-    family, dot, kind = name.partition(".")
-    if family not in LAYOUT_FAMILIES or (dot and kind not in KINDS):
+    family, dot, role = name.partition(".")
+    if family not in LAYOUT_FAMILIES or (dot and role not in ROLES):
         raise ValueError(f"forced_config: {name!r} names no family ({', '.join(LAYOUT_FAMILIES)}) or "
-                         f"'<family>.<kind>' with a kind of {', '.join(KINDS)}")
+                         f"'<family>.<role>' with a role of {', '.join(ROLES)}")
     previous = tuner._forced.get(name)
     tuner._forced[name] = config
     tuner.changed()

@@ -136,7 +136,7 @@ _COUNTERS_LOCK = threading.Lock()
 
 
 def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per channel block of a reduction (welford.last_to_arrive). Kernels on
+    """Zeroed int32 counters, one per channel block of a reduction (merge.last_to_arrive). Kernels on
     one stream run one after another and each resets what it used, so one buffer per stream serves every
     call; two streams never share one. Inside a CUDA graph capture the buffer is allocated (and its
     zeroing captured) for that call alone: a buffer from the graph's private memory must not be kept."""

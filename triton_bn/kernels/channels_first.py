@@ -8,21 +8,21 @@ a plane. The tiles of a channel are numbered t = n_block * num_s_blocks + s_bloc
 mode, t = j // (BLOCK_N * BLOCK_S) over the flattened index j = n * S + s (see ``_tile_offsets``).
 
     _bn_fwd_stats_channels_first   grid (C * splits): shifted sums over a range of tiles; the last
-                                   program of each channel merges its splits (welford.py)
+                                   program of each channel merges its splits (merge.py)
     _bn_fwd_apply_channels_first   grid (C * tiles); in training its program 0 also counts the batch
                                    (num_batches_tracked += 1, common.count_batch)
     _bn_bwd_reduce_channels_first  grid (C * splits), merged likewise
     _bn_bwd_dx_channels_first      grid (C * tiles)
 Grids are 1-D (axis 0 allows 2^31 - 1 programs; axes 1 and 2 only 65535, which C could pass).
 The partials are laid out [splits, C] exactly as in the channels-last family, so both share the
-merge of ``welford.py``.
+merge of ``merge.py``.
 """
 import triton
 import triton.language as tl
 
 from .common import (count_batch, finite_or_zero, load_channel_coefficients, load_grad_pre_activation, normalize_tile,
                      shifted_moments)
-from .welford import finish_backward_sums, finish_statistics, last_to_arrive
+from .merge import finish_backward_sums, finish_statistics, last_to_arrive
 
 
 @triton.jit
@@ -53,8 +53,8 @@ def _tile_offsets(tile, channel, N, S, stride_n, stride_c, num_s_blocks,
 def _bn_fwd_stats_channels_first(
     x_ptr,  # [N, C, S] input, strides (stride_n, stride_c, 1)
     partials_ptr,  # [3, num_splits, C] fp32 scratch: (count, mean - pivot, M2) per split and channel
-    counter_ptr,  # [>= C] int32, zero at launch and left zero (welford.last_to_arrive)
-    save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,  # outputs, see welford.finish_statistics
+    counter_ptr,  # [>= C] int32, zero at launch and left zero (merge.last_to_arrive)
+    save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,  # outputs, see merge.finish_statistics
     running_mean_ptr, running_var_ptr, num_batches_ptr,
     N, C, S, stride_n, stride_c,
     num_s_blocks, num_tiles, num_splits, tiles_per_split,

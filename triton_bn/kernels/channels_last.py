@@ -17,7 +17,7 @@ Backward (z is the pre-activation, recomputed; xhat = (x - mean) * invstd):
 Kernels, in launch order (two per training pass):
     _bn_fwd_stats_channels_last   grid (C blocks, splits): shifted sums per lane over a row range,
                                   reduced to one (count, mean, M2) per channel and split; the last
-                                  program of each channel block merges the splits (welford.py)
+                                  program of each channel block merges the splits (merge.py)
     _bn_fwd_apply_channels_last   1-D grid over (R blocks x C blocks): normalise + affine + epilogue;
                                   in training program 0 also counts the batch (common.count_batch)
     _bn_bwd_reduce_channels_last  grid (C blocks, splits): sums of dz and dz * xhat, merged likewise
@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .common import (count_batch, finite_or_zero, load_channel_coefficients, load_grad_pre_activation, normalize_tile,
                      shifted_moments)
-from .welford import finish_backward_sums, finish_statistics, last_to_arrive
+from .merge import finish_backward_sums, finish_statistics, last_to_arrive
 
 
 @triton.jit
@@ -48,8 +48,8 @@ def _elementwise_tile(C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 def _bn_fwd_stats_channels_last(
     x_ptr,  # [R, C] input, row stride stride_r, channel stride 1
     partials_ptr,  # [3, num_splits, C] fp32 scratch: (count, mean - pivot, M2) per split and channel
-    counter_ptr,  # [>= channel blocks] int32, zero at launch and left zero (welford.last_to_arrive)
-    save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,  # outputs, see welford.finish_statistics
+    counter_ptr,  # [>= channel blocks] int32, zero at launch and left zero (merge.last_to_arrive)
+    save_mean_ptr, save_invstd_ptr, save_count_ptr, save_m2_ptr,  # outputs, see merge.finish_statistics
     running_mean_ptr, running_var_ptr, num_batches_ptr,
     R, C, stride_r,
     rows_per_split,  # a multiple of BLOCK_R
@@ -59,7 +59,7 @@ def _bn_fwd_stats_channels_last(
 ):
     """Shifted sums over one split's rows (see common.shifted_moments): the split's first tile gives
     each channel's shift, then every element costs a subtract, an add and a fused multiply-add. The last
-    program of each channel block merges the splits and finalizes (welford.finish_statistics)."""
+    program of each channel block merges the splits and finalizes (merge.finish_statistics)."""
     channel_block = tl.program_id(0)
     split = tl.program_id(1)
     cols = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -66,7 +66,7 @@ def load_channel_coefficients(
 def count_batch(num_batches_ptr, COUNT_BATCH: tl.constexpr):
     """num_batches_tracked += 1 (COUNT_BATCH), by program 0 of a training forward's normalization launch.
     The statistics launch before it on the stream has already read the count (a cumulative average weighs
-    the batch 1 / (count + 1): welford.finish_statistics) and nothing else reads it, so one plain store is
+    the batch 1 / (count + 1): merge.finish_statistics) and nothing else reads it, so one plain store is
     safe, and a training forward needs no separate increment kernel of its own."""
     if COUNT_BATCH:
         if tl.program_id(0) == 0:
