@@ -229,6 +229,60 @@ def test_model_bench_end_to_end_on_cpu(tmp_path):
     assert refused.returncode != 0 and "--steps must be at least 1" in refused.stderr
 
 
+def test_model_bench_several_models_with_eval_and_folding(tmp_path):
+    """``--model tiny,yolo_backbone --eval``: per model the training steps and the inference forwards of the
+    original, the converted and the folded model, each loss the original's (fp32), and the geometric mean per
+    variant over the models; an unknown name is refused before anything runs."""
+    out = tmp_path / "models"
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--model", "tiny,yolo_backbone", "--eval",
+                           "--precisions", "fp32", "--steps", "1", "--batch", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    frame = pd.read_csv(out / "model.csv")
+    variants = ["original", "converted", "eval original", "eval converted", "eval folded"]
+    assert list(frame["model"]) == ["tiny"] * 5 + ["yolo_backbone"] * 5 and list(frame["variant"]) == variants * 2
+    assert (frame["loss_rel_diff"] < 1e-5).all(), frame[["model", "variant", "loss_rel_diff"]]
+    yolo = frame[(frame["model"] == "yolo_backbone") & (frame["variant"] == "converted")].iloc[0]
+    assert yolo["fusion"] == "25 BN+act, 0 BN+add+act, 0 plain"  # every BN of the Conv-BN-SiLU blocks
+    text = (out / "model.md").read_text()
+    for variant in ("converted", "eval converted", "eval folded"):
+        assert f"| fp32 | {variant} | 2 |" in text, variant  # the summary row over both models
+    refused = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--model", "tiny,resnet5", "--out",
+                              str(tmp_path / "refused")], capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "unknown model resnet5" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+
+def test_hugging_face_models_of_the_bench_convert_exactly():
+    """The bench's Hugging Face models (built from their configurations, no download), converted and folded,
+    compute the original's logits in float64 (training and eval), and fuse what their traceable forwards
+    allow."""
+    pytest.importorskip("transformers")
+    import copy
+    import warnings
+    import torch
+    import triton_bn
+    from triton_bn.bench.model import MODELS
+    fused = {}
+    for name in ("hf_resnet50", "hf_mobilenet_v2", "hf_efficientnet_b0", "hf_mobilevit_s"):
+        torch.manual_seed(0)
+        original = MODELS[name][0]().double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the notes of forwards fx can not trace
+            converted = triton_bn.convert_model(copy.deepcopy(original))
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        for training in (True, False):
+            original.train(training), converted.train(training)
+            torch.manual_seed(1)  # the same dropout masks (MobileNetV2's and EfficientNet's classifiers)
+            expected = original(x)
+            torch.manual_seed(1)
+            torch.testing.assert_close(converted(x), expected, atol=1e-10, rtol=1e-10, msg=name)
+        folded = triton_bn.fold_batch_norms(original.eval())
+        torch.testing.assert_close(folded(x), original(x), atol=1e-10, rtol=1e-10, msg=name)
+        fused[name] = converted.fusion_report.activation + converted.fusion_report.residual
+    assert fused["hf_resnet50"] > 0 and fused["hf_efficientnet_b0"] > 0 and fused["hf_mobilevit_s"] > 0, fused
+
+
 def test_model_bench_hands_over_its_rows_after_each_precision():
     """A model run cut short by a time limit (the GPU check's) keeps the precisions it finished: the rows so
     far go to ``measured`` after each one, and the CLI writes them."""

@@ -9,7 +9,8 @@ tracing or an exporter recording, and the settings (read once, ``settings.py``).
 2. torch.compile tracing: the custom ops of ``ops.py`` (statistics, then a differentiable apply), each of which
    asks ``backend_for`` when it runs;
 3. the C++ launch path (``TRITON_BN_CPP_LAUNCH=1``, GPU tensors, a plan for this kind of call): one C++ call
-   (``backends/cpp_launch.py``);
+   (``backends/cpp_launch.py``; a call like one it already served is taken by ``functional.batch_norm`` even
+   before the checks, since C++ makes its own);
 4. otherwise the backend ``backend_for`` picks, called directly where nothing needs a gradient, else through
    the autograd formula (``autograd.py``), or, on the native CPU kernels, their C++ autograd node.
 
@@ -22,7 +23,7 @@ tracing or an exporter recording, and the settings (read once, ``settings.py``).
     PyTorch's kernels    everything else: other strides, float64 on a GPU, no compiler
                                                                          backends/pytorch_kernels.py
 So a CPU fp32 channels_last training call with ReLU and a gradient, without the interpreter, runs the
-native kernels through their C++ autograd node (``training``, below); with ``TRITON_INTERPRET=1`` the Triton
+native kernels through their C++ autograd node (``training_forward``, below); with ``TRITON_INTERPRET=1`` the Triton
 kernels through ``autograd.TrainingBatchNormFunction``.
 """
 import functools

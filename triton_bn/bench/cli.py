@@ -21,6 +21,7 @@ from typing import Optional
 
 def _parse(argv):
     from . import cases as C
+    from .model import MODELS
     from .. import __version__
     parser = argparse.ArgumentParser(prog="triton-bn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,9 +51,13 @@ def _parse(argv):
                             "or ~/triton_bn-results; an earlier run is never overwritten)")
     bench.add_argument("--tune-candidates", type=int, default=None,
                        help="autotune at most this many configurations per kernel key (default: all; --quick: 4)")
-    bench.add_argument("--model", default=None, choices=["resnet50", "efficientnet_b0", "mobilenet_v3_large", "tiny"],
-                       help="time whole training steps of this model (original vs converted) instead of layers "
-                            "(the first three need torchvision)")
+    bench.add_argument("--model", default=None,
+                       help=f"time whole training steps of these models (comma-separated, of: {', '.join(MODELS)}), "
+                            "original vs converted, instead of layers (resnet50, efficientnet_b0 and "
+                            "mobilenet_v3_large need torchvision, hf_* need transformers)")
+    bench.add_argument("--eval", action="store_true",
+                       help="--model: also time the inference forward (no_grad) of the original, the converted and "
+                            "the folded model (fold_batch_norms)")
     bench.add_argument("--precisions", default="bf16,fp32",
                        help="--model: comma-separated, bf16 (autocast, channels_last) and/or fp32 (NCHW)")
     bench.add_argument("--batch", type=int, default=None, help="--model: batch size (default: the model's)")
@@ -133,13 +138,18 @@ def run_model(args) -> int:
     """``--model``: whole training steps; writes model.csv and model.md."""
     import torch
     import pandas as pd
-    from .model import ROUNDS, model_markdown, run_model_bench
+    from .model import MODELS, ROUNDS, model_markdown, run_model_bench
     from ..autotune import tuner
     on_gpu = _uses_gpu(args)
     device = "cuda" if on_gpu else "cpu"
     precisions = [p for p in args.precisions.split(",") if p]
+    names = [name for name in args.model.split(",") if name]
+    unknown = [name for name in names if name not in MODELS]
+    if unknown or not names:
+        raise SystemExit(f"triton-bn bench --model: unknown model {', '.join(unknown) or repr(args.model)}; "
+                         f"expected comma-separated names of: {', '.join(MODELS)}")
     mode = "gpu" if on_gpu else ("interpreter" if args.interpreter else "cpu")
-    if mode == "interpreter" and args.model != "tiny":
+    if mode == "interpreter" and names != ["tiny"]:
         raise SystemExit("triton-bn bench --model --interpreter: only --model tiny is practical")
     if args.steps < 1:
         raise SystemExit(f"triton-bn bench --model: --steps must be at least 1, got {args.steps}")
@@ -152,7 +162,9 @@ def run_model(args) -> int:
     out = results_folder(args.out, _safe(gpu_name) + "-model")
     header = (f"# triton-bn bench --model {args.model}: {gpu_name}, {stamp}\n\n"
               f"torch {torch.__version__}, triton {__import__('triton').__version__}; a step = forward, "
-              f"cross-entropy, backward, SGD; median of {args.steps} steps after two warm-up steps, the variants "
+              f"cross-entropy, backward, SGD"
+              f"{' (eval: the forward and its loss under no_grad)' if args.eval else ''}; "
+              f"median of {args.steps} steps after two warm-up steps, the variants "
               f"taking turns in {ROUNDS} rounds; host ms = until the step's Python returned; triton_bn "
               f"autotuning {'on' if tuner.autotune else 'off (heuristic tiles)'}."
               + _mode_note(mode))
@@ -162,9 +174,11 @@ def run_model(args) -> int:
         text = model_markdown(rows, header)
         (out / "model.md").write_text(text)
         return text
-    rows = run_model_bench(args.model, precisions, args.batch, args.steps, args.compile, device,
-                           progress=lambda text: print(text, file=sys.stderr, flush=True), measured=write,
-                           graphs=args.graphs)
+    rows = []
+    for name in names:
+        rows += run_model_bench(name, precisions, args.batch, args.steps, args.compile, device,
+                                progress=lambda text: print(text, file=sys.stderr, flush=True),
+                                measured=lambda done: write(rows + done), graphs=args.graphs, eval_too=args.eval)
     print(write(rows))
     print(f"wrote {out}/model.csv and model.md")
     return 0

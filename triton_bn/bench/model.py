@@ -17,12 +17,16 @@ the time until ``step()`` returns, before waiting for the GPU: where it is close
 step is host-bound (Python, autograd, launches), and its time follows the host's speed from one process
 to the next.
 
-Models: ``resnet50`` (torchvision's, batch 128 at 224x224 by default), ``efficientnet_b0`` and
+Models (``MODELS``): ``resnet50`` (torchvision's, batch 128 at 224x224 by default), ``efficientnet_b0`` and
 ``mobilenet_v3_large`` (torchvision's: depthwise convolutions, SiLU / hardswish, squeeze-excitation; other BN
-shapes than ResNet-50's) and ``tiny`` (a small ResNet-like network built here, for machines without
-torchvision or a GPU).
+shapes than ResNet-50's); Hugging Face transformers' ResNet-50, MobileNetV2, EfficientNet-B0 and MobileViT-S
+built from their configurations (``hf_*``: where torchvision does not import, as beside the CPU build of
+torch); ``yolo_backbone`` (Ultralytics' Conv-BN-SiLU and C2f blocks, written here) and ``tiny`` (a small
+ResNet-like network built here, for the interpreter). Several models, comma-separated, run one after the
+other into one table, with each variant's geometric mean over them (``model_summary``).
 """
 import copy
+import math
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -63,11 +67,101 @@ class TinyResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-# name -> (builder, default batch, image side, classes)
+class ConvBnSiLU(nn.Module):
+    """Ultralytics' ``Conv``: convolution, BatchNorm2d, SiLU (its ``default_act``, an ``nn.SiLU`` instance)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class _YoloBottleneck(nn.Module):
+    """Ultralytics' ``Bottleneck``: two Conv blocks and a shortcut add (after the second block's SiLU)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.cv1 = ConvBnSiLU(channels, channels)
+        self.cv2 = ConvBnSiLU(channels, channels)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class _YoloC2f(nn.Module):
+    """Ultralytics' ``C2f``: a 1x1 Conv split in two, bottlenecks on one half, every output concatenated and
+    mixed by a last 1x1 Conv."""
+
+    def __init__(self, cin: int, cout: int, blocks: int):
+        super().__init__()
+        self.hidden = cout // 2
+        self.cv1 = ConvBnSiLU(cin, 2 * self.hidden, 1)
+        self.cv2 = ConvBnSiLU((2 + blocks) * self.hidden, cout, 1)
+        self.m = nn.ModuleList(_YoloBottleneck(self.hidden) for _ in range(blocks))
+
+    def forward(self, x):
+        parts = list(self.cv1(x).chunk(2, 1))
+        parts.extend(block(parts[-1]) for block in self.m)
+        return self.cv2(torch.cat(parts, 1))
+
+
+class YoloBackbone(nn.Module):
+    """A YOLOv8-n-like backbone (Conv-BN-SiLU stem and stride-2 convolutions, C2f stages) with a pooled linear
+    classification head, as Ultralytics' classification models put one on it: every BN feeds a SiLU."""
+
+    def __init__(self, classes: int = 1000, width: int = 16):
+        super().__init__()
+        w = width
+        self.layers = nn.Sequential(ConvBnSiLU(3, w, 3, 2), ConvBnSiLU(w, 2 * w, 3, 2), _YoloC2f(2 * w, 2 * w, 1),
+                                    ConvBnSiLU(2 * w, 4 * w, 3, 2), _YoloC2f(4 * w, 4 * w, 2),
+                                    ConvBnSiLU(4 * w, 8 * w, 3, 2), _YoloC2f(8 * w, 8 * w, 2),
+                                    ConvBnSiLU(8 * w, 16 * w, 3, 2), _YoloC2f(16 * w, 16 * w, 1))
+        self.head = nn.Linear(16 * w, classes)
+
+    def forward(self, x):
+        return self.head(self.layers(x).mean((2, 3)))
+
+
+class HuggingFaceLogits(nn.Module):
+    """A Hugging Face image classifier as a module from images to logits (its forward returns an output
+    object)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model(pixel_values=images).logits
+
+
+def hugging_face(config_name: str, model_name: str, **config) -> Callable[[], nn.Module]:
+    """A builder of Hugging Face transformers' ``model_name`` from its ``config_name`` (no download: the
+    weights are the random initialisation), 1000 classes."""
+    def build():
+        import transformers
+        configuration = getattr(transformers, config_name)(num_labels=1000, **config)
+        return HuggingFaceLogits(getattr(transformers, model_name)(configuration))
+    return build
+
+
+# name -> (builder, default batch, image side, classes). torchvision's where it imports; Hugging Face
+# transformers' from their configurations (``pip install transformers``: it installs beside the CPU build of
+# torch, where torchvision does not import); the YOLO-like backbone and ``tiny``, built here.
 MODELS: Dict[str, tuple] = {
     "resnet50": (lambda: __import__("torchvision").models.resnet50(), 128, 224, 1000),
     "efficientnet_b0": (lambda: __import__("torchvision").models.efficientnet_b0(), 128, 224, 1000),
     "mobilenet_v3_large": (lambda: __import__("torchvision").models.mobilenet_v3_large(), 128, 224, 1000),
+    "hf_resnet50": (hugging_face("ResNetConfig", "ResNetForImageClassification"), 128, 224, 1000),
+    "hf_mobilenet_v2": (hugging_face("MobileNetV2Config", "MobileNetV2ForImageClassification"), 128, 224, 1000),
+    "hf_efficientnet_b0": (hugging_face("EfficientNetConfig", "EfficientNetForImageClassification", image_size=224,
+                                        width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280, dropout_rate=0.2),
+                           128, 224, 1000),
+    "hf_mobilevit_s": (hugging_face("MobileViTConfig", "MobileViTForImageClassification"), 128, 256, 1000),
+    "yolo_backbone": (YoloBackbone, 128, 224, 1000),
     "tiny": (TinyResNet, 4, 16, 10),
 }
 
@@ -83,6 +177,35 @@ def _step_fn(model: nn.Module, images, labels, dtype) -> Callable[[], torch.Tens
         loss.backward()
         optimizer.step()
         return loss
+    return step
+
+
+def with_batch_statistics(model: nn.Module, images) -> nn.Module:
+    """``model`` with every BN's running statistics those of one forward of ``images`` (momentum 1 for that
+    forward, then its own again): what a trained model's running statistics do, keep the eval forward's
+    activations normalised. Left at their initial zeros and ones, a randomly initialised network's eval
+    activations grow layer by layer to values whose arithmetic is several times slower on a CPU (Hugging Face's
+    EfficientNet-B0 at batch 8: 1.55 s against 0.42-0.48 s a forward), which would time that, not the model."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.momentum = 1.0
+    training = model.training
+    with torch.no_grad():
+        model.train()(images)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return model.train(training)
+
+
+def _eval_fn(model: nn.Module, images, labels, dtype) -> Callable[[], torch.Tensor]:
+    """An inference step: the forward under ``torch.no_grad()`` (and autocast for bf16) and its loss (a number
+    to compare across variants)."""
+    autocast = dtype != torch.float32
+
+    def step():
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=dtype, enabled=autocast):
+            return F.cross_entropy(model(images), labels)
     return step
 
 
@@ -146,6 +269,8 @@ def with_cpp_launch(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
 
 
 ROUNDS = 3
+# what each kind of variant is compared with (its first word): the original run the same way
+_BASELINES = {"compiled": "compiled original", "graphed": "graphed original", "eval": "eval original"}
 
 
 def _timed_steps(step: Callable, steps: int, on_gpu: bool, times: List[float], host_times: List[float]) -> None:
@@ -170,11 +295,14 @@ def _timed_steps(step: Callable, steps: int, on_gpu: bool, times: List[float], h
 
 def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, compile_too: bool, device: str,
                     progress: Callable[[str], None] = print,
-                    measured: Callable[[List[dict]], object] = lambda rows: None, graphs: bool = False) -> List[dict]:
+                    measured: Callable[[List[dict]], object] = lambda rows: None, graphs: bool = False,
+                    eval_too: bool = False) -> List[dict]:
     """One row per (precision, variant). The original and the converted model start from the same
     weights and see the same batch; the first step of each is the warm-up (compile, autotune) and gives
     the loss that is compared. ``measured`` gets the rows so far after each precision. ``graphs`` (a GPU
-    only) adds each model's whole step replayed from a CUDA graph."""
+    only) adds each model's whole step replayed from a CUDA graph; ``eval_too`` the inference forward
+    (``_eval_fn``) of the original, the converted and the folded model (``fold_batch_norms``), each compared
+    with the original's."""
     import triton_bn
     builder, default_batch, side, classes = MODELS[name]
     batch = batch or default_batch
@@ -188,6 +316,8 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
         base = builder().to(device).to(memory_format=fmt)
         images = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=fmt)
         labels = torch.randint(0, classes, (batch,), device=device)
+        if eval_too:
+            with_batch_statistics(base, images)
         converted = triton_bn.convert_model(copy.deepcopy(base))
         report = converted.fusion_report
         fusion = f"{report.activation} BN+act, {report.residual} BN+add+act, {report.plain} plain"
@@ -200,12 +330,20 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
         if graphs:
             variants["graphed original"] = copy.deepcopy(base)
             variants["graphed converted"] = triton_bn.convert_model(copy.deepcopy(base))
+        if eval_too:
+            variants["eval original"] = copy.deepcopy(base).eval()
+            variants["eval converted"] = triton_bn.convert_model(copy.deepcopy(base)).eval()
+            variants["eval folded"] = triton_bn.fold_batch_norms(copy.deepcopy(base).eval())
         first_loss, step_fns = {}, {}
         for variant, model in variants.items():
             progress(f"model {name} {precision} {variant}: warm-up")
+            torch.manual_seed(1)  # the same dropout masks in every variant's first step: comparable losses
             if variant.startswith("graphed"):  # warmed up (its first step's loss is the compared one), captured
                 step = step_fns[variant] = graphed_step(model.train(), images, labels, dtype)
                 first_loss[variant] = step.first_loss
+            elif variant.startswith("eval"):
+                step = step_fns[variant] = _eval_fn(model, images, labels, dtype)
+                first_loss[variant] = float(step())
             else:
                 step = _step_fn(model.train(), images, labels, dtype)
                 step = step_fns[variant] = with_cpp_launch(step) if variant == CPP_VARIANT else step
@@ -220,12 +358,15 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
                 _timed_steps(step, steps * (round_index + 1) // ROUNDS - done, on_gpu, step_times[variant],
                              host_step_times[variant])
         times = {variant: statistics.median(values) for variant, values in step_times.items()}
+        noise = {variant: step_noise(values) for variant, values in step_times.items()}
         for variant, ms in times.items():
-            baseline = ("compiled original" if variant.startswith("compiled") else
-                        "graphed original" if variant.startswith("graphed") else "original")
-            reference = first_loss["original"]
+            baseline = _BASELINES.get(variant.split(" ")[0], "original")
+            reference = first_loss[baseline]
             rows.append(dict(model=name, precision=precision, variant=variant, batch=batch, steps=steps,
-                             ms_per_step=ms, host_ms_per_step=statistics.median(host_step_times[variant]),
+                             ms_per_step=ms, ms_p20=_quantile(step_times[variant], 0.2),
+                             ms_p80=_quantile(step_times[variant], 0.8),
+                             noise=noise[variant] or (f"its baseline's: {noise[baseline]}" if noise[baseline] else ""),
+                             host_ms_per_step=statistics.median(host_step_times[variant]),
                              images_per_s=batch / (ms * 1e-3),
                              speedup_vs_original=times[baseline] / ms,
                              first_loss=first_loss[variant],
@@ -236,11 +377,54 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
     return rows
 
 
+def _quantile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def step_noise(values: List[float]) -> str:
+    """Why a variant's median step is noise ("" when it is a result): its steps' p20-p80 spread is wider than
+    the layer bench allows (``report.MAX_SPREAD`` of the median: a machine busy or changing speed meanwhile)."""
+    from .report import MAX_SPREAD
+    median, low, high = statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8)
+    if len(values) > 1 and high - low > MAX_SPREAD * median:
+        return f"p20-p80 {low:.4g}-{high:.4g} ms around a median of {median:.4g}"
+    return ""
+
+
+def model_summary(rows: List[dict]) -> List[str]:
+    """Per precision and variant (other than the baselines), the geometric mean of the speedup over the
+    models measured and the lowest one, rows flagged as noise (their own steps or their baseline's) left out:
+    markdown lines (none for one model)."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        if not r["variant"].endswith("original"):
+            groups.setdefault((r["precision"], r["variant"]), []).append(r)
+    if not groups or max(len(g) for g in groups.values()) < 2:
+        return []
+    lines = ["| precision | variant | models | geomean speedup vs original | lowest | left out as noise |",
+             "|---|---|---|---|---|---|"]
+    for (precision, variant), group in groups.items():
+        kept = [r for r in group if not r.get("noise")]
+        left_out = ", ".join(r["model"] for r in group if r.get("noise")) or "none"
+        if not kept:
+            lines.append(f"| {precision} | {variant} | 0 | - | - | {left_out} |")
+            continue
+        geomean = math.exp(sum(math.log(r["speedup_vs_original"]) for r in kept) / len(kept))
+        lowest = min(kept, key=lambda r: r["speedup_vs_original"])
+        lines.append(f"| {precision} | {variant} | {len(kept)} | {geomean:.3f}x | "
+                     f"{lowest['speedup_vs_original']:.3f}x ({lowest['model']}) | {left_out} |")
+    return lines + [""]
+
+
 def model_markdown(rows: List[dict], header: str) -> str:
-    lines = [header, "", "| model | precision | variant | batch | ms / step | host ms / step | images/s | speedup vs "
-             "original (same mode) | first-step loss rel. diff | fused |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, ""] + model_summary(rows) + [
+        "| model | precision | variant | batch | ms / step | p20-p80 | host ms / step | images/s | speedup vs "
+        "original (same mode) | first-step loss rel. diff | fused | noise |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['precision']} | {r['variant']} | {r['batch']} | {r['ms_per_step']:.2f} | "
-                     f"{r['host_ms_per_step']:.2f} | {r['images_per_s']:.0f} | {r['speedup_vs_original']:.3f}x | "
-                     f"{r['loss_rel_diff']:.1e} | {r['fusion']} |")
+                     f"{r['ms_p20']:.4g}-{r['ms_p80']:.4g} | {r['host_ms_per_step']:.2f} | {r['images_per_s']:.0f} | "
+                     f"{r['speedup_vs_original']:.3f}x | {r['loss_rel_diff']:.1e} | {r['fusion']} | "
+                     f"{'*noise*: ' + r['noise'] if r['noise'] else ''} |")
     return "\n".join(lines) + "\n"
