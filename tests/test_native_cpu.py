@@ -368,7 +368,7 @@ def test_the_ops_refuse_bad_arguments_before_writing_the_running_statistics():
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
-# -- the training op with its C++ autograd node (what autograd.training_with_backward calls) -------------
+# -- the training op with its C++ autograd node (what dispatch.training_forward calls) ---------------
 def _train_node(x, weight, bias, residual, rm, rv, count, activation, factor=0.1):
     return native_cpu.ops().training(x, weight, bias, residual, rm, rv, count, factor, 1e-5, ACTIVATION_IDS[activation],
                                  0.2)

@@ -234,7 +234,7 @@ def training(x, running_mean, running_var, num_batches_tracked, weight, bias, re
 
 def _pytorch_training(x, running_mean, running_var, weight, bias, residual, factor: float, eps: float,
                       activation: int, negative_slope: float):
-    """``_fused_training`` through PyTorch's kernels, every per-channel tensor in the compute dtype."""
+    """``training`` through PyTorch's kernels, every per-channel tensor already in the compute dtype."""
     xc = _as(x, _kernel_dtype(x, activation, residual, weight, bias, running_mean))
     by_planes = _summed_by_planes(xc)
     # float64 rows are summed in float64: nothing to compensate, one fused call in every layout
