@@ -253,6 +253,18 @@ def test_model_bench_several_models_with_eval_and_folding(tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_model_whose_package_does_not_import_is_refused_first(tmp_path):
+    """``--model hf_...`` where transformers does not import (here: a stand-in that raises ImportError) says
+    which package to install, before anything runs or is written."""
+    import os
+    (tmp_path / "transformers.py").write_text("raise ImportError('hidden by the test')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--model", "yolo_backbone,hf_resnet50",
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "hf_resnet50: needs transformers" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_hugging_face_models_of_the_bench_convert_exactly():
     """The bench's Hugging Face models (built from their configurations, no download), converted and folded,
     compute the original's logits in float64 (training and eval), and fuse what their traceable forwards

@@ -138,7 +138,7 @@ def run_model(args) -> int:
     """``--model``: whole training steps; writes model.csv and model.md."""
     import torch
     import pandas as pd
-    from .model import MODELS, ROUNDS, model_markdown, run_model_bench
+    from .model import MODELS, ROUNDS, missing_package, model_markdown, run_model_bench
     from ..autotune import tuner
     on_gpu = _uses_gpu(args)
     device = "cuda" if on_gpu else "cpu"
@@ -148,6 +148,12 @@ def run_model(args) -> int:
     if unknown or not names:
         raise SystemExit(f"triton-bn bench --model: unknown model {', '.join(unknown) or repr(args.model)}; "
                          f"expected comma-separated names of: {', '.join(MODELS)}")
+    for name in names:
+        package = missing_package(name)
+        if package:
+            raise SystemExit(f"triton-bn bench --model {name}: needs {package}, which does not import here "
+                             f"(pip install {package}; transformers installs beside the CPU torch, torchvision "
+                             "only beside a torch of its own: README)")
     mode = "gpu" if on_gpu else ("interpreter" if args.interpreter else "cpu")
     if mode == "interpreter" and names != ["tiny"]:
         raise SystemExit("triton-bn bench --model --interpreter: only --model tiny is practical")

@@ -148,6 +148,19 @@ def hugging_face(config_name: str, model_name: str, **config) -> Callable[[], nn
     return build
 
 
+def missing_package(name: str) -> str:
+    """The package model ``name`` needs that does not import here ("" when none is missing): torchvision for
+    torchvision's models, transformers for Hugging Face's."""
+    package = "transformers" if name.startswith("hf_") else "torchvision" if name in _TORCHVISION else ""
+    if package:
+        try:
+            __import__(package)
+        except ImportError:
+            return package
+    return ""
+
+
+_TORCHVISION = ("resnet50", "efficientnet_b0", "mobilenet_v3_large")
 # name -> (builder, default batch, image side, classes). torchvision's where it imports; Hugging Face
 # transformers' from their configurations (``pip install transformers``: it installs beside the CPU build of
 # torch, where torchvision does not import); the YOLO-like backbone and ``tiny``, built here.
