@@ -18,19 +18,7 @@ sys.path.insert(0, ROOT)
 
 import triton_bn  # noqa: E402
 import zoo  # noqa: E402
-
-
-class ConvBnSiLU(nn.Module):
-    """Ultralytics' Conv block."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.act = nn.SiLU()
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
+from triton_bn.bench.model import ConvBnSiLU  # noqa: E402  (Ultralytics' Conv block)
 
 
 def models():

@@ -42,11 +42,23 @@ TRITON = Backend("triton", triton_kernels.batch_norm_training, triton_kernels.ba
                  triton_kernels.backward_sums, triton_kernels.backward_elementwise)
 STEPS = Backend("steps", spec.batch_norm_training, spec.batch_norm_apply, spec.batch_norm_backward, spec.batch_stats,
                 spec.batch_moments, spec.backward_sums, spec.backward_elementwise)
+
+
+def _eval_or_steps(evaluate):
+    """``Backend.apply`` for a backend whose kernels take running statistics only (``evaluate``): batch
+    statistics, a split call's step, take the step function."""
+    def apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
+        if batch_stats:
+            return spec.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, True, activation, negative_slope)
+        return evaluate(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
+    return apply
+
+
 # The two CPU backends of whole calls: a split call's steps (SyncBatchNorm, the custom ops) are the spec's.
-NATIVE = STEPS._replace(name="native", training=native_cpu.training, apply=native_cpu.apply,
+NATIVE = STEPS._replace(name="native", training=native_cpu.training, apply=_eval_or_steps(native_cpu.evaluate),
                         backward=native_cpu.backward)
-PYTORCH = STEPS._replace(name="pytorch", training=pytorch_kernels.training, apply=pytorch_kernels.apply,
-                         backward=pytorch_kernels.backward)
+PYTORCH = STEPS._replace(name="pytorch", training=pytorch_kernels.training,
+                         apply=_eval_or_steps(pytorch_kernels.evaluate), backward=pytorch_kernels.backward)
 
 
 def backend_for(x: Tensor) -> Backend:
@@ -126,6 +138,11 @@ def apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
         return torch.ops.triton_bn.batch_norm_apply
     if cpp_launch.serves(input):
         return _cpp_apply
+    return _python_apply_step(input, weight, bias, residual)
+
+
+def _python_apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor]):
+    """``apply_step``'s callable off the C++ launch path."""
     backend = backend_for(input)
     if needs_gradient(input, weight, bias, residual):
         return functools.partial(BatchNormFunction.apply, backend)
@@ -140,11 +157,8 @@ def _cpp_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activati
     y = cpp_launch.apply(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
     if y is not None:
         return y
-    backend = backend_for(x)
-    if needs_gradient(x, weight, bias, residual):
-        return BatchNormFunction.apply(backend, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
-                                       negative_slope)
-    return backend.apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
+    return _python_apply_step(x, weight, bias, residual)(x, mean, stat, weight, bias, residual, eps, batch_stats,
+                                                         activation, negative_slope)
 
 
 def recording_for_export() -> bool:

@@ -22,7 +22,8 @@ The first three are whole calls; the last four are the steps of a call split acr
   tensors under the Triton interpreter; every function;
 - the native CPU kernels (``native_cpu.py``, built from ``csrc/cpu/``): whole calls on dense CPU tensors;
 - PyTorch's own kernels with the epilogue after them (``pytorch_kernels.py``): whole calls elsewhere (other
-  strides, float64 off the CPU, no compiler);
+  strides, float64 off the CPU, no compiler). These two offer ``evaluate`` (running statistics only);
+  ``dispatch.py`` makes their ``apply`` of it, batch statistics going to the step functions;
 - the step functions of ``spec.py`` (the specification, torch ops): the steps off the Triton kernels, and
   whole calls on an empty batch;
 - the C++ launch path (``cpp_launch.py``, opt-in) is a way of launching the Triton kernels, chosen by

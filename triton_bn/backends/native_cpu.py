@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from .. import build, settings, spec
+from .. import build, settings
 from ..layout import channels_innermost, like_input
 from . import host_factor, in_parameter_dtypes
 
@@ -185,13 +185,11 @@ def training_with_node(x, weight, bias, residual, running_mean, running_var, num
                           factor, eps, activation, negative_slope)
 
 
-def apply(x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
-          negative_slope: float):
-    """y from the running statistics in one pass, the epilogue fused; with batch statistics (a split call's
-    step) the step function."""
-    if batch_stats:
-        return spec.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, True, activation, negative_slope)
-    return ops().apply(x, mean, stat, weight, bias, like(residual, x), eps, False, activation, negative_slope)
+def evaluate(x, running_mean, running_var, weight, bias, residual, eps: float, activation: int,
+             negative_slope: float):
+    """y from the running statistics in one pass, the epilogue fused."""
+    return ops().apply(x, running_mean, running_var, weight, bias, like(residual, x), eps, False, activation,
+                       negative_slope)
 
 
 def backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,

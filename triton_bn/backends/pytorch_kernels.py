@@ -13,7 +13,6 @@ inputs in PyTorch's mixed-precision kernels where the epilogue commutes with rou
 import torch
 import torch.nn.functional as F
 
-from .. import spec
 from ..layout import CHANNELS_LAST_FORMATS
 from . import compute_dtype, host_factor, in_parameter_dtypes, reduce_dims
 
@@ -101,13 +100,11 @@ def _normalize_eval(x, weight, bias, mean, var, eps: float):
     return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
 
 
-def apply(x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
-          negative_slope: float):
-    """y from given statistics: with running ones (eval), PyTorch's eval-mode kernel, then the residual and
-    the activation in place; with batch statistics (a split call's step), the step function."""
-    if batch_stats:
-        return spec.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, True, activation, negative_slope)
-    mean, var, weight, bias = _in_compute_dtype(x, mean, stat, weight, bias)
+def evaluate(x, running_mean, running_var, weight, bias, residual, eps: float, activation: int,
+             negative_slope: float):
+    """y from the running statistics: PyTorch's eval-mode kernel, then the residual and the activation in
+    place."""
+    mean, var, weight, bias = _in_compute_dtype(x, running_mean, running_var, weight, bias)
     dtype = _kernel_dtype(x, activation, residual, weight, bias, mean)
     y = _normalize_eval(_as(x, dtype), weight, bias, mean, var, eps)
     return _finish(y, residual, activation, negative_slope, x.dtype)

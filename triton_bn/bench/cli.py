@@ -12,11 +12,12 @@ import datetime
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from .report import quantiles
 
 
 def _parse(argv):
@@ -292,14 +293,7 @@ def _time_ms(fn, on_gpu: bool):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-    return _quantiles(times)
-
-
-def _quantiles(times):
-    """(median, p20, p80) of a list of times."""
-    times = sorted(times)
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return statistics.median(times), pick(0.2), pick(0.8)
+    return quantiles(times)
 
 
 def _time_cpu_interleaved(runs):
@@ -480,7 +474,7 @@ def run_bench(args) -> int:
             copy, copy_bytes = _row_copy(math.prod(shape), dtype)  # timed in the same rounds (the same load)
             samples = _time_cpu_interleaved({**{name: work.run for name, (work, _) in results.items()}, COPY: copy})
             row_copy_gbps = copy_bytes / (samples.pop(COPY)[0] * 1e-3) / 1e9  # its best round
-            timings = {name: _quantiles(times) for name, times in samples.items()}
+            timings = {name: quantiles(times) for name, times in samples.items()}
         for provider, (work, output) in results.items():
             try:
                 ms, p20, p80 = _time_ms(work.run, on_gpu) if on_gpu else timings[provider]

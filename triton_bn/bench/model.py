@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .report import quantiles, spread_noise
+
 # (dtype, memory format) per precision name
 PRECISIONS = {"fp32": (torch.float32, torch.contiguous_format),
               "bf16": (torch.bfloat16, torch.channels_last)}
@@ -370,14 +372,14 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
                 done = len(step_times[variant])
                 _timed_steps(step, steps * (round_index + 1) // ROUNDS - done, on_gpu, step_times[variant],
                              host_step_times[variant])
-        times = {variant: statistics.median(values) for variant, values in step_times.items()}
-        noise = {variant: step_noise(values) for variant, values in step_times.items()}
+        spreads = {variant: quantiles(values) for variant, values in step_times.items()}  # (median, p20, p80)
+        times = {variant: spread[0] for variant, spread in spreads.items()}
+        noise = {variant: spread_noise(*spread) for variant, spread in spreads.items()}
         for variant, ms in times.items():
             baseline = _BASELINES.get(variant.split(" ")[0], "original")
             reference = first_loss[baseline]
             rows.append(dict(model=name, precision=precision, variant=variant, batch=batch, steps=steps,
-                             ms_per_step=ms, ms_p20=_quantile(step_times[variant], 0.2),
-                             ms_p80=_quantile(step_times[variant], 0.8),
+                             ms_per_step=ms, ms_p20=spreads[variant][1], ms_p80=spreads[variant][2],
                              noise=noise[variant] or (f"its baseline's: {noise[baseline]}" if noise[baseline] else ""),
                              host_ms_per_step=statistics.median(host_step_times[variant]),
                              images_per_s=batch / (ms * 1e-3),
@@ -388,21 +390,6 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
                              device=torch.cuda.get_device_name() if on_gpu else "cpu"))
         measured(rows)
     return rows
-
-
-def _quantile(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def step_noise(values: List[float]) -> str:
-    """Why a variant's median step is noise ("" when it is a result): its steps' p20-p80 spread is wider than
-    the layer bench allows (``report.MAX_SPREAD`` of the median: a machine busy or changing speed meanwhile)."""
-    from .report import MAX_SPREAD
-    median, low, high = statistics.median(values), _quantile(values, 0.2), _quantile(values, 0.8)
-    if len(values) > 1 and high - low > MAX_SPREAD * median:
-        return f"p20-p80 {low:.4g}-{high:.4g} ms around a median of {median:.4g}"
-    return ""
 
 
 def model_summary(rows: List[dict]) -> List[str]:

@@ -3,6 +3,7 @@
 One row per (case, shape, dtype, layout, provider); ``KEY`` identifies a row, so runs can be
 concatenated and de-duplicated."""
 import math
+import statistics
 from pathlib import Path
 from typing import Dict, List
 
@@ -15,13 +16,28 @@ COLUMNS = KEY + ["ms", "ms_p20", "ms_p80", "bytes", "gbps", "efficiency", "rel_e
 MAX_SPREAD = 0.5
 
 
+def quantiles(times) -> tuple:
+    """(median, p20, p80) of a list of times."""
+    times = sorted(times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return statistics.median(times), pick(0.2), pick(0.8)
+
+
+def spread_noise(ms: float, p20: float, p80: float) -> str:
+    """Why a median of ``ms`` is noise by its spread ("" when it is not): p80 - p20 over ``MAX_SPREAD`` of it."""
+    if ms > 0 and p80 - p20 > MAX_SPREAD * ms:
+        return f"p20-p80 {p20:.3g}-{p80:.3g} ms around a median of {ms:.3g}"
+    return ""
+
+
 def noise_of(row: dict) -> str:
     """Why a row's figure is noise ("" when it is a result)."""
     reasons = []
     if row["efficiency"] > 1.0:
         reasons.append(f"efficiency {row['efficiency']:.2f} > 1 (faster than a copy)")
-    if row["ms"] > 0 and (row["ms_p80"] - row["ms_p20"]) > MAX_SPREAD * row["ms"]:
-        reasons.append(f"p20-p80 {row['ms_p20']:.3g}-{row['ms_p80']:.3g} ms around a median of {row['ms']:.3g}")
+    spread = spread_noise(row["ms"], row["ms_p20"], row["ms_p80"])
+    if spread:
+        reasons.append(spread)
     return "; ".join(reasons)
 
 
