@@ -20,8 +20,9 @@ if not torch.cuda.is_available():
 
 import triton_bn  # noqa: E402
 from triton_bn.backends import triton_kernels  # noqa: E402
+from triton_bn.kernels import KERNELS  # noqa: E402
 from triton_bn.autotune import heuristic_config, merge_block  # noqa: E402
-from triton_bn.layout import ChannelsLastPlan, plan_layout  # noqa: E402
+from triton_bn.backends.layout import ChannelsLastGeometry, dense_geometry  # noqa: E402
 
 
 def main() -> None:
@@ -40,16 +41,16 @@ def main() -> None:
     x = (torch.randn(shape) * 2 + 3).to(device)
     if args.layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    x, plan = plan_layout(x)
-    family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
-    cfg = heuristic_config(family, "stats", plan, x.element_size())
+    x, geometry = dense_geometry(x)
+    family = "channels_last" if isinstance(geometry, ChannelsLastGeometry) else "channels_first"
+    cfg = heuristic_config(family, "stats", geometry, x.element_size())
     tile = args.tile or ("8,4" if family == "channels_last" else "2,16")
     block_a, block_b = (int(v) for v in tile.split(","))
     if block_a and block_b:
         cfg = dataclasses.replace(cfg, block_a=block_a, block_b=block_b, flat=False,
                                   programs_per_sm=args.programs_per_sm)
-    splits, grid, size_args, blocks = triton_kernels._reduction_grid(plan, cfg, x.device, cfg.programs_per_sm)
-    print(f"triton_bn {triton_bn.__version__}: x {tuple(x.shape)} {args.layout} -> family {family}, plan {plan}")
+    splits, grid, size_args, blocks = triton_kernels._reduction_grid(geometry, cfg, x.device, cfg.programs_per_sm)
+    print(f"triton_bn {triton_bn.__version__}: x {tuple(x.shape)} {args.layout} -> family {family}, geometry {geometry}")
     print(f"tile {cfg.block_a}x{cfg.block_b}, {splits} splits, grid {grid}")
 
     channels = x.shape[1]
@@ -58,7 +59,7 @@ def main() -> None:
     mean, invstd = torch.empty(channels, device=x.device), torch.empty(channels, device=x.device)
     dummy = torch.empty(1, device=x.device)
     count = x.numel() // channels
-    triton_kernels._KERNELS[family]["stats"][grid](
+    KERNELS[family]["stats"][grid](
         x, partials, triton_kernels._arrival_counters(x.device, blocks), mean, invstd,
         moments[0], moments[2], dummy, dummy, dummy, *size_args, 1.0 / count, count / (count - 1), 0, 0, 1e-5, 0.0,
         UPDATE_RUNNING=False, CUMULATIVE=False, WRITE_MOMENTS=True, BLOCK_SPLITS=merge_block(family, cfg),

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from test_compile_sm90 import DTYPE_OF, EPILOGUE, FLOAT_ARGS  # noqa: E402
 from triton_bn.autotune import DECLARED_CONFIGS, merge_block  # noqa: E402
-from triton_bn.occupancy import H100_LIMITS, resident_programs  # noqa: E402
+from triton_bn.backends.occupancy import H100_LIMITS, resident_programs  # noqa: E402
 from triton_bn.kernels import channels_first as cf  # noqa: E402
 from triton_bn.kernels import channels_last as cl  # noqa: E402
 

@@ -23,7 +23,7 @@ import triton
 
 from triton_bn.backends import triton_kernels
 from triton_bn.autotune import TileConfig, forced_config, heuristic_config, next_power_of_2
-from triton_bn.layout import ChannelsLastPlan, plan_layout
+from triton_bn.backends.layout import ChannelsLastGeometry, dense_geometry
 
 CASES = [  # (shape, dtype, channels_last)
     ((128, 2048, 7, 7), torch.float32, False),
@@ -39,23 +39,23 @@ CASES = [  # (shape, dtype, channels_last)
 ]
 
 
-def previous_heuristic(family: str, kind: str, plan, element_size: int) -> TileConfig:
+def previous_heuristic(family: str, kind: str, geometry, element_size: int) -> TileConfig:
     """``heuristic_config`` before GPU runs 5-6: 3 stages everywhere, channels-last statistics as wide as the
     other kernels."""
-    rows, channels = (plan.rows, plan.channels) if family == "channels_last" else (plan.batch, plan.spatial)
+    rows, channels = (geometry.rows, geometry.channels) if family == "channels_last" else (geometry.batch, geometry.spatial)
     widest = (64 if element_size >= 4 else 128) if family == "channels_last" else 2048
     block_b = max(16, min(next_power_of_2(channels), widest))
     block_a = max(1, min(4096 // block_b, next_power_of_2(rows)))
     return TileConfig(block_a, block_b, 8 if block_a * block_b >= 4096 else 4)
 
 
-def configs(family: str, plan, heuristic: TileConfig, previous: TileConfig):
+def configs(family: str, geometry, heuristic: TileConfig, previous: TileConfig):
     tile = dict(block_a=heuristic.block_a, block_b=heuristic.block_b, num_warps=heuristic.num_warps)
     out = [TileConfig(**tile, num_stages=stages) for stages in (1, 2, 3)]
     out.append(TileConfig(**tile, num_stages=heuristic.num_stages, programs_per_sm=8))
     out.append(previous)
     if family == "channels_first":
-        flat = min(4096, 1 << (plan.batch * plan.spatial - 1).bit_length())
+        flat = min(4096, 1 << (geometry.batch * geometry.spatial - 1).bit_length())
         other = [TileConfig(1, flat, 8 if flat >= 4096 else 4, num_stages=s, flat=True) for s in (1, 3)]
     else:
         other = [TileConfig(128, 32, 8, num_stages=s) for s in (1, 3)]
@@ -84,9 +84,9 @@ def reductions(x: torch.Tensor):
     return [("stats", stats, read), ("bwd_reduce", sums, 2 * read)]
 
 
-def tiles_per_program(family: str, plan, cfg: TileConfig, device) -> int:
+def tiles_per_program(family: str, geometry, cfg: TileConfig, device) -> int:
     """What each program of the reduction walks, from the launcher's own grid."""
-    _, _, size_args, _ = triton_kernels._reduction_grid(plan, cfg, device, cfg.programs_per_sm)
+    _, _, size_args, _ = triton_kernels._reduction_grid(geometry, cfg, device, cfg.programs_per_sm)
     return size_args[-1] if family == "channels_first" else size_args[3] // cfg.block_a
 
 
@@ -115,19 +115,19 @@ def main() -> int:
             x = (torch.randn(shape, device=device) * 2 + 3).to(dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            _, plan = plan_layout(x)
-            family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
+            _, geometry = dense_geometry(x)
+            family = "channels_last" if isinstance(geometry, ChannelsLastGeometry) else "channels_first"
             layout = "channels_last" if channels_last else "nchw"
             for role, fn, nbytes in reductions(x):
-                heuristic = heuristic_config(family, role, plan, x.element_size())
-                previous = previous_heuristic(family, role, plan, x.element_size())
-                for cfg in configs(family, plan, heuristic, previous):
+                heuristic = heuristic_config(family, role, geometry, x.element_size())
+                previous = previous_heuristic(family, role, geometry, x.element_size())
+                for cfg in configs(family, geometry, heuristic, previous):
                     with forced_config(f"{family}.{role}", cfg):
                         us = graph_time_us(fn)
                     tile = f"{'flat ' if cfg.flat else ''}{cfg.block_a}x{cfg.block_b}"
                     row = dict(shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""),
                                layout=layout, role=role, tile=tile, stages=cfg.num_stages,
-                               per_sm=cfg.programs_per_sm, iterations=tiles_per_program(family, plan, cfg, device),
+                               per_sm=cfg.programs_per_sm, iterations=tiles_per_program(family, geometry, cfg, device),
                                us=round(us, 2), tb_s=round(nbytes / us / 1e6, 2),
                                heuristic=cfg == heuristic, previous=cfg == previous)
                     rows.append(row)

@@ -84,10 +84,10 @@ def test_candidate_limit_keeps_the_heuristic_first(cpu_tuning, monkeypatch):
     for row in tuner.report:
         by_key.setdefault(row["key"], []).append(row)
     assert by_key and all(len(rows) == 3 for rows in by_key.values())
-    from triton_bn.layout import plan_layout
-    _, plan = plan_layout(torch.empty(8, 6, 5, 5))
+    from triton_bn.backends.layout import dense_geometry
+    _, geometry = dense_geometry(torch.empty(8, 6, 5, 5))
     first = tuner.report[0]
-    heuristic = autotune.heuristic_config("channels_first", "stats", plan, 4)
+    heuristic = autotune.heuristic_config("channels_first", "stats", geometry, 4)
     assert (first["block_a"], first["block_b"], first["flat"]) == (heuristic.block_a, heuristic.block_b, False)
 
 
@@ -100,22 +100,22 @@ def test_autotune_off_uses_the_heuristic(cpu_tuning, monkeypatch):
 
 
 def test_keys_ignore_the_exact_batch_size():
-    from triton_bn.layout import plan_layout
-    _, a = plan_layout(torch.empty(128, 64, 7, 7))
-    _, b = plan_layout(torch.empty(100, 64, 7, 7))
-    _, c = plan_layout(torch.empty(128, 64, 14, 14))
+    from triton_bn.backends.layout import dense_geometry
+    _, a = dense_geometry(torch.empty(128, 64, 7, 7))
+    _, b = dense_geometry(torch.empty(100, 64, 7, 7))
+    _, c = dense_geometry(torch.empty(128, 64, 14, 14))
     key = lambda p: autotune.tuning_key("channels_first", "stats", p, torch.float32)  # noqa: E731
     assert key(a) == key(b) and key(a) != key(c)
 
 
 def test_heuristic_tiles_are_powers_of_two_and_bounded():
-    from triton_bn.layout import ChannelsLastPlan, plan_layout
+    from triton_bn.backends.layout import ChannelsLastGeometry, dense_geometry
     for shape, fmt in [((4, 3, 5, 5), torch.contiguous_format), ((4, 300, 5, 5), torch.channels_last),
                        ((2, 7), torch.contiguous_format), ((3, 5, 4000), torch.contiguous_format)]:
-        _, plan = plan_layout(torch.empty(shape).contiguous(memory_format=fmt))
-        family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
+        _, geometry = dense_geometry(torch.empty(shape).contiguous(memory_format=fmt))
+        family = "channels_last" if isinstance(geometry, ChannelsLastGeometry) else "channels_first"
         for element_size in (2, 4):
-            cfg = autotune.heuristic_config(family, "stats", plan, element_size)
+            cfg = autotune.heuristic_config(family, "stats", geometry, element_size)
             for v in (cfg.block_a, cfg.block_b):
                 assert v >= 1 and v & (v - 1) == 0
             assert cfg.block_a * cfg.block_b <= 4096
@@ -133,36 +133,36 @@ def test_reductions_pipeline_only_vector_aligned_loads(shape, fmt, aligned):
     """The heuristic software-pipelines a reduction's loop only where Triton can prove 16-byte vector
     loads: pipelining 4-byte loads (one cp.async per element) ran 1.8-6x slower on an H100 (NOTES, GPU
     runs 5-6). Elementwise kernels have no loop: their stage count is left at the default."""
-    from triton_bn.layout import ChannelsLastPlan, plan_layout
-    _, plan = plan_layout(torch.empty(shape).contiguous(memory_format=fmt))
-    family = "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
-    assert autotune.vector_aligned(family, plan) == aligned
+    from triton_bn.backends.layout import ChannelsLastGeometry, dense_geometry
+    _, geometry = dense_geometry(torch.empty(shape).contiguous(memory_format=fmt))
+    family = "channels_last" if isinstance(geometry, ChannelsLastGeometry) else "channels_first"
+    assert autotune.vector_aligned(family, geometry) == aligned
     for element_size in (2, 4):
         for role in autotune.REDUCTION_ROLES:
-            assert autotune.heuristic_config(family, role, plan, element_size).num_stages == (3 if aligned else 1)
+            assert autotune.heuristic_config(family, role, geometry, element_size).num_stages == (3 if aligned else 1)
         for role in autotune.ELEMENTWISE_ROLES:
-            assert autotune.heuristic_config(family, role, plan, element_size).num_stages == 3
+            assert autotune.heuristic_config(family, role, geometry, element_size).num_stages == 3
 
 
 def test_channels_last_statistics_tile_is_narrow_in_every_dtype():
     """The channels-last statistics take 32-channel tiles (128 rows) whatever the dtype; the other
     channels-last kernels keep rows of >= 128 contiguous bytes (64 fp32 or 128 bf16 channels)."""
-    from triton_bn.layout import plan_layout
-    _, plan = plan_layout(torch.empty(64, 256, 14, 14).contiguous(memory_format=torch.channels_last))
+    from triton_bn.backends.layout import dense_geometry
+    _, geometry = dense_geometry(torch.empty(64, 256, 14, 14).contiguous(memory_format=torch.channels_last))
     for element_size in (2, 4):
-        stats = autotune.heuristic_config("channels_last", "stats", plan, element_size)
+        stats = autotune.heuristic_config("channels_last", "stats", geometry, element_size)
         assert (stats.block_a, stats.block_b) == (128, 32)
         for role in ("apply", "bwd_reduce", "bwd_dx"):
-            cfg = autotune.heuristic_config("channels_last", role, plan, element_size)
+            cfg = autotune.heuristic_config("channels_last", role, geometry, element_size)
             assert cfg.block_b * element_size >= 128 and cfg.block_a * cfg.block_b == 4096
 
 
 def test_candidates_pipeline_only_vector_aligned_reductions():
     """Aligned planes: every tile with every split count and pipelining depth; unaligned planes (where
     pipelining only loses): the same tiles and split counts, one stage."""
-    from triton_bn.layout import plan_layout
-    _, aligned = plan_layout(torch.empty(8, 32, 28, 28))
-    _, unaligned = plan_layout(torch.empty(8, 32, 7, 7))
+    from triton_bn.backends.layout import dense_geometry
+    _, aligned = dense_geometry(torch.empty(8, 32, 28, 28))
+    _, unaligned = dense_geometry(torch.empty(8, 32, 7, 7))
     for role in autotune.REDUCTION_ROLES:
         wide = autotune.candidate_configs("channels_first", role, aligned)
         assert {(c.programs_per_sm, c.num_stages) for c in wide} == {(4, 3)} | set(autotune.REDUCTION_VARIANTS)

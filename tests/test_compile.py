@@ -207,11 +207,12 @@ def test_capture_without_warm_up_says_to_warm_up(tuning, monkeypatch):
     """A new key (tuning) or a kernel variant never launched in this process (heuristic tiles: an
     activation no other test uses, an odd channel count) inside a capture: a clear error either way."""
     from triton_bn.backends import triton_kernels
+    from triton_bn.kernels import KERNELS
     from triton_bn.autotune import tuner
     monkeypatch.setattr(tuner, "autotune", tuning)
     tuner.reset()
     monkeypatch.setenv("TRITON_BN_CACHE_DIR", "/nonexistent-triton-bn-cache")
-    for kernels in triton_kernels._KERNELS.values():  # as in a fresh process: no variant loaded yet
+    for kernels in KERNELS.values():  # as in a fresh process: no variant loaded yet
         for kernel in kernels.values():
             kernel.device_caches.clear()
     triton_kernels._RESIDENT.clear()

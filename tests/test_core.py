@@ -491,7 +491,7 @@ def test_pure_pytorch_path_without_the_interpreter():
 
 def _count_launches(monkeypatch):
     """Wrap every kernel the launchers use, counting launches by name."""
-    from triton_bn.backends import triton_kernels
+    from triton_bn.kernels import KERNELS
     counts = {}
 
     class Counting:
@@ -502,7 +502,7 @@ def _count_launches(monkeypatch):
             counts[self.name] = counts.get(self.name, 0) + 1
             return self.kernel[grid]
 
-    for family, kernels in triton_kernels._KERNELS.items():
+    for family, kernels in KERNELS.items():
         for role, kernel in kernels.items():
             monkeypatch.setitem(kernels, role, Counting(f"{family}.{role}", kernel))
     return counts

@@ -18,8 +18,8 @@ import triton_bn
 from triton_bn.backends import triton_kernels
 from triton_bn.autotune import TileConfig, forced_config, heuristic_config, merge_block, tuner, tuning_key
 from triton_bn.kernels.merge import merge_split_moments
-from triton_bn.layout import ChannelsFirstPlan, ChannelsLastPlan
-from triton_bn.occupancy import H100_LIMITS, resident_programs
+from triton_bn.backends.layout import ChannelsFirstGeometry, ChannelsLastGeometry
+from triton_bn.backends.occupancy import H100_LIMITS, resident_programs
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def test_batch_norm_with_523_splits_matches_float64():
     x = torch.randn(523, 16, generator=torch.Generator().manual_seed(1)) * 2 + 5
     rm, rv = torch.zeros(16), torch.ones(16)
     with forced_config("channels_last", TileConfig(1, 16, programs_per_sm=1000)):
-        assert triton_kernels._reduction_grid(ChannelsLastPlan(523, 16, 16), TileConfig(1, 16), torch.device("cpu"),
+        assert triton_kernels._reduction_grid(ChannelsLastGeometry(523, 16, 16), TileConfig(1, 16), torch.device("cpu"),
                                       1000)[0] == 523
         y = triton_bn.batch_norm(x, rm, rv, training=True, momentum=1.0)
     ref_rm, ref_rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
@@ -74,13 +74,13 @@ def test_grids_stay_within_axis_limits_for_huge_channel_counts():
     """Millions of channels: channel blocks never land on an axis limited to 65535."""
     cpu = torch.device("cpu")
     for channels in (2 ** 22, 3 * 2 ** 20 + 5):
-        plan = ChannelsLastPlan(rows=8, channels=channels, row_stride=channels)
+        geometry = ChannelsLastGeometry(rows=8, channels=channels, row_stride=channels)
         for role in ("stats", "apply"):
-            cfg = heuristic_config("channels_last", role, plan, 2)
-            grid = (triton_kernels._reduction_grid(plan, cfg, cpu, cfg.programs_per_sm)[1] if role == "stats"
-                    else triton_kernels._elementwise_grid(plan, cfg)[0])
+            cfg = heuristic_config("channels_last", role, geometry, 2)
+            grid = (triton_kernels._reduction_grid(geometry, cfg, cpu, cfg.programs_per_sm)[1] if role == "stats"
+                    else triton_kernels._elementwise_grid(geometry, cfg)[0])
             assert grid[0] < 2 ** 31 and all(axis <= triton_kernels.GRID_AXIS_LIMIT for axis in grid[1:]), grid
-        first = ChannelsFirstPlan(batch=2, channels=channels, spatial=3, batch_stride=3 * channels, channel_stride=3)
+        first = ChannelsFirstGeometry(batch=2, channels=channels, spatial=3, batch_stride=3 * channels, channel_stride=3)
         cfg = heuristic_config("channels_first", "stats", first, 2)
         assert len(triton_kernels._reduction_grid(first, cfg, cpu, cfg.programs_per_sm)[1]) == 1
 
@@ -89,8 +89,8 @@ def test_flat_tile_from_a_cache_is_never_used_past_int32(monkeypatch):
     """Keys group N by power of two: a FLAT choice cached at N = 600 must not be reused at N = 1000 when
     N x S passes 2^31 (its int32 index would wrap and store out of bounds)."""
     monkeypatch.setattr(tuner, "tune_on_cpu", True)
-    small = ChannelsFirstPlan(batch=600, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21, channel_stride=2 ** 21)
-    large = ChannelsFirstPlan(batch=1024, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21, channel_stride=2 ** 21)
+    small = ChannelsFirstGeometry(batch=600, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21, channel_stride=2 ** 21)
+    large = ChannelsFirstGeometry(batch=1024, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21, channel_stride=2 ** 21)
     assert small.batch * small.spatial < 2 ** 31 <= large.batch * large.spatial
     flat = TileConfig(1, 4096, 8, flat=True)
     x = torch.empty(1)
@@ -173,23 +173,23 @@ def test_a_planned_launch_calls_each_compiled_variant_directly_after_its_first_l
     monkeypatch.setattr(triton_kernels, "_capturing", lambda device: False)
     monkeypatch.setattr(triton_kernels, "current_stream", lambda index: 1234)
     calls = []
-    planned = triton_kernels.PlannedLaunch(_fake_jit_kernel(calls), (6,), dict(FLAG=True, num_warps=4))
+    prepared = triton_kernels.PreparedLaunch(_fake_jit_kernel(calls), (6,), dict(FLAG=True, num_warps=4))
     cuda = torch.device("cuda", 0)  # only the device's type and index are read
     buffer = torch.empty(64)
     x, out, misaligned = buffer[:16], buffer[16:32], buffer[1:17]
-    planned((x, out, 16, 0.5), cuda)
-    planned((x, out, 16, float("nan")), cuda)
+    prepared((x, out, 16, 0.5), cuda)
+    prepared((x, out, 16, float("nan")), cuda)
     assert [c[0] for c in calls] == ["triton", "direct"]
     assert calls[1][1:] == ((6, 1, 1), (x, out, 16, calls[1][2][3], True, 64), 1234)
     for changed in ((misaligned, out, 16, 0.5), (x.half(), out, 16, 0.5), (x, out, 1, 0.5)):
         calls.clear()
-        planned(changed, cuda)
-        planned(changed, cuda)
+        prepared(changed, cuda)
+        prepared(changed, cuda)
         assert [c[0] for c in calls] == ["triton", "direct"], changed
     calls.clear()
-    planned((x, out, 16, 0.5), torch.device("cpu"))  # the interpreter: always Triton's path
+    prepared((x, out, 16, 0.5), torch.device("cpu"))  # the interpreter: always Triton's path
     monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", False)
-    planned((x, out, 16, 0.5), cuda)
+    prepared((x, out, 16, 0.5), cuda)
     assert [c[0] for c in calls] == ["triton", "triton"]
 
 
@@ -206,9 +206,9 @@ def test_a_planned_launch_of_a_wrapped_kernel_always_takes_tritons_path(monkeypa
     type(wrapped).fn = None
     args = (torch.empty(16), torch.empty(16), 16, 0.5)
     for kernel in (hooked, wrapped):
-        planned = triton_kernels.PlannedLaunch(kernel, (2, 3), dict(FLAG=False))
+        prepared = triton_kernels.PreparedLaunch(kernel, (2, 3), dict(FLAG=False))
         for _ in range(3):
-            planned(args, torch.device("cuda", 0))
+            prepared(args, torch.device("cuda", 0))
     assert [c[0] for c in calls] == ["triton"] * 6
 
 
@@ -266,7 +266,7 @@ def test_direct_launches_on_cuda_are_bitwise_tritons_and_skip_its_launch_path(mo
     results, launches_through_triton = {}, {}
     for direct in (True, False):
         monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", direct)
-        tuner.reset()  # fresh call plans, so the direct variants are learned again
+        tuner.reset()  # fresh prepared launches, so the direct variants are learned again
         module = copy.deepcopy(template)
         outputs, counts = [], []
         for x in (aligned, aligned, misaligned, misaligned):
@@ -364,7 +364,7 @@ def _one_module_from_several_threads(device: str, own_streams: bool):
 
 def test_one_module_from_several_threads(monkeypatch):
     """nn.DataParallel runs replicas in threads and servers call models from thread pools: every cache on
-    the call path (layout plans, tuner answers, arrival counters) must hold when threads share a module.
+    the call path (geometries, tuner answers, arrival counters) must hold when threads share a module.
     The Triton *interpreter* is not thread-safe itself (it patches triton.language while a kernel runs),
     so here only the kernel executions are serialised; everything triton_bn does around them interleaves."""
     interpreter = threading.Lock()
@@ -383,7 +383,7 @@ def test_one_module_from_several_threads(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("own_streams", [False, True], ids=["one stream", "a stream per thread"])
 def test_one_module_from_several_threads_on_cuda(own_streams):
-    """The same on a GPU, nothing serialised: the call plans' compiled variants (direct launches, each on
+    """The same on a GPU, nothing serialised: the prepared launches' compiled variants (direct launches, each on
     its caller's current stream) and the arrival counters (one buffer per stream) shared by threads."""
     errors = _one_module_from_several_threads("cuda", own_streams)
     torch.cuda.synchronize()

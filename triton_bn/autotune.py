@@ -83,10 +83,10 @@ class TileConfig:
         which their loop's loads are pipelined (``tl.range(..., num_stages=NUM_STAGES)``)."""
         return _launch_kwargs(self, family, reduction)
 
-    def fits(self, family: str, plan) -> bool:
-        """Whether this configuration is valid for ``plan``: a FLAT tile numbers a channel's elements in
+    def fits(self, family: str, geometry) -> bool:
+        """Whether this configuration is valid for ``geometry``: a FLAT tile numbers a channel's elements in
         int32, so it is never used (even from a cache filled at a smaller batch) once N x S reaches 2^31."""
-        return not (family == "channels_first" and self.flat and plan.batch * plan.spatial >= 2 ** 31)
+        return not (family == "channels_first" and self.flat and geometry.batch * geometry.spatial >= 2 ** 31)
 
 
 _POWER_OF_TWO_FIELDS = ("block_a", "block_b", "num_warps")
@@ -154,19 +154,19 @@ ROLES = REDUCTION_ROLES + ELEMENTWISE_ROLES
 REDUCTION_VARIANTS = ((2, 3), (8, 3), (4, 2), (4, 1))
 
 
-def problem_extent(family: str, plan) -> Tuple[int, int]:
+def problem_extent(family: str, geometry) -> Tuple[int, int]:
     """(extent of block_a, extent of block_b): the sizes a tile should not overshoot."""
     if family == "channels_last":
-        return plan.rows, plan.channels
-    return plan.batch, plan.spatial
+        return geometry.rows, geometry.channels
+    return geometry.batch, geometry.spatial
 
 
-def candidate_configs(family: str, role: str, plan) -> List[TileConfig]:
+def candidate_configs(family: str, role: str, geometry) -> List[TileConfig]:
     """The declared tiles, each dimension clamped to the problem (a tile much larger than the problem
     only masks lanes off), duplicates removed, never empty; for reductions, each tile also with the
     split-count and pipelining variants of ``REDUCTION_VARIANTS`` (where the loads are not 16-byte
     vectors, ``vector_aligned``, only the split-count variants, unpipelined)."""
-    extent_a, extent_b = problem_extent(family, plan)
+    extent_a, extent_b = problem_extent(family, geometry)
     cap_a = next_power_of_2(max(extent_a, 1))
     cap_b = max(16, next_power_of_2(max(extent_b, 1)))
     clamped = []
@@ -181,7 +181,7 @@ def candidate_configs(family: str, role: str, plan) -> List[TileConfig]:
         if candidate not in clamped:
             clamped.append(candidate)
     if role in REDUCTION_ROLES:
-        if vector_aligned(family, plan):
+        if vector_aligned(family, geometry):
             clamped += [TileConfig(c.block_a, c.block_b, c.num_warps, stages, per_sm, c.flat)
                         for c in list(clamped) for per_sm, stages in REDUCTION_VARIANTS]
         else:  # pipelining 4-byte loads only loses (heuristic_config): one stage, every split-count variant
@@ -191,7 +191,7 @@ def candidate_configs(family: str, role: str, plan) -> List[TileConfig]:
 
 
 @functools.lru_cache(maxsize=4096)
-def heuristic_config(family: str, role: str, plan, element_size: int) -> TileConfig:
+def heuristic_config(family: str, role: str, geometry, element_size: int) -> TileConfig:
     """A good tile without benchmarking: about 4096 elements (16 KiB of fp32) per tile.
 
     Channels-last tiles: the statistics take 32 channels x 128 rows in every dtype; the other kernels
@@ -202,24 +202,24 @@ def heuristic_config(family: str, role: str, plan, element_size: int) -> TileCon
     Reductions pipeline their loop (``num_stages=3``) only where their loads are 16-byte vectors
     (``vector_aligned``): otherwise Triton pipelines them as one 4-byte ``cp.async`` per element plus a
     shared-memory read back, which ran 1.8-6x slower than the plain loop on 7x7 and 14x14 NCHW planes."""
-    extent_a, extent_b = problem_extent(family, plan)
+    extent_a, extent_b = problem_extent(family, geometry)
     if family == "channels_last":
         widest = 32 if role == "stats" else (64 if element_size >= 4 else 128)
         block_b = max(16, min(next_power_of_2(max(extent_b, 1)), widest))
     else:
         block_b = max(16, min(next_power_of_2(max(extent_b, 1)), 2048))
     block_a = max(1, min(4096 // block_b, next_power_of_2(max(extent_a, 1))))
-    stages = 3 if role not in REDUCTION_ROLES or vector_aligned(family, plan) else 1
+    stages = 3 if role not in REDUCTION_ROLES or vector_aligned(family, geometry) else 1
     return TileConfig(block_a, block_b, _warps(block_a * block_b), num_stages=stages)
 
 
-def vector_aligned(family: str, plan) -> bool:
+def vector_aligned(family: str, geometry) -> bool:
     """Whether a tile's rows can load as 16-byte vectors: Triton proves alignment from the integer
     arguments it sees divisible by 16 (the row strides, and the extent that masks the contiguous axis)."""
     if family == "channels_last":
-        sizes = (plan.row_stride, plan.channels)
+        sizes = (geometry.row_stride, geometry.channels)
     else:
-        sizes = (plan.batch_stride, plan.channel_stride, plan.spatial)
+        sizes = (geometry.batch_stride, geometry.channel_stride, geometry.spatial)
     return all(size % 16 == 0 for size in sizes)
 
 
@@ -243,11 +243,11 @@ def split_count(work_items: int, parallel_programs: int, device: torch.device,
     return max(1, min(work_items, cdiv(target, max(parallel_programs, 1))))
 
 
-def tuning_key(family: str, role: str, plan, dtype: torch.dtype) -> str:
+def tuning_key(family: str, role: str, geometry, dtype: torch.dtype) -> str:
     if family == "channels_last":
-        shape = f"C={plan.channels},rows~{next_power_of_2(max(plan.rows, 1))}"
+        shape = f"C={geometry.channels},rows~{next_power_of_2(max(geometry.rows, 1))}"
     else:
-        shape = f"C={plan.channels},S={plan.spatial},N~{next_power_of_2(max(plan.batch, 1))}"
+        shape = f"C={geometry.channels},S={geometry.spatial},N~{next_power_of_2(max(geometry.batch, 1))}"
     return f"{family}.{role}|{str(dtype).replace('torch.', '')}|{shape}"
 
 
@@ -270,7 +270,7 @@ class Tuner:
         self.memory: Dict[str, TileConfig] = {}
         self.report: List[dict] = []  # every benchmarked candidate: kernel key, config, ms, chosen
         self.benchmark: Callable[[Callable[[], None]], float] = _default_benchmark
-        # bumped whenever an earlier answer may no longer hold: launchers key their remembered call plans on it
+        # bumped whenever an earlier answer may no longer hold: launchers key their prepared launches on it
         self.generation = 0
         self._tune_on_cpu = False
         # TRITON_BN_AUTOTUNE=0 turns tuning off; read once (this is asked on every launch)
@@ -284,7 +284,7 @@ class Tuner:
 
     def changed(self) -> None:
         """Every answer given so far may no longer hold (a forced configuration, a reset, tuning switched on
-        or off): a new generation, which the launchers' remembered call plans are keyed on."""
+        or off): a new generation, which the launchers' prepared launches are keyed on."""
         self.generation += 1
 
     autotune = _switch("_autotune", "Whether new keys are benchmarked on a GPU (else the heuristic decides).")
@@ -296,22 +296,22 @@ class Tuner:
             return False
         return self._tune_on_cpu if device.type != "cuda" else not INTERPRET
 
-    def select(self, family: str, role: str, plan, x: torch.Tensor,
+    def select(self, family: str, role: str, geometry, x: torch.Tensor,
                run: Callable[[TileConfig], None]) -> TileConfig:
         """The configuration for this problem. ``run(config)`` launches the tuned kernel once with
         that configuration; it is called only while benchmarking. (Launchers ask once per call site and
-        generation: they remember the answer in their call plans.)"""
+        generation: they remember the answer in their prepared launches.)"""
         forced = self._forced.get(f"{family}.{role}") or self._forced.get(family)
         if forced is not None:
             return forced
-        heuristic = heuristic_config(family, role, plan, x.element_size())
+        heuristic = heuristic_config(family, role, geometry, x.element_size())
         if not self.enabled(x.device):
             return heuristic
-        key = tuning_key(family, role, plan, x.dtype)
+        key = tuning_key(family, role, geometry, x.dtype)
         with self._lock:  # one thread tunes a key; the others wait for its answer instead of re-tuning
-            return self._select_tuned(family, role, plan, x, run, key, heuristic)
+            return self._select_tuned(family, role, geometry, x, run, key, heuristic)
 
-    def _select_tuned(self, family, role, plan, x, run, key, heuristic) -> TileConfig:
+    def _select_tuned(self, family, role, geometry, x, run, key, heuristic) -> TileConfig:
         self._load_disk(x.device)
         if key not in self.memory:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -319,11 +319,11 @@ class Tuner:
                     f"triton_bn: {key} is seen for the first time inside a CUDA graph capture, where it can not "
                     "be autotuned (or compiled and loaded). Warm up first: run the same step once (forward and "
                     "backward) before capturing.")
-            candidates = self._shortlist(candidate_configs(family, role, plan), heuristic)
+            candidates = self._shortlist(candidate_configs(family, role, geometry), heuristic)
             self.memory[key] = self._benchmark(key, candidates, run)
             self._save_disk(x.device)
         # the key groups batch sizes by power of two: a choice made for one may not fit another
-        return self.memory[key] if self.memory[key].fits(family, plan) else heuristic
+        return self.memory[key] if self.memory[key].fits(family, geometry) else heuristic
 
     def _shortlist(self, candidates: List[TileConfig], heuristic: TileConfig) -> List[TileConfig]:
         """The heuristic's choice first, then the candidates ordered by how far their tile size is from it

@@ -345,7 +345,7 @@ def _backward_plan(x, mean, stat, weight, bias, residual, eps, batch_stats, acti
 def _require_dense(x, residual, per_channel) -> None:
     """The C++ path takes tensors the launchers use as they are: x in one of the two layout families, a
     residual with x's strides, per-channel vectors with stride 1 (anything else is copied by Python)."""
-    if triton_kernels.plan_layout(x)[0] is not x:
+    if triton_kernels.dense_geometry(x)[0] is not x:
         raise PlanUnsupported("x needs a copy into a layout family")
     if residual is not None and residual.stride() != x.stride() and residual.numel() > 1:
         raise PlanUnsupported("the residual needs x's strides")
@@ -389,10 +389,10 @@ def _write(watched, known: dict, outputs: dict, expectations: dict, device, requ
         return slot
 
     launches, reals, names = [], [], []
-    for planned, args in watched:
-        compiled = compiled_variant(planned.kernel, planned.grid, args, planned.kwargs, device)
+    for prepared, args in watched:
+        compiled = compiled_variant(prepared.kernel, prepared.grid, args, prepared.kwargs, device)
         params = []
-        for name, arg in zip(planned.kernel.arg_names, args):
+        for name, arg in zip(prepared.kernel.arg_names, args):
             kind = compiled.signature[name]
             if kind == "constexpr":  # specialised away (an int equal to 1, None)
                 continue
@@ -411,7 +411,7 @@ def _write(watched, known: dict, outputs: dict, expectations: dict, device, requ
                 raise PlanUnsupported(f"{compiled.name}: parameter {name} of type {kind}")
         params += [NULL_POINTER, -1, 0] * compiled.scratch_pointers
         check_abi(compiled, params[0::3])
-        grid = tuple(planned.grid) + (1,) * (3 - len(planned.grid))
+        grid = tuple(prepared.grid) + (1,) * (3 - len(prepared.grid))
         launches += [compiled.function, *grid, compiled.num_warps * 32, compiled.shared, len(params) // 3, *params]
         names.append(compiled.name)
     expect = []

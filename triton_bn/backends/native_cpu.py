@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 
 from .. import build, settings
-from ..layout import channels_innermost, like_input
+from .layout import channels_innermost, like_input
 from . import host_factor, in_parameter_dtypes
 
 ENABLED = settings.flag("TRITON_BN_NATIVE_CPU")

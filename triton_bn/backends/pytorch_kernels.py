@@ -13,7 +13,7 @@ inputs in PyTorch's mixed-precision kernels where the epilogue commutes with rou
 import torch
 import torch.nn.functional as F
 
-from ..layout import CHANNELS_LAST_FORMATS
+from .layout import CHANNELS_LAST_FORMATS
 from . import compute_dtype, host_factor, in_parameter_dtypes, reduce_dims
 
 

@@ -25,10 +25,9 @@ import torch
 
 from .. import settings, spec
 from ..autotune import INTERPRET, TileConfig, cdiv, merge_block, split_count, tuner
-from ..kernels import channels_first as cf
-from ..kernels import channels_last as cl
-from ..layout import ChannelsLastPlan, empty_like_input, like_input, plan_layout
-from ..occupancy import resident_per_sm
+from ..kernels import KERNELS
+from .layout import ChannelsLastGeometry, dense_geometry, empty_like_input, like_input
+from .occupancy import resident_per_sm
 
 _dummies = {}
 
@@ -85,7 +84,7 @@ _watching = threading.local()
 
 @contextlib.contextmanager
 def watch(dry: bool = False):
-    """Collect the (PlannedLaunch, arguments) of every launch the launchers make on this thread meanwhile (the
+    """Collect the (PreparedLaunch, arguments) of every launch the launchers make on this thread meanwhile (the
     tuner's candidate runs are not among them); ``dry``: collect them without launching (cpp_launch.py writes its
     plans from them)."""
     previous = getattr(_watching, "state", None)
@@ -97,17 +96,8 @@ def watch(dry: bool = False):
         _watching.state = previous
 
 
-def _family(plan) -> str:
-    return "channels_last" if isinstance(plan, ChannelsLastPlan) else "channels_first"
-
-
-# The kernel of each role, per layout family.
-_KERNELS = {
-    "channels_last": dict(stats=cl._bn_fwd_stats_channels_last, apply=cl._bn_fwd_apply_channels_last,
-                          bwd_reduce=cl._bn_bwd_reduce_channels_last, bwd_dx=cl._bn_bwd_dx_channels_last),
-    "channels_first": dict(stats=cf._bn_fwd_stats_channels_first, apply=cf._bn_fwd_apply_channels_first,
-                           bwd_reduce=cf._bn_bwd_reduce_channels_first, bwd_dx=cf._bn_bwd_dx_channels_first),
-}
+def _family(geometry) -> str:
+    return "channels_last" if isinstance(geometry, ChannelsLastGeometry) else "channels_first"
 
 
 def _per_channel_args(mean, stat, weight, bias, device):
@@ -181,7 +171,7 @@ def _launch(kernel, grid, args, kwargs, device: torch.device):
     return kernel[grid](*args, **kwargs)
 
 
-# Whether a call plan may call its compiled variants directly (``PlannedLaunch``); TRITON_BN_DIRECT_LAUNCH=0
+# Whether a prepared launch may call its compiled variants directly (``PreparedLaunch``); TRITON_BN_DIRECT_LAUNCH=0
 # (read at import) sends every launch through Triton's JITFunction, for comparison or if a Triton release
 # ever breaks the direct call.
 DIRECT_LAUNCH = settings.flag("TRITON_BN_DIRECT_LAUNCH")
@@ -196,11 +186,11 @@ def argument_signature(args) -> tuple:
                   (a if a.__class__ is int else a.__class__) for a in args])
 
 
-class PlannedLaunch:
-    """The launch of one call plan: kernel, grid and keywords (constexprs, warps, stages) fixed; only the
+class PreparedLaunch:
+    """One kind of call's launch, prepared: kernel, grid and keywords (constexprs, warps, stages) fixed; only the
     tensors and scalars change from call to call.
 
-    Triton's ``kernel[grid](...)`` redoes on every call what a plan already knows: it specializes each
+    Triton's ``kernel[grid](...)`` redoes on every call what a prepared launch already knows: it specializes each
     argument, builds a cache key from the specialization and the options, checks the kernel's globals,
     and only then launches. On an H100 host a 3-argument kernel launches in ~17 us that way against ~10 us
     through its compiled variant's own launcher, and these kernels, with 20-30 arguments, save 20-28 us per
@@ -258,12 +248,12 @@ _UNSEEN = object()
 _RESIDENT = {}  # (kernel, config, dtype, device, launch kwargs) -> programs of that variant fitting per SM
 
 
-def _reduction_layout(kernel, plan, cfg: TileConfig, x: torch.Tensor, make_args, kwargs):
+def _reduction_layout(kernel, geometry, cfg: TileConfig, x: torch.Tensor, make_args, kwargs):
     """The ``_reduction_grid`` layout of a reduction with as many splits as fit: ``cfg.programs_per_sm``
     programs per multiprocessor, or fewer when fewer of the compiled variant can be resident at once
     (more would only add waves). ``make_args(layout)`` builds the kernel's arguments for a layout."""
     device = x.device
-    layout = _reduction_grid(plan, cfg, device, cfg.programs_per_sm)
+    layout = _reduction_grid(geometry, cfg, device, cfg.programs_per_sm)
     if device.type == "cuda":
         key = (kernel, cfg, x.dtype, device, tuple(kwargs.items()))
         fits = _RESIDENT.get(key)
@@ -273,7 +263,7 @@ def _reduction_layout(kernel, plan, cfg: TileConfig, x: torch.Tensor, make_args,
                 refuse_first_launch_in_capture(kernel, layout[1], args, kwargs)
             fits = _RESIDENT[key] = _resident(kernel, layout[1], args, kwargs, device, cfg)
         if fits < cfg.programs_per_sm:
-            layout = _reduction_grid(plan, cfg, device, fits)
+            layout = _reduction_grid(geometry, cfg, device, fits)
     return layout
 
 
@@ -299,13 +289,13 @@ def _on_scratch(make_args, copy):
     return tuning_args
 
 
-# -- call plans ---------------------------------------------------------------------------------------------
+# -- prepared launches -----------------------------------------------------------------------------------
 # Everything a launch needs except the tensors (kernel, grid, size arguments, constexprs and options), per
-# (role, layout plan, dtype, device, epilogue flags) and tuner generation: a training loop asks the same
+# (role, geometry, dtype, device, epilogue flags) and tuner generation: a training loop asks the same
 # questions every step, and answering them again (configuration lookup, grid arithmetic, keyword dicts)
-# costs more host time than the launch itself; its PlannedLaunch also keeps the compiled variants it may
+# costs more host time than the launch itself; its PreparedLaunch also keeps the compiled variants it may
 # call directly. A new tuner generation (forced configuration, reset,
-# tuning switched) makes every remembered plan unreachable.
+# tuning switched) makes every prepared launch unreachable.
 _CALLS = {}
 
 
@@ -316,35 +306,35 @@ def _remember(key, call):
     return call
 
 
-def _call_plan(role: str, plan, x: torch.Tensor, flags: tuple, build):
-    """The remembered call plan of (role, layout plan, dtype, device, flags); on a miss,
+def _prepared_launch(role: str, geometry, x: torch.Tensor, flags: tuple, build):
+    """The prepared launch of (role, geometry, dtype, device, flags); on a miss,
     ``build(kernel, family, flag_kwargs)`` makes it (choosing the configuration, tuning if need be)."""
-    key = (role, plan, x.dtype, x.device, flags, tuner.generation)
+    key = (role, geometry, x.dtype, x.device, flags, tuner.generation)
     call = _CALLS.get(key)
     if call is None:
-        family = _family(plan)
-        call = _remember(key, build(_KERNELS[family][role], family, _flag_kwargs(role, flags)))
+        family = _family(geometry)
+        call = _remember(key, build(KERNELS[family][role], family, _flag_kwargs(role, flags)))
     return call
 
 
-def _elementwise_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args, tuning_args=None):
-    """(PlannedLaunch, size arguments) of an elementwise kernel; ``make_args(size_args)`` builds its
+def _elementwise_call(role: str, geometry, x: torch.Tensor, flags: tuple, make_args, tuning_args=None):
+    """(PreparedLaunch, size arguments) of an elementwise kernel; ``make_args(size_args)`` builds its
     arguments, for the tuner's candidate runs ``tuning_args(size_args)`` where given (as for reductions)."""
     def build(kernel, family, base):
         def run(cfg: TileConfig):
-            grid, size_args = _elementwise_grid(plan, cfg)
+            grid, size_args = _elementwise_grid(geometry, cfg)
             _launch(kernel, grid, (tuning_args or make_args)(size_args), dict(base, **cfg.launch_kwargs(family)),
                     x.device)
 
-        cfg = tuner.select(family, role, plan, x, run)
-        grid, size_args = _elementwise_grid(plan, cfg)
-        return PlannedLaunch(kernel, grid, dict(base, **cfg.launch_kwargs(family))), size_args
+        cfg = tuner.select(family, role, geometry, x, run)
+        grid, size_args = _elementwise_grid(geometry, cfg)
+        return PreparedLaunch(kernel, grid, dict(base, **cfg.launch_kwargs(family))), size_args
 
-    return _call_plan(role, plan, x, flags, build)
+    return _prepared_launch(role, geometry, x, flags, build)
 
 
-def _reduction_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args, tuning_args=None):
-    """(PlannedLaunch, layout) of a reduction; ``make_args(layout)`` builds its arguments. The tuner's
+def _reduction_call(role: str, geometry, x: torch.Tensor, flags: tuple, make_args, tuning_args=None):
+    """(PreparedLaunch, layout) of a reduction; ``make_args(layout)`` builds its arguments. The tuner's
     candidate runs use ``tuning_args(layout)`` instead where given (scratch copies of what a real run
     updates)."""
     def build(kernel, family, base):
@@ -353,15 +343,15 @@ def _reduction_call(role: str, plan, x: torch.Tensor, flags: tuple, make_args, t
 
         def run(cfg: TileConfig):
             kwargs = kwargs_for(cfg)
-            layout = _reduction_layout(kernel, plan, cfg, x, make_args, kwargs)
+            layout = _reduction_layout(kernel, geometry, cfg, x, make_args, kwargs)
             _launch(kernel, layout[1], (tuning_args or make_args)(layout), kwargs, x.device)
 
-        cfg = tuner.select(family, role, plan, x, run)
+        cfg = tuner.select(family, role, geometry, x, run)
         kwargs = kwargs_for(cfg)
-        layout = _reduction_layout(kernel, plan, cfg, x, make_args, kwargs)
-        return PlannedLaunch(kernel, layout[1], kwargs), layout
+        layout = _reduction_layout(kernel, geometry, cfg, x, make_args, kwargs)
+        return PreparedLaunch(kernel, layout[1], kwargs), layout
 
-    return _call_plan(role, plan, x, flags, build)
+    return _prepared_launch(role, geometry, x, flags, build)
 
 
 _FLAG_NAMES = {
@@ -375,7 +365,7 @@ _FLAG_NAMES = {
 
 
 def _flag_kwargs(role: str, flags: tuple) -> dict:
-    """A role's constexpr flags as keywords, from the flag tuple that keys its call plan."""
+    """A role's constexpr flags as keywords, from the flag tuple that keys its prepared launch."""
     return dict(zip(_FLAG_NAMES[role], flags))
 
 
@@ -391,42 +381,43 @@ def _epilogue_flags(per_channel, residual, batch_stats: bool, activation: int) -
 GRID_AXIS_LIMIT = 65535  # grid axes 1 and 2; axis 0 takes 2^31 - 1
 
 
-def _reduction_grid(plan, cfg: TileConfig, device, programs_per_sm: int):
+def _reduction_grid(geometry, cfg: TileConfig, device, programs_per_sm: int):
     """(num_splits, grid, size arguments, counters needed) of a reduction kernel aiming at
     ``programs_per_sm`` programs per multiprocessor. Channel-contiguous: channel blocks on axis 0 (any
     C), splits on axis 1 (a few per multiprocessor, far under its limit)."""
-    if isinstance(plan, ChannelsLastPlan):
-        row_blocks = cdiv(plan.rows, cfg.block_a)
-        channel_blocks = cdiv(plan.channels, cfg.block_b)
+    if isinstance(geometry, ChannelsLastGeometry):
+        row_blocks = cdiv(geometry.rows, cfg.block_a)
+        channel_blocks = cdiv(geometry.channels, cfg.block_b)
         splits = min(split_count(row_blocks, channel_blocks, device, programs_per_sm), GRID_AXIS_LIMIT)
         rows_per_split = cdiv(row_blocks, splits) * cfg.block_a
-        splits = cdiv(plan.rows, rows_per_split)
-        return (splits, (channel_blocks, splits), (plan.rows, plan.channels, plan.row_stride, rows_per_split, splits),
+        splits = cdiv(geometry.rows, rows_per_split)
+        return (splits, (channel_blocks, splits),
+                (geometry.rows, geometry.channels, geometry.row_stride, rows_per_split, splits),
                 channel_blocks)
-    num_s_blocks, num_tiles = _channels_first_tiles(plan, cfg)
-    splits = split_count(num_tiles, plan.channels, device, programs_per_sm)
+    num_s_blocks, num_tiles = _channels_first_tiles(geometry, cfg)
+    splits = split_count(num_tiles, geometry.channels, device, programs_per_sm)
     tiles_per_split = cdiv(num_tiles, splits)
     splits = cdiv(num_tiles, tiles_per_split)
-    size_args = (plan.batch, plan.channels, plan.spatial, plan.batch_stride, plan.channel_stride,
+    size_args = (geometry.batch, geometry.channels, geometry.spatial, geometry.batch_stride, geometry.channel_stride,
                  num_s_blocks, num_tiles, splits, tiles_per_split)
-    return splits, (plan.channels * splits,), size_args, plan.channels
+    return splits, (geometry.channels * splits,), size_args, geometry.channels
 
 
-def _channels_first_tiles(plan, cfg: TileConfig):
+def _channels_first_tiles(geometry, cfg: TileConfig):
     """(tiles per row of a plane, tiles per channel) of a channels-first tiling (2-D or flat)."""
     if cfg.flat:
-        return 1, cdiv(plan.batch * plan.spatial, cfg.block_a * cfg.block_b)
-    num_s_blocks = cdiv(plan.spatial, cfg.block_b)
-    return num_s_blocks, cdiv(plan.batch, cfg.block_a) * num_s_blocks
+        return 1, cdiv(geometry.batch * geometry.spatial, cfg.block_a * cfg.block_b)
+    num_s_blocks = cdiv(geometry.spatial, cfg.block_b)
+    return num_s_blocks, cdiv(geometry.batch, cfg.block_a) * num_s_blocks
 
 
-def _elementwise_grid(plan, cfg: TileConfig):
-    if isinstance(plan, ChannelsLastPlan):  # 1-D: (row blocks x channel blocks), see _elementwise_tile
-        grid = (cdiv(plan.rows, cfg.block_a) * cdiv(plan.channels, cfg.block_b),)
-        return grid, (plan.rows, plan.channels, plan.row_stride)
-    num_s_blocks, num_tiles = _channels_first_tiles(plan, cfg)
-    grid = (plan.channels * num_tiles,)
-    return grid, (plan.batch, plan.channels, plan.spatial, plan.batch_stride, plan.channel_stride,
+def _elementwise_grid(geometry, cfg: TileConfig):
+    if isinstance(geometry, ChannelsLastGeometry):  # 1-D: (row blocks x channel blocks), see _elementwise_tile
+        grid = (cdiv(geometry.rows, cfg.block_a) * cdiv(geometry.channels, cfg.block_b),)
+        return grid, (geometry.rows, geometry.channels, geometry.row_stride)
+    num_s_blocks, num_tiles = _channels_first_tiles(geometry, cfg)
+    grid = (geometry.channels * num_tiles,)
+    return grid, (geometry.batch, geometry.channels, geometry.spatial, geometry.batch_stride, geometry.channel_stride,
                   num_s_blocks, num_tiles)
 
 
@@ -438,19 +429,19 @@ def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_v
     """Batch mean and invstd (fp32, [C]) of x, and the running-statistics update (once). A cumulative
     average reads ``num_batches_tracked`` as the count before this batch (weight 1 / (count + 1)); counting
     the batch is the caller's."""
-    x, plan = plan_layout(x)
-    return _statistics(x, plan, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+    x, geometry = dense_geometry(x)
+    return _statistics(x, geometry, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
 
 
-def _statistics(x, plan, running_mean, running_var, num_batches_tracked, momentum: float, cumulative: bool,
+def _statistics(x, geometry, running_mean, running_var, num_batches_tracked, momentum: float, cumulative: bool,
                 eps: float):
-    """``batch_stats`` on a planned x: (mean, invstd), fp32. Two allocations: the outputs of a custom op
+    """``batch_stats`` on a dense x: (mean, invstd), fp32. Two allocations: the outputs of a custom op
     (``ops.py``) may not alias one another."""
     mean = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
     invstd = torch.empty_like(mean)
     if x.numel() == 0:  # PyTorch leaves the running statistics alone on an empty batch
         return mean.zero_(), invstd.fill_(float("nan"))
-    _merged_statistics(x, plan, mean, invstd, None, running_mean, running_var, num_batches_tracked, momentum,
+    _merged_statistics(x, geometry, mean, invstd, None, running_mean, running_var, num_batches_tracked, momentum,
                        cumulative, eps)
     return mean, invstd
 
@@ -462,13 +453,13 @@ def batch_norm_training(x: torch.Tensor, running_mean: Optional[torch.Tensor], r
                         cumulative: bool, eps: float, activation: int, negative_slope: float):
     """A whole training forward: (y, mean, invstd), the running statistics updated once and the batch counted
     in ``num_batches_tracked`` (when given): the statistics, then the normalization, which also counts the
-    batch (two launches on one layout plan, no increment kernel); on the pure-PyTorch path, PyTorch's
+    batch (two launches on one geometry, no increment kernel); on the pure-PyTorch path, PyTorch's
     kernels."""
-    x, plan = plan_layout(x)
-    mean, invstd = _statistics(x, plan, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
+    x, geometry = dense_geometry(x)
+    mean, invstd = _statistics(x, geometry, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
     if x.numel() == 0 and num_batches_tracked is not None:
         num_batches_tracked.add_(1)  # nothing is launched for an empty batch, but it counts (as in PyTorch)
-    return (_apply(x, plan, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope,
+    return (_apply(x, geometry, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope,
                    num_batches_tracked), mean, invstd)
 
 
@@ -479,15 +470,15 @@ def batch_moments(x: torch.Tensor) -> torch.Tensor:
     channels = x.shape[1]
     moments = torch.zeros((3, channels), dtype=torch.float32, device=x.device)
     if x.numel() > 0:
-        x, plan = plan_layout(x)
-        _merged_statistics(x, plan, moments[1], torch.empty_like(moments[1]), moments, None, None, None, 0.0, False,
+        x, geometry = dense_geometry(x)
+        _merged_statistics(x, geometry, moments[1], torch.empty_like(moments[1]), moments, None, None, None, 0.0, False,
                            1e-5)
     return moments
 
 
-def _merged_statistics(x, plan, mean, invstd, moments, running_mean, running_var, num_batches_tracked,
+def _merged_statistics(x, geometry, mean, invstd, moments, running_mean, running_var, num_batches_tracked,
                        momentum: float, cumulative: bool, eps: float) -> None:
-    """One launch on a planned x: split shifted sums, merged and finalized by the last program of each
+    """One launch on a dense x: split shifted sums, merged and finalized by the last program of each
     channel block (mean, invstd, optional moments, and the running statistics, updated once)."""
     channels = x.shape[1]
     device = x.device
@@ -507,7 +498,7 @@ def _merged_statistics(x, plan, mean, invstd, moments, running_mean, running_var
                 *moment_args, *running, *size_args, *scalars)
 
     tuning_args = _on_scratch(make_args, lambda: tuple(t if t is dummy else t.clone() for t in running))
-    launch, layout = _reduction_call("stats", plan, x, (update, cumulative, moments is not None), make_args,
+    launch, layout = _reduction_call("stats", geometry, x, (update, cumulative, moments is not None), make_args,
                                      tuning_args)
     launch(make_args(layout), device)
 
@@ -517,13 +508,13 @@ def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, we
                      bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float,
                      batch_stats: bool, activation: int, negative_slope: float) -> torch.Tensor:
     """y = act(x * scale + shift [+ residual]). ``stat`` is invstd (batch_stats) or the running variance."""
-    x, plan = plan_layout(x)
-    return _apply(x, plan, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
+    x, geometry = dense_geometry(x)
+    return _apply(x, geometry, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
 
 
-def _apply(x, plan, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+def _apply(x, geometry, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
            negative_slope: float, num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``batch_norm_apply`` on a planned x: one launch, which also adds 1 to ``num_batches_tracked`` when
+    """``batch_norm_apply`` on a dense x: one launch, which also adds 1 to ``num_batches_tracked`` when
     given (the training forward's count of its batch)."""
     y = empty_like_input(x)
     if x.numel() == 0:
@@ -539,7 +530,7 @@ def _apply(x, plan, mean, stat, weight, bias, residual, eps: float, batch_stats:
 
     flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (counting,)
     launch, size_args = _elementwise_call(
-        "apply", plan, x, flags, make_args, _on_scratch(make_args, num_batches_tracked.clone) if counting else None)
+        "apply", geometry, x, flags, make_args, _on_scratch(make_args, num_batches_tracked.clone) if counting else None)
     launch(make_args(size_args), device)
     return y
 
@@ -556,16 +547,16 @@ def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, sta
     if x.numel() == 0:  # nothing to launch: the step function gives the zero sums
         return spec.backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
                                        negative_slope, grad_weight, grad_bias)
-    x, plan = plan_layout(x)
+    x, geometry = dense_geometry(x)
     residual = like_input(residual, x) if residual is not None else None
-    scratch = _sums_launch(like_input(grad_y, x), x, plan, _per_channel_args(mean, stat, weight, bias, x.device),
+    scratch = _sums_launch(like_input(grad_y, x), x, geometry, _per_channel_args(mean, stat, weight, bias, x.device),
                            residual, grad_weight, grad_bias, eps, batch_stats, activation, negative_slope)
     return scratch[:2 * x.shape[1]].view(2, x.shape[1])
 
 
-def _sums_launch(grad_y, x, plan, per_channel, residual, grad_weight, grad_bias, eps, batch_stats, activation,
+def _sums_launch(grad_y, x, geometry, per_channel, residual, grad_weight, grad_bias, eps, batch_stats, activation,
                  negative_slope) -> torch.Tensor:
-    """Launch pass 1 on planned tensors; returns its fp32 buffer: the [2, C] sums, then the partials."""
+    """Launch pass 1 on dense tensors; returns its fp32 buffer: the [2, C] sums, then the partials."""
     channels, device = x.shape[1], x.device
     residual_arg = residual if residual is not None else _dummy(device)
     outputs = (grad_weight if grad_weight is not None else _dummy(device),
@@ -581,7 +572,7 @@ def _sums_launch(grad_y, x, plan, per_channel, residual, grad_weight, grad_bias,
 
     flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (grad_weight is not None,
                                                                                grad_bias is not None)
-    launch, layout = _reduction_call("bwd_reduce", plan, x, flags, make_args)
+    launch, layout = _reduction_call("bwd_reduce", geometry, x, flags, make_args)
     launch(make_args(layout), device)
     return scratch[0]
 
@@ -599,16 +590,16 @@ def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tens
     if x.numel() == 0:  # nothing to launch: the step function gives the empty gradients
         return spec.backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps,
                                               batch_stats, activation, negative_slope, want_dx, want_dresidual)
-    x, plan = plan_layout(x)
+    x, geometry = dense_geometry(x)
     residual = like_input(residual, x) if residual is not None else None
-    return _dx_launch(like_input(grad_y, x), x, plan, _per_channel_args(mean, stat, weight, bias, x.device),
+    return _dx_launch(like_input(grad_y, x), x, geometry, _per_channel_args(mean, stat, weight, bias, x.device),
                       residual, sums.contiguous() if sums is not None else None, inv_count, eps, batch_stats,
                       activation, negative_slope, want_dx, want_dresidual)
 
 
-def _dx_launch(grad_y, x, plan, per_channel, residual, sums, inv_count, eps, batch_stats, activation,
+def _dx_launch(grad_y, x, geometry, per_channel, residual, sums, inv_count, eps, batch_stats, activation,
                negative_slope, want_dx, want_dresidual):
-    """Launch pass 2 on planned tensors."""
+    """Launch pass 2 on dense tensors."""
     device = x.device
     grad_x = empty_like_input(x) if want_dx else None
     grad_residual = empty_like_input(x) if want_dresidual else None
@@ -623,7 +614,7 @@ def _dx_launch(grad_y, x, plan, per_channel, residual, sums, inv_count, eps, bat
         return (*tensors, *size_args, inv_count, eps, negative_slope)
 
     flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (batch_stats, want_dx, want_dresidual)
-    launch, size_args = _elementwise_call("bwd_dx", plan, x, flags, make_args)
+    launch, size_args = _elementwise_call("bwd_dx", geometry, x, flags, make_args)
     launch(make_args(size_args), device)
     return grad_x, grad_residual
 
@@ -645,15 +636,15 @@ def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
     grad_bias = torch.empty_like(bias) if (want_dbias and bias is not None) else None
     need_sums = (want_dx and batch_stats) or grad_weight is not None or grad_bias is not None
     count = max(x.numel() // max(x.shape[1], 1), 1)
-    with _input_device(x):  # both passes share one layout plan and one set of argument preparations
-        x, plan = plan_layout(x)
+    with _input_device(x):  # both passes share one geometry and one set of argument preparations
+        x, geometry = dense_geometry(x)
         grad_y = like_input(grad_y, x)
         residual = like_input(residual, x) if residual is not None else None
         per_channel = _per_channel_args(mean, stat, weight, bias, x.device)
-        sums = (_sums_launch(grad_y, x, plan, per_channel, residual, grad_weight, grad_bias, eps, batch_stats,
+        sums = (_sums_launch(grad_y, x, geometry, per_channel, residual, grad_weight, grad_bias, eps, batch_stats,
                              activation, negative_slope) if need_sums else None)
         grad_x = grad_residual = None
         if want_dx or want_dresidual:
-            grad_x, grad_residual = _dx_launch(grad_y, x, plan, per_channel, residual, sums, 1.0 / count, eps,
+            grad_x, grad_residual = _dx_launch(grad_y, x, geometry, per_channel, residual, sums, 1.0 / count, eps,
                                                batch_stats, activation, negative_slope, want_dx, want_dresidual)
     return grad_x, grad_weight, grad_bias, grad_residual

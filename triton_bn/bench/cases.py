@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import torch_activation
-from ..layout import CHANNELS_LAST_FORMATS
+from ..backends.layout import CHANNELS_LAST_FORMATS
 
 SHAPE_SETS: Dict[str, List[Tuple[int, ...]]] = {
     "resnet50": [(128, 64, 112, 112), (128, 256, 56, 56), (128, 512, 28, 28), (128, 1024, 14, 14),

@@ -56,7 +56,7 @@ Geometry geometry_of(const at::Tensor& x) {
   return {true, N, C, N == 0 ? 0 : R / N, R};
 }
 
-// (strides as triton_bn/layout.py's like_input gives them: a tensor of at most one element has no layout)
+// (strides as triton_bn/backends/layout.py's like_input gives them: a tensor of at most one element has no layout)
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.device().is_cpu() && t.sizes() == x.sizes() && (t.numel() <= 1 || t.strides() == x.strides()) &&
               t.scalar_type() == x.scalar_type(),

@@ -1,9 +1,9 @@
 """Which layout family a tensor belongs to, and its 2-D / 3-D view.
 
 - channels-contiguous (channels_last, channels_last_3d, 2-D ``(N, C)``): viewed as ``[R, C]``,
-  R = N x spatial, channel stride 1. ``ChannelsLastPlan``.
+  R = N x spatial, channel stride 1. ``ChannelsLastGeometry``.
 - spatial-contiguous (NCHW, NCDHW, ``(N, C, L)``): viewed as ``[N, C, S]``, element stride 1 inside a
-  plane. ``ChannelsFirstPlan``.
+  plane. ``ChannelsFirstGeometry``.
 Anything else (a slice with gaps, an arbitrary permutation) is copied once into the layout it is
 closest to, so the kernels only ever see these two shapes.
 
@@ -16,15 +16,15 @@ from typing import NamedTuple, Tuple, Union
 import torch
 
 
-# Named tuples rather than dataclasses: plans key the launchers' caches on every call, and a tuple hashes
+# Named tuples rather than dataclasses: geometries key the launchers' caches on every call, and a tuple hashes
 # in C where a dataclass's __hash__ runs Python.
-class ChannelsLastPlan(NamedTuple):
+class ChannelsLastGeometry(NamedTuple):
     rows: int  # R = N x spatial
     channels: int
     row_stride: int
 
 
-class ChannelsFirstPlan(NamedTuple):
+class ChannelsFirstGeometry(NamedTuple):
     batch: int  # N
     channels: int
     spatial: int  # S = prod(spatial dims), 1 for (N, C)
@@ -32,52 +32,52 @@ class ChannelsFirstPlan(NamedTuple):
     channel_stride: int
 
 
-LayoutPlan = Union[ChannelsLastPlan, ChannelsFirstPlan]
+Geometry = Union[ChannelsLastGeometry, ChannelsFirstGeometry]
 
 # The channels-innermost memory format of each rank that has one.
 CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-def _plan_without_copy(x: torch.Tensor):
+def _geometry_without_copy(x: torch.Tensor):
     n, c, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     if x.is_contiguous() and spatial > 1:
         view = x.reshape(n, c, spatial)
-        return ChannelsFirstPlan(n, c, spatial, view.stride(0), view.stride(1))
+        return ChannelsFirstGeometry(n, c, spatial, view.stride(0), view.stride(1))
     channels_innermost = x.movedim(1, -1)
     if channels_innermost.is_contiguous():
         view = channels_innermost.reshape(-1, c)
-        return ChannelsLastPlan(view.shape[0], c, view.stride(0))
+        return ChannelsLastGeometry(view.shape[0], c, view.stride(0))
     return None
 
 
-_PLANS = {}  # (shape, strides) -> plan or None: the plan depends on nothing else, and this is the hot path
+_GEOMETRIES = {}  # (shape, strides) -> geometry or None: the geometry depends on nothing else, and this is the hot path
 _MISSING = object()
 
 
-def _cached_plan(x: torch.Tensor):
-    """x's plan without a copy, or None when x is in neither family (remembered per shape and strides)."""
+def _cached_geometry(x: torch.Tensor):
+    """x's geometry without a copy, or None when x is in neither family (remembered per shape and strides)."""
     key = (x.shape, x.stride())  # torch.Size hashes and compares as the tuple it is
-    plan = _PLANS.get(key, _MISSING)
-    if plan is _MISSING:  # read once into a local: another thread may clear the dict at any time
-        plan = _plan_without_copy(x)
-        if len(_PLANS) > 4096:
-            _PLANS.clear()
-        _PLANS[key] = plan
-    return plan
+    geometry = _GEOMETRIES.get(key, _MISSING)
+    if geometry is _MISSING:  # read once into a local: another thread may clear the dict at any time
+        geometry = _geometry_without_copy(x)
+        if len(_GEOMETRIES) > 4096:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[key] = geometry
+    return geometry
 
 
 def channels_innermost(x: torch.Tensor) -> bool:
     """Whether x is, as it is, a dense [rows, channels] matrix (the channels-contiguous family)."""
-    return isinstance(_cached_plan(x), ChannelsLastPlan)
+    return isinstance(_cached_geometry(x), ChannelsLastGeometry)
 
 
-def plan_layout(x: torch.Tensor) -> Tuple[torch.Tensor, LayoutPlan]:
-    """``(x_dense, plan)``: x itself when it is in one of the two families, else one copy of it."""
-    plan = _cached_plan(x)
-    if plan is None:
+def dense_geometry(x: torch.Tensor) -> Tuple[torch.Tensor, Geometry]:
+    """``(x_dense, geometry)``: x itself when it is in one of the two families, else one copy of it."""
+    geometry = _cached_geometry(x)
+    if geometry is None:
         x = x.contiguous(memory_format=_closest_memory_format(x))
-        plan = _plan_without_copy(x)
-    return x, plan
+        geometry = _geometry_without_copy(x)
+    return x, geometry
 
 
 def _closest_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -98,6 +98,6 @@ def like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def empty_like_input(x: torch.Tensor) -> torch.Tensor:
-    """An empty tensor with exactly x's strides (x dense, as ``plan_layout`` returns it: ``empty_like``
+    """An empty tensor with exactly x's strides (x dense, as ``dense_geometry`` returns it: ``empty_like``
     copies the strides of a dense, non-overlapping tensor)."""
     return torch.empty_like(x)
