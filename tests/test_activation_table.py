@@ -44,6 +44,18 @@ def test_every_activation_has_its_cpp_branches_and_dispatch_case():
     assert f"kActivationCount == {len(activations.TABLE)}" in source
 
 
+def test_no_cpp_source_bounds_the_ids_with_a_number():
+    """A check such as ``activation <= 8`` would refuse a new activation at run time ("unknown activation
+    id") after everything else was done: the bound is kActivationCount."""
+    folder = os.path.join(ROOT, "triton_bn", "csrc")
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith((".h", ".cpp")):
+                source = open(os.path.join(dirpath, name)).read()
+                for bound in re.finditer(r"activation\s*(<=?|>|>=)\s*\d+", source):
+                    assert bound.group(0).replace(" ", "") == "activation>=0", (name, bound.group(0))
+
+
 def test_the_converter_s_maps_come_from_the_table():
     for entry in activations.TABLE:
         for cls in entry.modules:

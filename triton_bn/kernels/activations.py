@@ -29,8 +29,9 @@ GELU = tl.constexpr(_IDS["GELU"])
 GELU_TANH = tl.constexpr(_IDS["GELU_TANH"])
 HARDSWISH = tl.constexpr(_IDS["HARDSWISH"])
 SIGMOID = tl.constexpr(_IDS["SIGMOID"])
-assert set(_IDS) == {name for name, value in globals().items() if isinstance(value, tl.constexpr)}, \
-    "every activation of the table has its constant here (and a branch in both functions below)"
+_MISSING = set(_IDS) - {name for name, value in globals().items() if isinstance(value, tl.constexpr)}
+assert not _MISSING, f"kernels/activations.py has no constant for {sorted(_MISSING)}: every activation of the " \
+    "table needs one here, and a branch in both functions below (docs/adding-an-activation.md)"
 
 # The float constants below are written as literals inside the functions: the compiler rejects plain
 # float globals in @triton.jit code, and the interpreter mishandles tl.constexpr float globals that

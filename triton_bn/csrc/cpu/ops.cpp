@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> training_forward(
   const int64_t R = g.R, C = g.C;
   TORCH_CHECK(R > 0, "triton_bn_cpu: empty batch");
   // everything checked before the running statistics are written
-  TORCH_CHECK(activation >= 0 && activation <= 8, "triton_bn_cpu: unknown activation id ", activation);
+  TORCH_CHECK(activation >= 0 && activation < kActivationCount, "triton_bn_cpu: unknown activation id ", activation);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
               x.scalar_type() == at::kDouble, "triton_bn_cpu: unsupported dtype ", x.scalar_type());
   if (present(residual)) check_like(*residual, "residual", x);
