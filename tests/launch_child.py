@@ -25,17 +25,17 @@ def python_launches(call):
     with triton_kernels.watch(dry=True) as watched:
         result = call()
     launches = []
-    for planned, args in watched:
-        compiled = cpp_launch.compiled_variant(planned.kernel, planned.grid, args, planned.kwargs, torch.device("cpu"))
+    for prepared, args in watched:
+        compiled = cpp_launch.compiled_variant(prepared.kernel, prepared.grid, args, prepared.kwargs, torch.device("cpu"))
         params = []
-        for name, arg in zip(planned.kernel.arg_names, args):
+        for name, arg in zip(prepared.kernel.arg_names, args):
             kind = compiled.signature[name]
             if kind == "constexpr":
                 continue
             params.append(("ptr", arg) if kind.startswith("*") else ("f32", float(arg)) if kind == "fp32"
                           else ("int", int(arg)))
         params += [("ptr", None)] * compiled.scratch_pointers
-        launches.append(dict(kernel=compiled.name, grid=list(planned.grid) + [1] * (3 - len(planned.grid)),
+        launches.append(dict(kernel=compiled.name, grid=list(prepared.grid) + [1] * (3 - len(prepared.grid)),
                              block=compiled.num_warps * 32, shared=compiled.shared, params=params))
     return launches, result
 
@@ -405,6 +405,41 @@ def check_threads():
     assert len(cuda_driver.recorded()) == 4 * 50 * 2
 
 
+def check_plans_follow_the_tuner_and_stay_bounded():
+    """A plan launches the tile configuration chosen when it was written: a configuration forced afterwards
+    (the tuner's generation moves on) makes the next call write its plans again, with the forced tiles, and
+    leaving the block does the same back. PLAN_LIMIT call kinds written: both sides' tables are emptied."""
+    from triton_bn.autotune import TileConfig, forced_config, heuristic_config
+    torch.manual_seed(0)
+    module = triton_bn.BatchNorm2d(6)
+    x = _input("channels_last")
+    with torch.no_grad():
+        module(x)
+        before, _ = recorded_during(lambda: module(x))
+        geometry = triton_kernels.dense_geometry(x)[1]
+        usual = heuristic_config("channels_last", "apply", geometry, x.element_size())
+        forced = TileConfig(block_a=usual.block_a * 2, block_b=usual.block_b, num_warps=usual.num_warps * 2)
+        with forced_config("channels_last.apply", forced):
+            during, _ = recorded_during(lambda: module(x))
+        after, _ = recorded_during(lambda: module(x))
+    apply_blocks = [[launch["block"] for launch in launches if launch["kernel"].startswith("_bn_fwd_apply")]
+                    for launches in (before, during)]
+    assert apply_blocks == [[usual.num_warps * 32], [forced.num_warps * 32]], apply_blocks
+    assert [launch["block"] for launch in after] == [launch["block"] for launch in before], (after, before)
+
+    limit = cpp_launch.PLAN_LIMIT
+    cpp_launch.PLAN_LIMIT = 3
+    try:
+        with torch.no_grad():
+            for channels in range(2, 8):  # six call kinds: the tables never hold more than three
+                triton_bn.BatchNorm2d(channels)(torch.randn(2, channels, 3, 3))
+                assert 1 <= len(cpp_launch._PLANS) <= 3, len(cpp_launch._PLANS)
+            recorded, _ = recorded_during(lambda: module(x))  # a kind forgotten: written again, still served
+            assert recorded and len(cpp_launch._PLANS) <= 3
+    finally:
+        cpp_launch.PLAN_LIMIT = limit
+
+
 CHECKS = {
     **{f"training-{layout}-{act}-{'residual' if res else 'plain'}-{'grad' if grad else 'nograd'}":
        (lambda layout=layout, act=act, res=res, grad=grad: check_training_forward(layout, act, res, grad))
@@ -420,6 +455,7 @@ CHECKS = {
     "plan-per-device": check_a_plan_is_per_device,
     "entries": check_entries,
     "threads": check_threads,
+    "plans-current": check_plans_follow_the_tuner_and_stay_bounded,
 }
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _checks():
 
 
 GROUPS = ("training-channels_last", "training-nchw", "training-bn1d", "training-bn3d", "eval", "sync-local", "node",
-          "plan-per-kind", "plan-per-device", "errors", "entries", "threads")
+          "plan-per-kind", "plan-per-device", "errors", "entries", "threads", "plans-current")
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -100,3 +100,22 @@ def test_the_entry_is_built_where_python_headers_are(monkeypatch, tmp_path):
     assert cpp_launch.python_entry_flags() == expected
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
     assert cpp_launch.python_entry_flags() == ([], [], [])
+
+
+def test_the_plan_header_is_the_numbering_s():
+    """csrc/cuda/plan_ids.h is what tools/plan_header.py writes from backends/plan_numbering.py, the numbering
+    cpp_launch.py packs plans with (its static_asserts tie the dtype numbers to c10's when the library builds)."""
+    tools = os.path.join(os.path.dirname(HERE), "tools")
+    sys.path.insert(0, tools)
+    try:
+        import plan_header
+    finally:
+        sys.path.remove(tools)
+    with open(plan_header.HEADER) as f:
+        assert f.read() == plan_header.header_text(), "run python tools/plan_header.py"
+    from triton_bn.backends import plan_numbering
+    assert cpp_launch.X is plan_numbering.X and cpp_launch.CALL_SCALARS is plan_numbering.CALL_SCALARS
+    done = subprocess.run([sys.executable, os.path.join(tools, "plan_header.py"), "--check"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+

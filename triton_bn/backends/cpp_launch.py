@@ -37,23 +37,18 @@ import torch
 
 from .. import build, settings
 from ..activations import ACTIVATION_IDS
-from . import triton_kernels
+from ..autotune import tuner
+from . import triton_internals, triton_kernels
+# The numbering this module and csrc/cuda/ share (plan_numbering.py; csrc/cuda/plan_ids.h is written from it)
+from .plan_numbering import (BIAS, CALL_SCALARS, F32, FIRST_PERSISTENT, FIRST_SCRATCH, GRAD_BIAS, GRAD_RESIDUAL,
+                             GRAD_WEIGHT, GRAD_X, GRAD_Y, I8, I32, I64, LIKE_BIAS, LIKE_WEIGHT, LIKE_X, MEAN,
+                             NULL_POINTER, NUM_BATCHES, PER_CHANNEL, POINTER, RESIDUAL, RUNNING_MEAN, RUNNING_VAR,
+                             SCALAR_TYPES, SCRATCH, STAT, WEIGHT, X, Y)
 
 ENABLED = settings.flag("TRITON_BN_CPP_LAUNCH")
 STAND_IN = triton_kernels.CUDA_DRIVER if triton_kernels.STAND_IN else ""  # "record", "null" or "" (the real driver)
 
 CSRC = os.path.join(build.CSRC, "cuda")
-
-# Slots (csrc/cuda/plan.h, enum Slot): every tensor a plan can name
-X, RESIDUAL, WEIGHT, BIAS, RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES, MEAN, STAT, Y, GRAD_Y, GRAD_X, GRAD_RESIDUAL, \
-    GRAD_WEIGHT, GRAD_BIAS = range(15)
-FIRST_SCRATCH, FIRST_PERSISTENT, SLOTS = 16, 32, 48
-# allocations (enum Allocation) and parameter kinds (enum ParamKind)
-LIKE_X, PER_CHANNEL, LIKE_WEIGHT, LIKE_BIAS, SCRATCH = range(5)
-POINTER, I32, I64, F32, I8, NULL_POINTER = range(6)
-# the fp32 parameters that come from the call (the op's ``scalars``), by kernel parameter name; the
-# others (1 / n, n / (n - 1)) follow from the shape and are constants of the plan
-CALL_SCALARS = {"eps": 0, "momentum": 1, "negative_slope": 2}
 
 _library = {}
 _lock = threading.Lock()
@@ -174,6 +169,23 @@ def serves(x: torch.Tensor) -> bool:
 # the calls whose plans Python wrote (the C++ side finds them by a key of its own): key -> (forward, backward)
 # plan handles, or None where the C++ path does not serve such a call
 _PLANS: Dict[tuple, Optional[Tuple[int, int]]] = {}
+# Both sides' tables are bounded and current: every plan is forgotten (C++'s call table and plan registry,
+# these keys, the compiled variants' descriptions) when PLAN_LIMIT call kinds have been written, and when the
+# tuner's generation moves on (tuning switched, a configuration forced, the tuner reset), since a plan
+# launches the tile configurations chosen when it was written. Plans are then written again as calls come.
+PLAN_LIMIT = 1024
+_written_under = tuner.generation  # the tuner generation the remembered plans were written under
+
+
+def forget_plans() -> None:
+    """Forget every plan on both sides: the next call of each kind writes its plans again."""
+    global _written_under
+    with _lock:
+        if _library.get("ops") is not None:
+            torch.ops.triton_bn_cuda.forget_plans()
+        _PLANS.clear()
+        _COMPILED.clear()
+        _written_under = tuner.generation
 
 
 def _aligned(t) -> bool:
@@ -208,6 +220,8 @@ def known_call(x, running_mean, running_var, weight, bias, training, momentum, e
     if not (isinstance(x, torch.Tensor) and (x.is_cuda or _ANY_DEVICE)) or torch.compiler.is_compiling() \
             or torch._C._get_tracing_state() is not None or (_training_op is None and ops() is None):
         return None
+    if _written_under != tuner.generation:
+        forget_plans()
     act = ACTIVATION_IDS.get(activation) if activation is None or type(activation) is str else None
     if act is None or type(eps) not in _NUMBERS or type(negative_slope) not in _NUMBERS or eps != eps:
         return None
@@ -236,6 +250,8 @@ def training(x, weight, bias, residual, running_mean, running_var, num_batches_t
     checked by ``functional``): plans written for calls like it on a miss."""
     if ops() is None:
         return None
+    if _written_under != tuner.generation:
+        forget_plans()
     args = (x, weight, bias, residual, running_mean, running_var, num_batches_tracked)
     y = _training_op(*args, eps, momentum, negative_slope, activation, cumulative)
     if y is not None:
@@ -243,6 +259,8 @@ def training(x, weight, bias, residual, running_mean, running_var, num_batches_t
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return None  # plans are written outside captures, from calls that ran
     # no plan for a call like this one yet: write them (once per kind; None where the path does not serve it)
+    if len(_PLANS) >= PLAN_LIMIT:
+        forget_plans()
     key = _key("training", args, (cumulative, activation))
     if _PLANS.get(key, _UNBUILT) is not _UNBUILT:
         return None
@@ -258,12 +276,16 @@ def apply(x, mean, stat, weight, bias, residual, eps: float, activation: int, ne
     or None where it does not take this call."""
     if ops() is None:
         return None
+    if _written_under != tuner.generation:
+        forget_plans()
     args = (x, mean, stat, weight, bias, residual)
     y = _apply_op(*args, eps, negative_slope, activation)
     if y is not None:
         return y
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
+    if len(_PLANS) >= PLAN_LIMIT:
+        forget_plans()
     key = _key("apply", args, (activation,))
     if _PLANS.get(key, _UNBUILT) is not _UNBUILT:
         return None
@@ -427,14 +449,11 @@ def _write(watched, known: dict, outputs: dict, expectations: dict, device, requ
 
 
 def _bool_kind() -> int:
-    """Triton passes an i1 parameter as int8 from 3.5, as int32 before (../shared/LAUNCH.md)."""
-    import triton
-    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
-    return I8 if (major, minor) >= (3, 5) else I32
+    """How Triton passes an i1 parameter on this version."""
+    return I8 if triton_internals.BOOL_AS_INT8 else I32
 
 
-_SCALAR_TYPES = {torch.float32: 6, torch.float16: 5, torch.bfloat16: 15, torch.float64: 7, torch.int64: 4,
-                 torch.int32: 3}
+_SCALAR_TYPES = {getattr(torch, name): number for name, (_, number) in SCALAR_TYPES.items()}
 
 
 def _scalar_type(dtype: torch.dtype) -> int:
@@ -455,8 +474,7 @@ def compiled_variant(kernel, grid, args, kwargs, device) -> Compiled:
     if found is None:
         if getattr(device, "type", "cpu") == "cuda":
             compiled = kernel.warmup(*args, grid=grid, **kwargs)
-            compiled._init_handles()
-            function = int(compiled.function)
+            function = triton_internals.function_handle(compiled)
         else:
             compiled, function = compile_for_sm90(kernel, args, kwargs), 0
         found = _COMPILED[key] = _describe_compiled(compiled, function)
@@ -464,19 +482,9 @@ def compiled_variant(kernel, grid, args, kwargs, device) -> Compiled:
 
 
 def compile_for_sm90(kernel, args, kwargs):
-    """``kernel`` compiled for a Hopper GPU on this machine, specialised as ``JITFunction.run`` would for
-    ``args`` (Triton's binder: ints equal to 1 become constexprs, 16-divisible ints and 16-byte aligned
-    pointers get divisibility attributes)."""
-    import triton
+    """``kernel`` compiled for a Hopper GPU on this machine, specialised as a launch would for ``args``."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return triton_internals.compile_as_launched(kernel, args, kwargs, GPUTarget("cuda", 90, 32))
 
 
 _ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(([^)]*)\)", re.S)
@@ -490,9 +498,7 @@ def _describe_compiled(compiled, function: int) -> Compiled:
     if getattr(metadata, "num_ctas", 1) != 1 or getattr(metadata, "global_scratch_size", 0) or \
             getattr(metadata, "profile_scratch_size", 0):
         raise PlanUnsupported(f"{metadata.name}: clusters or scratch memory")
-    signature = dict(compiled.src.signature)
-    for name, value in compiled.src.constants.items():  # specialised to constants: not passed
-        signature[name if isinstance(name, str) else compiled.src.fn.arg_names[name[0]]] = "constexpr"
+    signature = triton_internals.specialised_signature(compiled)
     entry_params = ptx_entry_params(compiled.asm["ptx"], metadata.name)
     passed = sum(1 for kind in signature.values() if kind != "constexpr")
     return Compiled(metadata.name, function, signature, metadata.num_warps, metadata.shared,

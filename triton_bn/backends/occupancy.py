@@ -15,6 +15,8 @@ from typing import Dict
 
 import torch
 
+from . import triton_internals
+
 
 @dataclass(frozen=True)
 class SMLimits:
@@ -55,6 +57,5 @@ def device_limits(device: torch.device) -> SMLimits:
 
 def resident_per_sm(compiled, device: torch.device) -> int:
     """What fits of a compiled Triton kernel (``JITFunction.warmup``'s result) on ``device``."""
-    compiled._init_handles()  # loads the module: registers are known only from the loaded binary
-    return resident_programs(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
-                             device_limits(device))
+    return resident_programs(triton_internals.register_count(compiled), compiled.metadata.shared,
+                             compiled.metadata.num_warps, device_limits(device))

@@ -126,6 +126,20 @@ void remember(const Slots& slots, Kind kind, int64_t flags, int64_t forward, int
   table[key].push_back(std::move(entry));
 }
 
+// Every call kind forgotten, and every plan handle: Python writes plans again for the calls that follow
+// (cpp_launch.forget_plans: the tuner's answers changed, or the tables reached their bound). A node
+// recorded before keeps its backward plan alive through its own pointer.
+void forget_plans() {
+  {
+    std::lock_guard<std::mutex> lock(table_mutex);
+    table.clear();
+  }
+  forget_registered_plans();
+}
+
+// The call's scalars, in the order plan_numbering.py numbers them (a plan's fp32 parameter names its index).
+static_assert(kEps == 0 && kMomentum == 1 && kNegativeSlope == 2, "scalars are {eps, momentum, negative_slope}");
+
 // Run the forward plan; where a gradient is needed (find made sure there is a backward plan) record the node.
 at::Tensor run_with_node(Slots& slots, const Entry& plans, const std::vector<double>& scalars, int64_t activation) {
   if (!needs_gradient(slots)) {
@@ -273,6 +287,7 @@ TORCH_LIBRARY(triton_bn_cuda, m) {
         "float negative_slope, int activation) -> Tensor[]");
   m.def("remember_apply(Tensor x, Tensor mean, Tensor stat, Tensor? weight, Tensor? bias, Tensor? residual, "
         "int activation, int forward, int backward) -> ()");
+  m.def("forget_plans() -> ()", &forget_plans);
   m.def("set_driver(str mode) -> ()", &set_driver_op);
   m.def("driver() -> str", &driver_op);
   m.def("recorded() -> str", &recorded_op);

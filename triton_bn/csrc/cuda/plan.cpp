@@ -195,6 +195,11 @@ int64_t register_plan(std::shared_ptr<const Plan> plan) {
   return static_cast<int64_t>(registry.size()) - 1;
 }
 
+void forget_registered_plans() {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry.clear();
+}
+
 std::shared_ptr<const Plan> plan_of(int64_t handle) {
   if (handle < 0) return nullptr;
   std::lock_guard<std::mutex> lock(registry_mutex);

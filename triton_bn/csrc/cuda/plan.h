@@ -7,11 +7,13 @@
 // is one the plan was made for (matches) and executes it (run): allocate, pack, launch. It never
 // re-derives a decision; a call the plan does not fit returns no result and Python takes over.
 //
-// Tensors are named by slot (Slot below): the call's inputs, the outputs the plan allocates, per-call
+// Tensors are named by slot (Slot, plan_ids.h): the call's inputs, the outputs the plan allocates, per-call
 // scratch, and persistent buffers the plan holds (the arrival counters, the dummy pointer argument).
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "plan_ids.h"
 
 #include <array>
 #include <cstdint>
@@ -21,21 +23,8 @@
 
 namespace triton_bn_cuda {
 
-// Every tensor a plan can name. Keep in step with triton_bn/backends/cpp_launch.py (SLOTS).
-enum Slot : int64_t {
-  kX = 0, kResidual, kWeight, kBias, kRunningMean, kRunningVar, kNumBatches,  // forward inputs
-  kMean, kStat,                                                               // saved statistics (eval: the running ones)
-  kY, kGradY, kGradX, kGradResidual, kGradWeight, kGradBias,                  // outputs and the backward's input
-  kFirstScratch = 16,  // per-call fp32 scratch (partials, sums), allocated from the plan's sizes
-  kFirstPersistent = 32,  // buffers the plan holds (counters, dummy)
-  kSlots = 48,
-};
-
-// How a plan allocates an output slot.
-enum Allocation : int64_t { kLikeX = 0, kPerChannel = 1, kLikeWeight = 2, kLikeBias = 3, kScratch = 4 };
-
-// How a kernel parameter is packed (Triton's types after specialisation).
-enum ParamKind : int64_t { kPointer = 0, kI32 = 1, kI64 = 2, kF32 = 3, kI8 = 4, kNullPointer = 5 };
+// The slots (every tensor a plan can name), allocations, parameter kinds and call scalars: plan_ids.h, written
+// from triton_bn/backends/plan_numbering.py, the one numbering this C++ and cpp_launch.py share.
 
 struct Param {
   ParamKind kind;
@@ -104,6 +93,8 @@ class Plan {
 // custom class costs microseconds more to convert per call than an int (plan.cpp).
 int64_t register_plan(std::shared_ptr<const Plan> plan);
 std::shared_ptr<const Plan> plan_of(int64_t handle);  // null for -1
+// Every handle given so far made invalid (the plans live on where a call table entry or a node holds them).
+void forget_registered_plans();
 
 // -- the driver (driver.cpp) ---------------------------------------------------------------------------------
 // "real": cuLaunchKernel from libcuda.so.1 (dlopen'ed on first use); "record": every launch appended to a
