@@ -86,13 +86,13 @@ class _EmptyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, cumulative,
                 eps, activation, negative_slope):
-        ctx.save_for_backward(x, weight, weight, weight, bias, residual)
-        ctx.config = (eps, True, activation, negative_slope)
+        ctx.save_for_backward(x, weight, weight, None, weight, bias, residual)
+        ctx.config = (eps, activation, negative_slope)
         return torch.empty_like(x)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, _, _, weight, bias, _ = ctx.saved_tensors
+        x, _, _, _, weight, bias, _ = ctx.saved_tensors
         return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)) + (None,) * 9
 
 

@@ -77,7 +77,7 @@ def reductions(x: torch.Tensor):
         triton_kernels.batch_stats(x, running_mean, running_var, None, 0.1, False, 1e-5)
 
     def sums():
-        triton_kernels.backward_sums(grad_y, x, mean, invstd, weight, bias, None, 1e-5, True, 1, 0.0, grad_weight,
+        triton_kernels.backward_sums(grad_y, x, mean, invstd, None, weight, bias, None, 1e-5, 1, 0.0, grad_weight,
                                      grad_bias)
 
     read = x.numel() * x.element_size()

@@ -132,7 +132,7 @@ def _check_training_backward(x, residual, y, module, twin, mean, invstd, act):
     mask = [True, True, True, residual is not None]
     kept = residual if act != 0 else None
     expected, grads = python_launches(lambda: triton_kernels.batch_norm_backward(
-        grad_y, x.detach(), mean, invstd, twin.weight, twin.bias, kept, 1e-5, True, act, 0.01, mask))
+        grad_y, x.detach(), mean, invstd, None, twin.weight, twin.bias, kept, 1e-5, act, 0.01, mask))
     # mean and invstd: the node saved C++'s own (scratch on the Python side: C++ passes one buffer for each)
     roles = _roles((x, x), (grad_y, grad_y), (twin.weight, module.weight), (twin.bias, module.bias),
                    (grads[0], x.grad), (grads[1], module.weight.grad), (grads[2], module.bias.grad))
@@ -152,7 +152,7 @@ def check_eval_and_frozen(layout, activation):
         recorded, y = recorded_during(lambda: module(x))
         act = triton_bn.activations.activation_id(activation)
         expected, y_python = python_launches(lambda: triton_kernels.batch_norm_apply(
-            x, module.running_mean, module.running_var, module.weight, module.bias, None, 1e-5, False, act, 0.01))
+            x, module.running_mean, None, module.running_var, module.weight, module.bias, None, 1e-5, act, 0.01))
         assert recorded
         assert_same_launches(recorded, expected, _roles((x, x), (module.running_mean, module.running_mean),
                                                         (module.running_var, module.running_var),
@@ -162,7 +162,7 @@ def check_eval_and_frozen(layout, activation):
         frozen(x)
         recorded, y = recorded_during(lambda: frozen(x))
         expected, y_python = python_launches(lambda: triton_kernels.batch_norm_apply(
-            x, frozen._zeros, frozen._ones, frozen.scale, frozen.shift, None, 0.0, False, act, 0.01))
+            x, frozen._zeros, None, frozen._ones, frozen.scale, frozen.shift, None, 0.0, act, 0.01))
         assert recorded
         assert_same_launches(recorded, expected, _roles((x, x), (frozen._zeros, frozen._zeros),
                                                         (frozen._ones, frozen._ones), (frozen.scale, frozen.scale),

@@ -27,8 +27,8 @@ def test_ops_are_registered_with_fake_implementations():
         x = torch.empty(4, 3, 5, 5)
         stats = torch.empty(3)
         mean, invstd = torch.ops.triton_bn.batch_stats(x, stats, stats.clone(), None, 0.1, False, 1e-5)
-        y = torch.ops.triton_bn.batch_norm_apply(x, mean, invstd, None, None, None, 1e-5, True, 1, 0.01)
-        grads = torch.ops.triton_bn.batch_norm_backward(y, x, mean, invstd, stats, None, None, 1e-5, True, 1, 0.01,
+        y = torch.ops.triton_bn.batch_norm_apply(x, mean, invstd, None, None, None, None, 1e-5, 1, 0.01)
+        grads = torch.ops.triton_bn.batch_norm_backward(y, x, mean, invstd, None, stats, None, None, 1e-5, 1, 0.01,
                                                         [True, True, False, False])
     assert mean.shape == (3,) and mean.dtype == torch.float32 and y.shape == x.shape
     assert grads[0].shape == x.shape and grads[1].shape == (3,) and grads[2].numel() == 0
@@ -50,11 +50,12 @@ def _opcheck_cases(device):
         (torch.ops.triton_bn.batch_stats, (x.to(memory_format=torch.channels_last), mean.clone(), var.clone(), nbt, 0.0,
                                            True, 1e-5)),
         (torch.ops.triton_bn.batch_stats, (x, None, None, None, 0.1, False, 1e-5)),
-        (torch.ops.triton_bn.batch_norm_apply, (xr, mean, var, w, b, residual, 1e-5, False, 1, 0.01)),
-        (torch.ops.triton_bn.batch_norm_apply, (xr, mean, var.rsqrt(), None, b, None, 1e-5, True, 4, 0.01)),
-        (torch.ops.triton_bn.batch_norm_backward, (torch.randn_like(x), x, mean, var.rsqrt(), w.detach(), b.detach(),
-                                                   residual.detach(), 1e-5, True, 5, 0.01, [True, True, True, True])),
-        (torch.ops.triton_bn.batch_norm_backward, (torch.randn_like(x), x, mean, var, None, None, None, 1e-5, False, 0,
+        (torch.ops.triton_bn.batch_norm_apply, (xr, mean, None, var, w, b, residual, 1e-5, 1, 0.01)),
+        (torch.ops.triton_bn.batch_norm_apply, (xr, mean, var.rsqrt(), None, None, b, None, 1e-5, 4, 0.01)),
+        (torch.ops.triton_bn.batch_norm_backward, (torch.randn_like(x), x, mean, var.rsqrt(), None, w.detach(),
+                                                   b.detach(), residual.detach(), 1e-5, 5, 0.01,
+                                                   [True, True, True, True])),
+        (torch.ops.triton_bn.batch_norm_backward, (torch.randn_like(x), x, mean, None, var, None, None, None, 1e-5, 0,
                                                    0.01, [True, False, False, False])),
     ]
 

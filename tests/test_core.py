@@ -434,15 +434,14 @@ def test_parameters_of_another_dtype_take_the_fast_path(layout, dtype, parameter
     for actual, expected, what in ((rm, rm_ref, "running mean"), (rv, rv_ref, "running var")):
         assert_close(actual, expected, parameter_dtype, what)
     grad_x, grad_weight, grad_bias, _ = backend.backward(
-        grad, x.detach(), mean, invstd, weight.detach(), bias.detach(), None, 1e-5, True, 1, 0.0,
+        grad, x.detach(), mean, invstd, None, weight.detach(), bias.detach(), None, 1e-5, 1, 0.0,
         [True, True, True, False])
     y_ref.backward(grad.double())
     assert grad_weight.dtype == grad_bias.dtype == parameter_dtype
     assert_close(grad_x, xd.grad, dtype, "dx")
     for actual, expected, what in ((grad_weight, wd.grad, "dweight"), (grad_bias, bd.grad, "dbias")):
         assert_close(actual, expected, parameter_dtype, what)
-    y_eval = backend.apply(x.detach(), rm, rv, weight.detach(), bias.detach(), None, 1e-5, False, 1,
-                                        0.0)
+    y_eval = backend.apply(x.detach(), rm, None, rv, weight.detach(), bias.detach(), None, 1e-5, 1, 0.0)
     eval_ref, _, _ = reference_batch_norm(x, rm.double(), rv.double(), weight, bias, False, 0.1, 1e-5, "relu")
     assert_close(y_eval, eval_ref, dtype, "eval y")
 

@@ -87,17 +87,17 @@ def _everything(backend, x, weight, bias, residual, grad_y, activation):
     count = torch.zeros((), dtype=torch.long)
     y, mean, invstd = backend.training(x, running_mean, running_var, count, weight, bias, residual, 0.1, False, 1e-5,
                                        activation, 0.0)
-    grads = backend.backward(grad_y, x, mean, invstd, weight, bias, residual, 1e-5, True, activation, 0.0,
+    grads = backend.backward(grad_y, x, mean, invstd, None, weight, bias, residual, 1e-5, activation, 0.0,
                              [True, True, True, True])
-    eval_y = backend.apply(x, running_mean, running_var, weight, bias, residual, 1e-5, False, activation, 0.0)
-    eval_grads = backend.backward(grad_y, x, running_mean, running_var, weight, bias, residual, 1e-5, False,
+    eval_y = backend.apply(x, running_mean, None, running_var, weight, bias, residual, 1e-5, activation, 0.0)
+    eval_grads = backend.backward(grad_y, x, running_mean, None, running_var, weight, bias, residual, 1e-5,
                                   activation, 0.0, [True, True, True, True])
     stats_mean, stats_invstd = backend.batch_stats(x, None, None, None, 0.1, False, 1e-5)
     moments = backend.moments(x)
-    sums = backend.backward_sums(grad_y, x, mean, invstd, weight, bias, residual, 1e-5, True, activation, 0.0)
+    sums = backend.backward_sums(grad_y, x, mean, invstd, None, weight, bias, residual, 1e-5, activation, 0.0)
     count_inverse = channels / x.numel()
-    dx, dresidual = backend.backward_elementwise(grad_y, x, mean, invstd, weight, bias, residual, sums,
-                                                 count_inverse, 1e-5, True, activation, 0.0, True, True)
+    dx, dresidual = backend.backward_elementwise(grad_y, x, mean, invstd, None, weight, bias, residual, sums,
+                                                 count_inverse, 1e-5, activation, 0.0, True, True)
     return dict(y=y, mean=mean, invstd=invstd, running_mean=running_mean, running_var=running_var,
                 count=count, dx=grads[0], dweight=grads[1], dbias=grads[2], dresidual=grads[3], eval_y=eval_y,
                 eval_dx=eval_grads[0], eval_dweight=eval_grads[1], stats_mean=stats_mean, stats_invstd=stats_invstd,

@@ -101,7 +101,7 @@ def test_every_channels_innermost_layout_in_training_and_eval(shape, layout, aff
     assert y.stride() == x.stride()
     assert_close(y, _float64_forward(x, weight, bias, None, True, None, None, "relu"), torch.float32, "training y")
     rm, rv = torch.randn(channels) * 0.1, torch.rand(channels) + 0.5
-    y = dispatch.NATIVE.apply(x, rm, rv, weight, bias, None, 1e-5, False, 2, 0.2)
+    y = dispatch.NATIVE.apply(x, rm, None, rv, weight, bias, None, 1e-5, 2, 0.2)
     assert y.stride() == x.stride()
     assert_close(y, _float64_forward(x, weight, bias, None, False, rm, rv, "leaky_relu"), torch.float32, "eval y")
 
@@ -142,8 +142,8 @@ def test_16bit_floats_in_vector_lanes(layout, activation, dtype):
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
     expected_y = _float64_forward(*leaves, True, None, None, activation)
     assert_close(y, expected_y, dtype, "y")
-    grads = dispatch.NATIVE.backward(grad_y, x, mean, invstd, weight, bias, residual, 1e-5, True, act, 0.0,
-                                          [True, True, True, True])
+    grads = dispatch.NATIVE.backward(grad_y, x, mean, invstd, None, weight, bias, residual, 1e-5, act, 0.0,
+                                     [True, True, True, True])
     expected = torch.autograd.grad(expected_y, leaves, grad_y.double())
     for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected):
         if name in ("dweight", "dbias"):  # sums over the batch, compared at the tolerances scaled by n
@@ -180,8 +180,9 @@ def test_backward_every_activation(activation, dtype, batch_stats, layout, wante
                                                       ACTIVATION_IDS[activation], 0.2)
     else:
         mean, stat = rm, rv
-    grads = dispatch.NATIVE.backward(grad_y, x, mean, stat, weight, bias, residual, 1e-5, batch_stats,
-                                          ACTIVATION_IDS[activation], 0.2, WANTED[wanted])
+    invstd, running_var = (stat, None) if batch_stats else (None, stat)
+    grads = dispatch.NATIVE.backward(grad_y, x, mean, invstd, running_var, weight, bias, residual, 1e-5,
+                                     ACTIVATION_IDS[activation], 0.2, WANTED[wanted])
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
     y = _float64_forward(leaves[0], leaves[1], leaves[2], leaves[3], batch_stats, rm, rv, activation)
     expected = torch.autograd.grad(y, leaves, grad_y.double())
@@ -205,8 +206,8 @@ def test_backward_takes_gradients_of_any_layout_and_skips_what_is_not_wanted():
     weight, bias = _parameters(4)
     _, mean, invstd = dispatch.NATIVE.training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5, 1, 0.0)
     grad_y = torch.ones(()).expand(x.shape)
-    dx, dweight, dbias, dresidual = dispatch.NATIVE.backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5,
-                                                                  True, 1, 0.0, [True, False, True, False])
+    dx, dweight, dbias, dresidual = dispatch.NATIVE.backward(grad_y, x, mean, invstd, None, weight, bias, None, 1e-5,
+                                                             1, 0.0, [True, False, True, False])
     assert dweight is None and dresidual is None
     leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
     y = _float64_forward(leaves[0], leaves[1], leaves[2], None, True, None, None, "relu")
@@ -232,8 +233,8 @@ def test_results_do_not_depend_on_the_thread_count(layout, dtype, activation):
             torch.set_num_threads(count)
             y, mean, invstd = dispatch.NATIVE.training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5,
                                                             act, 0.0)
-            grads = dispatch.NATIVE.backward(grad_y, x, mean, invstd, weight, bias, None, 1e-5, True, act, 0.0,
-                                                  [True, True, True, False])
+            grads = dispatch.NATIVE.backward(grad_y, x, mean, invstd, None, weight, bias, None, 1e-5, act, 0.0,
+                                             [True, True, True, False])
             results.append((y, mean, invstd) + tuple(grads[:3]))
     finally:
         torch.set_num_threads(threads)
@@ -259,8 +260,8 @@ def test_kinks_follow_pytorch_subgradients(activation):
     x = values.repeat(3, 1).contiguous()  # (N, C) = (3, 8): each kink is a channel
     mean, var = torch.zeros(8), torch.ones(8)
     grad_y = torch.full_like(x, 2.0)
-    dx = dispatch.NATIVE.backward(grad_y, x, mean, var, None, None, None, 0.0, False, ACTIVATION_IDS[activation],
-                                       0.2, [True, False, False, False])[0]
+    dx = dispatch.NATIVE.backward(grad_y, x, mean, None, var, None, None, None, 0.0, ACTIVATION_IDS[activation],
+                                  0.2, [True, False, False, False])[0]
     z = x.clone().requires_grad_()
     torch_activation(activation, 0.2)(z).backward(grad_y)
     assert torch.equal(dx, z.grad), (dx, z.grad)
@@ -299,7 +300,7 @@ def test_transcendental_activations_against_float64(activation, layout, dtype):
     the vector body and a partial last vector; rows of one channel take only partial vectors."""
     z = _activation_inputs(dtype)
     x = z.reshape(1, 1, -1).contiguous() if layout == "planes" else z.reshape(-1, 1).contiguous()
-    y = native_cpu.ops().apply(x, torch.zeros(1), torch.ones(1), None, None, None, 0.0, False,
+    y = native_cpu.ops().apply(x, torch.zeros(1), None, torch.ones(1), None, None, None, 0.0,
                                ACTIVATION_IDS[activation], 0.0).reshape(-1)
     assert y.dtype == dtype
     expected = torch_activation(activation)(z.double())
@@ -324,8 +325,8 @@ def test_transcendental_activation_derivatives_against_float64(activation, layou
     shape = (1, 1, -1) if layout == "planes" else (-1, 1)
     x, dy = z.reshape(shape).contiguous(), grad_y.reshape(shape).contiguous()
     zero, one = torch.zeros(1, dtype=dtype), torch.ones(1, dtype=dtype)  # dweight and dbias come in their dtype
-    dx, dweight, dbias, _ = dispatch.NATIVE.backward(dy, x, zero, one, one, zero, None, 0.0, False,
-                                                          ACTIVATION_IDS[activation], 0.0, [True, True, True, False])
+    dx, dweight, dbias, _ = dispatch.NATIVE.backward(dy, x, zero, None, one, one, zero, None, 0.0,
+                                                     ACTIVATION_IDS[activation], 0.0, [True, True, True, False])
     assert dx.dtype == dbias.dtype == dtype
     leaf = z.double().requires_grad_()
     torch_activation(activation)(leaf).backward(grad_y.double())
@@ -531,16 +532,16 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern(layout, dtype):
         if dtype == torch.bfloat16:
             assert (y[~finite].view(torch.int16) == -1).all()  # 0xFFFF
 
-    y = apply(x, zero, one, None, None, None, 0.0, False, 0, 0.0)  # eval: (x - 0) / sqrt(1 + 0) * 1 + 0
+    y = apply(x, zero, None, one, None, None, None, 0.0, 0, 0.0)  # eval: (x - 0) / sqrt(1 + 0) * 1 + 0
     check(y, (x.float() + 0.0).to(dtype))  # x itself, but -0 + 0 = +0
-    y = apply(x, zero, one, weight, None, None, 0.0, False, 0, 0.0)
+    y = apply(x, zero, None, one, weight, None, None, 0.0, 0, 0.0)
     check(y, (x.float() * weight.reshape(per_channel) + 0.0).to(dtype))
     # ReLU (its own vector loop): z < 0 gives 0, anything else z itself, NaN included
-    y = apply(x, zero, one, weight, None, None, 0.0, False, ACTIVATION_IDS["relu"], 0.0)
+    y = apply(x, zero, None, one, weight, None, None, 0.0, ACTIVATION_IDS["relu"], 0.0)
     z = x.float() * weight.reshape(per_channel) + 0.0
     check(y, torch.where(z < 0, torch.zeros_like(z), z).to(dtype))
     # SiLU (ATen's vectors): NaN where PyTorch's silu gives NaN, written as PyTorch writes it
-    y = apply(x, zero, one, None, None, None, 0.0, False, ACTIVATION_IDS["silu"], 0.0)
+    y = apply(x, zero, None, one, None, None, None, 0.0, ACTIVATION_IDS["silu"], 0.0)
     nan = torch.isnan(torch.nn.functional.silu(x.float()))
     assert torch.equal(torch.isnan(y), nan)
     if dtype == torch.bfloat16:

@@ -170,9 +170,11 @@ def test_the_custom_ops_check_before_any_write():
                         ((x.int(), rm, rv, nbt, 0.1, False, 1e-5), TypeError)):
         _raises_before_any_write(lambda: stats(*args), [x, rm, rv, nbt], error)
     apply = torch.ops.triton_bn.batch_norm_apply
-    for args, error in (((x, rm, torch.ones(4), None, None, None, 1e-5, False, 0, 0.01), ValueError),
-                        ((x, rm, rv, None, None, torch.randn(4, 3, 5, 1), 1e-5, False, 0, 0.01), ValueError),
-                        ((x, rm, rv, None, None, None, 1e-5, False, 99, 0.01), ValueError)):
+    for args, error in (((x, rm, None, torch.ones(4), None, None, None, 1e-5, 0, 0.01), ValueError),
+                        ((x, rm, None, rv, None, None, torch.randn(4, 3, 5, 1), 1e-5, 0, 0.01), ValueError),
+                        ((x, rm, None, rv, None, None, None, 1e-5, 99, 0.01), ValueError),
+                        ((x, rm, rv, rv, None, None, None, 1e-5, 0, 0.01), ValueError),  # both statistics
+                        ((x, rm, None, None, None, None, None, 1e-5, 0, 0.01), ValueError)):  # neither
         _raises_before_any_write(lambda: apply(*args), [x, rm, rv], error)
 
 

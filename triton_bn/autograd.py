@@ -12,8 +12,8 @@ Three entry points share one formula:
   custom op ``triton_bn::batch_norm_apply``, which is what ``torch.compile`` traces.
 The two Functions take the backend (``backends.Backend``) as their first argument and keep it for the backward.
 
-What is saved for backward: x and the per-channel vectors (mean, invstd or running var, weight,
-bias). Never y or the pre-activation on the kernels: they recompute z = (x - mean) * scale + b from
+What is saved for backward: x and the per-channel vectors (mean, then invstd or the running variance,
+weight, bias). Never y or the pre-activation on the kernels: they recompute z = (x - mean) * scale + b from
 them. The one exception is forced by the math: with a residual *and* an activation, act'(z) needs
 z = bn(x) + residual, so the residual tensor is kept by reference (no copy). With a residual and no
 activation nothing is kept for it (d residual = dy).
@@ -39,49 +39,50 @@ def _differentiable_once(backward):
     return wrapper
 
 
-def _save(ctx, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
+def _save(ctx, x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope):
     keep_residual = residual if (residual is not None and activation != 0) else None
-    ctx.save_for_backward(x, mean, stat, weight, bias, keep_residual)
-    ctx.config = (eps, batch_stats, activation, negative_slope)
+    ctx.save_for_backward(x, mean, invstd, running_var, weight, bias, keep_residual)
+    ctx.config = (eps, activation, negative_slope)
     ctx.has_residual = residual is not None
 
 
 def _gradients(ctx, grad_y, backward, needs):
     """(dx, dweight, dbias, dresidual), each None unless ``needs`` (the needs_input_grad of x, weight,
     bias, residual) asks for it; ``backward`` is the backend's function or the op that computes them."""
-    x, mean, stat, weight, bias, residual = ctx.saved_tensors
-    eps, batch_stats, activation, negative_slope = ctx.config
+    x, mean, invstd, running_var, weight, bias, residual = ctx.saved_tensors
+    eps, activation, negative_slope = ctx.config
     output_mask = [needs[0], needs[1] and weight is not None, needs[2] and bias is not None,
                    needs[3] and ctx.has_residual]
     if not any(output_mask):
         return None, None, None, None
-    grads = backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope,
+    grads = backward(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope,
                      output_mask)
     return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
 
 
 def _apply_gradients(ctx, grad_y, backward, needs):
-    """The ten input gradients of (x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+    """The ten input gradients of (x, mean, invstd, running_var, weight, bias, residual, eps, activation,
     negative_slope); ``needs``: their needs_input_grad."""
-    dx, dweight, dbias, dresidual = _gradients(ctx, grad_y, backward, (needs[0], needs[3], needs[4], needs[5]))
-    return dx, None, None, dweight, dbias, dresidual, None, None, None, None
+    dx, dweight, dbias, dresidual = _gradients(ctx, grad_y, backward, (needs[0], needs[4], needs[5], needs[6]))
+    return dx, None, None, None, dweight, dbias, dresidual, None, None, None
 
 
 class BatchNormFunction(torch.autograd.Function):
     """y = act(bn(x) + residual) given the per-channel statistics (the eager path).
 
-    apply(backend, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
-        x: [N, C, *]; mean, stat: [C] (stat = invstd when batch_stats, else the running variance);
-        weight, bias: [C] or None; residual: like x or None; activation: kernel id (activations.py).
-    With batch_stats=True, mean and invstd are taken to be x's batch statistics (computed on a detached
-    x), and the gradient w.r.t. x includes their terms.
+    apply(backend, x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope):
+        x: [N, C, *]; mean: [C]; exactly one of invstd (batch statistics) and running_var (the running ones,
+        or a frozen table) [C], the other None; weight, bias: [C] or None; residual: like x or None;
+        activation: kernel id (activations.py).
+    Given invstd, mean and invstd are taken to be x's batch statistics (computed on a detached x), and the
+    gradient w.r.t. x includes their terms.
     """
 
     @staticmethod
-    def forward(ctx, backend, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
-        _save(ctx, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
+    def forward(ctx, backend, x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope):
+        _save(ctx, x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope)
         ctx.backend = backend
-        return backend.apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
+        return backend.apply(x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope)
 
     @staticmethod
     @_differentiable_once
@@ -103,7 +104,7 @@ class TrainingBatchNormFunction(torch.autograd.Function):
                 cumulative, eps, activation, negative_slope):
         y, mean, invstd = backend.training(x, running_mean, running_var, num_batches_tracked, weight, bias, residual,
                                            momentum, cumulative, eps, activation, negative_slope)
-        _save(ctx, x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
+        _save(ctx, x, mean, invstd, None, weight, bias, residual, eps, activation, negative_slope)
         ctx.backend = backend
         return y
 

@@ -47,10 +47,10 @@ STEPS = Backend("steps", spec.batch_norm_training, spec.batch_norm_apply, spec.b
 def _eval_or_steps(evaluate):
     """``Backend.apply`` for a backend whose kernels take running statistics only (``evaluate``): batch
     statistics, a split call's step, take the step function."""
-    def apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
-        if batch_stats:
-            return spec.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, True, activation, negative_slope)
-        return evaluate(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
+    def apply(x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope):
+        if invstd is not None:
+            return spec.batch_norm_apply(x, mean, invstd, None, weight, bias, residual, eps, activation, negative_slope)
+        return evaluate(x, mean, running_var, weight, bias, residual, eps, activation, negative_slope)
     return apply
 
 
@@ -90,7 +90,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     tracing = torch.compiler.is_compiling()
     if not training:
         return apply_step(input, weight, bias, residual, tracing)(
-            input, running_mean, running_var, weight, bias, residual, eps, False, activation, negative_slope)
+            input, running_mean, None, running_var, weight, bias, residual, eps, activation, negative_slope)
     cumulative = momentum is None
     factor = 0.0 if cumulative else float(momentum)
     # The batch is counted as nn.BatchNorm counts it (only with running statistics), and a cumulative
@@ -101,7 +101,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                                                        batches if cumulative else None, factor, cumulative, eps)
         if batches is not None:
             batches.add_(1)  # after the statistics read the count before this batch
-        return torch.ops.triton_bn.batch_norm_apply(input, mean, invstd, weight, bias, residual, eps, True,
+        return torch.ops.triton_bn.batch_norm_apply(input, mean, invstd, None, weight, bias, residual, eps,
                                                     activation, negative_slope)
     return training_forward(input, weight, bias, residual, running_mean, running_var, batches, factor, cumulative,
                             eps, activation, negative_slope)
@@ -129,8 +129,8 @@ def training_forward(input, weight, bias, residual, running_mean, running_var, n
 
 def apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                tracing: bool):
-    """What applies given statistics to ``input`` (eval, and FrozenBatchNorm): a callable of (x, mean, stat,
-    weight, bias, residual, eps, batch_stats, activation, negative_slope). The custom op while torch.compile
+    """What applies given statistics to ``input`` (eval, and FrozenBatchNorm): a callable of (x, mean, invstd,
+    running_var, weight, bias, residual, eps, activation, negative_slope), as ``Backend.apply``. The custom op while torch.compile
     traces; the C++ launch path's; the autograd Function over the backend when something needs a gradient;
     else the backend's ``apply``, or on the native kernels their op itself where nothing needs converting, so
     that no Python runs between here and the C++ (on a small eval call that Python costs as much as the pass)."""
@@ -151,13 +151,14 @@ def _python_apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[T
     return backend.apply
 
 
-def _cpp_apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope):
-    """``apply_step``'s callable on the C++ launch path (eval statistics), with the Python one where no plan
-    takes the call."""
-    y = cpp_launch.apply(x, mean, stat, weight, bias, residual, eps, activation, negative_slope)
-    if y is not None:
-        return y
-    return _python_apply_step(x, weight, bias, residual)(x, mean, stat, weight, bias, residual, eps, batch_stats,
+def _cpp_apply(x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope):
+    """``apply_step``'s callable on the C++ launch path (running statistics), with the Python one where no
+    plan takes the call."""
+    if invstd is None:
+        y = cpp_launch.apply(x, mean, running_var, weight, bias, residual, eps, activation, negative_slope)
+        if y is not None:
+            return y
+    return _python_apply_step(x, weight, bias, residual)(x, mean, invstd, running_var, weight, bias, residual, eps,
                                                          activation, negative_slope)
 
 

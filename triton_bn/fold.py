@@ -84,7 +84,7 @@ class FrozenBatchNorm(nn.Module):
             out = self._portable(input, residual, may_overwrite=True)
         else:
             apply = apply_step(input, None, None, residual, torch.compiler.is_compiling())
-            out = apply(input, buffers["_zeros"], buffers["_ones"], scale, buffers["shift"], residual, 0.0, False,
+            out = apply(input, buffers["_zeros"], None, buffers["_ones"], scale, buffers["shift"], residual, 0.0,
                         self.act_id, self.negative_slope)
         for name in self.tail:
             out = getattr(self, name)(out)

@@ -55,17 +55,17 @@ def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum: flo
     return mean, torch.rsqrt(var + eps)
 
 
-def _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype):
-    invstd = stat.to(dtype) if batch_stats else torch.rsqrt(stat.to(dtype) + eps)
+def _coefficients(x, mean, invstd, running_var, weight, bias, eps, dtype):
+    invstd = invstd.to(dtype) if invstd is not None else torch.rsqrt(running_var.to(dtype) + eps)
     scale = invstd * weight.to(dtype) if weight is not None else invstd
     shift = bias.to(dtype) if bias is not None else torch.zeros_like(scale)
     return _per_channel(invstd, x, dtype), _per_channel(scale, x, dtype), _per_channel(shift, x, dtype)
 
 
-def batch_norm_apply(x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+def batch_norm_apply(x, mean, invstd, running_var, weight, bias, residual, eps: float, activation: int,
                      negative_slope: float):
     dtype = compute_dtype(x)
-    _, scale, shift = _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype)
+    _, scale, shift = _coefficients(x, mean, invstd, running_var, weight, bias, eps, dtype)
     z = (x.to(dtype) - _per_channel(mean, x, dtype)) * scale + shift
     if residual is not None:
         z = z + residual.to(dtype)
@@ -82,10 +82,10 @@ def batch_moments(x):
     return torch.stack([torch.full_like(mean, count), mean, var * count])
 
 
-def _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+def _grad_pre_activation(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps, activation,
                          negative_slope):
     dtype = compute_dtype(x)
-    invstd, scale, shift = _coefficients(x, mean, stat, weight, bias, eps, batch_stats, dtype)
+    invstd, scale, shift = _coefficients(x, mean, invstd, running_var, weight, bias, eps, dtype)
     xf = x.to(dtype)
     grad_z = grad_y.to(dtype)
     if activation != 0:
@@ -97,9 +97,9 @@ def _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps, bat
     return grad_z, xhat, scale, dtype
 
 
-def backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope,
+def backward_sums(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope,
                   grad_weight=None, grad_bias=None):
-    grad_z, xhat, _, _ = _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats,
+    grad_z, xhat, _, _ = _grad_pre_activation(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps,
                                               activation, negative_slope)
     dims = reduce_dims(x)
     sums = torch.stack([grad_z.sum(dims), (grad_z * xhat).sum(dims)])
@@ -110,14 +110,14 @@ def backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stat
     return sums
 
 
-def backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps, batch_stats,
+def backward_elementwise(grad_y, x, mean, invstd, running_var, weight, bias, residual, sums, inv_count, eps,
                          activation, negative_slope, want_dx, want_dresidual):
-    grad_z, xhat, scale, dtype = _grad_pre_activation(grad_y, x, mean, stat, weight, bias, residual, eps,
-                                                      batch_stats, activation, negative_slope)
+    grad_z, xhat, scale, dtype = _grad_pre_activation(grad_y, x, mean, invstd, running_var, weight, bias, residual,
+                                                      eps, activation, negative_slope)
     grad_x = grad_residual = None
     if want_dx:
         g = grad_z
-        if batch_stats:
+        if invstd is not None:  # batch statistics: their own gradient terms
             g = g - _per_channel(sums[0], x, dtype) * inv_count - xhat * _per_channel(sums[1], x, dtype) * inv_count
         grad_x = (g * scale).to(x.dtype)
     if want_dresidual:
@@ -130,14 +130,14 @@ def batch_norm_training(x, running_mean, running_var, num_batches_tracked, weigh
     """A whole training forward by the steps: (y, mean, invstd), the running statistics updated once (the
     statistics read the count before this batch), then the batch counted in ``num_batches_tracked``."""
     mean, invstd = batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps)
-    y = batch_norm_apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
+    y = batch_norm_apply(x, mean, invstd, None, weight, bias, residual, eps, activation, negative_slope)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     return y, mean, invstd
 
 
-def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool,
-                        activation: int, negative_slope: float, output_mask: List[bool]):
+def batch_norm_backward(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps: float, activation: int,
+                        negative_slope: float, output_mask: List[bool]):
     """(dx, dweight, dbias, d residual) by the two steps, each None unless ``output_mask`` asks for it: the
     sums where dx (with batch statistics), dweight or dbias need them, then the elementwise step where dx
     or d residual is wanted."""
@@ -145,13 +145,13 @@ def batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps: floa
     grad_weight = torch.empty_like(weight) if (want_dweight and weight is not None) else None
     grad_bias = torch.empty_like(bias) if (want_dbias and bias is not None) else None
     sums = None
-    if (want_dx and batch_stats) or grad_weight is not None or grad_bias is not None:
-        sums = backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+    if (want_dx and invstd is not None) or grad_weight is not None or grad_bias is not None:
+        sums = backward_sums(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps, activation,
                              negative_slope, grad_weight, grad_bias)
     grad_x = grad_residual = None
     if want_dx or want_dresidual:
         count = max(x.numel() // max(x.shape[1], 1), 1)
-        grad_x, grad_residual = backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums,
-                                                     1.0 / count, eps, batch_stats, activation, negative_slope,
+        grad_x, grad_residual = backward_elementwise(grad_y, x, mean, invstd, running_var, weight, bias, residual,
+                                                     sums, 1.0 / count, eps, activation, negative_slope,
                                                      want_dx, want_dresidual)
     return grad_x, grad_weight, grad_bias, grad_residual

@@ -56,7 +56,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             unbiased = m2 / (count - 1.0).clamp_min(1.0)
             running_mean.copy_((running_mean.float() * (1 - factor) + mean * factor).to(running_mean.dtype))
             running_var.copy_((running_var.float() * (1 - factor) + unbiased * factor).to(running_var.dtype))
-        y = backend.apply(x, mean, invstd, weight, bias, residual, eps, True, activation, negative_slope)
+        y = backend.apply(x, mean, invstd, None, weight, bias, residual, eps, activation, negative_slope)
         keep_residual = residual if (residual is not None and activation != 0) else None
         ctx.save_for_backward(x, weight, bias, keep_residual, mean, invstd, count)
         ctx.config = (eps, activation, negative_slope, process_group, residual is not None)
@@ -69,8 +69,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x, weight, bias, residual, mean, invstd, count = ctx.saved_tensors
         eps, activation, negative_slope, process_group, has_residual = ctx.config
         needs = ctx.needs_input_grad
-        sums = ctx.backend.backward_sums(grad_y, x, mean, invstd, weight, bias, residual, eps, True, activation,
-                                    negative_slope)
+        sums = ctx.backend.backward_sums(grad_y, x, mean, invstd, None, weight, bias, residual, eps, activation,
+                                         negative_slope)
         grad_weight = sums[1].to(weight.dtype) if (weight is not None and needs[1]) else None
         grad_bias = sums[0].to(bias.dtype) if (bias is not None and needs[2]) else None
         grad_x = grad_residual = None
@@ -80,7 +80,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dist.all_reduce(global_sums, group=process_group)  # the one backward collective
             # dx uses the global means of (dz, dz * xhat): the sums already divided by the global count
             grad_x, grad_residual = ctx.backend.backward_elementwise(
-                grad_y, x, mean, invstd, weight, bias, residual, global_sums / count.clamp_min(1.0), 1.0, eps, True,
+                grad_y, x, mean, invstd, None, weight, bias, residual, global_sums / count.clamp_min(1.0), 1.0, eps,
                 activation, negative_slope, want_dx, want_dresidual)
         return (grad_x, grad_weight, grad_bias, grad_residual) + (None,) * 9
 

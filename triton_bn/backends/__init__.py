@@ -5,15 +5,17 @@ and SyncBatchNorm (``sync.py``) run on any of them:
     training(x, running_mean, running_var, num_batches_tracked, weight, bias, residual, momentum, cumulative,
              eps, activation, negative_slope)            -> (y, mean, invstd); running statistics updated once,
                                                             the batch counted in num_batches_tracked (if given)
-    apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope) -> y
-                                                            stat: invstd (batch_stats) or the running variance
-    backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope,
+    apply(x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope) -> y
+                                                            exactly one of invstd (batch statistics: their
+                                                            gradient terms in the backward) and running_var
+                                                            (running statistics, a frozen table) given
+    backward(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope,
              output_mask)                                -> (dx, dweight, dbias, d residual), None where unasked
     batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps) -> (mean, invstd)
     moments(x)                                           -> [3, C] (count, mean, M2), for SyncBatchNorm
-    backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope,
+    backward_sums(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps, activation, negative_slope,
                   grad_weight=None, grad_bias=None)      -> [2, C] (sum dz, sum dz * xhat)
-    backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps, batch_stats,
+    backward_elementwise(grad_y, x, mean, invstd, running_var, weight, bias, residual, sums, inv_count, eps,
                          activation, negative_slope, want_dx, want_dresidual) -> (dx, d residual)
 
 The first three are whole calls; the last four are the steps of a call split across processes or ops
@@ -46,6 +48,13 @@ class Backend(NamedTuple):
     moments: Callable
     backward_sums: Callable
     backward_elementwise: Callable
+
+
+def kernel_statistic(invstd, running_var):
+    """(stat, batch_stats): the one per-channel vector the kernels read beside the mean, and whether it is invstd
+    (batch statistics) rather than the running variance. The kernels' ABI (Triton and C++ alike) takes one
+    pointer and a flag; the interfaces above take the two statistics by name."""
+    return (invstd, True) if invstd is not None else (running_var, False)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -271,14 +271,14 @@ def training(x, weight, bias, residual, running_mean, running_var, num_batches_t
     return _training_op(*args, eps, momentum, negative_slope, activation, cumulative)
 
 
-def apply(x, mean, stat, weight, bias, residual, eps: float, activation: int, negative_slope: float):
-    """y from the running statistics (``stat`` = running variance) or a frozen table through the C++ path,
-    or None where it does not take this call."""
+def apply(x, mean, running_var, weight, bias, residual, eps: float, activation: int, negative_slope: float):
+    """y from the running statistics or a frozen table through the C++ path (the variance is the plans'
+    STAT slot), or None where it does not take this call."""
     if ops() is None:
         return None
     if _written_under != tuner.generation:
         forget_plans()
-    args = (x, mean, stat, weight, bias, residual)
+    args = (x, mean, running_var, weight, bias, residual)
     y = _apply_op(*args, eps, negative_slope, activation)
     if y is not None:
         return y
@@ -329,7 +329,7 @@ def _apply_plans(x, mean, stat, weight, bias, residual, eps, activation, negativ
     try:
         _require_dense(x, residual, (mean, stat, weight, bias))
         with triton_kernels.watch(dry=bool(STAND_IN)) as watched:
-            y = triton_kernels.batch_norm_apply(x, mean, stat, weight, bias, residual, eps, False, activation,
+            y = triton_kernels.batch_norm_apply(x, mean, None, stat, weight, bias, residual, eps, activation,
                                                 negative_slope)
         forward = _write(watched, {**inputs, Y: y}, {Y: LIKE_X}, expectations=inputs, device=x.device)
         backward = _backward_plan(x, mean, stat, weight, bias, residual, eps, False, activation, negative_slope)
@@ -339,7 +339,8 @@ def _apply_plans(x, mean, stat, weight, bias, residual, eps, activation, negativ
 
 
 def _backward_plan(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope) -> int:
-    """The backward's plan for the gradients this call's inputs need (-1 when nothing needs one)."""
+    """The backward's plan for the gradients this call's inputs need (-1 when nothing needs one); ``stat`` is
+    the STAT slot's tensor, invstd (``batch_stats``) or the running variance, as the node saves it."""
     if not torch.is_grad_enabled():
         return -1
     mask = [x.requires_grad, weight is not None and weight.requires_grad, bias is not None and bias.requires_grad,
@@ -353,8 +354,9 @@ def _backward_plan(x, mean, stat, weight, bias, residual, eps, batch_stats, acti
         grad_y.zero_()
     kept = residual if activation != 0 else None  # what the node saves
     with triton_kernels.watch(dry=bool(STAND_IN)) as watched:
-        grads = triton_kernels.batch_norm_backward(grad_y, x.detach(), mean, stat, weight, bias, kept, eps, batch_stats,
-                                           activation, negative_slope, mask)
+        invstd, running_var = (stat, None) if batch_stats else (None, stat)
+        grads = triton_kernels.batch_norm_backward(grad_y, x.detach(), mean, invstd, running_var, weight, bias, kept,
+                                                   eps, activation, negative_slope, mask)
     outputs = {GRAD_X: LIKE_X, GRAD_WEIGHT: LIKE_WEIGHT, GRAD_BIAS: LIKE_BIAS, GRAD_RESIDUAL: LIKE_X}
     known = {X: x, MEAN: mean, STAT: stat, WEIGHT: weight, BIAS: bias, RESIDUAL: kept, GRAD_Y: grad_y}
     known.update({slot: g for slot, g in zip((GRAD_X, GRAD_WEIGHT, GRAD_BIAS, GRAD_RESIDUAL), grads)})

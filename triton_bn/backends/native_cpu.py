@@ -188,17 +188,16 @@ def training_with_node(x, weight, bias, residual, running_mean, running_var, num
 def evaluate(x, running_mean, running_var, weight, bias, residual, eps: float, activation: int,
              negative_slope: float):
     """y from the running statistics in one pass, the epilogue fused."""
-    return ops().apply(x, running_mean, running_var, weight, bias, like(residual, x), eps, False, activation,
+    return ops().apply(x, running_mean, None, running_var, weight, bias, like(residual, x), eps, activation,
                        negative_slope)
 
 
-def backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+def backward(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps: float, activation: int,
              negative_slope: float, output_mask):
     """(dx, dweight, dbias, d residual) in two passes, z recomputed inside; None where not asked for, dweight
     and dbias in the parameters' dtype."""
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
     wanted = (want_dx, want_dweight and weight is not None, want_dbias and bias is not None, want_dresidual)
-    grads = ops().backward(like(grad_y, x), x, mean, stat, weight, bias,
-                           like(residual, x) if activation != 0 else None, eps, batch_stats, activation,
-                           negative_slope, *wanted)
+    grads = ops().backward(like(grad_y, x), x, mean, invstd, running_var, weight, bias,
+                           like(residual, x) if activation != 0 else None, eps, activation, negative_slope, *wanted)
     return in_parameter_dtypes(tuple(g if want else None for g, want in zip(grads, wanted)), weight, bias)

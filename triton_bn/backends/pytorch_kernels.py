@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import CHANNELS_LAST_FORMATS
-from . import compute_dtype, host_factor, in_parameter_dtypes, reduce_dims
+from . import compute_dtype, host_factor, in_parameter_dtypes, kernel_statistic, reduce_dims
 
 
 def _in_compute_dtype(x, *per_channel):
@@ -289,13 +289,14 @@ def _pre_activation(x, mean, stat, weight, bias, residual, eps, batch_stats):
     return z.add_(residual) if residual is not None else z
 
 
-def backward(grad_y, x, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
+def backward(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps: float, activation: int,
              negative_slope: float, output_mask):
     """(dx, dweight, dbias, dresidual) through PyTorch's fused backward kernel, None where not asked for;
     dweight and dbias in the parameters' own dtype, as the step functions give them. Only x and the
     per-channel vectors were saved: with an activation, z is recomputed (one pass of PyTorch's eval-mode
     kernel) and its buffer then holds dL/dz; at an exact kink (z == 0 to the last bit) its rounding can pick
     the other subgradient."""
+    stat, batch_stats = kernel_statistic(invstd, running_var)
     grads = _pytorch_backward(grad_y, x, *_in_compute_dtype(x, mean, stat, weight, bias), residual, eps,
                               batch_stats, activation, negative_slope, output_mask)
     return in_parameter_dtypes(grads, weight, bias)

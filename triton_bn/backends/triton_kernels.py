@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import settings, spec
+from . import kernel_statistic
 from ..autotune import INTERPRET, TileConfig, cdiv, merge_block, split_count, tuner
 from ..kernels import KERNELS
 from .layout import ChannelsLastGeometry, dense_geometry, empty_like_input, like_input
@@ -504,18 +505,21 @@ def _merged_statistics(x, geometry, mean, invstd, moments, running_mean, running
 
 
 @_on_input_device
-def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor, weight: Optional[torch.Tensor],
-                     bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float,
-                     batch_stats: bool, activation: int, negative_slope: float) -> torch.Tensor:
-    """y = act(x * scale + shift [+ residual]). ``stat`` is invstd (batch_stats) or the running variance."""
+def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, invstd: Optional[torch.Tensor],
+                     running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     residual: Optional[torch.Tensor], eps: float, activation: int,
+                     negative_slope: float) -> torch.Tensor:
+    """y = act(x * scale + shift [+ residual]), from invstd (batch statistics) or the running variance."""
     x, geometry = dense_geometry(x)
+    stat, batch_stats = kernel_statistic(invstd, running_var)
     return _apply(x, geometry, mean, stat, weight, bias, residual, eps, batch_stats, activation, negative_slope)
 
 
 def _apply(x, geometry, mean, stat, weight, bias, residual, eps: float, batch_stats: bool, activation: int,
            negative_slope: float, num_batches_tracked: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``batch_norm_apply`` on a dense x: one launch, which also adds 1 to ``num_batches_tracked`` when
-    given (the training forward's count of its batch)."""
+    """``batch_norm_apply`` on a dense x, the statistic as the kernels take it (``kernel_statistic``): one
+    launch, which also adds 1 to ``num_batches_tracked`` when given (the training forward's count of its
+    batch)."""
     y = empty_like_input(x)
     if x.numel() == 0:
         return y
@@ -537,16 +541,17 @@ def _apply(x, geometry, mean, stat, weight, bias, residual, eps: float, batch_st
 
 # -- backward -------------------------------------------------------------------------------------------
 @_on_input_device
-def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
-                  weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                  eps: float, batch_stats: bool, activation: int, negative_slope: float,
+def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: Optional[torch.Tensor],
+                  running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  residual: Optional[torch.Tensor], eps: float, activation: int, negative_slope: float,
                   grad_weight: Optional[torch.Tensor] = None, grad_bias: Optional[torch.Tensor] = None
                   ) -> torch.Tensor:
     """Pass 1 of the backward: fp32 [2, C] = (sum dz, sum dz * xhat) per channel, also written to
     ``grad_bias`` / ``grad_weight`` when given (in the parameters' dtype)."""
     if x.numel() == 0:  # nothing to launch: the step function gives the zero sums
-        return spec.backward_sums(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
-                                       negative_slope, grad_weight, grad_bias)
+        return spec.backward_sums(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps, activation,
+                                  negative_slope, grad_weight, grad_bias)
+    stat, batch_stats = kernel_statistic(invstd, running_var)
     x, geometry = dense_geometry(x)
     residual = like_input(residual, x) if residual is not None else None
     scratch = _sums_launch(like_input(grad_y, x), x, geometry, _per_channel_args(mean, stat, weight, bias, x.device),
@@ -578,18 +583,19 @@ def _sums_launch(grad_y, x, geometry, per_channel, residual, grad_weight, grad_b
 
 
 @_on_input_device
-def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
-                         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                         residual: Optional[torch.Tensor], sums: Optional[torch.Tensor], inv_count: float,
-                         eps: float, batch_stats: bool, activation: int, negative_slope: float,
+def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: Optional[torch.Tensor],
+                         running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], sums: Optional[torch.Tensor],
+                         inv_count: float, eps: float, activation: int, negative_slope: float,
                          want_dx: bool, want_dresidual: bool):
     """Pass 2 of the backward: (dx, d residual), each None unless wanted. With batch statistics, dx
     uses ``sums * inv_count`` (the mean of dz and of dz * xhat over the batch; SyncBatchNorm passes
     all-reduced sums already divided by the global count, with inv_count = 1); ``sums`` is [2, C] fp32
     (or the buffer ``_sums_launch`` returns, which starts with it)."""
     if x.numel() == 0:  # nothing to launch: the step function gives the empty gradients
-        return spec.backward_elementwise(grad_y, x, mean, stat, weight, bias, residual, sums, inv_count, eps,
-                                              batch_stats, activation, negative_slope, want_dx, want_dresidual)
+        return spec.backward_elementwise(grad_y, x, mean, invstd, running_var, weight, bias, residual, sums,
+                                         inv_count, eps, activation, negative_slope, want_dx, want_dresidual)
+    stat, batch_stats = kernel_statistic(invstd, running_var)
     x, geometry = dense_geometry(x)
     residual = like_input(residual, x) if residual is not None else None
     return _dx_launch(like_input(grad_y, x), x, geometry, _per_channel_args(mean, stat, weight, bias, x.device),
@@ -619,9 +625,9 @@ def _dx_launch(grad_y, x, geometry, per_channel, residual, sums, inv_count, eps,
     return grad_x, grad_residual
 
 
-def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, stat: torch.Tensor,
-                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                        residual: Optional[torch.Tensor], eps: float, batch_stats: bool, activation: int,
+def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: Optional[torch.Tensor],
+                        running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float, activation: int,
                         negative_slope: float, output_mask: List[bool]):
     """(dx, dweight, dbias, dresidual), each None unless asked for by ``output_mask``. Runs pass 1 only
     when something needs the per-channel sums, pass 2 only when dx or d residual is wanted.
@@ -629,8 +635,9 @@ def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
     ``residual`` is only needed (and only saved by the autograd formula) when an activation follows
     the add: it is part of the pre-activation whose derivative is recomputed."""
     if x.numel() == 0:  # nothing to launch: the step functions give the empty and zero gradients
-        return spec.batch_norm_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation,
+        return spec.batch_norm_backward(grad_y, x, mean, invstd, running_var, weight, bias, residual, eps, activation,
                                         negative_slope, output_mask)
+    stat, batch_stats = kernel_statistic(invstd, running_var)
     want_dx, want_dweight, want_dbias, want_dresidual = output_mask
     grad_weight = torch.empty_like(weight) if (want_dweight and weight is not None) else None
     grad_bias = torch.empty_like(bias) if (want_dbias and bias is not None) else None

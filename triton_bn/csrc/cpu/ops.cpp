@@ -255,6 +255,38 @@ std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::T
   return {grad_x, grad_weight, grad_bias, grad_residual};
 }
 
+// The ops take the two statistics by name, exactly one given: invstd (batch statistics) or the running
+// variance (running statistics, a frozen table). The kernels read one vector and a flag saying which.
+const at::Tensor& one_statistic(const c10::optional<at::Tensor>& invstd, const c10::optional<at::Tensor>& running_var,
+                                bool& batch_stats) {
+  TORCH_CHECK(present(invstd) != present(running_var),
+              "triton_bn_cpu: give exactly one of invstd (batch statistics) and running_var (running ones)");
+  batch_stats = present(invstd) != nullptr;
+  return batch_stats ? *invstd : *running_var;
+}
+
+at::Tensor apply_op(const at::Tensor& x, const at::Tensor& mean, const c10::optional<at::Tensor>& invstd,
+                    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
+                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual, double eps,
+                    int64_t activation, double slope) {
+  bool batch_stats = false;
+  const at::Tensor& stat = one_statistic(invstd, running_var, batch_stats);
+  return apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, slope);
+}
+
+std::vector<at::Tensor> backward_op(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                                    const c10::optional<at::Tensor>& invstd,
+                                    const c10::optional<at::Tensor>& running_var,
+                                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& residual, double eps, int64_t activation,
+                                    double slope, bool want_dx, bool want_dweight, bool want_dbias,
+                                    bool want_dresidual) {
+  bool batch_stats = false;
+  const at::Tensor& stat = one_statistic(invstd, running_var, batch_stats);
+  return triton_bn_backward(grad_y, x, mean, stat, weight, bias, residual, eps, batch_stats, activation, slope,
+                            want_dx, want_dweight, want_dbias, want_dresidual);
+}
+
 // -- a training forward with its backward recorded in C++ ----------------------------------------------
 // What triton_bn/autograd.py's TrainingBatchNormFunction does, with the node both devices share
 // (csrc/node/batch_norm_backward.h): on a small layer the Python Function's forward and backward cost more
@@ -335,11 +367,11 @@ TORCH_LIBRARY(triton_bn_cpu, m) {
   m.def("training_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, float factor, float eps, int activation, float slope) -> (Tensor, Tensor, Tensor)",
         &training_forward);
-  m.def("apply(Tensor x, Tensor mean, Tensor stat, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
-        "bool batch_stats, int activation, float slope) -> Tensor", &apply);
-  m.def("backward(Tensor grad_y, Tensor x, Tensor mean, Tensor stat, Tensor? weight, Tensor? bias, "
-        "Tensor? residual, float eps, bool batch_stats, int activation, float slope, bool want_dx, "
-        "bool want_dweight, bool want_dbias, bool want_dresidual) -> Tensor[]", &triton_bn_backward);
+  m.def("apply(Tensor x, Tensor mean, Tensor? invstd, Tensor? running_var, Tensor? weight, Tensor? bias, "
+        "Tensor? residual, float eps, int activation, float slope) -> Tensor", &apply_op);
+  m.def("backward(Tensor grad_y, Tensor x, Tensor mean, Tensor? invstd, Tensor? running_var, Tensor? weight, "
+        "Tensor? bias, Tensor? residual, float eps, int activation, float slope, bool want_dx, "
+        "bool want_dweight, bool want_dbias, bool want_dresidual) -> Tensor[]", &backward_op);
   // training_forward + counting the batch, differentiable: its autograd kernel records CpuBatchNormBackward
   m.def("training(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float factor, float eps, int activation, "
