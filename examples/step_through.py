@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must happen before triton is imported
 
 import triton_bn  # noqa: E402
-from triton_bn.backends import triton_kernels  # noqa: E402
+from triton_bn.backends import triton_grids, triton_launch  # noqa: E402
 from triton_bn.kernels import KERNELS  # noqa: E402
 from triton_bn.autotune import heuristic_config, merge_block  # noqa: E402
 from triton_bn.backends.layout import ChannelsLastGeometry, dense_geometry  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
     if block_a and block_b:
         cfg = dataclasses.replace(cfg, block_a=block_a, block_b=block_b, flat=False,
                                   programs_per_sm=args.programs_per_sm)
-    splits, grid, size_args, blocks = triton_kernels._reduction_grid(geometry, cfg, x.device, cfg.programs_per_sm)
+    splits, grid, size_args, blocks = triton_grids.reduction_grid(geometry, cfg, x.device, cfg.programs_per_sm)
     print(f"triton_bn {triton_bn.__version__}: x {tuple(x.shape)} {args.layout} -> family {family}, geometry {geometry}")
     print(f"tile {cfg.block_a}x{cfg.block_b}, {splits} splits, grid {grid}")
 
@@ -60,7 +60,7 @@ def main() -> None:
     dummy = torch.empty(1, device=x.device)
     count = x.numel() // channels
     KERNELS[family]["stats"][grid](
-        x, partials, triton_kernels._arrival_counters(x.device, blocks), mean, invstd,
+        x, partials, triton_launch.arrival_counters(x.device, blocks), mean, invstd,
         moments[0], moments[2], dummy, dummy, dummy, *size_args, 1.0 / count, count / (count - 1), 0, 0, 1e-5, 0.0,
         UPDATE_RUNNING=False, CUMULATIVE=False, WRITE_MOMENTS=True, BLOCK_SPLITS=merge_block(family, cfg),
         **cfg.launch_kwargs(family, reduction=True))

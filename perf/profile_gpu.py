@@ -61,13 +61,13 @@ def host_us_per_call(fn, calls: int = 50) -> float:
 def module_rows(device: str = "cuda", calls: int = 200):
     """Host time per call of a whole module against PyTorch's, on a layer small enough that the host
     decides (16x64x14x14): training forward, eval forward (both under no_grad) and a training forward +
-    backward, triton_bn with its direct launches (``triton_kernels.DIRECT_LAUNCH``), with every launch through
-    Triton's ``JITFunction`` and through the C++ launch path (``cpp_launch.ACTIVE``, docs/triton_kernels.md; where it
+    backward, triton_bn with its direct launches (``triton_launch.DIRECT_LAUNCH``), with every launch through
+    Triton's ``JITFunction`` and through the C++ launch path (``cpp_launch.ACTIVE``, docs/launch.md; where it
     builds here), side by side, alternating; and the kernels one triton_bn training forward
     launches: the module counts the batch in its apply launch, so two kernels and no ``add``
     (nn.BatchNorm launches an ``add_`` for ``num_batches_tracked``). Returns (text lines, kernel names)."""
     import triton_bn
-    from triton_bn.backends import triton_kernels, cpp_launch
+    from triton_bn.backends import triton_launch, cpp_launch
     cpp_available = cpp_launch.ops() is not None  # builds the C++ path here on first use (a warning where it can not)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     x = torch.randn(16, 64, 14, 14, device=device)
@@ -83,7 +83,7 @@ def module_rows(device: str = "cuda", calls: int = 200):
         module(x.detach().requires_grad_()).backward(grad)
 
     def per_call(module, direct, call, cpp=False):
-        triton_kernels.DIRECT_LAUNCH = direct
+        triton_launch.DIRECT_LAUNCH = direct
         with cpp_launch.switched(cpp):
             call(module)  # compile, tune, learn the direct variants (or write the C++ path's plans)
             sync()
@@ -112,7 +112,7 @@ def module_rows(device: str = "cuda", calls: int = 200):
             ", C++ launch path not built here"
         lines.append(f"{name}, 16x64x14x14 fp32: triton_bn {d:.1f} us (through JITFunction.run {t:.1f} us), "
                      f"nn.Sequential(BatchNorm2d, ReLU) {p:.1f} us, ratio {d / p:.2f}x ({t / p:.2f}x){via_cpp}")
-    triton_kernels.DIRECT_LAUNCH = True
+    triton_launch.DIRECT_LAUNCH = True
     ours.train()
     activities = [torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU]
     with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:

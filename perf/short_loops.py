@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
-from triton_bn.backends import triton_kernels
+from triton_bn.backends import triton_grids, triton_kernels
 from triton_bn.autotune import TileConfig, forced_config, heuristic_config, next_power_of_2
 from triton_bn.backends.layout import ChannelsLastGeometry, dense_geometry
 
@@ -86,7 +86,7 @@ def reductions(x: torch.Tensor):
 
 def tiles_per_program(family: str, geometry, cfg: TileConfig, device) -> int:
     """What each program of the reduction walks, from the launcher's own grid."""
-    _, _, size_args, _ = triton_kernels._reduction_grid(geometry, cfg, device, cfg.programs_per_sm)
+    _, _, size_args, _ = triton_grids.reduction_grid(geometry, cfg, device, cfg.programs_per_sm)
     return size_args[-1] if family == "channels_first" else size_args[3] // cfg.block_a
 
 

@@ -15,14 +15,15 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the Triton i
 import torch  # noqa: E402
 
 import triton_bn  # noqa: E402
-from triton_bn.backends import cpp_launch, cuda_driver, triton_kernels  # noqa: E402
+from triton_bn.backends import cpp_launch, cuda_driver, triton_kernels, triton_launch  # noqa: E402
+from triton_bn.backends.layout import dense_geometry  # noqa: E402
 
 
 def python_launches(call):
     """What the Python launchers launch for ``call()`` (watched, not run): per launch the kernel's name, the
     grid as three numbers, and each passed parameter as ("ptr", tensor), ("int", value) or ("f32", value),
     read off the compiled variant as cpp_launch.py reads it; plus call()'s result."""
-    with triton_kernels.watch(dry=True) as watched:
+    with triton_launch.watch(dry=True) as watched:
         result = call()
     launches = []
     for prepared, args in watched:
@@ -49,7 +50,7 @@ def assert_same_launches(recorded, expected, roles):
     wherever Python passes the same one."""
     assert [r["kernel"] for r in recorded] == [e["kernel"] for e in expected], (recorded, expected)
     scratch = {}
-    standing = {t.data_ptr() for t in list(triton_kernels._dummies.values()) + list(triton_kernels._COUNTERS.values())}
+    standing = {t.data_ptr() for t in list(triton_launch._dummies.values()) + list(triton_launch._COUNTERS.values())}
     for got, want in zip(recorded, expected):
         where = want["kernel"]
         assert got["grid"] == want["grid"] and got["block"] == want["block"] and got["shared"] == want["shared"], where
@@ -416,7 +417,7 @@ def check_plans_follow_the_tuner_and_stay_bounded():
     with torch.no_grad():
         module(x)
         before, _ = recorded_during(lambda: module(x))
-        geometry = triton_kernels.dense_geometry(x)[1]
+        geometry = dense_geometry(x)[1]
         usual = heuristic_config("channels_last", "apply", geometry, x.element_size())
         forced = TileConfig(block_a=usual.block_a * 2, block_b=usual.block_b, num_warps=usual.num_warps * 2)
         with forced_config("channels_last.apply", forced):

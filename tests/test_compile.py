@@ -207,7 +207,7 @@ def test_cuda_graph_capture_and_replay_match_eager(fused):
 def test_capture_without_warm_up_says_to_warm_up(tuning, monkeypatch):
     """A new key (tuning) or a kernel variant never launched in this process (heuristic tiles: an
     activation no other test uses, an odd channel count) inside a capture: a clear error either way."""
-    from triton_bn.backends import triton_kernels
+    from triton_bn.backends import triton_grids, triton_kernels
     from triton_bn.kernels import KERNELS
     from triton_bn.autotune import tuner
     monkeypatch.setattr(tuner, "autotune", tuning)
@@ -216,7 +216,7 @@ def test_capture_without_warm_up_says_to_warm_up(tuning, monkeypatch):
     for kernels in KERNELS.values():  # as in a fresh process: no variant loaded yet
         for kernel in kernels.values():
             kernel.device_caches.clear()
-    triton_kernels._RESIDENT.clear()
+    triton_grids._RESIDENT.clear()
     triton_kernels._CALLS.clear()
     mod = triton_bn.BatchNorm2d(23, activation="leaky_relu", negative_slope=0.3).cuda()
     x = torch.randn(4, 23, 6, 7, device="cuda")

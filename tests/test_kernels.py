@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 import triton_bn
-from triton_bn.backends import triton_kernels
+from triton_bn.backends import triton_grids, triton_kernels, triton_launch
 from triton_bn.autotune import TileConfig, forced_config, heuristic_config, merge_block, tuner, tuning_key
 from triton_bn.kernels.merge import merge_split_moments
 from triton_bn.backends.layout import ChannelsFirstGeometry, ChannelsLastGeometry
@@ -61,7 +61,7 @@ def test_batch_norm_with_523_splits_matches_float64():
     x = torch.randn(523, 16, generator=torch.Generator().manual_seed(1)) * 2 + 5
     rm, rv = torch.zeros(16), torch.ones(16)
     with forced_config("channels_last", TileConfig(1, 16, programs_per_sm=1000)):
-        assert triton_kernels._reduction_grid(ChannelsLastGeometry(523, 16, 16), TileConfig(1, 16), torch.device("cpu"),
+        assert triton_grids.reduction_grid(ChannelsLastGeometry(523, 16, 16), TileConfig(1, 16), torch.device("cpu"),
                                       1000)[0] == 523
         y = triton_bn.batch_norm(x, rm, rv, training=True, momentum=1.0)
     ref_rm, ref_rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
@@ -77,12 +77,12 @@ def test_grids_stay_within_axis_limits_for_huge_channel_counts():
         geometry = ChannelsLastGeometry(rows=8, channels=channels, row_stride=channels)
         for role in ("stats", "apply"):
             cfg = heuristic_config("channels_last", role, geometry, 2)
-            grid = (triton_kernels._reduction_grid(geometry, cfg, cpu, cfg.programs_per_sm)[1] if role == "stats"
-                    else triton_kernels._elementwise_grid(geometry, cfg)[0])
-            assert grid[0] < 2 ** 31 and all(axis <= triton_kernels.GRID_AXIS_LIMIT for axis in grid[1:]), grid
+            grid = (triton_grids.reduction_grid(geometry, cfg, cpu, cfg.programs_per_sm)[1] if role == "stats"
+                    else triton_grids.elementwise_grid(geometry, cfg)[0])
+            assert grid[0] < 2 ** 31 and all(axis <= triton_grids.GRID_AXIS_LIMIT for axis in grid[1:]), grid
         first = ChannelsFirstGeometry(batch=2, channels=channels, spatial=3, batch_stride=3 * channels, channel_stride=3)
         cfg = heuristic_config("channels_first", "stats", first, 2)
-        assert len(triton_kernels._reduction_grid(first, cfg, cpu, cfg.programs_per_sm)[1]) == 1
+        assert len(triton_grids.reduction_grid(first, cfg, cpu, cfg.programs_per_sm)[1]) == 1
 
 
 def test_flat_tile_from_a_cache_is_never_used_past_int32(monkeypatch):
@@ -126,15 +126,16 @@ class _FakeKernel:
 def test_capture_guard_refuses_a_first_launch_whatever_the_tuning(monkeypatch):
     """Inside a capture, a kernel variant whose module was never loaded must not launch (with tuning on
     or off, a cached key or a new flag alike): a clear error, nothing launched."""
-    monkeypatch.setattr(triton_kernels, "_capturing", lambda device: True)
+    monkeypatch.setattr(triton_launch, "capturing", lambda device: True)
     fresh, known = _FakeKernel(loaded=False), _FakeKernel(loaded=True)
     with pytest.raises(RuntimeError, match="Warm up first") as error:
-        triton_kernels._launch(fresh, (1,), (), {}, torch.device("cpu"))
+        triton_launch.launch_through_triton(fresh, (1,), (), {}, torch.device("cpu"))
     assert "TRITON_BN_AUTOTUNE" not in str(error.value) and fresh.launched == 0
-    triton_kernels._launch(known, (1,), (), {}, torch.device("cpu"))
+    triton_launch.launch_through_triton(known, (1,), (), {}, torch.device("cpu"))
     assert known.launched == 1
-    monkeypatch.setattr(triton_kernels, "_capturing", lambda device: False)
-    triton_kernels._launch(fresh, (1,), (), {}, torch.device("cpu"))  # outside a capture a first launch is fine
+    monkeypatch.setattr(triton_launch, "capturing", lambda device: False)
+    # outside a capture a first launch is fine
+    triton_launch.launch_through_triton(fresh, (1,), (), {}, torch.device("cpu"))
     assert fresh.launched == 1
 
 
@@ -169,11 +170,11 @@ def test_a_planned_launch_calls_each_compiled_variant_directly_after_its_first_l
     the variant); later ones call that variant directly, with the constexprs appended in parameter order
     (defaults included), the grid padded to 3 axes and the current stream. A new alignment, dtype or int
     value is a new signature; a new float is not."""
-    monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", True)
-    monkeypatch.setattr(triton_kernels, "_capturing", lambda device: False)
-    monkeypatch.setattr(triton_kernels, "current_stream", lambda index: 1234)
+    monkeypatch.setattr(triton_launch, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(triton_launch, "capturing", lambda device: False)
+    monkeypatch.setattr(triton_launch, "current_stream", lambda index: 1234)
     calls = []
-    prepared = triton_kernels.PreparedLaunch(_fake_jit_kernel(calls), (6,), dict(FLAG=True, num_warps=4))
+    prepared = triton_launch.PreparedLaunch(_fake_jit_kernel(calls), (6,), dict(FLAG=True, num_warps=4))
     cuda = torch.device("cuda", 0)  # only the device's type and index are read
     buffer = torch.empty(64)
     x, out, misaligned = buffer[:16], buffer[16:32], buffer[1:17]
@@ -188,7 +189,7 @@ def test_a_planned_launch_calls_each_compiled_variant_directly_after_its_first_l
         assert [c[0] for c in calls] == ["triton", "direct"], changed
     calls.clear()
     prepared((x, out, 16, 0.5), torch.device("cpu"))  # the interpreter: always Triton's path
-    monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", False)
+    monkeypatch.setattr(triton_launch, "DIRECT_LAUNCH", False)
     prepared((x, out, 16, 0.5), cuda)
     assert [c[0] for c in calls] == ["triton", "triton"]
 
@@ -196,9 +197,9 @@ def test_a_planned_launch_calls_each_compiled_variant_directly_after_its_first_l
 def test_a_planned_launch_of_a_wrapped_kernel_always_takes_tritons_path(monkeypatch):
     """A kernel that is not a plain JITFunction (no ``fn``, as the tests' launch counters) or has pre-run
     hooks never launches directly: whatever wraps it sees every launch."""
-    monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", True)
-    monkeypatch.setattr(triton_kernels, "_capturing", lambda device: False)
-    monkeypatch.setattr(triton_kernels, "current_stream", lambda index: 0)
+    monkeypatch.setattr(triton_launch, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(triton_launch, "capturing", lambda device: False)
+    monkeypatch.setattr(triton_launch, "current_stream", lambda index: 0)
     calls = []
     hooked = _fake_jit_kernel(calls)
     hooked.pre_run_hooks = [lambda *args, **kwargs: None]
@@ -206,7 +207,7 @@ def test_a_planned_launch_of_a_wrapped_kernel_always_takes_tritons_path(monkeypa
     type(wrapped).fn = None
     args = (torch.empty(16), torch.empty(16), 16, 0.5)
     for kernel in (hooked, wrapped):
-        prepared = triton_kernels.PreparedLaunch(kernel, (2, 3), dict(FLAG=False))
+        prepared = triton_launch.PreparedLaunch(kernel, (2, 3), dict(FLAG=False))
         for _ in range(3):
             prepared(args, torch.device("cuda", 0))
     assert [c[0] for c in calls] == ["triton"] * 6
@@ -229,7 +230,7 @@ def test_argument_signature_tells_apart_whatever_triton_specializes_differently(
                True, False]
     signatures = {}
     for args in [(a, b) for a in tensors + scalars for b in scalars]:
-        signatures.setdefault(triton_kernels.argument_signature(args), []).append(args)
+        signatures.setdefault(triton_launch.argument_signature(args), []).append(args)
     checked = 0
     for group in signatures.values():
         first = specialization(group[0])
@@ -265,7 +266,7 @@ def test_direct_launches_on_cuda_are_bitwise_tritons_and_skip_its_launch_path(mo
     grad = torch.randn(2, 8, 5, 5, device="cuda")
     results, launches_through_triton = {}, {}
     for direct in (True, False):
-        monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", direct)
+        monkeypatch.setattr(triton_launch, "DIRECT_LAUNCH", direct)
         tuner.reset()  # fresh prepared launches, so the direct variants are learned again
         module = copy.deepcopy(template)
         outputs, counts = [], []
@@ -368,13 +369,13 @@ def test_one_module_from_several_threads(monkeypatch):
     The Triton *interpreter* is not thread-safe itself (it patches triton.language while a kernel runs),
     so here only the kernel executions are serialised; everything triton_bn does around them interleaves."""
     interpreter = threading.Lock()
-    original_launch = triton_kernels._launch
+    original_launch = triton_launch.launch_through_triton
 
     def serialised_launch(*args, **kwargs):
         with interpreter:
             return original_launch(*args, **kwargs)
 
-    monkeypatch.setattr(triton_kernels, "_launch", serialised_launch)
+    monkeypatch.setattr(triton_launch, "launch_through_triton", serialised_launch)
     errors = _one_module_from_several_threads("cpu", own_streams=False)
     assert not errors, errors
 

@@ -208,11 +208,11 @@ def test_bad_settings_warn_once_naming_the_variable_and_never_stop_an_import():
     code = ("import warnings; warnings.simplefilter('always')\n"
             "import triton_bn\n"
             "from triton_bn import settings, build\n"
-            "from triton_bn.backends import native_cpu, cpp_launch, triton_kernels\n"
+            "from triton_bn.backends import native_cpu, cpp_launch, triton_launch\n"
             "from triton_bn.autotune import tuner\n"
             "for name in settings.SETTINGS: settings.get(name); settings.get(name)\n"
             "print('VALUES', native_cpu.ENABLED, cpp_launch.ENABLED, repr(cpp_launch.STAND_IN),"
-            " triton_kernels.DIRECT_LAUNCH, tuner.autotune,"
+            " triton_launch.DIRECT_LAUNCH, tuner.autotune,"
             " tuner.max_candidates, settings.get('TRITON_BN_BUILD_WAIT'), settings.get('TRITON_BN_BUILD_JOBS'))\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

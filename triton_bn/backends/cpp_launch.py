@@ -3,7 +3,7 @@ from C++, a C++ autograd node whose backward launches the backward kernels.
 
 Python stays the one place that decides. The first call of a kind (shapes, strides, dtypes, alignment,
 which inputs are given and need gradients, flags, stream) runs the Python launchers as always, and this
-module watches it (``triton_kernels.watch``): every launch's kernel, grid and arguments. From those and each
+module watches it (``triton_launch.watch``): every launch's kernel, grid and arguments. From those and each
 compiled kernel's own parameter list it writes a *plan*: per launch the CUfunction, grid, block, shared
 memory and, per kernel parameter, where its value comes from (a tensor slot, a scalar argument of the call,
 a constant). The backward's plan is written the same way, from one watched backward on the same tensors.
@@ -38,7 +38,7 @@ import torch
 from .. import build, settings
 from ..activations import ACTIVATION_IDS
 from ..autotune import tuner
-from . import triton_internals, triton_kernels
+from . import layout, triton_internals, triton_kernels, triton_launch
 # The numbering this module and csrc/cuda/ share (plan_numbering.py; csrc/cuda/plan_ids.h is written from it)
 from .plan_numbering import (BIAS, CALL_SCALARS, F32, FIRST_PERSISTENT, FIRST_SCRATCH, GRAD_BIAS, GRAD_RESIDUAL,
                              GRAD_WEIGHT, GRAD_X, GRAD_Y, I8, I32, I64, LIKE_BIAS, LIKE_WEIGHT, LIKE_X, MEAN,
@@ -46,7 +46,7 @@ from .plan_numbering import (BIAS, CALL_SCALARS, F32, FIRST_PERSISTENT, FIRST_SC
                              SCALAR_TYPES, SCRATCH, STAT, WEIGHT, X, Y)
 
 ENABLED = settings.flag("TRITON_BN_CPP_LAUNCH")
-STAND_IN = triton_kernels.CUDA_DRIVER if triton_kernels.STAND_IN else ""  # "record", "null" or "" (the real driver)
+STAND_IN = triton_launch.CUDA_DRIVER if triton_launch.STAND_IN else ""  # "record", "null" or "" (the real driver)
 
 CSRC = os.path.join(build.CSRC, "cuda")
 
@@ -200,7 +200,7 @@ def _describe(t) -> tuple:
 
 def _key(kind: str, tensors, flags) -> tuple:
     grad = torch.is_grad_enabled()
-    stream = triton_kernels.current_stream(tensors[0].device.index) if tensors[0].is_cuda else 0
+    stream = triton_launch.current_stream(tensors[0].device.index) if tensors[0].is_cuda else 0
     return (kind, tensors[0].device, stream, grad, flags) + tuple(_describe(t) for t in tensors)
 
 
@@ -309,7 +309,7 @@ def _training_plans(x, weight, bias, residual, running_mean, running_var, num_ba
         # a scratch copy of the running state for the watched call: the real call is the C++ one
         state = {slot: (t.clone() if t is not None else None) for slot, t in inputs.items()
                  if slot in (RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES)}
-        with triton_kernels.watch(dry=bool(STAND_IN)) as watched:
+        with triton_launch.watch(dry=bool(STAND_IN)) as watched:
             y, mean, invstd = triton_kernels.batch_norm_training(x, state[RUNNING_MEAN], state[RUNNING_VAR],
                                                          state[NUM_BATCHES], weight, bias, residual, momentum,
                                                          cumulative, eps, activation, negative_slope)
@@ -328,7 +328,7 @@ def _apply_plans(x, mean, stat, weight, bias, residual, eps, activation, negativ
     inputs = {X: x, MEAN: mean, STAT: stat, WEIGHT: weight, BIAS: bias, RESIDUAL: residual}
     try:
         _require_dense(x, residual, (mean, stat, weight, bias))
-        with triton_kernels.watch(dry=bool(STAND_IN)) as watched:
+        with triton_launch.watch(dry=bool(STAND_IN)) as watched:
             y = triton_kernels.batch_norm_apply(x, mean, None, stat, weight, bias, residual, eps, activation,
                                                 negative_slope)
         forward = _write(watched, {**inputs, Y: y}, {Y: LIKE_X}, expectations=inputs, device=x.device)
@@ -353,7 +353,7 @@ def _backward_plan(x, mean, stat, weight, bias, residual, eps, batch_stats, acti
     if not STAND_IN:
         grad_y.zero_()
     kept = residual if activation != 0 else None  # what the node saves
-    with triton_kernels.watch(dry=bool(STAND_IN)) as watched:
+    with triton_launch.watch(dry=bool(STAND_IN)) as watched:
         invstd, running_var = (stat, None) if batch_stats else (None, stat)
         grads = triton_kernels.batch_norm_backward(grad_y, x.detach(), mean, invstd, running_var, weight, bias, kept,
                                                    eps, activation, negative_slope, mask)
@@ -369,7 +369,7 @@ def _backward_plan(x, mean, stat, weight, bias, residual, eps, batch_stats, acti
 def _require_dense(x, residual, per_channel) -> None:
     """The C++ path takes tensors the launchers use as they are: x in one of the two layout families, a
     residual with x's strides, per-channel vectors with stride 1 (anything else is copied by Python)."""
-    if triton_kernels.dense_geometry(x)[0] is not x:
+    if layout.dense_geometry(x)[0] is not x:
         raise PlanUnsupported("x needs a copy into a layout family")
     if residual is not None and residual.stride() != x.stride() and residual.numel() > 1:
         raise PlanUnsupported("the residual needs x's strides")
@@ -395,7 +395,7 @@ def _write(watched, known: dict, outputs: dict, expectations: dict, device, requ
     persistent: List[torch.Tensor] = []
     scratch: Dict[int, Tuple[int, int]] = {}  # data_ptr -> (slot, numel)
     by_pointer = {t.data_ptr(): slot for slot, t in known.items() if t is not None}
-    standing = {t.data_ptr(): t for t in triton_kernels.standing_buffers()}
+    standing = {t.data_ptr(): t for t in triton_launch.standing_buffers()}
 
     def slot_of(t: torch.Tensor) -> int:
         pointer = t.data_ptr()
@@ -471,7 +471,7 @@ def compiled_variant(kernel, grid, args, kwargs, device) -> Compiled:
     """The variant Triton runs for these arguments: on a GPU the one its launch compiled and loaded (found
     again with ``warmup``); under a stand-in driver compiled for sm_90 on the CPU, specialised by Triton's
     own binder for these arguments."""
-    key = (kernel, triton_kernels.argument_signature(args), tuple(sorted(kwargs.items())))
+    key = (kernel, triton_launch.argument_signature(args), tuple(sorted(kwargs.items())))
     found = _COMPILED.get(key)
     if found is None:
         if getattr(device, "type", "cpu") == "cuda":

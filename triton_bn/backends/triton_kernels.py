@@ -1,6 +1,7 @@
-"""The Triton backend: launchers, plain functions that pick the layout family, allocate (statistics always in
-fp32), compute grids and call the kernels of ``kernels/``, tuned by ``autotune.py``. No autograd and no nn
-here; arguments arrive checked (``functional.py``, ``ops.py``) and ``dispatch.py`` sends only what
+"""The Triton backend's launchers: plain functions that pick the layout family, allocate (statistics always in
+fp32), ask the tuner (``autotune.py``) and the grids (``triton_grids.py``), remember the answers per kind of
+call (prepared launches) and launch the kernels of ``kernels/`` (how a launch is made: ``triton_launch.py``).
+No autograd and no nn here; arguments arrive checked (``functional.py``, ``ops.py``) and ``dispatch.py`` sends only what
 ``uses_kernels`` says these kernels take: fp32, fp16 and bf16 on CUDA, and on the CPU under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before import) or a stand-in CUDA driver.
 
@@ -14,87 +15,26 @@ Entry points (each but the first also behind a custom op of ``ops.py``):
                                   are needed, then backward_elementwise (dx, 1 launch) when dx or
                                   d residual is wanted: at most 2 launches
 """
-import contextlib
-import functools
-import inspect
-import threading
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
 
-from .. import settings, spec
-from . import kernel_statistic
-from ..autotune import INTERPRET, TileConfig, cdiv, merge_block, split_count, tuner
+from .. import spec
+from ..autotune import INTERPRET, TileConfig, merge_block, tuner
 from ..kernels import KERNELS
+from . import kernel_statistic
 from .layout import ChannelsLastGeometry, dense_geometry, empty_like_input, like_input
-from .occupancy import resident_per_sm
-
-_dummies = {}
-
-
-def _dummy(device: torch.device) -> torch.Tensor:
-    """A private 1-element buffer for pointer arguments a kernel's flags switch off. Never the input:
-    a kernel that wrote through such a pointer by mistake would corrupt only this scratch."""
-    dummy = _dummies.get(device)
-    if dummy is None:
-        dummy = _dummies.setdefault(device, torch.empty(1, dtype=torch.float32, device=device))
-    return dummy
-
-
-def _off_device(x: torch.Tensor) -> bool:
-    """Whether x lives on a GPU other than the current one: Triton launches on the current device, so a
-    model on cuda:1 while cuda:0 is current would otherwise launch on the wrong GPU."""
-    return x.is_cuda and x.device.index != torch.cuda.current_device()
-
-
-def _input_device(x: torch.Tensor):
-    """A context that makes x's GPU the current device."""
-    return torch.cuda.device(x.device) if _off_device(x) else contextlib.nullcontext()
-
-
-def _on_input_device(launcher):
-    """Run ``launcher`` with its first tensor argument's GPU as the current device."""
-    @functools.wraps(launcher)
-    def wrapper(first, *args, **kwargs):
-        if _off_device(first):
-            with torch.cuda.device(first.device):
-                return launcher(first, *args, **kwargs)
-        return launcher(first, *args, **kwargs)
-    return wrapper
-
+from .triton_grids import elementwise_grid, reduction_layout
+from . import triton_launch
+from .triton_launch import STAND_IN, PreparedLaunch, arrival_counters, dummy_buffer, input_device, on_input_device
 
 # What the kernels take. float64 has no fast path worth a kernel (it exists for reference computations
 # and gradcheck): it takes the pure-PyTorch path on every device.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# Under a stand-in CUDA driver (TRITON_BN_CUDA_DRIVER=record or null: tests and host-cost measurements of
-# the C++ launch path, cpp_launch.py) CPU tensors take the kernel path as CUDA tensors would, and nothing is
-# launched from Python: the launches are only watched.
-CUDA_DRIVER = settings.get("TRITON_BN_CUDA_DRIVER")  # "real", "record" or "null" (cpp_launch.py reads it here)
-STAND_IN = CUDA_DRIVER in ("record", "null")
-
-
 def uses_kernels(x: torch.Tensor) -> bool:
     return (x.is_cuda or INTERPRET or STAND_IN) and x.dtype in KERNEL_DTYPES
-
-
-_watching = threading.local()
-
-
-@contextlib.contextmanager
-def watch(dry: bool = False):
-    """Collect the (PreparedLaunch, arguments) of every launch the launchers make on this thread meanwhile (the
-    tuner's candidate runs are not among them); ``dry``: collect them without launching (cpp_launch.py writes its
-    plans from them)."""
-    previous = getattr(_watching, "state", None)
-    launches = []
-    _watching.state = (launches, dry)
-    try:
-        yield launches
-    finally:
-        _watching.state = previous
 
 
 def _family(geometry) -> str:
@@ -104,177 +44,9 @@ def _family(geometry) -> str:
 def _per_channel_args(mean, stat, weight, bias, device):
     """(mean, stat, weight, bias) as kernel arguments: read-only vectors with stride 1 (a strided view is
     copied), a private dummy for an absent one."""
-    dummy = _dummy(device)  # (written out, not a generator: this runs on every call)
+    dummy = dummy_buffer(device)  # (written out, not a generator: this runs on every call)
     return (dummy if mean is None else mean.contiguous(), dummy if stat is None else stat.contiguous(),
             dummy if weight is None else weight.contiguous(), dummy if bias is None else bias.contiguous())
-
-
-def current_stream(device_index: int) -> int:
-    """The raw handle of the device's current CUDA stream, as Triton's CUDA driver reads it (no
-    ``torch.cuda.Stream`` object built, which costs microseconds per call)."""
-    return torch._C._cuda_getCurrentRawStream(device_index)
-
-
-def standing_buffers() -> List[torch.Tensor]:
-    """The buffers the launchers keep across calls (the per-device dummies and the per-stream arrival counters):
-    what a C++ plan holds as persistent slots instead of per-call tensors (cpp_launch.py)."""
-    return list(_dummies.values()) + list(_COUNTERS.values())
-
-
-# -- arrival counters -------------------------------------------------------------------------------------
-_COUNTERS = {}  # (device, stream) -> int32 zeros: every reduction leaves its counters at zero
-_COUNTERS_LOCK = threading.Lock()
-
-
-def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per channel block of a reduction (merge.last_to_arrive). Kernels on
-    one stream run one after another and each resets what it used, so one buffer per stream serves every
-    call; two streams never share one. Inside a CUDA graph capture the buffer is allocated (and its
-    zeroing captured) for that call alone: a buffer from the graph's private memory must not be kept."""
-    stream = current_stream(device.index) if device.type == "cuda" else 0
-    if stream and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(needed, dtype=torch.int32, device=device)
-    key = (device, stream)
-    counters = _COUNTERS.get(key)
-    if counters is not None and counters.numel() >= needed:
-        return counters
-    with _COUNTERS_LOCK:  # growing: one thread at a time, so that no two buffers serve one stream
-        counters = _COUNTERS.get(key)
-        if counters is None or counters.numel() < needed:
-            counters = _COUNTERS[key] = torch.zeros(max(needed, 1024), dtype=torch.int32, device=device)
-    return counters
-
-
-# -- launching --------------------------------------------------------------------------------------------
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def refuse_first_launch_in_capture(kernel, grid, args, kwargs) -> None:
-    """Inside a CUDA graph capture, a kernel variant that never ran in this process can not run: its
-    first launch loads its module, which a capturing stream refuses (after compiling it, which is
-    allowed). ``warmup`` compiles or finds the variant without launching it; an unloaded module means
-    this would be its first launch: say so before the capture breaks."""
-    compiled = kernel.warmup(*args, grid=grid, **kwargs)
-    if getattr(compiled, "module", None) is None:
-        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "a kernel")
-        raise RuntimeError(
-            f"triton_bn: {name} would run for the first time in this form (these shapes, dtypes, layouts and "
-            "flags) inside a CUDA graph capture, where its module can not be loaded. Warm up first: run the same "
-            "step (forward and backward) once before capturing.")
-
-
-def _launch(kernel, grid, args, kwargs, device: torch.device):
-    """Triton's own launch path: specialize every argument, find (or compile) the variant, launch it.
-    Returns what Triton returns: the compiled variant."""
-    if _capturing(device):
-        refuse_first_launch_in_capture(kernel, grid, args, kwargs)
-    return kernel[grid](*args, **kwargs)
-
-
-# Whether a prepared launch may call its compiled variants directly (``PreparedLaunch``); TRITON_BN_DIRECT_LAUNCH=0
-# (read at import) sends every launch through Triton's JITFunction, for comparison or if a Triton release
-# ever breaks the direct call.
-DIRECT_LAUNCH = settings.flag("TRITON_BN_DIRECT_LAUNCH")
-
-
-def argument_signature(args) -> tuple:
-    """A hashable key that tells apart every argument list Triton would specialize differently: a tensor by
-    its dtype and whether its address is 16-byte aligned, an int by its value (Triton specializes ints on
-    being 1, on divisibility by 16 and on needing 64 bits), anything else by its type alone (Triton passes
-    every Python float as fp32 and never specializes on its value: a changing scalar or a NaN never misses)."""
-    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else
-                  (a if a.__class__ is int else a.__class__) for a in args])
-
-
-class PreparedLaunch:
-    """One kind of call's launch, prepared: kernel, grid and keywords (constexprs, warps, stages) fixed; only the
-    tensors and scalars change from call to call.
-
-    Triton's ``kernel[grid](...)`` redoes on every call what a prepared launch already knows: it specializes each
-    argument, builds a cache key from the specialization and the options, checks the kernel's globals,
-    and only then launches. On an H100 host a 3-argument kernel launches in ~17 us that way against ~10 us
-    through its compiled variant's own launcher, and these kernels, with 20-30 arguments, save 20-28 us per
-    launch (perf/NOTES.md, GPU run 8); a converted model's training step launches four times per layer.
-    So the first launch of each ``argument_signature`` takes Triton's path (which compiles or finds the
-    variant), and later launches with that signature call the compiled variant directly
-    (``CompiledKernel[grid]``: Triton's own launcher for an already compiled kernel, with its launch
-    hooks). CPU tensors (the interpreter) always take Triton's path, and so does a signature's first launch
-    inside a CUDA graph capture, where ``_launch`` refuses a variant that never ran."""
-    __slots__ = ("kernel", "grid", "kwargs", "constexpr_values", "variants")
-
-    def __init__(self, kernel, grid, kwargs):
-        self.kernel, self.grid, self.kwargs = kernel, tuple(grid), kwargs
-        self.constexpr_values = None  # the values after the positional arguments, in parameter order
-        self.variants = {}  # argument_signature -> the compiled variant's launcher for this grid
-
-    def __call__(self, args, device: torch.device) -> None:
-        watching = getattr(_watching, "state", None)
-        if watching is not None:
-            watching[0].append((self, args))
-            if watching[1]:
-                return
-        if STAND_IN and device.type != "cuda":
-            return  # a stand-in driver's CPU tensors: nothing runs on them (cpp_launch.py)
-        if not (DIRECT_LAUNCH and device.type == "cuda"):
-            _launch(self.kernel, self.grid, args, self.kwargs, device)
-            return
-        key = argument_signature(args)
-        runner = self.variants.get(key, _UNSEEN)
-        if runner is None or runner is _UNSEEN:  # Triton's path (which guards a first launch inside a capture)
-            compiled = _launch(self.kernel, self.grid, args, self.kwargs, device)
-            if runner is _UNSEEN:  # once per signature (a racing thread at worst does this twice)
-                self.variants[key] = self._direct_runner(compiled, len(args))
-            return
-        # a variant launched before, so its module is loaded: safe inside a CUDA graph capture too
-        runner(*args, *self.constexpr_values, stream=current_stream(device.index))
-
-    def _direct_runner(self, compiled, positional: int):
-        """``compiled``'s launcher for this grid; None (Triton's path every time) where Triton returned no
-        compiled kernel or the kernel is not a plain JITFunction (a test's wrapper, pre-run hooks)."""
-        fn = getattr(self.kernel, "fn", None)
-        if compiled is None or fn is None or getattr(self.kernel, "pre_run_hooks", None) \
-                or not hasattr(compiled, "__getitem__"):
-            return None
-        if self.constexpr_values is None:
-            params = list(inspect.signature(fn).parameters.values())[positional:]
-            self.constexpr_values = tuple(self.kwargs[p.name] if p.name in self.kwargs else p.default
-                                          for p in params)
-        return compiled[self.grid + (1,) * (3 - len(self.grid))]
-
-
-_UNSEEN = object()
-
-
-_RESIDENT = {}  # (kernel, config, dtype, device, launch kwargs) -> programs of that variant fitting per SM
-
-
-def _reduction_layout(kernel, geometry, cfg: TileConfig, x: torch.Tensor, make_args, kwargs):
-    """The ``_reduction_grid`` layout of a reduction with as many splits as fit: ``cfg.programs_per_sm``
-    programs per multiprocessor, or fewer when fewer of the compiled variant can be resident at once
-    (more would only add waves). ``make_args(layout)`` builds the kernel's arguments for a layout."""
-    device = x.device
-    layout = _reduction_grid(geometry, cfg, device, cfg.programs_per_sm)
-    if device.type == "cuda":
-        key = (kernel, cfg, x.dtype, device, tuple(kwargs.items()))
-        fits = _RESIDENT.get(key)
-        if fits is None:
-            args = make_args(layout)
-            if _capturing(device):
-                refuse_first_launch_in_capture(kernel, layout[1], args, kwargs)
-            fits = _RESIDENT[key] = _resident(kernel, layout[1], args, kwargs, device, cfg)
-        if fits < cfg.programs_per_sm:
-            layout = _reduction_grid(geometry, cfg, device, fits)
-    return layout
-
-
-def _resident(kernel, grid, args, kwargs, device, cfg: TileConfig) -> int:
-    try:
-        return resident_per_sm(kernel.warmup(*args, grid=grid, **kwargs), device)
-    except Exception as exc:  # noqa: BLE001 - only the split count depends on it: fall back, and say so once
-        warnings.warn(f"triton_bn: could not read the compiled kernel's resources ({type(exc).__name__}: {exc}); "
-                      f"reductions use {cfg.programs_per_sm} programs per multiprocessor")
-        return cfg.programs_per_sm
 
 
 def _on_scratch(make_args, copy):
@@ -323,12 +95,12 @@ def _elementwise_call(role: str, geometry, x: torch.Tensor, flags: tuple, make_a
     arguments, for the tuner's candidate runs ``tuning_args(size_args)`` where given (as for reductions)."""
     def build(kernel, family, base):
         def run(cfg: TileConfig):
-            grid, size_args = _elementwise_grid(geometry, cfg)
-            _launch(kernel, grid, (tuning_args or make_args)(size_args), dict(base, **cfg.launch_kwargs(family)),
-                    x.device)
+            grid, size_args = elementwise_grid(geometry, cfg)
+            triton_launch.launch_through_triton(kernel, grid, (tuning_args or make_args)(size_args),
+                                                dict(base, **cfg.launch_kwargs(family)), x.device)
 
         cfg = tuner.select(family, role, geometry, x, run)
-        grid, size_args = _elementwise_grid(geometry, cfg)
+        grid, size_args = elementwise_grid(geometry, cfg)
         return PreparedLaunch(kernel, grid, dict(base, **cfg.launch_kwargs(family))), size_args
 
     return _prepared_launch(role, geometry, x, flags, build)
@@ -344,12 +116,13 @@ def _reduction_call(role: str, geometry, x: torch.Tensor, flags: tuple, make_arg
 
         def run(cfg: TileConfig):
             kwargs = kwargs_for(cfg)
-            layout = _reduction_layout(kernel, geometry, cfg, x, make_args, kwargs)
-            _launch(kernel, layout[1], (tuning_args or make_args)(layout), kwargs, x.device)
+            layout = reduction_layout(kernel, geometry, cfg, x, make_args, kwargs)
+            triton_launch.launch_through_triton(kernel, layout[1], (tuning_args or make_args)(layout), kwargs,
+                                                x.device)
 
         cfg = tuner.select(family, role, geometry, x, run)
         kwargs = kwargs_for(cfg)
-        layout = _reduction_layout(kernel, geometry, cfg, x, make_args, kwargs)
+        layout = reduction_layout(kernel, geometry, cfg, x, make_args, kwargs)
         return PreparedLaunch(kernel, layout[1], kwargs), layout
 
     return _prepared_launch(role, geometry, x, flags, build)
@@ -373,57 +146,13 @@ def _flag_kwargs(role: str, flags: tuple) -> dict:
 def _epilogue_flags(per_channel, residual, batch_stats: bool, activation: int) -> tuple:
     """(STATS_ARE_RUNNING, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION) from the per-channel arguments
     (``_per_channel_args``: the dummy stands for an absent weight or bias)."""
-    dummy = _dummies.get(per_channel[0].device)
+    dummy = dummy_buffer(per_channel[0].device)
     return (not batch_stats, per_channel[2] is not dummy, per_channel[3] is not dummy, residual is not None,
             activation)
 
 
-# -- grids ------------------------------------------------------------------------------------------------
-GRID_AXIS_LIMIT = 65535  # grid axes 1 and 2; axis 0 takes 2^31 - 1
-
-
-def _reduction_grid(geometry, cfg: TileConfig, device, programs_per_sm: int):
-    """(num_splits, grid, size arguments, counters needed) of a reduction kernel aiming at
-    ``programs_per_sm`` programs per multiprocessor. Channel-contiguous: channel blocks on axis 0 (any
-    C), splits on axis 1 (a few per multiprocessor, far under its limit)."""
-    if isinstance(geometry, ChannelsLastGeometry):
-        row_blocks = cdiv(geometry.rows, cfg.block_a)
-        channel_blocks = cdiv(geometry.channels, cfg.block_b)
-        splits = min(split_count(row_blocks, channel_blocks, device, programs_per_sm), GRID_AXIS_LIMIT)
-        rows_per_split = cdiv(row_blocks, splits) * cfg.block_a
-        splits = cdiv(geometry.rows, rows_per_split)
-        return (splits, (channel_blocks, splits),
-                (geometry.rows, geometry.channels, geometry.row_stride, rows_per_split, splits),
-                channel_blocks)
-    num_s_blocks, num_tiles = _channels_first_tiles(geometry, cfg)
-    splits = split_count(num_tiles, geometry.channels, device, programs_per_sm)
-    tiles_per_split = cdiv(num_tiles, splits)
-    splits = cdiv(num_tiles, tiles_per_split)
-    size_args = (geometry.batch, geometry.channels, geometry.spatial, geometry.batch_stride, geometry.channel_stride,
-                 num_s_blocks, num_tiles, splits, tiles_per_split)
-    return splits, (geometry.channels * splits,), size_args, geometry.channels
-
-
-def _channels_first_tiles(geometry, cfg: TileConfig):
-    """(tiles per row of a plane, tiles per channel) of a channels-first tiling (2-D or flat)."""
-    if cfg.flat:
-        return 1, cdiv(geometry.batch * geometry.spatial, cfg.block_a * cfg.block_b)
-    num_s_blocks = cdiv(geometry.spatial, cfg.block_b)
-    return num_s_blocks, cdiv(geometry.batch, cfg.block_a) * num_s_blocks
-
-
-def _elementwise_grid(geometry, cfg: TileConfig):
-    if isinstance(geometry, ChannelsLastGeometry):  # 1-D: (row blocks x channel blocks), see _elementwise_tile
-        grid = (cdiv(geometry.rows, cfg.block_a) * cdiv(geometry.channels, cfg.block_b),)
-        return grid, (geometry.rows, geometry.channels, geometry.row_stride)
-    num_s_blocks, num_tiles = _channels_first_tiles(geometry, cfg)
-    grid = (geometry.channels * num_tiles,)
-    return grid, (geometry.batch, geometry.channels, geometry.spatial, geometry.batch_stride, geometry.channel_stride,
-                  num_s_blocks, num_tiles)
-
-
 # -- forward --------------------------------------------------------------------------------------------
-@_on_input_device
+@on_input_device
 def batch_stats(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                 num_batches_tracked: Optional[torch.Tensor], momentum: float, cumulative: bool,
                 eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -447,7 +176,7 @@ def _statistics(x, geometry, running_mean, running_var, num_batches_tracked, mom
     return mean, invstd
 
 
-@_on_input_device
+@on_input_device
 def batch_norm_training(x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                         num_batches_tracked: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                         bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], momentum: float,
@@ -464,7 +193,7 @@ def batch_norm_training(x: torch.Tensor, running_mean: Optional[torch.Tensor], r
                    num_batches_tracked), mean, invstd)
 
 
-@_on_input_device
+@on_input_device
 def batch_moments(x: torch.Tensor) -> torch.Tensor:
     """Local ``(count, mean, M2)`` per channel, packed as one fp32 [3, C] tensor (what SyncBatchNorm
     all-gathers). An empty x gives count 0, which weighs nothing in the merge."""
@@ -485,7 +214,7 @@ def _merged_statistics(x, geometry, mean, invstd, moments, running_mean, running
     device = x.device
     count = x.numel() // channels
     update = running_mean is not None
-    dummy = _dummy(device)
+    dummy = dummy_buffer(device)
     moment_args = (moments[0], moments[2]) if moments is not None else (dummy, dummy)
     running = (running_mean if update else dummy, running_var if update else dummy,
                num_batches_tracked if (update and cumulative) else dummy)
@@ -495,7 +224,7 @@ def _merged_statistics(x, geometry, mean, invstd, moments, running_mean, running
     def make_args(layout, running=running):
         splits, _, size_args, blocks = layout
         partials = torch.empty(3 * splits * channels, dtype=torch.float32, device=device)  # [3, splits, C], flat
-        return (x, partials, _arrival_counters(device, blocks), mean, invstd,
+        return (x, partials, arrival_counters(device, blocks), mean, invstd,
                 *moment_args, *running, *size_args, *scalars)
 
     tuning_args = _on_scratch(make_args, lambda: tuple(t if t is dummy else t.clone() for t in running))
@@ -504,7 +233,7 @@ def _merged_statistics(x, geometry, mean, invstd, moments, running_mean, running
     launch(make_args(layout), device)
 
 
-@_on_input_device
+@on_input_device
 def batch_norm_apply(x: torch.Tensor, mean: torch.Tensor, invstd: Optional[torch.Tensor],
                      running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                      residual: Optional[torch.Tensor], eps: float, activation: int,
@@ -526,10 +255,10 @@ def _apply(x, geometry, mean, stat, weight, bias, residual, eps: float, batch_st
     device = x.device
     residual = like_input(residual, x) if residual is not None else None
     per_channel = _per_channel_args(mean, stat, weight, bias, device)
-    tensors = (x, residual if residual is not None else _dummy(device), y, *per_channel)
+    tensors = (x, residual if residual is not None else dummy_buffer(device), y, *per_channel)
     counting = num_batches_tracked is not None
 
-    def make_args(size_args, counted=num_batches_tracked if counting else _dummy(device)):
+    def make_args(size_args, counted=num_batches_tracked if counting else dummy_buffer(device)):
         return (*tensors, counted, *size_args, eps, negative_slope)
 
     flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (counting,)
@@ -540,7 +269,7 @@ def _apply(x, geometry, mean, stat, weight, bias, residual, eps: float, batch_st
 
 
 # -- backward -------------------------------------------------------------------------------------------
-@_on_input_device
+@on_input_device
 def backward_sums(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: Optional[torch.Tensor],
                   running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                   residual: Optional[torch.Tensor], eps: float, activation: int, negative_slope: float,
@@ -563,16 +292,16 @@ def _sums_launch(grad_y, x, geometry, per_channel, residual, grad_weight, grad_b
                  negative_slope) -> torch.Tensor:
     """Launch pass 1 on dense tensors; returns its fp32 buffer: the [2, C] sums, then the partials."""
     channels, device = x.shape[1], x.device
-    residual_arg = residual if residual is not None else _dummy(device)
-    outputs = (grad_weight if grad_weight is not None else _dummy(device),
-               grad_bias if grad_bias is not None else _dummy(device))
+    residual_arg = residual if residual is not None else dummy_buffer(device)
+    outputs = (grad_weight if grad_weight is not None else dummy_buffer(device),
+               grad_bias if grad_bias is not None else dummy_buffer(device))
     scratch = []
 
     def make_args(layout):  # only scratch and this call's outputs are written: safe to run per candidate
         splits, _, size_args, blocks = layout
         buffer = torch.empty((2 + 2 * splits) * channels, dtype=torch.float32, device=device)
         scratch[:] = [buffer]
-        return (grad_y, x, residual_arg, *per_channel, buffer, _arrival_counters(device, blocks), *outputs,
+        return (grad_y, x, residual_arg, *per_channel, buffer, arrival_counters(device, blocks), *outputs,
                 *size_args, eps, negative_slope)
 
     flags = _epilogue_flags(per_channel, residual, batch_stats, activation) + (grad_weight is not None,
@@ -582,7 +311,7 @@ def _sums_launch(grad_y, x, geometry, per_channel, residual, grad_weight, grad_b
     return scratch[0]
 
 
-@_on_input_device
+@on_input_device
 def backward_elementwise(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: Optional[torch.Tensor],
                          running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], sums: Optional[torch.Tensor],
@@ -612,7 +341,7 @@ def _dx_launch(grad_y, x, geometry, per_channel, residual, sums, inv_count, eps,
     if want_dresidual and not want_dx and activation == 0:
         grad_residual.copy_(grad_y)  # act = identity: d residual = dy, no kernel needed
         return grad_x, grad_residual
-    dummy = _dummy(device)
+    dummy = dummy_buffer(device)
     tensors = (grad_y, x, residual if residual is not None else dummy, grad_x if want_dx else dummy,
                grad_residual if want_dresidual else dummy, *per_channel, sums if sums is not None else dummy)
 
@@ -643,7 +372,7 @@ def batch_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tenso
     grad_bias = torch.empty_like(bias) if (want_dbias and bias is not None) else None
     need_sums = (want_dx and batch_stats) or grad_weight is not None or grad_bias is not None
     count = max(x.numel() // max(x.shape[1], 1), 1)
-    with _input_device(x):  # both passes share one geometry and one set of argument preparations
+    with input_device(x):  # both passes share one geometry and one set of argument preparations
         x, geometry = dense_geometry(x)
         grad_y = like_input(grad_y, x)
         residual = like_input(residual, x) if residual is not None else None
