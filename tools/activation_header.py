@@ -40,20 +40,25 @@ def header_text() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def write_or_check(path: str, text: str, source: str, script: str, description: str) -> int:
+    """A generated header's command line (this script's and tools/plan_header.py's): rewrite ``path`` with
+    ``text``, or with ``--check`` exit 1 if the committed file is not ``source``'s."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    text = header_text()
     if args.check:
-        with open(HEADER) as f:
+        with open(path) as f:
             same = f.read() == text
-        print("the header is the table's" if same else f"{HEADER} is not the table's: run python tools/activation_header.py")
+        print(f"the header is the {source}'s" if same else f"{path} is not the {source}'s: run python {script}")
         return 0 if same else 1
-    with open(HEADER, "w") as f:
+    with open(path, "w") as f:
         f.write(text)
-    print(f"wrote {HEADER}")
+    print(f"wrote {path}")
     return 0
+
+
+def main() -> int:
+    return write_or_check(HEADER, header_text(), "table", "tools/activation_header.py", __doc__)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ The header is committed; tests/test_launch.py checks that it is what this script
     python tools/plan_header.py            # rewrites the header
     python tools/plan_header.py --check    # exit 1 if the committed header is not the numbering's
 """
-import argparse
 import importlib.util
 import os
 import sys
@@ -14,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "triton_bn", "backends", "plan_numbering.py")
 HEADER = os.path.join(ROOT, "triton_bn", "csrc", "cuda", "plan_ids.h")
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from activation_header import cpp_name  # noqa: E402
+from activation_header import cpp_name, write_or_check  # noqa: E402
 
 
 def _numbering():
@@ -44,19 +43,7 @@ def header_text() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    text = header_text()
-    if args.check:
-        with open(HEADER) as f:
-            same = f.read() == text
-        print("the header is the numbering's" if same else f"{HEADER} is not the numbering's: run python tools/plan_header.py")
-        return 0 if same else 1
-    with open(HEADER, "w") as f:
-        f.write(text)
-    print(f"wrote {HEADER}")
-    return 0
+    return write_or_check(HEADER, header_text(), "numbering", "tools/plan_header.py", __doc__)
 
 
 if __name__ == "__main__":
