@@ -50,7 +50,8 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, block_a=block_a, block_b=block_b, flat=False,
                                   programs_per_sm=args.programs_per_sm)
     splits, grid, size_args, blocks = triton_grids.reduction_grid(geometry, cfg, x.device, cfg.programs_per_sm)
-    print(f"triton_bn {triton_bn.__version__}: x {tuple(x.shape)} {args.layout} -> family {family}, geometry {geometry}")
+    print(f"triton_bn {triton_bn.__version__}: x {tuple(x.shape)} {args.layout} -> family {family},"
+          f" geometry {geometry}")
     print(f"tile {cfg.block_a}x{cfg.block_b}, {splits} splits, grid {grid}")
 
     channels = x.shape[1]

@@ -42,7 +42,8 @@ CASES = [  # (shape, dtype, channels_last)
 def previous_heuristic(family: str, kind: str, geometry, element_size: int) -> TileConfig:
     """``heuristic_config`` before GPU runs 5-6: 3 stages everywhere, channels-last statistics as wide as the
     other kernels."""
-    rows, channels = (geometry.rows, geometry.channels) if family == "channels_last" else (geometry.batch, geometry.spatial)
+    rows, channels = ((geometry.rows, geometry.channels) if family == "channels_last"
+                      else (geometry.batch, geometry.spatial))
     widest = (64 if element_size >= 4 else 128) if family == "channels_last" else 2048
     block_b = max(16, min(next_power_of_2(channels), widest))
     block_a = max(1, min(4096 // block_b, next_power_of_2(rows)))

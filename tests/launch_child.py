@@ -27,7 +27,8 @@ def python_launches(call):
         result = call()
     launches = []
     for prepared, args in watched:
-        compiled = cpp_launch.compiled_variant(prepared.kernel, prepared.grid, args, prepared.kwargs, torch.device("cpu"))
+        compiled = cpp_launch.compiled_variant(prepared.kernel, prepared.grid, args, prepared.kwargs,
+                                               torch.device("cpu"))
         params = []
         for name, arg in zip(prepared.kernel.arg_names, args):
             kind = compiled.signature[name]

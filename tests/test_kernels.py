@@ -80,7 +80,8 @@ def test_grids_stay_within_axis_limits_for_huge_channel_counts():
             grid = (triton_grids.reduction_grid(geometry, cfg, cpu, cfg.programs_per_sm)[1] if role == "stats"
                     else triton_grids.elementwise_grid(geometry, cfg)[0])
             assert grid[0] < 2 ** 31 and all(axis <= triton_grids.GRID_AXIS_LIMIT for axis in grid[1:]), grid
-        first = ChannelsFirstGeometry(batch=2, channels=channels, spatial=3, batch_stride=3 * channels, channel_stride=3)
+        first = ChannelsFirstGeometry(batch=2, channels=channels, spatial=3, batch_stride=3 * channels,
+                                      channel_stride=3)
         cfg = heuristic_config("channels_first", "stats", first, 2)
         assert len(triton_grids.reduction_grid(first, cfg, cpu, cfg.programs_per_sm)[1]) == 1
 
@@ -89,8 +90,10 @@ def test_flat_tile_from_a_cache_is_never_used_past_int32(monkeypatch):
     """Keys group N by power of two: a FLAT choice cached at N = 600 must not be reused at N = 1000 when
     N x S passes 2^31 (its int32 index would wrap and store out of bounds)."""
     monkeypatch.setattr(tuner, "tune_on_cpu", True)
-    small = ChannelsFirstGeometry(batch=600, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21, channel_stride=2 ** 21)
-    large = ChannelsFirstGeometry(batch=1024, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21, channel_stride=2 ** 21)
+    small = ChannelsFirstGeometry(batch=600, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21,
+                                  channel_stride=2 ** 21)
+    large = ChannelsFirstGeometry(batch=1024, channels=4, spatial=2 ** 21, batch_stride=4 * 2 ** 21,
+                                  channel_stride=2 ** 21)
     assert small.batch * small.spatial < 2 ** 31 <= large.batch * large.spatial
     flat = TileConfig(1, 4096, 8, flat=True)
     x = torch.empty(1)

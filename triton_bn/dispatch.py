@@ -130,10 +130,11 @@ def training_forward(input, weight, bias, residual, running_mean, running_var, n
 def apply_step(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                tracing: bool):
     """What applies given statistics to ``input`` (eval, and FrozenBatchNorm): a callable of (x, mean, invstd,
-    running_var, weight, bias, residual, eps, activation, negative_slope), as ``Backend.apply``. The custom op while torch.compile
-    traces; the C++ launch path's; the autograd Function over the backend when something needs a gradient;
-    else the backend's ``apply``, or on the native kernels their op itself where nothing needs converting, so
-    that no Python runs between here and the C++ (on a small eval call that Python costs as much as the pass)."""
+    running_var, weight, bias, residual, eps, activation, negative_slope), as ``Backend.apply``. The custom op
+    while torch.compile traces; the C++ launch path's; the autograd Function over the backend when something
+    needs a gradient; else the backend's ``apply``, or on the native kernels their op itself where nothing needs
+    converting, so that no Python runs between here and the C++ (on a small eval call that Python costs as much
+    as the pass)."""
     if tracing:
         return torch.ops.triton_bn.batch_norm_apply
     if cpp_launch.serves(input):
