@@ -281,11 +281,19 @@ class Tuner:
         self._forced: Dict[str, TileConfig] = {}
         self._disk_loaded = False
         self._lock = threading.RLock()
+        self._listeners: List[Callable[[], None]] = []
 
     def changed(self) -> None:
         """Every answer given so far may no longer hold (a forced configuration, a reset, tuning switched on
-        or off): a new generation, which the launchers' prepared launches are keyed on."""
+        or off): a new generation, which the launchers' prepared launches are keyed on, and every listener
+        told (the C++ launch path forgets its plans)."""
         self.generation += 1
+        for listener in self._listeners:
+            listener()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` at each new generation (``changed``)."""
+        self._listeners.append(listener)
 
     autotune = _switch("_autotune", "Whether new keys are benchmarked on a GPU (else the heuristic decides).")
     tune_on_cpu = _switch("_tune_on_cpu", "Test hook: benchmark through the interpreter with ``self.benchmark``.")

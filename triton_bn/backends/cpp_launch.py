@@ -171,21 +171,36 @@ def serves(x: torch.Tensor) -> bool:
 _PLANS: Dict[tuple, Optional[Tuple[int, int]]] = {}
 # Both sides' tables are bounded and current: every plan is forgotten (C++'s call table and plan registry,
 # these keys, the compiled variants' descriptions) when PLAN_LIMIT call kinds have been written, and when the
-# tuner's generation moves on (tuning switched, a configuration forced, the tuner reset), since a plan
-# launches the tile configurations chosen when it was written. Plans are then written again as calls come.
+# tuner's generation moves on (tuning switched, a configuration forced, the tuner reset: it tells us), since
+# a plan launches the tile configurations chosen when it was written. Plans are then written again as calls
+# come.
 PLAN_LIMIT = 1024
-_written_under = tuner.generation  # the tuner generation the remembered plans were written under
 
 
 def forget_plans() -> None:
     """Forget every plan on both sides: the next call of each kind writes its plans again."""
-    global _written_under
     with _lock:
         if _library.get("ops") is not None:
             torch.ops.triton_bn_cuda.forget_plans()
         _PLANS.clear()
         _COMPILED.clear()
-        _written_under = tuner.generation
+
+
+tuner.on_change(forget_plans)
+
+
+def _new_plans(kind: str, args, flags: tuple, write):
+    """``write()``'s plans for a call kind C++ found none for, written once per kind; None where the path
+    does not serve it (inside a capture; a kind written before that C++ still refuses)."""
+    if args[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # plans are written outside captures, from calls that ran
+    if len(_PLANS) >= PLAN_LIMIT:
+        forget_plans()
+    key = _key(kind, args, flags)
+    if _PLANS.get(key, _UNBUILT) is not _UNBUILT:
+        return None
+    plans = _PLANS[key] = write()
+    return plans
 
 
 def _aligned(t) -> bool:
@@ -220,8 +235,6 @@ def known_call(x, running_mean, running_var, weight, bias, training, momentum, e
     if not (isinstance(x, torch.Tensor) and (x.is_cuda or _ANY_DEVICE)) or torch.compiler.is_compiling() \
             or torch._C._get_tracing_state() is not None or (_training_op is None and ops() is None):
         return None
-    if _written_under != tuner.generation:
-        forget_plans()
     act = ACTIVATION_IDS.get(activation) if activation is None or type(activation) is str else None
     if act is None or type(eps) not in _NUMBERS or type(negative_slope) not in _NUMBERS or eps != eps:
         return None
@@ -250,21 +263,13 @@ def training(x, weight, bias, residual, running_mean, running_var, num_batches_t
     checked by ``functional``): plans written for calls like it on a miss."""
     if ops() is None:
         return None
-    if _written_under != tuner.generation:
-        forget_plans()
     args = (x, weight, bias, residual, running_mean, running_var, num_batches_tracked)
     y = _training_op(*args, eps, momentum, negative_slope, activation, cumulative)
     if y is not None:
         return y
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None  # plans are written outside captures, from calls that ran
-    # no plan for a call like this one yet: write them (once per kind; None where the path does not serve it)
-    if len(_PLANS) >= PLAN_LIMIT:
-        forget_plans()
-    key = _key("training", args, (cumulative, activation))
-    if _PLANS.get(key, _UNBUILT) is not _UNBUILT:
-        return None
-    plans = _PLANS[key] = _training_plans(*args, momentum, cumulative, eps, activation, negative_slope)
+    # no plan for a call like this one yet: write them
+    plans = _new_plans("training", args, (cumulative, activation),
+                       lambda: _training_plans(*args, momentum, cumulative, eps, activation, negative_slope))
     if plans is None:
         return None
     torch.ops.triton_bn_cuda.remember_training(*args, activation, cumulative, *plans)
@@ -276,20 +281,11 @@ def apply(x, mean, running_var, weight, bias, residual, eps: float, activation: 
     STAT slot), or None where it does not take this call."""
     if ops() is None:
         return None
-    if _written_under != tuner.generation:
-        forget_plans()
     args = (x, mean, running_var, weight, bias, residual)
     y = _apply_op(*args, eps, negative_slope, activation)
     if y is not None:
         return y
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    if len(_PLANS) >= PLAN_LIMIT:
-        forget_plans()
-    key = _key("apply", args, (activation,))
-    if _PLANS.get(key, _UNBUILT) is not _UNBUILT:
-        return None
-    plans = _PLANS[key] = _apply_plans(*args, eps, activation, negative_slope)
+    plans = _new_plans("apply", args, (activation,), lambda: _apply_plans(*args, eps, activation, negative_slope))
     if plans is None:
         return None
     torch.ops.triton_bn_cuda.remember_apply(*args, activation, *plans)
