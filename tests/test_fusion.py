@@ -231,4 +231,13 @@ def test_the_coverage_script_runs_over_the_zoo():
     done = subprocess.run([sys.executable, os.path.join(root, "tools", "fusion_coverage.py")], capture_output=True,
                           text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "YoloConvStack      3 of 3 fusable BNs fused" in done.stdout and "all: " in done.stdout
+    import re
+    assert re.search(r"YoloConvStack +3 of 3 fusable BNs fused", done.stdout) and "all: " in done.stdout, done.stdout
+    try:
+        import transformers  # noqa: F401
+    except Exception:  # noqa: BLE001 - then the script says it skipped them
+        assert "Hugging Face's models skipped" in done.stdout
+        return
+    # Hugging Face's MobileNetV1 forwards call a padding helper fx can not trace: all of it fused all the same
+    assert re.search(r"hf:mobilenet_v1 +27 of 27 fusable BNs fused", done.stdout), done.stdout
+    assert "hf:levit" in done.stdout and "a Python decision on a shape" in done.stdout, done.stdout

@@ -441,9 +441,9 @@ ZOO = {
     "timm": (TimmLike, (4, 3, 6, 6), (4, 2, 0)),
     # norm1/norm2 of each layer with ReLU modules; the final norm with a functional relu
     "densenet": (DenseNetLike, (4, 3, 6, 6), (0, 5, 0)),
-    # stem BN+Hardswish; block: BN+Hardswish twice, the last BN plain (the add is in the parent: x + block(x));
-    # classifier BatchNorm1d+Hardswish
-    "mobilenetv3": (MobileNetV3Like, (4, 3, 6, 6), (1, 4, 0)),
+    # stem BN+Hardswish; block: BN+Hardswish twice, the last BN ends the Sequential and takes the add of the
+    # parent (x + block(x)) as its residual (the Sequential's graph inlined); classifier BatchNorm1d+Hardswish
+    "mobilenetv3": (MobileNetV3Like, (4, 3, 6, 6), (0, 4, 1)),
     # stem BN+ReLU; block: bn1, bn2 + ReLU, bn3 + add + ReLU; the downsample BN is the add's other operand
     "resnext": (ResNeXtLike, (4, 3, 8, 8), (1, 3, 1)),
     # stem: untraceable, BN swapped only; body: BN+ReLU in the Sequential; AuxInTraining reads self.training,

@@ -1,9 +1,11 @@
 """Print how much of each model's fusable batch norm convert_model fused (triton_bn.fusion_coverage: the BNs
 that feed an activation, directly or through an add, in the original's data flow, against those fused), for
-the test zoo's models (tests/zoo.py: torchvision-, timm- and DLA-like idioms built here) and a YOLO-style
-Conv-BN-SiLU stack.
+the test zoo's models (tests/zoo.py: torchvision-, timm- and DLA-like idioms built here), a YOLO-style
+Conv-BN-SiLU stack, and Hugging Face transformers' architectures that hold BatchNorm (tests/hf_zoo.py, built
+from small configurations, no download; skipped with a line saying so where transformers does not import),
+with the reason for each BN left unfused there (hf_zoo.UNFUSED).
 
-    python tools/fusion_coverage.py
+    python tools/fusion_coverage.py [--zoo-only]
 """
 import os
 import sys
@@ -40,17 +42,37 @@ def models():
     return found
 
 
+def hugging_face_models():
+    """(name, model, input) for tests/hf_zoo.py's architectures (fp32), or None where transformers does not
+    import."""
+    try:
+        import transformers  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or broken beside this torch
+        return None
+    import hf_zoo
+    return [(f"hf:{name}",) + hf_zoo.build(name, torch.float32) for name in hf_zoo.MODELS]
+
+
 def main() -> int:
     torch.manual_seed(0)
     total_fusable = total_fused = 0
-    for name, model, x in models():
+    found = models()
+    hugging_face = None if "--zoo-only" in sys.argv else hugging_face_models()
+    if hugging_face is None and "--zoo-only" not in sys.argv:
+        print("(Hugging Face's models skipped: transformers does not import here; pip install transformers)")
+    for name, model, x in found + (hugging_face or []):
+        model.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             converted = triton_bn.convert_model(model)
             coverage = triton_bn.fusion_coverage(model, converted, x)
         total_fusable += coverage.fusable
         total_fused += coverage.fused
-        print(f"{name:18} {coverage}")
+        print(f"{name:24} {coverage}")
+        if name.startswith("hf:") and coverage.missed:
+            import hf_zoo
+            for end, why in hf_zoo.UNFUSED.get(name[3:], {}).items():
+                print(f"{'':24}   {end}: {why}")
     print(f"all: {total_fused} of {total_fusable} fusable BNs fused")
     return 0
 

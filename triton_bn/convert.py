@@ -10,7 +10,10 @@ What it guarantees (tests/test_models.py checks each on a zoo of real-model idio
   torch.fx (its children stay calls to their own ``forward``, so a child that reads ``self.training``
   or anything else at run time keeps doing so), once per mode; a module whose graph differs between the
   modes, or that fx can not trace, keeps its own ``forward`` and its BNs are only swapped, not fused
-  (``FusionReport.notes`` says which and why).
+  (``FusionReport.notes`` says which and why). Where a plain trace stops, ``tracing.trace_one_level`` keeps
+  a helper function fx can not trace through as one call and traces flag arguments at their defaults
+  (guarded), and ``_fuse_module`` inlines a child whose forward ends in a BN into its caller's graph
+  (``tracing.inline_call``), so that BN takes the caller's add and activation.
 - BN -> activation becomes BN(activation=...), BN -> add [-> activation] becomes BN(residual=...). When
   the activation is a child module called only there, the BN takes it over and the child becomes
   ``nn.Identity`` (``print(model)`` shows what runs). Anything else (a functional activation, an add, a
@@ -50,7 +53,8 @@ from .activations import TABLE as ACTIVATION_TABLE
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
                       FusedBatchNormMixin, carry_state, has_tail)
 from .sync import SyncBatchNorm, SyncBatchNormAct
-from .tracing import ArgumentCheck, OneLevelTrace, TracedForward, root_and_path, running_graph, trace_one_level
+from .tracing import (HOOK_REGISTRIES, ArgumentCheck, OneLevelTrace, TracedForward, inline_call, passes_through, root_and_path, running_graph,
+                      trace_one_level)
 
 # PyTorch's exact classes -> (ours, ours followed by a tail of children). SyncBatchNorm first: it is
 # not a BatchNorm2d, but the order keeps the lookup of a subclass's base unambiguous.
@@ -337,8 +341,11 @@ def one_level_graphs(model: nn.Module, modes, skip=()):
     ``modes``. A module that already runs a fused forward gives that one (it is what runs). The others keep
     their own forward."""
     traces, failures = {}, []
+    inlined = {id(owner.get_submodule(path)) for owner in model.modules() if running_graph(owner) is not None
+               for path in running_graph(owner).inlined}  # their calls are in their caller's graph
     for path, module in model.named_modules():
-        if isinstance(module, OUR_MODULES + tuple(skip)) or not any(True for _ in module.children()):
+        if isinstance(module, OUR_MODULES + tuple(skip)) or not any(True for _ in module.children()) \
+                or id(module) in inlined:
             continue
         fused = running_graph(module)
         if fused is not None:
@@ -375,16 +382,31 @@ def _traces(model: nn.Module, report: FusionReport):
 
 def call_counts(model: nn.Module, traces) -> Counter:
     """How often each module object is called, over every traced graph, plus one for every extra place it
-    is registered (a module shared between parents is never fused or replaced)."""
+    is registered (a module shared between parents is never fused or replaced). A module a graph hands to
+    a function as a value (a helper kept as a call, ``tracing.helper_that_failed``) may be called there
+    unseen: it and its descendants count as called twice more, so none of them is fused or folded."""
     counts = Counter()
     for module, trace in traces.items():
         for node in trace.graph.nodes:
             if node.op == "call_module":
                 counts[id(module.get_submodule(node.target))] += 1
+            elif node.op == "get_attr":
+                value = _attribute_at(module, node.target)
+                if isinstance(value, nn.Module):
+                    for inner in value.modules():
+                        counts[id(inner)] += 2
     registered = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for key, times in registered.items():
         counts[key] += times - 1
     return counts
+
+
+def _attribute_at(module: nn.Module, target: str):
+    """What a graph's ``get_attr`` of ``target`` reads on ``module`` (None where nothing is there)."""
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def residual_operand(value):
@@ -400,15 +422,98 @@ def residual_operand(value):
     return value
 
 
-def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, report: FusionReport, path: str) -> None:
-    """Fuse the activations and residual adds that follow ``module``'s own plain BN children in its graph.
-    What the graph assumed (``trace.guard``), plus "a fused residual taken from an argument is given",
-    is checked on every call of the fused forward; a call that breaks it runs the module's own forward
-    with these fusions undone (``TracedForward``), so everything changed on a child is noted here."""
+def _current_trace(module: nn.Module, traces) -> Optional[OneLevelTrace]:
+    """What ``module``'s forward runs now, as a trace: its fused forward's graph and guard, or its own."""
+    fused = running_graph(module)
+    return OneLevelTrace(fused.graph, fused.guard) if fused is not None else traces.get(module)
+
+
+def _fusable_user(node: fx.Node, children: Dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s value goes only to an activation of it, or to an add with another computed value."""
+    if len(node.users) != 1:
+        return False
+    user = next(iter(node.users))
+    if _activation_of_node(user, children) is not None and user.args and user.args[0] is node:
+        return True
+    if _is_add(user):
+        other = user.args[1] if user.args[0] is node else user.args[0]
+        return isinstance(other, fx.Node) and other is not node and other.op != "get_attr"
+    return False
+
+
+def _partner_is_batch_norm(node: fx.Node, children: Dict[str, nn.Module], counts: Counter) -> bool:
+    """Whether ``node`` goes to an add whose other operand is a plain BN of the module's own, called only there."""
+    user = next(iter(node.users))
+    if not _is_add(user):
+        return False
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    partner = children.get(other.target) if other.op == "call_module" else None
+    return partner is not None and _plain(partner) and counts[id(partner)] == 1 and len(other.users) == 1
+
+
+def _inlinable(owner: nn.Module, node: fx.Node, traces, counts: Counter, depth: int = 0) -> Optional[OneLevelTrace]:
+    """The trace to inline for ``node``, a call of a descendant of ``owner`` whose forward ends in a plain BN
+    (or in a call of a descendant that does, down to ``depth`` 4), or None. The descendant must be called
+    only there, be one argument per parameter of its forward, hold no hooks, and its forward's graph hold
+    for every call (no argument checks: only attributes, which the caller's guard takes over)."""
+    if node.op != "call_module" or node.kwargs or depth > 4:
+        return None
+    try:
+        inner_module = owner.get_submodule(node.target)
+    except AttributeError:
+        return None
+    inner = _current_trace(inner_module, traces)
+    if inner is None or isinstance(inner_module, OUR_MODULES) or counts[id(inner_module)] != 1 \
+            or inner.guard.arguments or any(getattr(inner_module, hooks) for hooks in HOOK_REGISTRIES):
+        return None
+    placeholders = [n for n in inner.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(node.args) or any(n.target.startswith("*") for n in placeholders):
+        return None
+    result = next(n for n in inner.graph.nodes if n.op == "output").args[0]
+    while isinstance(result, fx.Node) and passes_through(inner_module, result) and len(result.users) == 1:
+        result = result.args[0]  # inline_call leaves it out
+    if not isinstance(result, fx.Node) or result.op != "call_module" or len(result.users) != 1:
+        return None
+    tail = inner_module.get_submodule(result.target)
+    if _plain(tail):
+        ends_in_bn = counts[id(tail)] == 1 and len(result.args) == 1 and not result.kwargs
+    else:
+        ends_in_bn = _inlinable(inner_module, result, traces, counts, depth + 1) is not None
+    return inner if ends_in_bn else None
+
+
+
+def set_module(owner: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(owner.get_submodule(parent) if parent else owner, name, value)
+
+
+def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, report: FusionReport, path: str,
+                 traces=None) -> None:
+    """Fuse the activations and residual adds that follow ``module``'s own plain BN children in its graph,
+    and those that follow a BN ending a child's forward (that child's graph inlined: ``inline_call``, so
+    the BN is a node of this graph). What the graph assumed (``trace.guard``, plus the inlined children's
+    checks), plus "a fused residual taken from an argument is given", is checked on every call of the
+    fused forward; a call that breaks it runs the module's own forward with these fusions undone
+    (``TracedForward``), so everything changed on a descendant is noted here."""
     graph, guard = trace.graph, trace.guard
     children = dict(module.named_children())
     own_calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     rewrite, activation_owners, taken = False, [], {}
+    inlined = True
+    while inlined and traces is not None:  # a child's tail BN, then a grandchild's in what was inlined, ...
+        inlined, served = False, set()
+        for node in list(graph.nodes):
+            if not _fusable_user(node, children) or next(iter(node.users)) in served \
+                    or _partner_is_batch_norm(node, children, counts):
+                continue  # (one operand of an add is enough: the fusion takes one BN, a child of its own first)
+            inner = _inlinable(module, node, traces, counts)
+            if inner is not None:
+                served.add(next(iter(node.users)))
+                guard = guard.merged(attributes=inline_call(graph, node, inner, module))
+                inlined = rewrite = True
+        children.update({node.target: module.get_submodule(node.target) for node in graph.nodes
+                         if node.op == "call_module" and node.target not in children})
     for node in list(graph.nodes):
         if node.op != "call_module" or node.target not in children or not _plain(children[node.target]):
             continue
@@ -422,7 +527,7 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
             activation_owners.append(node.target)
             if user.op == "call_module" and counts[id(children[user.target])] == 1:
                 taken[user.target] = children[user.target]
-                setattr(module, user.target, nn.Identity())  # the graph's call now passes through
+                set_module(module, user.target, nn.Identity())  # the graph's call now passes through
             else:
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
@@ -456,7 +561,7 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
             rewrite = True
             report.residual += 1
     called = {node.target for node in graph.nodes if node.op == "call_module"}
-    for name, child in children.items():  # activations that nothing calls any more: show that they do nothing
+    for name, child in module.named_children():  # activations that nothing calls any more: show that they do nothing
         unused = name not in called and counts[id(child)] == own_calls[name]
         if unused and own_calls[name] and activation_of_module(child) is not None and name not in taken:
             taken[name] = child
@@ -497,8 +602,9 @@ def convert_model(module: nn.Module, fuse_activations: bool = True, *, inplace: 
         traces, untraced = _traces(model, report)
         counts = call_counts(model, traces)
         paths = {module: path for path, module in model.named_modules()}
-        for owner, trace in traces.items():
-            _fuse_module(owner, trace, counts, report, paths[owner])
+        # the deepest modules first: a child's forward is fused before its caller may inline it
+        for owner, trace in reversed(list(traces.items())):
+            _fuse_module(owner, trace, counts, report, paths[owner], traces)
         if untraced:
             warnings.warn(f"triton_bn.convert_model: torch.fx could not trace {', '.join(untraced)}; the BNs directly "
                           "inside were swapped but not fused (details in fusion_report.notes)")

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .activations import activation_id, torch_activation
-from .convert import FusionReport, OUR_MODULES, call_counts, swap_batch_norms, one_level_graphs
+from .convert import FusionReport, OUR_MODULES, set_module, call_counts, swap_batch_norms, one_level_graphs
 from .dispatch import apply_step, recording_for_export
 from .functional import SCRIPT_REFUSAL, check_fused_residual
 from .tracing import OneLevelTrace, running_graph
@@ -173,7 +173,7 @@ def _move_activation_into(parent: nn.Module, layer_name: str, bn_name: str) -> N
     into the BN, the parent's fused forward, on a call its guard rejects, runs the class forward with that
     module back in place and the BN's activation taken off: it must now take it off the layer instead, or
     the activation would run twice."""
-    layer, bn = getattr(parent, layer_name), getattr(parent, bn_name)
+    layer, bn = parent.get_submodule(layer_name), parent.get_submodule(bn_name)
     layer.__class__ = WITH_ACTIVATION[type(layer)]
     layer.activation, layer.negative_slope = bn.activation, bn.negative_slope
     fused = running_graph(parent)
@@ -237,7 +237,9 @@ def _fold_module(module: nn.Module, trace: OneLevelTrace, counts) -> None:
     call, and the calls the guard sends to the module's own forward may not pass through that BN."""
     if trace.guard.branches_on_arguments:
         return
-    children = dict(module.named_children())
+    children = dict(module.named_children())  # and what an inlined child's graph calls, by its path
+    children.update({node.target: module.get_submodule(node.target) for node in trace.graph.nodes
+                     if node.op == "call_module" and node.target not in children})
     for node in trace.graph.nodes:
         if node.op != "call_module" or node.target not in children:
             continue
@@ -253,11 +255,11 @@ def _fold_module(module: nn.Module, trace: OneLevelTrace, counts) -> None:
         _fold_into(layer, bn)
         if node.kwargs or getattr(bn, "tail", ()) or (bn.activation is not None and type(layer) not in WITH_ACTIVATION):
             # a residual add, a tail of modules, or a layer subclass whose forward is its own: an identity table
-            setattr(module, node.target, _frozen(bn, identity=True))
+            set_module(module, node.target, _frozen(bn, identity=True))
             continue
         if bn.activation is not None:
             _move_activation_into(module, producer.target, node.target)
-        setattr(module, node.target, nn.Identity())
+        set_module(module, node.target, nn.Identity())
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:

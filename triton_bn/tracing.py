@@ -30,9 +30,10 @@ import inspect
 import operator
 import sys
 import threading
+import types
 import warnings
 from bisect import bisect_left
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import fx, nn
@@ -62,11 +63,13 @@ class ArgumentCheck(NamedTuple):
     kind: str
     length: int = -1    # for kind "length"
     why: str = ""
+    value: Any = None   # for kind "equals": the flag's value the graph was traced with
 
     def describe(self) -> str:
         where = self.name + "".join(f"[{i!r}]" for i in self.path)
         what = {"not_none": "is not None", "raises_on_none": "is not None", "given": "is not None",
-                "plain_tensor": "is a torch.Tensor", "length": f"has {self.length} elements"}[self.kind]
+                "plain_tensor": "is a torch.Tensor", "length": f"has {self.length} elements",
+                "equals": f"is {self.value!r}"}[self.kind]
         return f"{where} {what} ({self.why})"
 
     def test(self):
@@ -76,6 +79,9 @@ class ArgumentCheck(NamedTuple):
             test = lambda value: value is not None  # noqa: E731
         elif kind == "plain_tensor":
             test = lambda value: type(value) is torch.Tensor  # noqa: E731
+        elif kind == "equals":
+            expected = self.value
+            test = lambda value: value is expected or (type(value) is type(expected) and value == expected)  # noqa: E731
         else:
             test = lambda value: hasattr(value, "__len__") and len(value) == length  # noqa: E731
         if not self.path:
@@ -94,25 +100,43 @@ class ArgumentCheck(NamedTuple):
 
 class AttributeCheck(NamedTuple):
     """A module attribute read during the trace: it must still be the same value (``kind`` "same"), or a
-    container with the same entries (``kind`` "keys")."""
+    container with the same entries (``kind`` "keys"). ``name`` may be a dotted path (a descendant's
+    attribute, for a descendant whose forward was inlined: ``inline_call``); for such a descendant, kind
+    "unhooked" says that calling it runs nothing but its forward (no hooks of its own or global ones, the
+    same instance ``forward`` as when it was inlined: ``value``)."""
     name: str
     kind: str
     value: Any
 
     def describe(self) -> str:
-        return f"self.{self.name} " + ("has the same entries" if self.kind == "keys" else "is unchanged")
+        what = {"keys": "has the same entries", "unhooked": "has no hooks and the same forward"}
+        return f"self.{self.name} " + what.get(self.kind, "is unchanged")
 
     def holds(self, owner: nn.Module) -> bool:
         current = _attribute(owner, self.name)
         if self.kind == "keys":
             return isinstance(current, nn.Module) and _entries(current) == self.value
+        if self.kind == "unhooked":
+            return isinstance(current, nn.Module) and current.__dict__.get("forward") is self.value \
+                and not any(getattr(current, hooks) for hooks in HOOK_REGISTRIES) \
+                and not any(getattr(nn.modules.module, hooks) for hooks in _GLOBAL_HOOKS)
         return current is self.value or (type(current) is type(self.value) and isinstance(current, _VALUE_TYPES)
                                          and current == self.value)
 
 
+# What nn.Module.__call__ runs besides forward: a module's own hooks, and every module's (torch.nn.modules.module)
+HOOK_REGISTRIES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
 def _attribute(owner: nn.Module, name: str):
     """``owner.name`` as the trace saw it: the instance dict, then the parameter, buffer and module registries
-    (nn.Module.__getattr__'s order), without calling any hook."""
+    (nn.Module.__getattr__'s order), without calling any hook; a dotted name walks down the modules."""
+    if "." in name:
+        head, rest = name.split(".", 1)
+        inner = _attribute(owner, head)
+        return _attribute(inner, rest) if isinstance(inner, nn.Module) else _MISSING
     value = owner.__dict__.get(name, _MISSING)
     if value is not _MISSING:
         return value
@@ -367,17 +391,66 @@ def _attribute_reads_recorded(module: nn.Module, checks: List[AttributeCheck]):
 
 # -- tracing ----------------------------------------------------------------------------------------------------
 class _OneLevelTracer(fx.Tracer):
-    """Every submodule call stays a call site: only the traced module's own ``forward`` is recorded."""
+    """Every submodule call stays a call site: only the traced module's own ``forward`` is recorded. The
+    functions in ``helpers`` (of ``forward``'s own module namespace) stay call sites too: they run on the
+    real values at every call, as in the original (``helper_that_failed`` says which and why)."""
 
-    def __init__(self, recorder: Optional[_Recorder] = None):
-        super().__init__()
+    def __init__(self, recorder: Optional[_Recorder] = None, helpers=()):
+        super().__init__(autowrap_functions=tuple(helpers))
         self.recorder = recorder or _Recorder()
+        self.helpers = tuple(helpers)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _RecordingProxy(node, self)
+
+    def create_arg(self, a):
+        # fx rebuilds a dict, list or tuple of any subclass (Hugging Face's ModelOutput, an OrderedDict) as the
+        # plain type: a graph that returned one would return something else; only named tuples keep their type
+        if isinstance(a, (dict, list, tuple)) and type(a) not in (dict, list, tuple) \
+                and not (isinstance(a, tuple) and hasattr(a, "_fields")):
+            raise fx.proxy.TraceError(f"forward builds a {type(a).__name__}, which the graph would turn into a "
+                                      f"plain {'dict' if isinstance(a, dict) else type(a).__mro__[-2].__name__}")
+        return super().create_arg(a)
+
+    def trace(self, root, concrete_args=None, helpers=()):
+        # ``helpers`` again as a keyword: a pickled GraphModule is re-traced from its code on loading by a
+        # subclass of its graph's tracer class built without arguments, given ``graph._tracer_extras``
+        if helpers:
+            self._autowrap_function_ids.update(id(helper) for helper in helpers)
+            self.helpers = tuple(helpers)
+        graph = super().trace(root, concrete_args)
+        if self.helpers:
+            graph._tracer_extras = {"helpers": self.helpers}
+        return graph
+
+
+# How many helper functions one forward may keep as calls before it counts as untraceable.
+HELPER_LIMIT = 4
+
+
+def helper_that_failed(exc: BaseException, forward) -> Optional[Callable]:
+    """The function of ``forward``'s own module namespace that ``forward`` called directly and in which
+    tracing ``exc`` was raised, or None. Such a helper (Hugging Face's ``apply_tf_padding`` computes a
+    padding from ``int(height)``: a proxy has no value) can run as one call on the real values instead
+    of being traced through: its result is then an opaque value in the graph, computed as the original
+    computes it at every call; nothing of it is fused. A method of the module, or a failure in
+    ``forward``'s own lines, is not such a helper."""
+    frames = []
+    trace = exc.__traceback__
+    while trace is not None:
+        frames.append(trace.tb_frame.f_code)
+        trace = trace.tb_next
+    for index, code in enumerate(frames[:-1]):
+        if code is forward.__code__:
+            called = frames[index + 1]
+            for value in forward.__globals__.values():
+                if isinstance(value, types.FunctionType) and value.__code__ is called:
+                    return value
+            return None
+    return None
 
 
 class OneLevelTrace(NamedTuple):
@@ -420,17 +493,18 @@ def _constants_removed(module: nn.Module, added: set):
             delattr(module, name)
 
 
-def _none_dependent(module: nn.Module, graph: fx.Graph, forward) -> List[ArgumentCheck]:
+def _none_dependent(module: nn.Module, graph: fx.Graph, forward, helpers=(), flags=None) -> List[ArgumentCheck]:
     """The named arguments whose being None changes what ``forward`` computes: traced again with each one
     set to None, the graph differs from ``graph`` read with that argument as None, or the trace fails."""
     checks = []
     for parameter in list(inspect.signature(forward).parameters.values())[1:]:
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or parameter.name in (flags or {}):
             continue
         added = set()
         try:
             with _builtins_recorded(forward, _Recorder()), _constants_removed(module, added):
-                variant = _OneLevelTracer().trace(module, concrete_args={parameter.name: None})
+                variant = _OneLevelTracer(helpers=helpers).trace(module, concrete_args={**(flags or {}),
+                                                                                      parameter.name: None})
             if not added and _canonical(variant) == _canonical(graph, as_none=parameter.name):
                 continue
             kind, why = "not_none", "forward computes something else when it is None"
@@ -443,21 +517,72 @@ def _none_dependent(module: nn.Module, graph: fx.Graph, forward) -> List[Argumen
 _tracing = threading.Lock()  # the builtins are replaced in a module namespace while one forward is traced
 
 
+def _flags(forward) -> Dict[str, Any]:
+    """``forward``'s parameters whose default is a flag (a bool, an int, a string, or None): Hugging Face's
+    ``output_hidden_states=False``, ``return_dict=True``. When fx can not trace a forward that branches on
+    one, it is traced again with every flag at its default (fx's ``concrete_args``), and the guard sends
+    a call with any other value to the module's own forward."""
+    flags = {}
+    for parameter in list(inspect.signature(forward).parameters.values())[1:]:
+        default = parameter.default
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and (
+                default is None or type(default) in (bool, int, str)):
+            flags[parameter.name] = default
+    return flags
+
+
+def _flag_placeholders(graph: fx.Graph, forward, flags: Dict[str, Any]) -> None:
+    """fx leaves a parameter given in ``concrete_args`` out of the graph's signature: put each flag back, in
+    its place and with its default, so the fused forward takes every call the original takes (unused: the
+    guard checked its value)."""
+    present = {node.target: node for node in graph.nodes if node.op == "placeholder"}
+    after = None
+    for parameter in list(inspect.signature(forward).parameters.values())[1:]:
+        name = parameter.name if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) \
+            else ("*" if parameter.kind == parameter.VAR_POSITIONAL else "**") + parameter.name
+        if name in present:
+            after = present[name]
+            continue
+        if name not in flags:
+            continue
+        where = graph.inserting_after(after) if after is not None else graph.inserting_before(next(iter(graph.nodes)))
+        with where:
+            after = graph.placeholder(name, default_value=flags[name])
+
+
 def trace_one_level(module: nn.Module, training: bool) -> OneLevelTrace:
     """fx graph of ``module.forward`` with ``module.training`` set to ``training`` (its children's flags
     are not touched: they are leaves), and the guard of everything the graph assumed. A graph that needs a
-    tensor constant fx attached to the module raises (it could not run against the module itself)."""
+    tensor constant fx attached to the module raises (it could not run against the module itself). A
+    helper function that can not be traced through becomes one call in the graph (``helper_that_failed``;
+    up to ``HELPER_LIMIT`` of them), the trace is tried again."""
     forward = type(module).forward
-    was, recorder, attributes, added = module.training, _Recorder(), [], set()
+    was, helpers, flags = module.training, [], None
     with _tracing:
         module.training = training
         try:
-            with _builtins_recorded(forward, recorder), _attribute_reads_recorded(module, attributes), \
-                    _constants_removed(module, added):
-                graph = _OneLevelTracer(recorder).trace(module)
+            while True:
+                recorder, attributes, added = _Recorder(), [], set()
+                try:
+                    with _builtins_recorded(forward, recorder), _attribute_reads_recorded(module, attributes), \
+                            _constants_removed(module, added):
+                        graph = _OneLevelTracer(recorder, helpers).trace(module, concrete_args=flags)
+                    break
+                except Exception as exc:  # noqa: BLE001 - retried for a helper function, or with the flags fixed
+                    helper = helper_that_failed(exc, forward)
+                    if helper is not None and helper not in helpers and len(helpers) < HELPER_LIMIT:
+                        helpers.append(helper)
+                    elif flags is None and _flags(forward):
+                        flags = _flags(forward)
+                    else:
+                        raise
             if added:
                 raise RuntimeError(f"forward creates tensor constants ({', '.join(sorted(added))})")
-            arguments = recorder.checks + _none_dependent(module, graph, forward)
+            arguments = recorder.checks + _none_dependent(module, graph, forward, helpers, flags)
+            arguments += [ArgumentCheck(name, (), "equals", why="the trace took the branches of its default",
+                                        value=value) for name, value in (flags or {}).items()]
+            if flags:
+                _flag_placeholders(graph, forward, flags)
         finally:
             module.training = was
     # a container the graph calls as a whole (an nn.Sequential) is looked up at call time, entries and all
@@ -465,6 +590,56 @@ def trace_one_level(module: nn.Module, training: bool) -> OneLevelTrace:
     attributes = [check for check in attributes if check.kind != "keys" or check.name not in targets
                   or any(target.startswith(check.name + ".") for target in targets)]
     return OneLevelTrace(graph, Guard(forward, arguments, attributes))
+
+
+# -- one level deeper -------------------------------------------------------------------------------------------
+def inline_call(graph: fx.Graph, call: fx.Node, inner: OneLevelTrace, owner: nn.Module) -> List[AttributeCheck]:
+    """Replace ``call`` (a call of the descendant ``owner.<call.target>``, with one positional argument per
+    parameter of its forward) by the nodes of that descendant's graph ``inner``, their module paths
+    prefixed, so that what the descendant returns becomes visible to the caller's graph (a BN that ends a
+    child's forward, followed by the caller's activation or add). ``inner.guard`` must hold no argument
+    checks. Returns what the caller's guard must add: the descendant is the same object, with the same
+    entries, with no hooks (the inlined graph does not go through its ``__call__``), and its own attribute
+    checks, by their paths."""
+    prefix = call.target
+    descendant = owner.get_submodule(prefix)
+    checks = [AttributeCheck(prefix, "same", descendant), AttributeCheck(prefix, "keys", _entries(descendant)),
+              AttributeCheck(prefix, "unhooked", descendant.__dict__.get("forward"))]
+    environment = {}
+    placeholders = [node for node in inner.graph.nodes if node.op == "placeholder"]
+    for node, argument in zip(placeholders, call.args):
+        environment[node] = argument
+    result = None
+    with graph.inserting_before(call):
+        for node in inner.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                result = fx.node.map_arg(node.args[0], lambda value: environment[value])
+                break
+            if passes_through(descendant, node):  # (Hugging Face's "no activation") left out, while it stays one
+                path = f"{prefix}.{node.target}"
+                checks += [AttributeCheck(path, "same", descendant.get_submodule(node.target)),
+                           AttributeCheck(path, "unhooked", None)]
+                environment[node] = environment[node.args[0]]
+                continue
+            copied = graph.node_copy(node, lambda value: environment[value])
+            if node.op in ("call_module", "get_attr"):
+                copied.target = f"{prefix}.{node.target}"
+            environment[node] = copied
+    call.replace_all_uses_with(result)
+    graph.erase_node(call)
+    return checks + [AttributeCheck(f"{prefix}.{check.name}", check.kind, check.value)
+                     for check in inner.guard.attributes]
+
+
+def passes_through(owner: nn.Module, node: fx.Node) -> bool:
+    """Whether ``node`` calls a plain ``nn.Identity`` of ``owner`` on one value (no hooks, no forward of its own)."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return False
+    module = _attribute(owner, node.target)
+    return type(module) is nn.Identity and "forward" not in module.__dict__ \
+        and not any(getattr(module, hooks) for hooks in HOOK_REGISTRIES)
 
 
 # -- the fused forward ------------------------------------------------------------------------------------------
@@ -496,11 +671,15 @@ class TracedForward:
     def __init__(self, owner: nn.Module, graph: fx.Graph, guard: Guard, path: str = "", report=None,
                  activation_owners=(), taken=None):
         stand_ins = nn.Module()
+        called = [node.target for node in graph.nodes if node.op == "call_module"]
+        for target in called:  # before the attributes: a module the graph calls may also be handed on as a value
+            _set_path(stand_ins, target, nn.Module())
         for node in graph.nodes:
-            if node.op == "call_module":
-                _set_path(stand_ins, node.target, nn.Module())
-            elif node.op == "get_attr":
-                _set_path(stand_ins, node.target, torch.empty(0))
+            if node.op == "get_attr":
+                actual = owner
+                for part in node.target.split("."):
+                    actual = getattr(actual, part, None)
+                _set_path(stand_ins, node.target, nn.Module() if isinstance(actual, nn.Module) else torch.empty(0))
         self.owner = owner
         self.code = fx.GraphModule(stand_ins, graph, type(owner).__name__ + "Fused")
         self.guard = guard
@@ -538,17 +717,49 @@ class TracedForward:
             self.warned = True
             warnings.warn(f"triton_bn: {self.path} ran its own forward, unfused, because {reason}; such calls "
                           "stay correct but are not fused (counted in fusion_report.fallbacks)", stacklevel=3)
-        owner = self.owner
-        twin = copy.copy(owner)  # shares parameters, buffers, hooks and children; the copy's dicts are its own
-        twin.__dict__.pop("forward", None)
-        children = dict(owner._modules)
-        for name in self.activation_owners:
-            child = children.get(name)
-            if hasattr(child, "without_activation"):
-                children[name] = child.without_activation()
-        children.update(self.taken)
-        twin.__dict__["_modules"] = children
-        return type(owner).forward(twin, *args, **kwargs)
+        return type(self.owner).forward(self.twin_unfused(), *args, **kwargs)
+
+    @property
+    def inlined(self) -> List[str]:
+        """Paths of the descendants whose forward this graph holds inlined (``inline_call``): it calls their
+        children itself while its guard holds."""
+        return [check.name for check in self.guard.attributes if check.kind == "unhooked"
+                and not isinstance(_attribute(self.owner, check.name), nn.Identity)]
+
+    def undone(self) -> Dict[str, nn.Module]:
+        """What undoes this forward's fusions: module path -> the module to run there instead."""
+        replacements = {}
+        for path in self.activation_owners:
+            bn = _attribute(self.owner, path)
+            if hasattr(bn, "without_activation"):
+                replacements[path] = bn.without_activation()
+        replacements.update(self.taken)
+        return replacements
+
+    def twin_unfused(self) -> nn.Module:
+        """A per-call twin of the module (sharing parameters, buffers, hooks and children; the copy's dicts are
+        its own) whose class forward computes the original's: ``undone()`` in place, down dotted paths
+        through twins of the modules on the way (each with its own fused forward undone too)."""
+        return _twin(self.owner, self.undone())
+
+
+def _twin(module: nn.Module, replacements: Dict[str, nn.Module]) -> nn.Module:
+    twin = copy.copy(module)
+    twin.__dict__.pop("forward", None)  # its class forward runs (a fused one is undone by ``replacements``)
+    children = dict(module._modules)
+    deeper: Dict[str, Dict[str, nn.Module]] = {}
+    for path, replacement in replacements.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            deeper.setdefault(head, {})[rest] = replacement
+        else:
+            children[head] = replacement
+    for head, inner in deeper.items():
+        child = children[head]
+        own = running_graph(child)
+        children[head] = _twin(child, {**(own.undone() if own is not None else {}), **inner})
+    twin.__dict__["_modules"] = children
+    return twin
 
 
 def running_graph(module: nn.Module) -> Optional[TracedForward]:

@@ -1,0 +1,208 @@
+"""Hugging Face transformers architectures (tests/hf_zoo.py, built from small configurations) converted: exact
+against the original in float64, training and eval, and every BN that feeds an activation (or an add and then
+one) in the original's data flow fused, except those hf_zoo.UNFUSED names with the reason. Also the three ways
+convert_model reaches forwards that a plain one-level fx trace can not: a helper function kept as one call
+(Hugging Face's ``apply_tf_padding``), flag arguments traced at their defaults, and a child whose forward ends
+in a BN inlined into its caller (the residual BN one module deeper in ResNet blocks)."""
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import triton_bn
+import hf_zoo
+
+transformers = pytest.importorskip("transformers")
+
+# float64: what the converted model may differ from the original by, relative to the output's largest value.
+# Training mode normalises with a batch of 2 (deep layers' variances near eps magnify rounding: HGNetV2's
+# original and converted differ by ~1e-7 there, as two orders of PyTorch's own summation would); a wrong fusion
+# is wrong by O(1).
+TRAINING_RTOL, EVAL_RTOL = 1e-6, 1e-8
+
+
+def _convert(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return triton_bn.convert_model(model)
+
+
+def _relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
+    return ((expected - got).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
+
+
+def _outputs(model, x, training: bool):
+    model.train(training)
+    torch.manual_seed(1)  # the same dropout masks
+    return hf_zoo.first_tensor(model(x))
+
+
+@pytest.mark.parametrize("name", sorted(hf_zoo.MODELS))
+def test_hugging_face_model_is_exact_and_fused_where_its_data_flow_allows(name):
+    model, x = hf_zoo.build(name)
+    converted = _convert(model)
+    model.eval(), converted.eval()
+    coverage = triton_bn.fusion_coverage(model, converted, x)  # (before any call: LeViT caches tensors in eval)
+    fusable = set(coverage.feeds_activation + coverage.feeds_add_activation)
+    fused = set(coverage.fused_activation + coverage.fused_add_activation)
+    expected_missed = hf_zoo.UNFUSED.get(name, {})
+    missed = {path for path in fusable - fused}
+    assert {path for path in missed if not any(path.endswith(end) for end in expected_missed)} == set(), \
+        f"{name}: fusable but not fused: {sorted(missed)}; notes: {converted.fusion_report.notes}"
+    assert all(any(path.endswith(end) for path in missed) for end in expected_missed), \
+        f"{name}: hf_zoo.UNFUSED lists {sorted(expected_missed)}, but only {sorted(missed)} were missed"
+    assert fusable, f"{name}: no BN feeds an activation: the model no longer tests fusion"
+    for training, rtol in ((True, TRAINING_RTOL), (False, EVAL_RTOL)):
+        expected, got = _outputs(model, x, training), _outputs(converted, x, training)
+        assert expected.shape == got.shape
+        assert _relative_error(expected, got) <= rtol, (name, training, _relative_error(expected, got))
+    assert converted.fusion_report.fallbacks == {}
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "resnet"])
+def test_saved_and_loaded_converted_model_computes_the_same(name):
+    model, x = hf_zoo.build(name)
+    converted = _convert(model).eval()
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).eval()
+    assert torch.equal(hf_zoo.first_tensor(converted(x)), hf_zoo.first_tensor(loaded(x)))
+    assert sum(1 for m in loaded.modules() if getattr(m, "activation", None) is not None) > 0
+
+
+# -- a child's tail BN, inlined -----------------------------------------------------------------------------------
+def _resnet():
+    model, x = hf_zoo.build("resnet")
+    return model, _convert(model), x
+
+
+def test_a_residual_bn_one_module_deeper_takes_the_add_and_the_activation():
+    model, converted, x = _resnet()
+    block = converted.encoder.stages[0].layers[0]
+    bn = block.layer[2].normalization
+    assert bn.activation == "relu" and isinstance(block.activation, nn.Identity)
+    seen = []
+    handle = bn.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("residual") is not None),
+                                          with_kwargs=True)
+    converted.eval()(x)
+    handle.remove()
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("change", ["hook on the inlined child", "inlined child replaced", "identity replaced",
+                                    "global hook"])
+def test_an_inlined_child_changed_after_conversion_runs_the_original_forward(change):
+    model, converted, x = _resnet()
+    block, original_block = converted.encoder.stages[0].layers[0], model.encoder.stages[0].layers[0]
+    calls, handle = [], None
+    if change == "hook on the inlined child":
+        handle = block.layer[2].register_forward_hook(lambda *args: calls.append(1))
+    elif change == "inlined child replaced":  # the same computation, another object: the guard sees the swap
+        import copy
+        block.layer[2] = copy.deepcopy(block.layer[2])
+    elif change == "identity replaced":  # the last conv layer gains an activation the graph does not hold
+        block.layer[2].activation = nn.Tanh()
+        original_block.layer[2].activation = nn.Tanh()
+    else:
+        handle = nn.modules.module.register_module_forward_hook(lambda *args: calls.append(1))
+    try:
+        for training, rtol in ((True, TRAINING_RTOL), (False, EVAL_RTOL)):
+            expected, got = _outputs(model, x, training), _outputs(converted, x, training)
+            assert _relative_error(expected, got) <= rtol, (change, training)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert converted.fusion_report.fallbacks.get("encoder.stages.0.layers.0", 0) >= 2, converted.fusion_report.fallbacks
+    if change in ("hook on the inlined child", "global hook"):
+        assert calls, "the hook did not run"
+
+
+# -- helpers kept as calls, and flags traced at their defaults -------------------------------------------------------
+def pad_to_even(features: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Hugging Face's apply_tf_padding's kind: Python arithmetic on the shape (fx can not trace int() of it)."""
+    height, width = features.shape[-2:]
+    return F.pad(features, (0, int(width) % 2, 0, int(height) % 2 + conv.stride[0] - 1))
+
+
+def normalize_twice(features: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """A helper handed a BN: it calls it where the graph can not see."""
+    return bn(features) + int(features.shape[0])
+
+
+class PaddedConvLayer(nn.Module):
+    def __init__(self, helper_gets_bn: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU()
+        self.helper_gets_bn = helper_gets_bn
+
+    def forward(self, x):
+        x = self.conv(pad_to_even(x, self.conv))
+        y = self.act(self.bn(x))
+        return y + normalize_twice(x, self.bn) if self.helper_gets_bn else y
+
+
+class FlaggedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, output_hidden=False, scale: int = 1):
+        hidden = self.conv(x)
+        out = F.relu(self.bn(hidden)) * scale
+        if output_hidden:
+            return out, hidden
+        return out
+
+
+@pytest.mark.parametrize("helper_gets_bn", [False, True])
+def test_a_helper_fx_can_not_trace_runs_as_one_call(helper_gets_bn):
+    torch.manual_seed(0)
+    model = nn.Sequential(PaddedConvLayer(helper_gets_bn)).double()
+    converted = _convert(model)
+    bn = converted[0].bn
+    # the helper that gets the BN may call it unseen: then nothing of that BN is fused
+    assert (bn.activation is None) == helper_gets_bn
+    assert not any("could not trace" in note for note in converted.fusion_report.notes), converted.fusion_report.notes
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    for training, rtol in ((True, 1e-12), (False, 1e-12)):
+        assert _relative_error(_outputs(model, x, training), _outputs(converted, x, training)) <= rtol
+    folded = triton_bn.fold_batch_norms(model.eval())  # the conv handed to a helper is not folded
+    assert torch.allclose(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_flags_are_traced_at_their_defaults_and_other_values_run_the_original():
+    torch.manual_seed(0)
+    model = nn.Sequential(FlaggedLayer()).double()
+    converted = _convert(model)
+    layer, original = converted[0], model[0]
+    assert layer.bn.activation == "relu"
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for training in (True, False):
+        layer.train(training), original.train(training)
+        assert torch.allclose(layer(x), original(x), rtol=1e-12, atol=1e-12)
+        assert converted.fusion_report.fallbacks == ({} if training else {"0": 1})
+        got, expected = layer(x, True, scale=3), original(x, True, scale=3)
+        assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, expected))
+    assert converted.fusion_report.fallbacks == {"0": 2}
+
+
+class ReturnsOrderedDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        from collections import OrderedDict
+        return OrderedDict(out=F.relu(self.bn(x)))
+
+
+def test_a_forward_returning_a_dict_subclass_keeps_its_own_forward():
+    model = nn.Sequential(ReturnsOrderedDict()).double()
+    converted = _convert(model)
+    out = converted[0](torch.randn(2, 3, 2, 2, dtype=torch.float64))
+    assert type(out).__name__ == "OrderedDict"
+    assert any("OrderedDict" in note for note in converted.fusion_report.notes), converted.fusion_report.notes
