@@ -206,3 +206,24 @@ def test_a_forward_returning_a_dict_subclass_keeps_its_own_forward():
     out = converted[0](torch.randn(2, 3, 2, 2, dtype=torch.float64))
     assert type(out).__name__ == "OrderedDict"
     assert any("OrderedDict" in note for note in converted.fusion_report.notes), converted.fusion_report.notes
+
+
+class NoneFlagLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, verbose=None):
+        out = F.relu(self.bn(self.conv(x)))
+        if verbose:  # a None default may as well be an optional tensor: not traced at its default
+            out = out * 2
+        return out
+
+
+def test_a_none_default_is_not_taken_for_a_flag():
+    model = nn.Sequential(NoneFlagLayer()).double()
+    converted = _convert(model)
+    assert converted[0].bn.activation is None
+    assert any("could not trace" in note for note in converted.fusion_report.notes), converted.fusion_report.notes
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    assert torch.allclose(converted[0](x, True), model[0](x, True), rtol=1e-12, atol=1e-12)

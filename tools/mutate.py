@@ -155,6 +155,22 @@ MUTATIONS: List[Mutation] = [
              "an infinite pivot turns a channel's +inf mean into NaN"),
     Mutation("seams-noise-reported", "triton_bn/bench/report.py", "    if row[\"efficiency\"] > 1.0:",
              "    if False:", ("tests/test_bench.py",), "a row faster than a copy is reported as a result"),
+    # -- forwards a one-level trace could not reach ([fusion], 2026-12-06)
+    Mutation("reach-helper-module-unseen", "triton_bn/convert.py", "                if isinstance(value, nn.Module):",
+             "                if False:", ("tests/test_hf_models.py",),
+             "a BN handed to a helper kept as a call is fused all the same (the helper's call of it gets the activation)"),
+    Mutation("reach-inlined-hooks-unchecked", "triton_bn/tracing.py",
+             "                and not any(getattr(current, hooks) for hooks in HOOK_REGISTRIES) \\\n",
+             "                and True \\\n", ("tests/test_hf_models.py",),
+             "a hook on an inlined child is skipped by the fused forward"),
+    Mutation("reach-flag-unchecked", "triton_bn/tracing.py",
+             "            arguments += [ArgumentCheck(name, (), \"equals\"",
+             "            arguments += [] and [ArgumentCheck(name, (), \"equals\"", ("tests/test_hf_models.py",),
+             "a call with a flag the trace did not take runs the graph of the default"),
+    Mutation("reach-fallback-shallow", "triton_bn/tracing.py",
+             "        children[head] = _twin(child, {**(own.undone() if own is not None else {}), **inner})",
+             "        pass", ("tests/test_hf_models.py",),
+             "a fallback leaves an inlined BN's activation fused (the activation runs twice)"),
 ]
 
 

@@ -119,7 +119,7 @@ class AttributeCheck(NamedTuple):
         if self.kind == "unhooked":
             return isinstance(current, nn.Module) and current.__dict__.get("forward") is self.value \
                 and not any(getattr(current, hooks) for hooks in HOOK_REGISTRIES) \
-                and not any(getattr(nn.modules.module, hooks) for hooks in _GLOBAL_HOOKS)
+                and not any(getattr(nn.modules.module, hooks, None) for hooks in _GLOBAL_HOOKS)
         return current is self.value or (type(current) is type(self.value) and isinstance(current, _VALUE_TYPES)
                                          and current == self.value)
 
@@ -518,16 +518,16 @@ _tracing = threading.Lock()  # the builtins are replaced in a module namespace w
 
 
 def _flags(forward) -> Dict[str, Any]:
-    """``forward``'s parameters whose default is a flag (a bool, an int, a string, or None): Hugging Face's
+    """``forward``'s parameters whose default is a flag (a bool, an int or a string): Hugging Face's
     ``output_hidden_states=False``, ``return_dict=True``. When fx can not trace a forward that branches on
     one, it is traced again with every flag at its default (fx's ``concrete_args``), and the guard sends
-    a call with any other value to the module's own forward."""
+    a call with any other value to the module's own forward. Not a None default: that is as often an
+    optional tensor that real calls pass (``attention_mask=None``), and every such call would run unfused."""
     flags = {}
     for parameter in list(inspect.signature(forward).parameters.values())[1:]:
-        default = parameter.default
-        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and (
-                default is None or type(default) in (bool, int, str)):
-            flags[parameter.name] = default
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) \
+                and type(parameter.default) in (bool, int, str):
+            flags[parameter.name] = parameter.default
     return flags
 
 
