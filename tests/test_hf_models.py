@@ -170,8 +170,49 @@ def test_a_helper_fx_can_not_trace_runs_as_one_call(helper_gets_bn):
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
     for training, rtol in ((True, 1e-12), (False, 1e-12)):
         assert _relative_error(_outputs(model, x, training), _outputs(converted, x, training)) <= rtol
-    folded = triton_bn.fold_batch_norms(model.eval())  # the conv handed to a helper is not folded
+    folded = triton_bn.fold_batch_norms(model.eval())
     assert torch.allclose(folded(x), model(x), rtol=1e-12, atol=1e-12)
+    # pad_to_even reads only the conv's stride: the BN folds into it; a BN the helper calls is not folded away
+    assert isinstance(folded[0].bn, nn.Identity) != helper_gets_bn, folded
+
+
+def _reads_stride(x, conv):
+    return x * conv.stride[0]
+
+
+def _reads_weight(x, conv):
+    return x * conv.weight.sum()
+
+
+def _calls_it(x, conv):
+    return conv(x) * 0 + x
+
+
+def _passes_it_on(x, conv):
+    return _reads_stride(x, conv)
+
+
+def _keeps_it(x, conv):
+    layers = [conv]
+    return x * len(layers)
+
+
+def _captures_it(x, conv):
+    return (lambda: conv.stride[0])() * x
+
+
+@pytest.mark.parametrize("helper, only_settings", [(_reads_stride, True), (_reads_weight, False), (_calls_it, False),
+                                                   (_passes_it_on, False), (_keeps_it, False), (_captures_it, False)])
+def test_a_module_handed_to_a_helper_counts_as_unused_only_where_it_reads_settings(helper, only_settings):
+    from torch import fx
+    from triton_bn.tracing import reads_only_settings
+    conv = nn.Conv2d(2, 2, 1)
+    graph = fx.Graph()
+    x, attribute = graph.placeholder("x"), graph.get_attr("conv")
+    call = graph.call_function(helper, (x, attribute))
+    assert reads_only_settings(call, attribute, conv) == only_settings
+    handed_twice = graph.call_function(helper, (attribute, attribute))
+    assert not reads_only_settings(handed_twice, attribute, conv)
 
 
 def test_flags_are_traced_at_their_defaults_and_other_values_run_the_original():

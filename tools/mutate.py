@@ -156,8 +156,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("seams-noise-reported", "triton_bn/bench/report.py", "    if row[\"efficiency\"] > 1.0:",
              "    if False:", ("tests/test_bench.py",), "a row faster than a copy is reported as a result"),
     # -- forwards a one-level trace could not reach ([fusion], 2026-12-06)
-    Mutation("reach-helper-module-unseen", "triton_bn/convert.py", "                if isinstance(value, nn.Module):",
-             "                if False:", ("tests/test_hf_models.py",),
+    Mutation("reach-helper-module-unseen", "triton_bn/convert.py",
+             "                if isinstance(value, nn.Module) and not all(",
+             "                if False and not all(", ("tests/test_hf_models.py",),
              "a BN handed to a helper kept as a call is fused all the same (the helper's call of it gets the activation)"),
     Mutation("reach-inlined-hooks-unchecked", "triton_bn/tracing.py",
              "                and not any(getattr(current, hooks) for hooks in HOOK_REGISTRIES) \\\n",
@@ -171,6 +172,9 @@ MUTATIONS: List[Mutation] = [
              "        children[head] = _twin(child, {**(own.undone() if own is not None else {}), **inner})",
              "        pass", ("tests/test_hf_models.py",),
              "a fallback leaves an inlined BN's activation fused (the activation runs twice)"),
+    Mutation("reach-settings-trusted", "triton_bn/tracing.py", "    instructions = list(dis.get_instructions(code))\n",
+             "    return True\n", ("tests/test_hf_models.py",),
+             "a helper that calls the module handed to it counts as reading its settings (its BN fused, folded)"),
 ]
 
 

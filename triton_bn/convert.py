@@ -53,8 +53,8 @@ from .activations import TABLE as ACTIVATION_TABLE
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
                       FusedBatchNormMixin, carry_state, has_tail)
 from .sync import SyncBatchNorm, SyncBatchNormAct
-from .tracing import (HOOK_REGISTRIES, ArgumentCheck, OneLevelTrace, TracedForward, inline_call, passes_through, root_and_path, running_graph,
-                      trace_one_level)
+from .tracing import (HOOK_REGISTRIES, ArgumentCheck, OneLevelTrace, TracedForward, inline_call, passes_through,
+                      reads_only_settings, root_and_path, running_graph, trace_one_level)
 
 # PyTorch's exact classes -> (ours, ours followed by a tail of children). SyncBatchNorm first: it is
 # not a BatchNorm2d, but the order keeps the lookup of a subclass's base unambiguous.
@@ -384,7 +384,9 @@ def call_counts(model: nn.Module, traces) -> Counter:
     """How often each module object is called, over every traced graph, plus one for every extra place it
     is registered (a module shared between parents is never fused or replaced). A module a graph hands to
     a function as a value (a helper kept as a call, ``tracing.helper_that_failed``) may be called there
-    unseen: it and its descendants count as called twice more, so none of them is fused or folded."""
+    unseen: it and its descendants count as called twice more, so none of them is fused or folded, unless
+    the function only reads settings off it (``tracing.reads_only_settings``: Hugging Face's
+    ``apply_tf_padding`` reads the conv's stride and kernel size)."""
     counts = Counter()
     for module, trace in traces.items():
         for node in trace.graph.nodes:
@@ -392,7 +394,8 @@ def call_counts(model: nn.Module, traces) -> Counter:
                 counts[id(module.get_submodule(node.target))] += 1
             elif node.op == "get_attr":
                 value = _attribute_at(module, node.target)
-                if isinstance(value, nn.Module):
+                if isinstance(value, nn.Module) and not all(
+                        user.op == "call_function" and reads_only_settings(user, node, value) for user in node.users):
                     for inner in value.modules():
                         counts[id(inner)] += 2
     registered = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -482,8 +485,8 @@ def _inlinable(owner: nn.Module, node: fx.Node, traces, counts: Counter, depth: 
     return inner if ends_in_bn else None
 
 
-
 def set_module(owner: nn.Module, path: str, value: nn.Module) -> None:
+    """``owner.<path> = value`` for a dotted path (a descendant's child)."""
     parent, _, name = path.rpartition(".")
     setattr(owner.get_submodule(parent) if parent else owner, name, value)
 
@@ -561,7 +564,7 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
             rewrite = True
             report.residual += 1
     called = {node.target for node in graph.nodes if node.op == "call_module"}
-    for name, child in module.named_children():  # activations that nothing calls any more: show that they do nothing
+    for name, child in module.named_children():  # activations nothing calls any more: show that they do nothing
         unused = name not in called and counts[id(child)] == own_calls[name]
         if unused and own_calls[name] and activation_of_module(child) is not None and name not in taken:
             taken[name] = child

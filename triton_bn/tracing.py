@@ -81,7 +81,9 @@ class ArgumentCheck(NamedTuple):
             test = lambda value: type(value) is torch.Tensor  # noqa: E731
         elif kind == "equals":
             expected = self.value
-            test = lambda value: value is expected or (type(value) is type(expected) and value == expected)  # noqa: E731
+
+            def test(value):
+                return value is expected or (type(value) is type(expected) and value == expected)
         else:
             test = lambda value: hasattr(value, "__len__") and len(value) == length  # noqa: E731
         if not self.path:
@@ -398,7 +400,6 @@ class _OneLevelTracer(fx.Tracer):
     def __init__(self, recorder: Optional[_Recorder] = None, helpers=()):
         super().__init__(autowrap_functions=tuple(helpers))
         self.recorder = recorder or _Recorder()
-        self.helpers = tuple(helpers)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
@@ -407,24 +408,52 @@ class _OneLevelTracer(fx.Tracer):
         return _RecordingProxy(node, self)
 
     def create_arg(self, a):
-        # fx rebuilds a dict, list or tuple of any subclass (Hugging Face's ModelOutput, an OrderedDict) as the
-        # plain type: a graph that returned one would return something else; only named tuples keep their type
-        if isinstance(a, (dict, list, tuple)) and type(a) not in (dict, list, tuple) \
-                and not (isinstance(a, tuple) and hasattr(a, "_fields")):
+        # fx rebuilds a dict or a list of any subclass (Hugging Face's ModelOutput, an OrderedDict) as the plain
+        # type (a tuple keeps its type): a graph that returned one would return something else
+        if isinstance(a, (dict, list)) and type(a) not in (dict, list) and not hasattr(a, "__fx_create_arg__"):
             raise fx.proxy.TraceError(f"forward builds a {type(a).__name__}, which the graph would turn into a "
-                                      f"plain {'dict' if isinstance(a, dict) else type(a).__mro__[-2].__name__}")
+                                      f"plain {'dict' if isinstance(a, dict) else 'list'}")
         return super().create_arg(a)
 
-    def trace(self, root, concrete_args=None, helpers=()):
-        # ``helpers`` again as a keyword: a pickled GraphModule is re-traced from its code on loading by a
-        # subclass of its graph's tracer class built without arguments, given ``graph._tracer_extras``
-        if helpers:
-            self._autowrap_function_ids.update(id(helper) for helper in helpers)
-            self.helpers = tuple(helpers)
-        graph = super().trace(root, concrete_args)
-        if self.helpers:
-            graph._tracer_extras = {"helpers": self.helpers}
-        return graph
+    # (A pickled fused forward is re-traced from its code when loaded: fx's generated code declares each
+    # helper with ``torch.fx.wrap``, so that trace keeps it a call too.)
+
+
+def reads_only_settings(call: fx.Node, argument: fx.Node, module: nn.Module) -> bool:
+    """Whether the helper ``call`` (a call_function node of a plain Python function) only reads settings off
+    ``module``, the value of ``argument``: in the helper's bytecode, the parameter it is bound to is only ever
+    loaded to read an attribute whose value is a number, a string, a bool, None or a tuple of these
+    (``conv.stride``, ``conv.kernel_size``), never called, passed on, stored, captured or rebound. Such a
+    helper can not see a BN's fused activation or a folded layer's new weights; any other use might."""
+    function = call.target
+    if not isinstance(function, types.FunctionType):
+        return False
+    try:
+        bound = inspect.signature(function).bind(*call.args, **call.kwargs)
+    except TypeError:
+        return False
+    names = [name for name, value in bound.arguments.items() if value is argument]
+    code = function.__code__
+    if len(names) != 1 or names[0] in code.co_cellvars or any(
+            isinstance(value, (list, tuple, dict)) and argument in fx.node.map_aggregate(value, lambda v: v)
+            for value in bound.arguments.values()):
+        return False
+    instructions = list(dis.get_instructions(code))
+    for index, instruction in enumerate(instructions):
+        if instruction.argval != names[0] or not instruction.opname.startswith(("LOAD_FAST", "STORE_FAST",
+                                                                                 "DELETE_FAST")):
+            continue
+        following = instructions[index + 1] if index + 1 < len(instructions) else None
+        if instruction.opname != "LOAD_FAST" or following is None or following.opname != "LOAD_ATTR" \
+                or not _is_setting(getattr(module, following.argval, _MISSING)):
+            return False
+    return True
+
+
+def _is_setting(value) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_setting(item) for item in value)
+    return value is None or type(value) in _VALUE_TYPES
 
 
 # How many helper functions one forward may keep as calls before it counts as untraceable.
