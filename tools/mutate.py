@@ -175,6 +175,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("reach-settings-trusted", "triton_bn/tracing.py", "    instructions = list(dis.get_instructions(code))\n",
              "    return True\n", ("tests/test_hf_models.py",),
              "a helper that calls the module handed to it counts as reading its settings (its BN fused, folded)"),
+    Mutation("reach-inlined-counted-twice", "triton_bn/tracing.py",
+             "        return [check.name for check in self.guard.attributes if check.kind == \"unhooked\" and check.name in",
+             "        return [] and [check.name for check in self.guard.attributes if check.kind == \"unhooked\" and check.name in",
+             ("tests/test_deploy.py",), "fold counts an inlined child's calls twice (its BNs frozen, not folded)"),
 ]
 
 

@@ -752,8 +752,9 @@ class TracedForward:
     def inlined(self) -> List[str]:
         """Paths of the descendants whose forward this graph holds inlined (``inline_call``): it calls their
         children itself while its guard holds."""
-        return [check.name for check in self.guard.attributes if check.kind == "unhooked"
-                and not isinstance(_attribute(self.owner, check.name), nn.Identity)]
+        entries = {check.name for check in self.guard.attributes if check.kind == "keys"}
+        # (an identity left out of an inlined graph has an "unhooked" check too, but no "keys" one)
+        return [check.name for check in self.guard.attributes if check.kind == "unhooked" and check.name in entries]
 
     def undone(self) -> Dict[str, nn.Module]:
         """What undoes this forward's fusions: module path -> the module to run there instead."""

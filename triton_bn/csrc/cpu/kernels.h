@@ -798,17 +798,19 @@ inline acc_t<T> grad_pre_activation(const T* __restrict__ dy, const T* __restric
 // (kVectorMath), in vectors: dz = dy * act'(z) into dz[0, m) and dz * xhat, xhat = (x - mean) * invstd, into
 // dz_xhat[0, m), in the compute type A (the sums then add them in a fixed order: sum_span, reduce_rows).
 // Per-channel values as in the lines (rows at the column, planes [0]). ``saved``, where not null, also gets
-// dz at the line's positions (saved[i0 + j]): pass 2 then reads it instead of computing act'(z) again.
+// dz at the line's positions (saved[i0 + j]), rounded to T as PyTorch's activation backward rounds the dz it
+// hands its BN backward: pass 2 then reads it instead of computing act'(z) again.
 constexpr int64_t kDzChunk = 256;
 template <typename T, int ACT, bool HAS_RES, bool PLANES>
 void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t m, const acc_t<T>* sc,
                       const acc_t<T>* sh, const acc_t<T>* mu, const acc_t<T>* is, acc_t<T>* dz, acc_t<T>* dz_xhat,
-                      acc_t<T>* saved) {
+                      T* saved) {
   using A = acc_t<T>;
   for_each_vector<T>(m, [&](int64_t j, int64_t count) {
     const int64_t i = i0 + j;
     const Parts<T> xv = load_parts(x + i, count), g = load_parts(dy + i, count);
     const Parts<T> r = HAS_RES ? load_parts(res + i, count) : Parts<T>{};
+    Parts<T> kept{};
     for_each_part<T>(i, count, [&](int p, int64_t at, int64_t part) {
       Vec<A> z = affine_vec<PLANES>(xv[p], sc, sh, at, part);
       if constexpr (HAS_RES) z = z + r[p];
@@ -816,8 +818,9 @@ void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t
       const Vec<A> xhat = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(is, at, part);
       d.store(dz + (at - i0), part);
       (d * xhat).store(dz_xhat + (at - i0), part);
-      if (saved != nullptr) d.store(saved + at, part);
+      kept[p] = d;
     });
+    if (saved != nullptr) store_parts(saved + i, kept, count);
   });
 }
 
@@ -930,11 +933,11 @@ void half_backward_line(const c10::Half*, const c10::Half*, const c10::Half*, c1
 #endif
 
 // Pass 1: sum dz and sum dz * xhat per channel. With a transcendental activation, dz_saved (where not null:
-// a buffer of x's size in the compute type) also gets every dz (grad_terms_chunk).
+// grad_x, of x's size and type) also gets every dz, rounded to T (grad_terms_chunk).
 template <typename T, int ACT, bool HAS_RES>
 void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry,
                    const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope, std::vector<double>& sum_dz,
-                   std::vector<double>& sum_dz_xhat, acc_t<T>* dz_saved) {
+                   std::vector<double>& sum_dz_xhat, T* dz_saved) {
   using A = acc_t<T>;
   using U = staged_t<T>;  // what the loops read (fp16: fp32 buffers)
   if (geometry.planes) {
@@ -1017,18 +1020,17 @@ inline Vec<A> grad_x_vec(const Vec<A>& dz, const Vec<A>& x, const BackwardCoeffi
          per_channel_vector<PLANES>(k.k3.data() + c0, at, part);
 }
 
-// Pass 2 along one line from the dz pass 1 saved (dz_saved, the compute type; for fp32 and double it is grad_x
-// itself, overwritten in place): dx = dz * k1 - (x - mean) * k2 - k3 and d residual = dz, rounded once to T.
-// The same values as backward_vector_line computes, without evaluating act'(z) a second time.
+// Pass 2 along one line from the dz pass 1 saved (dz_saved: grad_x itself, overwritten in place, dz in T):
+// dx = dz * k1 - (x - mean) * k2 - k3 and d residual = dz, rounded once to T. For fp32 and double the same
+// values as backward_vector_line computes, without evaluating act'(z) a second time; for 16-bit types from dz
+// rounded to T, as PyTorch's unfused backward computes them.
 template <typename T, bool DRES, bool PLANES>
-void backward_saved_line(const acc_t<T>* dz_saved, const T* x, T* grad_x, T* grad_res, int64_t n,
+void backward_saved_line(const T* dz_saved, const T* x, T* grad_x, T* grad_res, int64_t n,
                          const BackwardCoefficients<acc_t<T>>& k, int64_t c0) {
-  using A = acc_t<T>;
   for_each_vector<T>(n, [&](int64_t i, int64_t count) {
-    const Parts<T> xv = load_parts(x + i, count);
-    Parts<T> dx{}, dz{};
+    const Parts<T> xv = load_parts(x + i, count), dz = load_parts(dz_saved + i, count);
+    Parts<T> dx{};
     for_each_part<T>(i, count, [&](int p, int64_t at, int64_t part) {
-      dz[p] = part == Vec<A>::size() ? Vec<A>::loadu(dz_saved + at) : Vec<A>::loadu(dz_saved + at, part);
       dx[p] = grad_x_vec<PLANES>(dz[p], xv[p], k, c0, at, part);
     });
     if constexpr (DRES) store_parts(grad_res + i, dz, count);  // before dx overwrites a dz_saved that is grad_x
@@ -1160,19 +1162,12 @@ void backward(const T* dy, const T* xp, const T* res, T* gx, T* gr, acc_t<T>* gw
       constexpr bool HAS_RES = ACT != kIdentity && decltype(with_residual)::value;
       std::vector<double> sum_dz(C, 0.0), sum_dz_xhat(C, 0.0);
       // With a transcendental activation pass 1 saves dz for pass 2's dx: evaluating act'(z) (GELU: erf and
-      // exp) costs more than writing dz and reading it back (perf/NOTES.md). fp32 and double keep it in
-      // grad_x itself (dx is then computed over it, value by value), 16-bit types in an fp32 buffer.
-      A* dz_saved = nullptr;
-      std::unique_ptr<A[]> dz_buffer;
+      // exp) costs more than writing dz and reading it back (perf/NOTES.md). It is kept in grad_x itself (dx is
+      // then computed over it, value by value), in T: 16-bit types round dz once there, as PyTorch's
+      // activation backward does before its BN backward reads it (an fp32 buffer of x's size cost more).
+      T* dz_saved = nullptr;
       if constexpr (kVectorMath<T, ACT>) {
-        if (need_sums && want_dx) {
-          if constexpr (std::is_same_v<T, A>) {
-            dz_saved = gx;
-          } else {
-            dz_buffer.reset(new A[static_cast<size_t>(R * C)]);
-            dz_saved = dz_buffer.get();
-          }
-        }
+        if (need_sums && want_dx) dz_saved = gx;
       }
       if (need_sums) {
         backward_sums<T, ACT, HAS_RES>(dy, xp, res, geometry, k, aslope, sum_dz, sum_dz_xhat, dz_saved);
