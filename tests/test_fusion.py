@@ -241,3 +241,28 @@ def test_the_coverage_script_runs_over_the_zoo():
     # Hugging Face's MobileNetV1 forwards call a padding helper fx can not trace: all of it fused all the same
     assert re.search(r"hf:mobilenet_v1 +27 of 27 fusable BNs fused", done.stdout), done.stdout
     assert "hf:levit" in done.stdout and "a Python decision on a shape" in done.stdout, done.stdout
+
+
+class OptionalShortcut(nn.Module):
+    """A block called without its shortcut: its fused forward (traced with one) falls back on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, shortcut=None):
+        y = self.bn(x)
+        if shortcut is not None:
+            y = y + shortcut
+        return torch.relu(y)
+
+
+def test_coverage_counts_what_ran_not_what_was_fused():
+    import warnings
+    model = nn.Sequential(OptionalShortcut()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = triton_bn.convert_model(model)
+        coverage = triton_bn.fusion_coverage(model, converted, torch.randn(2, 3, 4, 4))
+    assert converted[0].bn.activation == "relu"  # fused for calls with a shortcut
+    assert coverage.feeds_activation == ["0.bn"] and coverage.fused == 0, coverage

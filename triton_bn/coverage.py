@@ -18,7 +18,7 @@ control flow is read as the call took it). ``tools/fusion_coverage.py`` prints i
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -174,13 +174,15 @@ def _fused(converted: nn.Module, inputs, coverage: Coverage) -> None:
     """Which of ``converted``'s BNs ran with a fused activation, and which took a residual, on ``inputs``."""
     from .modules import FusedBatchNormMixin
     model = copy.deepcopy(converted)
-    seen: Dict[str, bool] = {}  # path -> took a residual
+    seen: Dict[str, Tuple[bool, bool]] = {}  # path -> (took a residual, ran an activation) on every call
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, FusedBatchNormMixin):
+            # ``m`` is what ran: a fused forward that fell back runs a twin without the activation (sharing hooks)
             def took(m, args, kwargs, name=name):
                 residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
-                seen[name] = seen.get(name, False) or residual is not None
+                ran = (residual is not None, getattr(m, "activation", None) is not None)
+                seen[name] = tuple(a and b for a, b in zip(seen.get(name, ran), ran))
             handles.append(module.register_forward_pre_hook(took, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -188,11 +190,10 @@ def _fused(converted: nn.Module, inputs, coverage: Coverage) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    modules = dict(model.named_modules())
-    for name, residual in seen.items():
+    for name, (residual, activation) in seen.items():
         if residual:
             coverage.fused_add_activation.append(name)
-        elif getattr(modules[name], "activation", None) is not None:
+        elif activation:
             coverage.fused_activation.append(name)
     coverage.fused_activation.sort()
     coverage.fused_add_activation.sort()
