@@ -235,9 +235,9 @@ def test_the_coverage_script_runs_over_the_zoo():
     assert re.search(r"YoloConvStack +3 of 3 fusable BNs fused", done.stdout) and "all: " in done.stdout, done.stdout
     try:
         import transformers  # noqa: F401
-    except Exception:  # noqa: BLE001 - then the script says it skipped them
+    except Exception:  # noqa: BLE001 - then the script says it skipped them, and so does this test
         assert "Hugging Face's models skipped" in done.stdout
-        return
+        pytest.skip("transformers does not import here: the script's Hugging Face lines are not checked")
     # Hugging Face's MobileNetV1 forwards call a padding helper fx can not trace: all of it fused all the same
     assert re.search(r"hf:mobilenet_v1 +27 of 27 fusable BNs fused", done.stdout), done.stdout
     assert "hf:levit" in done.stdout and "a Python decision on a shape" in done.stdout, done.stdout

@@ -53,7 +53,8 @@ from .activations import TABLE as ACTIVATION_TABLE
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
                       FusedBatchNormMixin, carry_state, has_tail)
 from .sync import SyncBatchNorm, SyncBatchNormAct
-from .tracing import (HOOK_REGISTRIES, ArgumentCheck, OneLevelTrace, TracedForward, inline_call, passes_through,
+from .tracing import (HOOK_REGISTRIES, ArgumentCheck, OneLevelTrace, TracedForward, attribute_at, inline_call,
+                      passes_through,
                       reads_only_settings, root_and_path, running_graph, trace_one_level)
 
 # PyTorch's exact classes -> (ours, ours followed by a tail of children). SyncBatchNorm first: it is
@@ -393,7 +394,7 @@ def call_counts(model: nn.Module, traces) -> Counter:
             if node.op == "call_module":
                 counts[id(module.get_submodule(node.target))] += 1
             elif node.op == "get_attr":
-                value = _attribute_at(module, node.target)
+                value = attribute_at(module, node.target)
                 if isinstance(value, nn.Module) and not all(
                         user.op == "call_function" and reads_only_settings(user, node, value) for user in node.users):
                     for inner in value.modules():
@@ -402,14 +403,6 @@ def call_counts(model: nn.Module, traces) -> Counter:
     for key, times in registered.items():
         counts[key] += times - 1
     return counts
-
-
-def _attribute_at(module: nn.Module, target: str):
-    """What a graph's ``get_attr`` of ``target`` reads on ``module`` (None where nothing is there)."""
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def residual_operand(value):

@@ -149,6 +149,11 @@ def _attribute(owner: nn.Module, name: str):
     return _MISSING
 
 
+def attribute_at(owner: nn.Module, path: str):
+    """What a graph's ``get_attr`` of ``path`` reads on ``owner`` (``_attribute``: no hooks run)."""
+    return _attribute(owner, path)
+
+
 def _entries(container: nn.Module) -> Tuple:
     return tuple(container._modules), tuple(container._parameters)
 
@@ -705,10 +710,8 @@ class TracedForward:
             _set_path(stand_ins, target, nn.Module())
         for node in graph.nodes:
             if node.op == "get_attr":
-                actual = owner
-                for part in node.target.split("."):
-                    actual = getattr(actual, part, None)
-                _set_path(stand_ins, node.target, nn.Module() if isinstance(actual, nn.Module) else torch.empty(0))
+                module = isinstance(_attribute(owner, node.target), nn.Module)
+                _set_path(stand_ins, node.target, nn.Module() if module else torch.empty(0))
         self.owner = owner
         self.code = fx.GraphModule(stand_ins, graph, type(owner).__name__ + "Fused")
         self.guard = guard
