@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+import triton_bn
 from triton_bn import dispatch
+from triton_bn.activations import ACTIVATION_IDS
 from triton_bn.backends import native_cpu
 
-from helpers import assert_close
+from helpers import assert_close, make_input, reference_batch_norm
 
 # In a process without the interpreter: the backend each kind of input gets, and the eager route of a CPU fp32
 # channels_last training call with ReLU and a gradient (the docstring's example), and of an eval call.
@@ -30,6 +32,9 @@ x = cl.clone().requires_grad_()
 y = triton_bn.batch_norm(x, None, None, training=True, activation="relu")
 print("route training+grad ->", y.grad_fn.name())
 print("route eval ->", dispatch.apply_step(cl, None, None, None, False) is native_cpu.ops().apply)
+statistics = (torch.zeros(3), torch.ones(3))
+print("known eval call ->", dispatch.known_eval_call(cl, *statistics, None, None, 1e-5, "relu", 0.01, None, None)
+      is not None, dispatch.known_eval_call(cl[..., ::2], *statistics, None, None, 1e-5, None, 0.01, None, None))
 """
 
 
@@ -45,7 +50,8 @@ def test_the_choice_without_the_interpreter():
     assert done.stdout.splitlines() == [
         "fp32 channels_last -> native", "fp32 NCHW -> native", "bf16 (N, C) -> native", "float64 NCDHW -> native",
         "fp32 every other column -> pytorch", "fp32 empty batch -> steps",
-        "route training+grad -> BatchNormBackward (triton_bn native CPU)", "route eval -> True"], done.stdout
+        "route training+grad -> BatchNormBackward (triton_bn native CPU)", "route eval -> True",
+        "known eval call -> True None"], done.stdout
 
 
 def test_the_choice_under_the_interpreter():
@@ -121,3 +127,135 @@ def test_every_backend_computes_what_the_spec_computes(name, layout, activation)
     for key, value in expected.items():
         assert_close(actual[key], value, torch.float64, key)
     assert int(actual["count"]) == 1
+
+
+# -- the known eval call: a plain eval call checked and computed by one C++ call (dispatch.known_eval_call) -----
+def _eval_call(dtype, layout, seed=0):
+    """(x, running_mean, running_var, weight, bias, residual) of a plain eval call the native kernels serve."""
+    gen = torch.Generator().manual_seed(seed)
+    x = make_input((3, 4, 5, 6), dtype, "cpu", layout, offset=0.5, scale=2.0, generator=gen)
+    residual = make_input((3, 4, 5, 6), dtype, "cpu", layout, generator=gen)
+    per_channel = torch.float64 if dtype == torch.float64 else torch.float32
+    running_mean = torch.randn(4, generator=gen, dtype=per_channel)
+    running_var = torch.rand(4, generator=gen, dtype=per_channel) + 0.5
+    weight = torch.rand(4, generator=gen, dtype=per_channel) + 0.5
+    bias = torch.randn(4, generator=gen, dtype=per_channel)
+    return x, running_mean, running_var, weight, bias, residual
+
+
+@pytest.fixture
+def native_ops():
+    if not native_cpu.ENABLED:
+        pytest.skip("TRITON_BN_NATIVE_CPU=0: the native CPU kernels are switched off")
+    ops = native_cpu.ops()
+    if ops is None:
+        pytest.fail("the native CPU kernels could not be built here (see the warning)")
+    return ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation, with_residual", [(None, False), ("relu", True), ("silu", False)])
+def test_the_known_eval_call_computes_batch_norm(native_ops, dtype, layout, activation, with_residual):
+    """What it takes it computes as PyTorch does in float64, in x's dtype and strides (every dtype here: the
+    op is called with ``kernel_dtypes`` true, as without the interpreter)."""
+    x, running_mean, running_var, weight, bias, residual = _eval_call(dtype, layout)
+    residual = residual if with_residual else None
+    y = native_ops.evaluate_call(x, running_mean, running_var, weight, bias, residual, 1e-5,
+                                 ACTIVATION_IDS[activation], 0.01, True)
+    assert y is not None and y.dtype == dtype and y.stride() == x.stride()
+    expected, _, _ = reference_batch_norm(x, running_mean, running_var, weight, bias, False, 0.1, 1e-5, activation,
+                                          residual=residual)
+    assert_close(y, expected, dtype, "y")
+
+
+def test_the_known_eval_call_is_functionals_route_for_a_plain_eval_call(native_ops):
+    """A float64 eval call goes this way, and its y is the long way's; an fp32 one goes this way only where the
+    native kernels serve it (under the interpreter the Triton kernels do: refused)."""
+    x, running_mean, running_var, weight, bias, residual = _eval_call(torch.float64, "channels_last")
+    arguments = (x, running_mean, running_var, weight, bias, 1e-5, "relu", 0.01, residual, None)
+    taken = dispatch.known_eval_call(*arguments)
+    assert taken is not None
+    long_way = dispatch.batch_norm(x, running_mean, running_var, weight, bias, False, 0.1, 1e-5, 1, 0.01, residual,
+                                   None)
+    assert torch.equal(taken, long_way)
+    x32 = x.float()
+    fp32 = dispatch.known_eval_call(x32, running_mean, running_var, weight, bias, 1e-5, "relu", 0.01,
+                                    residual.float(), None)
+    assert (fp32 is None) == (dispatch.backend_for(x32) is not dispatch.NATIVE)
+
+
+# Each: a change to a good call, and what the long way does with it (an error type, or None: it computes it).
+REFUSED = {
+    "weight of another length": (lambda a: a.update(weight=a["weight"][:-1]), ValueError),
+    "running statistics absent": (lambda a: a.update(running_mean=None, running_var=None), ValueError),
+    "a running statistic that requires grad": (lambda a: a["running_mean"].requires_grad_(), ValueError),
+    "x requires grad": (lambda a: a["input"].requires_grad_(), None),
+    "weight requires grad": (lambda a: a["weight"].requires_grad_(), None),
+    "residual requires grad": (lambda a: a["residual"].requires_grad_(), None),
+    "residual in another layout": (lambda a: a.update(residual=a["residual"].contiguous()), None),
+    "residual of another dtype": (lambda a: a.update(residual=a["residual"].float()), TypeError),
+    "residual of another shape": (lambda a: a.update(residual=a["residual"][:, :, :1]), ValueError),
+    "eps below 0": (lambda a: a.update(eps=-1e-5), ValueError),
+    "eps NaN": (lambda a: a.update(eps=float("nan")), ValueError),
+    "eps a bool": (lambda a: a.update(eps=True), None),
+    "an unknown activation": (lambda a: a.update(activation="swish"), ValueError),
+    "an empty batch": (lambda a: a.update(input=a["input"][:0], residual=None), None),
+    "a 1-D input": (lambda a: a.update(input=a["input"][0, :, 0, 0], residual=None), ValueError),
+    "every other column": (lambda a: a.update(input=a["input"][..., ::2], residual=None), None),  # PyTorch's kernels
+    "an integer weight": (lambda a: a.update(weight=a["weight"].long()), TypeError),
+    "a weight on the meta device": (lambda a: a.update(weight=a["weight"].to("meta")), RuntimeError),
+    "a list for the running mean": (lambda a: a.update(running_mean=a["running_mean"].tolist()), TypeError),
+    "num_batches_tracked given": (lambda a: a.update(num_batches_tracked=torch.zeros((), dtype=torch.long)), None),
+}
+
+
+@pytest.mark.parametrize("change", list(REFUSED))
+def test_the_known_eval_call_refuses_what_the_long_way_decides(native_ops, change):
+    """Anything but a plain call is refused (None), so that the long way computes it or raises its documented
+    error, with the same arguments: nothing is written in eval, so a refusal costs nothing but time."""
+    x, running_mean, running_var, weight, bias, residual = _eval_call(torch.float64, "channels_last")
+    arguments = dict(input=x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias, eps=1e-5,
+                     activation="relu", negative_slope=0.01, residual=residual, num_batches_tracked=None)
+    alter, error = REFUSED[change]
+    assert dispatch.known_eval_call(**arguments) is not None  # the good call is taken
+    alter(arguments)
+    assert dispatch.known_eval_call(**arguments) is None
+    functional_arguments = dict(arguments, training=False)
+    if error is None:
+        triton_bn.batch_norm(**functional_arguments)
+    else:
+        with pytest.raises(error):
+            triton_bn.batch_norm(**functional_arguments)
+
+
+def test_the_known_eval_call_refuses_kernel_dtypes_where_triton_serves_them(native_ops):
+    """``kernel_dtypes`` false (the interpreter or a stand-in driver: the Triton kernels take fp32/fp16/bf16)
+    refuses those dtypes and still takes float64; an activation id outside the table and an input on the meta
+    device are refused."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x, running_mean, running_var, weight, bias, _ = _eval_call(dtype, "contiguous")
+        y = native_ops.evaluate_call(x, running_mean, running_var, weight, bias, None, 1e-5, 0, 0.01, False)
+        assert (y is None) == (dtype != torch.float64), dtype
+    x, running_mean, running_var, weight, bias, _ = _eval_call(torch.float64, "contiguous")
+    assert native_ops.evaluate_call(x, running_mean, running_var, weight, bias, None, 1e-5, 99, 0.01, True) is None
+    assert native_ops.evaluate_call(x.to("meta"), running_mean, running_var, None, None, None, 1e-5, 0, 0.01,
+                                    True) is None
+
+
+def test_the_known_eval_call_is_not_taken_while_torch_jit_trace_records(native_ops):
+    """The long way records PyTorch's own operators (dispatch.portable_batch_norm), so that the traced program
+    runs without triton_bn: nothing of triton_bn's may be in its graph."""
+    x, running_mean, running_var, weight, bias, _ = _eval_call(torch.float64, "contiguous")
+    seen = []
+
+    def traced(x):
+        seen.append(dispatch.known_eval_call(x, running_mean, running_var, weight, bias, 1e-5, "relu", 0.01, None,
+                                             None))
+        return triton_bn.batch_norm(x, running_mean, running_var, weight, bias, False, activation="relu")
+
+    program = torch.jit.trace(traced, x, check_trace=False)
+    assert seen == [None]
+    kinds = {node.kind() for node in program.graph.nodes()}
+    assert not any("triton_bn" in kind for kind in kinds), kinds
+    assert "aten::batch_norm" in kinds

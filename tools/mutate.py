@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (39) takes about 40 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (46) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -99,6 +99,14 @@ MUTATIONS: List[Mutation] = [
              "native dx without the mean of dz"),
     Mutation("native-momentum", "triton_bn/csrc/cpu/ops.cpp", "rm[c] = lerp(rm[c], m[c], f);",
              "rm[c] = lerp(m[c], rm[c], f);", NATIVE_TESTS, "native running mean weighs the old value by momentum"),
+    Mutation("known-eval-takes-a-parameter-needing-grad", "triton_bn/csrc/cpu/ops.cpp",
+             "if (!plain_cpu(*p) || p->dim() != 1 || p->size(0) != C || (grad_mode && p->requires_grad()) ||",
+             "if (!plain_cpu(*p) || p->dim() != 1 || p->size(0) != C ||", ("tests/test_dispatch.py",),
+             "the known eval call takes a weight that needs a gradient: y without a grad_fn, the gradient lost"),
+    Mutation("known-eval-ignores-the-interpreter", "triton_bn/dispatch.py",
+             "_NATIVE_TAKES_KERNEL_DTYPES = not (triton_kernels.INTERPRET or triton_kernels.STAND_IN)",
+             "_NATIVE_TAKES_KERNEL_DTYPES = True", ("tests/test_dispatch.py",),
+             "fp32 eval calls leave the Triton kernels for the native ones under the interpreter"),
     # the autograd node both devices record (csrc/node/), here behind the CPU kernels
     Mutation("node-twice-differentiable", "triton_bn/csrc/node/batch_norm_backward.h",
              "  if (!at::GradMode::is_enabled() || std::none_of(", "  if (true || std::none_of(", NATIVE_TESTS,

@@ -2,7 +2,10 @@
 device, dtype, layout and size, training or eval, whether anything needs a gradient, whether torch.compile is
 tracing or an exporter recording, and the settings (read once, ``settings.py``).
 
-``functional.batch_norm`` checks a call's arguments, then hands it to ``batch_norm`` below:
+``functional.batch_norm`` checks a call's arguments, then hands it to ``batch_norm`` below. One kind of call is
+taken before those checks: a plain eval call on the native CPU kernels (``known_eval_call``), which C++ checks
+and computes in one call, since the Python checks cost more host time than a small eval pass; anything it does
+not plainly take goes the long way, which writes nothing in eval either.
 
 1. an exporter recording (torch.export, ONNX, torch.jit.trace): PyTorch's own operators (``portable_batch_norm``),
    so that the program runs where triton_bn is not installed;
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import spec
-from .activations import TABLE, torch_activation
+from .activations import ACTIVATION_IDS, TABLE, torch_activation
 from .autograd import BatchNormFunction, TrainingBatchNormFunction
 from .backends import Backend, cpp_launch, native_cpu, pytorch_kernels, triton_kernels
 
@@ -59,6 +62,32 @@ NATIVE = STEPS._replace(name="native", training=native_cpu.training, apply=_eval
                         backward=native_cpu.backward)
 PYTORCH = STEPS._replace(name="pytorch", training=pytorch_kernels.training,
                          apply=_eval_or_steps(pytorch_kernels.evaluate), backward=pytorch_kernels.backward)
+
+
+# Whether the native kernels take fp32/fp16/bf16 CPU inputs: not where the Triton kernels do (``backend_for``)
+_NATIVE_TAKES_KERNEL_DTYPES = not (triton_kernels.INTERPRET or triton_kernels.STAND_IN)
+_NUMBERS = (float, int)
+
+
+def known_eval_call(input, running_mean, running_var, weight, bias, eps, activation, negative_slope, residual,
+                    num_batches_tracked) -> Optional[Tensor]:
+    """y of a plain eval call (``training=False``) that the native CPU kernels serve, its checks made in C++, or
+    None: the long way decides. ``evaluate_call`` (csrc/cpu/ops.cpp) lists what it takes: what
+    ``functional.check_arguments`` passes and steps 1-4 below send to the native op as it is, nothing else.
+    Never before the native build is loaded, never while torch.compile, torch.export or torch.jit.trace records
+    (inside the op it is too late to ask: the tracer has recorded the call and switched itself off)."""
+    native = native_cpu.loaded()
+    if native is None or num_batches_tracked is not None or torch.compiler.is_compiling() \
+            or torch._C._get_tracing_state() is not None:
+        return None
+    act = ACTIVATION_IDS.get(activation) if activation is None or type(activation) is str else None
+    if act is None or type(eps) not in _NUMBERS or type(negative_slope) not in _NUMBERS:
+        return None
+    try:
+        return native.evaluate_call(input, running_mean, running_var, weight, bias, residual, eps, act,
+                                    negative_slope, _NATIVE_TAKES_KERNEL_DTYPES)
+    except (TypeError, RuntimeError):  # an argument the op's schema does not take (a list for a tensor, ...)
+        return None                    # the long way raises the documented error
 
 
 def backend_for(x: Tensor) -> Backend:

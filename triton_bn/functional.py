@@ -51,6 +51,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             raise  # the call passes those checks: C++'s error is the answer
         if y is not None:
             return y
+    elif training is False:  # a plain eval call on the native CPU kernels: C++ checks it (dispatch.known_eval_call)
+        y = dispatch.known_eval_call(input, running_mean, running_var, weight, bias, eps, activation, negative_slope,
+                                     residual, num_batches_tracked)
+        if y is not None:
+            return y
     if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0 and all(
             isinstance(t, Tensor) and t.numel() == 0 for t in (running_mean, running_var, weight, bias) if t is not None):
         return input.clone()  # PyTorch reads a 1-D input as zero channels: an empty one is an empty result

@@ -47,6 +47,7 @@ class NativeOps(NamedTuple):
     apply: Callable
     backward: Callable
     training: Callable  # training_forward + the batch counted, its backward recorded as a C++ autograd node
+    evaluate_call: Callable  # a plain eval call with its checks made in C++, or None (dispatch.known_eval_call)
 
 
 _loaded = {}  # "ops": NativeOps, or None where the build failed
@@ -128,6 +129,12 @@ def ops() -> Optional[NativeOps]:
                                   "kernels instead (slower). TRITON_BN_NATIVE_CPU=0 skips the attempt.")
             _loaded["ops"] = loaded
     return _loaded["ops"]
+
+
+def loaded() -> Optional[NativeOps]:
+    """The native ops where a build is already loaded, else None (never starts a build: for a route that only
+    a call after the first can take)."""
+    return _loaded.get("ops")
 
 
 def vector_lanes() -> Optional[Tuple[int, int]]:

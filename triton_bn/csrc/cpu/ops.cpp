@@ -274,6 +274,60 @@ at::Tensor apply_op(const at::Tensor& x, const at::Tensor& mean, const c10::opti
   return apply(x, mean, stat, weight, bias, residual, eps, batch_stats, activation, slope);
 }
 
+// -- an eval call taken whole, its checks made here (functional.batch_norm's known eval call) ---------------
+// What `functional.check_arguments` and `dispatch.batch_norm` decide for an eval call, answered in C++ for the
+// plain case only: in Python those checks cost more host time than a small eval pass (the first touch of
+// each tensor attribute from Python, perf/NOTES.md). An eval call writes nothing but y, so a call this
+// refuses (an undefined result: None in Python) loses nothing: it goes the long way, which computes it or
+// raises the documented error. Taken only when every one of these holds, else refused:
+//   x: a plain dense CPU tensor (strided, no Python subclass dispatch, not nested), [N, C, *] with N*C*... > 0,
+//      channels innermost or contiguous (native_cpu.serves), float64, or fp32/fp16/bf16 where the native
+//      kernels serve those (kernel_dtypes: no Triton interpreter or stand-in driver, dispatch.backend_for);
+//   running_mean, running_var: given; they, weight and bias (where given) [C] CPU tensors of one of the four
+//      dtypes; nothing that needs a gradient (the autograd formula then records the call) and no running
+//      statistic that requires grad with grad mode on (refused by functional);
+//   residual: absent, or x's shape, strides and dtype (what the op takes as it is);
+//   eps >= 0 (not NaN); activation one of the table's ids.
+// (Whether torch.jit.trace records is asked in Python, before the call: inside an op the tracer has already
+// recorded it and switched itself off.)
+at::Tensor evaluate_call(const c10::optional<at::Tensor>& x_, const c10::optional<at::Tensor>& running_mean,
+                         const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                         double eps, int64_t activation, double slope, bool kernel_dtypes) {
+  const at::Tensor* x = present(x_);
+  if (x == nullptr || !present(running_mean) || !present(running_var)) return {};
+  const auto plain_cpu = [](const at::Tensor& t) {
+    return t.layout() == at::kStrided && t.device().is_cpu() && !t.is_nested() &&
+           !t.key_set().has(c10::DispatchKey::Python);
+  };
+  const at::ScalarType dtype = x->scalar_type();
+  const bool dtype_served = dtype == at::kDouble ||
+      (kernel_dtypes && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf));
+  if (!dtype_served || !plain_cpu(*x) || x->dim() < 2 || x->numel() == 0) return {};
+  if (!(x->is_contiguous() || channels_innermost(*x))) return {};
+  const bool grad_mode = at::GradMode::is_enabled();
+  if (grad_mode && x->requires_grad()) return {};
+  const int64_t C = x->size(1);
+  for (const auto* t : {&running_mean, &running_var, &weight, &bias}) {
+    const at::Tensor* p = present(*t);
+    if (p == nullptr) continue;  // weight or bias absent (the statistics were checked above)
+    const at::ScalarType s = p->scalar_type();
+    if (!plain_cpu(*p) || p->dim() != 1 || p->size(0) != C || (grad_mode && p->requires_grad()) ||
+        !(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf)) {
+      return {};
+    }
+  }
+  if (const at::Tensor* r = present(residual)) {
+    if (!plain_cpu(*r) || r->sizes() != x->sizes() || r->strides() != x->strides() || r->scalar_type() != dtype ||
+        (grad_mode && r->requires_grad())) {
+      return {};
+    }
+  }
+  if (!(eps >= 0) || activation < 0 || activation >= kActivationCount) return {};
+  return apply(*x, *present(running_mean), *present(running_var), weight, bias, residual, eps, false, activation,
+               slope);
+}
+
 std::vector<at::Tensor> backward_op(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
                                     const c10::optional<at::Tensor>& invstd,
                                     const c10::optional<at::Tensor>& running_var,
@@ -369,6 +423,9 @@ TORCH_LIBRARY(triton_bn_cpu, m) {
         &training_forward);
   m.def("apply(Tensor x, Tensor mean, Tensor? invstd, Tensor? running_var, Tensor? weight, Tensor? bias, "
         "Tensor? residual, float eps, int activation, float slope) -> Tensor", &apply_op);
+  // functional.batch_norm's known eval call: y, or an undefined tensor (None) where the long way must decide
+  m.def("evaluate_call(Tensor? x, Tensor? running_mean, Tensor? running_var, Tensor? weight, Tensor? bias, "
+        "Tensor? residual, float eps, int activation, float slope, bool kernel_dtypes) -> Tensor", &evaluate_call);
   m.def("backward(Tensor grad_y, Tensor x, Tensor mean, Tensor? invstd, Tensor? running_var, Tensor? weight, "
         "Tensor? bias, Tensor? residual, float eps, int activation, float slope, bool want_dx, "
         "bool want_dweight, bool want_dbias, bool want_dresidual) -> Tensor[]", &backward_op);
