@@ -56,8 +56,6 @@ UNFUSED = {
         "shape in its own lines, which fx can not trace; the BNs end its children, the activations are its own"),
     "segformer": {"decode_head.batch_norm": "SegformerDecodeHead.forward iterates over its tuple argument (`for "
                                             "hidden, mlp in zip(...)`), whose length fx can not know"},
-    "efficientnet": {"encoder.top_bn": "EfficientNetEncoder.forward returns a ModelOutput, which an fx graph would "
-                                       "return as a plain dict (the caller reads it by index)"},
 }
 
 

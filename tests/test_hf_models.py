@@ -4,8 +4,11 @@ one) in the original's data flow fused, except those hf_zoo.UNFUSED names with t
 convert_model reaches forwards that a plain one-level fx trace can not: a helper function kept as one call
 (Hugging Face's ``apply_tf_padding``), flag arguments traced at their defaults, and a child whose forward ends
 in a BN inlined into its caller (the residual BN one module deeper in ResNet blocks)."""
+import copy
+import dataclasses
 import io
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -62,14 +65,18 @@ def test_hugging_face_model_is_exact_and_fused_where_its_data_flow_allows(name):
     assert converted.fusion_report.fallbacks == {}
 
 
+def _saved_and_loaded(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v1", "resnet"])
 def test_saved_and_loaded_converted_model_computes_the_same(name):
     model, x = hf_zoo.build(name)
     converted = _convert(model).eval()
-    buffer = io.BytesIO()
-    torch.save(converted, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False).eval()
+    loaded = _saved_and_loaded(converted).eval()
     assert torch.equal(hf_zoo.first_tensor(converted(x)), hf_zoo.first_tensor(loaded(x)))
     assert sum(1 for m in loaded.modules() if getattr(m, "activation", None) is not None) > 0
 
@@ -102,7 +109,6 @@ def test_an_inlined_child_changed_after_conversion_runs_the_original_forward(cha
     if change == "hook on the inlined child":
         handle = block.layer[2].register_forward_hook(lambda *args: calls.append(1))
     elif change == "inlined child replaced":  # the same computation, another object: the guard sees the swap
-        import copy
         block.layer[2] = copy.deepcopy(block.layer[2])
     elif change == "identity replaced":  # the last conv layer gains an activation the graph does not hold
         block.layer[2].activation = nn.Tanh()
@@ -247,6 +253,52 @@ def test_a_forward_returning_a_dict_subclass_keeps_its_own_forward():
     out = converted[0](torch.randn(2, 3, 2, 2, dtype=torch.float64))
     assert type(out).__name__ == "OrderedDict"
     assert any("OrderedDict" in note for note in converted.fusion_report.notes), converted.fusion_report.notes
+
+
+@dataclasses.dataclass
+class FieldsDict(OrderedDict):
+    """What Hugging Face's ModelOutput is, written here: a dataclass dict whose items are its fields that are not
+    None, in field order."""
+    last: torch.Tensor = None
+    hidden: tuple = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) is not None:
+                self[field.name] = getattr(self, field.name)
+
+
+class ReturnsFieldsDict(nn.Module):
+    def __init__(self, extra_item: bool = False):
+        super().__init__()
+        self.bn, self.extra_item = nn.BatchNorm2d(3), extra_item
+
+    def forward(self, x):
+        out = FieldsDict(last=F.relu(self.bn(x)))
+        if self.extra_item:  # an item no field holds: the class can not build it again
+            out["more"] = x
+        return out
+
+
+def test_a_forward_returning_a_dataclass_dict_is_fused_and_returns_the_same_class():
+    """A forward that returns a ModelOutput-like dataclass dict (EfficientNet's encoder) is fused: the graph
+    builds the very class again, every field as the original's (None where not an item), the items in order,
+    also after pickling; one with an item no field holds keeps its own forward."""
+    model = nn.Sequential(ReturnsFieldsDict()).double()
+    converted = _convert(model)
+    assert converted[0].bn.activation == "relu", converted.fusion_report.notes
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    # each beside a copy of the original made before any call (each call in training updates the statistics)
+    for layer, original in ((converted, copy.deepcopy(model)), (_saved_and_loaded(converted), copy.deepcopy(model))):
+        for training in (True, False):
+            layer.train(training), original.train(training)
+            got, expected = layer[0](x), original[0](x)
+            assert type(got) is FieldsDict and list(got) == ["last"] and got.hidden is None
+            assert torch.allclose(got.last, expected.last, rtol=1e-12, atol=1e-12) and got["last"] is got.last
+    refused = _convert(nn.Sequential(ReturnsFieldsDict(extra_item=True)).double())
+    assert refused[0].bn.activation is None
+    assert list(refused[0](x)) == ["last", "more"]
+    assert any("FieldsDict" in note for note in refused.fusion_report.notes), refused.fusion_report.notes
 
 
 class NoneFlagLayer(nn.Module):

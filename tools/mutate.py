@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (46) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (47) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -183,6 +183,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("reach-settings-trusted", "triton_bn/tracing.py", "    instructions = list(dis.get_instructions(code))\n",
              "    return True\n", ("tests/test_hf_models.py",),
              "a helper that calls the module handed to it counts as reading its settings (its BN fused, folded)"),
+    Mutation("reach-rebuilt-dict-unordered", "triton_bn/tracing.py",
+             "    store = next(base for base in cls.__mro__ if base in (collections.OrderedDict, dict))",
+             "    store = dict", ("tests/test_hf_models.py",),
+             "a rebuilt ModelOutput's items bypass OrderedDict's order: it looks empty to keys() and to_tuple()"),
     Mutation("reach-inlined-counted-twice", "triton_bn/tracing.py",
              "        return [check.name for check in self.guard.attributes if check.kind == \"unhooked\" and check.name in",
              "        return [] and [check.name for check in self.guard.attributes if check.kind == \"unhooked\" and check.name in",

@@ -23,8 +23,10 @@ activation they took over, the activation modules that became ``nn.Identity`` ba
 fall back are counted per module in ``FusionReport.fallbacks`` and warned about once per module.
 """
 import builtins
+import collections
 import contextlib
 import copy
+import dataclasses
 import dis
 import inspect
 import operator
@@ -414,14 +416,61 @@ class _OneLevelTracer(fx.Tracer):
 
     def create_arg(self, a):
         # fx rebuilds a dict or a list of any subclass (Hugging Face's ModelOutput, an OrderedDict) as the plain
-        # type (a tuple keeps its type): a graph that returned one would return something else
+        # type (a tuple keeps its type): a graph that returned one would return something else. A dataclass
+        # dict that its fields describe whole becomes a call that builds it again (``rebuild_fields_dict``).
         if isinstance(a, (dict, list)) and type(a) not in (dict, list) and not hasattr(a, "__fx_create_arg__"):
+            name = fields_dict_name(a)
+            if name is not None:
+                node = self.create_node("call_function", rebuild_fields_dict, (name, super().create_arg(dict(a))), {})
+                node.meta["is_wrapped"] = True  # fx's code then declares it wrapped: a pickled graph, re-traced
+                return node                     # from that code when loaded, keeps it one call
             raise fx.proxy.TraceError(f"forward builds a {type(a).__name__}, which the graph would turn into a "
                                       f"plain {'dict' if isinstance(a, dict) else 'list'}")
         return super().create_arg(a)
 
     # (A pickled fused forward is re-traced from its code when loaded: fx's generated code declares each
     # helper with ``torch.fx.wrap``, so that trace keeps it a call too.)
+
+
+def fields_dict_name(value) -> Optional[str]:
+    """The importable name ("module:qualname") of ``value``'s class where ``value`` is a dict that a dataclass's
+    fields describe whole, so that ``rebuild_fields_dict`` builds an equal one from its items: its instance
+    holds exactly its fields, its items are exactly the fields that are not None, in field order, each the very
+    field value (what Hugging Face's ModelOutput holds); else None."""
+    cls = type(value)
+    if not (isinstance(value, dict) and dataclasses.is_dataclass(cls) and hasattr(value, "__dict__")):
+        return None
+    names = [field.name for field in dataclasses.fields(cls)]
+    items = [n for n in names if getattr(value, n) is not None]
+    if set(vars(value)) != set(names) or list(value) != items or dict.__len__(value) != len(items) \
+            or any(dict.__getitem__(value, n) is not getattr(value, n) for n in items):
+        return None
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    return name if _class_named(name) is cls else None
+
+
+def _class_named(name: str):
+    module_name, _, qualname = name.partition(":")
+    found = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found
+
+
+def rebuild_fields_dict(name: str, items: Dict[str, Any]):
+    """The dataclass dict of class ``name`` (``fields_dict_name``) holding ``items``: each field set, None where
+    not an item, and the items in field order, without running the class's own ``__init__`` or
+    ``__post_init__`` (ModelOutput's reads a lone first field as key/value pairs). What a graph returns in
+    place of the forward's ModelOutput."""
+    cls = _class_named(name)
+    out = cls.__new__(cls)
+    for field in dataclasses.fields(cls):
+        object.__setattr__(out, field.name, items.get(field.name))
+    # the item store of its nearest plain base: an OrderedDict keeps its order apart from dict's own table
+    store = next(base for base in cls.__mro__ if base in (collections.OrderedDict, dict))
+    for key, value in items.items():
+        store.__setitem__(out, key, value)
+    return out
 
 
 def reads_only_settings(call: fx.Node, argument: fx.Node, module: nn.Module) -> bool:
