@@ -319,6 +319,23 @@ def test_host_overhead_script_runs():
     assert "empty autograd.Function" in rows[12] and "training forward + backward" in rows[12]
 
 
+def test_cold_calls_script_runs():
+    """perf/cold_calls.py (eval calls with the caches cold, off the interpreter, on the native path): a row for
+    each of the five calls. A smoke run with three rounds; its figures are no claim."""
+    import os
+    from triton_bn.backends import native_cpu
+    if not native_cpu.ENABLED:
+        pytest.skip("TRITON_BN_NATIVE_CPU=0: the script times the native op")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "perf", "cold_calls.py"), "2x4x2x2", "channels_last",
+                           "3"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if " us   median " in line]
+    assert [row.split(" p20 ")[0].strip() for row in rows] == [
+        "nn.BatchNorm2d", "F.batch_norm", "triton_bn.BatchNorm2d", "triton_bn.batch_norm", "the native op alone"]
+
+
 def test_latency_bench_runs_every_variant(tmp_path):
     """``--latency`` on one model at batch 1 (off the interpreter, as a user runs it): every variant timed, each
     output the original's (rel. 1e-5), the ONNX export of the folded model the original export's operators,
