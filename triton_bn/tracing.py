@@ -28,6 +28,7 @@ import contextlib
 import copy
 import dataclasses
 import dis
+import importlib
 import inspect
 import operator
 import sys
@@ -450,8 +451,12 @@ def fields_dict_name(value) -> Optional[str]:
 
 
 def _class_named(name: str):
+    """The class of a ``fields_dict_name``, its module imported if it is not yet (a graph loaded in a new process)."""
     module_name, _, qualname = name.partition(":")
-    found = sys.modules.get(module_name)
+    try:
+        found = importlib.import_module(module_name)
+    except ImportError:
+        return None
     for part in qualname.split("."):
         found = getattr(found, part, None)
     return found
