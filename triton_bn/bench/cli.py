@@ -266,8 +266,9 @@ def _expected_duration(rows: int, measurements: int, providers, mode: str, budge
     """The line a run prints before its first measurement: how many, and (on a CPU) about how long."""
     text = f"{measurements} measurements ({rows} rows x {len(providers)} providers)"
     if mode == "cpu":
-        seconds = measurements * CPU_SECONDS_PER_ROW_PROVIDER + (
-            30 if "torch_compile" in providers else 0) * rows  # inductor compiles each row's function
+        # inductor compiles each row's function: ~10 s a row on two cores with its on-disk cache cold (a 156-row
+        # run took 30 minutes), ~2 s with it warm (the same run again: 7 minutes)
+        seconds = measurements * CPU_SECONDS_PER_ROW_PROVIDER + (10 if "torch_compile" in providers else 0) * rows
         text += (f"; about {seconds / 60:.1f} minutes on two quiet cores (more on a busy machine; add the native "
                  "kernels' build, a minute or two, the first time)" if seconds >= 90 else
                  f"; about {seconds:.0f} s on two quiet cores (more on a busy machine; add the native kernels' "
