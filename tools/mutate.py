@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (47) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (48) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -97,6 +97,10 @@ MUTATIONS: List[Mutation] = [
     Mutation("native-dx-mean-term", "triton_bn/csrc/cpu/kernels.h",
              "k.k3[c] = static_cast<A>(sum_dz[c] / R * k.invstd[c] * w[c]);", "k.k3[c] = A(0);", NATIVE_TESTS,
              "native dx without the mean of dz"),
+    Mutation("native-gelu-cdf-sign", "triton_bn/csrc/cpu/kernels.h",
+             "return {Vec<A>::blendv(one - tail, tail, z < Vec<A>(0)), gauss};",
+             "return {Vec<A>::blendv(tail, one - tail, z < Vec<A>(0)), gauss};", NATIVE_TESTS,
+             "native fp32 GELU takes Phi(-z) for Phi(z): the two halves of erf's sign swapped"),
     Mutation("native-momentum", "triton_bn/csrc/cpu/ops.cpp", "rm[c] = lerp(rm[c], m[c], f);",
              "rm[c] = lerp(m[c], rm[c], f);", NATIVE_TESTS, "native running mean weighs the old value by momentum"),
     Mutation("known-eval-takes-a-parameter-needing-grad", "triton_bn/csrc/cpu/ops.cpp",

@@ -267,8 +267,9 @@ template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
 // macros, AVX-512 or AVX2 on x86, as PyTorch itself dispatches on this CPU): 16 fp32 / 8 double lanes
 // under AVX-512, 8 / 4 under AVX2, NEON's 4 / 2 on Arm, and ATen's scalar loops where no vector ISA is
 // known. Its exp and tanh are Sleef's (1 ulp; the symbols come from libtorch_cpu, which the library links),
-// its fp32 erf ATen's own polynomial, its double erf Sleef's: the functions, to the ulp, that PyTorch's
-// silu, gelu and sigmoid kernels call, float64 included. The formulas are activate<ACT>'s.
+// its double erf Sleef's: the functions, to the ulp, that PyTorch's silu and sigmoid kernels call, float64
+// included. GELU in fp32 is the exception (gelu_terms below): ATen's erf polynomial with a faster exp, since
+// PyTorch's own fp32/bf16 GELU runs oneDNN's code, faster than ATen's erf. The formulas are activate<ACT>'s.
 template <typename A> using Vec = at::vec::Vectorized<A>;
 template <typename A> inline Vec<A> splat(double value) { return Vec<A>(static_cast<A>(value)); }  // every lane
 
@@ -282,11 +283,44 @@ template <typename A> inline Vec<A> sigmoid_vec(const Vec<A>& z) {
   return one / (one + z.neg().exp());
 }
 
+// GELU's normal CDF Phi(z) = (1 + erf(z / sqrt 2)) / 2 and its Gaussian exp(-z^2 / 2), which the backward's
+// density shares. For fp32 (the compute type of fp32, bf16 and fp16 lines): erf by Abramowitz and Stegun 7.1.26
+// (|error| <= 1.5e-7, the approximation ATen's own Vectorized<float>::erf takes) with ATen's exp_u20 (20 ulp,
+// inlined) for the exp(-x^2) inside it, in place of Sleef's 1-ulp exp behind a library call: measured, ATen's
+// erf made our fused BN + GELU pass cost 2 ms of arithmetic on a 32x64x56x56 bf16 tensor where PyTorch's
+// whole GELU (oneDNN's) took 1.6 ms (perf/NOTES.md). The same exp is the backward's Gaussian. double keeps
+// ATen's erf and exp (Sleef's, 1 ulp).
+template <typename A> struct GeluTerms { Vec<A> cdf, gauss; };
+template <typename A> inline GeluTerms<A> gelu_terms(const Vec<A>& z) {
+  const Vec<A> half = splat<A>(0.5), one = splat<A>(1);
+  if constexpr (std::is_same_v<A, float>) {
+    // 1 + p |x|, x = z / sqrt 2; |z| capped at 1e18 (NaN kept), where t is 0 to fp32's precision anyway, so that
+    // an infinite z gives a finite d and the Newton step below no inf * 0
+    const Vec<A> d = at::vec::fmadd(splat<A>(0.3275911 * kSqrt1_2), at::vec::minimum(z.abs(), splat<A>(1e18)), one);
+#if defined(CPU_CAPABILITY_AVX512)
+    // 1 / d: the 14-bit reciprocal estimate and one Newton step (~28 bits), a quarter of a division's cost
+    const Vec<A> estimate = Vec<A>(_mm512_rcp14_ps(d));
+    const Vec<A> t = estimate * at::vec::fnmadd(d, estimate, splat<A>(2));
+#else
+    const Vec<A> t = one / d;
+#endif
+    Vec<A> poly = at::vec::fmadd(splat<A>(1.061405429), t, splat<A>(-1.453152027));
+    poly = at::vec::fmadd(poly, t, splat<A>(1.421413741));
+    poly = at::vec::fmadd(poly, t, splat<A>(-0.284496736));
+    poly = at::vec::fmadd(poly, t, splat<A>(0.254829592)) * t;
+    const Vec<A> gauss = (splat<A>(-0.5) * z * z).exp_u20();  // exp(-x^2)
+    const Vec<A> tail = half * poly * gauss;                   // (1 - erf(|x|)) / 2
+    return {Vec<A>::blendv(one - tail, tail, z < Vec<A>(0)), gauss};
+  } else {
+    return {half * (one + (z * splat<A>(kSqrt1_2)).erf()), (splat<A>(-0.5) * z * z).exp()};
+  }
+}
+
 // act(z) for Vec<A>::size() values (SiLU z / (1 + e^-z), as PyTorch writes it).
 template <int ACT, typename A> inline Vec<A> activate_vec(const Vec<A>& z) {
   const Vec<A> half = splat<A>(0.5), one = splat<A>(1);
   if constexpr (ACT == kSilu) return z / (one + z.neg().exp());
-  if constexpr (ACT == kGelu) return half * z * (one + (z * splat<A>(kSqrt1_2)).erf());
+  if constexpr (ACT == kGelu) return z * gelu_terms(z).cdf;
   if constexpr (ACT == kGeluTanh) {
     const Vec<A> inner = splat<A>(kTanhBeta) * at::vec::fmadd(splat<A>(kTanhKappa), z * z * z, z);
     return half * z * (one + inner.tanh());
@@ -303,9 +337,8 @@ template <int ACT, typename A> inline Vec<A> activation_backward_vec(const Vec<A
     return g * s * at::vec::fmadd(z, one - s, one);
   }
   if constexpr (ACT == kGelu) {
-    const Vec<A> cdf = half * (one + (z * splat<A>(kSqrt1_2)).erf());
-    const Vec<A> pdf = (splat<A>(-0.5) * z * z).exp();
-    return g * at::vec::fmadd(z * splat<A>(kGeluPdf), pdf, cdf);
+    const GeluTerms<A> terms = gelu_terms(z);
+    return g * at::vec::fmadd(z * splat<A>(kGeluPdf), terms.gauss, terms.cdf);
   }
   if constexpr (ACT == kGeluTanh) {
     const Vec<A> beta = splat<A>(kTanhBeta), kappa = splat<A>(kTanhKappa), square = z * z;
