@@ -1,7 +1,8 @@
 """[house] ``dispatch.py`` decides which backend serves a call, and every backend computes what the
 specification (``spec.py``'s step functions) computes: the choice for each kind of input, with and without the
-Triton interpreter; the eager routes (the native kernels' C++ node, the autograd Function, the op itself); and
-each backend's seven functions against the spec's in float64."""
+Triton interpreter; the eager routes (the native kernels' C++ node, the autograd Function, the op itself);
+each backend's seven functions against the spec's in float64; and the known eval call (a plain eval call checked
+and computed by one C++ op): what it computes, what it refuses and what the long way then does."""
 import os
 import subprocess
 import sys

@@ -323,7 +323,7 @@ at::Tensor evaluate_call(const c10::optional<at::Tensor>& x_, const c10::optiona
       return {};
     }
   }
-  if (!(eps >= 0) || activation < 0 || activation >= kActivationCount) return {};
+  if (!(eps >= 0) || !(activation >= 0 && activation < kActivationCount)) return {};
   return apply(*x, *present(running_mean), *present(running_var), weight, bias, residual, eps, false, activation,
                slope);
 }
