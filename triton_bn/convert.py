@@ -54,8 +54,7 @@ from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, Bat
                       FusedBatchNormMixin, carry_state, has_tail)
 from .sync import SyncBatchNorm, SyncBatchNormAct
 from .tracing import (HOOK_REGISTRIES, ArgumentCheck, OneLevelTrace, TracedForward, attribute_at, inline_call,
-                      passes_through,
-                      reads_only_settings, root_and_path, running_graph, trace_one_level)
+                      passes_through, reads_only_settings, root_and_path, running_graph, trace_one_level)
 
 # PyTorch's exact classes -> (ours, ours followed by a tail of children). SyncBatchNorm first: it is
 # not a BatchNorm2d, but the order keeps the lookup of a subclass's base unambiguous.

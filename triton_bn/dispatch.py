@@ -36,9 +36,10 @@ import torch
 from torch import Tensor
 
 from . import spec
-from .activations import ACTIVATION_IDS, TABLE, torch_activation
+from .activations import TABLE, torch_activation
 from .autograd import BatchNormFunction, TrainingBatchNormFunction
-from .backends import Backend, cpp_launch, native_cpu, pytorch_kernels, triton_kernels
+from .backends import (Backend, cpp_launch, known_call_activation, native_cpu, pytorch_kernels,
+                       triton_kernels)
 
 TRITON = Backend("triton", triton_kernels.batch_norm_training, triton_kernels.batch_norm_apply,
                  triton_kernels.batch_norm_backward, triton_kernels.batch_stats, triton_kernels.batch_moments,
@@ -66,7 +67,6 @@ PYTORCH = STEPS._replace(name="pytorch", training=pytorch_kernels.training,
 
 # Whether the native kernels take fp32/fp16/bf16 CPU inputs: not where the Triton kernels do (``backend_for``)
 _NATIVE_TAKES_KERNEL_DTYPES = not (triton_kernels.INTERPRET or triton_kernels.STAND_IN)
-_NUMBERS = (float, int)
 
 
 def known_eval_call(input, running_mean, running_var, weight, bias, eps, activation, negative_slope, residual,
@@ -80,8 +80,8 @@ def known_eval_call(input, running_mean, running_var, weight, bias, eps, activat
     if native is None or num_batches_tracked is not None or torch.compiler.is_compiling() \
             or torch._C._get_tracing_state() is not None:
         return None
-    act = ACTIVATION_IDS.get(activation) if activation is None or type(activation) is str else None
-    if act is None or type(eps) not in _NUMBERS or type(negative_slope) not in _NUMBERS:
+    act = known_call_activation(activation, eps, negative_slope)
+    if act is None:
         return None
     try:
         return native.evaluate_call(input, running_mean, running_var, weight, bias, residual, eps, act,

@@ -118,7 +118,7 @@ class AttributeCheck(NamedTuple):
         return f"self.{self.name} " + what.get(self.kind, "is unchanged")
 
     def holds(self, owner: nn.Module) -> bool:
-        current = _attribute(owner, self.name)
+        current = attribute_at(owner, self.name)
         if self.kind == "keys":
             return isinstance(current, nn.Module) and _entries(current) == self.value
         if self.kind == "unhooked":
@@ -135,13 +135,14 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
                  "_global_backward_pre_hooks")
 
 
-def _attribute(owner: nn.Module, name: str):
-    """``owner.name`` as the trace saw it: the instance dict, then the parameter, buffer and module registries
-    (nn.Module.__getattr__'s order), without calling any hook; a dotted name walks down the modules."""
+def attribute_at(owner: nn.Module, name: str):
+    """``owner.name`` as the trace saw it (what a graph's ``get_attr`` reads): the instance dict, then the
+    parameter, buffer and module registries (nn.Module.__getattr__'s order), without calling any hook; a dotted
+    name walks down the modules. ``_MISSING`` where nothing is there."""
     if "." in name:
         head, rest = name.split(".", 1)
-        inner = _attribute(owner, head)
-        return _attribute(inner, rest) if isinstance(inner, nn.Module) else _MISSING
+        inner = attribute_at(owner, head)
+        return attribute_at(inner, rest) if isinstance(inner, nn.Module) else _MISSING
     value = owner.__dict__.get(name, _MISSING)
     if value is not _MISSING:
         return value
@@ -150,11 +151,6 @@ def _attribute(owner: nn.Module, name: str):
         if entries is not None and name in entries:
             return entries[name]
     return _MISSING
-
-
-def attribute_at(owner: nn.Module, path: str):
-    """What a graph's ``get_attr`` of ``path`` reads on ``owner`` (``_attribute``: no hooks run)."""
-    return _attribute(owner, path)
 
 
 def _entries(container: nn.Module) -> Tuple:
@@ -725,7 +721,7 @@ def passes_through(owner: nn.Module, node: fx.Node) -> bool:
     """Whether ``node`` calls a plain ``nn.Identity`` of ``owner`` on one value (no hooks, no forward of its own)."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
-    module = _attribute(owner, node.target)
+    module = attribute_at(owner, node.target)
     return type(module) is nn.Identity and "forward" not in module.__dict__ \
         and not any(getattr(module, hooks) for hooks in HOOK_REGISTRIES)
 
@@ -764,7 +760,7 @@ class TracedForward:
             _set_path(stand_ins, target, nn.Module())
         for node in graph.nodes:
             if node.op == "get_attr":
-                module = isinstance(_attribute(owner, node.target), nn.Module)
+                module = isinstance(attribute_at(owner, node.target), nn.Module)
                 _set_path(stand_ins, node.target, nn.Module() if module else torch.empty(0))
         self.owner = owner
         self.code = fx.GraphModule(stand_ins, graph, type(owner).__name__ + "Fused")
@@ -817,7 +813,7 @@ class TracedForward:
         """What undoes this forward's fusions: module path -> the module to run there instead."""
         replacements = {}
         for path in self.activation_owners:
-            bn = _attribute(self.owner, path)
+            bn = attribute_at(self.owner, path)
             if hasattr(bn, "without_activation"):
                 replacements[path] = bn.without_activation()
         replacements.update(self.taken)

@@ -33,9 +33,24 @@ The first three are whole calls; the last four are the steps of a call split acr
 
 Arguments arrive checked (``functional.check_arguments``); activation is a kernel id (``activations.TABLE``).
 """
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
+
+from ..activations import ACTIVATION_IDS
+
+PLAIN_NUMBERS = (float, int)  # what a known call takes for a number (not a bool, a tensor or numpy's)
+
+
+def known_call_activation(activation, eps, negative_slope) -> Optional[int]:
+    """The activation's kernel id for a call taken before ``functional``'s checks (the C++ launch path's known
+    call, the native kernels' known eval call), or None where anything is unusual: an activation that is not
+    one of the table's names, an eps or negative_slope that is not a plain number (a bool, a NaN eps). Such a
+    call goes the long way, whose checks raise the documented error."""
+    act = ACTIVATION_IDS.get(activation) if activation is None or type(activation) is str else None
+    if act is None or type(eps) not in PLAIN_NUMBERS or type(negative_slope) not in PLAIN_NUMBERS or eps != eps:
+        return None
+    return act
 
 
 class Backend(NamedTuple):

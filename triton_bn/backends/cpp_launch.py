@@ -36,9 +36,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .. import build, settings
-from ..activations import ACTIVATION_IDS
 from ..autotune import tuner
-from . import layout, triton_internals, triton_kernels, triton_launch
+from . import PLAIN_NUMBERS, known_call_activation, layout, triton_internals, triton_kernels, triton_launch
 # The numbering this module and csrc/cuda/ share (plan_numbering.py; csrc/cuda/plan_ids.h is written from it)
 from .plan_numbering import (BIAS, CALL_SCALARS, F32, FIRST_PERSISTENT, FIRST_SCRATCH, GRAD_BIAS, GRAD_RESIDUAL,
                              GRAD_WEIGHT, GRAD_X, GRAD_Y, I8, I32, I64, LIKE_BIAS, LIKE_WEIGHT, LIKE_X, MEAN,
@@ -219,9 +218,6 @@ def _key(kind: str, tensors, flags) -> tuple:
     return (kind, tensors[0].device, stream, grad, flags) + tuple(_describe(t) for t in tensors)
 
 
-_NUMBERS = (float, int)
-
-
 def known_call(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope,
                residual, num_batches_tracked):
     """``functional.batch_norm``'s result for a call like one the C++ side already has plans for, else None.
@@ -235,15 +231,15 @@ def known_call(x, running_mean, running_var, weight, bias, training, momentum, e
     if not (isinstance(x, torch.Tensor) and (x.is_cuda or _ANY_DEVICE)) or torch.compiler.is_compiling() \
             or torch._C._get_tracing_state() is not None or (_training_op is None and ops() is None):
         return None
-    act = ACTIVATION_IDS.get(activation) if activation is None or type(activation) is str else None
-    if act is None or type(eps) not in _NUMBERS or type(negative_slope) not in _NUMBERS or eps != eps:
+    act = known_call_activation(activation, eps, negative_slope)
+    if act is None:
         return None
     if running_mean is not None and running_mean is running_var:  # one buffer passed twice: no plan's key tells
         return None
     if training is True:
         if momentum is None:
             cumulative, factor = True, 0.0
-        elif type(momentum) in _NUMBERS and math.isfinite(momentum):
+        elif type(momentum) in PLAIN_NUMBERS and math.isfinite(momentum):
             cumulative, factor = False, float(momentum)
         else:
             return None
