@@ -49,14 +49,7 @@ MODELS = {
 
 # BNs that feed an activation (or an add and then one) in the original and that convert_model leaves unfused,
 # per model, by the end of their path, and why no safe method here fuses them.
-UNFUSED = {
-    "levit": dict.fromkeys(
-        ["embedding_layer_1.batch_norm", "embedding_layer_2.batch_norm", "embedding_layer_3.batch_norm"],
-        "LevitPatchEmbeddings.forward raises on `pixel_values.shape[1] != self.num_channels`, a Python decision on a "
-        "shape in its own lines, which fx can not trace; the BNs end its children, the activations are its own"),
-    "segformer": {"decode_head.batch_norm": "SegformerDecodeHead.forward iterates over its tuple argument (`for "
-                                            "hidden, mlp in zip(...)`), whose length fx can not know"},
-}
+UNFUSED = {}
 
 
 def build(name: str, dtype=torch.float64):

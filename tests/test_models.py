@@ -5,6 +5,7 @@ import copy
 import inspect
 import io
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -424,6 +425,100 @@ def test_type_test_on_a_computed_value_is_not_fused():
     with pytest.warns(UserWarning, match="could not trace model"):
         converted = triton_bn.convert_model(_InspectsItsOwnValue())
     assert converted.fusion_report.plain == 1 and "GuardError" in converted.fusion_report.notes[0]
+
+
+@pytest.mark.parametrize("how", ["if", "assert", "not"])
+def test_a_shape_check_that_raises_is_guarded_and_keeps_its_error(how, tmp_path):
+    """``if x.shape[1] != self.channels: raise``: the graph takes the side that does not raise; the guard
+    asks the condition of each call's argument, and a call that fails it runs the original forward, which
+    raises its own error (the fused graph would have computed something, or raised another one)."""
+    torch.manual_seed(0)
+    from zoo import ShapeChecked
+    original = ShapeChecked(how).double()
+    converted = triton_bn.convert_model(copy.deepcopy(original))
+    report = converted.fusion_report
+    assert report.activation == 1 and converted.bn.activation == "hardswish" and report.guarded == {}
+    assert any(check.kind == "condition" for check in converted.forward.guard.arguments)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for model in (converted, _saved_and_loaded(converted, tmp_path)):
+        torch.testing.assert_close(model(x), original(x), atol=1e-12, rtol=1e-12)
+    assert report.fallbacks == {}
+    wrong = x[:, :2] if how != "not" else x[0]
+    with pytest.raises(Exception) as expected:
+        original(wrong)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+            converted(wrong)
+    assert report.fallbacks == {"model": 1}
+
+
+class _DecidesOtherwise(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, y=None):
+        if self.how == "no raise":  # neither side raises: no call says which side to take
+            if x.shape[0] > 1:
+                x = x * 2
+        elif self.how == "computed value":  # not metadata: known only by running the graph
+            if x.sum() > 1e9:
+                raise ValueError("too large")
+        elif self.how == "two arguments":
+            if x.shape != y.shape:
+                raise ValueError("shapes differ")
+        elif self.how == "caught":
+            try:
+                if x.shape[1] != 4:
+                    raise ValueError("4 channels")
+            except ValueError:
+                x = x[:, :1].expand(-1, 4, -1, -1)
+        return F.relu(self.bn(x))
+
+
+@pytest.mark.parametrize("how", ["no raise", "computed value", "two arguments", "caught"])
+def test_other_decisions_on_traced_values_are_not_fused(how):
+    with pytest.warns(UserWarning, match="could not trace model"):
+        converted = triton_bn.convert_model(_DecidesOtherwise(how))
+    assert converted.fusion_report.plain == 1 and converted.fusion_report.activation == 0
+
+
+class _ZipsItsArgument(nn.Module):
+    """SegFormer's decode head: ``for hidden, layer in zip(argument, self.layers)``, then BN -> ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv2d(3, 4, 1), nn.Conv2d(5, 4, 1)])
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, hidden_states):
+        total = 0
+        for hidden, layer in zip(hidden_states, self.layers):
+            total = total + layer(hidden)
+        return F.relu(self.bn(total))
+
+
+def test_zip_over_an_argument_and_a_container_is_unrolled_and_guarded():
+    """The loop runs as many times as the container has entries, and uses as many elements of the argument:
+    the graph unrolls it for an argument of that length, and a call with another length runs the original
+    (zip stops at the shorter: one element fewer is another computation)."""
+    torch.manual_seed(0)
+    original = _ZipsItsArgument().double()
+    converted = triton_bn.convert_model(copy.deepcopy(original))
+    report = converted.fusion_report
+    assert report.activation == 1 and report.guarded["model"] == [
+        "hidden_states has 2 elements (forward calls zip() with a container of 2 on it)"]
+    first, second = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    for hidden_states in ((first, second), [first, second]):
+        torch.testing.assert_close(converted(hidden_states), original(hidden_states), atol=1e-12, rtol=1e-12)
+    assert report.fallbacks == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for hidden_states in ((first,), (first, second, second)):
+            torch.testing.assert_close(converted(hidden_states), original(hidden_states), atol=1e-12, rtol=1e-12)
+    assert report.fallbacks == {"model": 2}
 
 
 class _NoneShortcut(nn.Module):

@@ -457,3 +457,27 @@ ZOO = {
     # residual from *inputs), listed BN+add+relu (the residual from the list), the dense layers BN+ReLU
     "arguments": (ArgumentsLike, (4, 3, 6, 6), (0, 3, 2)),
 }
+
+
+class ShapeChecked(nn.Module):
+    """Hugging Face's patch embeddings (LeViT's): a shape check on the argument that raises, then conv -> BN
+    -> act. Here, not in a test module: pytest rewrites a test module's ``assert`` into other code."""
+
+    def __init__(self, how="if"):
+        super().__init__()
+        self.how, self.channels = how, 3
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        if self.how == "if":
+            channels = x.shape[1]
+            if channels != self.channels:
+                raise ValueError(f"expected {self.channels} channels, got {channels}")
+        elif self.how == "assert":
+            assert x.dim() == 4 and x.size(1) == self.channels, "a 4-d input with 3 channels"
+        else:  # "not"
+            if not x.ndim == 4:
+                raise TypeError("4-d only")
+        return self.act(self.bn(self.conv(x)))

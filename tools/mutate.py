@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (48) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (50) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -195,6 +195,14 @@ MUTATIONS: List[Mutation] = [
              "        return [check.name for check in self.guard.attributes if check.kind == \"unhooked\" and check.name in",
              "        return [] and [check.name for check in self.guard.attributes if check.kind == \"unhooked\" and check.name in",
              ("tests/test_deploy.py",), "fold counts an inlined child's calls twice (its BNs frozen, not folded)"),
+    Mutation("reach-raise-condition-unchecked", "triton_bn/tracing.py",
+             "                    return bool(program(value)) is taken",
+             "                    return True or bool(program(value)) is taken", ("tests/test_models.py",),
+             "a shape check that raises is traced past and never asked again: a wrong input runs the fused graph"),
+    Mutation("reach-caught-refusal-traced", "triton_bn/tracing.py",
+             "    if recorder.refused is not None:\n        raise recorder.refused",
+             "    if False:\n        raise recorder.refused", ("tests/test_models.py",),
+             "a forward that catches fx's TraceError (a ValueError) is traced through its handler"),
 ]
 
 

@@ -9,7 +9,11 @@ Python code took on the way is frozen into the graph as it went during that one 
   whatever the proxy is (we answer as for a plain ``torch.Tensor``, and say so in the guard);
 - ``a, b = arg`` fixes how many elements ``arg`` has;
 - the module's own attributes read in Python (``self.use_se``, ``self.downsample is None``, a
-  ``ModuleList`` iterated) are taken as they were during the trace.
+  ``ModuleList`` iterated) are taken as they were during the trace;
+- ``zip(arg, self.layers)`` runs as many times as the container has entries (``arg`` must have as many);
+- ``if arg.shape[1] != self.channels: raise ...`` (or an ``assert``) takes the side that does not raise: the
+  condition, read from ``arg``'s metadata alone, is asked again of each call (``_OneLevelTracer.to_bool``).
+  Any other decision on a traced value fails the trace, even where the forward catches fx's error.
 
 ``trace_one_level`` records each of these in a ``Guard``. The argument checks come from two sources: the
 introspecting builtins are replaced, in ``forward``'s own module namespace and only while it is traced, by
@@ -30,6 +34,7 @@ import dataclasses
 import dis
 import importlib
 import inspect
+import linecache
 import operator
 import sys
 import threading
@@ -48,6 +53,8 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"forward"}
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.ParameterList, nn.ParameterDict)
 # immutable values that compare by value when a module attribute was re-assigned an equal one
 _VALUE_TYPES = (bool, int, float, complex, str, bytes)
+# argument checks that only a call the original forward raises on can fail
+_KEEPS_AN_ERROR = frozenset({"raises_on_none", "condition"})
 
 
 class GuardError(RuntimeError):
@@ -62,17 +69,19 @@ class ArgumentCheck(NamedTuple):
     # what the trace decided on (the forward branches on it): "not_none", "plain_tensor" (type is
     # torch.Tensor), "length"; what keeps an error an error: "raises_on_none" (forward raises for None, the
     # graph might not); what a fusion needs: "given" (not None: an operand that became a BN's residual, where
-    # None would read as "no residual")
+    # None would read as "no residual"); "condition": forward raises unless ``value``'s program, run on the
+    # argument, gives the truth value the trace took (a shape check: ``if x.shape[1] != self.c: raise``)
     kind: str
     length: int = -1    # for kind "length"
     why: str = ""
-    value: Any = None   # for kind "equals": the flag's value the graph was traced with
+    value: Any = None   # for kind "equals": the flag's value the graph was traced with; for kind
+                        # "condition": (program, the truth value taken), the program an fx.GraphModule
 
     def describe(self) -> str:
         where = self.name + "".join(f"[{i!r}]" for i in self.path)
         what = {"not_none": "is not None", "raises_on_none": "is not None", "given": "is not None",
                 "plain_tensor": "is a torch.Tensor", "length": f"has {self.length} elements",
-                "equals": f"is {self.value!r}"}[self.kind]
+                "equals": f"is {self.value!r}", "condition": "passes the check that raises"}[self.kind]
         return f"{where} {what} ({self.why})"
 
     def test(self):
@@ -87,6 +96,14 @@ class ArgumentCheck(NamedTuple):
 
             def test(value):
                 return value is expected or (type(value) is type(expected) and value == expected)
+        elif kind == "condition":
+            program, taken = self.value
+
+            def test(value):
+                try:
+                    return bool(program(value)) is taken
+                except Exception:  # noqa: BLE001 - the original raises there too; let it, with its own error
+                    return False
         else:
             test = lambda value: hasattr(value, "__len__") and len(value) == length  # noqa: E731
         if not self.path:
@@ -189,7 +206,8 @@ class Guard:
         strength = {"raises_on_none": 0, "not_none": 0, "given": 0, "plain_tensor": 2}
         strongest = {}
         for check in self.arguments:
-            key = (check.name, check.path, check.kind == "length")
+            # a length, a flag's value, a condition: each tested on its own
+            key = (check.name, check.path, "presence") if check.kind in strength else check
             kept = strongest.get(key)
             if kept is None or strength.get(check.kind, 0) > strength.get(kept.kind, 0):
                 strongest[key] = check
@@ -244,7 +262,7 @@ class Guard:
 
     def describe(self) -> List[str]:
         """The checks that a call the original accepts can fail (not those that keep an error an error)."""
-        return [check.describe() for check in self.arguments if check.kind != "raises_on_none"]
+        return [check.describe() for check in self.arguments if check.kind not in _KEEPS_AN_ERROR]
 
     @property
     def narrows(self) -> bool:
@@ -272,35 +290,58 @@ def root_and_path(node: fx.Node):
 
 
 class _Recorder:
-    """Collects argument checks while fx traces; installed as the tracer's ``recorder``."""
+    """Collects argument checks while fx traces; installed as the tracer's ``recorder``. ``decided``: the
+    nodes of conditions the trace decided (``_OneLevelTracer.to_bool``), which the graph then need not compute."""
 
     def __init__(self):
         self.checks: List[ArgumentCheck] = []
+        self.decided: List[fx.Node] = []
+        self.refused: Optional[BaseException] = None
+
+    def refuse(self, error: BaseException) -> BaseException:
+        """``error``, noted: the trace fails with it even where the forward catches it (fx's TraceError is a
+        ValueError: ``try: ... except ValueError:`` around a decision on a proxy would trace the handler)."""
+        if self.refused is None:
+            self.refused = error
+        return error
 
     def inspected(self, proxy: fx.Proxy, how: str, kind: str, length: int = -1) -> None:
         root, path = root_and_path(proxy.node)
         if root is None:
-            raise GuardError(f"forward calls {how} on a value it computed ({proxy.node.format_node()}): the trace "
-                             "can not say what that value will be")
+            raise self.refuse(GuardError(f"forward calls {how} on a value it computed ({proxy.node.format_node()}): "
+                                         "the trace can not say what that value will be"))
         self.checks.append(ArgumentCheck(root.target, path, kind, length, f"forward calls {how} on it"))
+
+
+def _current_instruction(frame) -> Tuple[list, int]:
+    """The instructions of ``frame``'s code and the index of the one it is executing."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    if sys.version_info >= (3, 11):
+        return instructions, bisect_left(instructions, frame.f_lasti, key=lambda i: i.offset)
+    return instructions, frame.f_lasti // 2
 
 
 class _RecordingProxy(fx.Proxy):
     def __iter__(self):
         # fx allows iteration only to unpack a fixed number of values (``a, b = arg``); that number is an
         # assumption about the argument. The calling frame's instruction says how many (as fx itself reads it).
-        caller = sys._getframe(1)
-        instructions = list(dis.get_instructions(caller.f_code))
-        if sys.version_info >= (3, 11):
-            index = bisect_left(instructions, caller.f_lasti, key=lambda i: i.offset)
-        else:
-            index = caller.f_lasti // 2
+        instructions, index = _current_instruction(sys._getframe(1))
         instruction = instructions[index]
         if instruction.opname == "UNPACK_SEQUENCE":
             if root_and_path(self.node)[0] is not None:
                 self.tracer.recorder.inspected(self, "unpacking", "length", instruction.argval)
             return (self[i] for i in range(instruction.argval))
-        return self.tracer.iter(self)
+        raise self.tracer.recorder.refuse(fx.proxy.TraceError("forward iterates over a traced value"))
+
+    # what needs the value itself (fx's own ``len`` raises too; noted, as in ``_Recorder.refuse``)
+    def __len__(self):
+        raise self.tracer.recorder.refuse(fx.proxy.TraceError("forward asks len() of a traced value"))
+
+    def __int__(self):
+        raise self.tracer.recorder.refuse(fx.proxy.TraceError("forward converts a traced value to int"))
+
+    def __float__(self):
+        raise self.tracer.recorder.refuse(fx.proxy.TraceError("forward converts a traced value to float"))
 
 
 def _introspecting_builtins(recorder: _Recorder):
@@ -342,8 +383,20 @@ def _introspecting_builtins(recorder: _Recorder):
             return True
         return builtins.isinstance(value, torch.Tensor)
 
-    return {"isinstance": _isinstance, "type": _type, "callable": _callable, "hasattr": _hasattr, "id": _id}, \
-        _is_tensor
+    def _zip(*iterables, **options):
+        # ``for hidden, layer in zip(argument, self.layers)``: the loop runs as many times as the container
+        # has entries (when the argument has as many: a check)
+        lengths = [len(it) for it in iterables if not isinstance(it, fx.Proxy) and builtins.hasattr(it, "__len__")]
+        if lengths and any(isinstance(it, fx.Proxy) for it in iterables):
+            count = min(lengths)
+            for it in iterables:
+                if isinstance(it, fx.Proxy):
+                    recorder.inspected(it, f"zip() with a container of {count}", "length", count)
+            iterables = [[it[i] for i in range(count)] if isinstance(it, fx.Proxy) else it for it in iterables]
+        return builtins.zip(*iterables, **options)
+
+    return {"isinstance": _isinstance, "type": _type, "callable": _callable, "hasattr": _hasattr, "id": _id,
+            "zip": _zip}, _is_tensor
 
 
 @contextlib.contextmanager
@@ -395,6 +448,94 @@ def _attribute_reads_recorded(module: nn.Module, checks: List[AttributeCheck]):
         module.__class__ = cls
 
 
+# -- conditions that only guard a raise -------------------------------------------------------------------------
+# the jumps of an ``if`` (3.10's and 3.12's names; 3.11 says FORWARD, and a loop's backward jump is no ``if``)
+_BRANCH_JUMPS = frozenset({"POP_JUMP_IF_FALSE", "POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
+                           "POP_JUMP_FORWARD_IF_TRUE"})
+# where a straight run of code may end without reaching its raise
+_LEAVES = ("JUMP", "RETURN", "YIELD", "FOR_ITER", "SEND", "END_FOR")
+# what a condition may read of its argument: metadata, known before any kernel runs, and free to ask again
+_METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "layout", "is_cuda"})
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
+_PURE_FUNCTIONS = frozenset({operator.getitem, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                             operator.ge, operator.not_, operator.and_, operator.or_, operator.add, operator.sub,
+                             operator.mul, operator.floordiv, operator.mod})
+
+
+def _side_without_raise(frame) -> Optional[bool]:
+    """For a ``bool()`` asked by an ``if`` in ``frame``: the truth value whose side does not raise, when
+    exactly one side is a straight run of code ending in ``raise`` (outside any ``try`` or ``with``, which
+    could catch it); else None."""
+    instructions, index = _current_instruction(frame)
+    if instructions[index].opname in ("TO_BOOL", "COMPARE_OP") and index + 1 < len(instructions):
+        index += 1  # 3.13 asks bool() in TO_BOOL (or a COMPARE_OP that converts); its jump follows
+    jump = instructions[index]
+    if jump.opname not in _BRANCH_JUMPS or index + 1 >= len(instructions):
+        return None
+    after = instructions[index + 1].offset
+    when_true, when_false = (after, jump.argval) if jump.opname.endswith("FALSE") else (jump.argval, after)
+    raises_if_true, raises_if_false = (_only_raises(frame.f_code, instructions, start)
+                                       for start in (when_true, when_false))
+    if raises_if_true == raises_if_false:
+        return None
+    return raises_if_false
+
+
+def _only_raises(code, instructions, start: int) -> bool:
+    """Whether the code from offset ``start`` runs straight into a ``raise`` that nothing in ``code`` catches."""
+    for instruction in instructions:
+        if instruction.offset < start:
+            continue
+        if instruction.opname == "RAISE_VARARGS":
+            if sys.version_info >= (3, 11):
+                return not any(entry.start <= instruction.offset < entry.end
+                               for entry in dis.Bytecode(code).exception_entries)
+            return not any(other.opname.startswith("SETUP_") for other in instructions)
+        if any(word in instruction.opname for word in _LEAVES):
+            return False
+    return False
+
+
+def _argument_program(node: fx.Node) -> Optional[Tuple[str, fx.GraphModule]]:
+    """(argument, program) when ``node`` is computed from one argument of the forward by reading only its
+    metadata (``_METADATA_ATTRIBUTES``, ``_METADATA_METHODS``) through pure operators: a program that
+    computes it again from that argument's value, before the graph runs. Else None."""
+    needed, pending = set(), [node]
+    while pending:
+        current = pending.pop()
+        if current in needed:
+            continue
+        if not (current.op == "placeholder"
+                or current.op == "call_method" and current.target in _METADATA_METHODS
+                or current.op == "call_function" and (current.target in _PURE_FUNCTIONS or current.target is getattr
+                                                      and current.args[1] in _METADATA_ATTRIBUTES)):
+            return None
+        needed.add(current)
+        pending.extend(current.all_input_nodes)
+    roots = [current for current in needed if current.op == "placeholder"]
+    if len(roots) != 1:
+        return None
+    program, copies = fx.Graph(), {}
+    for current in node.graph.nodes:
+        if current in needed:
+            copies[current] = program.node_copy(current, lambda value: copies[value])
+    program.output(copies[node])
+    return roots[0].target, fx.GraphModule(nn.Module(), program, "Condition")
+
+
+def _decided_removed(graph: fx.Graph, decided: List[fx.Node]) -> None:
+    """The nodes that computed only conditions the trace decided, out of the graph (they have no users)."""
+    needed, pending = set(), list(decided)
+    while pending:
+        current = pending.pop()
+        if current not in needed and current.op != "placeholder":
+            needed.add(current)
+            pending.extend(current.all_input_nodes)
+    for current in reversed(list(graph.nodes)):
+        if current in needed and not current.users:
+            graph.erase_node(current)
+
+
 # -- tracing ----------------------------------------------------------------------------------------------------
 class _OneLevelTracer(fx.Tracer):
     """Every submodule call stays a call site: only the traced module's own ``forward`` is recorded. The
@@ -410,6 +551,23 @@ class _OneLevelTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _RecordingProxy(node, self)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        # ``if x.shape[1] != self.channels: raise ValueError(...)``: the graph takes the side that does not
+        # raise, and the guard checks the condition on the argument (a call that fails it runs the original,
+        # which raises its own error). Any other decision on a traced value stays fx's TraceError.
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith("torch.fx"):
+            frame = frame.f_back
+        taken = _side_without_raise(frame) if frame is not None else None
+        program = _argument_program(obj.node) if taken is not None else None
+        if program is None:
+            raise self.recorder.refuse(fx.proxy.TraceError("forward takes a decision on a traced value"))
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+        self.recorder.checks.append(ArgumentCheck(program[0], (), "condition", value=(program[1], taken),
+                                                  why=f"`{line}` raises unless it is {taken}"))
+        self.recorder.decided.append(obj.node)
+        return taken
 
     def create_arg(self, a):
         # fx rebuilds a dict or a list of any subclass (Hugging Face's ModelOutput, an OrderedDict) as the plain
@@ -427,6 +585,14 @@ class _OneLevelTracer(fx.Tracer):
 
     # (A pickled fused forward is re-traced from its code when loaded: fx's generated code declares each
     # helper with ``torch.fx.wrap``, so that trace keeps it a call too.)
+
+
+def _traced(module: nn.Module, recorder: _Recorder, helpers=(), concrete_args=None) -> fx.Graph:
+    """One fx trace of ``module.forward``; a refusal the forward caught fails it all the same."""
+    graph = _OneLevelTracer(recorder, helpers).trace(module, concrete_args=concrete_args)
+    if recorder.refused is not None:
+        raise recorder.refused
+    return graph
 
 
 def fields_dict_name(value) -> Optional[str]:
@@ -586,9 +752,9 @@ def _none_dependent(module: nn.Module, graph: fx.Graph, forward, helpers=(), fla
             continue
         added = set()
         try:
-            with _builtins_recorded(forward, _Recorder()), _constants_removed(module, added):
-                variant = _OneLevelTracer(helpers=helpers).trace(module, concrete_args={**(flags or {}),
-                                                                                      parameter.name: None})
+            recorder = _Recorder()
+            with _builtins_recorded(forward, recorder), _constants_removed(module, added):
+                variant = _traced(module, recorder, helpers, {**(flags or {}), parameter.name: None})
             if not added and _canonical(variant) == _canonical(graph, as_none=parameter.name):
                 continue
             kind, why = "not_none", "forward computes something else when it is None"
@@ -650,7 +816,7 @@ def trace_one_level(module: nn.Module, training: bool) -> OneLevelTrace:
                 try:
                     with _builtins_recorded(forward, recorder), _attribute_reads_recorded(module, attributes), \
                             _constants_removed(module, added):
-                        graph = _OneLevelTracer(recorder, helpers).trace(module, concrete_args=flags)
+                        graph = _traced(module, recorder, helpers, flags)
                     break
                 except Exception as exc:  # noqa: BLE001 - retried for a helper function, or with the flags fixed
                     helper = helper_that_failed(exc, forward)
@@ -667,6 +833,7 @@ def trace_one_level(module: nn.Module, training: bool) -> OneLevelTrace:
                                         value=value) for name, value in (flags or {}).items()]
             if flags:
                 _flag_placeholders(graph, forward, flags)
+            _decided_removed(graph, recorder.decided)  # after _none_dependent: its variants still compute them
         finally:
             module.training = was
     # a container the graph calls as a whole (an nn.Sequential) is looked up at call time, entries and all
