@@ -302,21 +302,36 @@ def test_a_forward_returning_a_dataclass_dict_is_fused_and_returns_the_same_clas
 
 
 class NoneFlagLayer(nn.Module):
-    def __init__(self):
+    def __init__(self, optional_tensor=False):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.optional_tensor = optional_tensor
 
     def forward(self, x, verbose=None):
         out = F.relu(self.bn(self.conv(x)))
-        if verbose:  # a None default may as well be an optional tensor: not traced at its default
+        if self.optional_tensor:
+            if verbose is not None:  # traceable with a tensor given: the graph is that branch
+                out = out * verbose
+        elif verbose:  # a decision on a given value: traced only with the None default fixed
             out = out * 2
         return out
 
 
-def test_a_none_default_is_not_taken_for_a_flag():
-    model = nn.Sequential(NoneFlagLayer()).double()
+@pytest.mark.parametrize("optional_tensor", [False, True])
+def test_a_none_default_is_fixed_only_when_nothing_else_traces(optional_tensor):
+    """A None default is as often an optional tensor that real calls pass: fixed at None (every call with
+    something else then runs the original) only when the forward can not be traced otherwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(NoneFlagLayer(optional_tensor)).double()
     converted = _convert(model)
-    assert converted[0].bn.activation is None
-    assert any("could not trace" in note for note in converted.fusion_report.notes), converted.fusion_report.notes
+    layer, report = converted[0], converted.fusion_report
+    assert layer.bn.activation == "relu" and report.notes == []
+    guard = layer.forward.guard.describe()
+    assert any(line.startswith("verbose is None" if not optional_tensor else "verbose is not None") for line in guard)
     x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
-    assert torch.allclose(converted[0](x, True), model[0](x, True), rtol=1e-12, atol=1e-12)
+    given = True if not optional_tensor else torch.tensor(3.0, dtype=torch.float64)
+    for args in ((x,), (x, given)):
+        assert torch.allclose(layer(*args), model[0](*args), rtol=1e-12, atol=1e-12)
+    # verbose=True runs the original; with an optional tensor, the call without it runs a second fused graph
+    assert report.fallbacks == ({"0": 1} if not optional_tensor else {})
+    assert layer.forward.variants == () if not optional_tensor else len(layer.forward.variants) == 1

@@ -521,6 +521,44 @@ def test_zip_over_an_argument_and_a_container_is_unrolled_and_guarded():
     assert report.fallbacks == {"model": 2}
 
 
+class _OptionalScale(nn.Module):
+    """An optional argument the forward branches on; traced with it given (fx's proxy is not None)."""
+
+    def __init__(self, none_returns_bn):
+        super().__init__()
+        self.none_returns_bn = none_returns_bn
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, scale=None):
+        out = self.bn(x)
+        if scale is not None:
+            return F.relu(out) * scale
+        if self.none_returns_bn:  # without it the BN's own value is the result: no ReLU to fuse
+            return out
+        return F.relu(out) - 1
+
+
+@pytest.mark.parametrize("none_returns_bn", [False, True], ids=["same-fusion", "other-data-flow"])
+def test_calls_without_an_optional_argument_run_a_second_fused_graph_where_the_fusion_holds(none_returns_bn,
+                                                                                          tmp_path):
+    """The graph is traced with ``scale`` given; calls without it get a second graph, traced with it None,
+    with the same BN -> ReLU fusion replayed, when the BN's value goes to the same ReLU there. Where it does
+    not (the BN's value is returned), such calls run the original forward, unfused."""
+    torch.manual_seed(0)
+    original = _OptionalScale(none_returns_bn).double()
+    converted = _converted_quietly(copy.deepcopy(original))
+    report = converted.fusion_report
+    assert report.activation == 1 and converted.bn.activation == "relu"
+    assert len(converted.forward.variants) == (0 if none_returns_bn else 1)
+    x, scale = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (converted, _saved_and_loaded(converted, tmp_path)):
+            for args in ((x, scale), (x,), (x, None)):
+                torch.testing.assert_close(model(*args), original(*args), atol=1e-12, rtol=1e-12)
+    assert report.fallbacks == ({"model": 2} if none_returns_bn else {})
+
+
 class _NoneShortcut(nn.Module):
     """A residual computed inside the forward (a child's output): checked where the graph computes it."""
 

@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (50) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (51) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -203,6 +203,10 @@ MUTATIONS: List[Mutation] = [
              "    if recorder.refused is not None:\n        raise recorder.refused",
              "    if False:\n        raise recorder.refused", ("tests/test_models.py",),
              "a forward that catches fx's TraceError (a ValueError) is traced through its handler"),
+    Mutation("reach-variant-unreplayed", "triton_bn/convert.py",
+             "        if _fusions_replayed(graph, followers, taken):",
+             "        if _fusions_replayed(graph, followers, taken) or True:", ("tests/test_models.py",),
+             "a second graph (an optional argument None) is used where its data flow does not take the fused ReLU"),
 ]
 
 

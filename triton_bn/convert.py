@@ -495,6 +495,8 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
     children = dict(module.named_children())
     own_calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     rewrite, activation_owners, taken = False, [], {}
+    followers = {}  # BN path -> what followed it and is now fused: for replaying on another graph
+    inlined_any = residual_fused = False
     inlined = True
     while inlined and traces is not None:  # a child's tail BN, then a grandchild's in what was inlined, ...
         inlined, served = False, set()
@@ -506,7 +508,7 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
             if inner is not None:
                 served.add(next(iter(node.users)))
                 guard = guard.merged(attributes=inline_call(graph, node, inner, module))
-                inlined = rewrite = True
+                inlined = rewrite = inlined_any = True
         children.update({node.target: module.get_submodule(node.target) for node in graph.nodes
                          if node.op == "call_module" and node.target not in children})
     for node in list(graph.nodes):
@@ -523,7 +525,9 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
             if user.op == "call_module" and counts[id(children[user.target])] == 1:
                 taken[user.target] = children[user.target]
                 set_module(module, user.target, nn.Identity())  # the graph's call now passes through
+                followers[node.target] = ("call_module", user.target, (), {})
             else:
+                followers[node.target] = (user.op, user.target, user.args[1:], dict(user.kwargs))
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
                 rewrite = True
@@ -553,7 +557,7 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
             tail.replace_all_uses_with(fused)
             for dead in ([after] if tail is after else []) + [user, node]:
                 graph.erase_node(dead)
-            rewrite = True
+            rewrite = residual_fused = True
             report.residual += 1
     called = {node.target for node in graph.nodes if node.op == "call_module"}
     for name, child in module.named_children():  # activations nothing calls any more: show that they do nothing
@@ -565,13 +569,67 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
         return  # the module's own forward, with the children changed above, computes the fused result
     graph.lint()
     previous = running_graph(module)  # converted twice: keep what the first conversion undoes
+    variants = []
     if previous is not None:
         activation_owners = list(previous.activation_owners) + activation_owners
         taken = {**taken, **previous.taken}
+    elif not (inlined_any or residual_fused):
+        variants = _variants_for_none(module, guard, followers, taken)
     if guard.describe():
-        report.guarded[path or "model"] = guard.describe()
-    forward = TracedForward(module, graph, guard, path, report, activation_owners, taken)
+        report.guarded[path or "model"] = guard.describe() + [
+            f"else a second fused graph, for: {'; '.join(variant_guard.describe())}" for _, variant_guard in variants]
+    forward = TracedForward(module, graph, guard, path, report, activation_owners, taken, variants)
     object.__setattr__(module, "forward", forward)  # not a submodule: bypass nn.Module
+
+
+def _variants_for_none(module: nn.Module, guard, followers: Dict[str, tuple], taken: Dict[str, nn.Module]):
+    """[(graph, guard)]: for each argument the fused graph needs given ("not_none": ViTPose's head is
+    traced with ``flip_pairs``, and called without), the forward traced again with it None, its BN ->
+    activation fusions replayed: each BN in ``followers`` called at most once, its value going only to
+    what followed it in the first graph (a taken activation module, an Identity now, or the same
+    function, erased here), and no taken module called anywhere else. The children were changed for the
+    first graph: a variant whose data flow differs there would compute something else, so it is dropped
+    (such calls run the original, as before). Only for a module whose fusions are all BN -> activation."""
+    fixed = {check.name: check.value for check in guard.arguments if check.kind == "equals"}
+    variants = []
+    for check in guard.arguments:
+        if check.kind != "not_none" or check.path:
+            continue
+        try:
+            traced = [trace_one_level(module, mode, {**fixed, check.name: None}) for mode in (True, False)]
+        except Exception:  # noqa: BLE001 - the None branch does not trace: such calls run the original
+            continue
+        if traced[1].graph.python_code("self").src != traced[0].graph.python_code("self").src:
+            continue
+        graph = traced[0].graph
+        if _fusions_replayed(graph, followers, taken):
+            variants.append((graph, traced[0].guard.merged(traced[1].guard.arguments, traced[1].guard.attributes)))
+    return variants
+
+
+def _fusions_replayed(graph: fx.Graph, followers: Dict[str, tuple], taken: Dict[str, nn.Module]) -> bool:
+    """Whether ``graph`` passes each fused BN's value only to what followed it in the fused graph; if so,
+    the functions that followed are erased (the BN applies them now)."""
+    matched = Counter()
+    for target, (op, follower, rest, kwargs) in followers.items():
+        calls = [node for node in graph.nodes if node.op == "call_module" and node.target == target]
+        if not calls:
+            continue  # not called for these calls: nothing fused to replay
+        node = calls[0]
+        if len(calls) > 1 or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
+            return False
+        user = next(iter(node.users))
+        if (user.op, user.target) != (op, follower) or not user.args or user.args[0] is not node:
+            return False
+        if op == "call_module" and follower in taken:
+            matched[follower] += 1
+        elif tuple(user.args[1:]) == tuple(rest) and dict(user.kwargs) == kwargs:
+            user.replace_all_uses_with(node)
+            graph.erase_node(user)
+        else:
+            return False
+    called = Counter(node.target for node in graph.nodes if node.op == "call_module" and node.target in taken)
+    return called == matched
 
 
 def convert_model(module: nn.Module, fuse_activations: bool = True, *, inplace: bool = False) -> nn.Module:

@@ -561,9 +561,9 @@ class _OneLevelTracer(fx.Tracer):
             frame = frame.f_back
         taken = _side_without_raise(frame) if frame is not None else None
         program = _argument_program(obj.node) if taken is not None else None
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip() if frame is not None else "?"
         if program is None:
-            raise self.recorder.refuse(fx.proxy.TraceError("forward takes a decision on a traced value"))
-        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            raise self.recorder.refuse(fx.proxy.TraceError(f"forward takes a decision on a traced value: `{line}`"))
         self.recorder.checks.append(ArgumentCheck(program[0], (), "condition", value=(program[1], taken),
                                                   why=f"`{line}` raises unless it is {taken}"))
         self.recorder.decided.append(obj.node)
@@ -767,16 +767,18 @@ def _none_dependent(module: nn.Module, graph: fx.Graph, forward, helpers=(), fla
 _tracing = threading.Lock()  # the builtins are replaced in a module namespace while one forward is traced
 
 
-def _flags(forward) -> Dict[str, Any]:
+def _flags(forward, with_none: bool = False) -> Dict[str, Any]:
     """``forward``'s parameters whose default is a flag (a bool, an int or a string): Hugging Face's
     ``output_hidden_states=False``, ``return_dict=True``. When fx can not trace a forward that branches on
     one, it is traced again with every flag at its default (fx's ``concrete_args``), and the guard sends
-    a call with any other value to the module's own forward. Not a None default: that is as often an
-    optional tensor that real calls pass (``attention_mask=None``), and every such call would run unfused."""
+    a call with any other value to the module's own forward. A None default counts only ``with_none``, the
+    last try: that is as often an optional tensor that real calls pass (``attention_mask=None``), whose
+    every call would then run unfused; but where the branch for a given one can not be traced at all
+    (ViTPose's head: ``flip_pairs``; Parakeet's conv module: ``attention_mask``), the calls without it fuse."""
     flags = {}
     for parameter in list(inspect.signature(forward).parameters.values())[1:]:
         if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) \
-                and type(parameter.default) in (bool, int, str):
+                and (type(parameter.default) in (bool, int, str) or with_none and parameter.default is None):
             flags[parameter.name] = parameter.default
     return flags
 
@@ -784,7 +786,13 @@ def _flags(forward) -> Dict[str, Any]:
 def _flag_placeholders(graph: fx.Graph, forward, flags: Dict[str, Any]) -> None:
     """fx leaves a parameter given in ``concrete_args`` out of the graph's signature: put each flag back, in
     its place and with its default, so the fused forward takes every call the original takes (unused: the
-    guard checked its value)."""
+    guard checked its value). A None fx keeps as a placeholder of another name (``flip_pairs_1``) with an
+    assertion that it is None: both go, the parameter's own placeholder comes back in their place."""
+    for node in [node for node in graph.nodes if _assert_is_none_node(node)]:
+        placeholder = node.args[0]
+        graph.erase_node(node)
+        if isinstance(placeholder, fx.Node) and placeholder.op == "placeholder" and not placeholder.users:
+            graph.erase_node(placeholder)
     present = {node.target: node for node in graph.nodes if node.op == "placeholder"}
     after = None
     for parameter in list(inspect.signature(forward).parameters.values())[1:]:
@@ -800,14 +808,18 @@ def _flag_placeholders(graph: fx.Graph, forward, flags: Dict[str, Any]) -> None:
             after = graph.placeholder(name, default_value=flags[name])
 
 
-def trace_one_level(module: nn.Module, training: bool) -> OneLevelTrace:
+def trace_one_level(module: nn.Module, training: bool, fixed: Optional[Dict[str, Any]] = None) -> OneLevelTrace:
     """fx graph of ``module.forward`` with ``module.training`` set to ``training`` (its children's flags
     are not touched: they are leaves), and the guard of everything the graph assumed. A graph that needs a
     tensor constant fx attached to the module raises (it could not run against the module itself). A
     helper function that can not be traced through becomes one call in the graph (``helper_that_failed``;
-    up to ``HELPER_LIMIT`` of them), the trace is tried again."""
+    up to ``HELPER_LIMIT`` of them), the trace is tried again; then with the flags at their defaults
+    (``_flags``). ``fixed``: arguments traced at these values (the guard checks each call has them)."""
     forward = type(module).forward
-    was, helpers, flags = module.training, [], None
+    fixed = dict(fixed or {})
+    # what the arguments are traced with, try after try: what is fixed, then the flags, then the None defaults
+    stages = [fixed, {**_flags(forward), **fixed}, {**_flags(forward, with_none=True), **fixed}]
+    was, helpers, flags = module.training, [], fixed or None
     with _tracing:
         module.training = training
         try:
@@ -820,17 +832,19 @@ def trace_one_level(module: nn.Module, training: bool) -> OneLevelTrace:
                     break
                 except Exception as exc:  # noqa: BLE001 - retried for a helper function, or with the flags fixed
                     helper = helper_that_failed(exc, forward)
+                    larger = next((stage for stage in stages if len(stage) > len(flags or {})), None)
                     if helper is not None and helper not in helpers and len(helpers) < HELPER_LIMIT:
                         helpers.append(helper)
-                    elif flags is None and _flags(forward):
-                        flags = _flags(forward)
+                    elif larger is not None:
+                        flags = larger
                     else:
                         raise
             if added:
                 raise RuntimeError(f"forward creates tensor constants ({', '.join(sorted(added))})")
             arguments = recorder.checks + _none_dependent(module, graph, forward, helpers, flags)
-            arguments += [ArgumentCheck(name, (), "equals", why="the trace took the branches of its default",
-                                        value=value) for name, value in (flags or {}).items()]
+            arguments += [ArgumentCheck(name, (), "equals", value=value,
+                                        why="traced so" if name in fixed else "the trace took the branches of its default")
+                          for name, value in (flags or {}).items()]
             if flags:
                 _flag_placeholders(graph, forward, flags)
             _decided_removed(graph, recorder.decided)  # after _none_dependent: its variants still compute them
@@ -914,23 +928,20 @@ class TracedForward:
     code-only GraphModule whose attributes are empty stand-ins, so it holds no reference to the model's
     tensors; it pickles and deep-copies as GraphModules do.
 
-    A call the guard rejects runs the class ``forward`` against a per-call twin of the module whose
-    children are unfused: each BN named in ``activation_owners`` without its activation (a twin sharing
-    its parameters, buffers and hooks), and each activation module in ``taken`` (name -> the original
-    module, now an ``nn.Identity`` in the model) back in place."""
+    A call the guard rejects runs the first of ``variants`` (fused graphs of the same forward traced for
+    other calls, each with its own guard: ``convert._variant_for_none``) whose guard holds, and otherwise
+    the class ``forward`` against a per-call twin of the module whose children are unfused: each BN named
+    in ``activation_owners`` without its activation (a twin sharing its parameters, buffers and hooks), and
+    each activation module in ``taken`` (name -> the original module, now an ``nn.Identity`` in the model)
+    back in place."""
 
     def __init__(self, owner: nn.Module, graph: fx.Graph, guard: Guard, path: str = "", report=None,
-                 activation_owners=(), taken=None):
-        stand_ins = nn.Module()
-        called = [node.target for node in graph.nodes if node.op == "call_module"]
-        for target in called:  # before the attributes: a module the graph calls may also be handed on as a value
-            _set_path(stand_ins, target, nn.Module())
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                module = isinstance(attribute_at(owner, node.target), nn.Module)
-                _set_path(stand_ins, node.target, nn.Module() if module else torch.empty(0))
+                 activation_owners=(), taken=None, variants=()):
         self.owner = owner
-        self.code = fx.GraphModule(stand_ins, graph, type(owner).__name__ + "Fused")
+        self.code = _code_only(owner, graph, type(owner).__name__ + "Fused")
+        # (guard, code) of other fused graphs, each for calls the first one's guard rejects (``with_none``)
+        self.variants = tuple((variant_guard, _code_only(owner, variant_graph, type(owner).__name__ + "FusedVariant"))
+                              for variant_graph, variant_guard in variants)
         self.guard = guard
         self.checked = guard if guard else None  # None: nothing to check per call
         self.path, self.report = path or "model", report
@@ -956,6 +967,9 @@ class TracedForward:
         if self.checked is not None:
             reason = self.checked.violation(self.owner, args, kwargs)
             if reason is not None:
+                for guard, code in self.variants:
+                    if guard.violation(self.owner, args, kwargs) is None:
+                        return type(code).forward(self.owner, *args, **kwargs)
                 return self.unfused(reason, args, kwargs)
         return type(self.code).forward(self.owner, *args, **kwargs)
 
@@ -991,6 +1005,19 @@ class TracedForward:
         its own) whose class forward computes the original's: ``undone()`` in place, down dotted paths
         through twins of the modules on the way (each with its own fused forward undone too)."""
         return _twin(self.owner, self.undone())
+
+
+def _code_only(owner: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+    """``graph``'s generated code in a GraphModule whose attributes are empty stand-ins for ``owner``'s."""
+    stand_ins = nn.Module()
+    called = [node.target for node in graph.nodes if node.op == "call_module"]
+    for target in called:  # before the attributes: a module the graph calls may also be handed on as a value
+        _set_path(stand_ins, target, nn.Module())
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            module = isinstance(attribute_at(owner, node.target), nn.Module)
+            _set_path(stand_ins, node.target, nn.Module() if module else torch.empty(0))
+    return fx.GraphModule(stand_ins, graph, name)
 
 
 def _twin(module: nn.Module, replacements: Dict[str, nn.Module]) -> nn.Module:
