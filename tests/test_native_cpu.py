@@ -5,6 +5,9 @@ float64 PyTorch: every activation, fp32 / bf16 / fp16 / float64, every channels-
 layout, the residual, the statistics at a large mean, the backward with batch and with running
 statistics, and results independent of the thread count. (The whole semantic suite also runs on this
 path: ``test_robust.py::test_the_semantic_tests_pass_on_the_pure_pytorch_path``.)"""
+import os
+import re
+
 import pytest
 import torch
 
@@ -14,6 +17,8 @@ from triton_bn.activations import ACTIVATION_IDS, torch_activation
 
 from conftest import TOLERANCES
 from helpers import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ACTIVATIONS = [name for name in ACTIVATION_IDS]
 
@@ -546,6 +551,31 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern(layout, dtype):
     assert torch.equal(torch.isnan(y), nan)
     if dtype == torch.bfloat16:
         assert torch.equal(y[nan].view(torch.int16), torch.nn.functional.silu(x)[nan].view(torch.int16))
+
+
+def test_the_kernels_run_on_an_emulated_arm_cpu():
+    """tools/check_aarch64.py --run: the kernels built for aarch64 (NEON, Sleef) and run under qemu-aarch64,
+    every entry point against ATen's float64 reference in the same process (tools/arm_harness.cpp). Needs the
+    cross compiler, qemu-user and torch's aarch64 wheel already downloaded (the script fetches it; a test does
+    not): skipped, saying which, where one is missing (CI's machine has none of them)."""
+    import shutil
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import check_aarch64
+    wheel = os.path.join(os.path.expanduser("~"), ".cache", "triton_bn", "torch-aarch64",
+                         f"{torch.__version__.split('+')[0]}-aarch64", "torch", "lib")
+    for need, present in ((check_aarch64.CROSS, shutil.which(check_aarch64.CROSS)),
+                          (check_aarch64.QEMU, shutil.which(check_aarch64.QEMU)),
+                          ("torch's aarch64 wheel (python tools/check_aarch64.py downloads it)", os.path.isdir(wheel))):
+        if not present:
+            pytest.skip(f"needs {need}")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "check_aarch64.py"), "--run"],
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert re.search(r"activation vectors of 4 fp32 / 2 double lanes", done.stdout), done.stdout[-2000:]
+    checks = re.search(r"(\d+) of (\d+) checks within tolerance", done.stdout)
+    assert checks and checks.group(1) == checks.group(2) and int(checks.group(2)) >= 1000, done.stdout[-2000:]
 
 
 def test_compile_flags_per_machine_and_isa():

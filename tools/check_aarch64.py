@@ -10,8 +10,18 @@ with the flags native_cpu.py gives an aarch64 build (``-march=armv8-a`` for ``-m
 vector instructions the kernels hold, and links the objects against the wheel's libraries with every symbol
 resolved (``-Wl,--no-undefined``): the Sleef functions ATen's NEON code calls must be exported there.
 
+With ``--run`` it also runs them, emulated: ``tools/arm_harness.cpp`` (every kernel entry point through
+PyTorch's dispatcher against float64 references ATen computes in the same process: every dtype, NCHW,
+channels_last and [N, C], every activation, a residual, the backward) is linked with the kernels' objects and
+the wheel's libraries and run under ``qemu-aarch64`` (Debian's ``qemu-user``). The wheel is PyPI's, a CUDA
+build: the two CUDA libraries its libtorch_cpu names (libcudart, libcupti) are replaced by stubs that say
+"no device", and qemu's path prefix gives the program an Arm ``/proc/cpuinfo`` and ``MIDR_EL1`` (oneDNN and
+cpuinfo read them while the library loads; they find the x86 host's otherwise and crash).
+
     python tools/check_aarch64.py            # needs aarch64-linux-gnu-g++ and the package index
-Exit status 0 when everything asked for succeeded, 1 on a failure, 2 when no cross compiler is installed.
+    python tools/check_aarch64.py --run      # and qemu-aarch64: runs tools/arm_harness.cpp, emulated
+Exit status 0 when everything asked for succeeded, 1 on a failure, 2 when no cross compiler (or, with
+``--run``, no qemu-aarch64) is installed.
 """
 import argparse
 import concurrent.futures
@@ -33,6 +43,14 @@ from triton_bn.backends import native_cpu  # noqa: E402
 
 CROSS = os.environ.get("AARCH64_CXX", "aarch64-linux-gnu-g++")
 TARGET = "armv8-a"  # what every 64-bit Arm CPU runs (NEON is part of it)
+QEMU = os.environ.get("AARCH64_QEMU", "qemu-aarch64")
+SYSROOT = os.environ.get("AARCH64_SYSROOT", "/usr/aarch64-linux-gnu")  # Debian's cross libc (libc6-arm64-cross)
+HARNESS = os.path.join(ROOT, "tools", "arm_harness.cpp")
+# an Arm Neoverse N1 as Linux describes it: what the emulated program reads for /proc/cpuinfo and MIDR_EL1
+CPUINFO = ("processor\t: {n}\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics "
+           "fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+           "CPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n")
+MIDR = "0x00000000413fd0c1\n"
 
 
 def aarch64_wheel(cache: str) -> str:
@@ -55,12 +73,77 @@ def aarch64_wheel(cache: str) -> str:
     return folder
 
 
+def stub_missing_libraries(lib: str, workdir: str) -> str:
+    """A folder of stand-ins for the libraries libtorch_cpu.so names that neither the wheel nor the cross libc
+    has (the CUDA runtime and CUPTI of a CUDA build): each defines, under the version its symbols ask for, the
+    functions libtorch_cpu calls, answering "no device" (cudaErrorNoDevice, 100; zero devices)."""
+    stubs = os.path.join(workdir, "stubs")
+    os.makedirs(stubs, exist_ok=True)
+    readelf, nm = CROSS.replace("g++", "readelf"), CROSS.replace("g++", "nm")
+    dynamic = subprocess.run([readelf, "-d", os.path.join(lib, "libtorch_cpu.so")], capture_output=True, text=True).stdout
+    needed = re.findall(r"\(NEEDED\).*\[(.+?)\]", dynamic)
+    missing = [name for name in needed if not os.path.exists(os.path.join(lib, name))
+               and not os.path.exists(os.path.join(SYSROOT, "lib", name))]
+    undefined = subprocess.run([nm, "-D", "--undefined-only", os.path.join(lib, "libtorch_cpu.so")],
+                               capture_output=True, text=True).stdout.split()
+    for name in missing:
+        symbols = sorted({entry.split("@")[0] for entry in undefined if entry.endswith("@" + name)})
+        source = os.path.join(stubs, name + ".c")
+        with open(source, "w") as out:
+            for symbol in symbols:
+                out.write(f"int {symbol}(int* count) {{ *count = 0; return 100; }}\n" if symbol == "cudaGetDeviceCount"
+                          else f"int {symbol}(void) {{ return 100; }}\n")
+        with open(source + ".map", "w") as out:
+            out.write(f"{name} {{\n global:\n" + "".join(f"  {symbol};\n" for symbol in symbols) + " local: *;\n};\n")
+        subprocess.run([CROSS.replace("g++", "gcc"), "-shared", "-fPIC", source, "-o", os.path.join(stubs, name),
+                        f"-Wl,-soname,{name}", f"-Wl,--version-script={source}.map"], check=True)
+    print(f"aarch64: stand-ins for {', '.join(missing) or 'nothing'} (libraries of torch's CUDA build)", flush=True)
+    return stubs
+
+
+def emulated_root(workdir: str) -> str:
+    """qemu's path prefix: the cross libc's libraries, an Arm /proc/cpuinfo and each CPU's MIDR_EL1."""
+    root = os.path.join(workdir, "root")
+    os.makedirs(os.path.join(root, "proc"), exist_ok=True)
+    os.symlink(os.path.join(SYSROOT, "lib"), os.path.join(root, "lib"))
+    cpus = 2
+    with open(os.path.join(root, "proc", "cpuinfo"), "w") as out:
+        out.write("".join(CPUINFO.format(n=n) for n in range(cpus)))
+    for n in range(cpus):
+        folder = os.path.join(root, "sys", "devices", "system", "cpu", f"cpu{n}", "regs", "identification")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "midr_el1"), "w") as out:
+            out.write(MIDR)
+    return root
+
+
+def run_emulated(flags, objects, lib: str, workdir: str) -> int:
+    """tools/arm_harness.cpp linked with the kernels' objects, run under qemu-aarch64: its exit status."""
+    stubs = stub_missing_libraries(lib, workdir)
+    program = os.path.join(workdir, "arm_harness")
+    proc = subprocess.run([CROSS, *flags, HARNESS, *objects, "-fopenmp", f"-L{lib}", f"-L{stubs}", "-lc10",
+                           "-ltorch_cpu", f"-Wl,-rpath-link,{lib}", f"-Wl,-rpath-link,{stubs}", "-o", program],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        print("aarch64: building tools/arm_harness.cpp FAILED\n" + proc.stderr[-3000:])
+        return 1
+    environment = dict(os.environ, QEMU_LD_PREFIX=emulated_root(workdir), LD_LIBRARY_PATH=f"{lib}:{stubs}",
+                       QEMU_CPU="max")
+    print(f"aarch64: running tools/arm_harness.cpp under {QEMU} (a few minutes) ...", flush=True)
+    return subprocess.run([QEMU, program], env=environment).returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "triton_bn", "torch-aarch64"))
+    parser.add_argument("--run", action="store_true", help="also run the kernels under qemu-aarch64 "
+                        "(tools/arm_harness.cpp)")
     args = parser.parse_args()
     if shutil.which(CROSS) is None:
         print(f"no {CROSS} here (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu; or set AARCH64_CXX)")
+        return 2
+    if args.run and shutil.which(QEMU) is None:
+        print(f"no {QEMU} here (Debian/Ubuntu: apt-get install qemu-user; or set AARCH64_QEMU)")
         return 2
     wheel = aarch64_wheel(args.cache)
     installed = os.path.join(os.path.dirname(torch.__file__), "include")
@@ -107,6 +190,8 @@ def main() -> int:
         sleef = sorted({line.split()[-1] for line in undefined.splitlines() if "Sleef_" in line})
         print(f"aarch64: linked against {lib} with no undefined symbol; Sleef functions it calls: "
               f"{', '.join(sleef) if sleef else 'none'}")
+        if args.run:
+            return 0 if run_emulated(flags, objects, lib, workdir) == 0 else 1
     return 0
 
 
