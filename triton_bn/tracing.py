@@ -98,10 +98,11 @@ class ArgumentCheck(NamedTuple):
                 return value is expected or (type(value) is type(expected) and value == expected)
         elif kind == "condition":
             program, taken = self.value
+            run = program.forward  # its code alone: nn.Module's __call__ costs 3 us a call, the code 0.5
 
             def test(value):
                 try:
-                    return bool(program(value)) is taken
+                    return bool(run(value)) is taken
                 except Exception:  # noqa: BLE001 - the original raises there too; let it, with its own error
                     return False
         else:
