@@ -253,25 +253,50 @@ def _converted_quietly(model):
         return triton_bn.convert_model(model)
 
 
-def test_calls_the_trace_does_not_stand_for_run_unfused_counted_and_warned():
+def test_calls_without_the_traced_argument_run_a_second_fused_graph():
     """The DLA pattern: tree2 is called with shortcut=None, which its fused graph (traced with a shortcut)
-    does not stand for; the call runs the block's own forward, is counted, and warned about once."""
+    does not stand for; a second graph, traced with shortcut=None (``shortcut = x``), has the same BN + add +
+    ReLU made one call with x as the residual, and serves those calls: no fallback."""
     from zoo import TreeLike
     torch.manual_seed(0)
     original = TreeLike().double()
     converted = triton_bn.convert_model(copy.deepcopy(original))
     report = converted.fusion_report
     assert report.guarded["tree2"][0].startswith("shortcut is not None") and not report.fallbacks
+    assert report.guarded["tree2"][-1].startswith("else a second fused graph, for: shortcut is None")
+    (variant_guard, variant), = converted.tree2.forward.variants
+    fused_calls = [node for node in variant.graph.nodes if node.op == "call_module" and node.kwargs.get("residual")]
+    assert [node.target for node in fused_calls] == ["bn2"]
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="tree2 ran its own forward, unfused, because shortcut is not None"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, so no warning
+        for training in (True, False):
+            converted.train(training), original.train(training)
+            torch.testing.assert_close(converted(x), original(x), atol=1e-12, rtol=1e-12)
+    assert report.fallbacks == {}
+    assert converted.tree2.bn2.activation == "relu" and isinstance(converted.tree2.relu, nn.Identity)
+
+
+def test_calls_the_trace_does_not_stand_for_run_unfused_counted_and_warned():
+    """A call without ``scale``, whose None branch returns the BN's own value (no second graph can replay the
+    fused ReLU there): it runs the module's own forward, is counted, and warned about once."""
+    torch.manual_seed(0)
+    original = _OptionalScale(none_returns_bn=True).double()
+    converted = triton_bn.convert_model(copy.deepcopy(original))
+    report = converted.fusion_report
+    assert report.guarded["model"][0].startswith("scale is not None") and not report.fallbacks
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="model ran its own forward, unfused, because scale is not None"):
         out = converted(x)
     torch.testing.assert_close(out, original(x), atol=1e-12, rtol=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per module
         converted(x)
-    assert report.fallbacks == {"tree2": 2}
+    assert report.fallbacks == {"model": 2}
     # the fused path still serves the calls it stands for, with the fusions in place
-    assert converted.tree1.bn2.activation == "relu" and isinstance(converted.tree1.relu, nn.Identity)
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    torch.testing.assert_close(converted(x, scale), original(x, scale), atol=1e-12, rtol=1e-12)
+    assert report.fallbacks == {"model": 2} and converted.bn.activation == "relu"
 
 
 @pytest.mark.parametrize("name", GUARDED)
@@ -396,16 +421,59 @@ class _TypeTests(nn.Module):
 
 @pytest.mark.parametrize("how", ["isinstance", "type", "is_tensor"])
 def test_type_tests_on_arguments_are_guarded(how):
-    """fx's proxy is no tensor: the graph for a tensor is traced by answering as for one, and a call with
-    anything else (here a pair) runs the module's own forward."""
+    """fx's proxy is no tensor: the graph for a tensor is traced by answering as for one. A second graph is
+    traced with the argument as a value that is no tensor where the forward only asks isinstance or
+    torch.is_tensor with tensor classes (then the answer is known: False); it serves the calls with a pair. A
+    forward that asks type() gets no second graph (no trace can say what type a value that is no tensor has):
+    those calls run the module's own forward."""
     torch.manual_seed(0)
     original = _TypeTests(how).double()
     converted = _converted_quietly(copy.deepcopy(original))
     assert converted.fusion_report.activation == 1 and "is a torch.Tensor" in converted.fusion_report.guarded["model"][0]
+    second = how != "type"
+    assert len(converted.forward.variants) == (1 if second else 0)
+    if second:
+        assert converted.fusion_report.guarded["model"][-1].startswith(
+            "else a second fused graph, for: x is not a torch.Tensor")
     x, y = torch.randn(2, 2, 4, 3, 3, dtype=torch.float64)
     for args in ((x,), ([x, y],), ((x, y),)):
         torch.testing.assert_close(converted(*args), original(*args), atol=1e-12, rtol=1e-12)
-    assert converted.fusion_report.fallbacks == {"model": 2}
+    assert converted.fusion_report.fallbacks == ({} if second else {"model": 2})
+    # a Parameter is a tensor, but not a plain one: neither graph stands for it, the original's forward runs
+    # (with type(), which tells it from a plain tensor, to the original's error)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if second:
+            torch.testing.assert_close(converted(nn.Parameter(x)), original(nn.Parameter(x)), atol=1e-12, rtol=1e-12)
+        else:
+            for model in (original, converted):
+                with pytest.raises(ValueError, match="expected 4D input"):
+                    model(nn.Parameter(x))
+    assert converted.fusion_report.fallbacks == ({"model": 1} if second else {"model": 3})
+
+
+def test_torchvisions_dense_layers_called_with_lists_run_fused():
+    """torchvision's DenseNet calls each ``_DenseLayer`` with the list of earlier feature maps; the fused graph
+    is traced for a tensor (``isinstance(input, Tensor)``), and the list calls take the second graph (input no
+    tensor: ``torch.cat(input, 1)`` on it as it comes): every BN -> ReLU fused there too, no call unfused."""
+    from zoo import ListFedDenseBlock
+    torch.manual_seed(0)
+    original = ListFedDenseBlock(3, 4, 2).double()
+    converted = triton_bn.convert_model(copy.deepcopy(original))
+    assert converted.fusion_report.activation == 6
+    for layer in converted.values():
+        assert layer.norm1.activation == layer.norm2.activation == "relu" and len(layer.forward.variants) == 1
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for training in (True, False):
+            converted.train(training), original.train(training)
+            torch.testing.assert_close(converted(x), original(x), atol=1e-12, rtol=1e-12)
+        # and a layer called with a tensor takes the first graph
+        torch.testing.assert_close(converted.denselayer1(x), original.denselayer1(x), atol=1e-12, rtol=1e-12)
+    assert converted.fusion_report.fallbacks == {}
+    coverage = triton_bn.fusion_coverage(original, converted, x)
+    assert len(coverage.fused_activation) == len(coverage.feeds_activation) == 6
 
 
 class _InspectsItsOwnValue(nn.Module):

@@ -481,3 +481,42 @@ class ShapeChecked(nn.Module):
             if not x.ndim == 4:
                 raise TypeError("4-d only")
         return self.act(self.bn(self.conv(x)))
+
+
+class ListFedDenseLayer(nn.Module):
+    """torchvision's ``_DenseLayer`` idiom: a tensor or a list of earlier feature maps (told apart by
+    ``isinstance``), concatenated by a method, a checkpointing branch behind a flag, dropout behind a rate;
+    torchvision's ``_DenseBlock`` calls every layer with the list."""
+
+    def __init__(self, cin, growth, memory_efficient=False):
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(2 * growth), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+        self.drop_rate, self.memory_efficient = 0.0, memory_efficient
+
+    def bottleneck(self, inputs):
+        return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+
+    def forward(self, input):
+        features = [input] if isinstance(input, torch.Tensor) else input
+        if self.memory_efficient and any(f.requires_grad for f in features):
+            raise NotImplementedError("checkpointing is not modelled here")
+        out = self.conv2(self.relu2(self.norm2(self.bottleneck(features))))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+
+class ListFedDenseBlock(nn.ModuleDict):
+    def __init__(self, layers, cin, growth):
+        super().__init__()
+        for i in range(layers):
+            self.add_module(f"denselayer{i + 1}", ListFedDenseLayer(cin + i * growth, growth))
+
+    def forward(self, init_features):
+        features = [init_features]
+        for _, layer in self.items():
+            features.append(layer(features))
+        return torch.cat(features, 1)

@@ -496,7 +496,7 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
     own_calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     rewrite, activation_owners, taken = False, [], {}
     followers = {}  # BN path -> what followed it and is now fused: for replaying on another graph
-    inlined_any = residual_fused = False
+    inlined_any = False
     inlined = True
     while inlined and traces is not None:  # a child's tail BN, then a grandchild's in what was inlined, ...
         inlined, served = False, set()
@@ -525,9 +525,9 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
             if user.op == "call_module" and counts[id(children[user.target])] == 1:
                 taken[user.target] = children[user.target]
                 set_module(module, user.target, nn.Identity())  # the graph's call now passes through
-                followers[node.target] = ("call_module", user.target, (), {})
+                followers[node.target] = ("taken", user.target)
             else:
-                followers[node.target] = (user.op, user.target, user.args[1:], dict(user.kwargs))
+                followers[node.target] = ("erased", _call_of(user))
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
                 rewrite = True
@@ -537,27 +537,18 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
             # a parameter or buffer operand broadcasts: only an operand shaped like the BN output is fused
             if not isinstance(other, fx.Node) or other is node or other.op == "get_attr":
                 continue
-            tail = user
             after = next(iter(user.users)) if len(user.users) == 1 else None
             act = _activation_of_node(after, children) if after is not None else None
             if act is not None and after.args[0] is user:
                 bn.activation, bn.negative_slope = act
                 activation_owners.append(node.target)
-                tail = after
-            argument, indices = root_and_path(other)
-            if argument is not None:  # checked before the graph runs: a call with anything else runs unfused
-                guard = guard.merged([ArgumentCheck(argument.target, indices, "given",
-                                                    why=f"fused as the residual of {node.target}")])
-                residual = other
             else:
-                with graph.inserting_after(tail):
-                    residual = graph.call_function(residual_operand, (other,))
-            with graph.inserting_after(tail if argument is not None else residual):
-                fused = graph.call_module(node.target, (node.args[0],), {"residual": residual})
-            tail.replace_all_uses_with(fused)
-            for dead in ([after] if tail is after else []) + [user, node]:
-                graph.erase_node(dead)
-            rewrite = residual_fused = True
+                after = None
+            followers[node.target] = ("residual", _call_of(user), _call_of(after) if after is not None else None)
+            check = _fuse_residual(graph, node, user, other, after)
+            if check is not None:  # checked before the graph runs: a call with anything else runs unfused
+                guard = guard.merged([check])
+            rewrite = True
             report.residual += 1
     called = {node.target for node in graph.nodes if node.op == "call_module"}
     for name, child in module.named_children():  # activations nothing calls any more: show that they do nothing
@@ -573,8 +564,8 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
     if previous is not None:
         activation_owners = list(previous.activation_owners) + activation_owners
         taken = {**taken, **previous.taken}
-    elif not (inlined_any or residual_fused):
-        variants = _variants_for_none(module, guard, followers, taken)
+    elif not inlined_any:
+        variants = _variants(module, guard, followers, taken)
     if guard.describe():
         report.guarded[path or "model"] = guard.describe() + [
             f"else a second fused graph, for: {'; '.join(variant_guard.describe())}" for _, variant_guard in variants]
@@ -582,54 +573,108 @@ def _fuse_module(module: nn.Module, trace: OneLevelTrace, counts: Counter, repor
     object.__setattr__(module, "forward", forward)  # not a submodule: bypass nn.Module
 
 
-def _variants_for_none(module: nn.Module, guard, followers: Dict[str, tuple], taken: Dict[str, nn.Module]):
-    """[(graph, guard)]: for each argument the fused graph needs given ("not_none": ViTPose's head is
-    traced with ``flip_pairs``, and called without), the forward traced again with it None, its BN ->
-    activation fusions replayed: each BN in ``followers`` called at most once, its value going only to
-    what followed it in the first graph (a taken activation module, an Identity now, or the same
-    function, erased here), and no taken module called anywhere else. The children were changed for the
-    first graph: a variant whose data flow differs there would compute something else, so it is dropped
-    (such calls run the original, as before). Only for a module whose fusions are all BN -> activation."""
+def _call_of(node: fx.Node) -> tuple:
+    """What ``node`` calls and with what besides its first operand: two graphs' nodes that compare equal here
+    compute the same from that operand (constants only: a node of another graph never compares equal)."""
+    return node.op, node.target, tuple(node.args[1:]), dict(node.kwargs)
+
+
+def _fuse_residual(graph: fx.Graph, node: fx.Node, user: fx.Node, other: fx.Node,
+                   after: Optional[fx.Node]) -> Optional[ArgumentCheck]:
+    """``node`` (a BN call) -> ``user`` (its add with ``other``) [-> ``after``, the activation the BN now applies]
+    made one call of the BN with ``residual=other``. Returns the check the guard needs where ``other`` is (part
+    of) an argument: given, not None (else a None would read as "no residual"); a computed one goes through
+    ``residual_operand``, which raises for None."""
+    tail = after if after is not None else user
+    argument, indices = root_and_path(other)
+    if argument is not None:
+        check, residual = ArgumentCheck(argument.target, indices, "given",
+                                        why=f"fused as the residual of {node.target}"), other
+    else:
+        check = None
+        with graph.inserting_after(tail):
+            residual = graph.call_function(residual_operand, (other,))
+    with graph.inserting_after(tail if argument is not None else residual):
+        fused = graph.call_module(node.target, (node.args[0],), {"residual": residual})
+    tail.replace_all_uses_with(fused)
+    for dead in ([after] if after is not None else []) + [user, node]:
+        graph.erase_node(dead)
+    return check
+
+
+def _variants(module: nn.Module, guard, followers: Dict[str, tuple], taken: Dict[str, nn.Module]):
+    """[(graph, guard)]: for each argument the fused graph needs given ("not_none": ViTPose's head is traced
+    with ``flip_pairs``, and called without; DLA's tree blocks with ``shortcut``) or a tensor ("plain_tensor":
+    torchvision's dense layers test ``isinstance(input, Tensor)`` and are called with lists), the forward
+    traced again with it None, or as a value that is no tensor (of the converted module: its children already
+    changed), its fusions replayed there (``_fusions_replayed``). Where they can not be (that branch's data
+    flow differs at a fused BN, or it does not trace), such calls run the original, as before. Not for a
+    module that inlined a child's graph (``inline_call``)."""
     fixed = {check.name: check.value for check in guard.arguments if check.kind == "equals"}
-    variants = []
+    variants, tried = [], set()
     for check in guard.arguments:
-        if check.kind != "not_none" or check.path:
+        if check.path or check.kind not in ("not_none", "plain_tensor") or check.name.startswith("*") \
+                or (check.kind, check.name) in tried:
             continue
+        tried.add((check.kind, check.name))
+        none = {check.name: None} if check.kind == "not_none" else {}
+        not_tensors = (check.name,) if check.kind == "plain_tensor" else ()
         try:
-            traced = [trace_one_level(module, mode, {**fixed, check.name: None}) for mode in (True, False)]
-        except Exception:  # noqa: BLE001 - the None branch does not trace: such calls run the original
+            traced = [trace_one_level(module, mode, {**fixed, **none}, not_tensors) for mode in (True, False)]
+        except Exception:  # noqa: BLE001 - that branch does not trace: such calls run the original
             continue
         if traced[1].graph.python_code("self").src != traced[0].graph.python_code("self").src:
             continue
         graph = traced[0].graph
-        if _fusions_replayed(graph, followers, taken):
-            variants.append((graph, traced[0].guard.merged(traced[1].guard.arguments, traced[1].guard.attributes)))
+        checks = _fusions_replayed(graph, followers, taken)
+        if checks is not None:
+            variant_guard = traced[0].guard.merged(traced[1].guard.arguments + tuple(checks), traced[1].guard.attributes)
+            graph.lint()
+            variants.append((graph, variant_guard))
     return variants
 
 
-def _fusions_replayed(graph: fx.Graph, followers: Dict[str, tuple], taken: Dict[str, nn.Module]) -> bool:
-    """Whether ``graph`` passes each fused BN's value only to what followed it in the fused graph; if so,
-    the functions that followed are erased (the BN applies them now)."""
-    matched = Counter()
-    for target, (op, follower, rest, kwargs) in followers.items():
+def _fusions_replayed(graph: fx.Graph, followers: Dict[str, tuple], taken: Dict[str, nn.Module]):
+    """The fused graph's rewrites made again in ``graph`` (another trace of the same forward), where each fused
+    BN is called at most once and its value goes exactly where it went in the fused graph: to the activation
+    module it took (an Identity now: the call stays), to the same activation function (erased: the BN applies
+    it), or to the same add [and activation] (made one call with ``residual``). Returns the argument checks the
+    residuals need, or None where the data flow differs (or a taken activation module is called elsewhere: it
+    is an Identity now)."""
+    matched, checks = Counter(), []
+    for target, follower in followers.items():
         calls = [node for node in graph.nodes if node.op == "call_module" and node.target == target]
         if not calls:
             continue  # not called for these calls: nothing fused to replay
         node = calls[0]
         if len(calls) > 1 or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
-            return False
+            return None
         user = next(iter(node.users))
-        if (user.op, user.target) != (op, follower) or not user.args or user.args[0] is not node:
-            return False
-        if op == "call_module" and follower in taken:
-            matched[follower] += 1
-        elif tuple(user.args[1:]) == tuple(rest) and dict(user.kwargs) == kwargs:
+        if follower[0] == "taken":
+            if (user.op, user.target) != ("call_module", follower[1]) or user.args[:1] != (node,):
+                return None
+            matched[follower[1]] += 1
+        elif follower[0] == "erased":
+            if _call_of(user) != follower[1] or user.args[:1] != (node,):
+                return None
             user.replace_all_uses_with(node)
             graph.erase_node(user)
-        else:
-            return False
+        else:  # "residual": the add, then the activation the BN took (or None)
+            _, add, act = follower
+            if not _is_add(user) or (user.op, user.target, dict(user.kwargs)) != (add[0], add[1], add[3]):
+                return None
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if not isinstance(other, fx.Node) or other is node or other.op == "get_attr":
+                return None
+            after = None
+            if act is not None:
+                after = next(iter(user.users)) if len(user.users) == 1 else None
+                if after is None or _call_of(after) != act or after.args[:1] != (user,):
+                    return None
+            check = _fuse_residual(graph, node, user, other, after)
+            checks += [check] if check is not None else []
     called = Counter(node.target for node in graph.nodes if node.op == "call_module" and node.target in taken)
-    return called == matched
+    return checks if called == matched else None
 
 
 def convert_model(module: nn.Module, fuse_activations: bool = True, *, inplace: bool = False) -> nn.Module:

@@ -69,7 +69,8 @@ class ArgumentCheck(NamedTuple):
     # what the trace decided on (the forward branches on it): "not_none", "plain_tensor" (type is
     # torch.Tensor), "length"; what keeps an error an error: "raises_on_none" (forward raises for None, the
     # graph might not); what a fusion needs: "given" (not None: an operand that became a BN's residual, where
-    # None would read as "no residual"); "condition": forward raises unless ``value``'s program, run on the
+    # None would read as "no residual"); "not_tensor": a second graph's, traced for a value that is no tensor
+    # (a list: ``convert._variants``); "condition": forward raises unless ``value``'s program, run on the
     # argument, gives the truth value the trace took (a shape check: ``if x.shape[1] != self.c: raise``)
     kind: str
     length: int = -1    # for kind "length"
@@ -80,7 +81,8 @@ class ArgumentCheck(NamedTuple):
     def describe(self) -> str:
         where = self.name + "".join(f"[{i!r}]" for i in self.path)
         what = {"not_none": "is not None", "raises_on_none": "is not None", "given": "is not None",
-                "plain_tensor": "is a torch.Tensor", "length": f"has {self.length} elements",
+                "plain_tensor": "is a torch.Tensor", "not_tensor": "is not a torch.Tensor",
+                "length": f"has {self.length} elements",
                 "equals": f"is {self.value!r}", "condition": "passes the check that raises"}[self.kind]
         return f"{where} {what} ({self.why})"
 
@@ -91,6 +93,8 @@ class ArgumentCheck(NamedTuple):
             test = lambda value: value is not None  # noqa: E731
         elif kind == "plain_tensor":
             test = lambda value: type(value) is torch.Tensor  # noqa: E731
+        elif kind == "not_tensor":
+            test = lambda value: not isinstance(value, torch.Tensor)  # noqa: E731
         elif kind == "equals":
             expected = self.value
 
@@ -275,7 +279,7 @@ class Guard:
     def branches_on_arguments(self) -> bool:
         """Whether the forward takes a Python-level decision on its arguments that the graph froze (then
         calls the guard rejects may take another path through the module's own forward)."""
-        return any(check.kind in ("not_none", "plain_tensor", "length") for check in self.arguments)
+        return any(check.kind in ("not_none", "plain_tensor", "not_tensor", "length") for check in self.arguments)
 
 
 # -- recording what the Python code asked about ---------------------------------------------------------------
@@ -294,10 +298,25 @@ class _Recorder:
     """Collects argument checks while fx traces; installed as the tracer's ``recorder``. ``decided``: the
     nodes of conditions the trace decided (``_OneLevelTracer.to_bool``), which the graph then need not compute."""
 
-    def __init__(self):
+    def __init__(self, not_tensors=()):
         self.checks: List[ArgumentCheck] = []
         self.decided: List[fx.Node] = []
         self.refused: Optional[BaseException] = None
+        self.not_tensors = frozenset(not_tensors)  # arguments traced as values that are no tensor
+
+    def not_a_tensor(self, proxy: fx.Proxy, how: str, classes=torch.Tensor) -> bool:
+        """Whether ``proxy`` is an argument traced as no tensor, asked whether it is an instance of ``classes``
+        (recorded: the argument must not be a tensor). Only tensor classes have an answer then: a value that is
+        no tensor is an instance of none of them, but of a list or a tuple, or not, no trace can say."""
+        root, path = root_and_path(proxy.node)
+        if root is None or root.target not in self.not_tensors or path:
+            return False
+        flat = classes if isinstance(classes, tuple) else (classes,)
+        if not all(isinstance(cls, type) and issubclass(cls, torch.Tensor) for cls in flat):
+            raise self.refuse(GuardError(f"forward calls {how} on {root.target}, traced as no tensor, with classes "
+                                         "the trace can not answer for"))
+        self.checks.append(ArgumentCheck(root.target, (), "not_tensor", why=f"traced so: forward calls {how} on it"))
+        return True
 
     def refuse(self, error: BaseException) -> BaseException:
         """``error``, noted: the trace fails with it even where the forward catches it (fx's TraceError is a
@@ -308,6 +327,8 @@ class _Recorder:
 
     def inspected(self, proxy: fx.Proxy, how: str, kind: str, length: int = -1) -> None:
         root, path = root_and_path(proxy.node)
+        if root is not None and root.target in self.not_tensors and not path and kind == "plain_tensor":
+            raise self.refuse(GuardError(f"forward calls {how} on {root.target}, traced as no tensor"))
         if root is None:
             raise self.refuse(GuardError(f"forward calls {how} on a value it computed ({proxy.node.format_node()}): "
                                          "the trace can not say what that value will be"))
@@ -351,6 +372,8 @@ def _introspecting_builtins(recorder: _Recorder):
 
     def _isinstance(value, classes):
         if isinstance(value, fx.Proxy):
+            if recorder.not_a_tensor(value, "isinstance", classes):
+                return False
             recorder.inspected(value, "isinstance", "plain_tensor")
             return builtins.issubclass(torch.Tensor, classes)
         return builtins.isinstance(value, classes)
@@ -380,6 +403,8 @@ def _introspecting_builtins(recorder: _Recorder):
 
     def _is_tensor(value):
         if isinstance(value, fx.Proxy):
+            if recorder.not_a_tensor(value, "torch.is_tensor"):
+                return False
             recorder.inspected(value, "torch.is_tensor", "plain_tensor")
             return True
         return builtins.isinstance(value, torch.Tensor)
@@ -744,7 +769,8 @@ def _constants_removed(module: nn.Module, added: set):
             delattr(module, name)
 
 
-def _none_dependent(module: nn.Module, graph: fx.Graph, forward, helpers=(), flags=None) -> List[ArgumentCheck]:
+def _none_dependent(module: nn.Module, graph: fx.Graph, forward, helpers=(), flags=None,
+                    not_tensors=()) -> List[ArgumentCheck]:
     """The named arguments whose being None changes what ``forward`` computes: traced again with each one
     set to None, the graph differs from ``graph`` read with that argument as None, or the trace fails."""
     checks = []
@@ -753,7 +779,7 @@ def _none_dependent(module: nn.Module, graph: fx.Graph, forward, helpers=(), fla
             continue
         added = set()
         try:
-            recorder = _Recorder()
+            recorder = _Recorder(not_tensors)
             with _builtins_recorded(forward, recorder), _constants_removed(module, added):
                 variant = _traced(module, recorder, helpers, {**(flags or {}), parameter.name: None})
             if not added and _canonical(variant) == _canonical(graph, as_none=parameter.name):
@@ -809,13 +835,15 @@ def _flag_placeholders(graph: fx.Graph, forward, flags: Dict[str, Any]) -> None:
             after = graph.placeholder(name, default_value=flags[name])
 
 
-def trace_one_level(module: nn.Module, training: bool, fixed: Optional[Dict[str, Any]] = None) -> OneLevelTrace:
+def trace_one_level(module: nn.Module, training: bool, fixed: Optional[Dict[str, Any]] = None,
+                    not_tensors=()) -> OneLevelTrace:
     """fx graph of ``module.forward`` with ``module.training`` set to ``training`` (its children's flags
     are not touched: they are leaves), and the guard of everything the graph assumed. A graph that needs a
     tensor constant fx attached to the module raises (it could not run against the module itself). A
     helper function that can not be traced through becomes one call in the graph (``helper_that_failed``;
     up to ``HELPER_LIMIT`` of them), the trace is tried again; then with the flags at their defaults
-    (``_flags``). ``fixed``: arguments traced at these values (the guard checks each call has them)."""
+    (``_flags``). ``fixed``: arguments traced at these values (the guard checks each call has them);
+    ``not_tensors``: arguments traced as values that are no tensor (``_Recorder.not_a_tensor``)."""
     forward = type(module).forward
     fixed = dict(fixed or {})
     # what the arguments are traced with, try after try: what is fixed, then the flags, then the None defaults
@@ -825,7 +853,7 @@ def trace_one_level(module: nn.Module, training: bool, fixed: Optional[Dict[str,
         module.training = training
         try:
             while True:
-                recorder, attributes, added = _Recorder(), [], set()
+                recorder, attributes, added = _Recorder(not_tensors), [], set()
                 try:
                     with _builtins_recorded(forward, recorder), _attribute_reads_recorded(module, attributes), \
                             _constants_removed(module, added):
@@ -842,7 +870,7 @@ def trace_one_level(module: nn.Module, training: bool, fixed: Optional[Dict[str,
                         raise
             if added:
                 raise RuntimeError(f"forward creates tensor constants ({', '.join(sorted(added))})")
-            arguments = recorder.checks + _none_dependent(module, graph, forward, helpers, flags)
+            arguments = recorder.checks + _none_dependent(module, graph, forward, helpers, flags, not_tensors)
             arguments += [ArgumentCheck(name, (), "equals", value=value,
                                         why="traced so" if name in fixed else "the trace took the branches of its default")
                           for name, value in (flags or {}).items()]
