@@ -11,9 +11,10 @@ What it guarantees (tests/test_models.py checks each on a zoo of real-model idio
   or anything else at run time keeps doing so), once per mode; a module whose graph differs between the
   modes, or that fx can not trace, keeps its own ``forward`` and its BNs are only swapped, not fused
   (``FusionReport.notes`` says which and why). Where a plain trace stops, ``tracing.trace_one_level`` keeps
-  a helper function fx can not trace through as one call and traces flag arguments at their defaults
-  (guarded), and ``_fuse_module`` inlines a child whose forward ends in a BN into its caller's graph
-  (``tracing.inline_call``), so that BN takes the caller's add and activation.
+  a helper function fx can not trace through as one call, traces flag arguments at their defaults
+  (guarded), takes the side of a shape check that does not raise (the condition asked again per call) and
+  unrolls a zip of an argument with a container; ``_fuse_module`` inlines a child whose forward ends in a BN
+  into its caller's graph (``tracing.inline_call``), so that BN takes the caller's add and activation.
 - BN -> activation becomes BN(activation=...), BN -> add [-> activation] becomes BN(residual=...). When
   the activation is a child module called only there, the BN takes it over and the child becomes
   ``nn.Identity`` (``print(model)`` shows what runs). Anything else (a functional activation, an add, a
@@ -23,8 +24,9 @@ What it guarantees (tests/test_models.py checks each on a zoo of real-model idio
 - A fused forward runs only for the calls its trace stands for: ``tracing.trace_one_level`` records what
   fx froze (``is None`` tests, type tests and unpacking of arguments, the module's own attributes), and
   ``_fuse_module`` adds "an argument fused as a residual is a tensor"; a call that breaks one of these
-  runs the module's own forward with its fusions undone (``tracing.TracedForward``), counted in
-  ``FusionReport.fallbacks``.
+  runs a second fused graph where one stands for it (traced with an optional argument None, or with an
+  argument that is no tensor, the same fusions made again in it: ``_variants``), else the module's own
+  forward with its fusions undone (``tracing.TracedForward``), counted in ``FusionReport.fallbacks``.
 - BatchNorm subclasses: one that does not override ``forward`` is swapped like its base. One that does
   is converted only when its ``forward`` is understood as "BN, then some of its own children in order"
   (timm's ``BatchNormAct2d``: ``drop`` then ``act``) *and* the replacement behaves identically on probe
