@@ -534,6 +534,9 @@ class _DecidesOtherwise(nn.Module):
         elif self.how == "computed value":  # not metadata: known only by running the graph
             if x.sum() > 1e9:
                 raise ValueError("too large")
+        elif self.how == "an element's value":  # the argument's data, not its metadata
+            if x[0, 0, 0, 0] > 1e9:
+                raise ValueError("too large")
         elif self.how == "two arguments":
             if x.shape != y.shape:
                 raise ValueError("shapes differ")
@@ -546,7 +549,7 @@ class _DecidesOtherwise(nn.Module):
         return F.relu(self.bn(x))
 
 
-@pytest.mark.parametrize("how", ["no raise", "computed value", "two arguments", "caught"])
+@pytest.mark.parametrize("how", ["no raise", "computed value", "an element's value", "two arguments", "caught"])
 def test_other_decisions_on_traced_values_are_not_fused(how):
     with pytest.warns(UserWarning, match="could not trace model"):
         converted = triton_bn.convert_model(_DecidesOtherwise(how))

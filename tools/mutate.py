@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (52) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (53) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -211,6 +211,10 @@ MUTATIONS: List[Mutation] = [
              "            test = lambda value: not isinstance(value, torch.Tensor)  # noqa: E731",
              "            test = lambda value: True  # noqa: E731", ("tests/test_models.py",),
              "the second graph traced for a value that is no tensor takes a tensor the first graph refused"),
+    Mutation("reach-condition-reads-data", "triton_bn/tracing.py",
+             "            kinds[current] = \"metadata\" if all(kind == \"metadata\" for kind in inputs) else None",
+             "            kinds[current] = \"metadata\"", ("tests/test_models.py",),
+             "a check that raises on the argument's values (not its shape) is traced past and asked per call"),
 ]
 
 

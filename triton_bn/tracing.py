@@ -524,8 +524,10 @@ def _only_raises(code, instructions, start: int) -> bool:
 
 def _argument_program(node: fx.Node) -> Optional[Tuple[str, fx.GraphModule]]:
     """(argument, program) when ``node`` is computed from one argument of the forward by reading only its
-    metadata (``_METADATA_ATTRIBUTES``, ``_METADATA_METHODS``) through pure operators: a program that
-    computes it again from that argument's value, before the graph runs. Else None."""
+    metadata (``_METADATA_ATTRIBUTES``, ``_METADATA_METHODS``, of the argument or of an element of it) and
+    constants through pure operators: a program that computes it again from that argument's value, before
+    the graph runs. Else None: a condition on the argument's values (``x[0, 0] > 5``) is not known before the
+    kernels run (on a GPU, asking it would wait for them)."""
     needed, pending = set(), [node]
     while pending:
         current = pending.pop()
@@ -540,6 +542,24 @@ def _argument_program(node: fx.Node) -> Optional[Tuple[str, fx.GraphModule]]:
         pending.extend(current.all_input_nodes)
     roots = [current for current in needed if current.op == "placeholder"]
     if len(roots) != 1:
+        return None
+    # what each node is: the argument or an element of it ("value"), or metadata read off one ("metadata")
+    kinds = {}
+    for current in node.graph.nodes:
+        if current not in needed:
+            continue
+        inputs = [kinds[value] for value in current.all_input_nodes]
+        if current.op == "placeholder":
+            kinds[current] = "value"
+        elif current.op == "call_method" or current.target is getattr:
+            kinds[current] = "metadata" if inputs == ["value"] else None
+        elif current.target is operator.getitem and inputs[:1] == ["value"] and inputs[1:] == []:
+            kinds[current] = "value"
+        else:
+            kinds[current] = "metadata" if all(kind == "metadata" for kind in inputs) else None
+        if kinds[current] is None:
+            return None
+    if kinds[node] != "metadata":
         return None
     program, copies = fx.Graph(), {}
     for current in node.graph.nodes:
