@@ -300,11 +300,11 @@ def load_library(name: str, sources: Sequence[str], headers: Sequence[str] = (),
             if leftover.startswith(f"{name}-{key}.") and leftover.endswith(".tmp"):
                 shutil.rmtree(os.path.join(folder, leftover), ignore_errors=True)
         workdir = f"{stem}.{os.getpid()}.tmp"
-        os.makedirs(workdir)
         start = time.monotonic()
-        _say(f"building {what} ({len(sources)} C++ files, {cxx}; once per machine for this source, torch, compiler "
-             f"and CPU{', ' + duration if duration else ''}) in {folder}; compiler output: {log_path}")
-        try:
+        try:  # from the folder's creation on: a Ctrl-C at any point after it removes it (seen on a loaded CI machine)
+            os.makedirs(workdir)
+            _say(f"building {what} ({len(sources)} C++ files, {cxx}; once per machine for this source, torch, "
+                 f"compiler and CPU{', ' + duration if duration else ''}) in {folder}; compiler output: {log_path}")
             _compile(cxx, sources, workdir, cflags, ldflags, os.path.join(workdir, "library.so"), log_path, what)
             _install(os.path.join(workdir, "library.so"), library)  # atomic: complete or absent
         except OSError as exc:
