@@ -204,7 +204,7 @@ MUTATIONS: List[Mutation] = [
              "    if False:\n        raise recorder.refused", ("tests/test_models.py",),
              "a forward that catches fx's TraceError (a ValueError) is traced through its handler"),
     Mutation("reach-variant-unreplayed", "triton_bn/convert.py",
-             "        checks = _fusions_replayed(graph, followers, taken)",
+             "        checks = _fusions_replayed(traced.graph, followers, taken)",
              "        checks = []", ("tests/test_models.py",),
              "a second graph (an optional argument None) is used without the fusions replayed in it"),
     Mutation("reach-not-tensor-unchecked", "triton_bn/tracing.py",

@@ -354,19 +354,29 @@ def one_level_graphs(model: nn.Module, modes, skip=()):
             traces[module] = OneLevelTrace(fused.graph, fused.guard)
             continue
         try:
-            traced = [trace_one_level(module, mode) for mode in modes]
+            traces[module] = _trace_in_modes(module, modes)
+        except _DependsOnMode:
+            failures.append((path or "model", module, "its forward depends on the training mode"))
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow, unsupported constructs, ...
             failures.append((path or "model", module, f"torch.fx could not trace its forward ({type(exc).__name__}: "
                                                       f"{str(exc)[:120]})"))
-            continue
-        if any(t.graph.python_code("self").src != traced[0].graph.python_code("self").src for t in traced[1:]):
-            failures.append((path or "model", module, "its forward depends on the training mode"))
-            continue
-        guard = traced[0].guard
-        for other in traced[1:]:
-            guard = guard.merged(other.guard.arguments, other.guard.attributes)
-        traces[module] = OneLevelTrace(traced[0].graph, guard)
     return traces, failures
+
+
+class _DependsOnMode(Exception):
+    """A forward whose graph differs between training modes."""
+
+
+def _trace_in_modes(module: nn.Module, modes, fixed=None, not_tensors=()) -> OneLevelTrace:
+    """``tracing.trace_one_level`` in every training mode of ``modes``: their one graph, with the guard of all
+    of them. Raises _DependsOnMode where the graphs differ, and trace_one_level's error where fx can not trace."""
+    traced = [trace_one_level(module, mode, fixed, not_tensors) for mode in modes]
+    if any(t.graph.python_code("self").src != traced[0].graph.python_code("self").src for t in traced[1:]):
+        raise _DependsOnMode()
+    guard = traced[0].guard
+    for other in traced[1:]:
+        guard = guard.merged(other.guard.arguments, other.guard.attributes)
+    return OneLevelTrace(traced[0].graph, guard)
 
 
 def _traces(model: nn.Module, report: FusionReport):
@@ -622,17 +632,13 @@ def _variants(module: nn.Module, guard, followers: Dict[str, tuple], taken: Dict
         none = {check.name: None} if check.kind == "not_none" else {}
         not_tensors = (check.name,) if check.kind == "plain_tensor" else ()
         try:
-            traced = [trace_one_level(module, mode, {**fixed, **none}, not_tensors) for mode in (True, False)]
-        except Exception:  # noqa: BLE001 - that branch does not trace: such calls run the original
+            traced = _trace_in_modes(module, (True, False), {**fixed, **none}, not_tensors)
+        except Exception:  # noqa: BLE001 - that branch does not trace (or differs by mode): such calls run the original
             continue
-        if traced[1].graph.python_code("self").src != traced[0].graph.python_code("self").src:
-            continue
-        graph = traced[0].graph
-        checks = _fusions_replayed(graph, followers, taken)
+        checks = _fusions_replayed(traced.graph, followers, taken)
         if checks is not None:
-            variant_guard = traced[0].guard.merged(traced[1].guard.arguments + tuple(checks), traced[1].guard.attributes)
-            graph.lint()
-            variants.append((graph, variant_guard))
+            traced.graph.lint()
+            variants.append((traced.graph, traced.guard.merged(checks)))
     return variants
 
 

@@ -531,40 +531,34 @@ def _argument_program(node: fx.Node) -> Optional[Tuple[str, fx.GraphModule]]:
     needed, pending = set(), [node]
     while pending:
         current = pending.pop()
-        if current in needed:
-            continue
-        if not (current.op == "placeholder"
-                or current.op == "call_method" and current.target in _METADATA_METHODS
-                or current.op == "call_function" and (current.target in _PURE_FUNCTIONS or current.target is getattr
-                                                      and current.args[1] in _METADATA_ATTRIBUTES)):
-            return None
-        needed.add(current)
-        pending.extend(current.all_input_nodes)
-    roots = [current for current in needed if current.op == "placeholder"]
-    if len(roots) != 1:
-        return None
-    # what each node is: the argument or an element of it ("value"), or metadata read off one ("metadata")
-    kinds = {}
-    for current in node.graph.nodes:
         if current not in needed:
-            continue
+            needed.add(current)
+            pending.extend(current.all_input_nodes)
+    # what each node is, in graph order: the argument or an element of it ("value"), or metadata read off
+    # one, or what pure operators make of metadata ("metadata"); anything else (None) refuses
+    kinds = {}
+    for current in (n for n in node.graph.nodes if n in needed):
         inputs = [kinds[value] for value in current.all_input_nodes]
         if current.op == "placeholder":
             kinds[current] = "value"
-        elif current.op == "call_method" or current.target is getattr:
+        elif current.op == "call_method" and current.target in _METADATA_METHODS \
+                or current.op == "call_function" and current.target is getattr \
+                and current.args[1] in _METADATA_ATTRIBUTES:
             kinds[current] = "metadata" if inputs == ["value"] else None
-        elif current.target is operator.getitem and inputs[:1] == ["value"] and inputs[1:] == []:
+        elif current.op == "call_function" and current.target is operator.getitem and inputs == ["value"]:
             kinds[current] = "value"
-        else:
+        elif current.op == "call_function" and current.target in _PURE_FUNCTIONS:
             kinds[current] = "metadata" if all(kind == "metadata" for kind in inputs) else None
+        else:
+            kinds[current] = None
         if kinds[current] is None:
             return None
-    if kinds[node] != "metadata":
+    roots = [current for current in needed if current.op == "placeholder"]
+    if kinds[node] != "metadata" or len(roots) != 1:
         return None
     program, copies = fx.Graph(), {}
-    for current in node.graph.nodes:
-        if current in needed:
-            copies[current] = program.node_copy(current, lambda value: copies[value])
+    for current in (n for n in node.graph.nodes if n in needed):
+        copies[current] = program.node_copy(current, lambda value: copies[value])
     program.output(copies[node])
     return roots[0].target, fx.GraphModule(nn.Module(), program, "Condition")
 
