@@ -283,26 +283,40 @@ def _activation_inputs(dtype=torch.float32):
 
 # (relative, absolute) bounds of the vector math against float64 PyTorch: fp32 within 1e-5 relative plus 1e-6
 # absolute (ATen's fp32 erf is a polynomial of 1.5e-7 absolute error, its exp and tanh Sleef's 1 ulp); float64
-# within 1e-13 relative plus 1e-15 absolute (Sleef's double functions are 1 ulp; the formulas add a few).
-VECTOR_MATH_BOUNDS = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-13, 1e-15)}
+# within 1e-13 relative plus 1e-15 absolute (Sleef's double functions are 1 ulp; the formulas add a few). bf16 and
+# fp16 are computed in fp32 (SiLU's and sigmoid's logistic by a faster exp and reciprocal, kernels.h's
+# logistic_vec) and rounded once: fp32's bound plus half an ulp of the 16-bit type at the exact value.
+VECTOR_MATH_BOUNDS = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-13, 1e-15), torch.bfloat16: (1e-5, 1e-6),
+                      torch.float16: (1e-5, 1e-6)}
+SIXTEEN_BIT = [torch.bfloat16, torch.float16]
+
+
+def _half_ulp(values, dtype):
+    """Half the spacing of ``dtype`` at each of ``values`` (subnormals included): what rounding an exact value once
+    to that type can cost; 0 for fp32 and float64, whose bounds are relative."""
+    if dtype not in SIXTEEN_BIT:
+        return torch.zeros_like(values)
+    info = torch.finfo(dtype)
+    return 0.5 * info.eps * torch.exp2(torch.floor(torch.log2(values.abs().clamp_min(info.tiny))))
 
 
 def _assert_within(got, expected, z, dtype):
     relative, absolute = VECTOR_MATH_BOUNDS[dtype]
     error = (got.double() - expected).abs()
-    bound = absolute + relative * expected.abs()
+    bound = absolute + relative * expected.abs() + _half_ulp(expected, dtype)
     worst = int(torch.argmax(error / bound))
     assert bool((error <= bound).all()), (float(z[worst]), float(got[worst]), float(expected[worst]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64] + SIXTEEN_BIT, ids=["fp32", "fp64", "bf16", "fp16"])
 @pytest.mark.parametrize("layout", ["planes", "rows of one channel"])
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "sigmoid"])
 def test_transcendental_activations_against_float64(activation, layout, dtype):
     """SiLU, GELU, GELU-tanh and sigmoid computed in vector registers (at::vec::Vectorized of the compute
     type, fp32 or double) against float64 PyTorch, z = x exactly (eval, mean 0, variance 1, eps 0): within
     VECTOR_MATH_BOUNDS, NaN and the infinities where PyTorch's formulas give them. Planes of 40025 values take
-    the vector body and a partial last vector; rows of one channel take only partial vectors."""
+    the vector body and a partial last vector; rows of one channel take only partial vectors. bf16 and fp16
+    inputs (the grid rounded to them) take their own logistic (kernels.h's logistic_vec)."""
     z = _activation_inputs(dtype)
     x = z.reshape(1, 1, -1).contiguous() if layout == "planes" else z.reshape(-1, 1).contiguous()
     y = native_cpu.ops().apply(x, torch.zeros(1), None, torch.ones(1), None, None, None, 0.0,
@@ -315,24 +329,26 @@ def test_transcendental_activations_against_float64(activation, layout, dtype):
     _assert_within(y[finite], expected[finite], z[finite], dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64] + SIXTEEN_BIT, ids=["fp32", "fp64", "bf16", "fp16"])
 @pytest.mark.parametrize("layout", ["planes", "rows of one channel"])
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "sigmoid"])
 def test_transcendental_activation_derivatives_against_float64(activation, layout, dtype):
     """Their derivatives in vector registers, the same way: the backward with running statistics (mean 0,
     variance 1, eps 0, weight 1: dx = dz = dy * act'(x)) against float64 autograd within VECTOR_MATH_BOUNDS,
     and the per-channel sums of pass 1 (dbias = sum dz, dweight = sum dz * x) against float64 within its
-    relative bound. Finite inputs up to 100 in magnitude (beyond, z^3 overflows fp32 in GELU-tanh's
-    derivative, as in PyTorch's own fp32 kernel)."""
+    relative bound (sums of fp32 dz for bf16 and fp16, in fp32 parameters). Finite inputs up to 100 in magnitude (beyond, z^3
+    overflows fp32 in GELU-tanh's derivative, as in PyTorch's own fp32 kernel)."""
     z = _activation_inputs(dtype)
     z = z[torch.isfinite(z) & (z.abs() <= 100)]
     grad_y = torch.linspace(-2, 3, z.numel(), dtype=dtype)
     shape = (1, 1, -1) if layout == "planes" else (-1, 1)
     x, dy = z.reshape(shape).contiguous(), grad_y.reshape(shape).contiguous()
-    zero, one = torch.zeros(1, dtype=dtype), torch.ones(1, dtype=dtype)  # dweight and dbias come in their dtype
+    # dweight and dbias come in the parameters' dtype: x's, fp32 beside a 16-bit x (whose sums here pass fp16's range)
+    parameter_dtype = torch.float32 if dtype in SIXTEEN_BIT else dtype
+    zero, one = torch.zeros(1, dtype=parameter_dtype), torch.ones(1, dtype=parameter_dtype)
     dx, dweight, dbias, _ = dispatch.NATIVE.backward(dy, x, zero, None, one, one, zero, None, 0.0,
                                                      ACTIVATION_IDS[activation], 0.0, [True, True, True, False])
-    assert dx.dtype == dbias.dtype == dtype
+    assert dx.dtype == dtype and dbias.dtype == parameter_dtype
     leaf = z.double().requires_grad_()
     torch_activation(activation)(leaf).backward(grad_y.double())
     expected = leaf.grad

@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (53) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (54) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -101,6 +101,10 @@ MUTATIONS: List[Mutation] = [
              "return {Vec<A>::blendv(one - tail, tail, z < Vec<A>(0)), gauss};",
              "return {Vec<A>::blendv(tail, one - tail, z < Vec<A>(0)), gauss};", NATIVE_TESTS,
              "native fp32 GELU takes Phi(-z) for Phi(z): the two halves of erf's sign swapped"),
+    Mutation("native-16bit-logistic-sign", "triton_bn/csrc/cpu/kernels.h",
+             "return Vec<A>::blendv(Vec<A>::blendv(e * r, r, z >= Vec<A>(0)), z, z != z);",
+             "return Vec<A>::blendv(Vec<A>::blendv(r, e * r, z >= Vec<A>(0)), z, z != z);", NATIVE_TESTS,
+             "the 16-bit lines' logistic takes 1 - s for s: the two signs of z swapped (SiLU and sigmoid in bf16/fp16)"),
     Mutation("native-momentum", "triton_bn/csrc/cpu/ops.cpp", "rm[c] = lerp(rm[c], m[c], f);",
              "rm[c] = lerp(m[c], rm[c], f);", NATIVE_TESTS, "native running mean weighs the old value by momentum"),
     Mutation("known-eval-takes-a-parameter-needing-grad", "triton_bn/csrc/cpu/ops.cpp",

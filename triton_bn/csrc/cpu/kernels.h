@@ -278,9 +278,28 @@ template <typename A> inline Vec<A> splat(double value) { return Vec<A>(static_c
 template <typename T, int ACT> constexpr bool kVectorMath =
     ACT == kSilu || ACT == kGelu || ACT == kGeluTanh || ACT == kSigmoid;
 
-template <typename A> inline Vec<A> sigmoid_vec(const Vec<A>& z) {
+// Whether a line of T is computed in fp32 and rounded to a 16-bit type (bf16, fp16) when stored.
+template <typename T> constexpr bool kRoundedTo16Bits = !std::is_same_v<T, acc_t<T>>;
+
+// The logistic 1 / (1 + e^-z) of SiLU and sigmoid. As PyTorch computes it (Sleef's exp behind a library call, a
+// division), unless ROUNDED (fp32 arithmetic for a bf16 or fp16 line): there e = e^-|z| by ATen's exp_u20 (20 ulp,
+// inlined), r = 1 / (1 + e) and the logistic r or e * r by z's sign, NaN kept. (A reciprocal estimate with a
+// Newton step in place of the division always lands below 1 / (1 + e): sigmoid's dz sums, 1 - s summed over
+// 40,000 values, came out 5e-5 relative off float64, ten times the fp32 bound. The division is exact-rounded.)
+// Measured on an AVX2 host (perf/NOTES.md), the library call made the 16-bit SiLU lines latency-bound: every
+// vector register is caller-saved across it, so the loop spilled and reloaded its values around each exp, and
+// the 16-bit forward + backward ran at fp32's speed, slower than PyTorch's. The 16-bit result is rounded to 8
+// or 11 bits, so a few fp32 ulp move a value to the neighbouring 16-bit one only where the exact value lies
+// within them of a rounding boundary; fp32 and double lines keep PyTorch's values to the ulp.
+template <typename A, bool ROUNDED = false> inline Vec<A> logistic_vec(const Vec<A>& z) {
   const Vec<A> one = splat<A>(1);
-  return one / (one + z.neg().exp());
+  if constexpr (ROUNDED && std::is_same_v<A, float>) {
+    const Vec<A> e = z.abs().neg().exp_u20();  // in (0, 1]; -inf gives 0; a NaN z is kept below
+    const Vec<A> r = one / (one + e);
+    return Vec<A>::blendv(Vec<A>::blendv(e * r, r, z >= Vec<A>(0)), z, z != z);
+  } else {
+    return one / (one + z.neg().exp());
+  }
 }
 
 // GELU's normal CDF Phi(z) = (1 + erf(z / sqrt 2)) / 2 and its Gaussian exp(-z^2 / 2), which the backward's
@@ -316,24 +335,25 @@ template <typename A> inline GeluTerms<A> gelu_terms(const Vec<A>& z) {
   }
 }
 
-// act(z) for Vec<A>::size() values (SiLU z / (1 + e^-z), as PyTorch writes it).
-template <int ACT, typename A> inline Vec<A> activate_vec(const Vec<A>& z) {
+// act(z) for Vec<A>::size() values (SiLU z / (1 + e^-z), as PyTorch writes it; ROUNDED: logistic_vec's).
+template <int ACT, typename A, bool ROUNDED = false> inline Vec<A> activate_vec(const Vec<A>& z) {
   const Vec<A> half = splat<A>(0.5), one = splat<A>(1);
-  if constexpr (ACT == kSilu) return z / (one + z.neg().exp());
+  if constexpr (ACT == kSilu) return ROUNDED ? z * logistic_vec<A, true>(z) : z / (one + z.neg().exp());
   if constexpr (ACT == kGelu) return z * gelu_terms(z).cdf;
   if constexpr (ACT == kGeluTanh) {
     const Vec<A> inner = splat<A>(kTanhBeta) * at::vec::fmadd(splat<A>(kTanhKappa), z * z * z, z);
     return half * z * (one + inner.tanh());
   }
-  if constexpr (ACT == kSigmoid) return sigmoid_vec(z);
+  if constexpr (ACT == kSigmoid) return logistic_vec<A, ROUNDED>(z);
   return z;
 }
 
-// dL/dz = g * act'(z) for Vec<A>::size() values, the formulas of activation_backward<ACT>.
-template <int ACT, typename A> inline Vec<A> activation_backward_vec(const Vec<A>& g, const Vec<A>& z) {
+// dL/dz = g * act'(z) for Vec<A>::size() values, the formulas of activation_backward<ACT> (ROUNDED as above).
+template <int ACT, typename A, bool ROUNDED = false>
+inline Vec<A> activation_backward_vec(const Vec<A>& g, const Vec<A>& z) {
   const Vec<A> half = splat<A>(0.5), one = splat<A>(1);
   if constexpr (ACT == kSilu) {
-    const Vec<A> s = sigmoid_vec(z);
+    const Vec<A> s = logistic_vec<A, ROUNDED>(z);
     return g * s * at::vec::fmadd(z, one - s, one);
   }
   if constexpr (ACT == kGelu) {
@@ -348,7 +368,7 @@ template <int ACT, typename A> inline Vec<A> activation_backward_vec(const Vec<A
     return g * at::vec::fmadd(half, one + t, slope);
   }
   if constexpr (ACT == kSigmoid) {
-    const Vec<A> s = sigmoid_vec(z);
+    const Vec<A> s = logistic_vec<A, ROUNDED>(z);
     return g * (one - s) * s;
   }
   return g;
@@ -740,7 +760,7 @@ void normalize_vector_line(const T* x, const T* residual, T* y, int64_t n, const
     for_each_part<T>(i, count, [&](int k, int64_t at, int64_t part) {
       z[k] = affine_vec<PLANES>(z[k], scale, shift, at, part);
       if (residual != nullptr) z[k] = z[k] + r[k];
-      z[k] = activate_vec<ACT, A>(z[k]);
+      z[k] = activate_vec<ACT, A, kRoundedTo16Bits<T>>(z[k]);
     });
     store_parts(y + i, z, count);
   });
@@ -847,7 +867,7 @@ void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t
     for_each_part<T>(i, count, [&](int p, int64_t at, int64_t part) {
       Vec<A> z = affine_vec<PLANES>(xv[p], sc, sh, at, part);
       if constexpr (HAS_RES) z = z + r[p];
-      const Vec<A> d = activation_backward_vec<ACT, A>(g[p], z);
+      const Vec<A> d = activation_backward_vec<ACT, A, kRoundedTo16Bits<T>>(g[p], z);
       const Vec<A> xhat = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(is, at, part);
       d.store(dz + (at - i0), part);
       (d * xhat).store(dz_xhat + (at - i0), part);
@@ -1087,7 +1107,7 @@ void backward_vector_line(const T* x, const T* dy, const T* res, T* grad_x, T* g
     for_each_part<T>(i, count, [&](int p, int64_t at, int64_t part) {
       Vec<A> z = affine_vec<PLANES>(xv[p], sc, sh, at, part);
       if constexpr (HAS_RES) z = z + r[p];
-      dz[p] = activation_backward_vec<ACT, A>(g[p], z);
+      dz[p] = activation_backward_vec<ACT, A, kRoundedTo16Bits<T>>(g[p], z);
       if constexpr (DX) dx[p] = grad_x_vec<PLANES>(dz[p], xv[p], k, c0, at, part);
     });
     if constexpr (DX) store_parts(grad_x + i, dx, count);
