@@ -91,6 +91,27 @@ def test_training_forward_every_activation_and_dtype(activation, dtype, layout):
     torch.testing.assert_close(rv.double(), 0.9 + 0.1 * var * count / (count - 1), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("shape", [(8, 7, 5, 5), (64, 23, 5, 5)], ids=["two chunks", "chunks on both threads"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_short_planes_with_a_transcendental_activation(dtype, activation, shape):
+    """NCHW planes of 25 values take normalize_short_planes (kernels.h) in every dtype: consecutive planes run as
+    one line of per-value scale and shift, in chunks of whole planes that start mid-way through the channels
+    (40 planes of 25 to a chunk, 7 or 23 channels) and, in the larger shape, on both threads. Training and eval
+    y with a residual against float64."""
+    x, residual = _input(shape, dtype, "contiguous"), _input(shape, dtype, "contiguous", seed=2)
+    channels = shape[1]
+    parameter_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = (p.to(parameter_dtype) for p in _parameters(channels))
+    y, _, _ = dispatch.NATIVE.training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
+                                       ACTIVATION_IDS[activation], 0.0)
+    assert_close(y, _float64_forward(x, weight, bias, residual, True, None, None, activation), dtype, "training y")
+    rm = (torch.randn(channels) * 0.1).to(parameter_dtype)
+    rv = (torch.rand(channels) + 0.5).to(parameter_dtype)
+    y = dispatch.NATIVE.apply(x, rm, None, rv, weight, bias, residual, 1e-5, ACTIVATION_IDS[activation], 0.0)
+    assert_close(y, _float64_forward(x, weight, bias, residual, False, rm, rv, activation), dtype, "eval y")
+
+
 @pytest.mark.parametrize("shape, layout", [((4, 6, 3, 5), "channels_last"), ((3, 4, 2, 3, 5), "channels_last"),
                                            ((17, 6), "contiguous"), ((4, 6, 9), "c_innermost"),
                                            ((5, 6, 1, 1), "contiguous"), ((4, 6, 3, 5), "contiguous"),

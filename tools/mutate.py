@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (54) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (55) takes about 45 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -105,6 +105,9 @@ MUTATIONS: List[Mutation] = [
              "return Vec<A>::blendv(Vec<A>::blendv(e * r, r, z >= Vec<A>(0)), z, z != z);",
              "return Vec<A>::blendv(Vec<A>::blendv(r, e * r, z >= Vec<A>(0)), z, z != z);", NATIVE_TESTS,
              "the 16-bit lines' logistic takes 1 - s for s: the two signs of z swapped (SiLU and sigmoid in bf16/fp16)"),
+    Mutation("native-short-planes-channel", "triton_bn/csrc/cpu/kernels.h", "      int64_t c = p0 % g.C;\n",
+             "      int64_t c = 0;\n", NATIVE_TESTS,
+             "short NCHW planes with SiLU/GELU: a chunk of planes that starts mid-way through the channels restarts at channel 0"),
     Mutation("native-momentum", "triton_bn/csrc/cpu/ops.cpp", "rm[c] = lerp(rm[c], m[c], f);",
              "rm[c] = lerp(m[c], rm[c], f);", NATIVE_TESTS, "native running mean weighs the old value by momentum"),
     Mutation("known-eval-takes-a-parameter-needing-grad", "triton_bn/csrc/cpu/ops.cpp",

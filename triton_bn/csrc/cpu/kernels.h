@@ -766,6 +766,42 @@ void normalize_vector_line(const T* x, const T* residual, T* y, int64_t n, const
   });
 }
 
+// Planes too short for whole vectors (7x7 = 49 values: three vectors of 16 bf16 values and a partial one, whose
+// transcendental arithmetic runs on 16 lanes for 1 value), with a transcendental activation: consecutive planes
+// are taken as one line of up to kShortPlanesChunk values, their per-channel values spread over per-value
+// buffers, and normalize_vector_line runs it as a row (the same fmadd per value, so the same results) in whole
+// vectors but for one partial vector per chunk. Taken where a plane's partial vector adds more than a 16th to
+// its arithmetic (7x7: bf16 and fp16 on AVX2 and AVX-512, fp32 too; 14x14 nowhere). Measured on 2x2048x7x7
+// (perf/NOTES.md).
+constexpr int64_t kShortPlanesChunk = 1024;
+template <typename T> constexpr bool short_planes(int64_t S) {
+  constexpr int64_t kWide = Vec<T>::size();
+  return S % kWide != 0 && (kWide - S % kWide) * 16 > S;  // so S < 16 * kWide <= kShortPlanesChunk
+}
+
+template <typename T, int ACT>
+void normalize_short_planes(const T* x, const T* residual, T* y, const Geometry& g, const acc_t<T>* scale,
+                            const acc_t<T>* shift) {
+  using A = acc_t<T>;
+  const int64_t S = g.S, planes = g.N * g.C, per_chunk = kShortPlanesChunk / S;  // S < kShortPlanesChunk
+  const int64_t chunks = (planes + per_chunk - 1) / per_chunk;
+  at::parallel_for(0, chunks, std::max<int64_t>(1, 32768 / kShortPlanesChunk), [&](int64_t begin, int64_t end) {
+    A sc[kShortPlanesChunk], sh[kShortPlanesChunk];
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t p0 = chunk * per_chunk, p1 = std::min(planes, p0 + per_chunk);
+      int64_t c = p0 % g.C;
+      for (int64_t p = p0; p < p1; ++p) {
+        std::fill(sc + (p - p0) * S, sc + (p - p0 + 1) * S, scale[c]);
+        std::fill(sh + (p - p0) * S, sh + (p - p0 + 1) * S, shift[c]);
+        if (++c == g.C) c = 0;
+      }
+      const int64_t offset = p0 * S;
+      normalize_vector_line<T, ACT, false>(x + offset, residual == nullptr ? nullptr : residual + offset, y + offset,
+                                           (p1 - p0) * S, sc, sh);
+    }
+  });
+}
+
 // y = act(x * scale + shift [+ residual]) line by line (for_each_line), rounded once to T.
 template <typename T, int ACT, bool PLANES>
 void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const acc_t<T>* scale,
@@ -778,6 +814,7 @@ void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, con
     return;
   }
   if constexpr (kVectorMath<T, ACT>) {
+    if (PLANES && short_planes<T>(g.S)) return normalize_short_planes<T, ACT>(x, residual, y, g, scale, shift);
     for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
       normalize_vector_line<T, ACT, PLANES>(x + offset, residual == nullptr ? nullptr : residual + offset, y + offset,
                                             n, scale + c, shift + c);
