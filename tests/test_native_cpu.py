@@ -305,8 +305,8 @@ def _activation_inputs(dtype=torch.float32):
 # (relative, absolute) bounds of the vector math against float64 PyTorch: fp32 within 1e-5 relative plus 1e-6
 # absolute (ATen's fp32 erf is a polynomial of 1.5e-7 absolute error, its exp and tanh Sleef's 1 ulp); float64
 # within 1e-13 relative plus 1e-15 absolute (Sleef's double functions are 1 ulp; the formulas add a few). bf16 and
-# fp16 are computed in fp32 (SiLU's and sigmoid's logistic by a faster exp and reciprocal, kernels.h's
-# logistic_vec) and rounded once: fp32's bound plus half an ulp of the 16-bit type at the exact value.
+# fp16 are computed in fp32 (SiLU's and sigmoid's logistic by ATen's inlined exp_u20, kernels.h's logistic_vec)
+# and rounded once: fp32's bound plus half an ulp of the 16-bit type at the exact value.
 VECTOR_MATH_BOUNDS = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-13, 1e-15), torch.bfloat16: (1e-5, 1e-6),
                       torch.float16: (1e-5, 1e-6)}
 SIXTEEN_BIT = [torch.bfloat16, torch.float16]
@@ -357,8 +357,8 @@ def test_transcendental_activation_derivatives_against_float64(activation, layou
     """Their derivatives in vector registers, the same way: the backward with running statistics (mean 0,
     variance 1, eps 0, weight 1: dx = dz = dy * act'(x)) against float64 autograd within VECTOR_MATH_BOUNDS,
     and the per-channel sums of pass 1 (dbias = sum dz, dweight = sum dz * x) against float64 within its
-    relative bound (sums of fp32 dz for bf16 and fp16, in fp32 parameters). Finite inputs up to 100 in magnitude (beyond, z^3
-    overflows fp32 in GELU-tanh's derivative, as in PyTorch's own fp32 kernel)."""
+    relative bound (for bf16 and fp16, sums of fp32 dz in fp32 parameters). Finite inputs up to 100 in magnitude
+    (beyond, z^3 overflows fp32 in GELU-tanh's derivative, as in PyTorch's own fp32 kernel)."""
     z = _activation_inputs(dtype)
     z = z[torch.isfinite(z) & (z.abs() <= 100)]
     grad_y = torch.linspace(-2, 3, z.numel(), dtype=dtype)

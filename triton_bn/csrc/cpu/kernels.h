@@ -285,7 +285,7 @@ template <typename T> constexpr bool kRoundedTo16Bits = !std::is_same_v<T, acc_t
 // division), unless ROUNDED (fp32 arithmetic for a bf16 or fp16 line): there e = e^-|z| by ATen's exp_u20 (20 ulp,
 // inlined), r = 1 / (1 + e) and the logistic r or e * r by z's sign, NaN kept. (A reciprocal estimate with a
 // Newton step in place of the division always lands below 1 / (1 + e): sigmoid's dz sums, 1 - s summed over
-// 40,000 values, came out 5e-5 relative off float64, ten times the fp32 bound. The division is exact-rounded.)
+// 40,000 values, came out 5e-5 relative off float64, five times the fp32 bound. The division rounds once.)
 // Measured on an AVX2 host (perf/NOTES.md), the library call made the 16-bit SiLU lines latency-bound: every
 // vector register is caller-saved across it, so the loop spilled and reloaded its values around each exp, and
 // the 16-bit forward + backward ran at fp32's speed, slower than PyTorch's. The 16-bit result is rounded to 8
@@ -781,8 +781,8 @@ void normalize_vector_line(const T* x, const T* residual, T* y, int64_t n, const
 // are taken as one line of up to kShortPlanesChunk values, their per-channel values spread over per-value
 // buffers, and normalize_vector_line runs it as a row (the same fmadd per value, so the same results) in whole
 // vectors but for one partial vector per chunk. Taken where a plane's partial vector adds more than a 16th to
-// its arithmetic (7x7: bf16 and fp16 on AVX2 and AVX-512, fp32 too; 14x14 nowhere). Measured on 2x2048x7x7
-// (perf/NOTES.md).
+// its arithmetic (7x7: bf16, fp16 and fp32 on AVX2 and AVX-512, float64 on AVX-512; 14x14 nowhere). Measured
+// on 2x2048x7x7 (perf/NOTES.md).
 constexpr int64_t kShortPlanesChunk = 1024;
 template <typename T> constexpr bool short_planes(int64_t S) {
   constexpr int64_t kWide = Vec<T>::size();
