@@ -266,10 +266,11 @@ template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
 // type PyTorch's own CPU kernels use, built for the ISA the build names (native_cpu.py: the CPU_CAPABILITY
 // macros, AVX-512 or AVX2 on x86, as PyTorch itself dispatches on this CPU): 16 fp32 / 8 double lanes
 // under AVX-512, 8 / 4 under AVX2, NEON's 4 / 2 on Arm, and ATen's scalar loops where no vector ISA is
-// known. Its exp and tanh are Sleef's (1 ulp; the symbols come from libtorch_cpu, which the library links),
-// its double erf Sleef's: the functions, to the ulp, that PyTorch's silu and sigmoid kernels call, float64
-// included. GELU in fp32 is the exception (gelu_terms below): ATen's erf polynomial with a faster exp, since
-// PyTorch's own fp32/bf16 GELU runs oneDNN's code, faster than ATen's erf. The formulas are activate<ACT>'s.
+// known. Its tanh is Sleef's (1 ulp; the symbols come from libtorch_cpu, which the library links), and so are
+// double's exp and erf: the functions, to the ulp, that PyTorch's float64 kernels call. fp32 arithmetic takes
+// ATen's faster inlined exp_u20 for SiLU's and sigmoid's logistic (exp_vec below) and for GELU (gelu_terms,
+// with ATen's erf polynomial, since PyTorch's own fp32/bf16 GELU runs oneDNN's code, faster than ATen's erf):
+// Sleef's exp is a library call. The formulas are activate<ACT>'s.
 template <typename A> using Vec = at::vec::Vectorized<A>;
 template <typename A> inline Vec<A> splat(double value) { return Vec<A>(static_cast<A>(value)); }  // every lane
 
@@ -278,36 +279,40 @@ template <typename A> inline Vec<A> splat(double value) { return Vec<A>(static_c
 template <typename T, int ACT> constexpr bool kVectorMath =
     ACT == kSilu || ACT == kGelu || ACT == kGeluTanh || ACT == kSigmoid;
 
-// Whether a line of T is computed in fp32 and rounded to a 16-bit type (bf16, fp16) when stored.
-template <typename T> constexpr bool kRoundedTo16Bits = !std::is_same_v<T, acc_t<T>>;
-
-// The logistic 1 / (1 + e^-z) of SiLU and sigmoid. As PyTorch computes it (Sleef's exp behind a library call, a
-// division), unless ROUNDED (fp32 arithmetic for a bf16 or fp16 line): there e = e^-|z| by ATen's exp_u20 (20 ulp,
-// inlined), r = 1 / (1 + e) and the logistic r or e * r by z's sign, NaN kept. (A reciprocal estimate with a
-// Newton step in place of the division always lands below 1 / (1 + e): sigmoid's dz sums, 1 - s summed over
-// 40,000 values, came out 5e-5 relative off float64, five times the fp32 bound. The division rounds once.)
-// Measured on an AVX2 host (perf/NOTES.md), the library call made the 16-bit SiLU lines latency-bound: every
-// vector register is caller-saved across it, so the loop spilled and reloaded its values around each exp, and
-// the 16-bit forward + backward ran at fp32's speed, slower than PyTorch's. The 16-bit result is rounded to 8
-// or 11 bits, so a few fp32 ulp move a value to the neighbouring 16-bit one only where the exact value lies
-// within them of a rounding boundary; fp32 and double lines keep PyTorch's values to the ulp.
-template <typename A, bool ROUNDED = false> inline Vec<A> logistic_vec(const Vec<A>& z) {
-  const Vec<A> one = splat<A>(1);
-  if constexpr (ROUNDED && std::is_same_v<A, float>) {
-    const Vec<A> e = z.abs().neg().exp_u20();  // in (0, 1]; -inf gives 0; a NaN z is kept below
-    const Vec<A> r = one / (one + e);
-    return Vec<A>::blendv(Vec<A>::blendv(e * r, r, z >= Vec<A>(0)), z, z != z);
+// e^x in the vector lines (SiLU's and sigmoid's logistic, GELU's Gaussian). In fp32 (the compute type of fp32,
+// bf16 and fp16 lines) ATen's exp_u20, inlined: Sleef's 1-ulp exp, which PyTorch's own silu and sigmoid call, is
+// a library call, across which every vector register is caller-saved, and costs twice exp_u20's arithmetic
+// besides. Measured on an AVX2 host (perf/NOTES.md), it held the fp32 SiLU cells at 1.0-1.2x of PyTorch's;
+// exp_u20 took them to 1.3-1.9x. The cost in accuracy (perf/logistic_accuracy.py, every 16th fp32 value with
+// |z| <= 20): SiLU within 4.2 ulp of the exact value and sigmoid within 4.0 (PyTorch's: 2.3), one value in 50
+// differing from PyTorch's, far inside the suite's fp32 bound. exp_u20 turns a NaN into inf and flushes results
+// below fp32's smallest normal to 0 (where e^-z adds nothing to 1 + e^-z). double keeps Sleef's exp: PyTorch's
+// float64 values to the ulp.
+template <typename A> inline Vec<A> exp_vec(const Vec<A>& x) {
+  if constexpr (std::is_same_v<A, float>) {
+    return x.exp_u20();
   } else {
-    return one / (one + z.neg().exp());
+    return x.exp();
+  }
+}
+
+// The logistic 1 / (1 + e^-z), NaN kept: exp_vec's fp32 e^NaN is inf, whose logistic would be 0 (Sleef's double
+// exp keeps NaN itself).
+template <typename A> inline Vec<A> logistic_vec(const Vec<A>& z) {
+  const Vec<A> one = splat<A>(1), s = one / (one + exp_vec(z.neg()));
+  if constexpr (std::is_same_v<A, float>) {
+    return Vec<A>::blendv(s, z, z != z);
+  } else {
+    return s;
   }
 }
 
 // GELU's normal CDF Phi(z) = (1 + erf(z / sqrt 2)) / 2 and its Gaussian exp(-z^2 / 2), which the backward's
 // density shares. For fp32 (the compute type of fp32, bf16 and fp16 lines): erf by Abramowitz and Stegun 7.1.26
-// (|error| <= 1.5e-7, the approximation ATen's own Vectorized<float>::erf takes) with ATen's exp_u20 (20 ulp,
-// inlined) for the exp(-x^2) inside it, in place of Sleef's 1-ulp exp behind a library call: measured, ATen's
-// erf made our fused BN + GELU pass cost 2 ms of arithmetic on a 32x64x56x56 bf16 tensor where PyTorch's
-// whole GELU (oneDNN's) took 1.6 ms (perf/NOTES.md). The same exp is the backward's Gaussian. double keeps
+// (|error| <= 1.5e-7, the approximation ATen's own Vectorized<float>::erf takes) with exp_vec's exp_u20 for the
+// exp(-x^2) inside it, in place of Sleef's 1-ulp exp behind a library call: measured, ATen's erf made our fused
+// BN + GELU pass cost 2 ms of arithmetic on a 32x64x56x56 bf16 tensor where PyTorch's whole GELU (oneDNN's)
+// took 1.6 ms (perf/NOTES.md). The same exp is the backward's Gaussian. double keeps
 // ATen's erf and exp (Sleef's, 1 ulp).
 template <typename A> struct GeluTerms { Vec<A> cdf, gauss; };
 template <typename A> inline GeluTerms<A> gelu_terms(const Vec<A>& z) {
@@ -327,33 +332,33 @@ template <typename A> inline GeluTerms<A> gelu_terms(const Vec<A>& z) {
     poly = at::vec::fmadd(poly, t, splat<A>(1.421413741));
     poly = at::vec::fmadd(poly, t, splat<A>(-0.284496736));
     poly = at::vec::fmadd(poly, t, splat<A>(0.254829592)) * t;
-    const Vec<A> gauss = (splat<A>(-0.5) * z * z).exp_u20();  // exp(-x^2)
+    const Vec<A> gauss = exp_vec(splat<A>(-0.5) * z * z);  // exp(-x^2)
     const Vec<A> tail = half * poly * gauss;                   // (1 - erf(|x|)) / 2
     return {Vec<A>::blendv(one - tail, tail, z < Vec<A>(0)), gauss};
   } else {
-    return {half * (one + (z * splat<A>(kSqrt1_2)).erf()), (splat<A>(-0.5) * z * z).exp()};
+    return {half * (one + (z * splat<A>(kSqrt1_2)).erf()), exp_vec(splat<A>(-0.5) * z * z)};
   }
 }
 
-// act(z) for Vec<A>::size() values (SiLU z / (1 + e^-z), as PyTorch writes it; ROUNDED: logistic_vec's).
-template <int ACT, typename A, bool ROUNDED = false> inline Vec<A> activate_vec(const Vec<A>& z) {
+// act(z) for Vec<A>::size() values (SiLU z / (1 + e^-z), as PyTorch writes it: a NaN z gives NaN / inf).
+template <int ACT, typename A> inline Vec<A> activate_vec(const Vec<A>& z) {
   const Vec<A> half = splat<A>(0.5), one = splat<A>(1);
-  if constexpr (ACT == kSilu) return ROUNDED ? z * logistic_vec<A, true>(z) : z / (one + z.neg().exp());
+  if constexpr (ACT == kSilu) return z / (one + exp_vec(z.neg()));
   if constexpr (ACT == kGelu) return z * gelu_terms(z).cdf;
   if constexpr (ACT == kGeluTanh) {
     const Vec<A> inner = splat<A>(kTanhBeta) * at::vec::fmadd(splat<A>(kTanhKappa), z * z * z, z);
     return half * z * (one + inner.tanh());
   }
-  if constexpr (ACT == kSigmoid) return logistic_vec<A, ROUNDED>(z);
+  if constexpr (ACT == kSigmoid) return logistic_vec(z);
   return z;
 }
 
-// dL/dz = g * act'(z) for Vec<A>::size() values, the formulas of activation_backward<ACT> (ROUNDED as above).
-template <int ACT, typename A, bool ROUNDED = false>
+// dL/dz = g * act'(z) for Vec<A>::size() values, the formulas of activation_backward<ACT>.
+template <int ACT, typename A>
 inline Vec<A> activation_backward_vec(const Vec<A>& g, const Vec<A>& z) {
   const Vec<A> half = splat<A>(0.5), one = splat<A>(1);
   if constexpr (ACT == kSilu) {
-    const Vec<A> s = logistic_vec<A, ROUNDED>(z);
+    const Vec<A> s = logistic_vec(z);
     return g * s * at::vec::fmadd(z, one - s, one);
   }
   if constexpr (ACT == kGelu) {
@@ -368,7 +373,7 @@ inline Vec<A> activation_backward_vec(const Vec<A>& g, const Vec<A>& z) {
     return g * at::vec::fmadd(half, one + t, slope);
   }
   if constexpr (ACT == kSigmoid) {
-    const Vec<A> s = logistic_vec<A, ROUNDED>(z);
+    const Vec<A> s = logistic_vec(z);
     return g * (one - s) * s;
   }
   return g;
@@ -770,7 +775,7 @@ void normalize_vector_line(const T* x, const T* residual, T* y, int64_t n, const
     for_each_part<T>(i, count, [&](int k, int64_t at, int64_t part) {
       z[k] = affine_vec<PLANES>(z[k], scale, shift, at, part);
       if (residual != nullptr) z[k] = z[k] + r[k];
-      z[k] = activate_vec<ACT, A, kRoundedTo16Bits<T>>(z[k]);
+      z[k] = activate_vec<ACT, A>(z[k]);
     });
     store_parts(y + i, z, count);
   });
@@ -914,7 +919,7 @@ void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t
     for_each_part<T>(i, count, [&](int p, int64_t at, int64_t part) {
       Vec<A> z = affine_vec<PLANES>(xv[p], sc, sh, at, part);
       if constexpr (HAS_RES) z = z + r[p];
-      const Vec<A> d = activation_backward_vec<ACT, A, kRoundedTo16Bits<T>>(g[p], z);
+      const Vec<A> d = activation_backward_vec<ACT, A>(g[p], z);
       const Vec<A> xhat = (xv[p] - per_channel_vector<PLANES>(mu, at, part)) * per_channel_vector<PLANES>(is, at, part);
       d.store(dz + (at - i0), part);
       (d * xhat).store(dz_xhat + (at - i0), part);
@@ -1154,7 +1159,7 @@ void backward_vector_line(const T* x, const T* dy, const T* res, T* grad_x, T* g
     for_each_part<T>(i, count, [&](int p, int64_t at, int64_t part) {
       Vec<A> z = affine_vec<PLANES>(xv[p], sc, sh, at, part);
       if constexpr (HAS_RES) z = z + r[p];
-      dz[p] = activation_backward_vec<ACT, A, kRoundedTo16Bits<T>>(g[p], z);
+      dz[p] = activation_backward_vec<ACT, A>(g[p], z);
       if constexpr (DX) dx[p] = grad_x_vec<PLANES>(dz[p], xv[p], k, c0, at, part);
     });
     if constexpr (DX) store_parts(grad_x + i, dx, count);
