@@ -71,6 +71,30 @@ def test_speedups_summary_and_csv_schema(tmp_path):
     assert report.geomean([1.0, 4.0]) == pytest.approx(2.0)
 
 
+def test_each_anchor_gets_its_own_geomean_when_several_were_measured():
+    """With eager and torch.compile both measured, the console and summary.md give the geomean against each one
+    alone beside the best-anchor one, each over the rows where neither triton_bn nor that anchor is noise; with
+    one anchor they do not repeat it."""
+    clean = dict(_rows()[0], ms_p20=None, ms_p80=None)
+    rows = []
+    for shape, eager_ms, compile_ms, compile_noise in (("2x3x4x4", 2.0, 4.0, ""), ("8x3x4x4", 8.0, 1.0, ""),
+                                                       ("16x3x4x4", 3.0, 9.0, "p20-p80 wide")):
+        for provider, ms, noise in (("triton_bn", 1.0, ""), ("eager_native", eager_ms, ""),
+                                    ("torch_compile", compile_ms, compile_noise)):
+            rows.append(dict(clean, shape=shape, provider=provider, ms=ms, noise=noise))
+    frame = pd.DataFrame(report.add_speedups(rows, ["triton_bn", "eager_native", "torch_compile"]))
+    # best anchor: 2x, 1x and 3x (the noisy torch.compile row is not the fastest there, so that row counts);
+    # eager alone over all three: (2 * 8 * 3)^(1/3); torch.compile alone over its two clean rows: (4 * 1)^(1/2)
+    each = f"; against each: eager_native {48 ** (1 / 3):.2f}x, torch_compile 2.00x"
+    assert report.headline(frame) == [f"train_fwd                nchw           fp32  geomean {6 ** (1 / 3):.2f}x, "
+                                      "worst row 1.00x over 3 shapes" + each]
+    assert (f"geomean speedup vs best anchor: {6 ** (1 / 3):.2f}x; worst row: 1.00x" + each
+            in report.summary_markdown(frame, "# t"))
+    alone = frame[frame["provider"] != "torch_compile"]
+    assert "against each" not in report.headline(alone)[0]
+    assert "against each" not in report.summary_markdown(alone, "# t")
+
+
 def test_summary_shows_graph_replay_efficiency_when_measured():
     rows = _rows() + [dict(_rows()[0], provider="triton_bn+cudagraph", ms=0.5, efficiency=1.0)]
     frame = pd.DataFrame(report.add_speedups(rows, ["triton_bn", "eager_cudnn", "torch_compile"]))

@@ -86,6 +86,24 @@ def speedup_over_anchors(problem, anchors):
     return fastest["ms"] / ours["ms"].iloc[0], noisy
 
 
+def geomeans_per_anchor(group, anchors) -> str:
+    """Where a run measured more than one anchor (eager and torch.compile): triton_bn's geomean speedup over each
+    one alone, over the rows where neither it nor that anchor is noise (so a table against eager and one against
+    torch.compile come out of the same run). Empty with a single anchor, where the best-anchor geomean says it."""
+    if len(anchors) < 2:
+        return ""
+    parts = []
+    for anchor in anchors:
+        speedups = []
+        for _, problem in group.groupby("shape"):
+            found = speedup_over_anchors(problem, [anchor])
+            if found is not None and not found[1] and math.isfinite(found[0]):
+                speedups.append(found[0])
+        if speedups:
+            parts.append(f"{anchor} {geomean(speedups):.2f}x")
+    return "; against each: " + ", ".join(parts) if parts else ""
+
+
 def headline(frame) -> List[str]:
     """Per case, layout and dtype: triton_bn's geomean speedup over the fastest anchor of each row and its worst
     row, over the rows that are results (noise left out, and counted): what the console prints at the end."""
@@ -104,7 +122,8 @@ def headline(frame) -> List[str]:
         left_out = f"; {noisy} noisy left out" if noisy else ""
         if speedups:
             lines.append(f"{case:24} {layout:14} {dtype:5} geomean {geomean(speedups):.2f}x, worst row "
-                         f"{min(speedups):.2f}x over {len(speedups)} shapes{left_out}")
+                         f"{min(speedups):.2f}x over {len(speedups)} shapes{left_out}"
+                         f"{geomeans_per_anchor(group, anchors)}")
         elif noisy:
             lines.append(f"{case:24} {layout:14} {dtype:5} no result: all {noisy} shapes noisy")
     return lines
@@ -172,8 +191,10 @@ def summary_markdown(frame, header: str) -> str:
                          + f" {noise} |")
         if speedups:
             lines.append("")
+            everything = frame[(frame["case"] == case) & (frame["layout"] == layout) & (frame["dtype"] == dtype)]
             lines.append(f"geomean speedup vs best anchor: {geomean(speedups):.2f}x; worst row: {min(speedups):.2f}x"
-                         + (f" ({left_out} noisy rows left out)" if left_out else ""))
+                         + (f" ({left_out} noisy rows left out)" if left_out else "")
+                         + geomeans_per_anchor(everything, anchors))
         lines.append("")
     return "\n".join(lines)
 
