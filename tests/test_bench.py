@@ -439,3 +439,35 @@ def test_a_graphed_training_step_replays_the_step_of_the_eager_model():
 def triton_bn_convert(model):
     import triton_bn
     return triton_bn.convert_model(model)
+
+
+def test_compare_runs_names_the_cells_below_earlier_readings(tmp_path, capsys):
+    """perf/compare_runs.py (the docs' account of a run against earlier days): a cell below every earlier reading
+    of it and one below only the best are named as such, and a cell at or above the best is not named."""
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("compare_runs", os.path.join(root, "perf", "compare_runs.py"))
+    compare_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_runs)
+
+    def summary(path, speedups):
+        rows = []
+        for case, speedup in speedups.items():
+            for provider, ms in (("triton_bn", 1.0), ("eager_native", speedup)):
+                rows.append(dict(_rows()[0], case=case, provider=provider, ms=ms, noise=""))
+        frame = pd.DataFrame(report.add_speedups(rows, ["triton_bn", "eager_native"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report.summary_markdown(frame, "# t"))
+
+    summary(tmp_path / "old" / "a" / "summary.md", {"eval_fwd": 1.2, "train_fwd": 1.5, "train_fwdbwd": 1.0})
+    summary(tmp_path / "old" / "b" / "summary.md", {"eval_fwd": 1.4, "train_fwd": 1.6, "train_fwdbwd": 1.1})
+    summary(tmp_path / "new.md", {"eval_fwd": 1.3, "train_fwd": 1.4, "train_fwdbwd": 1.2})
+    assert compare_runs.main([str(tmp_path / "new.md"), str(tmp_path / "old" / "**" / "summary.md")]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 cells have earlier readings (2 summaries)" in out
+    lowest, best = out.split("below the best earlier reading")
+    assert "below the lowest earlier reading: 1" in lowest and "train_fwd nchw fp32: 1.40x against 1.50x" in lowest
+    assert ": 2" in best.splitlines()[0] and "eval_fwd nchw fp32: 1.30x against 1.40x" in best
+    assert "train_fwdbwd" not in out
+    assert compare_runs.main([str(tmp_path / "new.md"), str(tmp_path / "nothing-*.md")]) == 1
