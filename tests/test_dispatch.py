@@ -12,7 +12,7 @@ import torch
 
 import triton_bn
 from triton_bn import dispatch
-from triton_bn.activations import ACTIVATION_IDS
+from triton_bn.activations import ACTIVATION_IDS, torch_activation
 from triton_bn.backends import native_cpu
 
 from helpers import assert_close, make_input, reference_batch_norm
@@ -228,6 +228,70 @@ def test_the_known_eval_call_refuses_what_the_long_way_decides(native_ops, chang
     else:
         with pytest.raises(error):
             triton_bn.batch_norm(**functional_arguments)
+
+
+# -- a folded BN's activation as a pass of its own (dispatch.activation_pass) ---------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "sigmoid"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["alone", "with-residual"])
+def test_activation_pass_computes_the_activation(native_ops, monkeypatch, dtype, layout, activation, with_residual):
+    """act(x [+ residual]) by the native kernels, in x's dtype and strides, as PyTorch's activation computes it in
+    float64 (fp32, bf16 and fp16 as without the interpreter: the kernels take them), x and the residual unwritten."""
+    monkeypatch.setattr(dispatch, "_NATIVE_TAKES_KERNEL_DTYPES", True)
+    x, _, _, _, _, residual = _eval_call(dtype, layout)
+    residual = residual if with_residual else None
+    kept = (x.clone(), None if residual is None else residual.clone())
+    y = dispatch.activation_pass(x, activation, 0.01, residual)
+    assert y is not None and y.dtype == dtype and y.stride() == x.stride()
+    z = x.double() + (0 if residual is None else residual.double())
+    expected = torch_activation(activation)(z)
+    assert_close(y, expected, dtype, "y")
+    assert torch.equal(x, kept[0]) and (residual is None or torch.equal(residual, kept[1]))
+    if residual is None:  # written over x: the same values as the new tensor's, in x itself
+        assert dispatch.activation_pass(x, activation, 0.01, overwrite=True) is x
+        assert torch.equal(x, y)
+
+
+def test_activate_in_place_takes_only_the_vector_activations(native_ops):
+    """The C++ op that writes act(x) over x refuses an activation whose lines are not elementwise in vectors (ReLU
+    and its kin go through buffers that may not alias) and a strided x, before writing anything."""
+    x, *_ = _eval_call(torch.float64, "contiguous")
+    kept = x.clone()
+    for activation in ("relu", "hardswish", None):
+        with pytest.raises(RuntimeError, match="activate_ takes"):
+            native_ops.activate_(x, ACTIVATION_IDS[activation], 0.01)
+    with pytest.raises(RuntimeError, match="channels innermost"):
+        native_ops.activate_(x[..., ::2], ACTIVATION_IDS["silu"], 0.01)
+    assert torch.equal(x, kept)
+
+
+def test_activation_pass_leaves_the_rest_to_pytorch(native_ops):
+    """None (the caller runs PyTorch's activation) for the activations PyTorch's in-place op serves as fast (ReLU
+    and its kin, none), for what the known eval call would refuse (an input that needs a gradient, strides the
+    kernels do not serve, fp32 where the Triton kernels serve it), and while torch.jit.trace records."""
+    x, *_ = _eval_call(torch.float64, "channels_last")
+    assert dispatch.activation_pass(x, "silu", 0.01) is not None
+    for activation in ("relu", "relu6", "leaky_relu", "hardswish", None):
+        assert dispatch.activation_pass(x, activation, 0.01) is None, activation
+    assert dispatch.activation_pass(x.clone().requires_grad_(), "silu", 0.01) is None
+    recorded = x.clone().requires_grad_() * 2  # a layer's output that autograd records: PyTorch's op, not written
+    kept = recorded.detach().clone()
+    assert dispatch.activation_pass(recorded, "silu", 0.01, overwrite=True) is None
+    assert torch.equal(recorded.detach(), kept)
+    with torch.no_grad():
+        assert dispatch.activation_pass(x.clone().requires_grad_(), "silu", 0.01) is not None
+    assert dispatch.activation_pass(x[..., ::2], "silu", 0.01) is None
+    x32 = x.float()
+    assert (dispatch.activation_pass(x32, "silu", 0.01) is None) == (dispatch.backend_for(x32) is not dispatch.NATIVE)
+    seen = []
+
+    def recorded(t):
+        seen.append(dispatch.activation_pass(t, "silu", 0.01))
+        return torch.sigmoid(t)
+
+    torch.jit.trace(recorded, x, check_trace=False)
+    assert seen == [None]
 
 
 def test_the_known_eval_call_refuses_kernel_dtypes_where_triton_serves_them(native_ops):

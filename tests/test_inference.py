@@ -110,6 +110,46 @@ def test_folded_epilogues_never_write_their_inputs(activation, device):
     assert leaf.grad is not None and torch.equal(leaf.detach(), kept[0])
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "sigmoid", "relu"])
+def test_folded_activation_takes_the_native_pass_where_it_is_faster(activation, monkeypatch):
+    """On a CPU a folded layer's SiLU, GELU or sigmoid, and an identity table's activation of a residual sum, run as
+    the native kernels' pass (dispatch.activation_pass, faster than PyTorch's for an exp, erf or tanh); ReLU
+    stays PyTorch's in-place op, and so does anything autograd records. Either way the folded model computes the
+    original's output (float64, which the native kernels serve under the interpreter too) and writes nothing it
+    was given."""
+    from triton_bn import dispatch
+    if dispatch.native_cpu.ops() is None:
+        pytest.skip("the native CPU kernels are not available here")
+    taken = []
+    original_pass = dispatch.activation_pass
+
+    def counting(*args, **kwargs):
+        out = original_pass(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(triton_bn.fold, "activation_pass", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), triton_bn.BatchNorm2d(4, activation=activation)).double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    before = x.clone()
+    folded = _check(model, x, atol=1e-12)  # with autograd recording (the folded weights need grad): PyTorch's op
+    assert isinstance(folded[0], triton_bn.fold.Conv2dWithActivation) and taken == [False]
+    taken.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-12, rtol=1e-12)
+    assert torch.equal(x, before)
+    identity = triton_bn.FrozenBatchNorm(torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                                         activation, identity=True)
+    y, residual = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    kept = (y.clone(), residual.clone())
+    torch.testing.assert_close(identity(y, residual),
+                               triton_bn.activations.torch_activation(activation)(kept[0] + kept[1]),
+                               atol=1e-12, rtol=1e-12)
+    assert torch.equal(y, kept[0]) and torch.equal(residual, kept[1])
+    assert taken == [activation != "relu"] * 2, taken
+
+
 @pytest.mark.parametrize("layer,bn,x_shape", [
     (lambda: nn.Conv2d(4, 6, 3, bias=False), lambda: nn.BatchNorm2d(6), (2, 4, 7, 7)),
     (lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2), lambda: nn.BatchNorm2d(6), (2, 4, 7, 7)),

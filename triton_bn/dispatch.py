@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import spec
-from .activations import TABLE, torch_activation
+from .activations import ACTIVATION_IDS, TABLE, torch_activation
 from .autograd import BatchNormFunction, TrainingBatchNormFunction
 from .backends import (Backend, cpp_launch, known_call_activation, native_cpu, pytorch_kernels,
                        triton_kernels)
@@ -88,6 +88,44 @@ def known_eval_call(input, running_mean, running_var, weight, bias, eps, activat
                                     negative_slope, _NATIVE_TAKES_KERNEL_DTYPES)
     except (TypeError, RuntimeError):  # an argument the op's schema does not take (a list for a tensor, ...)
         return None                    # the long way raises the documented error
+
+
+# On a CPU, the activations whose arithmetic (an exp, erf or tanh per value) is most of what a pass over the tensor
+# costs: the native kernels' vector math (common.h's computed_in_vectors) runs them faster than PyTorch's own
+# activation as a pass of its own: in place over a folded layer's output 2.1x PyTorch's silu_ (the folded
+# yolo_backbone at batch 8, fp32, AVX2), and 1.2-1.6x even writing a new tensor (EfficientNet's layer sizes; at
+# parity for 56K values; perf/NOTES.md). ReLU and its piecewise-linear kin cost one memory pass either way.
+_CPU_KERNEL_ACTIVATIONS = frozenset({"silu", "gelu", "gelu_tanh", "sigmoid"})
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_statistics(channels: int):
+    """Running statistics that make the eval pass the identity: mean 0, variance 1 (with eps 0, z = x exactly)."""
+    return torch.zeros(channels), torch.ones(channels)
+
+
+def activation_pass(x: Tensor, activation: Optional[str], negative_slope: float, residual: Optional[Tensor] = None,
+                    overwrite: bool = False) -> Optional[Tensor]:
+    """``act(x [+ residual])`` as a pass of its own (what is left of a BN folded into the layer before it: fold.py),
+    by the native CPU kernels where they beat PyTorch's own activation (``_CPU_KERNEL_ACTIVATIONS``) and serve ``x``
+    (a dense CPU tensor of a dtype they take, as for ``known_eval_call``), with nothing that needs a gradient and nothing
+    tracing or recording; else None, and the caller runs PyTorch's. ``overwrite`` (no residual): the result is
+    written over ``x``, a tensor the caller just made and nobody else holds (a layer's output), as PyTorch's
+    in-place activation would; else a new tensor, ``x`` and the residual unwritten (the known eval call's pass
+    with mean 0, variance 1, eps 0: z = x exactly)."""
+    if activation not in _CPU_KERNEL_ACTIVATIONS or x.dim() < 2 \
+            or needs_gradient(x, None, None, residual) or torch.compiler.is_compiling() or recording_for_export() \
+            or torch._C._get_tracing_state() is not None:
+        return None
+    # the known eval call's rule: the native kernels serve x, and take fp32/fp16/bf16 where Triton's do not
+    native = native_cpu.serves(x) if x.dtype == torch.float64 or _NATIVE_TAKES_KERNEL_DTYPES else None
+    if native is None:
+        return None
+    if overwrite and residual is None:
+        native.activate_(x, ACTIVATION_IDS[activation], negative_slope)
+        return x
+    zeros, ones = _unit_statistics(x.shape[1])
+    return known_eval_call(x, zeros, ones, None, None, 0.0, activation, negative_slope, residual, None)
 
 
 def backend_for(x: Tensor) -> Backend:

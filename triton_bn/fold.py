@@ -12,9 +12,11 @@ so when y = conv(x) (or conv_transpose, linear), the BN disappears into the laye
 (``o`` is the output channel: dim 0 of a Conv/Linear weight, dim 1 within each group of a
 ConvTranspose weight). A fused activation moves into the layer (``Conv2dWithActivation`` and its
 siblings: the layer, then the activation on its own fresh output, in place, as a model's
-``nn.ReLU(inplace=True)`` would); a residual add survives as a ``FrozenBatchNorm`` with scale 1 and
-shift 0, which adds and activates with PyTorch's own ops on a CPU (in place on the new sum) and with one
-fused pass on a GPU: the add and the activation had to be done anyway.
+``nn.ReLU(inplace=True)`` would; on a CPU, an activation that needs an exp, erf or tanh takes the native
+kernels' pass instead, faster than PyTorch's); a residual add survives as a ``FrozenBatchNorm`` with scale 1
+and shift 0, which adds and activates with PyTorch's own ops on a CPU (in place on the new sum; the native
+kernels' one pass for those activations) and with one fused pass on a GPU: the add and the activation had to
+be done anyway.
 """
 import copy
 import warnings
@@ -25,7 +27,7 @@ from torch import fx, nn
 
 from .activations import activation_id, torch_activation
 from .convert import FusionReport, OUR_MODULES, set_module, call_counts, swap_batch_norms, one_level_graphs
-from .dispatch import apply_step, recording_for_export
+from .dispatch import activation_pass, apply_step, recording_for_export
 from .functional import SCRIPT_REFUSAL, check_fused_residual
 from .tracing import OneLevelTrace, running_graph
 
@@ -78,10 +80,12 @@ class FrozenBatchNorm(nn.Module):
         if recording_for_export():
             out = self._portable(input, residual)
         elif self.identity and (residual is None or not input.is_cuda):
-            # on a CPU at inference sizes the fused kernel's fixed cost per call is more than the pass itself
-            # (perf/NOTES.md); on a GPU it stays for a residual add, where it saves a pass (x and the residual
-            # read once, y written once)
-            out = self._portable(input, residual, may_overwrite=True)
+            # on a CPU at inference sizes the fused kernel's fixed cost per call is more than a ReLU's pass
+            # (perf/NOTES.md), not than an exp's (activation_pass); on a GPU it stays for a residual add, where it
+            # saves a pass (x and the residual read once, y written once)
+            out = activation_pass(input, self.activation, self.negative_slope, residual)
+            if out is None:
+                out = self._portable(input, residual, may_overwrite=True)
         else:
             apply = apply_step(input, None, None, residual, torch.compiler.is_compiling())
             out = apply(input, buffers["_zeros"], None, buffers["_ones"], scale, buffers["shift"], residual, 0.0,
@@ -132,7 +136,9 @@ class _ActivationAfter:
     """A Conv/ConvTranspose/Linear that a BN with an activation was folded into: the layer, whose weights
     now carry the BN's table, then the BN's activation on the layer's own output. That output is a new
     tensor nothing else holds, so the activation works in place on it (where autograd records nothing), as
-    a model's ``nn.ReLU(inplace=True)`` after its BN would: no second tensor, no second allocation. The
+    a model's ``nn.ReLU(inplace=True)`` after its BN would: no second tensor, no second allocation. On a CPU,
+    SiLU, GELU, GELU-tanh and sigmoid take the native kernels' pass over it instead (``dispatch.activation_pass``:
+    their vector math is faster than PyTorch's). The
     ``state_dict`` is the layer's own (the activation is not state), and an exported program records the
     layer and the activation, as PyTorch's own folding of the original would."""
 
@@ -141,6 +147,9 @@ class _ActivationAfter:
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
+        activated = activation_pass(out, self.activation, self.negative_slope, overwrite=True)  # SiLU, GELU: CPU
+        if activated is not None:
+            return activated
         return torch_activation(self.activation, self.negative_slope, _may_overwrite(out))(out)
 
     def without_activation(self) -> nn.Module:

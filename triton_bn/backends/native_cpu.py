@@ -48,6 +48,7 @@ class NativeOps(NamedTuple):
     backward: Callable
     training: Callable  # training_forward + the batch counted, its backward recorded as a C++ autograd node
     evaluate_call: Callable  # a plain eval call with its checks made in C++, or None (dispatch.known_eval_call)
+    activate_: Callable  # SiLU, GELU, GELU-tanh or sigmoid written over x (dispatch.activation_pass)
 
 
 _loaded = {}  # "ops": NativeOps, or None where the build failed

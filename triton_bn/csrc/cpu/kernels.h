@@ -274,10 +274,10 @@ template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
 template <typename A> using Vec = at::vec::Vectorized<A>;
 template <typename A> inline Vec<A> splat(double value) { return Vec<A>(static_cast<A>(value)); }  // every lane
 
-// Whether the activation ACT of a T line runs in vector registers (the vector lines below): SiLU, GELU, GELU-tanh
-// and sigmoid, for every dtype (in its compute type A: fp32, or double for float64).
-template <typename T, int ACT> constexpr bool kVectorMath =
-    ACT == kSilu || ACT == kGelu || ACT == kGeluTanh || ACT == kSigmoid;
+// Whether the activation ACT of a T line runs in vector registers (the vector lines below; common.h's
+// computed_in_vectors: SiLU, GELU, GELU-tanh and sigmoid), for every dtype (in its compute type A: fp32, or double
+// for float64).
+template <typename T, int ACT> constexpr bool kVectorMath = computed_in_vectors(ACT);
 
 // e^x in the vector lines (SiLU's and sigmoid's logistic, GELU's Gaussian). In fp32 (the compute type of fp32,
 // bf16 and fp16 lines) ATen's exp_u20, inlined: Sleef's 1-ulp exp, which PyTorch's own silu and sigmoid call, is

@@ -216,6 +216,26 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
   return y;
 }
 
+// act(x) written over x, for an activation computed in vectors (common.h's computed_in_vectors: those lines read
+// each vector of x before they write the same positions, so y may be x): what is left of a BN folded into the
+// layer before it, on that layer's fresh output (dispatch.activation_pass). The table is the identity: scale 1,
+// shift 0, so z = x exactly.
+void activate_(at::Tensor x, int64_t activation, double slope) {
+  TORCH_CHECK(activation >= 0 && activation < kActivationCount && computed_in_vectors(activation),
+              "triton_bn_cpu: activate_ takes SiLU, GELU, GELU-tanh or sigmoid, not activation id ", activation);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+              x.scalar_type() == at::kDouble, "triton_bn_cpu: unsupported dtype ", x.scalar_type());
+  const Geometry g = geometry_of(x);
+  if (x.numel() == 0) return;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const std::vector<A> scale(g.C, A(1)), shift(g.C, A(0));
+    T* values = x.data_ptr<T>();
+    normalize<T>(values, nullptr, values, g, scale, shift, activation, static_cast<A>(slope));
+  });
+}
+
 std::vector<at::Tensor> triton_bn_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
                                  const at::Tensor& stat, const c10::optional<at::Tensor>& weight,
                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
@@ -433,6 +453,7 @@ TORCH_LIBRARY(triton_bn_cpu, m) {
   m.def("training(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float factor, float eps, int activation, "
         "float slope) -> Tensor");
+  m.def("activate_(Tensor(a!) x, int activation, float slope) -> ()", &activate_);
   m.def("vector_lanes() -> int[]", &vector_lanes);
 }
 
