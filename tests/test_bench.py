@@ -313,8 +313,8 @@ def test_hugging_face_models_of_the_bench_convert_exactly():
             expected = original(x)
             torch.manual_seed(1)
             torch.testing.assert_close(converted(x), expected, atol=1e-10, rtol=1e-10, msg=name)
-        folded = triton_bn.fold_batch_norms(original.eval())
-        torch.testing.assert_close(folded(x), original(x), atol=1e-10, rtol=1e-10, msg=name)
+        for folded in (triton_bn.fold_batch_norms(original.eval()), triton_bn.fold_batch_norms(converted.eval())):
+            torch.testing.assert_close(folded(x), original(x), atol=1e-10, rtol=1e-10, msg=name)
         fused[name] = converted.fusion_report.activation + converted.fusion_report.residual
     assert fused["hf_resnet50"] > 0 and fused["hf_efficientnet_b0"] > 0 and fused["hf_mobilevit_s"] > 0, fused
 

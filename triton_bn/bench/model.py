@@ -316,8 +316,8 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
     weights and see the same batch; the first step of each is the warm-up (compile, autotune) and gives
     the loss that is compared. ``measured`` gets the rows so far after each precision. ``graphs`` (a GPU
     only) adds each model's whole step replayed from a CUDA graph; ``eval_too`` the inference forward
-    (``_eval_fn``) of the original, the converted and the folded model (``fold_batch_norms``), each compared
-    with the original's."""
+    (``_eval_fn``) of the original, the converted and the folded model (``fold_batch_norms`` of the converted
+    one, as the README deploys it), each compared with the original's."""
     import triton_bn
     builder, default_batch, side, classes = MODELS[name]
     batch = batch or default_batch
@@ -348,7 +348,9 @@ def run_model_bench(name: str, precisions: List[str], batch: int, steps: int, co
         if eval_too:
             variants["eval original"] = copy.deepcopy(base).eval()
             variants["eval converted"] = triton_bn.convert_model(copy.deepcopy(base)).eval()
-            variants["eval folded"] = triton_bn.fold_batch_norms(copy.deepcopy(base).eval())
+            # what the README deploys: the converted model folded, so that each fused activation moves into the
+            # layer with its BN's table (on a CPU, SiLU and GELU then take the native kernels' pass)
+            variants["eval folded"] = triton_bn.fold_batch_norms(triton_bn.convert_model(copy.deepcopy(base)).eval())
         first_loss, step_fns = {}, {}
         for variant, model in variants.items():
             progress(f"model {name} {precision} {variant}: warm-up")
