@@ -17,6 +17,9 @@ not plainly take goes the long way, which writes nothing in eval either.
 4. otherwise the backend ``backend_for`` picks, called directly where nothing needs a gradient, else through
    the autograd formula (``autograd.py``), or, on the native CPU kernels, their C++ autograd node.
 
+A folded layer's activation, what is left of a BN folded into the layer before it (fold.py), asks
+``activation_pass``: the native kernels' pass where it beats PyTorch's own activation, else PyTorch's.
+
 ``backend_for(x)``, in order:
     the Triton kernels   fp32 / fp16 / bf16 on CUDA, or on the CPU under the Triton interpreter (or a stand-in
                          CUDA driver)                                     backends/triton_kernels.py
@@ -108,8 +111,8 @@ def activation_pass(x: Tensor, activation: Optional[str], negative_slope: float,
                     overwrite: bool = False) -> Optional[Tensor]:
     """``act(x [+ residual])`` as a pass of its own (what is left of a BN folded into the layer before it: fold.py),
     by the native CPU kernels where they beat PyTorch's own activation (``_CPU_KERNEL_ACTIVATIONS``) and serve ``x``
-    (a dense CPU tensor of a dtype they take, as for ``known_eval_call``), with nothing that needs a gradient and nothing
-    tracing or recording; else None, and the caller runs PyTorch's. ``overwrite`` (no residual): the result is
+    (a dense CPU tensor of a dtype they take, as for ``known_eval_call``), with nothing that needs a gradient and
+    nothing tracing or recording; else None, and the caller runs PyTorch's. ``overwrite`` (no residual): the result is
     written over ``x``, a tensor the caller just made and nobody else holds (a layer's output), as PyTorch's
     in-place activation would; else a new tensor, ``x`` and the residual unwritten (the known eval call's pass
     with mean 0, variance 1, eps 0: z = x exactly)."""

@@ -312,8 +312,8 @@ template <typename A> inline Vec<A> logistic_vec(const Vec<A>& z) {
 // (|error| <= 1.5e-7, the approximation ATen's own Vectorized<float>::erf takes) with exp_vec's exp_u20 for the
 // exp(-x^2) inside it, in place of Sleef's 1-ulp exp behind a library call: measured, ATen's erf made our fused
 // BN + GELU pass cost 2 ms of arithmetic on a 32x64x56x56 bf16 tensor where PyTorch's whole GELU (oneDNN's)
-// took 1.6 ms (perf/NOTES.md). The same exp is the backward's Gaussian. double keeps
-// ATen's erf and exp (Sleef's, 1 ulp).
+// took 1.6 ms (perf/NOTES.md). The same exp is the backward's Gaussian. double keeps ATen's erf and exp (Sleef's,
+// 1 ulp).
 template <typename A> struct GeluTerms { Vec<A> cdf, gauss; };
 template <typename A> inline GeluTerms<A> gelu_terms(const Vec<A>& z) {
   const Vec<A> half = splat<A>(0.5), one = splat<A>(1);
