@@ -1,4 +1,7 @@
 """Reference computations for the tests: PyTorch itself, in float64."""
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -6,6 +9,16 @@ from triton_bn.activations import torch_activation
 from conftest import TOLERANCES
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relative_path: str):
+    """A script of the repository that is not part of the package (``perf/*.py``), imported as a module by its path."""
+    name = os.path.splitext(os.path.basename(relative_path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_input(shape, dtype, device, layout="contiguous", offset=0.0, scale=1.0, generator=None):

@@ -9,6 +9,8 @@ import torch
 
 from triton_bn.bench import cases, report
 
+from helpers import load_script
+
 
 def test_minimal_bytes_and_efficiency():
     shape = (128, 64, 112, 112)
@@ -444,12 +446,7 @@ def triton_bn_convert(model):
 def test_compare_runs_names_the_cells_below_earlier_readings(tmp_path, capsys):
     """perf/compare_runs.py (the docs' account of a run against earlier days): a cell below every earlier reading
     of it and one below only the best are named as such, and a cell at or above the best is not named."""
-    import importlib.util
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("compare_runs", os.path.join(root, "perf", "compare_runs.py"))
-    compare_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_runs)
+    compare_runs = load_script("perf/compare_runs.py")
 
     def summary(path, speedups):
         rows = []

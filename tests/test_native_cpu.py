@@ -16,7 +16,7 @@ from triton_bn.backends import native_cpu
 from triton_bn.activations import ACTIVATION_IDS, torch_activation
 
 from conftest import TOLERANCES
-from helpers import assert_close
+from helpers import assert_close, load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -374,11 +374,7 @@ def test_fp32_logistic_within_a_few_ulp(activation):
 def test_logistic_accuracy_script_measures_both(capsys):
     """perf/logistic_accuracy.py, which the docs cite for the ulp figures, runs (on a coarse sample) and reports
     the kernels' worst error within the test's 5 ulp and PyTorch's within Sleef's few."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("logistic_accuracy",
-                                                  os.path.join(ROOT, "perf", "logistic_accuracy.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("perf/logistic_accuracy.py")
     assert script.main(["--stride", "4096"]) == 0
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| silu") or
             line.startswith("| sigmoid")]

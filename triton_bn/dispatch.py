@@ -116,9 +116,8 @@ def activation_pass(x: Tensor, activation: Optional[str], negative_slope: float,
     written over ``x``, a tensor the caller just made and nobody else holds (a layer's output), as PyTorch's
     in-place activation would; else a new tensor, ``x`` and the residual unwritten (the known eval call's pass
     with mean 0, variance 1, eps 0: z = x exactly)."""
-    if activation not in _CPU_KERNEL_ACTIVATIONS or x.dim() < 2 \
-            or needs_gradient(x, None, None, residual) or torch.compiler.is_compiling() or recording_for_export() \
-            or torch._C._get_tracing_state() is not None:
+    if activation not in _CPU_KERNEL_ACTIVATIONS or x.dim() < 2 or needs_gradient(x, None, None, residual) \
+            or torch.compiler.is_compiling() or recording_for_export():
         return None
     # the known eval call's rule: the native kernels serve x, and take fp32/fp16/bf16 where Triton's do not
     native = native_cpu.serves(x) if x.dtype == torch.float64 or _NATIVE_TAKES_KERNEL_DTYPES else None

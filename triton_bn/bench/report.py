@@ -157,6 +157,7 @@ def summary_markdown(frame, header: str) -> str:
     graphed = [p for p in ("triton_bn+cudagraph", "eager_cudnn+cudagraph") if p in set(frame["provider"])]
     ours = frame[frame["provider"] == "triton_bn"]
     for (case, layout, dtype), group in ours.groupby(["case", "layout", "dtype"], sort=True):
+        every_provider = frame[(frame["case"] == case) & (frame["layout"] == layout) & (frame["dtype"] == dtype)]
         lines.append(f"### {case}, {layout}, {dtype}")
         lines.append("")
         cols = (["shape", "triton_bn ms", "efficiency"] + [f"{a} eff" for a in anchors]
@@ -165,8 +166,7 @@ def summary_markdown(frame, header: str) -> str:
         lines.append("|" + "---|" * len(cols))
         speedups, left_out = [], 0
         for _, row in group.iterrows():
-            problem = frame[(frame["case"] == case) & (frame["layout"] == layout) & (frame["dtype"] == dtype)
-                            & (frame["shape"] == row["shape"])]
+            problem = every_provider[every_provider["shape"] == row["shape"]]
             anchor_eff = []
             for a in anchors:
                 hit = problem[problem["provider"] == a]
@@ -191,10 +191,9 @@ def summary_markdown(frame, header: str) -> str:
                          + f" {noise} |")
         if speedups:
             lines.append("")
-            everything = frame[(frame["case"] == case) & (frame["layout"] == layout) & (frame["dtype"] == dtype)]
             lines.append(f"geomean speedup vs best anchor: {geomean(speedups):.2f}x; worst row: {min(speedups):.2f}x"
                          + (f" ({left_out} noisy rows left out)" if left_out else "")
-                         + geomeans_per_anchor(everything, anchors))
+                         + geomeans_per_anchor(every_provider, anchors))
         lines.append("")
     return "\n".join(lines)
 

@@ -221,11 +221,9 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
 // layer before it, on that layer's fresh output (dispatch.activation_pass). The table is the identity: scale 1,
 // shift 0, so z = x exactly.
 void activate_(at::Tensor x, int64_t activation, double slope) {
-  TORCH_CHECK(activation >= 0 && activation < kActivationCount && computed_in_vectors(activation),
+  TORCH_CHECK(computed_in_vectors(activation),
               "triton_bn_cpu: activate_ takes SiLU, GELU, GELU-tanh or sigmoid, not activation id ", activation);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
-              x.scalar_type() == at::kDouble, "triton_bn_cpu: unsupported dtype ", x.scalar_type());
-  const Geometry g = geometry_of(x);
+  const Geometry g = geometry_of(x);  // an unsupported dtype: dispatch_dtype raises before anything is written
   if (x.numel() == 0) return;
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
