@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from triton_bn.bench import cases, report
+from triton_bn.bench import cases, heap, report
 
 from helpers import load_script
 
@@ -168,6 +168,8 @@ def test_bench_on_the_cpu_measures_the_cpu_path(tmp_path):
     assert set(frame["layout"]) == {"nchw", "channels_last"}
     assert (frame[frame["provider"] == "triton_bn"]["rel_err"] < 1e-5).all()
     assert "**CPU figures**" in (out / "summary.md").read_text()
+    if heap.glibc() is not None:  # the rows' freed memory is kept (heap.py), and the report says so
+        assert f"heap: {heap.DESCRIPTION}" in proc.stdout and heap.DESCRIPTION in (out / "summary.md").read_text()
     # against a copy of each row's own size timed beside it: a row faster than that copy (impossible: a busy
     # machine's noise) is flagged as noise, never reported as a result; no assertion on the timings themselves
     impossible = frame[frame["efficiency"] > 1.0]
@@ -175,6 +177,49 @@ def test_bench_on_the_cpu_measures_the_cpu_path(tmp_path):
     assert ("rows are noise" in proc.stdout) == frame["noise"].map(report.is_noisy).any()
     assert "triton_bn against the fastest anchor of each row" in proc.stdout
     assert "train_fwdbwd_relu" in proc.stdout.split("fastest anchor")[-1]  # the closing summary names the cases
+
+
+_FAULTS_OF_A_REUSED_BLOCK = """
+import resource, sys, torch
+from triton_bn.bench import heap
+if sys.argv[1] == "keep" and heap.keep_freed_memory() is None:
+    print("not glibc"); sys.exit(0)
+faults = []
+for _ in range(6):  # 64 MiB: above glibc's largest mmap threshold, so without the setting it is mapped afresh
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.empty(16 << 20).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del block
+print(*faults)
+"""
+
+
+@pytest.mark.parametrize("setting", ["keep", "as-is"])
+def test_the_cpu_bench_heap_keeps_freed_pages(setting):
+    """heap.keep_freed_memory: a 64 MiB block freed and asked for again comes back without faulting in its 16,384
+    pages, after a call or two (small blocks allocated between may pin the first one's place); without it, every
+    one faults each time (the chance effect that made one row read 3 ms or 10 ms)."""
+    proc = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REUSED_BLOCK, setting], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if proc.stdout.strip() == "not glibc":
+        pytest.skip("this C library is not glibc: the bench leaves malloc as it is")
+    first, *again = map(int, proc.stdout.split())
+    pages = (64 << 20) // 4096
+    assert first >= pages // 2  # the first touch faults either way (the page size may be larger than 4 KiB)
+    if setting == "keep":
+        assert max(again[-3:]) < pages // 16, again
+    else:
+        assert min(again) >= pages // 2, again
+
+
+def test_page_faults_flag_leaves_malloc_as_it_is(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "triton_bn", "bench", "--sets", "tiny", "--cases", "eval_fwd",
+                           "--dtypes", "fp32", "--layouts", "nchw", "--page-faults", "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "heap: malloc as it is" in proc.stdout and "Heap:" not in (tmp_path / "b" / "summary.md").read_text()
 
 
 def test_results_go_to_a_new_folder_outside_the_source(tmp_path, monkeypatch):

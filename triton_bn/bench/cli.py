@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .heap import keep_freed_memory
 from .report import quantiles
 
 
@@ -76,6 +77,10 @@ def _parse(argv):
     bench.add_argument("--batches", default="1,8", help="--latency: comma-separated batch sizes")
     bench.add_argument("--models", default=None,
                        help="--latency: comma-separated, of: resnet18_like, mobilenet_like (default: both)")
+    bench.add_argument("--page-faults", action="store_true",
+                       help="CPU: leave glibc's malloc as it is (by default the layer bench keeps freed memory, so "
+                            "that a row's output does not fault in fresh pages on some calls and not on others: "
+                            "triton_bn/bench/heap.py)")
     bench.add_argument("--budget-s", type=float, default=None,
                        help="stop starting new measurements after this many seconds and write what was measured "
                             "(jobs run in priority order: the target cases first)")
@@ -364,6 +369,7 @@ def run_bench(args) -> int:
 
     on_gpu = _uses_gpu(args)
     device = "cuda" if on_gpu else "cpu"
+    heap_note = None  # what the CPU run did to malloc (heap.py)
     split = lambda s: [v for v in s.split(",") if v] if s else None  # noqa: E731
     if on_gpu:
         sets = split(args.sets) or list(C.QUICK_SETS)
@@ -389,6 +395,8 @@ def run_bench(args) -> int:
         mode = "cpu"
         print(f"CPU run ({_cpu_name()}, {torch.get_num_threads()} threads): triton_bn's CPU path against PyTorch's "
               "own CPU batch norm. These are CPU figures, not GPU figures.")
+        heap_note = None if args.page_faults else keep_freed_memory()
+        print(f"heap: {heap_note or 'malloc as it is (a large output may fault in fresh pages on some calls)'}")
     if args.dtypes or args.layouts:
         dtypes = split(args.dtypes) or sorted({d for d, _ in combos})
         layouts = split(args.layouts) or sorted({l for _, l in combos})
@@ -506,6 +514,7 @@ def run_bench(args) -> int:
               "rel err = the worst relative error of y, the gradients and the updated running statistics against "
               "PyTorch in float64 on the same inputs."
               + _mode_note(mode)
+              + (f" Heap: {heap_note}." if heap_note else "")
               + (f"\n\n**Cut short by --budget-s {args.budget_s:g}: {len(skipped)} of {len(jobs)} measurements "
                  f"not run:** " + "; ".join(skipped) if skipped else ""))
     (out / "summary.md").write_text(report.summary_markdown(frame, header))
