@@ -222,6 +222,18 @@ def test_page_faults_flag_leaves_malloc_as_it_is(tmp_path):
     assert "heap: malloc as it is" in proc.stdout and "Heap:" not in (tmp_path / "b" / "summary.md").read_text()
 
 
+def test_a_cpu_workload_times_no_cudnn_switch(monkeypatch):
+    """On a CPU the cuDNN switch means nothing, and entering it costs ~10 us a call, which would be added alike to
+    every provider's time and pull small rows' ratios towards 1: a CPU workload never enters it."""
+    def refuse(**_):
+        raise AssertionError("a CPU workload entered torch.backends.cudnn.flags")
+    monkeypatch.setattr(torch.backends.cudnn, "flags", refuse)
+    for provider in ("eager_native", "triton_bn", cases.REFERENCE):
+        work = cases.build("train_fwdbwd_relu", provider, (2, 3, 4, 4), torch.float32, "nchw", "cpu")
+        work.run()
+        assert len(work.output()) == 6  # y, dx, dweight, dbias, running mean and variance
+
+
 def test_results_go_to_a_new_folder_outside_the_source(tmp_path, monkeypatch):
     """Without --out a run writes to a new folder under TRITON_BN_RESULTS_DIR (default ~/triton_bn-results):
     a second run the same second gets a folder of its own."""

@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (60) takes about 50 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (61) takes about 50 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -189,6 +189,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("bench-heap-gives-back", "triton_bn/bench/heap.py", "mallopt(M_MMAP_MAX, 0) != 1",
              "mallopt(M_MMAP_MAX, 65536) != 1", ("tests/test_bench.py",),
              "the CPU bench says it keeps freed memory while large blocks still fault in fresh pages"),
+    Mutation("bench-cpu-cudnn-switch", "triton_bn/bench/cases.py", "if x.is_cuda else contextlib.nullcontext",
+             "if True else contextlib.nullcontext", ("tests/test_bench.py",),
+             "every CPU call of every provider pays for entering the cuDNN switch, small rows' ratios pulled to 1"),
     Mutation("seams-noise-reported", "triton_bn/bench/report.py", "    if row[\"efficiency\"] > 1.0:",
              "    if False:", ("tests/test_bench.py",), "a row faster than a copy is reported as a result"),
     # -- forwards a one-level trace could not reach ([fusion], 2026-12-06)
