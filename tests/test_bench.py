@@ -222,6 +222,16 @@ def test_page_faults_flag_leaves_malloc_as_it_is(tmp_path):
     assert "heap: malloc as it is" in proc.stdout and "Heap:" not in (tmp_path / "b" / "summary.md").read_text()
 
 
+def test_the_row_copy_writes_a_new_tensor_as_the_providers_do():
+    """A row's efficiency reference allocates its output each call, as the providers' calls do (with freed memory
+    kept, that output is warm where the last one was freed); a standing buffer was colder than every provider's."""
+    from triton_bn.bench.cli import row_copy
+    copy, moved = row_copy(1000, torch.float16)
+    first, second = copy(), copy()
+    assert moved == 2 * 1000 * 2 and first.dtype == torch.float16 and torch.equal(first, second)
+    assert first.data_ptr() != second.data_ptr()  # both alive: two allocations, not one buffer written twice
+
+
 def test_a_cpu_workload_times_no_cudnn_switch(monkeypatch):
     """On a CPU the cuDNN switch means nothing, and entering it costs ~10 us a call, which would be added alike to
     every provider's time and pull small rows' ratios towards 1: a CPU workload never enters it."""

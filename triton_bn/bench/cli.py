@@ -351,13 +351,16 @@ def measure_copy_gbps(device: str, on_gpu: bool, numel: Optional[int] = None, dt
 COPY = "copy of the row's size"  # the workload a CPU row's efficiency is measured against, timed beside it
 
 
-def _row_copy(numel: int, dtype):
+def row_copy(numel: int, dtype):
     """(a copy of ``numel`` elements of ``dtype``, its bytes read + written): on a CPU the efficiency reference
-    of a row, timed in the same rounds as the row's providers, so that both see the same load and caches."""
+    of a row, timed in the same rounds as the row's providers, so that both see the same load and caches. It
+    copies into a new tensor each call, as every provider writes its output into a new one: with freed memory
+    kept (heap.py), each lands where the last workload's output was freed, still warm in the caches. Copying
+    into one standing buffer instead, cold by then, made the copy slower than our eval rows (32x64x56x56 fp32:
+    1.8 ms against 1.4-1.5), a floor that was no floor."""
     import torch
     src = torch.randn(numel).to(dtype)
-    dst = torch.empty_like(src)
-    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
+    return (lambda: src.clone()), 2 * src.numel() * src.element_size()
 
 
 def run_bench(args) -> int:
@@ -480,7 +483,7 @@ def run_bench(args) -> int:
             done += 1
         timings, row_copy_gbps = {}, copy_gbps
         if not on_gpu:  # a shape's data may sit in the caches: its efficiency is against a copy of the same size,
-            copy, copy_bytes = _row_copy(math.prod(shape), dtype)  # timed in the same rounds (the same load)
+            copy, copy_bytes = row_copy(math.prod(shape), dtype)  # timed in the same rounds (the same load)
             samples = _time_cpu_interleaved({**{name: work.run for name, (work, _) in results.items()}, COPY: copy})
             row_copy_gbps = copy_bytes / (samples.pop(COPY)[0] * 1e-3) / 1e9  # its best round
             timings = {name: quantiles(times) for name, times in samples.items()}
