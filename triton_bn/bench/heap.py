@@ -9,11 +9,16 @@ eager anchor 10 ms and 21 ms, the difference ~6,200 minor faults a call (perf/NO
 same faults for the same output, so they add equal time to both sides of a ratio and pull it towards 1, by chance.
 Blocks above 32 MiB (a float64 tensor of that shape) fault on every call whatever happened before.
 
-What. ``keep_freed_memory`` tells glibc's malloc to serve every block from its heap (``M_MMAP_MAX`` 0) and to
-keep what is freed there (``M_TRIM_THRESHOLD`` 2 GiB), so that after a call or two (the warm-up) a row's
-output reuses pages already touched, as a long-running training process's caching allocator would give it. ``--page-faults``
-leaves malloc as it is. The model bench (``--model``) leaves it as it is too: a whole step's allocations are part
-of what a user's training loop pays, original and converted alike.
+What. ``keep_freed_memory`` fixes glibc's mmap threshold at 32 MiB, the ceiling its own dynamic threshold climbs
+to in a long-running process, and keeps what is freed on the heap (``M_TRIM_THRESHOLD`` 1 GiB): a block below
+32 MiB then comes from the heap and, after the warm-up, reuses pages already touched; a block above it is mapped
+afresh and faults on every call, every provider's alike, every call alike (what any glibc process pays for such
+a tensor). Taking every block from the heap instead (``M_MMAP_MAX`` 0, tried) let the heap creep: blocks of
+PyTorch's 64-byte aligned allocations do not fit the holes that blocks of the same size leave, so a row of
+float64 32x64x56x56 tensors grew the heap by 49 MB every few calls, each growth a ~400 ms spike of first
+touches on this VM (perf/NOTES.md). ``--page-faults`` leaves malloc as it is. The model bench (``--model``) leaves
+it as it is too: a whole step's allocations are part of what a user's training loop pays, original and converted
+alike.
 """
 import ctypes
 import sys
@@ -21,12 +26,13 @@ from typing import Optional
 
 # glibc's malloc.h
 M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
-KEEP_UP_TO_BYTES = (1 << 31) - 1  # mallopt takes an int
+M_MMAP_THRESHOLD = -3
+MAPPED_FROM_BYTES = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
+KEEP_UP_TO_BYTES = 1 << 30
 
-DESCRIPTION = ("glibc's malloc keeps freed memory (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB), so a row's output reuses "
-               "touched pages and no row times page faults by chance of its neighbours (--page-faults: malloc as "
-               "it is)")
+DESCRIPTION = ("glibc's malloc keeps freed memory below 32 MiB (M_MMAP_THRESHOLD 32 MiB fixed, M_TRIM_THRESHOLD "
+               "1 GiB): such outputs reuse touched pages, larger ones fault on every call, no row's faults depend on "
+               "its neighbours (--page-faults: malloc as it is)")
 
 
 def glibc() -> Optional[ctypes.CDLL]:
@@ -46,7 +52,7 @@ def keep_freed_memory() -> Optional[str]:
         return None
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # each returns 1 when set; the trim threshold alone (if the second is refused) changes nothing a row sees
-    if mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO_BYTES) != 1 or mallopt(M_MMAP_MAX, 0) != 1:
+    # each returns 1 when set; a fixed mmap threshold no longer follows what the process frees
+    if mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO_BYTES) != 1 or mallopt(M_MMAP_THRESHOLD, MAPPED_FROM_BYTES) != 1:
         return None
     return DESCRIPTION
