@@ -78,9 +78,9 @@ def _parse(argv):
     bench.add_argument("--models", default=None,
                        help="--latency: comma-separated, of: resnet18_like, mobilenet_like (default: both)")
     bench.add_argument("--page-faults", action="store_true",
-                       help="CPU: leave glibc's malloc as it is (by default the layer bench keeps freed memory, so "
-                            "that a row's output does not fault in fresh pages on some calls and not on others: "
-                            "triton_bn/bench/heap.py)")
+                       help="CPU: leave glibc's malloc as it is (by default the layer bench keeps freed blocks below 32 "
+                            "MiB, so that a row's output does not fault in fresh pages on some calls and not on "
+                            "others: triton_bn/bench/heap.py)")
     bench.add_argument("--budget-s", type=float, default=None,
                        help="stop starting new measurements after this many seconds and write what was measured "
                             "(jobs run in priority order: the target cases first)")
