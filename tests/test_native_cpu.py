@@ -112,6 +112,29 @@ def test_short_planes_with_a_transcendental_activation(dtype, activation, shape)
     assert_close(y, _float64_forward(x, weight, bias, residual, False, rm, rv, activation), dtype, "eval y")
 
 
+@pytest.mark.parametrize("shape", [(3, 64, 5, 7), (2, 16, 40, 40), (2, 240, 3, 3), (2, 48, 3, 5, 7)],
+                         ids=["a part chunk", "chunks on both threads", "four rows a chunk", "3-D, 21 rows a chunk"])
+@pytest.mark.parametrize("activation", [None, "relu"], ids=["identity", "relu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_short_rows_of_the_16_bit_packs(dtype, activation, shape):
+    """Channels-last rows of fewer than 256 channels, a multiple of 16, with the 16-bit packs (fp16, bf16; identity
+    or ReLU) take normalize_short_rows (kernels.h): consecutive rows run as one line of repeated per-channel
+    values, in chunks of 1024 values (16 rows of 64 channels; the last chunk a part one: 105 rows), over both
+    threads, and bf16's pack order holds across the repeats. Training and eval y, with and without a residual,
+    against float64."""
+    x = _input(shape, dtype, "channels_last")
+    channels = shape[1]
+    weight, bias = _parameters(channels)
+    rm, rv = torch.randn(channels) * 0.1, torch.rand(channels) + 0.5
+    for residual in (None, _input(shape, dtype, "channels_last", seed=2)):
+        y, _, _ = dispatch.NATIVE.training(x, None, None, None, weight, bias, residual, 0.1, False, 1e-5,
+                                           ACTIVATION_IDS[activation], 0.0)
+        assert y.stride() == x.stride()
+        assert_close(y, _float64_forward(x, weight, bias, residual, True, None, None, activation), dtype, "training y")
+        y = dispatch.NATIVE.apply(x, rm, None, rv, weight, bias, residual, 1e-5, ACTIVATION_IDS[activation], 0.0)
+        assert_close(y, _float64_forward(x, weight, bias, residual, False, rm, rv, activation), dtype, "eval y")
+
+
 @pytest.mark.parametrize("shape, layout", [((4, 6, 3, 5), "channels_last"), ((3, 4, 2, 3, 5), "channels_last"),
                                            ((17, 6), "contiguous"), ((4, 6, 9), "c_innermost"),
                                            ((5, 6, 1, 1), "contiguous"), ((4, 6, 3, 5), "contiguous"),

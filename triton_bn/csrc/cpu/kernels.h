@@ -817,11 +817,41 @@ void normalize_short_planes(const T* x, const T* residual, T* y, const Geometry&
   });
 }
 
+// Rows of few channels with the 16-bit packs (fp16 and bf16, identity or ReLU): a row of 64 channels is four
+// packs, and each row's call and loop set-up cost about what its values do (the fp16 eval of 16x64x28x28
+// channels_last took 101 us where the same tensor as NCHW planes took 60; perf/NOTES.md). Consecutive rows are
+// taken as one line of up to kShortRowsChunk values, the per-channel values repeated once per row, and
+// normalize_packed_line runs it: the same fmadd per value, so the same results. Only where C is a multiple of
+// 16, so that each pack lies within one row and bf16's pack order (in_bf16_pack_order, per block of 16
+// channels) is the same in the repeated arrays.
+constexpr int64_t kShortRowsChunk = 1024;
+constexpr bool short_rows(int64_t C) { return C < 256 && C % 16 == 0; }  // so 4 <= rows per chunk <= 64
+
+template <typename T, int ACT>
+void normalize_short_rows(const T* x, const T* residual, T* y, const Geometry& g, const float* scale,
+                          const float* shift) {
+  const int64_t C = g.C, rows_per_chunk = kShortRowsChunk / C;
+  const int64_t chunks = (g.R + rows_per_chunk - 1) / rows_per_chunk;
+  at::parallel_for(0, chunks, std::max<int64_t>(1, 32768 / kShortRowsChunk), [&](int64_t begin, int64_t end) {
+    float sc[kShortRowsChunk], sh[kShortRowsChunk];  // every chunk starts at a row: one repetition serves them all
+    for (int64_t r = 0; r < rows_per_chunk; ++r) {
+      std::copy(scale, scale + C, sc + r * C);
+      std::copy(shift, shift + C, sh + r * C);
+    }
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t r0 = chunk * rows_per_chunk, offset = r0 * C;
+      normalize_packed_line<T, ACT, false>(x + offset, residual == nullptr ? nullptr : residual + offset, y + offset,
+                                           std::min(rows_per_chunk, g.R - r0) * C, sc, sh);
+    }
+  });
+}
+
 // y = act(x * scale + shift [+ residual]) line by line (for_each_line), rounded once to T.
 template <typename T, int ACT, bool PLANES>
 void normalize_lines(const T* x, const T* residual, T* y, const Geometry& g, const acc_t<T>* scale,
                      const acc_t<T>* shift, acc_t<T> slope) {
   if constexpr (kPackLoops<T, ACT>) {
+    if (!PLANES && short_rows(g.C)) return normalize_short_rows<T, ACT>(x, residual, y, g, scale, shift);
     for_each_line(g, 32768, [&](int64_t offset, int64_t c, int64_t n) {
       normalize_packed_line<T, ACT, PLANES>(x + offset, residual == nullptr ? nullptr : residual + offset, y + offset,
                                             n, scale + c, shift + c);
