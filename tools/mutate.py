@@ -10,7 +10,7 @@ changes with the source: about 70 s each on two cores).
     python tools/mutate.py eps-channels-last unbiased-factor   # only these
     python tools/mutate.py --list
 
-The whole list (62) takes about 50 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
+The whole list (63) takes about 50 minutes on this project's 2-core VM (perf/NOTES.md has the last report).
 """
 import argparse
 import os
@@ -117,6 +117,9 @@ MUTATIONS: List[Mutation] = [
     Mutation("native-short-rows-repeat", "triton_bn/csrc/cpu/kernels.h", "std::copy(scale, scale + C, sc + r * C);",
              "std::copy(scale, scale + C, sc);", NATIVE_TESTS,
              "rows after a chunk's first take a stale scale: the per-channel values not repeated per row"),
+    Mutation("native-block-sums-square", "triton_bn/csrc/cpu/kernels.h",
+             "sum_b[k] = _mm256_fmadd_ps(d, d, sum_b[k]);", "sum_b[k] = _mm256_fmadd_ps(d, sh[k], sum_b[k]);",
+             NATIVE_TESTS, "fp16 channels-last rows of 32 channels or more: the sum of squares takes the shift for d"),
     Mutation("native-activate-in-place-shift", "triton_bn/csrc/cpu/ops.cpp",
              "const std::vector<A> scale(g.C, A(1)), shift(g.C, A(0));",
              "const std::vector<A> scale(g.C, A(1)), shift(g.C, A(1));", ("tests/test_dispatch.py",),

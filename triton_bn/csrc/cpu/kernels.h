@@ -77,7 +77,7 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float 
 // Where the build has F16C (TRITON_BN_VECTORS), fp16 is converted 8 values per instruction (rounded to
 // nearest even, as c10::Half does): in registers by the loops written for identity and ReLU (the
 // normalization and the plane statistics over packs, shared with bf16: normalize_packed_line,
-// packed_shifted_sums; the row statistics and the backward: half_row_sums, half_backward_*), and for
+// packed_shifted_sums; the row statistics and the backward: half_block_sums, half_backward_*), and for
 // every other activation through fp32 buffers holding the span a loop works on, which then runs its fp32
 // code (three passes over an L1-resident buffer instead of one). Every other dtype is read and written in
 // place: staged_t<T> is T itself.
@@ -695,6 +695,38 @@ inline void half_row_sums(const c10::Half* row, const float* shift, int64_t n, f
     b[c] += d * d;
   }
 }
+
+// The same over the rows [r0, r1) of a block (x at the block's first channel, rows C apart): each group of 8
+// channels summed down the rows in registers, four groups at a time, every channel's values added in row order
+// as half_row_sums adds them (so the same sums), without its per-row loop set-up and its load and store of the
+// sums for every row, which on rows of 64 channels cost about what the values did (perf/NOTES.md).
+inline void half_block_sums(const c10::Half* x, int64_t C, int64_t r0, int64_t r1, const float* shift, int64_t n,
+                            float* a, float* b) {
+  constexpr int kGroups = 4;
+  int64_t c = 0;
+  for (; c + 8 * kGroups <= n; c += 8 * kGroups) {
+    __m256 sh[kGroups], sum_a[kGroups], sum_b[kGroups];
+    for (int k = 0; k < kGroups; ++k) {
+      sh[k] = _mm256_loadu_ps(shift + c + 8 * k);
+      sum_a[k] = _mm256_loadu_ps(a + c + 8 * k);
+      sum_b[k] = _mm256_loadu_ps(b + c + 8 * k);
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int k = 0; k < kGroups; ++k) {
+        const __m256 d = _mm256_sub_ps(load_half8(x + r * C + c + 8 * k), sh[k]);
+        sum_a[k] = _mm256_add_ps(sum_a[k], d);
+        sum_b[k] = _mm256_fmadd_ps(d, d, sum_b[k]);
+      }
+    }
+    for (int k = 0; k < kGroups; ++k) {
+      _mm256_storeu_ps(a + c + 8 * k, sum_a[k]);
+      _mm256_storeu_ps(b + c + 8 * k, sum_b[k]);
+    }
+  }
+  if (c < n) {  // the last channels (fewer than 32): row by row, as before
+    for (int64_t r = r0; r < r1; ++r) half_row_sums(x + r * C + c, shift + c, n - c, a + c, b + c);
+  }
+}
 #else
 template <typename T, int ACT, bool PLANES>
 void normalize_packed_line(const T*, const T*, T*, int64_t, const float*, const float*) {}
@@ -702,6 +734,7 @@ template <typename T> inline std::pair<float, float> packed_shifted_sums(const T
   return {0.f, 0.f};
 }
 inline void half_row_sums(const c10::Half*, const float*, int64_t, float*, float*) {}
+inline void half_block_sums(const c10::Half*, int64_t, int64_t, int64_t, const float*, int64_t, float*, float*) {}
 #endif
 
 // (mean, biased variance) per channel, in the compute type: one read of x. The shift is each channel's
@@ -737,11 +770,11 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
     reduce_rows<A>(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, A* __restrict__ a,
                                      A* __restrict__ b) {
       const A* __restrict__ sh = shift.data() + c0;
+      if constexpr (kHalfLoops<T, kIdentity>) {
+        half_block_sums(x + c0, C, r0, r1, sh, n, a, b);
+        return;
+      }
       for (int64_t r = r0; r < r1; ++r) {
-        if constexpr (kHalfLoops<T, kIdentity>) {
-          half_row_sums(x + r * C + c0, sh, n, a, b);
-          continue;
-        }
         const staged_t<T>* __restrict__ row = read_staged(x + r * C + c0, n, 0);
         for (int64_t c = 0; c < n; ++c) {
           const A d = load(row, c) - sh[c];
