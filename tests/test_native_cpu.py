@@ -115,11 +115,12 @@ def test_short_planes_with_a_transcendental_activation(dtype, activation, shape)
 @pytest.mark.parametrize("shape", [(3, 45, 11, 13), (2, 96, 20, 20), (4, 16, 9, 9), (2, 64, 3, 40, 5)],
                          ids=["32 + 8 + 5 channels", "three groups of 32, rows over both threads", "16 channels",
                               "3-D, 64 channels"])
-def test_fp16_row_statistics_block_by_block(shape):
-    """fp16 channels-last statistics sum each block of rows (128) down the rows in registers, 32 channels at a
-    time (half_block_sums, kernels.h), and the last channels row by row: groups, tails, several blocks and chunks,
-    against float64 on the same fp16 values."""
-    x = _input(shape, torch.float16, "channels_last", offset=3.0)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_row_statistics_block_by_block(shape, dtype):
+    """Channels-last statistics over blocks of 128 rows: fp16's down the rows in registers, 32 channels at a time
+    (half_block_sums, kernels.h), and its last channels row by row; bf16's and fp32's a row at a time. Groups,
+    tails, several blocks and chunks, 3-D, against float64 on the same values."""
+    x = _input(shape, dtype, "channels_last", offset=3.0)
     channels = shape[1]
     weight, bias = _parameters(channels)
     _, mean, invstd = dispatch.NATIVE.training(x, None, None, None, weight, bias, None, 0.1, False, 1e-5, 0, 0.0)
