@@ -32,10 +32,15 @@ def header_text() -> str:
     table = _table()
     lines = ["// Written by tools/activation_header.py from the activation table (triton_bn/activations.py): edit the",
              "// table, then run the script (tests/test_activation_table.py fails while this file is not the table's).",
-             "#pragma once", "", "namespace triton_bn_cpu {", ""]
+             "#pragma once", "", "#include <cstdint>", "", "namespace triton_bn_cpu {", ""]
     for a in table:
         lines.append(f"constexpr int {cpp_name(a.constant)} = {a.id};  // {a.name!r}")
-    lines += ["constexpr int kActivationCount = %d;  // ids are 0 .. kActivationCount - 1" % len(table), "",
+    lines += ["constexpr int kActivationCount = %d;  // ids are 0 .. kActivationCount - 1" % len(table), ""]
+    in_vectors = " || ".join(f"activation == {cpp_name(a.constant)}" for a in table if a.vector_math) or "false"
+    lines += ["// The table's vector_math: the activations kernels.h computes in vector registers",
+              "// (at::vec::Vectorized, activate_vec). Their lines read each vector of x before they write the same",
+              "// positions of y, and nothing else, so y may be x (ops.cpp's activate_).",
+              "constexpr bool computed_in_vectors(int64_t activation) {", f"  return {in_vectors};", "}", "",
               "}  // namespace triton_bn_cpu", ""]
     return "\n".join(lines)
 

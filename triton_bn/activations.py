@@ -52,6 +52,10 @@ class Activation(NamedTuple):
     modules: Tuple[type, ...] = ()  # PyTorch's classes convert_model takes for it by type
     functions: Tuple[Callable, ...] = ()  # functions convert_model takes for it in a traced forward
     methods: Tuple[str, ...] = ()  # tensor methods likewise
+    # whether the C++ kernels compute it in vector registers (kernels.h's activate_vec: the activations an exp, erf
+    # or tanh per value make costly, on at::vec::Vectorized); written into activation_ids.h as computed_in_vectors,
+    # and what dispatch.activation_pass runs on the native kernels
+    vector_math: bool = False
 
 
 TABLE: Tuple[Activation, ...] = (
@@ -63,15 +67,17 @@ TABLE: Tuple[Activation, ...] = (
                (F.leaky_relu, F.leaky_relu_)),
     Activation("relu6", 3, "RELU6", F.relu6, functools.partial(F.relu6, inplace=True),
                lambda z, slope: ((z > 0) & (z < 6)).to(z.dtype), (nn.ReLU6,), (F.relu6,)),
-    Activation("silu", 4, "SILU", F.silu, functools.partial(F.silu, inplace=True), _silu_grad, (nn.SiLU,), (F.silu,)),
-    Activation("gelu", 5, "GELU", F.gelu, F.gelu, _gelu_grad, (nn.GELU,), (F.gelu,)),
+    Activation("silu", 4, "SILU", F.silu, functools.partial(F.silu, inplace=True), _silu_grad, (nn.SiLU,), (F.silu,),
+               vector_math=True),
+    Activation("gelu", 5, "GELU", F.gelu, F.gelu, _gelu_grad, (nn.GELU,), (F.gelu,), vector_math=True),
     Activation("gelu_tanh", 6, "GELU_TANH", functools.partial(F.gelu, approximate="tanh"),
-               functools.partial(F.gelu, approximate="tanh"), _gelu_tanh_grad),  # nn.GELU("tanh"): by its attribute
+               functools.partial(F.gelu, approximate="tanh"), _gelu_tanh_grad,  # nn.GELU("tanh"): by its attribute
+               vector_math=True),
     Activation("hardswish", 7, "HARDSWISH", F.hardswish, functools.partial(F.hardswish, inplace=True), _hardswish_grad,
                (nn.Hardswish,), (F.hardswish,)),
     Activation("sigmoid", 8, "SIGMOID", torch.sigmoid, torch.sigmoid_,
                lambda z, slope: torch.sigmoid(z) * (1 - torch.sigmoid(z)), (nn.Sigmoid,), (torch.sigmoid, F.sigmoid),
-               ("sigmoid", "sigmoid_")),
+               ("sigmoid", "sigmoid_"), vector_math=True),
 )
 assert [a.id for a in TABLE] == list(range(len(TABLE))), "the ids are the table's order: 0, 1, 2, ..."
 BY_NAME: Dict[Optional[str], Activation] = {a.name: a for a in TABLE}

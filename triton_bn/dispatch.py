@@ -94,11 +94,11 @@ def known_eval_call(input, running_mean, running_var, weight, bias, eps, activat
 
 
 # On a CPU, the activations whose arithmetic (an exp, erf or tanh per value) is most of what a pass over the tensor
-# costs: the native kernels' vector math (common.h's computed_in_vectors) runs them faster than PyTorch's own
+# costs (the table's vector_math): the native kernels' vector math runs them faster than PyTorch's own
 # activation as a pass of its own: in place over a folded layer's output 2.1x PyTorch's silu_ (the folded
 # yolo_backbone at batch 8, fp32, AVX2), and 1.2-1.6x even writing a new tensor (EfficientNet's layer sizes; at
 # parity for 56K values; perf/NOTES.md). ReLU and its piecewise-linear kin cost one memory pass either way.
-_CPU_KERNEL_ACTIVATIONS = frozenset({"silu", "gelu", "gelu_tanh", "sigmoid"})
+_CPU_KERNEL_ACTIVATIONS = frozenset(a.name for a in TABLE if a.vector_math)
 
 
 @functools.lru_cache(maxsize=64)

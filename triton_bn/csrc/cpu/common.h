@@ -29,8 +29,6 @@
 // and each activation and derivative follows PyTorch's own CPU formula (including at the kinks).
 #pragma once
 
-#include "activation_ids.h"
-
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -39,13 +37,6 @@
 #include <vector>
 
 namespace triton_bn_cpu {
-
-// Whether an activation runs in vector registers (at::vec::Vectorized: kernels.h's vector lines), the ones whose
-// arithmetic needs an exp, erf or tanh: SiLU, GELU, GELU-tanh, sigmoid. Their lines read each vector of x before
-// they write the same positions of y, and nothing else, so y may be x (ops.cpp's activate_).
-constexpr bool computed_in_vectors(int64_t activation) {
-  return activation == kSilu || activation == kGelu || activation == kGeluTanh || activation == kSigmoid;
-}
 
 // The compute type of an input dtype: double for double, fp32 for the rest.
 template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;

@@ -274,8 +274,8 @@ template <int ACT, typename A> inline A activation_backward(A g, A z, A slope) {
 template <typename A> using Vec = at::vec::Vectorized<A>;
 template <typename A> inline Vec<A> splat(double value) { return Vec<A>(static_cast<A>(value)); }  // every lane
 
-// Whether the activation ACT of a T line runs in vector registers (the vector lines below; common.h's
-// computed_in_vectors: SiLU, GELU, GELU-tanh and sigmoid), for every dtype (in its compute type A: fp32, or double
+// Whether the activation ACT of a T line runs in vector registers (the vector lines below; activation_ids.h's
+// computed_in_vectors, the table's vector_math: SiLU, GELU, GELU-tanh and sigmoid), for every dtype (in its compute type A: fp32, or double
 // for float64).
 template <typename T, int ACT> constexpr bool kVectorMath = computed_in_vectors(ACT);
 

@@ -216,10 +216,10 @@ at::Tensor apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& 
   return y;
 }
 
-// act(x) written over x, for an activation computed in vectors (common.h's computed_in_vectors: those lines read
-// each vector of x before they write the same positions, so y may be x): what is left of a BN folded into the
-// layer before it, on that layer's fresh output (dispatch.activation_pass). The table is the identity: scale 1,
-// shift 0, so z = x exactly.
+// act(x) written over x, for an activation computed in vectors (activation_ids.h's computed_in_vectors: those
+// lines read each vector of x before they write the same positions, so y may be x): what is left of a BN folded
+// into the layer before it, on that layer's fresh output (dispatch.activation_pass). The table is the identity:
+// scale 1, shift 0, so z = x exactly.
 void activate_(at::Tensor x, int64_t activation, double slope) {
   TORCH_CHECK(computed_in_vectors(activation),
               "triton_bn_cpu: activate_ takes SiLU, GELU, GELU-tanh or sigmoid, not activation id ", activation);
