@@ -220,6 +220,41 @@ def test_coverage_names_what_convert_model_missed():
     coverage = triton_bn.fusion_coverage(model, converted, torch.randn(2, 3, 6, 6))
     assert coverage.feeds_activation == ["bn"] and coverage.fused == 0 and coverage.missed == ["bn"]
     assert "missed: bn" in str(coverage)
+    # and says why: convert_model's note on the module around it
+    assert list(coverage.reasons) == ["bn"] and "could not trace" in coverage.reasons["bn"], coverage.reasons
+
+
+class _StochasticDepth(nn.Module):
+    """timm's DropPath: the identity in eval, a per-sample mask while training."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = (torch.rand(x.shape[0], 1, 1, 1) > 0.25).to(x.dtype) / 0.75
+        return x * keep
+
+
+class _BlockWithDropPath(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.drop_path = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), \
+            _StochasticDepth()
+
+    def forward(self, x):
+        return torch.relu(self.drop_path(self.bn(self.conv(x))) + x)
+
+
+def test_coverage_says_which_module_stood_between_a_missed_bn_and_its_add():
+    model = _BlockWithDropPath().eval()
+    converted = triton_bn.convert_model(model)
+    coverage = triton_bn.fusion_coverage(model, converted, torch.randn(2, 4, 5, 5))
+    # in eval the stochastic depth hands the BN's output on as it is: BN + add + ReLU in that data flow, which no
+    # fused forward may take over (while training the module masks samples between the BN and the add)
+    assert coverage.feeds_add_activation == ["bn"] and coverage.missed == ["bn"]
+    assert "drop_path (_StochasticDepth" in coverage.reasons["bn"] and "to the add" in coverage.reasons["bn"]
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    model.double(), converted.double()
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-12, atol=1e-12)
 
 
 def test_the_coverage_script_runs_over_the_zoo():
@@ -233,6 +268,11 @@ def test_the_coverage_script_runs_over_the_zoo():
     assert done.returncode == 0, done.stderr[-2000:]
     import re
     assert re.search(r"YoloConvStack +3 of 3 fusable BNs fused", done.stdout) and "all: " in done.stdout, done.stdout
+    # every BN it names as missed comes with its reason (the zoo's timm-like blocks: stochastic depth between BN
+    # and add), and none with "no note"
+    assert re.search(r"block1\.bn2: its output goes through block1\.drop_path \(DropPath", done.stdout), done.stdout
+    assert re.search(r"stem\.bn: stem: torch\.fx could not trace", done.stdout), done.stdout
+    assert "no note saying why" not in done.stdout, done.stdout
     try:
         import transformers  # noqa: F401
     except Exception:  # noqa: BLE001 - then the script says it skipped them, and so does this test
@@ -269,3 +309,6 @@ def test_coverage_counts_what_ran_not_what_was_fused():
         coverage = triton_bn.fusion_coverage(model, converted, torch.randn(2, 3, 4, 4))
     assert converted[0].bn.activation == "relu"  # fused for calls with a shortcut
     assert coverage.feeds_activation == ["0.bn"] and coverage.fused == 0, coverage
+    # the fused forward (traced with a shortcut) fell back on this call: the reason says so
+    assert "fell back" in coverage.reasons["0.bn"] and "0's fused forward" in coverage.reasons["0.bn"]
+    assert converted.fusion_report.fallbacks == {}  # coverage ran a copy: the converted model's own count is untouched

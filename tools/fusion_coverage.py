@@ -3,7 +3,8 @@ that feed an activation, directly or through an add, in the original's data flow
 the test zoo's models (tests/zoo.py: torchvision-, timm- and DLA-like idioms built here), a YOLO-style
 Conv-BN-SiLU stack, and Hugging Face transformers' architectures that hold BatchNorm (tests/hf_zoo.py, built
 from small configurations, no download; skipped with a line saying so where transformers does not import),
-with the reason for each BN left unfused there (hf_zoo.UNFUSED).
+each BN left unfused named with the reason (``Coverage.reasons``: convert_model's note on the module around it,
+the module of its own its output went through, or the fused forward that fell back).
 
     python tools/fusion_coverage.py [--zoo-only]
 """
@@ -69,10 +70,8 @@ def main() -> int:
         total_fusable += coverage.fusable
         total_fused += coverage.fused
         print(f"{name:24} {coverage}")
-        if name.startswith("hf:") and coverage.missed:
-            import hf_zoo
-            for end, why in hf_zoo.UNFUSED.get(name[3:], {}).items():
-                print(f"{'':24}   {end}: {why}")
+        for path in coverage.missed:
+            print(f"{'':24}   {path}: {coverage.reasons[path]}")
     print(f"all: {total_fused} of {total_fusable} fusable BNs fused")
     return 0
 

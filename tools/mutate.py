@@ -200,6 +200,10 @@ MUTATIONS: List[Mutation] = [
              "every CPU call of every provider pays for entering the cuDNN switch, small rows' ratios pulled to 1"),
     Mutation("seams-noise-reported", "triton_bn/bench/report.py", "    if row[\"efficiency\"] > 1.0:",
              "    if False:", ("tests/test_bench.py",), "a row faster than a copy is reported as a result"),
+    Mutation("coverage-reason-module-between", "triton_bn/coverage.py",
+             "    handed = flow.handed_to.get((name, \"bn\"), []) + flow.handed_to.get((name, \"add\"), [])",
+             "    handed = []", ("tests/test_fusion.py",),
+             "a BN left unfused behind stochastic depth is reported missed with no reason"),
     # -- forwards a one-level trace could not reach ([fusion], 2026-12-06)
     Mutation("reach-helper-module-unseen", "triton_bn/convert.py",
              "                if isinstance(value, nn.Module) and not all(",

@@ -11,8 +11,10 @@ and watches every tensor a BatchNorm returns:
   by a pooling, a concatenation, nothing but an add) is plain;
 - in the converted model, which BNs ran with a fused activation and which took a residual.
 
-The result (``Coverage``) lists both and what was missed, by module path; ``convert_model``'s paths are the
-original's, so the two line up. Runtime data flow sees what fx can not trace (a forward with data-dependent
+The result (``Coverage``) lists both and what was missed, by module path (``convert_model``'s paths are the
+original's, so the two line up), each miss with the reason: the note ``convert_model`` left on the module
+around it, the module of its own the BN's output went through on its way to the add or activation (timm's
+stochastic depth), or the fused forward that fell back on this call. Runtime data flow sees what fx can not trace (a forward with data-dependent
 control flow is read as the call took it). ``tools/fusion_coverage.py`` prints it for a zoo of models.
 """
 import copy
@@ -43,6 +45,7 @@ class Coverage:
     # a BN of feeds_add_activation -> the other BNs added to the same sum (a ResNet block's downsample BN): one
     # of them takes the other as its residual, so the sum counts once, as fused when any of them is
     partners: Dict[str, List[str]] = field(default_factory=dict)
+    reasons: Dict[str, str] = field(default_factory=dict)  # a BN of ``missed`` -> why it was not fused
 
     @property
     def fusable(self) -> int:
@@ -76,6 +79,9 @@ class _Flow(TorchFunctionMode):
         self.kept: List[torch.Tensor] = []  # the watched tensors stay alive, so that their ids stay theirs
         self.quiet = 0  # inside an activation module: its own operations are not readers
         self.partners: Dict[str, List[str]] = {}  # the first BN added into a sum -> the other BNs added into it
+        # (bn path, stage) -> the modules (not activations) it was handed to: a reader fx sees as one call,
+        # whatever that module's own forward does with it (returns it as it is, as stochastic depth in eval)
+        self.handed_to: Dict[tuple, List[Tuple[str, str]]] = {}
 
     def watch(self, tensor, source: tuple) -> None:
         self.origin[id(tensor)] = source
@@ -93,6 +99,14 @@ class _Flow(TorchFunctionMode):
                 self.readers[source].append(what)
                 sources.append(source)
         return sources
+
+    def handed(self, tensors, path: str, module: nn.Module) -> None:
+        if self.quiet:
+            return
+        for t in tensors:
+            source = self.origin.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if source is not None:
+                self.handed_to.setdefault(source, []).append((path, type(module).__name__))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -147,6 +161,10 @@ def fusion_coverage(original: nn.Module, converted: nn.Module, *inputs) -> Cover
                 flow.quiet -= 1
                 flow.forget(out)  # an in-place activation returns its input: no longer a BN's output
             handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        elif name:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, name=name: flow.handed(list(args) + list(kwargs.values()), name, m),
+                with_kwargs=True))
     try:
         with torch.no_grad(), flow:
             model(*inputs)
@@ -163,15 +181,44 @@ def fusion_coverage(original: nn.Module, converted: nn.Module, *inputs) -> Cover
             coverage.partners[name] = flow.partners.get(name, [])
     coverage.feeds_activation.sort()
     coverage.feeds_add_activation.sort()
-    _fused(converted, inputs, coverage)
+    fallbacks = _fused(converted, inputs, coverage)
     report = getattr(converted, "fusion_report", None)
+    for name in coverage.missed:
+        coverage.reasons[name] = _why_missed(name, flow, getattr(report, "notes", []), fallbacks)
     if report is not None:
         report.coverage = coverage
     return coverage
 
 
-def _fused(converted: nn.Module, inputs, coverage: Coverage) -> None:
-    """Which of ``converted``'s BNs ran with a fused activation, and which took a residual, on ``inputs``."""
+def _within(name: str, path: str) -> bool:
+    """Whether the module at ``name`` is ``path`` or one of its descendants ("model": the root, everything)."""
+    return path == "model" or name == path or name.startswith(path + ".")
+
+
+def _why_missed(name: str, flow: "_Flow", notes: List[str], fallbacks: Dict[str, int]) -> str:
+    """Why the fusable BN at ``name`` ran unfused: the note ``convert_model`` left on the nearest module around
+    it, else the module its output was handed to before the add or activation, else the fused forward around
+    it that fell back on this call; else that nothing says why (which should not happen: a gap to report)."""
+    around = [note for note in notes if _within(name, note.split(": ", 1)[0])]
+    if around:
+        return max(around, key=lambda note: len(note.split(": ", 1)[0]))
+    handed = flow.handed_to.get((name, "bn"), []) + flow.handed_to.get((name, "add"), [])
+    if handed:
+        path, kind = handed[0]
+        reader = "activation" if flow.readers.get((name, "bn")) == ["activation"] else "add"
+        return (f"its output goes through {path} ({kind}, a module of its own) on its way to the {reader}"
+                f": convert_model fuses what the BN's parent applies to it directly, not across another module's "
+                f"forward, which may differ between calls and modes (dropout, stochastic depth)")
+    fell_back = sorted(path for path in fallbacks if _within(name, path))
+    if fell_back:
+        return (f"{fell_back[-1]}'s fused forward fell back to its own on this call (fusion_report.fallbacks; "
+                f"fusion_report.guarded says what it assumes)")
+    return "convert_model left no note saying why (a gap worth reporting)"
+
+
+def _fused(converted: nn.Module, inputs, coverage: Coverage) -> Dict[str, int]:
+    """Which of ``converted``'s BNs ran with a fused activation, and which took a residual, on ``inputs``;
+    returns the module paths whose fused forward fell back to their own on that call (with how often)."""
     from .modules import FusedBatchNormMixin
     model = copy.deepcopy(converted)
     seen: Dict[str, Tuple[bool, bool]] = {}  # path -> (took a residual, ran an activation) on every call
@@ -197,3 +244,9 @@ def _fused(converted: nn.Module, inputs, coverage: Coverage) -> None:
             coverage.fused_activation.append(name)
     coverage.fused_activation.sort()
     coverage.fused_add_activation.sort()
+    report = getattr(model, "fusion_report", None)  # the copy's, which its fused forwards counted in
+    before = getattr(converted, "fusion_report", None)
+    if report is None or before is None:
+        return {}
+    return {path: count - before.fallbacks.get(path, 0) for path, count in report.fallbacks.items()
+            if count > before.fallbacks.get(path, 0)}
