@@ -132,6 +132,43 @@ def test_row_statistics_block_by_block(shape, dtype):
     torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 45, 11, 13), (2, 64, 20, 20), (2, 240, 3, 3), (4, 16, 9, 9), (2, 48, 3, 5, 7),
+                                   (2, 256, 4, 4)],
+                         ids=["32 + 8 + 5 channels, four blocks", "two passes of 32, chunks on both threads",
+                              "seven passes of 32 and two of 8", "16 channels", "3-D, 32 + 16",
+                              "256 channels: a row at a time"])
+@pytest.mark.parametrize("activation", [None, "relu"], ids=["identity", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_backward_sums_block_by_block(dtype, activation, shape):
+    """The backward's sums over fp16 and bf16 channels-last rows of fewer than 256 channels take a block of 128 rows
+    at a time, 32 channels down the rows in registers, then 8, the last fewer than 8 row by row
+    (backward_block_sums, kernels.h); 256 channels a row at a time. Groups, tails, several blocks and chunks, both
+    threads, 3-D, with ReLU a residual in z: dx, dweight, dbias and d residual against float64 autograd on the
+    same values."""
+    x, residual = _input(shape, dtype, "channels_last"), _input(shape, dtype, "channels_last", seed=2)
+    grad_y = _input(shape, dtype, "channels_last", seed=3)
+    channels = shape[1]
+    weight, bias = _parameters(channels)
+    act = ACTIVATION_IDS[activation]
+    for res in ([None, residual] if activation else [None]):
+        _, mean, invstd = dispatch.NATIVE.training(x, None, None, None, weight, bias, res, 0.1, False, 1e-5, act, 0.0)
+        grads = dispatch.NATIVE.backward(grad_y, x, mean, invstd, None, weight, bias, res, 1e-5, act, 0.0,
+                                         [True, True, True, res is not None])
+        leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+        leaves += [res.detach().double().requires_grad_()] if res is not None else []
+        expected_y = _float64_forward(*leaves[:3], leaves[3] if res is not None else None, True, None, None,
+                                      activation)
+        expected = torch.autograd.grad(expected_y, leaves, grad_y.double())
+        for name, got, want in zip(("dx", "dweight", "dbias", "dresidual"), grads, expected):
+            if name in ("dweight", "dbias"):  # sums in fp32 over the batch: the fp32 tolerance scaled by the rows
+                rows = x.numel() // channels
+                torch.testing.assert_close(got.double(), want, atol=TOLERANCES[torch.float32][0] * rows,
+                                           rtol=TOLERANCES[torch.float32][1])
+            else:
+                assert got.stride() == x.stride()
+                assert_close(got, want, dtype, name)
+
+
 @pytest.mark.parametrize("shape", [(3, 64, 5, 7), (2, 16, 40, 40), (2, 240, 3, 3), (2, 48, 3, 5, 7)],
                          ids=["a part chunk", "chunks on both threads", "four rows a chunk", "3-D, 21 rows a chunk"])
 @pytest.mark.parametrize("activation", [None, "relu"], ids=["identity", "relu"])

@@ -97,6 +97,12 @@ template <typename T, int ACT> constexpr bool kPackLoops =
 inline __m256 load_half8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+// 8 values of a 16-bit float type as fp32, in order (bf16: the value as the high half of an fp32)
+inline __m256 load8(const c10::Half* p) { return load_half8(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
 inline void store_half8(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -994,16 +1000,17 @@ void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t
 
 #if TRITON_BN_VECTORS
 // The backward of fp16 with the conversions in registers (ACT identity or ReLU; other activations take the
-// fp32 buffers), the same arithmetic as grad_pre_activation and the fp32 loops. dz for 8 values: dy, or 0
-// where z = x * scale + shift [+ residual] <= 0 (threshold_backward's rule; a NaN z passes dy).
-template <int ACT, bool HAS_RES>
-inline __m256 half_grad8(__m256 x, const c10::Half* dy, const c10::Half* res, __m256 scale, __m256 shift) {
-  const __m256 g = load_half8(dy);
+// fp32 buffers), the same arithmetic as grad_pre_activation and the fp32 loops. dz for 8 values (fp16, or bf16
+// for the block sums below): dy, or 0 where z = x * scale + shift [+ residual] <= 0 (threshold_backward's rule;
+// a NaN z passes dy).
+template <int ACT, bool HAS_RES, typename T>
+inline __m256 half_grad8(__m256 x, const T* dy, const T* res, __m256 scale, __m256 shift) {
+  const __m256 g = load8(dy);
   if constexpr (ACT == kIdentity) {
     return g;
   } else {
     __m256 z = _mm256_fmadd_ps(x, scale, shift);
-    if constexpr (HAS_RES) z = _mm256_add_ps(z, load_half8(res));
+    if constexpr (HAS_RES) z = _mm256_add_ps(z, load8(res));
     return _mm256_andnot_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LE_OQ), g);
   }
 }
@@ -1060,6 +1067,72 @@ void half_backward_row_sums(const c10::Half* x, const c10::Half* dy, const c10::
   }
 }
 
+// The same over the rows [r0, r1) of a block (x, dy and res at the block's first channel, rows C apart): G groups
+// of 8 channels summed down the rows in registers (the per-channel values read from L1 each row), every
+// channel's terms added in row order as half_backward_row_sums adds them (so the same sums), without its
+// per-row call and its load and store of the sums for every row, on which each row waited for the last:
+// half_block_sums' reason, in the backward. Channels [c, c + 8 G) of every row, for c from c0 in steps of 8 G
+// while they fit; returns where it stopped.
+template <int G, int ACT, bool HAS_RES, typename T>
+int64_t backward_groups(const T* x, const T* dy, const T* res, int64_t C, int64_t r0, int64_t r1, int64_t c0,
+                        int64_t n, const float* sc, const float* sh, const float* mu, const float* is, float* a,
+                        float* b) {
+  int64_t c = c0;
+  for (; c + 8 * G <= n; c += 8 * G) {
+    __m256 sum_a[G], sum_b[G];
+    for (int k = 0; k < G; ++k) {
+      sum_a[k] = _mm256_loadu_ps(a + c + 8 * k);
+      sum_b[k] = _mm256_loadu_ps(b + c + 8 * k);
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      if (c == c0 && G > 1) {  // the first pass fetches the rest of each row for the passes after it (see below)
+        for (int64_t later = c + 8 * G; later < n; later += 8 * G) {
+          _mm_prefetch(reinterpret_cast<const char*>(x + r * C + later), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(dy + r * C + later), _MM_HINT_T1);
+          if constexpr (HAS_RES) _mm_prefetch(reinterpret_cast<const char*>(res + r * C + later), _MM_HINT_T1);
+        }
+      }
+      for (int k = 0; k < G; ++k) {
+        const int64_t at = r * C + c + 8 * k, channel = c + 8 * k;
+        const __m256 xv = load8(x + at);
+        const __m256 dz = half_grad8<ACT, HAS_RES>(xv, dy + at, HAS_RES ? res + at : nullptr,
+                                                   _mm256_loadu_ps(sc + channel), _mm256_loadu_ps(sh + channel));
+        const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(xv, _mm256_loadu_ps(mu + channel)),
+                                          _mm256_loadu_ps(is + channel));
+        sum_a[k] = _mm256_add_ps(sum_a[k], dz);
+        sum_b[k] = _mm256_fmadd_ps(dz, xhat, sum_b[k]);
+      }
+    }
+    for (int k = 0; k < G; ++k) {
+      _mm256_storeu_ps(a + c + 8 * k, sum_a[k]);
+      _mm256_storeu_ps(b + c + 8 * k, sum_b[k]);
+    }
+  }
+  return c;
+}
+
+// The backward's sums over a block of rows of n channels, fp16 or bf16 (identity or ReLU): 32 channels at a time
+// (64 bytes, a cache line of each row per pass; the first pass prefetches the rest of each row into L2, without
+// which the later passes read a tensor from memory a line in every row at a time and the sums of 32x64x56x56 ran
+// slower than the row walk's, perf/NOTES.md), then 8 at a time, the last fewer than 8 row by row. bf16's values
+// are widened in order (load8), not in pack order: the sums are the row walk's, channel by channel.
+template <typename T, int ACT, bool HAS_RES>
+void backward_block_sums(const T* x, const T* dy, const T* res, int64_t C, int64_t r0, int64_t r1, int64_t n,
+                         const float* sc, const float* sh, const float* mu, const float* is, float* a, float* b,
+                         float slope) {
+  int64_t c = backward_groups<4, ACT, HAS_RES>(x, dy, res, C, r0, r1, 0, n, sc, sh, mu, is, a, b);
+  c = backward_groups<1, ACT, HAS_RES>(x, dy, res, C, r0, r1, c, n, sc, sh, mu, is, a, b);
+  for (int64_t r = r0; r < r1 && c < n; ++r) {
+    const T* row = x + r * C;
+    for (int64_t k = c; k < n; ++k) {
+      const float dz = grad_pre_activation<T, ACT, HAS_RES, false>(dy + r * C, row, HAS_RES ? res + r * C : nullptr, k,
+                                                                   sc, sh, slope);
+      a[k] += dz;
+      b[k] += dz * ((load(row, k) - mu[k]) * is[k]);
+    }
+  }
+}
+
 // Pass 2 along one line: dx = dz * k1 - (x - mean) * k2 - k3 and d residual = dz, as wanted.
 template <int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
 void half_backward_line(const c10::Half* x, const c10::Half* dy, const c10::Half* res, c10::Half* grad_x,
@@ -1095,13 +1168,21 @@ std::pair<float, float> half_backward_plane_sums(const c10::Half*, const c10::Ha
 template <int ACT, bool HAS_RES>
 void half_backward_row_sums(const c10::Half*, const c10::Half*, const c10::Half*, int64_t, const float*, const float*,
                             const float*, const float*, float*, float*, float) {}
+template <typename T, int ACT, bool HAS_RES>
+void backward_block_sums(const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
+                         const float*, const float*, float*, float*, float) {}
 template <int ACT, bool HAS_RES, bool DX, bool DRES, bool PLANES>
 void half_backward_line(const c10::Half*, const c10::Half*, const c10::Half*, c10::Half*, c10::Half*, int64_t,
                         const float*, const float*, const float*, const float*, const float*, const float*, float) {}
 #endif
 
 // Pass 1: sum dz and sum dz * xhat per channel. With a transcendental activation, dz_saved (where not null:
-// grad_x, of x's size and type) also gets every dz, rounded to T (grad_terms_chunk).
+// grad_x, of x's size and type) also gets every dz, rounded to T (grad_terms_chunk). fp16 and bf16 rows of fewer
+// than kBlockSumsBelow channels (identity or ReLU) are summed a block of rows at a time (backward_block_sums),
+// bitwise the same sums: the sums pass alone 1.3-1.75x faster on 64-channel rows (both threads, processes
+// alternating with the commit before, 32x64x56x56 from memory included), and in a loop of the sums (one thread,
+// in cache) 1.4-2.0x on 48-240 channels, 1.0-1.4x on 256, where the row walk stays (perf/NOTES.md).
+constexpr int64_t kBlockSumsBelow = 256;
 template <typename T, int ACT, bool HAS_RES>
 void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry,
                    const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope, std::vector<double>& sum_dz,
@@ -1145,6 +1226,13 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
                                                  A* __restrict__ b) {
     const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
     const A *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
+    if constexpr (kPackLoops<T, ACT>) {
+      if (C < kBlockSumsBelow) {  // rows of few channels: the block's rows at once (the same sums)
+        backward_block_sums<T, ACT, HAS_RES>(x + c0, dy + c0, HAS_RES ? res + c0 : nullptr, C, r0, r1, n, sc, sh, mu,
+                                             is, a, b, slope);
+        return;
+      }
+    }
     for (int64_t r = r0; r < r1; ++r) {
       if constexpr (kVectorMath<T, ACT>) {
         A dz[kDzChunk], dz_xhat[kDzChunk];
