@@ -14,8 +14,9 @@ and watches every tensor a BatchNorm returns:
 The result (``Coverage``) lists both and what was missed, by module path (``convert_model``'s paths are the
 original's, so the two line up), each miss with the reason: the note ``convert_model`` left on the module
 around it, the module of its own the BN's output went through on its way to the add or activation (timm's
-stochastic depth), or the fused forward that fell back on this call. Runtime data flow sees what fx can not trace (a forward with data-dependent
-control flow is read as the call took it). ``tools/fusion_coverage.py`` prints it for a zoo of models.
+stochastic depth), or the fused forward that fell back on this call. Runtime data flow sees what fx can not
+trace (a forward with data-dependent control flow is read as the call took it). ``tools/fusion_coverage.py``
+prints it for a zoo of models.
 """
 import copy
 import operator
