@@ -10,7 +10,9 @@ e.g. ``python perf/ab_pairs.py HEAD~1 /tmp/ab -- --device cpu --cases train_fwd 
 channels_last``. Why pairs, and why ratios: a CPU VM's speed drifts between runs of the same code (copy bandwidth
 22.8-32.3 GB/s on this project's AMD EPYC VMs, both providers' times moving up to 2x), so only runs next to each
 other compare, each cell against PyTorch measured beside it; a change is established when every pair agrees in
-sign (perf/NOTES.md has where they did not). ``--report`` prints the table of an earlier OUT again.
+sign (perf/NOTES.md has where they did not). Run it once with BASE = HEAD first (the same code on both sides):
+what that reads is what this host can not resolve today (on 2026-12-07's VM, 1.03-1.11 with every pair agreeing
+in sign). ``--report`` prints the table of an earlier OUT again.
 """
 import argparse
 import collections
