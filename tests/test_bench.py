@@ -1,4 +1,5 @@
 """[perf] The benchmark tool: efficiency arithmetic, report writers, CSV schema and a tiny end-to-end run."""
+import csv
 import math
 import subprocess
 import sys
@@ -544,3 +545,38 @@ def test_compare_runs_names_the_cells_below_earlier_readings(tmp_path, capsys):
     assert ": 2" in best.splitlines()[0] and "eval_fwd nchw fp32: 1.30x against 1.40x" in best
     assert "train_fwdbwd" not in out
     assert compare_runs.main([str(tmp_path / "new.md"), str(tmp_path / "nothing-*.md")]) == 1
+
+
+def test_ab_pairs_reports_each_pairs_after_over_before(tmp_path, capsys):
+    """perf/ab_pairs.py's table (the kernel changes' alternating pairs): per cell, each pair's geomean of PyTorch's
+    time over ours before and after, their ratio, our own time after / before (best of the pairs), rows flagged as
+    noise in any run left out; and it refuses a bench --out and an OUT already holding a comparison."""
+    ab_pairs = load_script("perf/ab_pairs.py")
+
+    def run(name, ours, eager, noisy=()):
+        folder = tmp_path / "out" / name
+        folder.mkdir(parents=True)
+        with open(folder / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, ["case", "dtype", "layout", "shape", "provider", "ms", "noise"])
+            writer.writeheader()
+            for shape in ours:
+                for provider, ms in (("triton_bn", ours[shape]), ("eager_native", eager[shape])):
+                    writer.writerow(dict(case="train_fwd", dtype="fp16", layout="channels_last", shape=shape,
+                                         provider=provider, ms=ms, noise="spread" if shape in noisy else ""))
+
+    # pair 1: 2.0x -> 2.2x; pair 2: 2.0x -> 1.8x (disagree in sign); shape c noisy in one run: left out everywhere
+    run("before-1", {"a": 1.0, "b": 2.0, "c": 1.0}, {"a": 2.0, "b": 4.0, "c": 9.0})
+    run("after-1", {"a": 1.0, "b": 2.0, "c": 1.0}, {"a": 2.2, "b": 4.4, "c": 9.0}, noisy=("c",))
+    run("before-2", {"a": 1.1, "b": 2.2, "c": 1.0}, {"a": 2.2, "b": 4.4, "c": 9.0})
+    run("after-2", {"a": 0.5, "b": 1.0, "c": 1.0}, {"a": 0.9, "b": 1.8, "c": 9.0})
+    (row,) = ab_pairs.cell_ratios(str(tmp_path / "out"))
+    assert row["cell"] == ("train_fwd", "fp16", "channels_last") and row["shapes"] == 2
+    assert row["before"] == pytest.approx([2.0, 2.0]) and row["after"] == pytest.approx([2.2, 1.8])
+    assert row["ratios"] == pytest.approx([1.1, 0.9])
+    assert row["own_after_over_before"] == pytest.approx(0.5)  # best after (0.5, 1.0) over best before (1.0, 2.0)
+    assert ab_pairs.main(["--report", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "ratio 1.100 0.900" in out and "0 of 1 cells agree in sign in every pair" in out
+    assert ab_pairs.main(["HEAD", str(tmp_path / "out"), "--", "--device", "cpu"]) == 2  # never overwritten
+    assert ab_pairs.main(["HEAD", str(tmp_path / "new"), "--", "--out", "x"]) == 2
+    assert not (tmp_path / "new").exists()
