@@ -1004,7 +1004,7 @@ void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t
 // for the block sums below): dy, or 0 where z = x * scale + shift [+ residual] <= 0 (threshold_backward's rule;
 // a NaN z passes dy).
 template <int ACT, bool HAS_RES, typename T>
-inline __m256 half_grad8(__m256 x, const T* dy, const T* res, __m256 scale, __m256 shift) {
+inline __m256 grad8(__m256 x, const T* dy, const T* res, __m256 scale, __m256 shift) {
   const __m256 g = load8(dy);
   if constexpr (ACT == kIdentity) {
     return g;
@@ -1026,7 +1026,7 @@ std::pair<float, float> half_backward_plane_sums(const c10::Half* x, const c10::
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     const __m256 xv = load_half8(x + i);
-    const __m256 dz = half_grad8<ACT, HAS_RES>(xv, dy + i, HAS_RES ? res + i : nullptr, scale, shift);
+    const __m256 dz = grad8<ACT, HAS_RES>(xv, dy + i, HAS_RES ? res + i : nullptr, scale, shift);
     a = _mm256_add_ps(a, dz);
     b = _mm256_fmadd_ps(dz, _mm256_mul_ps(_mm256_sub_ps(xv, mean), invstd), b);
   }
@@ -1054,7 +1054,7 @@ void half_backward_row_sums(const c10::Half* x, const c10::Half* dy, const c10::
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
     const __m256 xv = load_half8(x + c);
-    const __m256 dz = half_grad8<ACT, HAS_RES>(xv, dy + c, HAS_RES ? res + c : nullptr, _mm256_loadu_ps(sc + c),
+    const __m256 dz = grad8<ACT, HAS_RES>(xv, dy + c, HAS_RES ? res + c : nullptr, _mm256_loadu_ps(sc + c),
                                                _mm256_loadu_ps(sh + c));
     const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(xv, _mm256_loadu_ps(mu + c)), _mm256_loadu_ps(is + c));
     _mm256_storeu_ps(a + c, _mm256_add_ps(_mm256_loadu_ps(a + c), dz));
@@ -1095,7 +1095,7 @@ int64_t backward_groups(const T* x, const T* dy, const T* res, int64_t C, int64_
       for (int k = 0; k < G; ++k) {
         const int64_t at = r * C + c + 8 * k, channel = c + 8 * k;
         const __m256 xv = load8(x + at);
-        const __m256 dz = half_grad8<ACT, HAS_RES>(xv, dy + at, HAS_RES ? res + at : nullptr,
+        const __m256 dz = grad8<ACT, HAS_RES>(xv, dy + at, HAS_RES ? res + at : nullptr,
                                                    _mm256_loadu_ps(sc + channel), _mm256_loadu_ps(sh + channel));
         const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(xv, _mm256_loadu_ps(mu + channel)),
                                           _mm256_loadu_ps(is + channel));
@@ -1144,7 +1144,7 @@ void half_backward_line(const c10::Half* x, const c10::Half* dy, const c10::Half
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 xv = load_half8(x + i);
-    const __m256 dz = half_grad8<ACT, HAS_RES>(xv, dy + i, HAS_RES ? res + i : nullptr, per_channel(sc, i),
+    const __m256 dz = grad8<ACT, HAS_RES>(xv, dy + i, HAS_RES ? res + i : nullptr, per_channel(sc, i),
                                                per_channel(sh, i));
     if constexpr (DX) {
       const __m256 centered = _mm256_mul_ps(_mm256_sub_ps(xv, per_channel(mu, i)), per_channel(k2, i));
