@@ -1,6 +1,9 @@
 """[perf] The benchmark tool: efficiency arithmetic, report writers, CSV schema and a tiny end-to-end run."""
 import csv
 import math
+import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -580,3 +583,32 @@ def test_ab_pairs_reports_each_pairs_after_over_before(tmp_path, capsys):
     assert ab_pairs.main(["HEAD", str(tmp_path / "out"), "--", "--device", "cpu"]) == 2  # never overwritten
     assert ab_pairs.main(["HEAD", str(tmp_path / "new"), "--", "--out", "x"]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_kernel_ab_tells_a_changed_kernel_from_the_same_one(tmp_path, capsys):
+    """perf/kernel_ab.py builds HEAD's kernels and a new version into one program and alternates them: with the
+    normalization's arithmetic changed in the new version (a copy of the sources, one line edited), the
+    normalization rows say DIFFERENT and the statistics rows, untouched, equal; each row has both times and their
+    ratio. One float64 build (about 20 s on two cores)."""
+    from triton_bn.backends import native_cpu
+    if native_cpu.ops() is None:
+        pytest.skip("the native CPU kernels do not build on this machine (the session's first lines say why)")
+    kernel_ab = load_script("perf/kernel_ab.py")
+    new = tmp_path / "csrc"
+    shutil.copytree(os.path.join(kernel_ab.ROOT, kernel_ab.CSRC), new)
+    header = new / "kernels.h"
+    line = "load(in, i) * sc[column<PLANES>(i)] + sh[column<PLANES>(i)], slope"
+    source = header.read_text()
+    assert source.count(line) == 1, "the edited line moved: update this test"
+    header.write_text(source.replace(line, line.replace(", slope", " + 1e-9, slope")))
+    assert kernel_ab.main(["HEAD", "--new", str(new), "--dtypes", "fp64", "--passes", "statistics,normalize",
+                           "--activations", "0", "--layouts", "nchw,channels_last", "--shapes", "2x8x3x3",
+                           "--steps", "5", "--out", str(tmp_path / "out")]) == 0
+    rows = [row for row in capsys.readouterr().out.splitlines() if " base " in row]
+    assert len(rows) == 4, rows
+    for row in rows:
+        assert re.search(r"base [\d.]+ us new [\d.]+ us ratio [\d.]+ bitwise ", row), row
+        assert row.endswith("DIFFERENT" if row.startswith("normalize") else "equal"), row
+    assert (tmp_path / "out" / "kernel_ab.txt").read_text().count(" base ") == 4
+    with pytest.raises(SystemExit):
+        kernel_ab.main(["HEAD", "--dtypes", "fp8"])
