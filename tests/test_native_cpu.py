@@ -112,14 +112,16 @@ def test_short_planes_with_a_transcendental_activation(dtype, activation, shape)
     assert_close(y, _float64_forward(x, weight, bias, residual, False, rm, rv, activation), dtype, "eval y")
 
 
-@pytest.mark.parametrize("shape", [(3, 45, 11, 13), (2, 96, 20, 20), (4, 16, 9, 9), (2, 64, 3, 40, 5)],
+@pytest.mark.parametrize("shape", [(3, 45, 11, 13), (2, 96, 20, 20), (4, 16, 9, 9), (2, 64, 3, 40, 5),
+                                   (2, 160, 6, 6)],
                          ids=["32 + 8 + 5 channels", "three groups of 32, rows over both threads", "16 channels",
-                              "3-D, 64 channels"])
+                              "3-D, 64 channels", "160 channels: fp32 a row at a time"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_row_statistics_block_by_block(shape, dtype):
-    """Channels-last statistics over blocks of 128 rows: fp16's down the rows in registers, 32 channels at a time
-    (half_block_sums, kernels.h), and its last channels row by row; bf16's and fp32's a row at a time. Groups,
-    tails, several blocks and chunks, 3-D, against float64 on the same values."""
+    """Channels-last statistics over blocks of 128 rows: down the rows in registers, 32 channels at a time, the last
+    channels row by row (statistics_block_sums, kernels.h): fp16 and bf16 rows of any width, fp32 rows of fewer than
+    128 channels; wider fp32 rows a row at a time. Groups, tails, several blocks and chunks, 3-D, against float64 on
+    the same values."""
     x = _input(shape, dtype, "channels_last", offset=3.0)
     channels = shape[1]
     weight, bias = _parameters(channels)

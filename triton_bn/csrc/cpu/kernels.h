@@ -77,7 +77,7 @@ template <> inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float 
 // Where the build has F16C (TRITON_BN_VECTORS), fp16 is converted 8 values per instruction (rounded to
 // nearest even, as c10::Half does): in registers by the loops written for identity and ReLU (the
 // normalization and the plane statistics over packs, shared with bf16: normalize_packed_line,
-// packed_shifted_sums; the row statistics and the backward: half_block_sums, half_backward_*), and for
+// packed_shifted_sums; the row statistics and the backward: statistics_block_sums, half_backward_*), and for
 // every other activation through fp32 buffers holding the span a loop works on, which then runs its fp32
 // code (three passes over an L1-resident buffer instead of one). Every other dtype is read and written in
 // place: staged_t<T> is T itself.
@@ -97,12 +97,14 @@ template <typename T, int ACT> constexpr bool kPackLoops =
 inline __m256 load_half8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-// 8 values of a 16-bit float type as fp32, in order (bf16: the value as the high half of an fp32)
+// 8 values of a 16-bit float type as fp32, in order (bf16: the value as the high half of an fp32); and of fp32,
+// for the loops that serve fp32 rows too (statistics_block_sums)
 inline __m256 load8(const c10::Half* p) { return load_half8(p); }
 inline __m256 load8(const c10::BFloat16* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline void store_half8(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -687,11 +689,12 @@ template <typename T> inline std::pair<float, float> packed_shifted_sums(const T
   return {sum_a, sum_b};
 }
 
-// The same along a row: a[c] += d, b[c] += d * d for the n channels of one row, d = x - shift[c].
-inline void half_row_sums(const c10::Half* row, const float* shift, int64_t n, float* a, float* b) {
+// The same along a row of fp16, bf16 or fp32 values (load8): a[c] += d, b[c] += d * d for the n channels of
+// one row, d = x - shift[c].
+template <typename T> inline void statistics_row_sums(const T* row, const float* shift, int64_t n, float* a, float* b) {
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    const __m256 d = _mm256_sub_ps(load_half8(row + c), _mm256_loadu_ps(shift + c));
+    const __m256 d = _mm256_sub_ps(load8(row + c), _mm256_loadu_ps(shift + c));
     _mm256_storeu_ps(a + c, _mm256_add_ps(_mm256_loadu_ps(a + c), d));
     _mm256_storeu_ps(b + c, _mm256_fmadd_ps(d, d, _mm256_loadu_ps(b + c)));
   }
@@ -704,10 +707,16 @@ inline void half_row_sums(const c10::Half* row, const float* shift, int64_t n, f
 
 // The same over the rows [r0, r1) of a block (x at the block's first channel, rows C apart): each group of 8
 // channels summed down the rows in registers, four groups at a time, every channel's values added in row order
-// as half_row_sums adds them (so the same sums), without its per-row loop set-up and its load and store of the
-// sums for every row, which on rows of 64 channels cost about what the values did (perf/NOTES.md).
-inline void half_block_sums(const c10::Half* x, int64_t C, int64_t r0, int64_t r1, const float* shift, int64_t n,
-                            float* a, float* b) {
+// as a row-at-a-time loop adds them (so the same sums: bitwise, perf/kernel_ab.py checks), without that loop's
+// set-up per row and its load and store of the sums for every row, which on rows of 64 channels cost about what
+// the values did (perf/NOTES.md). Taken by fp16 and bf16 rows of any width (fp16: 1.22 -> 1.52x of PyTorch's
+// training forward; bf16: the pass 1.16-1.88x faster) and by fp32 rows of fewer than kFloatBlockStatisticsBelow
+// channels: the compiler's vectorized row loop serves wider fp32 rows as well (128 and 512 channels: 0.92-1.02x
+// of it, 16-64 channels: 1.16-1.53x; perf/results/cpu-amd-epyc-2026-12-07-block-statistics/).
+constexpr int64_t kFloatBlockStatisticsBelow = 128;
+template <typename T>
+inline void statistics_block_sums(const T* x, int64_t C, int64_t r0, int64_t r1, const float* shift, int64_t n,
+                                  float* a, float* b) {
   constexpr int kGroups = 4;
   int64_t c = 0;
   for (; c + 8 * kGroups <= n; c += 8 * kGroups) {
@@ -719,7 +728,7 @@ inline void half_block_sums(const c10::Half* x, int64_t C, int64_t r0, int64_t r
     }
     for (int64_t r = r0; r < r1; ++r) {
       for (int k = 0; k < kGroups; ++k) {
-        const __m256 d = _mm256_sub_ps(load_half8(x + r * C + c + 8 * k), sh[k]);
+        const __m256 d = _mm256_sub_ps(load8(x + r * C + c + 8 * k), sh[k]);
         sum_a[k] = _mm256_add_ps(sum_a[k], d);
         sum_b[k] = _mm256_fmadd_ps(d, d, sum_b[k]);
       }
@@ -730,7 +739,7 @@ inline void half_block_sums(const c10::Half* x, int64_t C, int64_t r0, int64_t r
     }
   }
   if (c < n) {  // the last channels (fewer than 32): row by row, as before
-    for (int64_t r = r0; r < r1; ++r) half_row_sums(x + r * C + c, shift + c, n - c, a + c, b + c);
+    for (int64_t r = r0; r < r1; ++r) statistics_row_sums(x + r * C + c, shift + c, n - c, a + c, b + c);
   }
 }
 #else
@@ -739,8 +748,9 @@ void normalize_packed_line(const T*, const T*, T*, int64_t, const float*, const 
 template <typename T> inline std::pair<float, float> packed_shifted_sums(const T*, int64_t, float) {
   return {0.f, 0.f};
 }
-inline void half_row_sums(const c10::Half*, const float*, int64_t, float*, float*) {}
-inline void half_block_sums(const c10::Half*, int64_t, int64_t, int64_t, const float*, int64_t, float*, float*) {}
+constexpr int64_t kFloatBlockStatisticsBelow = 0;
+template <typename T>
+inline void statistics_block_sums(const T*, int64_t, int64_t, int64_t, const float*, int64_t, float*, float*) {}
 #endif
 
 // (mean, biased variance) per channel, in the compute type: one read of x. The shift is each channel's
@@ -776,9 +786,15 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
     reduce_rows<A>(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, A* __restrict__ a,
                                      A* __restrict__ b) {
       const A* __restrict__ sh = shift.data() + c0;
-      if constexpr (kHalfLoops<T, kIdentity>) {
-        half_block_sums(x + c0, C, r0, r1, sh, n, a, b);
+      if constexpr (kPackLoops<T, kIdentity>) {
+        statistics_block_sums(x + c0, C, r0, r1, sh, n, a, b);
         return;
+      }
+      if constexpr (TRITON_BN_VECTORS && std::is_same_v<T, float>) {
+        if (C < kFloatBlockStatisticsBelow) {
+          statistics_block_sums(x + c0, C, r0, r1, sh, n, a, b);
+          return;
+        }
       }
       for (int64_t r = r0; r < r1; ++r) {
         const staged_t<T>* __restrict__ row = read_staged(x + r * C + c0, n, 0);
