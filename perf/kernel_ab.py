@@ -1,7 +1,8 @@
 """A native CPU kernel change against a base commit, in one process: both versions of the kernels
 (triton_bn/csrc/cpu/) built into one program, each under a namespace of its own, and called alternately, one
-call of each per step, on the same inputs; per row the median time of each, the median of the step-by-step
-ratios (base / new: above 1 means the change is faster) and whether the two wrote bitwise the same outputs.
+call of each per step (which goes first alternating too), on the same inputs; per row the median time of each,
+the median of the step-by-step ratios (base / new: above 1 means the change is faster) and whether the two wrote
+bitwise the same outputs.
 
     python perf/kernel_ab.py BASE [--dtypes fp16,bf16] [--layouts nchw,channels_last] [--passes ...]
                              [--activations 0,1] [--shapes 2x2048x7x7,...] [--steps 1000] [--out FOLDER]
@@ -100,15 +101,22 @@ int main(int argc, char** argv) {  // pass layout(0 rows, 1 planes) N C S activa
     per_channel[2 * C + c] = 0.01 * (c % 7), per_channel[3 * C + c] = 1.5;    // mean, invstd
   }
   std::vector<double> t0, t1, ratio;
+  const auto call = [&](bool base) {
+    const auto start = clk::now();
+    if (base) {
+      base_ns::ab_pass<T>(pass, x.data(), dy.data(), out0.data(), ch0.data(), shape, per_channel.data(), activation);
+    } else {
+      new_ns::ab_pass<T>(pass, x.data(), dy.data(), out1.data(), ch1.data(), shape, per_channel.data(), activation);
+    }
+    return std::chrono::duration<double, std::micro>(clk::now() - start).count();
+  };
   for (int64_t step = 0; step < steps + 20; ++step) {
-    const auto a = clk::now();
-    base_ns::ab_pass<T>(pass, x.data(), dy.data(), out0.data(), ch0.data(), shape, per_channel.data(), activation);
-    const auto b = clk::now();
-    new_ns::ab_pass<T>(pass, x.data(), dy.data(), out1.data(), ch1.data(), shape, per_channel.data(), activation);
-    const auto c = clk::now();
+    // which goes first alternates: the second call of a step finds the inputs where the first left them
+    const bool base_first = step % 2 == 0;
+    const double first = call(base_first), second = call(!base_first);
     if (step < 20) continue;  // warm-up
-    t0.push_back(std::chrono::duration<double, std::micro>(b - a).count());
-    t1.push_back(std::chrono::duration<double, std::micro>(c - b).count());
+    t0.push_back(base_first ? first : second);
+    t1.push_back(base_first ? second : first);
     ratio.push_back(t0.back() / t1.back());
   }
   const bool same = (pass == 0 || std::memcmp(out0.data(), out1.data(), n * sizeof(T)) == 0) &&

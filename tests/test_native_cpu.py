@@ -137,14 +137,14 @@ def test_row_statistics_block_by_block(shape, dtype):
 @pytest.mark.parametrize("shape", [(3, 45, 11, 13), (2, 64, 20, 20), (2, 240, 3, 3), (4, 16, 9, 9), (2, 48, 3, 5, 7),
                                    (2, 256, 4, 4)],
                          ids=["32 + 8 + 5 channels, four blocks", "two passes of 32, chunks on both threads",
-                              "seven passes of 32 and two of 8", "16 channels", "3-D, 32 + 16",
-                              "256 channels: a row at a time"])
+                              "seven passes of 32 and two of 8 (fp32 a row at a time)", "16 channels",
+                              "3-D, 32 + 16", "256 channels: a row at a time"])
 @pytest.mark.parametrize("activation", [None, "relu"], ids=["identity", "relu"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_16bit_backward_sums_block_by_block(dtype, activation, shape):
-    """The backward's sums over fp16 and bf16 channels-last rows of fewer than 256 channels take a block of 128 rows
-    at a time, 32 channels down the rows in registers, then 8, the last fewer than 8 row by row
-    (backward_block_sums, kernels.h); 256 channels a row at a time. Groups, tails, several blocks and chunks, both
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_backward_sums_block_by_block(dtype, activation, shape):
+    """The backward's sums over channels-last rows of few channels (fp16 and bf16 below 256, fp32 below 96) take a
+    block of 128 rows at a time, 32 channels down the rows in registers, then 8, the last fewer than 8 row by row
+    (backward_block_sums, kernels.h); wider rows a row at a time. Groups, tails, several blocks and chunks, both
     threads, 3-D, with ReLU a residual in z: dx, dweight, dbias and d residual against float64 autograd on the
     same values."""
     x, residual = _input(shape, dtype, "channels_last"), _input(shape, dtype, "channels_last", seed=2)

@@ -88,6 +88,8 @@ template <typename T> using staged_t = std::conditional_t<kStaged<T>, float, T>;
 template <typename T, int ACT> constexpr bool kHalfLoops = kStaged<T> && (ACT == kIdentity || ACT == kRelu);
 // Whether the normalization of T with activation ACT and the statistics of T's planes (ACT 0) run the
 // loops over packs of 16 values below (fp16 and bf16, identity or ReLU).
+// Whether fp32 rows of few channels may take the block sums written for the 16-bit types (through load8).
+template <typename T> constexpr bool kFloatPacks = TRITON_BN_VECTORS && std::is_same_v<T, float>;
 template <typename T, int ACT> constexpr bool kPackLoops =
     TRITON_BN_VECTORS && (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) &&
     (ACT == kIdentity || ACT == kRelu);
@@ -711,8 +713,8 @@ template <typename T> inline void statistics_row_sums(const T* row, const float*
 // set-up per row and its load and store of the sums for every row, which on rows of 64 channels cost about what
 // the values did (perf/NOTES.md). Taken by fp16 and bf16 rows of any width (fp16: 1.22 -> 1.52x of PyTorch's
 // training forward; bf16: the pass 1.16-1.88x faster) and by fp32 rows of fewer than kFloatBlockStatisticsBelow
-// channels: the compiler's vectorized row loop serves wider fp32 rows as well (128 and 512 channels: 0.92-1.02x
-// of it, 16-64 channels: 1.16-1.53x; perf/results/cpu-amd-epyc-2026-12-07-block-statistics/).
+// channels: the compiler's vectorized row loop serves wider fp32 rows as well (16-96 channels 1.06-1.53x faster
+// this way, 128-512 channels 0.92-1.02x; perf/results/cpu-amd-epyc-2026-12-07-block-statistics/).
 constexpr int64_t kFloatBlockStatisticsBelow = 128;
 template <typename T>
 inline void statistics_block_sums(const T* x, int64_t C, int64_t r0, int64_t r1, const float* shift, int64_t n,
@@ -790,7 +792,7 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
         statistics_block_sums(x + c0, C, r0, r1, sh, n, a, b);
         return;
       }
-      if constexpr (TRITON_BN_VECTORS && std::is_same_v<T, float>) {
+      if constexpr (kFloatPacks<T>) {
         if (C < kFloatBlockStatisticsBelow) {
           statistics_block_sums(x + c0, C, r0, r1, sh, n, a, b);
           return;
@@ -1017,8 +1019,8 @@ void grad_terms_chunk(const T* x, const T* dy, const T* res, int64_t i0, int64_t
 #if TRITON_BN_VECTORS
 // The backward of fp16 with the conversions in registers (ACT identity or ReLU; other activations take the
 // fp32 buffers), the same arithmetic as grad_pre_activation and the fp32 loops. dz for 8 values (fp16, or bf16
-// for the block sums below): dy, or 0 where z = x * scale + shift [+ residual] <= 0 (threshold_backward's rule;
-// a NaN z passes dy).
+// and fp32 for the block sums below): dy, or 0 where z = x * scale + shift [+ residual] <= 0
+// (threshold_backward's rule; a NaN z passes dy).
 template <int ACT, bool HAS_RES, typename T>
 inline __m256 grad8(__m256 x, const T* dy, const T* res, __m256 scale, __m256 shift) {
   const __m256 g = load8(dy);
@@ -1127,11 +1129,11 @@ int64_t backward_groups(const T* x, const T* dy, const T* res, int64_t C, int64_
   return c;
 }
 
-// The backward's sums over a block of rows of n channels, fp16 or bf16 (identity or ReLU): 32 channels at a time
-// (64 bytes, a cache line of each row per pass; the first pass prefetches the rest of each row into L2, without
-// which the later passes read a tensor from memory a line in every row at a time and the sums of 32x64x56x56 ran
-// slower than the row walk's, perf/NOTES.md), then 8 at a time, the last fewer than 8 row by row. bf16's values
-// are widened in order (load8), not in pack order: the sums are the row walk's, channel by channel.
+// The backward's sums over a block of rows of n channels, fp16, bf16 or fp32 (identity or ReLU): 32 channels at a
+// time (a cache line of each 16-bit row per pass, two of fp32; the first pass prefetches the rest of each row into
+// L2, without which the later passes read a tensor from memory a line in every row at a time and the sums of
+// 32x64x56x56 ran slower than the row walk's, perf/NOTES.md), then 8 at a time, the last fewer than 8 row by row.
+// bf16's values are widened in order (load8), not in pack order: the sums are the row walk's, channel by channel.
 template <typename T, int ACT, bool HAS_RES>
 void backward_block_sums(const T* x, const T* dy, const T* res, int64_t C, int64_t r0, int64_t r1, int64_t n,
                          const float* sc, const float* sh, const float* mu, const float* is, float* a, float* b,
@@ -1193,12 +1195,15 @@ void half_backward_line(const c10::Half*, const c10::Half*, const c10::Half*, c1
 #endif
 
 // Pass 1: sum dz and sum dz * xhat per channel. With a transcendental activation, dz_saved (where not null:
-// grad_x, of x's size and type) also gets every dz, rounded to T (grad_terms_chunk). fp16 and bf16 rows of fewer
-// than kBlockSumsBelow channels (identity or ReLU) are summed a block of rows at a time (backward_block_sums),
-// bitwise the same sums: the sums pass alone 1.3-1.75x faster on 64-channel rows (both threads, processes
-// alternating with the commit before, 32x64x56x56 from memory included), and in a loop of the sums (one thread,
-// in cache) 1.4-2.0x on 48-240 channels, 1.0-1.4x on 256, where the row walk stays (perf/NOTES.md).
+// grad_x, of x's size and type) also gets every dz, rounded to T (grad_terms_chunk). Rows of few channels with
+// identity or ReLU are summed a block of rows at a time (backward_block_sums), bitwise the same sums as the row
+// walk's: fp16 and bf16 rows of fewer than kBlockSumsBelow channels (the sums pass alone 1.3-1.75x faster on
+// 64-channel rows, both threads, 32x64x56x56 from memory included; in a loop of the sums, one thread, in cache,
+// 1.4-2.0x on 48-240 channels, 1.0-1.4x on 256, where the row walk stays: perf/NOTES.md), and fp32 rows of fewer
+// than kFloatBlockSumsBelow (the whole backward 1.03-1.25x faster on 32-64 channels, kernel against kernel,
+// 0.92-1.09x on 96-192, where the row walk stays: perf/results/cpu-amd-epyc-2026-12-07-block-statistics/).
 constexpr int64_t kBlockSumsBelow = 256;
+constexpr int64_t kFloatBlockSumsBelow = 96;
 template <typename T, int ACT, bool HAS_RES>
 void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry,
                    const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope, std::vector<double>& sum_dz,
@@ -1242,8 +1247,9 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
                                                  A* __restrict__ b) {
     const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
     const A *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
-    if constexpr (kPackLoops<T, ACT>) {
-      if (C < kBlockSumsBelow) {  // rows of few channels: the block's rows at once (the same sums)
+    if constexpr (kPackLoops<T, ACT> || (kFloatPacks<T> && (ACT == kIdentity || ACT == kRelu))) {
+      // rows of few channels: the block's rows at once (the same sums)
+      if (C < (std::is_same_v<T, float> ? kFloatBlockSumsBelow : kBlockSumsBelow)) {
         backward_block_sums<T, ACT, HAS_RES>(x + c0, dy + c0, HAS_RES ? res + c0 : nullptr, C, r0, r1, n, sc, sh, mu,
                                              is, a, b, slope);
         return;
