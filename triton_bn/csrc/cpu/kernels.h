@@ -88,11 +88,11 @@ template <typename T> using staged_t = std::conditional_t<kStaged<T>, float, T>;
 template <typename T, int ACT> constexpr bool kHalfLoops = kStaged<T> && (ACT == kIdentity || ACT == kRelu);
 // Whether the normalization of T with activation ACT and the statistics of T's planes (ACT 0) run the
 // loops over packs of 16 values below (fp16 and bf16, identity or ReLU).
-// Whether fp32 rows of few channels may take the block sums written for the 16-bit types (through load8).
-template <typename T> constexpr bool kFloatPacks = TRITON_BN_VECTORS && std::is_same_v<T, float>;
 template <typename T, int ACT> constexpr bool kPackLoops =
     TRITON_BN_VECTORS && (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) &&
     (ACT == kIdentity || ACT == kRelu);
+// Whether fp32 rows of few channels may take the block sums written for the 16-bit types (through load8).
+template <typename T> constexpr bool kFloatPacks = TRITON_BN_VECTORS && std::is_same_v<T, float>;
 
 #if TRITON_BN_VECTORS
 // 8 fp16 values as fp32, and 8 fp32 values stored as fp16 (rounded to nearest even).
