@@ -732,6 +732,24 @@ def test_the_kernels_run_on_an_emulated_arm_cpu():
     assert checks and checks.group(1) == checks.group(2) and int(checks.group(2)) >= 1000, done.stdout[-2000:]
 
 
+def test_the_kernels_compile_for_avx512():
+    """tools/check_avx512.py compiles the sources for an AVX-512 CPU with the build's flags for that ISA, on any x86
+    host (the AVX-512 instantiations are built nowhere else on an AVX2 one): one kernel file passes; with a target
+    CPU that has no AVX-512, kernels.h's own check stops the compile and the script says so and exits 1."""
+    import platform
+    import subprocess
+    import sys
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86 compiler target")
+    script = [sys.executable, os.path.join(ROOT, "tools", "check_avx512.py"), "--files", "kernels_double_forward.cpp"]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "AVX-512: every source compiles" in done.stdout, done.stdout + done.stderr
+    assert "-DCPU_CAPABILITY_AVX512" in done.stdout
+    refused = subprocess.run(script + ["--target", "haswell"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and "1 file(s) do not compile" in refused.stdout, refused.stdout
+    assert "CPU_CAPABILITY_AVX512 without the AVX-512 instructions" in refused.stdout
+
+
 def test_compile_flags_per_machine_and_isa():
     """What native_cpu.compile_flags gives each machine: x86 the target CPU and the CPU_CAPABILITY macros of the ISA
     (none for DEFAULT); aarch64 its CPU and ATen's switch to Sleef behind NEON, never an x86 capability macro
