@@ -20,6 +20,7 @@ dbias). Activation ids are those of triton_bn/activations.py (0 identity, 1 ReLU
 """
 import argparse
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -139,7 +140,8 @@ def _shape(text):
 
 def build(base_csrc: str, new_csrc: str, dtype: str, work: str) -> str:
     """The program for one dtype: the base and new kernels compiled side by side, then linked with the driver."""
-    flags = ["-std=c++17"] + native_cpu._compile_flags() + [f"-DAB_TYPE={TYPES[dtype]}"]
+    flags = ["-std=c++17"] + native_cpu.compile_flags(platform.machine(), native_cpu.vector_isa())
+    flags += [f"-DAB_TYPE={TYPES[dtype]}"]
     flags += [f"-isystem{p}" for p in cpp_extension.include_paths()]
     compiler = os.environ.get("CXX", "c++")
     with open(os.path.join(work, "variant.cpp"), "w") as f:
