@@ -91,8 +91,6 @@ template <typename T, int ACT> constexpr bool kHalfLoops = kStaged<T> && (ACT ==
 template <typename T, int ACT> constexpr bool kPackLoops =
     TRITON_BN_VECTORS && (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) &&
     (ACT == kIdentity || ACT == kRelu);
-// Whether fp32 rows of few channels may take the block sums written for the 16-bit types (through load8).
-template <typename T> constexpr bool kFloatPacks = TRITON_BN_VECTORS && std::is_same_v<T, float>;
 
 #if TRITON_BN_VECTORS
 // 8 fp16 values as fp32, and 8 fp32 values stored as fp16 (rounded to nearest even).
@@ -711,11 +709,7 @@ template <typename T> inline void statistics_row_sums(const T* row, const float*
 // channels summed down the rows in registers, four groups at a time, every channel's values added in row order
 // as a row-at-a-time loop adds them (so the same sums: bitwise, perf/kernel_ab.py checks), without that loop's
 // set-up per row and its load and store of the sums for every row, which on rows of 64 channels cost about what
-// the values did (perf/NOTES.md). Taken by fp16 and bf16 rows of any width (fp16: 1.22 -> 1.52x of PyTorch's
-// training forward; bf16: the pass 1.16-1.88x faster) and by fp32 rows of fewer than kFloatBlockStatisticsBelow
-// channels: the compiler's vectorized row loop serves wider fp32 rows as well (16-96 channels 1.06-1.53x faster
-// this way, 128-512 channels 0.92-1.02x; perf/results/cpu-amd-epyc-2026-12-07-block-statistics/).
-constexpr int64_t kFloatBlockStatisticsBelow = 128;
+// the values did (perf/NOTES.md). Which rows take it: kBlockStatisticsBelow, below.
 template <typename T>
 inline void statistics_block_sums(const T* x, int64_t C, int64_t r0, int64_t r1, const float* shift, int64_t n,
                                   float* a, float* b) {
@@ -750,10 +744,20 @@ void normalize_packed_line(const T*, const T*, T*, int64_t, const float*, const 
 template <typename T> inline std::pair<float, float> packed_shifted_sums(const T*, int64_t, float) {
   return {0.f, 0.f};
 }
-constexpr int64_t kFloatBlockStatisticsBelow = 0;
 template <typename T>
 inline void statistics_block_sums(const T*, int64_t, int64_t, int64_t, const float*, int64_t, float*, float*) {}
 #endif
+
+// The rows (fewer channels than this) whose statistics statistics_block_sums takes, per element type; 0: none.
+// fp16 and bf16 at any width (fp16: 1.22 -> 1.52x of PyTorch's training forward; bf16: the pass 1.16-1.88x
+// faster); fp32 below 128 channels, where the compiler's vectorized row loop serves wider rows as well (16-96
+// channels 1.06-1.53x faster this way, 128-512 channels 0.92-1.02x; float64's own version of the loop read
+// 0.92-1.20x with no pattern: perf/results/cpu-amd-epyc-2026-12-07-block-statistics/).
+template <typename T>
+constexpr int64_t kBlockStatisticsBelow = !TRITON_BN_VECTORS            ? 0
+                                          : kPackLoops<T, kIdentity>    ? INT64_MAX
+                                          : std::is_same_v<T, float>    ? 128
+                                                                        : 0;
 
 // (mean, biased variance) per channel, in the compute type: one read of x. The shift is each channel's
 // first value (0 where that is not finite).
@@ -788,12 +792,8 @@ void statistics(const T* x, const Geometry& g, acc_t<T>* mean, acc_t<T>* var) {
     reduce_rows<A>(R, C, s1, s2, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n, A* __restrict__ a,
                                      A* __restrict__ b) {
       const A* __restrict__ sh = shift.data() + c0;
-      if constexpr (kPackLoops<T, kIdentity>) {
-        statistics_block_sums(x + c0, C, r0, r1, sh, n, a, b);
-        return;
-      }
-      if constexpr (kFloatPacks<T>) {
-        if (C < kFloatBlockStatisticsBelow) {
+      if constexpr (kBlockStatisticsBelow<T> > 0) {
+        if (C < kBlockStatisticsBelow<T>) {
           statistics_block_sums(x + c0, C, r0, r1, sh, n, a, b);
           return;
         }
@@ -1197,13 +1197,17 @@ void half_backward_line(const c10::Half*, const c10::Half*, const c10::Half*, c1
 // Pass 1: sum dz and sum dz * xhat per channel. With a transcendental activation, dz_saved (where not null:
 // grad_x, of x's size and type) also gets every dz, rounded to T (grad_terms_chunk). Rows of few channels with
 // identity or ReLU are summed a block of rows at a time (backward_block_sums), bitwise the same sums as the row
-// walk's: fp16 and bf16 rows of fewer than kBlockSumsBelow channels (the sums pass alone 1.3-1.75x faster on
-// 64-channel rows, both threads, 32x64x56x56 from memory included; in a loop of the sums, one thread, in cache,
-// 1.4-2.0x on 48-240 channels, 1.0-1.4x on 256, where the row walk stays: perf/NOTES.md), and fp32 rows of fewer
-// than kFloatBlockSumsBelow (the whole backward 1.03-1.25x faster on 32-64 channels, kernel against kernel,
-// 0.92-1.09x on 96-192, where the row walk stays: perf/results/cpu-amd-epyc-2026-12-07-block-statistics/).
-constexpr int64_t kBlockSumsBelow = 256;
-constexpr int64_t kFloatBlockSumsBelow = 96;
+// walk's, on rows of fewer than kBlockSumsBelow channels: fp16 and bf16 below 256 (the sums pass alone 1.3-1.75x
+// faster on 64-channel rows, both threads, 32x64x56x56 from memory included; in a loop of the sums, one thread, in
+// cache, 1.4-2.0x on 48-240 channels, 1.0-1.4x on 256, where the row walk stays: perf/NOTES.md), fp32 below 96
+// (the whole backward 1.03-1.25x faster on 32-64 channels, kernel against kernel, 0.92-1.09x on 96-192, where the
+// row walk stays: perf/results/cpu-amd-epyc-2026-12-07-block-statistics/); 0: none.
+template <typename T, int ACT>
+constexpr int64_t kBlockSumsBelow =
+    !TRITON_BN_VECTORS || (ACT != kIdentity && ACT != kRelu) ? 0
+    : kPackLoops<T, ACT>                                     ? 256
+    : std::is_same_v<T, float>                               ? 96
+                                                             : 0;
 template <typename T, int ACT, bool HAS_RES>
 void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geometry,
                    const BackwardCoefficients<acc_t<T>>& k, acc_t<T> slope, std::vector<double>& sum_dz,
@@ -1247,9 +1251,8 @@ void backward_sums(const T* dy, const T* x, const T* res, const Geometry& geomet
                                                  A* __restrict__ b) {
     const A *__restrict__ sc = k.scale.data() + c0, *__restrict__ sh = k.shift.data() + c0;
     const A *__restrict__ mu = k.mean.data() + c0, *__restrict__ is = k.invstd.data() + c0;
-    if constexpr (kPackLoops<T, ACT> || (kFloatPacks<T> && (ACT == kIdentity || ACT == kRelu))) {
-      // rows of few channels: the block's rows at once (the same sums)
-      if (C < (std::is_same_v<T, float> ? kFloatBlockSumsBelow : kBlockSumsBelow)) {
+    if constexpr (kBlockSumsBelow<T, ACT> > 0) {
+      if (C < kBlockSumsBelow<T, ACT>) {  // rows of few channels: the block's rows at once (the same sums)
         backward_block_sums<T, ACT, HAS_RES>(x + c0, dy + c0, HAS_RES ? res + c0 : nullptr, C, r0, r1, n, sc, sh, mu,
                                              is, a, b, slope);
         return;
