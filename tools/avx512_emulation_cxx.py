@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""The C++ compiler that tools/check_avx512.py --run puts in ``CXX``: the real one (``TRITON_BN_REAL_CXX``),
+with the native build's AVX2 capability macros turned into AVX-512's and tools/avx512_emulation.h force-included
+before each source, so the library that triton_bn builds and loads as usual has AVX-512's vector widths and
+branches, emulated. ``--version`` names the emulation, which puts it in the build's key (build.py): this build
+and a real one never share a cache entry.
+"""
+import os
+import sys
+
+HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "avx512_emulation.h")
+AS_AVX512 = {"-DCPU_CAPABILITY=AVX2": "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX2": "-DCPU_CAPABILITY_AVX512"}
+
+
+def command(real: str, args):
+    if "--version" in args:
+        return [real, *args]
+    args = [AS_AVX512.get(arg, arg) for arg in args]
+    return [real, "-include", HEADER, *args] if "-c" in args else [real, *args]
+
+
+def main() -> None:
+    real = os.environ["TRITON_BN_REAL_CXX"]
+    args = sys.argv[1:]
+    if "--version" in args:
+        print(f"AVX-512 emulated through {HEADER}, over:", flush=True)
+    os.execvp(real, command(real, args))
+
+
+if __name__ == "__main__":
+    main()
