@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The C++ compiler that tools/check_avx512.py --run puts in ``CXX``: the real one (``TRITON_BN_REAL_CXX``),
-with the native build's AVX2 capability macros turned into AVX-512's and tools/avx512_emulation.h force-included
-before each source, so the library that triton_bn builds and loads as usual has AVX-512's vector widths and
-branches, emulated. ``--version`` names the emulation, which puts it in the build's key (build.py): this build
-and a real one never share a cache entry.
+with the native CPU build's AVX2 capability macros turned into AVX-512's and tools/avx512_emulation.h
+force-included before each of its sources (other builds, such as the C++ launch path's, pass unchanged), so
+the library that triton_bn builds and loads as usual has AVX-512's vector widths and branches, emulated.
+``--version`` names the emulation, which puts it in the build's key (build.py): this build and a real one
+never share a cache entry.
 """
 import os
 import sys
@@ -13,10 +14,11 @@ AS_AVX512 = {"-DCPU_CAPABILITY=AVX2": "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILI
 
 
 def command(real: str, args):
-    if "--version" in args:
+    """The real compiler's command: a compile of the native CPU kernels (the only sources built with a
+    CPU_CAPABILITY macro) emulates AVX-512; anything else (the C++ launch path, a link) passes unchanged."""
+    if "-c" not in args or not any(arg in AS_AVX512 for arg in args):
         return [real, *args]
-    args = [AS_AVX512.get(arg, arg) for arg in args]
-    return [real, "-include", HEADER, *args] if "-c" in args else [real, *args]
+    return [real, "-include", HEADER, *(AS_AVX512.get(arg, arg) for arg in args)]
 
 
 def main() -> None:
