@@ -3,9 +3,10 @@
 with the native CPU build's AVX2 capability macros turned into AVX-512's and tools/avx512_emulation.h
 force-included before each of its sources (other builds, such as the C++ launch path's, pass unchanged), so
 the library that triton_bn builds and loads as usual has AVX-512's vector widths and branches, emulated.
-``--version`` names the emulation, which puts it in the build's key (build.py): this build and a real one
-never share a cache entry.
+``--version`` names the emulation and its header's digest, which puts both in the build's key (build.py): this
+build and a real one never share a cache entry, and an edit of the header rebuilds.
 """
+import hashlib
 import os
 import sys
 
@@ -25,7 +26,9 @@ def main() -> None:
     real = os.environ["TRITON_BN_REAL_CXX"]
     args = sys.argv[1:]
     if "--version" in args:
-        print(f"AVX-512 emulated through {HEADER}, over:", flush=True)
+        with open(HEADER, "rb") as header:
+            digest = hashlib.sha1(header.read()).hexdigest()[:16]
+        print(f"AVX-512 emulated through {HEADER} (sha1 {digest}), over:", flush=True)
     os.execvp(real, command(real, args))
 
 

@@ -13,9 +13,10 @@ project's machines (Intel's SDE is on no package registry; qemu 7.2's TCG stops 
 tools/avx512_emulation_cxx.py as the compiler, which asks for AVX-512's capability macros and force-includes
 tools/avx512_emulation.h (every _mm512_* intrinsic as portable code, from SIMDe or the header's own loops; the
 AVX-512 Sleef functions on the AVX2 ones, half by half). The script then checks the loaded library (16 / 8
-lanes; no AVX-512 instruction in it, so it cannot fault here) and runs tests/test_native_cpu.py and
-tests/test_dispatch.py against it, less the three tests about the real build's own ISA and tools. What it
-cannot show: speed, and the last bit of an estimate instruction (rcp14: the header cuts it to 14 bits).
+lanes; no AVX-512 instruction and no call of an AVX-512 Sleef function, so it cannot fault here) and runs
+tests/test_native_cpu.py and tests/test_dispatch.py against it, less four tests about the real build's own ISA
+and tools (NOT_UNDER_EMULATION). What it cannot show: speed, and the last bit of an estimate instruction
+(rcp14: the header cuts it to 14 bits).
 Exit status 1 when a file fails (or, with ``--run``, a check or test), 2 when ``--run`` lacks SIMDe.
 """
 import argparse
@@ -37,11 +38,13 @@ from triton_bn.backends import native_cpu  # noqa: E402
 CSRC = os.path.join(ROOT, "triton_bn", "csrc", "cpu")
 EMULATING_CXX = os.path.join(ROOT, "tools", "avx512_emulation_cxx.py")
 # tests of the real build's own ISA choice and of this script's compile check, which the emulation changes on
-# purpose, and this script's own test
+# purpose, this script's own test, and the Arm emulation's (another ISA, minutes under qemu)
 NOT_UNDER_EMULATION = ("test_vector_math_built_for_pytorchs_isa", "test_the_kernels_compile_for_avx512",
                        "test_the_kernels_run_on_an_emulated_avx512_cpu", "test_the_kernels_run_on_an_emulated_arm_cpu")
-# what the loaded library must not hold: an AVX-512 instruction (a zmm or mask register) would fault here
+# what the emulated library must not hold, as either would fault on this CPU: an AVX-512 instruction (a zmm or
+# mask register in its code), a call of libtorch_cpu's AVX-512 Sleef functions (16 fp32 / 8 double lanes)
 AVX512_REGISTERS = re.compile(r"%zmm\d|%k[0-7]\b")
+AVX512_SLEEF = re.compile(r"\bSleef_\w+?(?:f16|d8)_\w+")
 PROBE = ("from triton_bn.backends import native_cpu; lanes = native_cpu.vector_lanes(); "
          "print(lanes[0], lanes[1], native_cpu.loaded_from())")
 
@@ -76,10 +79,14 @@ def run_emulated(pytest_args: List[str]) -> int:
     fp32_lanes, double_lanes, library = probe.stdout.split()[-3:]
     listing = subprocess.run(["objdump", "-d", library], capture_output=True, text=True).stdout
     faulting = sum(1 for line in listing.splitlines() if AVX512_REGISTERS.search(line))
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", library], capture_output=True, text=True).stdout
+    wide_sleef = sorted(set(AVX512_SLEEF.findall(undefined)))
     print(f"AVX-512 (emulated): activation vectors of {fp32_lanes} fp32 / {double_lanes} double lanes; "
-          f"{faulting} AVX-512 instructions in {library}", flush=True)
-    if (fp32_lanes, double_lanes) != ("16", "8") or faulting:
-        print("AVX-512 (emulated): not the library asked for (16 / 8 lanes and no AVX-512 instruction)")
+          f"{faulting} AVX-512 instructions in {library}; AVX-512 Sleef functions it calls: "
+          f"{', '.join(wide_sleef) or 'none'}", flush=True)
+    if (fp32_lanes, double_lanes) != ("16", "8") or faulting or wide_sleef:
+        print("AVX-512 (emulated): not the library asked for (16 / 8 lanes, no AVX-512 instruction, no call of "
+              "libtorch_cpu's AVX-512 Sleef: tools/avx512_emulation.h renames the ones it knows)")
         return 1
     deselect = [f"--deselect=tests/test_native_cpu.py::{name}" for name in NOT_UNDER_EMULATION]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_native_cpu.py",
