@@ -750,32 +750,6 @@ def test_the_kernels_compile_for_avx512():
     assert "CPU_CAPABILITY_AVX512 without the AVX-512 instructions" in refused.stdout
 
 
-def test_the_kernels_run_on_an_emulated_avx512_cpu():
-    """tools/check_avx512.py --run: the library built for AVX-512 on this host through tools/avx512_emulation.h
-    (16 fp32 / 8 double lanes, kernels.h's AVX-512 branches, no AVX-512 instruction in the binary), and this
-    file's kernel tests and tests/test_dispatch.py passing against it. Needs SIMDe's headers (Debian's
-    libsimde-dev): skipped, saying so, where they are missing. perf/NOTES.md has a bug in an AVX-512-only branch
-    that this run catches and the AVX2 build cannot even compile."""
-    import platform
-    import subprocess
-    import sys
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("an x86 host")
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import check_avx512
-    missing = check_avx512.missing_simde(os.environ.get("CXX", "c++"))
-    if missing:
-        pytest.skip(f"needs {missing}")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "check_avx512.py"), "--files",
-                           "kernels_double_forward.cpp", "--run", "--", "-x"], capture_output=True, text=True,
-                          timeout=1500)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "activation vectors of 16 fp32 / 8 double lanes; 0 AVX-512 instructions" in done.stdout, done.stdout[-2000:]
-    assert "AVX-512 Sleef functions it calls: none" in done.stdout, done.stdout[-2000:]
-    passed = re.search(r"(\d+) passed", done.stdout)
-    assert passed and int(passed.group(1)) >= 800 and "failed" not in done.stdout, done.stdout[-2000:]
-
-
 def test_compile_flags_per_machine_and_isa():
     """What native_cpu.compile_flags gives each machine: x86 the target CPU and the CPU_CAPABILITY macros of the ISA
     (none for DEFAULT); aarch64 its CPU and ATen's switch to Sleef behind NEON, never an x86 capability macro
