@@ -31,6 +31,7 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from triton_bn.build import compiler as compiler_command  # noqa: E402
 from triton_bn.backends import native_cpu  # noqa: E402  (the build's own flags: ISA macros, -march, OpenMP)
 
 CSRC = os.path.join("triton_bn", "csrc", "cpu")
@@ -143,7 +144,7 @@ def build(base_csrc: str, new_csrc: str, dtype: str, work: str) -> str:
     flags = ["-std=c++17"] + native_cpu.compile_flags(platform.machine(), native_cpu.vector_isa())
     flags += [f"-DAB_TYPE={TYPES[dtype]}"]
     flags += [f"-isystem{p}" for p in cpp_extension.include_paths()]
-    compiler = os.environ.get("CXX", "c++")
+    compiler = compiler_command()
     with open(os.path.join(work, "variant.cpp"), "w") as f:
         f.write(VARIANT)
     with open(os.path.join(work, "driver.cpp"), "w") as f:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from triton_bn import build
 from triton_bn.backends import native_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ def test_the_kernels_run_on_an_emulated_avx512_cpu():
         pytest.skip("this CPU runs AVX-512 itself: the suite's own build is the AVX-512 one")
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import check_avx512
-    missing = check_avx512.missing_simde(os.environ.get("CXX", "c++"))
+    missing = check_avx512.missing_simde(build.compiler())
     if missing:
         pytest.skip(f"needs {missing}")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "check_avx512.py"), "--files",

@@ -50,7 +50,7 @@ PROBE = ("from triton_bn.backends import native_cpu; lanes = native_cpu.vector_l
 
 
 def compile_one(path: str, flags) -> subprocess.CompletedProcess:
-    return subprocess.run([os.environ.get("CXX", "c++")] + flags + [path, "-o", os.devnull], capture_output=True,
+    return subprocess.run([build.compiler()] + flags + [path, "-o", os.devnull], capture_output=True,
                           text=True)
 
 
@@ -67,7 +67,7 @@ def run_emulated(pytest_args: List[str]) -> int:
         print("--run: this CPU runs AVX-512 itself, and triton_bn's own build here is the AVX-512 one: "
               "the test suite runs it, nothing to emulate")
         return 0
-    real = os.environ.get("CXX", "c++")
+    real = build.compiler()
     missing = missing_simde(real)
     if missing:
         print(f"--run needs {missing}")
@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--run", action="store_true", help="then build the library for AVX-512 on this host, "
                         "emulated, and run the native tests against it (arguments after -- go to pytest)")
     argv = sys.argv[1:] if argv is None else list(argv)
-    pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    split = argv.index("--") if "--" in argv else len(argv)  # what follows "--" goes to pytest
+    args, pytest_args = parser.parse_args(argv[:split]), argv[split + 1:]
     names = args.files.split(",") if args.files else sorted(f for f in os.listdir(CSRC) if f.endswith(".cpp"))
     flags = ["-std=c++17", "-fPIC", "-c"] + native_cpu.compile_flags("x86_64", "AVX512", target=args.target)
     flags += [f"-isystem{p}" for p in cpp_extension.include_paths()]

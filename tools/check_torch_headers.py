@@ -55,7 +55,7 @@ def main() -> int:
     flags += entry_cflags + [flag for path in entry_includes for flag in ("-isystem", path)]
     if not entry_cflags:
         print("no Python headers here: csrc/cuda/python.cpp is checked empty, as it would be built")
-    cxx = os.environ.get("CXX", "c++")
+    cxx = build.compiler()
     failed = []
     for source in sorted(glob.glob(os.path.join(ROOT, "triton_bn", "csrc", "*", "*.cpp"))):
         proc = subprocess.run([cxx, *flags, source], capture_output=True, text=True)

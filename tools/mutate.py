@@ -126,8 +126,8 @@ MUTATIONS: List[Mutation] = [
              "fp16 channels-last rows of 16 to 255 channels: the backward's later groups centre on the first's mean"),
     Mutation("native-avx512-gelu-reciprocal-unrefined", "triton_bn/csrc/cpu/kernels.h",
              "const Vec<A> t = estimate * at::vec::fnmadd(d, estimate, splat<A>(2));", "const Vec<A> t = estimate;",
-             ("tests/test_emulated_avx512.py",), "AVX-512 builds only: GELU's 1 / d is rcp14's 14-bit estimate without its Newton step "
-             "(caught by the emulated AVX-512 run, tools/check_avx512.py --run; missed where SIMDe is not installed)"),
+             ("tests/test_emulated_avx512.py",), "AVX-512 builds only: GELU's 1 / d is rcp14's 14-bit estimate "
+             "without its Newton step (caught by the emulated AVX-512 run, tools/check_avx512.py --run; missed where SIMDe is not installed)"),
     Mutation("native-statistics-block-shift", "triton_bn/csrc/cpu/kernels.h",
              "sh[k] = _mm256_loadu_ps(shift + c + 8 * k);", "sh[k] = _mm256_loadu_ps(shift + c);", NATIVE_TESTS,
              "channels-last statistics a block at a time: later groups of 8 channels sum against the first's shift"),
